@@ -1,0 +1,9 @@
+//! Links the kernel with `linker.ld` (absolute path: cargo runs rustc from another directory).
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
+    println!("cargo:rerun-if-changed=linker.ld");
+    for asm in ["boot.S", "trampoline.S", "traps.S"] {
+        println!("cargo:rerun-if-changed=src/arch/{asm}");
+    }
+}

@@ -1,0 +1,108 @@
+//! Just enough ACPI to count CPUs: RSDP -> XSDT/RSDT -> MADT, local APIC and x2APIC entries.
+//! Every table is checksummed and every length bounded before it is trusted.
+
+use shared_abi::MAX_VCPUS;
+
+/// Enabled local APIC IDs, in MADT order.
+pub struct CpuList {
+    ids: [u32; MAX_VCPUS],
+    len: usize,
+}
+
+impl CpuList {
+    pub fn from_count(n: usize) -> Self {
+        let mut l = CpuList { ids: [0; MAX_VCPUS], len: 0 };
+        for i in 0..n.min(MAX_VCPUS) {
+            l.push(i as u32);
+        }
+        l
+    }
+
+    fn push(&mut self, id: u32) {
+        assert!(self.len < MAX_VCPUS, "more than {MAX_VCPUS} CPUs in the MADT");
+        if !self.ids[..self.len].contains(&id) {
+            self.ids[self.len] = id;
+            self.len += 1;
+        }
+    }
+
+    pub fn ids(&self) -> &[u32] {
+        &self.ids[..self.len]
+    }
+}
+
+fn bytes(paddr: u64, len: usize) -> &'static [u8] {
+    // SAFETY: ACPI tables lie in the first 4 GiB, identity-mapped by the boot page tables
+    // (this runs before the kernel's own tables are installed) and never freed; lengths are
+    // bounded by the callers.
+    unsafe { core::slice::from_raw_parts(paddr as *const u8, len) }
+}
+
+fn checksum_ok(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |a, &x| a.wrapping_add(x)) == 0
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+/// A checksummed SDT at `paddr`, or None.
+fn table(paddr: u64) -> Option<&'static [u8]> {
+    if paddr == 0 || paddr >= (1 << 32) {
+        return None;
+    }
+    let len = u32_at(bytes(paddr, 36), 4) as usize;
+    if !(36..=1 << 20).contains(&len) {
+        return None;
+    }
+    let t = bytes(paddr, len);
+    checksum_ok(t).then_some(t)
+}
+
+fn find_rsdp(hint: u64) -> Option<u64> {
+    if hint != 0 {
+        return Some(hint);
+    }
+    // Legacy location: the BIOS area, on 16-byte boundaries.
+    (0xe0000u64..0x100000).step_by(16).find(|&a| bytes(a, 8) == b"RSD PTR ")
+}
+
+/// Enabled CPUs from the MADT, or None when there is no usable ACPI.
+pub fn cpus_from_madt(rsdp_hint: u64) -> Option<CpuList> {
+    let rsdp_addr = find_rsdp(rsdp_hint)?;
+    let rsdp = bytes(rsdp_addr, 36);
+    if &rsdp[..8] != b"RSD PTR " || !checksum_ok(&rsdp[..20]) {
+        return None;
+    }
+    let (root, entry_size) = if rsdp[15] >= 2 && u64_at(rsdp, 24) != 0 {
+        (table(u64_at(rsdp, 24))?, 8)
+    } else {
+        (table(u32_at(rsdp, 16) as u64)?, 4)
+    };
+    let madt = root[36..]
+        .chunks_exact(entry_size)
+        .map(|e| if entry_size == 8 { u64_at(e, 0) } else { u32_at(e, 0) as u64 })
+        .filter_map(table)
+        .find(|t| &t[..4] == b"APIC")?;
+
+    let mut cpus = CpuList { ids: [0; MAX_VCPUS], len: 0 };
+    let mut off = 44;
+    while off + 2 <= madt.len() {
+        let (kind, len) = (madt[off], madt[off + 1] as usize);
+        if len < 2 || off + len > madt.len() {
+            break;
+        }
+        let e = &madt[off..off + len];
+        match kind {
+            0 if len >= 8 && u32_at(e, 4) & 1 != 0 => cpus.push(e[3] as u32),
+            9 if len >= 16 && u32_at(e, 8) & 1 != 0 => cpus.push(u32_at(e, 4)),
+            _ => {}
+        }
+        off += len;
+    }
+    (cpus.len > 0).then_some(cpus)
+}

@@ -1,0 +1,62 @@
+//! x86_64 specifics: boot and trap assembly, descriptor tables, the local APIC, the TSC.
+
+pub mod apic;
+pub mod gdt;
+pub mod idt;
+pub mod tsc;
+
+use core::arch::global_asm;
+
+/// Physical page the AP real-mode trampoline is copied to; SIPI vector = page number.
+pub const AP_TRAMPOLINE_ADDR: u64 = 0x8000;
+/// Size of the BSP's boot stack (in .bss).
+pub const BOOT_STACK_SIZE: usize = 64 * 1024;
+
+global_asm!(
+    include_str!("boot.S"),
+    note_type_abi = const shared_abi::ELF_NOTE_TYPE_ABI_VERSION,
+    abi_version = const shared_abi::ABI_VERSION,
+    boot_stack_size = const BOOT_STACK_SIZE,
+    options(att_syntax)
+);
+global_asm!(
+    include_str!("trampoline.S"),
+    tramp_base = const AP_TRAMPOLINE_ADDR,
+    options(att_syntax)
+);
+global_asm!(include_str!("traps.S"), options(att_syntax));
+
+extern "C" {
+    static ap_trampoline_start: u8;
+    static ap_trampoline_end: u8;
+    static __kernel_start: u8;
+    static __kernel_end: u8;
+}
+
+/// The trampoline's bytes, to be copied to [`AP_TRAMPOLINE_ADDR`].
+pub fn trampoline_bytes() -> &'static [u8] {
+    // SAFETY: both symbols are defined in trampoline.S around the trampoline code, in one
+    // section, start before end; the bytes are immutable code for the kernel's lifetime.
+    unsafe {
+        let start = core::ptr::addr_of!(ap_trampoline_start);
+        let end = core::ptr::addr_of!(ap_trampoline_end);
+        core::slice::from_raw_parts(start, end as usize - start as usize)
+    }
+}
+
+/// Physical range [start, end) of the loaded kernel image, .bss included.
+pub fn kernel_image_range() -> (u64, u64) {
+    // Linker-script symbols: only their addresses are taken.
+    (
+        core::ptr::addr_of!(__kernel_start) as u64,
+        core::ptr::addr_of!(__kernel_end) as u64,
+    )
+}
+
+/// Stops this CPU for good (interrupts off).
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}

@@ -1,0 +1,101 @@
+//! pvsync guest kernel: boots by PVH, brings up every CPU, publishes per-vCPU state in the
+//! region shared with the host, and runs what the command line asks for.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi;
+mod arch;
+mod bootinfo;
+mod cmdline;
+mod console;
+mod exit;
+mod mm;
+mod panic;
+mod percpu;
+mod selftest;
+mod shared;
+mod smp;
+
+use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
+
+/// First Rust code on the bootstrap processor, called by boot.S in long mode.
+#[no_mangle]
+extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
+    let boot_tsc = arch::tsc::now();
+    console::init();
+    let boot = bootinfo::parse(start_info);
+    let cmd = cmdline::parse(boot.cmdline());
+    println!(
+        "pvsync-guest: abi={} mem={}MiB cmdline=\"{}\"",
+        ABI_VERSION,
+        boot.ram_bytes() >> 20,
+        boot.cmdline()
+    );
+    if let Some(word) = cmd.unknown {
+        println!("FAILURE: unknown command-line word '{word}'");
+        exit::exit(ExitCode::Failure);
+    }
+
+    // ACPI is read while the boot tables still map all of the first 4 GiB.
+    let cpus = match cmd.smp {
+        Some(n) if (1..=MAX_VCPUS).contains(&n) => acpi::CpuList::from_count(n),
+        Some(n) => panic!("smp={n} is outside 1..={MAX_VCPUS}"),
+        None => acpi::cpus_from_madt(boot.rsdp).unwrap_or_else(|| {
+            println!("no ACPI MADT found; assuming 1 CPU (pass smp=N to override)");
+            acpi::CpuList::from_count(1)
+        }),
+    };
+    let nr_vcpus = cpus.ids().iter().max().map_or(1, |&m| m + 1);
+    assert!(nr_vcpus as usize <= MAX_VCPUS, "APIC ID {} is beyond the ABI's {MAX_VCPUS} vCPUs", nr_vcpus - 1);
+
+    mm::init(boot);
+    let selectors = arch::gdt::init_this_cpu();
+    arch::idt::load();
+    arch::apic::enable_x2apic();
+    let me = arch::apic::id();
+    percpu::init_this_cpu(me, selectors);
+
+    let status = shared::init(nr_vcpus);
+    match status {
+        HypercallStatus::Ok => {
+            let (base, nr, _) = shared::info().expect("region just set up");
+            println!("shared: registered at {base:#x} for {nr} vcpus");
+        }
+        HypercallStatus::NoHost => println!("shared: no pvsync host answered; running without it"),
+        other => println!("shared: host refused the region ({})", other.name()),
+    }
+    shared::set_mode(VcpuMode::Kernel);
+    selftest::per_cpu_checks();
+    smp::mark_online(me);
+
+    if let Err(missing) = smp::start_aps(cpus.ids()) {
+        panic!("CPUs (mask {missing:#x}) did not come online");
+    }
+    println!(
+        "RESULT boot cpus={} online={} shared={} online_cycles={}",
+        cpus.ids().len(),
+        smp::online_mask().count_ones(),
+        status.name(),
+        arch::tsc::now() - boot_tsc
+    );
+
+    let ok = match cmd.test {
+        "boot" => true,
+        "selftest" => selftest::run_all(),
+        "panic" => panic!("deliberate panic requested by test=panic"),
+        "fault" => {
+            // SAFETY: deliberately not safe: page 0 is unmapped, so this write must fault
+            // and the exception handler must report it.
+            unsafe { core::ptr::write_volatile(core::ptr::null_mut::<u64>().wrapping_add(1), 1) };
+            false
+        }
+        other => {
+            println!("unknown test '{other}'");
+            false
+        }
+    };
+    println!("{}", if ok { "SUCCESS" } else { "FAILURE" });
+    exit::exit(if ok { ExitCode::Success } else { ExitCode::Failure })
+}

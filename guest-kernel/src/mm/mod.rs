@@ -1,0 +1,15 @@
+//! Physical memory: a frame allocator over the PVH memory map, the kernel heap, and the
+//! kernel's own identity-mapped page tables.
+
+pub mod frame;
+pub mod heap;
+pub mod paging;
+
+use crate::bootinfo::BootInfo;
+
+/// Brings up frames, heap and kernel page tables, in that order.
+pub fn init(boot: &BootInfo) {
+    frame::init(boot.regions(), crate::arch::kernel_image_range());
+    heap::init();
+    paging::init(boot.regions());
+}

@@ -1,0 +1,135 @@
+//! Self-tests selected with `test=selftest`: each checks one foundation piece and prints
+//! `TEST <name> ok` or `TEST <name> FAIL: <why>`.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+use shared_abi::{HypercallStatus, VcpuMode};
+use x86_64::structures::paging::{Mapper, Page, PageTableFlags as F, Size4KiB, Translate};
+use x86_64::VirtAddr;
+
+use crate::mm::{frame, paging};
+use crate::{percpu, println, shared, smp};
+
+/// CPUs whose per-CPU checks passed during bring-up.
+static PERCPU_OK: AtomicU64 = AtomicU64::new(0);
+
+/// Run by every CPU as it comes up: GS-based per-CPU data names the right CPU and the CPU's
+/// record shows the mode it just published.
+pub fn per_cpu_checks() {
+    let id = percpu::id();
+    let gs_ok = id == crate::arch::apic::id();
+    let rec_ok = shared::snapshot(id).is_none_or(|r| r.mode() == Some(VcpuMode::Kernel));
+    if gs_ok && rec_ok {
+        PERCPU_OK.fetch_or(1 << id, Ordering::AcqRel);
+    }
+}
+
+type TestResult = Result<(), &'static str>;
+
+fn frame_alloc() -> TestResult {
+    let (_, before) = frame::stats();
+    let a = frame::alloc().ok_or("no frame")?;
+    let b = frame::alloc().ok_or("no second frame")?;
+    if a == b {
+        return Err("same frame handed out twice");
+    }
+    if a.start_address().as_u64() < 0x10_0000 {
+        return Err("frame below 1 MiB");
+    }
+    // SAFETY: `a` came from the allocator and is not used.
+    unsafe { frame::free(a) };
+    let c = frame::alloc().ok_or("no frame after free")?;
+    if c != a {
+        return Err("freed frame not reused");
+    }
+    // SAFETY: both came from the allocator and are not used.
+    unsafe {
+        frame::free(b);
+        frame::free(c);
+    }
+    (frame::stats().1 == before).then_some(()).ok_or("frames leaked")
+}
+
+fn heap() -> TestResult {
+    let v: Vec<u64> = (0..10_000).collect();
+    let sum: u64 = v.iter().sum();
+    (sum == 10_000 * 9_999 / 2).then_some(()).ok_or("heap vector corrupted")
+}
+
+fn paging_map_unmap() -> TestResult {
+    const VA: u64 = 0x4000_0000_0000; // PML4 slot 128: unused by the identity map
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(VA));
+    let frame = frame::alloc().ok_or("no frame")?;
+    // SAFETY: single mapper use on the BSP while APs are idle; the page was unmapped and the
+    // frame is fresh, so no existing reference is affected.
+    let mut mapper = unsafe { paging::active_mapper() };
+    unsafe { mapper.map_to(page, frame, F::PRESENT | F::WRITABLE, &mut frame::GlobalFrames) }
+        .map_err(|_| "map_to failed")?
+        .flush();
+    // SAFETY: the page was just mapped to `frame`, which is identity-mapped too.
+    let (via_page, via_frame) = unsafe {
+        core::ptr::write_volatile(VA as *mut u64, 0x5eed_cafe);
+        (
+            core::ptr::read_volatile(VA as *const u64),
+            core::ptr::read_volatile(frame.start_address().as_u64() as *const u64),
+        )
+    };
+    if via_page != 0x5eed_cafe || via_frame != 0x5eed_cafe {
+        return Err("write through the new mapping not visible");
+    }
+    let (f, flush) = mapper.unmap(page).map_err(|_| "unmap failed")?;
+    flush.flush();
+    // SAFETY: the frame is no longer mapped at VA and nothing else refers to it.
+    unsafe { frame::free(f) };
+    if mapper.translate_addr(VirtAddr::new(VA)).is_some() {
+        return Err("page still translates after unmap");
+    }
+    if mapper.translate_addr(VirtAddr::new(0)).is_some() {
+        return Err("page 0 is mapped: null dereferences would not fault");
+    }
+    Ok(())
+}
+
+fn percpu_data() -> TestResult {
+    let online = smp::online_mask();
+    let ok = PERCPU_OK.load(Ordering::Acquire);
+    (ok & online == online).then_some(()).ok_or("a CPU's GS-based data named the wrong CPU")
+}
+
+fn shared_records() -> TestResult {
+    let Some((_, nr, status)) = shared::info() else { return Err("no shared region") };
+    for cpu in 0..nr {
+        let rec = shared::snapshot(cpu).ok_or("record out of range")?;
+        let expected = if cpu == percpu::id() { VcpuMode::Kernel } else { VcpuMode::Idle };
+        if smp::online_mask() & (1 << cpu) != 0 && rec.mode() != Some(expected) {
+            return Err("a record does not show its CPU's mode");
+        }
+    }
+    if status == HypercallStatus::Ok && !shared::host_accepted() {
+        return Err("host said ok but did not set ACCEPTED");
+    }
+    Ok(())
+}
+
+/// Runs every self-test; true if all passed.
+pub fn run_all() -> bool {
+    let tests: [(&str, fn() -> TestResult); 5] = [
+        ("frame-alloc", frame_alloc),
+        ("heap", heap),
+        ("paging", paging_map_unmap),
+        ("percpu", percpu_data),
+        ("shared-records", shared_records),
+    ];
+    let mut passed = 0;
+    for (name, test) in tests {
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                println!("TEST {name} ok");
+            }
+            Err(why) => println!("TEST {name} FAIL: {why}"),
+        }
+    }
+    println!("RESULT selftest passed={passed} failed={}", tests.len() - passed);
+    passed == tests.len()
+}

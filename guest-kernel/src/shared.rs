@@ -1,0 +1,116 @@
+//! The guest side of the shared region (layout in `shared_abi`, contract in docs/abi.md).
+//!
+//! Each CPU writes only its own record, with plain volatile stores framed by the record's
+//! sequence counter; x86 keeps stores in program order, so compiler fences suffice. Updates
+//! run with interrupts off so that an interrupt handler never nests inside one.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, Ordering};
+use shared_abi::{
+    record_offset, region_size, Hypercall, HypercallStatus, HostFlags, PageHeader, VcpuMode,
+    VcpuRecord, NO_VCPU, PAGE_SIZE,
+};
+use spin::Once;
+use x86_64::instructions::interrupts::without_interrupts;
+use x86_64::instructions::port::Port;
+
+struct Region {
+    base: u64,
+    nr_vcpus: u32,
+    status: HypercallStatus,
+}
+
+static REGION: Once<Region> = Once::new();
+
+/// Allocates and fills the region for `nr_vcpus` CPUs and registers it with the host.
+/// Without a pvsync host the status says so and the region is still used (unread).
+pub fn init(nr_vcpus: u32) -> HypercallStatus {
+    let size = region_size(nr_vcpus as usize);
+    let base = crate::mm::frame::alloc_contiguous_or_panic((size / PAGE_SIZE) as u64, "the shared region");
+    // SAFETY: freshly allocated, identity-mapped frames that only this module uses; the
+    // header is written before the host learns the address.
+    unsafe {
+        core::ptr::write_bytes(base as *mut u8, 0, size);
+        write_volatile(base as *mut PageHeader, PageHeader::new(nr_vcpus));
+        for cpu in 0..nr_vcpus as usize {
+            let rec = (base + record_offset(cpu) as u64) as *mut VcpuRecord;
+            write_volatile(addr_of_mut!((*rec).spin_holder), NO_VCPU);
+        }
+    }
+    let status = register(base);
+    REGION.call_once(|| Region { base, nr_vcpus, status }).status
+}
+
+fn register(base: u64) -> HypercallStatus {
+    let addr = u32::try_from(base).expect("shared region above 4 GiB");
+    let mut port: Port<u32> = Port::new(Hypercall::RegisterSharedRegion.port());
+    // SAFETY: the hypercall port only makes the host read the region we own; an unclaimed
+    // port drops the write and reads all ones.
+    unsafe {
+        port.write(addr);
+        HypercallStatus::from_raw(port.read())
+    }
+}
+
+/// Guest-physical address of the region, its vCPU count and registration status.
+pub fn info() -> Option<(u64, u32, HypercallStatus)> {
+    REGION.get().map(|r| (r.base, r.nr_vcpus, r.status))
+}
+
+/// Whether the host has set ACCEPTED in the header.
+pub fn host_accepted() -> bool {
+    REGION.get().is_some_and(|r| {
+        // SAFETY: the header lies in the region, which lives forever; volatile because the
+        // host writes host_flags.
+        let flags = unsafe { read_volatile(addr_of!((*(r.base as *const PageHeader)).host_flags)) };
+        flags & HostFlags::ACCEPTED != 0
+    })
+}
+
+fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
+    let r = REGION.get()?;
+    (cpu < r.nr_vcpus).then(|| (r.base + record_offset(cpu as usize) as u64) as *mut VcpuRecord)
+}
+
+/// Updates the calling CPU's record: `f` stores fields through the raw pointer it gets.
+pub fn publish(f: impl FnOnce(*mut VcpuRecord)) {
+    let Some(rec) = record_ptr(crate::percpu::id()) else { return };
+    without_interrupts(|| {
+        // SAFETY: this CPU is the only writer of its record's guest half, interrupts are off
+        // so no handler interleaves, and the record lives forever.
+        unsafe {
+            let seq = addr_of_mut!((*rec).seq);
+            let s = read_volatile(seq);
+            write_volatile(seq, s.wrapping_add(1));
+            compiler_fence(Ordering::SeqCst);
+            f(rec);
+            compiler_fence(Ordering::SeqCst);
+            write_volatile(seq, s.wrapping_add(2));
+        }
+    });
+}
+
+/// Publishes the calling CPU's execution mode.
+pub fn set_mode(mode: VcpuMode) {
+    // SAFETY: `rec` is this CPU's record, handed over by `publish`.
+    publish(|rec| unsafe { write_volatile(addr_of_mut!((*rec).mode), mode as u8) });
+}
+
+/// A consistent copy of CPU `cpu`'s record (used by self-tests), or None if out of range.
+pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
+    let rec = record_ptr(cpu)?;
+    loop {
+        // SAFETY: the record lies in the live region; volatile reads of plain integers.
+        unsafe {
+            let before = read_volatile(addr_of!((*rec).seq));
+            compiler_fence(Ordering::SeqCst);
+            let copy = read_volatile(rec);
+            compiler_fence(Ordering::SeqCst);
+            let after = read_volatile(addr_of!((*rec).seq));
+            if VcpuRecord::seq_consistent(before, after) {
+                return Some(copy);
+            }
+        }
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,90 @@
+//! Bringing up application processors with INIT-SIPI-SIPI and the real-mode trampoline.
+//! The same path runs under QEMU/KVM and under the pvsync VMM.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use shared_abi::{VcpuMode, MAX_VCPUS};
+
+use crate::arch::{self, apic, tsc, AP_TRAMPOLINE_ADDR};
+use crate::mm::{frame, paging};
+
+const AP_STACK_FRAMES: u64 = 8; // 32 KiB
+/// Give a CPU this long after the first SIPI before sending the second.
+const FIRST_SIPI_WAIT_CYCLES: u64 = 200_000_000;
+/// And this long in all before declaring it dead (generous: nested virtualization is slow).
+const ONLINE_TIMEOUT_CYCLES: u64 = 60_000_000_000;
+
+/// Stack tops by APIC ID, read by boot.S (`ap_stack_tops`).
+#[export_name = "ap_stack_tops"]
+static AP_STACK_TOPS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+/// CR3 the trampoline loads, read by trampoline.S (`ap_boot_cr3`, 32-bit).
+#[export_name = "ap_boot_cr3"]
+static AP_BOOT_CR3: AtomicU32 = AtomicU32::new(0);
+
+static ONLINE_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// Bit `id` set for every CPU (BSP included) that has finished bring-up.
+pub fn online_mask() -> u64 {
+    ONLINE_MASK.load(Ordering::Acquire)
+}
+
+pub fn mark_online(id: u32) {
+    ONLINE_MASK.fetch_or(1 << id, Ordering::AcqRel);
+}
+
+/// Starts every CPU in `ids` other than the caller and waits until all are online.
+/// Returns Err(mask of CPUs that never came up).
+pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
+    let me = apic::id();
+    let want: u64 = ids.iter().fold(0, |m, &id| m | 1 << id);
+
+    let code = arch::trampoline_bytes();
+    assert!(code.len() <= frame::FRAME_SIZE as usize, "AP trampoline larger than a page");
+    // SAFETY: the trampoline page is low memory the frame allocator never hands out, mapped
+    // by the kernel tables, and no AP runs from it yet.
+    unsafe {
+        core::ptr::copy_nonoverlapping(code.as_ptr(), AP_TRAMPOLINE_ADDR as *mut u8, code.len())
+    };
+    AP_BOOT_CR3.store(u32::try_from(paging::kernel_pml4()).expect("PML4 above 4 GiB"), Ordering::Release);
+
+    for &id in ids.iter().filter(|&&id| id != me) {
+        let stack = frame::alloc_contiguous_or_panic(AP_STACK_FRAMES, "an AP stack");
+        AP_STACK_TOPS[id as usize].store(stack + AP_STACK_FRAMES * frame::FRAME_SIZE, Ordering::Release);
+    }
+    let page = (AP_TRAMPOLINE_ADDR >> 12) as u8;
+    let aps = || ids.iter().copied().filter(move |&id| id != me);
+    aps().for_each(apic::send_init);
+    aps().for_each(|id| apic::send_startup(id, page));
+
+    let start = tsc::now();
+    let mut second_sipi_sent = false;
+    while online_mask() & want != want {
+        let waited = tsc::now() - start;
+        if !second_sipi_sent && waited > FIRST_SIPI_WAIT_CYCLES {
+            // A CPU still in wait-for-SIPI missed the first one; running CPUs ignore this.
+            aps().filter(|&id| online_mask() & (1 << id) == 0).for_each(|id| apic::send_startup(id, page));
+            second_sipi_sent = true;
+        }
+        if waited > ONLINE_TIMEOUT_CYCLES {
+            return Err(want & !online_mask());
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// First Rust code on an AP, called by boot.S on the stack from `ap_stack_tops`.
+#[no_mangle]
+extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
+    let selectors = arch::gdt::init_this_cpu();
+    arch::idt::load();
+    apic::enable_x2apic();
+    let id = apic::id();
+    assert_eq!(id, cpuid_apic_id, "x2APIC ID disagrees with CPUID's initial APIC ID");
+    crate::percpu::init_this_cpu(id, selectors);
+    crate::shared::set_mode(VcpuMode::Kernel);
+    crate::selftest::per_cpu_checks();
+    crate::println!("cpu {id} online");
+    mark_online(id);
+    crate::shared::set_mode(VcpuMode::Idle);
+    arch::halt_forever()
+}

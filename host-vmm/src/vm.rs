@@ -1,0 +1,308 @@
+//! The VM lifecycle: create, load, boot, wait for the guest (or the timeout), stop.
+
+use std::io::Write;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use shared_abi::{HypercallStatus, MAX_VCPUS};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::{acpi, boot, cpuid, layout, regs};
+use crate::devices::PioBus;
+use crate::loader::{self, KernelInfo};
+use crate::shared_region::{self, Registration, Snapshot};
+use crate::vcpu;
+
+const MIB: u64 = 1 << 20;
+/// Smallest VM: the kernel image, its heap and page tables, and a stack per vCPU.
+pub const MIN_MEM_MIB: u64 = 16;
+/// How long stopping may take before vCPU threads are reported stuck.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("--vcpus {0} is outside 1..={MAX_VCPUS}")]
+    BadVcpuCount(u8),
+    #[error("--mem {mem_mib} MiB is too small for this kernel: it needs at least {needed_mib} MiB")]
+    TooLittleMemory { mem_mib: u64, needed_mib: u64 },
+    #[error("--mem {0} MiB is too large: guest RAM must end below the 3 GiB MMIO gap")]
+    TooMuchMemory(u64),
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    #[error("cannot open /dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM {op} failed: {source}")]
+    KvmOp { op: &'static str, source: kvm_ioctls::Error },
+    #[error("allocating guest memory: {0}")]
+    Memory(#[from] vm_memory::mmap::FromRangesError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error("spawning a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("installing the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("vCPU threads did not stop within {0:?} after the VM ended")]
+    StuckVcpus(Duration),
+}
+
+fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmOp { op, source }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub cmdline: String,
+    pub timeout: Duration,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote this code to the exit port.
+    GuestExit(u32),
+    /// The guest was stopped after the timeout.
+    Timeout(Duration),
+    /// The guest could not go on (triple fault, failed entry, ...).
+    GuestCrash { vcpu: u8, reason: String },
+}
+
+/// Result of a run.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+    /// The shared region at the end of the run, if the guest registered one.
+    pub shared: Option<Snapshot>,
+    /// Port and MMIO accesses no device claimed.
+    pub unclaimed_io: u64,
+}
+
+/// State the vCPU threads share.
+pub struct VmShared {
+    pub mem: GuestMemoryMmap,
+    pub pio: PioBus,
+    nr_vcpus: u8,
+    kernel_image: Range<u64>,
+    shared_region: Mutex<Option<Registration>>,
+    outcome: Mutex<Option<Outcome>>,
+    outcome_cv: Condvar,
+    stop: AtomicBool,
+    unclaimed_mmio: AtomicU64,
+}
+
+impl VmShared {
+    /// True once the VM is being torn down.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Records how the VM ended (the first report wins) and wakes the waiter.
+    pub fn finish(&self, outcome: Outcome) {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.outcome_cv.notify_all();
+    }
+
+    pub fn count_unclaimed_mmio(&self) {
+        self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The RegisterSharedRegion hypercall.
+    pub fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
+        let mut slot = self.shared_region.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return HypercallStatus::AlreadyRegistered;
+        }
+        match shared_region::validate(&self.mem, gpa, self.nr_vcpus as u32, &self.kernel_image) {
+            Ok(reg) => {
+                if shared_region::mark_accepted(&self.mem, &reg).is_err() {
+                    return HypercallStatus::BadAddress;
+                }
+                *slot = Some(reg);
+                HypercallStatus::Ok
+            }
+            Err(status) => status,
+        }
+    }
+
+    pub fn registration(&self) -> Option<Registration> {
+        self.shared_region.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Memory the kernel needs: its image, then room for heap, page tables and vCPU stacks.
+pub fn min_mem_bytes(info: &KernelInfo, vcpus: u8) -> u64 {
+    let per_vcpu = 128 * 1024;
+    (info.image.end.div_ceil(MIB) * MIB + 8 * MIB + vcpus as u64 * per_vcpu).max(MIN_MEM_MIB * MIB)
+}
+
+fn install_kick_handler() -> Result<(), VmError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        result = register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick).map_err(VmError::Signal);
+    });
+    result
+}
+
+fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("region has a host mapping");
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
+        // by `mem`, which outlives the VM (it is dropped after every vCPU thread is joined),
+        // and the slots do not overlap.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// Boots the VM described by `config` with serial output to `console`, and waits for it.
+pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunReport, VmError> {
+    if config.vcpus == 0 || config.vcpus as usize > MAX_VCPUS {
+        return Err(VmError::BadVcpuCount(config.vcpus));
+    }
+    let mem_size = config.mem_mib * MIB;
+    if mem_size > layout::MEM_32BIT_GAP_START {
+        return Err(VmError::TooMuchMemory(config.mem_mib));
+    }
+    let info = loader::inspect_file(&config.kernel)?;
+    let needed = min_mem_bytes(&info, config.vcpus);
+    if mem_size < needed {
+        return Err(VmError::TooLittleMemory { mem_mib: config.mem_mib, needed_mib: needed.div_ceil(MIB) });
+    }
+    install_kick_handler()?;
+
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
+    let mem = create_memory(&vm, mem_size)?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
+
+    let entry = loader::load(&config.kernel, &info, &mem, mem_size)?;
+    let rsdp = acpi::write_tables(&mem, config.vcpus)?;
+    let start_info = boot::write_pvh_boot_data(&mem, mem_size, &config.cmdline, rsdp)?;
+
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        let fd = vm.create_vcpu(id as u64).map_err(kvm_op("KVM_CREATE_VCPU"))?;
+        let mut c = supported.clone();
+        cpuid::patch_for_vcpu(&mut c, id as u32);
+        fd.set_cpuid2(&c).map_err(kvm_op("KVM_SET_CPUID2"))?;
+        if id == 0 {
+            let sregs = fd.get_sregs().map_err(kvm_op("KVM_GET_SREGS"))?;
+            fd.set_sregs(&regs::pvh_sregs(sregs)).map_err(kvm_op("KVM_SET_SREGS"))?;
+            fd.set_regs(&regs::pvh_regs(entry.0, start_info.0)).map_err(kvm_op("KVM_SET_REGS"))?;
+        }
+        vcpu_fds.push(fd);
+    }
+
+    let shared = Arc::new(VmShared {
+        mem,
+        pio: PioBus::new(console),
+        nr_vcpus: config.vcpus,
+        kernel_image: info.image.clone(),
+        shared_region: Mutex::new(None),
+        outcome: Mutex::new(None),
+        outcome_cv: Condvar::new(),
+        stop: AtomicBool::new(false),
+        unclaimed_mmio: AtomicU64::new(0),
+    });
+
+    let started = Instant::now();
+    let mut threads = Vec::with_capacity(vcpu_fds.len());
+    for (i, fd) in vcpu_fds.into_iter().enumerate() {
+        let vm_shared = Arc::clone(&shared);
+        let t = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || vcpu::run(i as u8, fd, vm_shared))
+            .map_err(VmError::Thread);
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                shared.finish(Outcome::GuestCrash { vcpu: i as u8, reason: "not started".into() });
+                stop_vcpus(threads)?;
+                return Err(e);
+            }
+        }
+    }
+
+    let outcome = wait_for_outcome(&shared, config.timeout);
+    stop_vcpus(threads)?;
+    shared.pio.flush();
+    let elapsed = started.elapsed();
+
+    let snapshot = shared.registration().and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
+    let unclaimed_io = shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
+    drop(vm);
+    Ok(RunReport { outcome, elapsed, shared: snapshot, unclaimed_io })
+}
+
+fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
+    let deadline = Instant::now() + timeout;
+    let mut o = vm.outcome.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        if let Some(outcome) = o.clone() {
+            return outcome;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            drop(o);
+            vm.finish(Outcome::Timeout(timeout));
+            return vm.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone().expect("just set");
+        }
+        o = vm.outcome_cv.wait_timeout(o, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+    }
+}
+
+/// Kicks every vCPU thread out of KVM_RUN until all have returned, then joins them.
+///
+/// A kick that lands just before a thread re-enters KVM_RUN is lost, so kicks repeat until
+/// the thread is seen finished; `stop` is already set, so the thread leaves at its next check.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> Result<(), VmError> {
+    let deadline = Instant::now() + STOP_GRACE;
+    loop {
+        let running: Vec<_> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::StuckVcpus(STOP_GRACE));
+        }
+        for t in running {
+            let _ = t.kill(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! The shared region: a 64-byte header followed by one 64-byte record per vCPU.
+//!
+//! Record `i` belongs to the vCPU whose x2APIC ID is `i` (the VMM numbers vCPUs so that
+//! KVM vCPU id = APIC ID). Only that vCPU writes the guest half of its record; only the host
+//! writes the host half. See `docs/abi.md` for the ordering rules.
+
+use core::mem::{offset_of, size_of};
+
+/// Magic at offset 0 of the header: the bytes `PVSYNC\0\0` read as a little-endian u64.
+pub const PAGE_MAGIC: u64 = u64::from_le_bytes(*b"PVSYNC\0\0");
+
+/// Guest page size the region is rounded up to.
+pub const PAGE_SIZE: usize = 4096;
+/// Size of [`PageHeader`].
+pub const HEADER_SIZE: usize = 64;
+/// Size of one [`VcpuRecord`]: one cache line.
+pub const RECORD_SIZE: usize = 64;
+
+/// Byte size of the whole shared region for `nr_vcpus` records, rounded up to whole pages.
+pub const fn region_size(nr_vcpus: usize) -> usize {
+    let bytes = HEADER_SIZE + nr_vcpus * RECORD_SIZE;
+    bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+/// Offset of record `vcpu` from the start of the region.
+pub const fn record_offset(vcpu: usize) -> usize {
+    HEADER_SIZE + vcpu * RECORD_SIZE
+}
+
+/// Region header. The guest fills every field but `host_flags` before registering, and never
+/// changes them afterwards.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageHeader {
+    /// [`PAGE_MAGIC`]. Guest.
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`] the guest was built with. Guest.
+    pub abi_version: u32,
+    /// Number of records that follow; must equal the VM's vCPU count. Guest.
+    pub nr_vcpus: u32,
+    /// Bytes of the region, `region_size(nr_vcpus)`. Guest.
+    pub region_size: u32,
+    /// [`RECORD_SIZE`]; lets a later version grow records. Guest.
+    pub record_size: u32,
+    /// Offset of record 0, [`HEADER_SIZE`]. Guest.
+    pub records_offset: u32,
+    /// [`HostFlags`] bits. Host.
+    pub host_flags: u32,
+    /// Zero; reserved for later versions.
+    pub reserved: [u64; 4],
+}
+
+impl PageHeader {
+    /// The header a guest with `nr_vcpus` vCPUs writes before registering.
+    pub const fn new(nr_vcpus: u32) -> Self {
+        PageHeader {
+            magic: PAGE_MAGIC,
+            abi_version: crate::ABI_VERSION,
+            nr_vcpus,
+            region_size: region_size(nr_vcpus as usize) as u32,
+            record_size: RECORD_SIZE as u32,
+            records_offset: HEADER_SIZE as u32,
+            host_flags: 0,
+            reserved: [0; 4],
+        }
+    }
+
+    /// Decodes a header from its bytes (any bit pattern is a valid `PageHeader`).
+    pub fn from_bytes(bytes: &[u8; HEADER_SIZE]) -> Self {
+        // SAFETY: PageHeader is repr(C), exactly HEADER_SIZE bytes (asserted below) and made
+        // only of integers, so every bit pattern is a valid value; read_unaligned does not
+        // require the byte buffer to be aligned.
+        unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<PageHeader>()) }
+    }
+}
+
+/// Bits of [`PageHeader::host_flags`].
+pub struct HostFlags;
+
+impl HostFlags {
+    /// The host accepted the registration and reads the region.
+    pub const ACCEPTED: u32 = 1 << 0;
+}
+
+/// What a vCPU is executing, as far as its guest knows.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuMode {
+    /// Not brought up yet (a zeroed record).
+    Offline = 0,
+    /// In the idle loop, waiting for work or an interrupt.
+    Idle = 1,
+    /// In the kernel (CPL 0).
+    Kernel = 2,
+    /// In a user task (CPL 3).
+    User = 3,
+}
+
+impl VcpuMode {
+    /// Decodes the `mode` byte of a record; `None` for a value no guest may write.
+    pub const fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            0 => Some(VcpuMode::Offline),
+            1 => Some(VcpuMode::Idle),
+            2 => Some(VcpuMode::Kernel),
+            3 => Some(VcpuMode::User),
+            _ => None,
+        }
+    }
+}
+
+/// One vCPU's record. Bytes 0..48 are written by the guest (only by the vCPU that owns the
+/// record), bytes 48..64 by the host.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuRecord {
+    /// Sequence counter: odd while the owner updates guest fields. Guest.
+    pub seq: u32,
+    /// [`VcpuMode`] as a byte. Guest.
+    pub mode: u8,
+    /// Zero; reserved. Guest.
+    pub reserved0: [u8; 3],
+    /// RCU read-side nesting depth of the task running (or preempted) on this vCPU. Guest.
+    pub rcu_nesting: u32,
+    /// Preempt-disable depth. Guest.
+    pub preempt_count: u32,
+    /// Number of spinlocks held. Guest.
+    pub locks_held: u32,
+    /// vCPU the owner believes holds `spin_lock`, or [`crate::NO_VCPU`]. Guest.
+    pub spin_holder: u32,
+    /// Identity (guest address) of the lock the owner spins on; 0 when not spinning. Guest.
+    pub spin_lock: u64,
+    /// Bit `i` set: the owner waits for an IPI acknowledgement from vCPU `i`. Guest.
+    pub ipi_wait: u64,
+    /// Zero; reserved for later guest-written fields. Guest.
+    pub reserved1: [u32; 2],
+    /// 1 while the host has this vCPU descheduled, else 0. Host.
+    pub host_preempted: u32,
+    /// Boosts the host has given this vCPU. Host.
+    pub host_boosts: u32,
+    /// Total nanoseconds the host kept this vCPU runnable but descheduled. Host.
+    pub host_preempted_ns: u64,
+}
+
+/// First byte of the host-written half of a [`VcpuRecord`].
+pub const RECORD_HOST_OFFSET: usize = offset_of!(VcpuRecord, host_preempted);
+
+impl VcpuRecord {
+    /// Decodes a record from its bytes (any bit pattern is a valid `VcpuRecord`; use
+    /// [`VcpuRecord::mode`] and the `NO_VCPU`/range checks to validate fields).
+    pub fn from_bytes(bytes: &[u8; RECORD_SIZE]) -> Self {
+        // SAFETY: VcpuRecord is repr(C), exactly RECORD_SIZE bytes (asserted below) and made
+        // only of integers, so every bit pattern is a valid value; read_unaligned does not
+        // require the byte buffer to be aligned.
+        unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<VcpuRecord>()) }
+    }
+
+    /// The decoded mode byte, `None` if the guest wrote a value outside [`VcpuMode`].
+    pub const fn mode(&self) -> Option<VcpuMode> {
+        VcpuMode::from_raw(self.mode)
+    }
+
+    /// Whether two reads of `seq` around a copy prove the copy is not torn.
+    pub const fn seq_consistent(before: u32, after: u32) -> bool {
+        before == after && before % 2 == 0
+    }
+}
+
+// The layout is the contract: any change here is an ABI_VERSION bump and a docs/abi.md edit.
+const _: () = {
+    assert!(size_of::<PageHeader>() == HEADER_SIZE);
+    assert!(offset_of!(PageHeader, magic) == 0);
+    assert!(offset_of!(PageHeader, abi_version) == 8);
+    assert!(offset_of!(PageHeader, nr_vcpus) == 12);
+    assert!(offset_of!(PageHeader, region_size) == 16);
+    assert!(offset_of!(PageHeader, record_size) == 20);
+    assert!(offset_of!(PageHeader, records_offset) == 24);
+    assert!(offset_of!(PageHeader, host_flags) == 28);
+    assert!(offset_of!(PageHeader, reserved) == 32);
+
+    assert!(size_of::<VcpuRecord>() == RECORD_SIZE);
+    assert!(offset_of!(VcpuRecord, seq) == 0);
+    assert!(offset_of!(VcpuRecord, mode) == 4);
+    assert!(offset_of!(VcpuRecord, reserved0) == 5);
+    assert!(offset_of!(VcpuRecord, rcu_nesting) == 8);
+    assert!(offset_of!(VcpuRecord, preempt_count) == 12);
+    assert!(offset_of!(VcpuRecord, locks_held) == 16);
+    assert!(offset_of!(VcpuRecord, spin_holder) == 20);
+    assert!(offset_of!(VcpuRecord, spin_lock) == 24);
+    assert!(offset_of!(VcpuRecord, ipi_wait) == 32);
+    assert!(offset_of!(VcpuRecord, reserved1) == 40);
+    assert!(offset_of!(VcpuRecord, host_preempted) == 48);
+    assert!(offset_of!(VcpuRecord, host_boosts) == 52);
+    assert!(offset_of!(VcpuRecord, host_preempted_ns) == 56);
+
+    assert!(region_size(crate::MAX_VCPUS) <= 2 * PAGE_SIZE);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_spells_pvsync() {
+        assert_eq!(&PAGE_MAGIC.to_le_bytes(), b"PVSYNC\0\0");
+    }
+
+    #[test]
+    fn region_rounds_to_pages() {
+        assert_eq!(region_size(1), PAGE_SIZE);
+        assert_eq!(region_size(63), PAGE_SIZE);
+        // 64 bytes of header + 64 records spill 64 bytes into a second page.
+        assert_eq!(region_size(64), 2 * PAGE_SIZE);
+        assert_eq!(record_offset(63) + RECORD_SIZE, HEADER_SIZE + 64 * RECORD_SIZE);
+    }
+
+    #[test]
+    fn header_round_trips_through_bytes() {
+        let h = PageHeader::new(8);
+        // SAFETY: PageHeader is plain integers of HEADER_SIZE bytes, so viewing it as bytes is
+        // sound for the lifetime of `h`.
+        let bytes: &[u8; HEADER_SIZE] = unsafe { &*(&h as *const PageHeader).cast() };
+        assert_eq!(&bytes[0..8], b"PVSYNC\0\0");
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), crate::ABI_VERSION);
+        assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 8);
+        assert_eq!(PageHeader::from_bytes(bytes), h);
+    }
+
+    #[test]
+    fn record_decodes_fields_at_documented_offsets() {
+        let mut b = [0u8; RECORD_SIZE];
+        b[0..4].copy_from_slice(&6u32.to_le_bytes());
+        b[4] = VcpuMode::User as u8;
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[20..24].copy_from_slice(&crate::NO_VCPU.to_le_bytes());
+        b[24..32].copy_from_slice(&0xdead_beefu64.to_le_bytes());
+        b[32..40].copy_from_slice(&0b1010u64.to_le_bytes());
+        b[56..64].copy_from_slice(&1234u64.to_le_bytes());
+        let r = VcpuRecord::from_bytes(&b);
+        assert_eq!(r.seq, 6);
+        assert_eq!(r.mode(), Some(VcpuMode::User));
+        assert_eq!(r.rcu_nesting, 2);
+        assert_eq!(r.spin_holder, crate::NO_VCPU);
+        assert_eq!(r.spin_lock, 0xdead_beef);
+        assert_eq!(r.ipi_wait, 0b1010);
+        assert_eq!(r.host_preempted_ns, 1234);
+        assert_eq!(RECORD_HOST_OFFSET, 48);
+    }
+
+    #[test]
+    fn garbage_mode_is_rejected() {
+        for raw in 4..=u8::MAX {
+            assert_eq!(VcpuMode::from_raw(raw), None);
+        }
+    }
+
+    #[test]
+    fn seq_consistency() {
+        assert!(VcpuRecord::seq_consistent(4, 4));
+        assert!(!VcpuRecord::seq_consistent(5, 5), "odd = write in progress");
+        assert!(!VcpuRecord::seq_consistent(4, 6), "changed = torn");
+    }
+}
