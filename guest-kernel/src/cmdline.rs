@@ -1,6 +1,7 @@
 //! The guest command line: space-separated `key=value` words.
 //!
-//! - `test=NAME`: what to run (`boot`, the default; `selftest`; `panic`; `fault`).
+//! - `test=NAME`: what to run: `boot` (the default), `selftest`, `hostile-hypercalls`, and
+//!   the failure probes `panic`, `fault` (page fault) and `hang` (never exits).
 //! - `smp=N`: use CPUs 0..N instead of the ACPI MADT.
 
 pub struct Cmdline<'a> {

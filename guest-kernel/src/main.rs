@@ -11,6 +11,7 @@ mod bootinfo;
 mod cmdline;
 mod console;
 mod exit;
+mod hostile;
 mod mm;
 mod panic;
 mod percpu;
@@ -57,6 +58,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     let me = arch::apic::id();
     percpu::init_this_cpu(me, selectors);
 
+    let hostile_ok = cmd.test != "hostile-hypercalls" || hostile::before_registration(nr_vcpus);
     let status = shared::init(nr_vcpus);
     match status {
         HypercallStatus::Ok => {
@@ -84,6 +86,11 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     let ok = match cmd.test {
         "boot" => true,
         "selftest" => selftest::run_all(),
+        "hostile-hypercalls" => hostile_ok & hostile::after_registration(),
+        "hang" => {
+            println!("hanging on purpose (test=hang)");
+            arch::halt_forever()
+        }
         "panic" => panic!("deliberate panic requested by test=panic"),
         "fault" => {
             // SAFETY: deliberately not safe: page 0 is unmapped, so this write must fault

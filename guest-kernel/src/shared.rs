@@ -41,13 +41,25 @@ pub fn init(nr_vcpus: u32) -> HypercallStatus {
     REGION.call_once(|| Region { base, nr_vcpus, status }).status
 }
 
-fn register(base: u64) -> HypercallStatus {
+/// Makes the RegisterSharedRegion hypercall for `base` and reads back its status.
+pub fn register(base: u64) -> HypercallStatus {
     let addr = u32::try_from(base).expect("shared region above 4 GiB");
     let mut port: Port<u32> = Port::new(Hypercall::RegisterSharedRegion.port());
-    // SAFETY: the hypercall port only makes the host read the region we own; an unclaimed
-    // port drops the write and reads all ones.
+    // SAFETY: the hypercall port only makes the host read guest memory at `base`; an
+    // unclaimed port drops the write and reads all ones.
     unsafe {
         port.write(addr);
+        HypercallStatus::from_raw(port.read())
+    }
+}
+
+/// The RegisterSharedRegion hypercall made with an 8-bit write (an ABI violation).
+pub fn register_with_byte_write(base: u8) -> HypercallStatus {
+    let mut narrow: Port<u8> = Port::new(Hypercall::RegisterSharedRegion.port());
+    let mut port: Port<u32> = Port::new(Hypercall::RegisterSharedRegion.port());
+    // SAFETY: as in `register`; a narrow write only makes the host refuse the call.
+    unsafe {
+        narrow.write(base);
         HypercallStatus::from_raw(port.read())
     }
 }

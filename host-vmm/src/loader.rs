@@ -207,8 +207,8 @@ mod tests {
             e.extend(memsz.to_le_bytes());
             e.extend(4u64.to_le_bytes());
         };
-        phdr(&mut e, PT_LOAD, load_off, 0x10_0000, 16, 0x2000);
-        phdr(&mut e, PT_NOTE, note_off, 0, notes.len() as u64, notes.len() as u64);
+        phdr(&mut e, PT_LOAD.0, load_off, 0x10_0000, 16, 0x2000);
+        phdr(&mut e, PT_NOTE.0, note_off, 0, notes.len() as u64, notes.len() as u64);
         e.extend([0x90u8; 16]);
         e.extend(notes);
         e

@@ -1,1 +1,220 @@
+//! Harness for pvsync's host-side integration tests: builds the guest kernel and the VMM
+//! once per test binary, runs them (under pvsync or QEMU/KVM) with a hard timeout, and
+//! parses what the guest prints.
+//!
+//! Tests that need KVM call [`require_kvm`]: without `/dev/kvm` they print a loud SKIP and
+//! return; with `PVSYNC_REQUIRE_KVM=1` (set by `.ci/run` when `/dev/kvm` exists) a missing
+//! KVM is a failure instead.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Workspace root (the directory of the top-level Cargo.toml).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// True if this test process may use KVM; prints a loud SKIP line if not.
+/// Panics if KVM is required (`PVSYNC_REQUIRE_KVM=1`) but unusable.
+pub fn require_kvm(test: &str) -> bool {
+    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    match usable {
+        Ok(_) => true,
+        Err(e) if Path::new("/dev/kvm").exists() || std::env::var_os("PVSYNC_REQUIRE_KVM").is_some() => {
+            panic!("{test}: /dev/kvm is required but cannot be opened: {e}")
+        }
+        Err(_) => {
+            eprintln!("\n*** SKIP {test}: /dev/kvm does not exist on this machine; KVM tests did NOT run ***\n");
+            false
+        }
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // Host-side flags must not leak into the guest build (RUSTFLAGS overrides the guest's
+    // own target rustflags).
+    for v in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_BUILD_RUSTFLAGS"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn run_build(mut c: Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("running cargo to build {what}: {e}"));
+    assert!(out.status.success(), "building {what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The guest kernel ELF, built on first use (release, `x86_64-unknown-none`).
+pub fn guest_kernel() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = target_dir().join("guest");
+        let mut c = cargo();
+        c.current_dir(workspace_root().join("guest-kernel")).args(["build", "--release", "--target-dir"]).arg(&dir);
+        run_build(c, "the guest kernel");
+        dir.join("x86_64-unknown-none/release/guest-kernel")
+    })
+}
+
+/// The `pvsync` VMM binary of this test's profile, built on first use (a no-op when
+/// `cargo test` already built it).
+pub fn pvsync_bin() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test exe in target/<profile>/deps");
+        let mut c = cargo();
+        c.current_dir(workspace_root()).args(["build", "-p", "host-vmm", "--bin", "pvsync"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        run_build(c, "the pvsync VMM");
+        profile_dir.join("pvsync")
+    })
+}
+
+/// What a finished process left behind.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit status; None if killed by a signal (or by our watchdog).
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+impl Output {
+    /// stdout and stderr together, for assertions that do not care which.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// Fails the test with both streams if `cond` is false.
+    #[track_caller]
+    pub fn check(&self, cond: bool, what: &str) {
+        assert!(cond, "{what}\n--- status {:?} ---\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr);
+    }
+
+    /// The first console line starting with `prefix`.
+    pub fn line(&self, prefix: &str) -> Option<&str> {
+        self.stdout.lines().chain(self.stderr.lines()).find(|l| l.starts_with(prefix))
+    }
+}
+
+/// Value of `key=` in a `key=value` line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Runs `cmd` to completion, killing it after `limit` (the test's own watchdog, on top of
+/// any timeout the program has).
+pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Output {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for child") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().expect("waiting for killed child");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status: status.code(),
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+        elapsed: start.elapsed(),
+        timed_out,
+    }
+}
+
+/// Watchdog for a whole guest run: generous, since CI machines are slow and overcommitted.
+pub const RUN_LIMIT: Duration = Duration::from_secs(240);
+
+/// `pvsync <args>`.
+pub fn pvsync(args: &[&str]) -> Output {
+    let mut c = Command::new(pvsync_bin());
+    c.args(args);
+    run_with_limit(c, RUN_LIMIT)
+}
+
+/// `pvsync run` of the test guest with `vcpus`, `mem` MiB and `cmdline`, shared region dumped.
+pub fn pvsync_guest(vcpus: u32, mem_mib: u32, cmdline: &str) -> Output {
+    let kernel = guest_kernel().to_str().expect("utf-8 path").to_owned();
+    pvsync(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--mem",
+        &mem_mib.to_string(),
+        "--cmdline",
+        cmdline,
+        "--timeout",
+        "180",
+        "--dump-shared",
+    ])
+}
+
+/// The QEMU binary; panics with an install hint if missing (QEMU tests run wherever KVM does).
+pub fn qemu_bin() -> PathBuf {
+    let p = PathBuf::from("qemu-system-x86_64");
+    let ok = Command::new(&p).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    assert!(ok, "qemu-system-x86_64 not found: install it (apt-get install -y qemu-system-x86)");
+    p
+}
+
+/// QEMU machine types the guest is tested under.
+#[derive(Clone, Copy, Debug)]
+pub enum QemuMachine {
+    /// `-machine microvm`: no PCI, no firmware delay.
+    Microvm,
+    /// `-machine pc`: SeaBIOS-era PC, the default machine.
+    Pc,
+}
+
+/// Boots the test guest under stock QEMU/KVM. The CPU model is `qemu64,+x2apic`: nested
+/// KVM here rejects `-cpu host`'s MSR set.
+pub fn qemu_guest(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Output {
+    let mut c = Command::new(qemu_bin());
+    c.args(["-accel", "kvm", "-cpu", "qemu64,+x2apic", "-nographic", "-nodefaults", "-no-reboot"])
+        .args(["-machine", match machine {
+            QemuMachine::Microvm => "microvm",
+            QemuMachine::Pc => "pc",
+        }])
+        .args(["-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(["-smp", &smp.to_string(), "-m", &mem_mib.to_string()])
+        .arg("-kernel")
+        .arg(guest_kernel())
+        .args(["-append", cmdline]);
+    run_with_limit(c, RUN_LIMIT)
+}

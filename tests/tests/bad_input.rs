@@ -1,0 +1,163 @@
+//! Bad input to the VMM and failing guests: each must give a clear message and a non-zero
+//! exit, never a host panic or a hang.
+
+use std::path::PathBuf;
+
+use pvsync_tests::{guest_kernel, pvsync, pvsync_bin, pvsync_guest, require_kvm, Output};
+use shared_abi::{ExitCode, ABI_VERSION, ELF_NOTE_NAME};
+
+const EXIT_USAGE: i32 = 2;
+const EXIT_HOST_ERROR: i32 = 70;
+const EXIT_TIMEOUT: i32 = 124;
+
+fn no_host_panic(out: &Output) {
+    out.check(!out.timed_out, "VMM hung");
+    out.check(!out.stderr.contains("panicked"), "VMM panicked");
+}
+
+fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvsync-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn run_kernel(kernel: &std::path::Path, mem_mib: &str) -> Output {
+    let k = kernel.to_str().unwrap();
+    pvsync(&["run", "--kernel", k, "--vcpus", "2", "--mem", mem_mib, "--timeout", "60"])
+}
+
+fn refused(out: &Output, message: &str) {
+    no_host_panic(out);
+    out.check(out.status == Some(EXIT_HOST_ERROR), "host error exit status");
+    out.check(out.stderr.contains(message), &format!("message should contain {message:?}"));
+}
+
+#[test]
+fn non_elf_file_is_refused() {
+    let out = run_kernel(&scratch("not-elf", b"this is not a kernel image\n"), "64");
+    refused(&out, "not a valid 64-bit little-endian ELF");
+}
+
+#[test]
+fn missing_kernel_file_is_refused() {
+    let out = run_kernel(std::path::Path::new("/nonexistent/kernel.elf"), "64");
+    refused(&out, "reading kernel image /nonexistent/kernel.elf");
+}
+
+#[test]
+fn elf_without_pvh_note_is_refused() {
+    // The VMM binary itself: a perfectly good x86_64 ELF with no PVH entry note.
+    let out = run_kernel(pvsync_bin(), "64");
+    refused(&out, "no PVH entry note");
+}
+
+#[test]
+fn truncated_elf_is_refused() {
+    let full = std::fs::read(guest_kernel()).unwrap();
+    let u64_at = |off: usize| u64::from_le_bytes(full[off..off + 8].try_into().unwrap()) as usize;
+    // Halfway into the first program header's segment (e_phoff at 32; p_offset, p_filesz
+    // at 8 and 32 within a program header).
+    let phoff = u64_at(32);
+    let mid_segment = u64_at(phoff + 8) + u64_at(phoff + 32) / 2;
+    for len in [32, 100, mid_segment] {
+        let out = run_kernel(&scratch(&format!("truncated-{len}"), &full[..len]), "64");
+        refused(&out, "kernel image");
+        out.check(out.stderr.contains("ELF"), "the message names the ELF problem");
+    }
+}
+
+/// The guest with its embedded ABI version changed: the note `PVSYNC\0` (namesz 7, descsz 4,
+/// type 1) is found by its header bytes and its descriptor patched.
+fn guest_with_abi_version(v: u32) -> PathBuf {
+    let mut elf = std::fs::read(guest_kernel()).unwrap();
+    let mut header = Vec::new();
+    header.extend(7u32.to_le_bytes());
+    header.extend(4u32.to_le_bytes());
+    header.extend(1u32.to_le_bytes());
+    header.extend(ELF_NOTE_NAME);
+    let at = elf.windows(header.len()).position(|w| w == header).expect("guest embeds the ABI note");
+    let desc = at + 12 + 8; // header words + name padded to 8
+    assert_eq!(elf[desc..desc + 4], ABI_VERSION.to_le_bytes());
+    elf[desc..desc + 4].copy_from_slice(&v.to_le_bytes());
+    scratch(&format!("guest-abi-{v}"), &elf)
+}
+
+#[test]
+fn mismatched_abi_version_is_refused() {
+    let out = run_kernel(&guest_with_abi_version(ABI_VERSION + 1), "64");
+    refused(&out, &format!("guest ABI version {} does not match this VMM's ABI version {ABI_VERSION}", ABI_VERSION + 1));
+}
+
+#[test]
+fn too_little_memory_is_refused() {
+    let out = run_kernel(guest_kernel(), "4");
+    refused(&out, "--mem 4 MiB is too small for this kernel");
+}
+
+#[test]
+fn bad_cli_flags_are_usage_errors() {
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    for args in [
+        vec!["run", "--kernel", &k, "--vcpus", "0"],
+        vec!["run", "--kernel", &k, "--vcpus", "65"],
+        vec!["run", "--kernel", &k, "--mem", "4000"],
+        vec!["run", "--kernel", &k, "--bogus"],
+        vec!["run"],
+        vec!["fly"],
+    ] {
+        let out = pvsync(&args);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), &format!("usage error for {args:?}"));
+        out.check(out.stderr.contains("error:"), "clap explains the error");
+    }
+}
+
+#[test]
+fn guest_panic_exits_non_zero_with_its_message() {
+    if !require_kvm("guest_panic_exits_non_zero_with_its_message") {
+        return;
+    }
+    let out = pvsync_guest(2, 64, "test=panic");
+    no_host_panic(&out);
+    out.check(out.status == Some(ExitCode::Panic as i32), "panic exit code");
+    out.check(out.stdout.contains("PANIC on cpu 0: panicked at src/main.rs"), "panic location on the console");
+    out.check(out.stdout.contains("deliberate panic requested by test=panic"), "panic message on the console");
+}
+
+#[test]
+fn guest_page_fault_is_reported() {
+    if !require_kvm("guest_page_fault_is_reported") {
+        return;
+    }
+    let out = pvsync_guest(2, 64, "test=fault");
+    no_host_panic(&out);
+    out.check(out.status == Some(ExitCode::Panic as i32), "exception exit code");
+    out.check(out.stdout.contains("EXCEPTION #PF page fault (vector 14) on cpu 0"), "exception report");
+    out.check(out.stdout.contains("cr2=0x8"), "faulting address");
+}
+
+#[test]
+fn unknown_guest_command_line_fails() {
+    if !require_kvm("unknown_guest_command_line_fails") {
+        return;
+    }
+    let out = pvsync_guest(1, 64, "test=boot frobnicate");
+    no_host_panic(&out);
+    out.check(out.status == Some(ExitCode::Failure as i32), "failure exit code");
+    out.check(out.stdout.contains("unknown command-line word 'frobnicate'"), "names the bad word");
+}
+
+#[test]
+fn hung_guest_is_stopped_at_the_timeout() {
+    if !require_kvm("hung_guest_is_stopped_at_the_timeout") {
+        return;
+    }
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    // Every vCPU ends halted with interrupts off: stopping must kick them out of KVM_RUN.
+    let out = pvsync(&["run", "--kernel", &k, "--vcpus", "4", "--cmdline", "test=hang", "--timeout", "2"]);
+    no_host_panic(&out);
+    out.check(out.status == Some(EXIT_TIMEOUT), "timeout exit status");
+    out.check(out.stderr.contains("guest did not exit within 2 s; stopped it"), "timeout message");
+}
