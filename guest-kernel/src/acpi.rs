@@ -11,7 +11,10 @@ pub struct CpuList {
 
 impl CpuList {
     pub fn from_count(n: usize) -> Self {
-        let mut l = CpuList { ids: [0; MAX_VCPUS], len: 0 };
+        let mut l = CpuList {
+            ids: [0; MAX_VCPUS],
+            len: 0,
+        };
         for i in 0..n.min(MAX_VCPUS) {
             l.push(i as u32);
         }
@@ -19,7 +22,10 @@ impl CpuList {
     }
 
     fn push(&mut self, id: u32) {
-        assert!(self.len < MAX_VCPUS, "more than {MAX_VCPUS} CPUs in the MADT");
+        assert!(
+            self.len < MAX_VCPUS,
+            "more than {MAX_VCPUS} CPUs in the MADT"
+        );
         if !self.ids[..self.len].contains(&id) {
             self.ids[self.len] = id;
             self.len += 1;
@@ -68,7 +74,9 @@ fn find_rsdp(hint: u64) -> Option<u64> {
         return Some(hint);
     }
     // Legacy location: the BIOS area, on 16-byte boundaries.
-    (0xe0000u64..0x100000).step_by(16).find(|&a| bytes(a, 8) == b"RSD PTR ")
+    (0xe0000u64..0x100000)
+        .step_by(16)
+        .find(|&a| bytes(a, 8) == b"RSD PTR ")
 }
 
 /// Enabled CPUs from the MADT, or None when there is no usable ACPI.
@@ -85,11 +93,20 @@ pub fn cpus_from_madt(rsdp_hint: u64) -> Option<CpuList> {
     };
     let madt = root[36..]
         .chunks_exact(entry_size)
-        .map(|e| if entry_size == 8 { u64_at(e, 0) } else { u32_at(e, 0) as u64 })
+        .map(|e| {
+            if entry_size == 8 {
+                u64_at(e, 0)
+            } else {
+                u32_at(e, 0) as u64
+            }
+        })
         .filter_map(table)
         .find(|t| &t[..4] == b"APIC")?;
 
-    let mut cpus = CpuList { ids: [0; MAX_VCPUS], len: 0 };
+    let mut cpus = CpuList {
+        ids: [0; MAX_VCPUS],
+        len: 0,
+    };
     let mut off = 44;
     while off + 2 <= madt.len() {
         let (kind, len) = (madt[off], madt[off + 1] as usize);

@@ -45,7 +45,11 @@ impl BootInfo {
 
     /// Total bytes of RAM in the map.
     pub fn ram_bytes(&self) -> u64 {
-        self.regions().iter().filter(|r| r.kind == E820_RAM).map(|r| r.size).sum()
+        self.regions()
+            .iter()
+            .filter(|r| r.kind == E820_RAM)
+            .map(|r| r.size)
+            .sum()
     }
 }
 
@@ -61,9 +65,15 @@ fn read<T: Copy>(paddr: u64) -> T {
 /// Parses and copies the start info at `paddr`. Panics (with a message) on a bad magic or
 /// a missing memory map: the kernel cannot run without them.
 pub fn parse(paddr: u64) -> &'static BootInfo {
-    assert!(paddr != 0 && paddr < (1 << 32), "PVH start info address {paddr:#x} is invalid");
+    assert!(
+        paddr != 0 && paddr < (1 << 32),
+        "PVH start info address {paddr:#x} is invalid"
+    );
     let magic: u32 = read(paddr);
-    assert!(magic == XEN_HVM_START_MAGIC, "bad PVH start info magic {magic:#x}");
+    assert!(
+        magic == XEN_HVM_START_MAGIC,
+        "bad PVH start info magic {magic:#x}"
+    );
     let version: u32 = read(paddr + 4);
     let cmdline_paddr: u64 = read(paddr + 24);
     let rsdp: u64 = read(paddr + 32);
@@ -72,7 +82,10 @@ pub fn parse(paddr: u64) -> &'static BootInfo {
     } else {
         (0, 0)
     };
-    assert!(memmap_entries > 0, "PVH start info (version {version}) carries no memory map");
+    assert!(
+        memmap_entries > 0,
+        "PVH start info (version {version}) carries no memory map"
+    );
 
     let mut info = BootInfo {
         cmdline: [0; MAX_CMDLINE],
@@ -93,7 +106,11 @@ pub fn parse(paddr: u64) -> &'static BootInfo {
     }
     for i in 0..(memmap_entries as usize).min(MAX_REGIONS) {
         let e = memmap_paddr + i as u64 * 24;
-        info.regions[i] = MemRegion { start: read(e), size: read(e + 8), kind: read(e + 16) };
+        info.regions[i] = MemRegion {
+            start: read(e),
+            size: read(e + 8),
+            kind: read(e + 16),
+        };
         info.nregions += 1;
     }
     BOOT_INFO.call_once(|| info)

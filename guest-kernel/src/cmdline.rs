@@ -12,7 +12,11 @@ pub struct Cmdline<'a> {
 }
 
 pub fn parse(s: &str) -> Cmdline<'_> {
-    let mut c = Cmdline { test: "boot", smp: None, unknown: None };
+    let mut c = Cmdline {
+        test: "boot",
+        smp: None,
+        unknown: None,
+    };
     for word in s.split_ascii_whitespace() {
         match word.split_once('=') {
             Some(("test", v)) => c.test = v,

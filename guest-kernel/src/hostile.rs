@@ -14,7 +14,12 @@ static mut KERNEL_PAGE: KernelPage = KernelPage([0; PAGE_SIZE]);
 
 fn check(case: &str, got: S, want: S) -> bool {
     let ok = got == want;
-    println!("HOSTILE {case} status={} expected={} {}", got.name(), want.name(), if ok { "ok" } else { "FAIL" });
+    println!(
+        "HOSTILE {case} status={} expected={} {}",
+        got.name(),
+        want.name(),
+        if ok { "ok" } else { "FAIL" }
+    );
     ok
 }
 
@@ -36,19 +41,53 @@ pub fn before_registration(nr_vcpus: u32) -> bool {
     ok &= check("misaligned", shared::register(zero + 8), S::BadAddress);
     ok &= check("outside-ram", shared::register(0xbfff_f000), S::BadAddress);
     ok &= check("bad-magic", shared::register(zero), S::BadMagic);
-    ok &= check("version", shared::register(page_with(PageHeader { abi_version: ABI_VERSION + 1, ..good })), S::VersionMismatch);
-    ok &= check("vcpu-count", shared::register(page_with(PageHeader { nr_vcpus: nr_vcpus + 1, ..good })), S::BadVcpuCount);
-    ok &= check("geometry", shared::register(page_with(PageHeader { region_size: 1 << 30, ..good })), S::BadGeometry);
+    ok &= check(
+        "version",
+        shared::register(page_with(PageHeader {
+            abi_version: ABI_VERSION + 1,
+            ..good
+        })),
+        S::VersionMismatch,
+    );
+    ok &= check(
+        "vcpu-count",
+        shared::register(page_with(PageHeader {
+            nr_vcpus: nr_vcpus + 1,
+            ..good
+        })),
+        S::BadVcpuCount,
+    );
+    ok &= check(
+        "geometry",
+        shared::register(page_with(PageHeader {
+            region_size: 1 << 30,
+            ..good
+        })),
+        S::BadGeometry,
+    );
     let kernel_page = core::ptr::addr_of_mut!(KERNEL_PAGE) as u64;
     // SAFETY: a static page of our own; nothing else reads or writes it.
     unsafe { core::ptr::write_volatile(kernel_page as *mut PageHeader, good) };
-    ok &= check("overlaps-kernel", shared::register(kernel_page), S::OverlapsKernel);
-    ok &= check("byte-write", shared::register_with_byte_write(0), S::BadWidth);
+    ok &= check(
+        "overlaps-kernel",
+        shared::register(kernel_page),
+        S::OverlapsKernel,
+    );
+    ok &= check(
+        "byte-write",
+        shared::register_with_byte_write(0),
+        S::BadWidth,
+    );
     ok
 }
 
 /// After the real registration: a second one must be refused.
 pub fn after_registration() -> bool {
     let (base, _, status) = shared::info().expect("region registered");
-    check("registered", status, S::Ok) & check("second-registration", shared::register(base), S::AlreadyRegistered)
+    check("registered", status, S::Ok)
+        & check(
+            "second-registration",
+            shared::register(base),
+            S::AlreadyRegistered,
+        )
 }

@@ -49,7 +49,11 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         }),
     };
     let nr_vcpus = cpus.ids().iter().max().map_or(1, |&m| m + 1);
-    assert!(nr_vcpus as usize <= MAX_VCPUS, "APIC ID {} is beyond the ABI's {MAX_VCPUS} vCPUs", nr_vcpus - 1);
+    assert!(
+        nr_vcpus as usize <= MAX_VCPUS,
+        "APIC ID {} is beyond the ABI's {MAX_VCPUS} vCPUs",
+        nr_vcpus - 1
+    );
 
     mm::init(boot);
     let selectors = arch::gdt::init_this_cpu();
@@ -104,5 +108,9 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         }
     };
     println!("{}", if ok { "SUCCESS" } else { "FAILURE" });
-    exit::exit(if ok { ExitCode::Success } else { ExitCode::Failure })
+    exit::exit(if ok {
+        ExitCode::Success
+    } else {
+        ExitCode::Failure
+    })
 }

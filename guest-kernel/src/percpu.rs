@@ -22,7 +22,11 @@ unsafe impl Sync for PerCpu {}
 
 /// Creates the calling CPU's block and points GS at it.
 pub fn init_this_cpu(id: u32, selectors: Selectors) {
-    let block = Box::leak(Box::new(PerCpu { self_ptr: core::ptr::null(), id, selectors }));
+    let block = Box::leak(Box::new(PerCpu {
+        self_ptr: core::ptr::null(),
+        id,
+        selectors,
+    }));
     block.self_ptr = block;
     GsBase::write(VirtAddr::from_ptr(block));
 }

@@ -25,6 +25,7 @@ pub fn per_cpu_checks() {
 }
 
 type TestResult = Result<(), &'static str>;
+type SelfTest = (&'static str, fn() -> TestResult);
 
 fn frame_alloc() -> TestResult {
     let (_, before) = frame::stats();
@@ -47,13 +48,17 @@ fn frame_alloc() -> TestResult {
         frame::free(b);
         frame::free(c);
     }
-    (frame::stats().1 == before).then_some(()).ok_or("frames leaked")
+    (frame::stats().1 == before)
+        .then_some(())
+        .ok_or("frames leaked")
 }
 
 fn heap() -> TestResult {
     let v: Vec<u64> = (0..10_000).collect();
     let sum: u64 = v.iter().sum();
-    (sum == 10_000 * 9_999 / 2).then_some(()).ok_or("heap vector corrupted")
+    (sum == 10_000 * 9_999 / 2)
+        .then_some(())
+        .ok_or("heap vector corrupted")
 }
 
 fn paging_map_unmap() -> TestResult {
@@ -63,9 +68,16 @@ fn paging_map_unmap() -> TestResult {
     // SAFETY: single mapper use on the BSP while APs are idle; the page was unmapped and the
     // frame is fresh, so no existing reference is affected.
     let mut mapper = unsafe { paging::active_mapper() };
-    unsafe { mapper.map_to(page, frame, F::PRESENT | F::WRITABLE, &mut frame::GlobalFrames) }
-        .map_err(|_| "map_to failed")?
-        .flush();
+    unsafe {
+        mapper.map_to(
+            page,
+            frame,
+            F::PRESENT | F::WRITABLE,
+            &mut frame::GlobalFrames,
+        )
+    }
+    .map_err(|_| "map_to failed")?
+    .flush();
     // SAFETY: the page was just mapped to `frame`, which is identity-mapped too.
     let (via_page, via_frame) = unsafe {
         core::ptr::write_volatile(VA as *mut u64, 0x5eed_cafe);
@@ -93,14 +105,22 @@ fn paging_map_unmap() -> TestResult {
 fn percpu_data() -> TestResult {
     let online = smp::online_mask();
     let ok = PERCPU_OK.load(Ordering::Acquire);
-    (ok & online == online).then_some(()).ok_or("a CPU's GS-based data named the wrong CPU")
+    (ok & online == online)
+        .then_some(())
+        .ok_or("a CPU's GS-based data named the wrong CPU")
 }
 
 fn shared_records() -> TestResult {
-    let Some((_, nr, status)) = shared::info() else { return Err("no shared region") };
+    let Some((_, nr, status)) = shared::info() else {
+        return Err("no shared region");
+    };
     for cpu in 0..nr {
         let rec = shared::snapshot(cpu).ok_or("record out of range")?;
-        let expected = if cpu == percpu::id() { VcpuMode::Kernel } else { VcpuMode::Idle };
+        let expected = if cpu == percpu::id() {
+            VcpuMode::Kernel
+        } else {
+            VcpuMode::Idle
+        };
         if smp::online_mask() & (1 << cpu) != 0 && rec.mode() != Some(expected) {
             return Err("a record does not show its CPU's mode");
         }
@@ -113,7 +133,7 @@ fn shared_records() -> TestResult {
 
 /// Runs every self-test; true if all passed.
 pub fn run_all() -> bool {
-    let tests: [(&str, fn() -> TestResult); 5] = [
+    let tests: [SelfTest; 5] = [
         ("frame-alloc", frame_alloc),
         ("heap", heap),
         ("paging", paging_map_unmap),
@@ -130,6 +150,9 @@ pub fn run_all() -> bool {
             Err(why) => println!("TEST {name} FAIL: {why}"),
         }
     }
-    println!("RESULT selftest passed={passed} failed={}", tests.len() - passed);
+    println!(
+        "RESULT selftest passed={passed} failed={}",
+        tests.len() - passed
+    );
     passed == tests.len()
 }

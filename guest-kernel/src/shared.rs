@@ -7,7 +7,7 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 use shared_abi::{
-    record_offset, region_size, Hypercall, HypercallStatus, HostFlags, PageHeader, VcpuMode,
+    record_offset, region_size, HostFlags, Hypercall, HypercallStatus, PageHeader, VcpuMode,
     VcpuRecord, NO_VCPU, PAGE_SIZE,
 };
 use spin::Once;
@@ -26,7 +26,8 @@ static REGION: Once<Region> = Once::new();
 /// Without a pvsync host the status says so and the region is still used (unread).
 pub fn init(nr_vcpus: u32) -> HypercallStatus {
     let size = region_size(nr_vcpus as usize);
-    let base = crate::mm::frame::alloc_contiguous_or_panic((size / PAGE_SIZE) as u64, "the shared region");
+    let base =
+        crate::mm::frame::alloc_contiguous_or_panic((size / PAGE_SIZE) as u64, "the shared region");
     // SAFETY: freshly allocated, identity-mapped frames that only this module uses; the
     // header is written before the host learns the address.
     unsafe {
@@ -38,7 +39,13 @@ pub fn init(nr_vcpus: u32) -> HypercallStatus {
         }
     }
     let status = register(base);
-    REGION.call_once(|| Region { base, nr_vcpus, status }).status
+    REGION
+        .call_once(|| Region {
+            base,
+            nr_vcpus,
+            status,
+        })
+        .status
 }
 
 /// Makes the RegisterSharedRegion hypercall for `base` and reads back its status.
@@ -86,7 +93,9 @@ fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
 
 /// Updates the calling CPU's record: `f` stores fields through the raw pointer it gets.
 pub fn publish(f: impl FnOnce(*mut VcpuRecord)) {
-    let Some(rec) = record_ptr(crate::percpu::id()) else { return };
+    let Some(rec) = record_ptr(crate::percpu::id()) else {
+        return;
+    };
     without_interrupts(|| {
         // SAFETY: this CPU is the only writer of its record's guest half, interrupts are off
         // so no handler interleaves, and the record lives forever.

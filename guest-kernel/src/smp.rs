@@ -38,17 +38,26 @@ pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
     let want: u64 = ids.iter().fold(0, |m, &id| m | 1 << id);
 
     let code = arch::trampoline_bytes();
-    assert!(code.len() <= frame::FRAME_SIZE as usize, "AP trampoline larger than a page");
+    assert!(
+        code.len() <= frame::FRAME_SIZE as usize,
+        "AP trampoline larger than a page"
+    );
     // SAFETY: the trampoline page is low memory the frame allocator never hands out, mapped
     // by the kernel tables, and no AP runs from it yet.
     unsafe {
         core::ptr::copy_nonoverlapping(code.as_ptr(), AP_TRAMPOLINE_ADDR as *mut u8, code.len())
     };
-    AP_BOOT_CR3.store(u32::try_from(paging::kernel_pml4()).expect("PML4 above 4 GiB"), Ordering::Release);
+    AP_BOOT_CR3.store(
+        u32::try_from(paging::kernel_pml4()).expect("PML4 above 4 GiB"),
+        Ordering::Release,
+    );
 
     for &id in ids.iter().filter(|&&id| id != me) {
         let stack = frame::alloc_contiguous_or_panic(AP_STACK_FRAMES, "an AP stack");
-        AP_STACK_TOPS[id as usize].store(stack + AP_STACK_FRAMES * frame::FRAME_SIZE, Ordering::Release);
+        AP_STACK_TOPS[id as usize].store(
+            stack + AP_STACK_FRAMES * frame::FRAME_SIZE,
+            Ordering::Release,
+        );
     }
     let page = (AP_TRAMPOLINE_ADDR >> 12) as u8;
     let aps = || ids.iter().copied().filter(move |&id| id != me);
@@ -61,7 +70,9 @@ pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
         let waited = tsc::now() - start;
         if !second_sipi_sent && waited > FIRST_SIPI_WAIT_CYCLES {
             // A CPU still in wait-for-SIPI missed the first one; running CPUs ignore this.
-            aps().filter(|&id| online_mask() & (1 << id) == 0).for_each(|id| apic::send_startup(id, page));
+            aps()
+                .filter(|&id| online_mask() & (1 << id) == 0)
+                .for_each(|id| apic::send_startup(id, page));
             second_sipi_sent = true;
         }
         if waited > ONLINE_TIMEOUT_CYCLES {
@@ -79,7 +90,10 @@ extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
     arch::idt::load();
     apic::enable_x2apic();
     let id = apic::id();
-    assert_eq!(id, cpuid_apic_id, "x2APIC ID disagrees with CPUID's initial APIC ID");
+    assert_eq!(
+        id, cpuid_apic_id,
+        "x2APIC ID disagrees with CPUID's initial APIC ID"
+    );
     crate::percpu::init_this_cpu(id, selectors);
     crate::shared::set_mode(VcpuMode::Kernel);
     crate::selftest::per_cpu_checks();

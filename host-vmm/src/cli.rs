@@ -102,16 +102,27 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
         }
     }
     if report.unclaimed_io > 0 {
-        let _ = writeln!(log, "pvsync: note: {} I/O accesses hit no device", report.unclaimed_io);
+        let _ = writeln!(
+            log,
+            "pvsync: note: {} I/O accesses hit no device",
+            report.unclaimed_io
+        );
     }
     let secs = report.elapsed.as_secs_f64();
     match report.outcome {
         Outcome::GuestExit(code) => {
-            let _ = writeln!(log, "pvsync: guest exited with code {code} after {secs:.3} s");
+            let _ = writeln!(
+                log,
+                "pvsync: guest exited with code {code} after {secs:.3} s"
+            );
             code.min(255) as i32
         }
         Outcome::Timeout(t) => {
-            let _ = writeln!(log, "pvsync: error: guest did not exit within {} s; stopped it", t.as_secs());
+            let _ = writeln!(
+                log,
+                "pvsync: error: guest did not exit within {} s; stopped it",
+                t.as_secs()
+            );
             EXIT_TIMEOUT
         }
         Outcome::GuestCrash { vcpu, reason } => {

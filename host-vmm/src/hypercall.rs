@@ -21,7 +21,9 @@ pub struct VcpuHypercalls {
 
 impl Default for VcpuHypercalls {
     fn default() -> Self {
-        VcpuHypercalls { last_status: HypercallStatus::NothingPending }
+        VcpuHypercalls {
+            last_status: HypercallStatus::NothingPending,
+        }
     }
 }
 
@@ -54,7 +56,11 @@ impl VcpuHypercalls {
     pub fn handle_in(&mut self, port: u16, data: &mut [u8]) -> bool {
         match Hypercall::from_port(port) {
             Some(Hypercall::RegisterSharedRegion) => {
-                let status = if data.len() == 4 { self.last_status } else { HypercallStatus::BadWidth };
+                let status = if data.len() == 4 {
+                    self.last_status
+                } else {
+                    HypercallStatus::BadWidth
+                };
                 let bytes = (status as u32).to_le_bytes();
                 let n = data.len().min(4);
                 data[..n].copy_from_slice(&bytes[..n]);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
-use object::elf::{FileHeader64, PT_LOAD, PT_NOTE, ELFCLASS64, EM_X86_64};
+use object::elf::{FileHeader64, ELFCLASS64, EM_X86_64, PT_LOAD, PT_NOTE};
 use object::read::elf::{FileHeader, ProgramHeader};
 use object::LittleEndian as LE;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -18,16 +18,23 @@ const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("reading kernel image {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("kernel image is not a valid 64-bit little-endian ELF: {0}")]
     NotElf(String),
     #[error("kernel image is an ELF for machine {0}, not x86_64")]
     WrongMachine(u16),
-    #[error("kernel image has no PVH entry note (Xen ELF note type 18); pvsync boots PVH kernels only")]
+    #[error(
+        "kernel image has no PVH entry note (Xen ELF note type 18); pvsync boots PVH kernels only"
+    )]
     NoPvhNote,
     #[error("kernel image has no loadable segment")]
     NoLoadSegment,
-    #[error("kernel image segment at {addr:#x}+{size:#x} lies outside guest RAM ({mem_size:#x} bytes)")]
+    #[error(
+        "kernel image segment at {addr:#x}+{size:#x} lies outside guest RAM ({mem_size:#x} bytes)"
+    )]
     SegmentOutsideRam { addr: u64, size: u64, mem_size: u64 },
     #[error("guest ABI version {guest} does not match this VMM's ABI version {host}; rebuild the guest against this shared-abi")]
     AbiMismatch { guest: u32, host: u32 },
@@ -72,19 +79,23 @@ pub fn inspect(data: &[u8]) -> Result<KernelInfo, LoaderError> {
                     .checked_add(phdr.p_memsz(endian))
                     .ok_or_else(|| LoaderError::NotElf("segment size overflows".into()))?;
                 // The file bytes must exist: a truncated image fails here, not half-loaded.
-                phdr.data(endian, data).map_err(|_| LoaderError::NotElf("segment extends past end of file".into()))?;
+                phdr.data(endian, data)
+                    .map_err(|_| LoaderError::NotElf("segment extends past end of file".into()))?;
                 image = Some(match image {
                     Some(r) => r.start.min(start)..r.end.max(end),
                     None => start..end,
                 });
             }
             PT_NOTE => {
-                let Some(mut notes) = phdr.notes(endian, data).map_err(elf_err)? else { continue };
+                let Some(mut notes) = phdr.notes(endian, data).map_err(elf_err)? else {
+                    continue;
+                };
                 while let Some(note) = notes.next().map_err(elf_err)? {
                     let desc = note.desc();
                     match (note.name(), note.n_type(endian).0) {
                         (b"Xen", XEN_ELFNOTE_PHYS32_ENTRY) if desc.len() >= 4 => {
-                            pvh_entry = Some(u32::from_le_bytes(desc[..4].try_into().unwrap()) as u64);
+                            pvh_entry =
+                                Some(u32::from_le_bytes(desc[..4].try_into().unwrap()) as u64);
                         }
                         (name, t)
                             if name == &shared_abi::ELF_NOTE_NAME[..6]
@@ -109,18 +120,27 @@ pub fn inspect(data: &[u8]) -> Result<KernelInfo, LoaderError> {
 
 /// Reads and inspects the image at `path`, refusing an ABI version other than ours.
 pub fn inspect_file(path: &Path) -> Result<KernelInfo, LoaderError> {
-    let data = std::fs::read(path).map_err(|source| LoaderError::Read { path: path.display().to_string(), source })?;
+    let data = std::fs::read(path).map_err(|source| LoaderError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     let info = inspect(&data)?;
     match info.abi_version {
-        Some(v) if v != shared_abi::ABI_VERSION => {
-            Err(LoaderError::AbiMismatch { guest: v, host: shared_abi::ABI_VERSION })
-        }
+        Some(v) if v != shared_abi::ABI_VERSION => Err(LoaderError::AbiMismatch {
+            guest: v,
+            host: shared_abi::ABI_VERSION,
+        }),
         _ => Ok(info),
     }
 }
 
 /// Loads the inspected image into `mem`. Returns the PVH entry point.
-pub fn load(path: &Path, info: &KernelInfo, mem: &GuestMemoryMmap, mem_size: u64) -> Result<GuestAddress, LoaderError> {
+pub fn load(
+    path: &Path,
+    info: &KernelInfo,
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+) -> Result<GuestAddress, LoaderError> {
     if info.image.end > mem_size {
         return Err(LoaderError::SegmentOutsideRam {
             addr: info.image.start,
@@ -128,7 +148,10 @@ pub fn load(path: &Path, info: &KernelInfo, mem: &GuestMemoryMmap, mem_size: u64
             mem_size,
         });
     }
-    let mut file = File::open(path).map_err(|source| LoaderError::Read { path: path.display().to_string(), source })?;
+    let mut file = File::open(path).map_err(|source| LoaderError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     let result = Elf::load(mem, None, &mut file, None)?;
     match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(entry),
@@ -142,7 +165,10 @@ mod tests {
 
     #[test]
     fn garbage_is_not_elf() {
-        assert!(matches!(inspect(b"hello, world"), Err(LoaderError::NotElf(_))));
+        assert!(matches!(
+            inspect(b"hello, world"),
+            Err(LoaderError::NotElf(_))
+        ));
         assert!(matches!(inspect(&[]), Err(LoaderError::NotElf(_))));
         let mut fake = vec![0u8; 64];
         fake[..4].copy_from_slice(b"\x7fELF");
@@ -180,7 +206,12 @@ mod tests {
             v.resize(v.len().div_ceil(4) * 4, 0);
         };
         note(&mut notes, b"Xen\0", 18, &0x10_0000u64.to_le_bytes());
-        note(&mut notes, shared_abi::ELF_NOTE_NAME, 1, &shared_abi::ABI_VERSION.to_le_bytes());
+        note(
+            &mut notes,
+            shared_abi::ELF_NOTE_NAME,
+            1,
+            &shared_abi::ABI_VERSION.to_le_bytes(),
+        );
         let phoff = 64u64;
         let load_off = phoff + 2 * 56;
         let note_off = load_off + 16;
@@ -208,7 +239,14 @@ mod tests {
             e.extend(4u64.to_le_bytes());
         };
         phdr(&mut e, PT_LOAD.0, load_off, 0x10_0000, 16, 0x2000);
-        phdr(&mut e, PT_NOTE.0, note_off, 0, notes.len() as u64, notes.len() as u64);
+        phdr(
+            &mut e,
+            PT_NOTE.0,
+            note_off,
+            0,
+            notes.len() as u64,
+            notes.len() as u64,
+        );
         e.extend([0x90u8; 16]);
         e.extend(notes);
         e

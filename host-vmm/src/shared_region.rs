@@ -10,8 +10,8 @@ use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 
 use shared_abi::{
-    record_offset, region_size, HostFlags, HypercallStatus, PageHeader, VcpuMode, VcpuRecord, ABI_VERSION,
-    HEADER_SIZE, NO_VCPU, PAGE_MAGIC, PAGE_SIZE, RECORD_SIZE,
+    record_offset, region_size, HostFlags, HypercallStatus, PageHeader, VcpuMode, VcpuRecord,
+    ABI_VERSION, HEADER_SIZE, NO_VCPU, PAGE_MAGIC, PAGE_SIZE, RECORD_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -38,7 +38,8 @@ pub fn validate(
         return Err(HypercallStatus::BadAddress);
     }
     let mut bytes = [0u8; HEADER_SIZE];
-    mem.read_slice(&mut bytes, GuestAddress(gpa)).map_err(|_| HypercallStatus::BadAddress)?;
+    mem.read_slice(&mut bytes, GuestAddress(gpa))
+        .map_err(|_| HypercallStatus::BadAddress)?;
     let h = PageHeader::from_bytes(&bytes);
     if h.magic != PAGE_MAGIC {
         return Err(HypercallStatus::BadMagic);
@@ -50,7 +51,9 @@ pub fn validate(
         return Err(HypercallStatus::BadVcpuCount);
     }
     let size = region_size(h.nr_vcpus as usize) as u64;
-    if h.region_size as u64 != size || h.record_size as usize != RECORD_SIZE || h.records_offset as usize != HEADER_SIZE
+    if h.region_size as u64 != size
+        || h.record_size as usize != RECORD_SIZE
+        || h.records_offset as usize != HEADER_SIZE
     {
         return Err(HypercallStatus::BadGeometry);
     }
@@ -60,12 +63,23 @@ pub fn validate(
     if gpa < kernel.end && kernel.start < gpa + size {
         return Err(HypercallStatus::OverlapsKernel);
     }
-    Ok(Registration { gpa, nr_vcpus: h.nr_vcpus, size })
+    Ok(Registration {
+        gpa,
+        nr_vcpus: h.nr_vcpus,
+        size,
+    })
 }
 
 /// Tells the guest its region is read: sets ACCEPTED in the header's host flags.
-pub fn mark_accepted(mem: &GuestMemoryMmap, reg: &Registration) -> Result<(), vm_memory::GuestMemoryError> {
-    mem.store(HostFlags::ACCEPTED, GuestAddress(reg.gpa + offset_of!(PageHeader, host_flags) as u64), Ordering::Release)
+pub fn mark_accepted(
+    mem: &GuestMemoryMmap,
+    reg: &Registration,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.store(
+        HostFlags::ACCEPTED,
+        GuestAddress(reg.gpa + offset_of!(PageHeader, host_flags) as u64),
+        Ordering::Release,
+    )
 }
 
 bitflags::bitflags! {
@@ -103,7 +117,11 @@ pub fn check(r: &VcpuRecord, nr_vcpus: u32) -> Problems {
     if r.spin_holder != NO_VCPU && r.spin_holder >= nr_vcpus {
         p |= Problems::BAD_HOLDER;
     }
-    let valid_mask = if nr_vcpus >= 64 { u64::MAX } else { (1u64 << nr_vcpus) - 1 };
+    let valid_mask = if nr_vcpus >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << nr_vcpus) - 1
+    };
     if r.ipi_wait & !valid_mask != 0 {
         p |= Problems::BAD_IPI_WAIT;
     }
@@ -114,7 +132,11 @@ pub fn check(r: &VcpuRecord, nr_vcpus: u32) -> Problems {
 }
 
 /// Reads record `vcpu` consistently: sequence counter even and unchanged around the copy.
-pub fn read_record(mem: &GuestMemoryMmap, reg: &Registration, vcpu: u32) -> Result<RecordView, vm_memory::GuestMemoryError> {
+pub fn read_record(
+    mem: &GuestMemoryMmap,
+    reg: &Registration,
+    vcpu: u32,
+) -> Result<RecordView, vm_memory::GuestMemoryError> {
     let at = GuestAddress(reg.gpa + record_offset(vcpu as usize) as u64);
     let mut buf = [0u8; RECORD_SIZE];
     for _ in 0..MAX_READ_ATTEMPTS {
@@ -124,12 +146,20 @@ pub fn read_record(mem: &GuestMemoryMmap, reg: &Registration, vcpu: u32) -> Resu
         let after: u32 = mem.load(at, Ordering::Acquire)?;
         if VcpuRecord::seq_consistent(before, after) {
             let record = VcpuRecord::from_bytes(&buf);
-            return Ok(RecordView { vcpu, problems: check(&record, reg.nr_vcpus), record });
+            return Ok(RecordView {
+                vcpu,
+                problems: check(&record, reg.nr_vcpus),
+                record,
+            });
         }
         std::hint::spin_loop();
     }
     let record = VcpuRecord::from_bytes(&buf);
-    Ok(RecordView { vcpu, problems: check(&record, reg.nr_vcpus) | Problems::TORN, record })
+    Ok(RecordView {
+        vcpu,
+        problems: check(&record, reg.nr_vcpus) | Problems::TORN,
+        record,
+    })
 }
 
 /// A snapshot of the whole region.
@@ -141,16 +171,28 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn take(mem: &GuestMemoryMmap, reg: &Registration) -> Result<Self, vm_memory::GuestMemoryError> {
+    pub fn take(
+        mem: &GuestMemoryMmap,
+        reg: &Registration,
+    ) -> Result<Self, vm_memory::GuestMemoryError> {
         let mut h = [0u8; HEADER_SIZE];
         mem.read_slice(&mut h, GuestAddress(reg.gpa))?;
-        let records = (0..reg.nr_vcpus).map(|v| read_record(mem, reg, v)).collect::<Result<_, _>>()?;
-        Ok(Snapshot { registration: reg.clone(), header: PageHeader::from_bytes(&h), records })
+        let records = (0..reg.nr_vcpus)
+            .map(|v| read_record(mem, reg, v))
+            .collect::<Result<_, _>>()?;
+        Ok(Snapshot {
+            registration: reg.clone(),
+            header: PageHeader::from_bytes(&h),
+            records,
+        })
     }
 
     /// Records with at least one problem.
     pub fn invalid_records(&self) -> usize {
-        self.records.iter().filter(|r| !r.problems.is_empty()).count()
+        self.records
+            .iter()
+            .filter(|r| !r.problems.is_empty())
+            .count()
     }
 
     /// One line for the region, then one `key=value` line per vCPU.
@@ -174,7 +216,11 @@ impl Snapshot {
                 Some(VcpuMode::User) => "user".to_string(),
                 None => format!("invalid({})", rec.mode),
             };
-            let holder = if rec.spin_holder == NO_VCPU { "none".to_string() } else { rec.spin_holder.to_string() };
+            let holder = if rec.spin_holder == NO_VCPU {
+                "none".to_string()
+            } else {
+                rec.spin_holder.to_string()
+            };
             let _ = writeln!(
                 s,
                 "shared vcpu={} seq={} mode={} rcu_nesting={} preempt_count={} locks_held={} spin_lock={:#x} spin_holder={} ipi_wait={:#x} host_preempted={} host_boosts={} host_preempted_ns={} problems={}",
@@ -201,7 +247,10 @@ fn problem_names(p: Problems) -> String {
     if p.is_empty() {
         return "none".into();
     }
-    p.iter_names().map(|(n, _)| n.to_ascii_lowercase()).collect::<Vec<_>>().join(",")
+    p.iter_names()
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
@@ -218,9 +267,12 @@ mod tests {
         mem.write_obj(h.magic, GuestAddress(gpa)).unwrap();
         mem.write_obj(h.abi_version, GuestAddress(gpa + 8)).unwrap();
         mem.write_obj(h.nr_vcpus, GuestAddress(gpa + 12)).unwrap();
-        mem.write_obj(h.region_size, GuestAddress(gpa + 16)).unwrap();
-        mem.write_obj(h.record_size, GuestAddress(gpa + 20)).unwrap();
-        mem.write_obj(h.records_offset, GuestAddress(gpa + 24)).unwrap();
+        mem.write_obj(h.region_size, GuestAddress(gpa + 16))
+            .unwrap();
+        mem.write_obj(h.record_size, GuestAddress(gpa + 20))
+            .unwrap();
+        mem.write_obj(h.records_offset, GuestAddress(gpa + 24))
+            .unwrap();
     }
 
     const KERNEL: Range<u64> = 0x10_0000..0x20_0000;
@@ -230,7 +282,14 @@ mod tests {
         let m = mem();
         write_header(&m, 0x40_0000, PageHeader::new(4));
         let reg = validate(&m, 0x40_0000, 4, &KERNEL).unwrap();
-        assert_eq!(reg, Registration { gpa: 0x40_0000, nr_vcpus: 4, size: 4096 });
+        assert_eq!(
+            reg,
+            Registration {
+                gpa: 0x40_0000,
+                nr_vcpus: 4,
+                size: 4096
+            }
+        );
         mark_accepted(&m, &reg).unwrap();
         let flags: u32 = m.read_obj(GuestAddress(0x40_0000 + 28)).unwrap();
         assert_eq!(flags, HostFlags::ACCEPTED);
@@ -240,28 +299,54 @@ mod tests {
     fn refuses_each_kind_of_bad_registration() {
         let m = mem();
         write_header(&m, 0x40_0000, PageHeader::new(4));
-        assert_eq!(validate(&m, 0x40_0010, 4, &KERNEL), Err(HypercallStatus::BadAddress));
-        assert_eq!(validate(&m, 0x4000_0000, 4, &KERNEL), Err(HypercallStatus::BadAddress), "outside RAM");
-        assert_eq!(validate(&m, 0x40_0000, 8, &KERNEL), Err(HypercallStatus::BadVcpuCount));
-        assert_eq!(validate(&m, 0x50_0000, 4, &KERNEL), Err(HypercallStatus::BadMagic), "zeroed page");
+        assert_eq!(
+            validate(&m, 0x40_0010, 4, &KERNEL),
+            Err(HypercallStatus::BadAddress)
+        );
+        assert_eq!(
+            validate(&m, 0x4000_0000, 4, &KERNEL),
+            Err(HypercallStatus::BadAddress),
+            "outside RAM"
+        );
+        assert_eq!(
+            validate(&m, 0x40_0000, 8, &KERNEL),
+            Err(HypercallStatus::BadVcpuCount)
+        );
+        assert_eq!(
+            validate(&m, 0x50_0000, 4, &KERNEL),
+            Err(HypercallStatus::BadMagic),
+            "zeroed page"
+        );
 
         let mut h = PageHeader::new(4);
         h.abi_version = ABI_VERSION + 1;
         write_header(&m, 0x41_0000, h);
-        assert_eq!(validate(&m, 0x41_0000, 4, &KERNEL), Err(HypercallStatus::VersionMismatch));
+        assert_eq!(
+            validate(&m, 0x41_0000, 4, &KERNEL),
+            Err(HypercallStatus::VersionMismatch)
+        );
 
         let mut h = PageHeader::new(4);
         h.region_size = 1 << 30;
         write_header(&m, 0x42_0000, h);
-        assert_eq!(validate(&m, 0x42_0000, 4, &KERNEL), Err(HypercallStatus::BadGeometry));
+        assert_eq!(
+            validate(&m, 0x42_0000, 4, &KERNEL),
+            Err(HypercallStatus::BadGeometry)
+        );
 
         write_header(&m, 0x1f_f000, PageHeader::new(4));
-        assert_eq!(validate(&m, 0x1f_f000, 4, &KERNEL), Err(HypercallStatus::OverlapsKernel));
+        assert_eq!(
+            validate(&m, 0x1f_f000, 4, &KERNEL),
+            Err(HypercallStatus::OverlapsKernel)
+        );
 
         // A region whose second page would be past the end of RAM.
         let last = (16 * MIB - 4096) as u64;
         write_header(&m, last, PageHeader::new(64));
-        assert_eq!(validate(&m, last, 64, &KERNEL), Err(HypercallStatus::BadAddress));
+        assert_eq!(
+            validate(&m, last, 64, &KERNEL),
+            Err(HypercallStatus::BadAddress)
+        );
     }
 
     #[test]
@@ -275,9 +360,16 @@ mod tests {
         m.write_obj(7u32, GuestAddress(r0 + 20)).unwrap(); // holder 7 of 2 vCPUs
         m.write_obj(0b100u64, GuestAddress(r0 + 32)).unwrap(); // waits on vCPU 2 of 2
         let v = read_record(&m, &reg, 0).unwrap();
-        assert_eq!(v.problems, Problems::TORN | Problems::BAD_MODE | Problems::BAD_HOLDER | Problems::BAD_IPI_WAIT);
+        assert_eq!(
+            v.problems,
+            Problems::TORN | Problems::BAD_MODE | Problems::BAD_HOLDER | Problems::BAD_IPI_WAIT
+        );
         let snap = Snapshot::take(&m, &reg).unwrap();
-        assert_eq!(snap.invalid_records(), 1, "record 1 is a clean zeroed (offline) record");
+        assert_eq!(
+            snap.invalid_records(),
+            1,
+            "record 1 is a clean zeroed (offline) record"
+        );
         assert!(snap.render().contains("mode=invalid(9)"));
     }
 

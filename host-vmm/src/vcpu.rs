@@ -13,7 +13,10 @@ pub const KICK_SIGNAL_OFFSET: i32 = 0;
 /// The vCPU loop. Reports how the guest ended through `vm.finish`.
 pub fn run(index: u8, mut fd: VcpuFd, vm: Arc<VmShared>) {
     let mut hypercalls = VcpuHypercalls::default();
-    let crash = |reason: String| Outcome::GuestCrash { vcpu: index, reason };
+    let crash = |reason: String| Outcome::GuestCrash {
+        vcpu: index,
+        reason,
+    };
     while !vm.stopping() {
         let outcome = match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => match hypercalls.handle_out(&vm, port, data) {
@@ -40,10 +43,12 @@ pub fn run(index: u8, mut fd: VcpuFd, vm: Arc<VmShared>) {
                 None
             }
             Ok(VcpuExit::Shutdown) => Some(crash("shutdown exit (triple fault)".into())),
-            Ok(VcpuExit::Hlt) => Some(crash("HLT exited to userspace despite the in-kernel irqchip".into())),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Some(crash(format!("VM entry failed: hardware reason {reason:#x} on host cpu {cpu}")))
-            }
+            Ok(VcpuExit::Hlt) => Some(crash(
+                "HLT exited to userspace despite the in-kernel irqchip".into(),
+            )),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(crash(format!(
+                "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+            ))),
             Ok(VcpuExit::InternalError) => Some(crash("KVM internal error".into())),
             Ok(other) => Some(crash(format!("unhandled exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,

@@ -8,7 +8,9 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use shared_abi::{HypercallStatus, MAX_VCPUS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -30,7 +32,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub enum VmError {
     #[error("--vcpus {0} is outside 1..={MAX_VCPUS}")]
     BadVcpuCount(u8),
-    #[error("--mem {mem_mib} MiB is too small for this kernel: it needs at least {needed_mib} MiB")]
+    #[error(
+        "--mem {mem_mib} MiB is too small for this kernel: it needs at least {needed_mib} MiB"
+    )]
     TooLittleMemory { mem_mib: u64, needed_mib: u64 },
     #[error("--mem {0} MiB is too large: guest RAM must end below the 3 GiB MMIO gap")]
     TooMuchMemory(u64),
@@ -39,7 +43,10 @@ pub enum VmError {
     #[error("cannot open /dev/kvm: {0}")]
     Kvm(kvm_ioctls::Error),
     #[error("KVM {op} failed: {source}")]
-    KvmOp { op: &'static str, source: kvm_ioctls::Error },
+    KvmOp {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("allocating guest memory: {0}")]
     Memory(#[from] vm_memory::mmap::FromRangesError),
     #[error(transparent)]
@@ -142,7 +149,10 @@ impl VmShared {
     }
 
     pub fn registration(&self) -> Option<Registration> {
-        self.shared_region.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared_region
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -157,7 +167,8 @@ fn install_kick_handler() -> Result<(), VmError> {
     let mut result = Ok(());
     ONCE.call_once(|| {
         extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        result = register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick).map_err(VmError::Signal);
+        result = register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick)
+            .map_err(VmError::Signal);
     });
     result
 }
@@ -165,7 +176,9 @@ fn install_kick_handler() -> Result<(), VmError> {
 fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = region.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("region has a host mapping");
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .expect("region has a host mapping");
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
@@ -193,33 +206,46 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     let info = loader::inspect_file(&config.kernel)?;
     let needed = min_mem_bytes(&info, config.vcpus);
     if mem_size < needed {
-        return Err(VmError::TooLittleMemory { mem_mib: config.mem_mib, needed_mib: needed.div_ceil(MIB) });
+        return Err(VmError::TooLittleMemory {
+            mem_mib: config.mem_mib,
+            needed_mib: needed.div_ceil(MIB),
+        });
     }
     install_kick_handler()?;
 
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
     let mem = create_memory(&vm, mem_size)?;
-    vm.set_tss_address(layout::KVM_TSS_ADDRESS).map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS)
+        .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
 
     let entry = loader::load(&config.kernel, &info, &mem, mem_size)?;
     let rsdp = acpi::write_tables(&mem, config.vcpus)?;
     let start_info = boot::write_pvh_boot_data(&mem, mem_size, &config.cmdline, rsdp)?;
 
-    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        let fd = vm.create_vcpu(id as u64).map_err(kvm_op("KVM_CREATE_VCPU"))?;
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(kvm_op("KVM_CREATE_VCPU"))?;
         let mut c = supported.clone();
         cpuid::patch_for_vcpu(&mut c, id as u32);
         fd.set_cpuid2(&c).map_err(kvm_op("KVM_SET_CPUID2"))?;
         if id == 0 {
             let sregs = fd.get_sregs().map_err(kvm_op("KVM_GET_SREGS"))?;
-            fd.set_sregs(&regs::pvh_sregs(sregs)).map_err(kvm_op("KVM_SET_SREGS"))?;
-            fd.set_regs(&regs::pvh_regs(entry.0, start_info.0)).map_err(kvm_op("KVM_SET_REGS"))?;
+            fd.set_sregs(&regs::pvh_sregs(sregs))
+                .map_err(kvm_op("KVM_SET_SREGS"))?;
+            fd.set_regs(&regs::pvh_regs(entry.0, start_info.0))
+                .map_err(kvm_op("KVM_SET_REGS"))?;
         }
         vcpu_fds.push(fd);
     }
@@ -247,7 +273,10 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         match t {
             Ok(t) => threads.push(t),
             Err(e) => {
-                shared.finish(Outcome::GuestCrash { vcpu: i as u8, reason: "not started".into() });
+                shared.finish(Outcome::GuestCrash {
+                    vcpu: i as u8,
+                    reason: "not started".into(),
+                });
                 stop_vcpus(threads)?;
                 return Err(e);
             }
@@ -259,10 +288,18 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     shared.pio.flush();
     let elapsed = started.elapsed();
 
-    let snapshot = shared.registration().and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
-    let unclaimed_io = shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
+    let snapshot = shared
+        .registration()
+        .and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
+    let unclaimed_io =
+        shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
     drop(vm);
-    Ok(RunReport { outcome, elapsed, shared: snapshot, unclaimed_io })
+    Ok(RunReport {
+        outcome,
+        elapsed,
+        shared: snapshot,
+        unclaimed_io,
+    })
 }
 
 fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
@@ -276,9 +313,18 @@ fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
         if now >= deadline {
             drop(o);
             vm.finish(Outcome::Timeout(timeout));
-            return vm.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone().expect("just set");
+            return vm
+                .outcome
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .expect("just set");
         }
-        o = vm.outcome_cv.wait_timeout(o, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        o = vm
+            .outcome_cv
+            .wait_timeout(o, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 

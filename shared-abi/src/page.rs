@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(region_size(63), PAGE_SIZE);
         // 64 bytes of header + 64 records spill 64 bytes into a second page.
         assert_eq!(region_size(64), 2 * PAGE_SIZE);
-        assert_eq!(record_offset(63) + RECORD_SIZE, HEADER_SIZE + 64 * RECORD_SIZE);
+        assert_eq!(
+            record_offset(63) + RECORD_SIZE,
+            HEADER_SIZE + 64 * RECORD_SIZE
+        );
     }
 
     #[test]
@@ -221,7 +224,10 @@ mod tests {
         // sound for the lifetime of `h`.
         let bytes: &[u8; HEADER_SIZE] = unsafe { &*(&h as *const PageHeader).cast() };
         assert_eq!(&bytes[0..8], b"PVSYNC\0\0");
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), crate::ABI_VERSION);
+        assert_eq!(
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()),
+            crate::ABI_VERSION
+        );
         assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 8);
         assert_eq!(PageHeader::from_bytes(bytes), h);
     }

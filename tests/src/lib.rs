@@ -14,20 +14,31 @@ use std::time::{Duration, Instant};
 
 /// Workspace root (the directory of the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// True if this test process may use KVM; prints a loud SKIP line if not.
 /// Panics if KVM is required (`PVSYNC_REQUIRE_KVM=1`) but unusable.
 pub fn require_kvm(test: &str) -> bool {
-    let usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    let usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
     match usable {
         Ok(_) => true,
-        Err(e) if Path::new("/dev/kvm").exists() || std::env::var_os("PVSYNC_REQUIRE_KVM").is_some() => {
+        Err(e)
+            if Path::new("/dev/kvm").exists()
+                || std::env::var_os("PVSYNC_REQUIRE_KVM").is_some() =>
+        {
             panic!("{test}: /dev/kvm is required but cannot be opened: {e}")
         }
         Err(_) => {
@@ -41,15 +52,26 @@ fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     // Host-side flags must not leak into the guest build (RUSTFLAGS overrides the guest's
     // own target rustflags).
-    for v in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_BUILD_RUSTFLAGS"] {
+    for v in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_RUSTFLAGS",
+    ] {
         c.env_remove(v);
     }
     c
 }
 
 fn run_build(mut c: Command, what: &str) {
-    let out = c.output().unwrap_or_else(|e| panic!("running cargo to build {what}: {e}"));
-    assert!(out.status.success(), "building {what} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("running cargo to build {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The guest kernel ELF, built on first use (release, `x86_64-unknown-none`).
@@ -58,7 +80,9 @@ pub fn guest_kernel() -> &'static Path {
     PATH.get_or_init(|| {
         let dir = target_dir().join("guest");
         let mut c = cargo();
-        c.current_dir(workspace_root().join("guest-kernel")).args(["build", "--release", "--target-dir"]).arg(&dir);
+        c.current_dir(workspace_root().join("guest-kernel"))
+            .args(["build", "--release", "--target-dir"])
+            .arg(&dir);
         run_build(c, "the guest kernel");
         dir.join("x86_64-unknown-none/release/guest-kernel")
     })
@@ -71,9 +95,13 @@ pub fn pvsync_bin() -> &'static Path {
     PATH.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe.parent().and_then(Path::parent).expect("test exe in target/<profile>/deps");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test exe in target/<profile>/deps");
         let mut c = cargo();
-        c.current_dir(workspace_root()).args(["build", "-p", "host-vmm", "--bin", "pvsync"]);
+        c.current_dir(workspace_root())
+            .args(["build", "-p", "host-vmm", "--bin", "pvsync"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             c.arg("--release");
         }
@@ -102,18 +130,26 @@ impl Output {
     /// Fails the test with both streams if `cond` is false.
     #[track_caller]
     pub fn check(&self, cond: bool, what: &str) {
-        assert!(cond, "{what}\n--- status {:?} ---\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr);
+        assert!(
+            cond,
+            "{what}\n--- status {:?} ---\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        );
     }
 
     /// The first console line starting with `prefix`.
     pub fn line(&self, prefix: &str) -> Option<&str> {
-        self.stdout.lines().chain(self.stderr.lines()).find(|l| l.starts_with(prefix))
+        self.stdout
+            .lines()
+            .chain(self.stderr.lines())
+            .find(|l| l.starts_with(prefix))
     }
 }
 
 /// Value of `key=` in a `key=value` line.
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Runs `cmd` to completion, killing it after `limit` (the test's own watchdog, on top of
@@ -188,8 +224,16 @@ pub fn pvsync_guest(vcpus: u32, mem_mib: u32, cmdline: &str) -> Output {
 /// The QEMU binary; panics with an install hint if missing (QEMU tests run wherever KVM does).
 pub fn qemu_bin() -> PathBuf {
     let p = PathBuf::from("qemu-system-x86_64");
-    let ok = Command::new(&p).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    assert!(ok, "qemu-system-x86_64 not found: install it (apt-get install -y qemu-system-x86)");
+    let ok = Command::new(&p)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        ok,
+        "qemu-system-x86_64 not found: install it (apt-get install -y qemu-system-x86)"
+    );
     p
 }
 
@@ -206,15 +250,31 @@ pub enum QemuMachine {
 /// KVM here rejects `-cpu host`'s MSR set.
 pub fn qemu_guest(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Output {
     let mut c = Command::new(qemu_bin());
-    c.args(["-accel", "kvm", "-cpu", "qemu64,+x2apic", "-nographic", "-nodefaults", "-no-reboot"])
-        .args(["-machine", match machine {
+    c.args([
+        "-accel",
+        "kvm",
+        "-cpu",
+        "qemu64,+x2apic",
+        "-nographic",
+        "-nodefaults",
+        "-no-reboot",
+    ])
+    .args([
+        "-machine",
+        match machine {
             QemuMachine::Microvm => "microvm",
             QemuMachine::Pc => "pc",
-        }])
-        .args(["-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .args(["-smp", &smp.to_string(), "-m", &mem_mib.to_string()])
-        .arg("-kernel")
-        .arg(guest_kernel())
-        .args(["-append", cmdline]);
+        },
+    ])
+    .args([
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ])
+    .args(["-smp", &smp.to_string(), "-m", &mem_mib.to_string()])
+    .arg("-kernel")
+    .arg(guest_kernel())
+    .args(["-append", cmdline]);
     run_with_limit(c, RUN_LIMIT)
 }

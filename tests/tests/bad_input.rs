@@ -25,13 +25,29 @@ fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
 
 fn run_kernel(kernel: &std::path::Path, mem_mib: &str) -> Output {
     let k = kernel.to_str().unwrap();
-    pvsync(&["run", "--kernel", k, "--vcpus", "2", "--mem", mem_mib, "--timeout", "60"])
+    pvsync(&[
+        "run",
+        "--kernel",
+        k,
+        "--vcpus",
+        "2",
+        "--mem",
+        mem_mib,
+        "--timeout",
+        "60",
+    ])
 }
 
 fn refused(out: &Output, message: &str) {
     no_host_panic(out);
-    out.check(out.status == Some(EXIT_HOST_ERROR), "host error exit status");
-    out.check(out.stderr.contains(message), &format!("message should contain {message:?}"));
+    out.check(
+        out.status == Some(EXIT_HOST_ERROR),
+        "host error exit status",
+    );
+    out.check(
+        out.stderr.contains(message),
+        &format!("message should contain {message:?}"),
+    );
 }
 
 #[test]
@@ -64,7 +80,10 @@ fn truncated_elf_is_refused() {
     for len in [32, 100, mid_segment] {
         let out = run_kernel(&scratch(&format!("truncated-{len}"), &full[..len]), "64");
         refused(&out, "kernel image");
-        out.check(out.stderr.contains("ELF"), "the message names the ELF problem");
+        out.check(
+            out.stderr.contains("ELF"),
+            "the message names the ELF problem",
+        );
     }
 }
 
@@ -77,7 +96,10 @@ fn guest_with_abi_version(v: u32) -> PathBuf {
     header.extend(4u32.to_le_bytes());
     header.extend(1u32.to_le_bytes());
     header.extend(ELF_NOTE_NAME);
-    let at = elf.windows(header.len()).position(|w| w == header).expect("guest embeds the ABI note");
+    let at = elf
+        .windows(header.len())
+        .position(|w| w == header)
+        .expect("guest embeds the ABI note");
     let desc = at + 12 + 8; // header words + name padded to 8
     assert_eq!(elf[desc..desc + 4], ABI_VERSION.to_le_bytes());
     elf[desc..desc + 4].copy_from_slice(&v.to_le_bytes());
@@ -87,7 +109,13 @@ fn guest_with_abi_version(v: u32) -> PathBuf {
 #[test]
 fn mismatched_abi_version_is_refused() {
     let out = run_kernel(&guest_with_abi_version(ABI_VERSION + 1), "64");
-    refused(&out, &format!("guest ABI version {} does not match this VMM's ABI version {ABI_VERSION}", ABI_VERSION + 1));
+    refused(
+        &out,
+        &format!(
+            "guest ABI version {} does not match this VMM's ABI version {ABI_VERSION}",
+            ABI_VERSION + 1
+        ),
+    );
 }
 
 #[test]
@@ -109,7 +137,10 @@ fn bad_cli_flags_are_usage_errors() {
     ] {
         let out = pvsync(&args);
         no_host_panic(&out);
-        out.check(out.status == Some(EXIT_USAGE), &format!("usage error for {args:?}"));
+        out.check(
+            out.status == Some(EXIT_USAGE),
+            &format!("usage error for {args:?}"),
+        );
         out.check(out.stderr.contains("error:"), "clap explains the error");
     }
 }
@@ -121,9 +152,20 @@ fn guest_panic_exits_non_zero_with_its_message() {
     }
     let out = pvsync_guest(2, 64, "test=panic");
     no_host_panic(&out);
-    out.check(out.status == Some(ExitCode::Panic as i32), "panic exit code");
-    out.check(out.stdout.contains("PANIC on cpu 0: panicked at src/main.rs"), "panic location on the console");
-    out.check(out.stdout.contains("deliberate panic requested by test=panic"), "panic message on the console");
+    out.check(
+        out.status == Some(ExitCode::Panic as i32),
+        "panic exit code",
+    );
+    out.check(
+        out.stdout
+            .contains("PANIC on cpu 0: panicked at src/main.rs"),
+        "panic location on the console",
+    );
+    out.check(
+        out.stdout
+            .contains("deliberate panic requested by test=panic"),
+        "panic message on the console",
+    );
 }
 
 #[test]
@@ -133,8 +175,15 @@ fn guest_page_fault_is_reported() {
     }
     let out = pvsync_guest(2, 64, "test=fault");
     no_host_panic(&out);
-    out.check(out.status == Some(ExitCode::Panic as i32), "exception exit code");
-    out.check(out.stdout.contains("EXCEPTION #PF page fault (vector 14) on cpu 0"), "exception report");
+    out.check(
+        out.status == Some(ExitCode::Panic as i32),
+        "exception exit code",
+    );
+    out.check(
+        out.stdout
+            .contains("EXCEPTION #PF page fault (vector 14) on cpu 0"),
+        "exception report",
+    );
     out.check(out.stdout.contains("cr2=0x8"), "faulting address");
 }
 
@@ -145,8 +194,15 @@ fn unknown_guest_command_line_fails() {
     }
     let out = pvsync_guest(1, 64, "test=boot frobnicate");
     no_host_panic(&out);
-    out.check(out.status == Some(ExitCode::Failure as i32), "failure exit code");
-    out.check(out.stdout.contains("unknown command-line word 'frobnicate'"), "names the bad word");
+    out.check(
+        out.status == Some(ExitCode::Failure as i32),
+        "failure exit code",
+    );
+    out.check(
+        out.stdout
+            .contains("unknown command-line word 'frobnicate'"),
+        "names the bad word",
+    );
 }
 
 #[test]
@@ -156,8 +212,22 @@ fn hung_guest_is_stopped_at_the_timeout() {
     }
     let k = guest_kernel().to_str().unwrap().to_owned();
     // Every vCPU ends halted with interrupts off: stopping must kick them out of KVM_RUN.
-    let out = pvsync(&["run", "--kernel", &k, "--vcpus", "4", "--cmdline", "test=hang", "--timeout", "2"]);
+    let out = pvsync(&[
+        "run",
+        "--kernel",
+        &k,
+        "--vcpus",
+        "4",
+        "--cmdline",
+        "test=hang",
+        "--timeout",
+        "2",
+    ]);
     no_host_panic(&out);
     out.check(out.status == Some(EXIT_TIMEOUT), "timeout exit status");
-    out.check(out.stderr.contains("guest did not exit within 2 s; stopped it"), "timeout message");
+    out.check(
+        out.stderr
+            .contains("guest did not exit within 2 s; stopped it"),
+        "timeout message",
+    );
 }

@@ -5,21 +5,47 @@ use pvsync_tests::{field, pvsync_guest, require_kvm, Output};
 
 fn assert_boot(out: &Output, n: u32) {
     out.check(out.status == Some(0), "guest did not exit with success");
-    out.check(!out.timed_out && !out.all().contains("panicked"), "host panicked or hung");
-    let boot = out.line("RESULT boot").unwrap_or_else(|| panic!("no RESULT boot line:\n{}", out.all()));
+    out.check(
+        !out.timed_out && !out.all().contains("panicked"),
+        "host panicked or hung",
+    );
+    let boot = out
+        .line("RESULT boot")
+        .unwrap_or_else(|| panic!("no RESULT boot line:\n{}", out.all()));
     assert_eq!(field(boot, "cpus"), Some(n.to_string().as_str()), "{boot}");
-    assert_eq!(field(boot, "online"), Some(n.to_string().as_str()), "{boot}");
+    assert_eq!(
+        field(boot, "online"),
+        Some(n.to_string().as_str()),
+        "{boot}"
+    );
     assert_eq!(field(boot, "shared"), Some("ok"), "{boot}");
     for cpu in 1..n {
         let want = format!("cpu {cpu} online");
-        out.check(out.stdout.lines().any(|l| l == want), &format!("cpu {cpu} never reported online"));
+        out.check(
+            out.stdout.lines().any(|l| l == want),
+            &format!("cpu {cpu} never reported online"),
+        );
     }
 
-    let region = out.line("shared region").unwrap_or_else(|| panic!("no shared-region dump:\n{}", out.all()));
-    assert_eq!(field(region, "vcpus"), Some(n.to_string().as_str()), "{region}");
-    assert_eq!(field(region, "host_flags"), Some("0x1"), "ACCEPTED flag: {region}");
+    let region = out
+        .line("shared region")
+        .unwrap_or_else(|| panic!("no shared-region dump:\n{}", out.all()));
+    assert_eq!(
+        field(region, "vcpus"),
+        Some(n.to_string().as_str()),
+        "{region}"
+    );
+    assert_eq!(
+        field(region, "host_flags"),
+        Some("0x1"),
+        "ACCEPTED flag: {region}"
+    );
     assert_eq!(field(region, "invalid_records"), Some("0"), "{region}");
-    let records: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("shared vcpu=")).collect();
+    let records: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("shared vcpu="))
+        .collect();
     assert_eq!(records.len(), n as usize, "one record line per vCPU");
     for (i, rec) in records.iter().enumerate() {
         assert_eq!(field(rec, "vcpu"), Some(i.to_string().as_str()));
@@ -27,7 +53,10 @@ fn assert_boot(out: &Output, n: u32) {
         let want = if i == 0 { "kernel" } else { "idle" };
         assert_eq!(field(rec, "mode"), Some(want), "{rec}");
         let seq: u32 = field(rec, "seq").unwrap().parse().unwrap();
-        assert!(seq >= 2 && seq % 2 == 0, "record was published and is not mid-update: {rec}");
+        assert!(
+            seq >= 2 && seq % 2 == 0,
+            "record was published and is not mid-update: {rec}"
+        );
         assert_eq!(field(rec, "spin_holder"), Some("none"), "{rec}");
         assert_eq!(field(rec, "problems"), Some("none"), "{rec}");
     }
@@ -74,9 +103,15 @@ fn selftests_pass_on_4_vcpus() {
     let out = pvsync_guest(4, 128, "test=selftest");
     assert_boot(&out, 4);
     for t in ["frame-alloc", "heap", "paging", "percpu", "shared-records"] {
-        out.check(out.stdout.contains(&format!("TEST {t} ok")), &format!("self-test {t} did not pass"));
+        out.check(
+            out.stdout.contains(&format!("TEST {t} ok")),
+            &format!("self-test {t} did not pass"),
+        );
     }
-    out.check(out.stdout.contains("RESULT selftest passed=5 failed=0"), "self-test summary");
+    out.check(
+        out.stdout.contains("RESULT selftest passed=5 failed=0"),
+        "self-test summary",
+    );
 }
 
 #[test]
@@ -85,10 +120,17 @@ fn host_refuses_every_bad_registration() {
         return;
     }
     let out = pvsync_guest(2, 64, "test=hostile-hypercalls");
-    let cases: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("HOSTILE ")).collect();
+    let cases: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("HOSTILE "))
+        .collect();
     out.check(cases.len() == 10, "ten hostile cases ran");
     for c in &cases {
-        assert!(c.ends_with(" ok"), "host answered a bad registration wrongly: {c}");
+        assert!(
+            c.ends_with(" ok"),
+            "host answered a bad registration wrongly: {c}"
+        );
     }
     out.check(out.status == Some(0), "guest reported success");
 }

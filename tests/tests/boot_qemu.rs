@@ -8,12 +8,25 @@ use shared_abi::ExitCode;
 fn boot(machine: QemuMachine, cmdline: &str) -> pvsync_tests::Output {
     let out = qemu_guest(machine, 4, 128, cmdline);
     out.check(!out.timed_out, "QEMU run hung");
-    out.check(out.status == Some(ExitCode::Success.qemu_status()), "isa-debug-exit status for success");
-    let boot = out.line("RESULT boot").unwrap_or_else(|| panic!("no RESULT boot line:\n{}", out.all()));
-    assert_eq!(field(boot, "cpus"), Some("4"), "CPU count from QEMU's ACPI MADT: {boot}");
+    out.check(
+        out.status == Some(ExitCode::Success.qemu_status()),
+        "isa-debug-exit status for success",
+    );
+    let boot = out
+        .line("RESULT boot")
+        .unwrap_or_else(|| panic!("no RESULT boot line:\n{}", out.all()));
+    assert_eq!(
+        field(boot, "cpus"),
+        Some("4"),
+        "CPU count from QEMU's ACPI MADT: {boot}"
+    );
     assert_eq!(field(boot, "online"), Some("4"), "{boot}");
     assert_eq!(field(boot, "shared"), Some("no-host"), "{boot}");
-    out.check(out.stdout.contains("shared: no pvsync host answered; running without it"), "guest says it runs without a host");
+    out.check(
+        out.stdout
+            .contains("shared: no pvsync host answered; running without it"),
+        "guest says it runs without a host",
+    );
     out
 }
 
@@ -23,7 +36,10 @@ fn qemu_microvm_boots_4_cpus_and_passes_selftests() {
         return;
     }
     let out = boot(QemuMachine::Microvm, "test=selftest");
-    out.check(out.stdout.contains("RESULT selftest passed=5 failed=0"), "self-tests under QEMU");
+    out.check(
+        out.stdout.contains("RESULT selftest passed=5 failed=0"),
+        "self-tests under QEMU",
+    );
 }
 
 #[test]
@@ -40,6 +56,12 @@ fn qemu_guest_panic_is_a_failure_exit() {
         return;
     }
     let out = qemu_guest(QemuMachine::Microvm, 2, 64, "test=panic");
-    out.check(out.status == Some(ExitCode::Panic.qemu_status()), "panic exit status under QEMU");
-    out.check(out.stdout.contains("PANIC on cpu 0: panicked at"), "panic message on the console");
+    out.check(
+        out.status == Some(ExitCode::Panic.qemu_status()),
+        "panic exit status under QEMU",
+    );
+    out.check(
+        out.stdout.contains("PANIC on cpu 0: panicked at"),
+        "panic message on the console",
+    );
 }

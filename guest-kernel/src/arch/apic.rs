@@ -24,7 +24,10 @@ pub fn has_x2apic() -> bool {
 
 /// Puts the calling CPU's local APIC in x2APIC mode and software-enables it.
 pub fn enable_x2apic() {
-    assert!(has_x2apic(), "this CPU has no x2APIC (CPUID.1:ECX[21] clear)");
+    assert!(
+        has_x2apic(),
+        "this CPU has no x2APIC (CPUID.1:ECX[21] clear)"
+    );
     let mut base = Msr::new(IA32_APIC_BASE);
     // SAFETY: CPUID reported x2APIC support; setting EN|EXTD from xAPIC or disabled state is
     // an allowed transition, and the SVR write only enables the APIC with a spurious vector

@@ -23,7 +23,8 @@ pub struct Selectors {
 
 /// Builds and loads a GDT and TSS for the calling CPU. Both live for the kernel's lifetime.
 pub fn init_this_cpu() -> Selectors {
-    let ist_stack: &'static mut [u8] = Box::leak(alloc::vec![0u8; IST_STACK_SIZE].into_boxed_slice());
+    let ist_stack: &'static mut [u8] =
+        Box::leak(alloc::vec![0u8; IST_STACK_SIZE].into_boxed_slice());
     let ist_top = VirtAddr::from_ptr(ist_stack.as_ptr_range().end).align_down(16u64);
 
     let tss: &'static mut TaskStateSegment = Box::leak(Box::new(TaskStateSegment::new()));
@@ -36,7 +37,11 @@ pub fn init_this_cpu() -> Selectors {
     gdt.append(Descriptor::user_data_segment());
     gdt.append(Descriptor::user_code_segment());
     let tss = gdt.append(Descriptor::tss_segment(tss));
-    let selectors = Selectors { kernel_code, kernel_data, tss };
+    let selectors = Selectors {
+        kernel_code,
+        kernel_data,
+        tss,
+    };
     let gdt: &'static GlobalDescriptorTable = gdt;
     gdt.load();
     // SAFETY: the selectors index descriptors of the GDT just loaded, which lives forever;

@@ -62,13 +62,27 @@ fn build() -> InterruptDescriptorTable {
             };
         }
         exceptions!(
-            divide_error = 0, debug = 1, non_maskable_interrupt = 2, breakpoint = 3,
-            overflow = 4, bound_range_exceeded = 5, invalid_opcode = 6,
-            device_not_available = 7, invalid_tss = 10, segment_not_present = 11,
-            stack_segment_fault = 12, general_protection_fault = 13, page_fault = 14,
-            x87_floating_point = 16, alignment_check = 17, machine_check = 18,
-            simd_floating_point = 19, virtualization = 20, cp_protection_exception = 21,
-            hv_injection_exception = 28, vmm_communication_exception = 29,
+            divide_error = 0,
+            debug = 1,
+            non_maskable_interrupt = 2,
+            breakpoint = 3,
+            overflow = 4,
+            bound_range_exceeded = 5,
+            invalid_opcode = 6,
+            device_not_available = 7,
+            invalid_tss = 10,
+            segment_not_present = 11,
+            stack_segment_fault = 12,
+            general_protection_fault = 13,
+            page_fault = 14,
+            x87_floating_point = 16,
+            alignment_check = 17,
+            machine_check = 18,
+            simd_floating_point = 19,
+            virtualization = 20,
+            cp_protection_exception = 21,
+            hv_injection_exception = 28,
+            vmm_communication_exception = 29,
             security_exception = 30,
         );
         idt.double_fault
@@ -119,7 +133,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         0..=31 => fatal_exception(frame),
         v if v == super::apic::SPURIOUS_VECTOR as u64 => {}
         v => {
-            crate::println!("unexpected interrupt vector {v} on cpu {}", crate::percpu::CpuLabel);
+            crate::println!(
+                "unexpected interrupt vector {v} on cpu {}",
+                crate::percpu::CpuLabel
+            );
         }
     }
 }

@@ -46,7 +46,10 @@ pub fn init(regions: &[MemRegion], kernel: (u64, u64)) {
         let start = align_up(r.start.max(LOW_MEMORY_END));
         let end = (r.end() & !(FRAME_SIZE - 1)).min(HIGH_LIMIT);
         // Split around the kernel image.
-        for (s, e) in [(start, end.min(kernel.0)), (start.max(align_up(kernel.1)), end)] {
+        for (s, e) in [
+            (start, end.min(kernel.0)),
+            (start.max(align_up(kernel.1)), end),
+        ] {
             if s < e && f.nranges < MAX_RANGES {
                 let n = f.nranges;
                 f.ranges[n] = (s, e);

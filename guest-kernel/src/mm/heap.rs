@@ -16,5 +16,8 @@ pub fn init() {
     let start = frame::alloc_contiguous_or_panic(frames, "the kernel heap");
     // SAFETY: the frames were just taken from the allocator, are identity-mapped RAM used by
     // nothing else, and init is called once, before the first allocation.
-    unsafe { HEAP.lock().init(start as *mut u8, (frames * FRAME_SIZE) as usize) };
+    unsafe {
+        HEAP.lock()
+            .init(start as *mut u8, (frames * FRAME_SIZE) as usize)
+    };
 }

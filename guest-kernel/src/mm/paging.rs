@@ -42,7 +42,7 @@ fn identity_map(mapper: &mut OffsetPageTable, start: u64, end: u64, flags: F) {
     while a < end {
         // SAFETY (both arms): identity maps of RAM or firmware tables, into tables that are
         // not active yet, so no live translation changes.
-        if a % HUGE == 0 && a + HUGE <= end {
+        if a.is_multiple_of(HUGE) && a + HUGE <= end {
             let f = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
             unsafe { mapper.identity_map(f, flags | F::HUGE_PAGE, &mut GlobalFrames) }
                 .expect("identity map 2 MiB")
@@ -71,7 +71,10 @@ pub fn init(regions: &[MemRegion]) {
     let rw = F::PRESENT | F::WRITABLE;
 
     identity_map(&mut mapper, FRAME_SIZE, LOW_MEMORY_END, rw);
-    for r in regions.iter().filter(|r| matches!(r.kind, E820_RAM | E820_ACPI | E820_NVS)) {
+    for r in regions
+        .iter()
+        .filter(|r| matches!(r.kind, E820_RAM | E820_ACPI | E820_NVS))
+    {
         let start = r.start.max(LOW_MEMORY_END);
         if start < r.end() {
             identity_map(&mut mapper, start, r.end(), rw);

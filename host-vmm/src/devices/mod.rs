@@ -16,17 +16,28 @@ pub struct PioBus {
 
 impl PioBus {
     pub fn new(console: Box<dyn Write + Send>) -> Self {
-        PioBus { serial: Mutex::new(SerialConsole::new(console)), unclaimed: AtomicU64::new(0) }
+        PioBus {
+            serial: Mutex::new(SerialConsole::new(console)),
+            unclaimed: AtomicU64::new(0),
+        }
     }
 
     fn serial_offset(port: u16) -> Option<u8> {
-        (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port).then(|| (port - COM1_BASE) as u8)
+        (COM1_BASE..COM1_BASE + COM1_LEN)
+            .contains(&port)
+            .then(|| (port - COM1_BASE) as u8)
     }
 
     /// An `in`; unclaimed ports read as all ones, like a floating bus.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match Self::serial_offset(port) {
-            Some(off) if data.len() == 1 => data[0] = self.serial.lock().unwrap_or_else(|e| e.into_inner()).read(off),
+            Some(off) if data.len() == 1 => {
+                data[0] = self
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read(off)
+            }
             _ => {
                 self.unclaimed.fetch_add(1, Ordering::Relaxed);
                 data.fill(0xff);
@@ -37,7 +48,11 @@ impl PioBus {
     /// An `out`; unclaimed ports drop the write.
     pub fn write(&self, port: u16, data: &[u8]) {
         match Self::serial_offset(port) {
-            Some(off) if data.len() == 1 => self.serial.lock().unwrap_or_else(|e| e.into_inner()).write(off, data[0]),
+            Some(off) if data.len() == 1 => self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(off, data[0]),
             _ => {
                 self.unclaimed.fetch_add(1, Ordering::Relaxed);
             }
@@ -51,6 +66,9 @@ impl PioBus {
 
     /// Flushes console output.
     pub fn flush(&self) {
-        self.serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush();
     }
 }

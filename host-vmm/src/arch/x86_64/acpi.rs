@@ -88,7 +88,11 @@ mod tests {
         mem.read_slice(&mut h, GuestAddress(madt_addr)).unwrap();
         assert_eq!(&h[..4], b"APIC");
         let len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
-        assert_eq!(len, 44 + 64 * 8, "header + one 8-byte local APIC entry per vCPU");
+        assert_eq!(
+            len,
+            44 + 64 * 8,
+            "header + one 8-byte local APIC entry per vCPU"
+        );
         let mut m = vec![0u8; len];
         mem.read_slice(&mut m, GuestAddress(madt_addr)).unwrap();
         assert_eq!(checksum(&m), 0);

@@ -6,7 +6,9 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use super::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MEMMAP_START, PVH_INFO_START};
+use super::layout::{
+    CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MEMMAP_START, PVH_INFO_START,
+};
 
 /// `hvm_start_info.magic`.
 pub const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
@@ -25,7 +27,12 @@ pub enum BootError {
 
 /// The memory map the guest sees for `mem_size` bytes of RAM.
 pub fn memory_map(mem_size: u64) -> Vec<hvm_memmap_table_entry> {
-    let entry = |addr: u64, end: u64, type_| hvm_memmap_table_entry { addr, size: end - addr, type_, reserved: 0 };
+    let entry = |addr: u64, end: u64, type_| hvm_memmap_table_entry {
+        addr,
+        size: end - addr,
+        type_,
+        reserved: 0,
+    };
     vec![
         entry(0, EBDA_START, E820_RAM),
         entry(EBDA_START, HIMEM_START, E820_RESERVED),
@@ -44,7 +51,8 @@ pub fn write_pvh_boot_data(
     if !cmdline.is_empty() {
         cl.insert_str(cmdline)?;
     }
-    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::LoadCmdline)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cl)
+        .map_err(BootError::LoadCmdline)?;
 
     let memmap = memory_map(mem_size);
     let start_info = hvm_start_info {
@@ -70,7 +78,10 @@ mod tests {
     fn memory_map_reserves_the_legacy_hole() {
         let m = memory_map(64 << 20);
         assert_eq!(m.len(), 3);
-        assert_eq!((m[0].addr, m[0].size, m[0].type_), (0, EBDA_START, E820_RAM));
+        assert_eq!(
+            (m[0].addr, m[0].size, m[0].type_),
+            (0, EBDA_START, E820_RAM)
+        );
         assert_eq!(m[1].type_, E820_RESERVED);
         assert_eq!(m[2].addr + m[2].size, 64 << 20);
     }

@@ -32,9 +32,21 @@ mod tests {
     #[test]
     fn apic_id_and_x2apic_are_set() {
         let entries = [
-            kvm_cpuid_entry2 { function: 1, ebx: 0xff12_3456, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, ..Default::default() },
-            kvm_cpuid_entry2 { function: 7, ebx: 42, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff12_3456,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                ebx: 42,
+                ..Default::default()
+            },
         ];
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
         patch_for_vcpu(&mut cpuid, 5);

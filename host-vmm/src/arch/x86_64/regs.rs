@@ -51,7 +51,12 @@ pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 
 /// General registers for the PVH entry.
 pub fn pvh_regs(entry: u64, start_info: u64) -> kvm_regs {
-    kvm_regs { rip: entry, rbx: start_info, rflags: RFLAGS_RESERVED, ..Default::default() }
+    kvm_regs {
+        rip: entry,
+        rbx: start_info,
+        rflags: RFLAGS_RESERVED,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
