@@ -34,19 +34,45 @@ impl Runner {
         match self {
             Runner::Pvsync => {
                 let mut c = Command::new(pvsync_bin());
-                c.args(["run", "--vcpus", &vcpus.to_string(), "--mem", mem, "--timeout", "120", "--kernel"])
-                    .arg(kernel);
+                c.args([
+                    "run",
+                    "--vcpus",
+                    &vcpus.to_string(),
+                    "--mem",
+                    mem,
+                    "--timeout",
+                    "120",
+                    "--kernel",
+                ])
+                .arg(kernel);
                 c
             }
             Runner::QemuMicrovm | Runner::QemuPc => {
-                let machine = if self == Runner::QemuPc { "pc" } else { "microvm" };
+                let machine = if self == Runner::QemuPc {
+                    "pc"
+                } else {
+                    "microvm"
+                };
                 let mut c = Command::new(qemu_bin());
-                c.args(["-accel", "kvm", "-cpu", "qemu64,+x2apic", "-machine", machine])
-                    .args(["-nographic", "-nodefaults", "-no-reboot", "-serial", "stdio"])
-                    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-                    .args(["-smp", &vcpus.to_string(), "-m", mem, "-kernel"])
-                    .arg(kernel)
-                    .args(["-append", "test=boot"]);
+                c.args([
+                    "-accel",
+                    "kvm",
+                    "-cpu",
+                    "qemu64,+x2apic",
+                    "-machine",
+                    machine,
+                ])
+                .args([
+                    "-nographic",
+                    "-nodefaults",
+                    "-no-reboot",
+                    "-serial",
+                    "stdio",
+                ])
+                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+                .args(["-smp", &vcpus.to_string(), "-m", mem, "-kernel"])
+                .arg(kernel)
+                .args(["-append", "test=boot"]);
                 c
             }
         }
@@ -77,13 +103,29 @@ fn boot_once(runner: Runner, vcpus: u32) -> Sample {
         if line.starts_with("RESULT boot") && online.is_none() {
             online = Some(start.elapsed());
             let n = field(&line, "online").and_then(|v| v.parse::<u32>().ok());
-            assert_eq!(n, Some(vcpus), "{} booted only {n:?} of {vcpus} CPUs", runner.name());
-            guest_cycles = field(&line, "online_cycles").and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            assert_eq!(
+                n,
+                Some(vcpus),
+                "{} booted only {n:?} of {vcpus} CPUs",
+                runner.name()
+            );
+            guest_cycles = field(&line, "online_cycles")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
         }
     }
     let status = child.wait().expect("wait");
-    let online = online.unwrap_or_else(|| panic!("{} with {vcpus} vCPUs never reached all-online ({status})", runner.name()));
-    Sample { online, exit: start.elapsed(), guest_cycles }
+    let online = online.unwrap_or_else(|| {
+        panic!(
+            "{} with {vcpus} vCPUs never reached all-online ({status})",
+            runner.name()
+        )
+    });
+    Sample {
+        online,
+        exit: start.elapsed(),
+        guest_cycles,
+    }
 }
 
 fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
@@ -97,7 +139,11 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     // `cargo bench` passes --bench; any filter argument is ignored.
-    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
     let sizes: Vec<u32> = std::env::var("BENCH_VCPUS")
         .unwrap_or_else(|_| "1,8,64".into())
         .split(',')
@@ -107,11 +153,20 @@ fn main() {
         eprintln!("*** boot benchmark needs /dev/kvm; not run ***");
         std::process::exit(1);
     }
-    println!("boot benchmark: median of {reps} runs each, runners interleaved; host has {} CPUs",
-        std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("online = wall time from process start to the guest's 'RESULT boot' line (all CPUs online)");
-    println!("guest Mcyc = guest TSC from kernel entry to all-online (excludes VMM/firmware set-up)\n");
-    println!("{:>5} | {:>12} | {:>10} | {:>10} | {:>12} | {:>14}", "vcpus", "runner", "online ms", "exit ms", "guest Mcyc", "online vs pvsync");
+    println!(
+        "boot benchmark: median of {reps} runs each, runners interleaved; host has {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "online = wall time from process start to the guest's 'RESULT boot' line (all CPUs online)"
+    );
+    println!(
+        "guest Mcyc = guest TSC from kernel entry to all-online (excludes VMM/firmware set-up)\n"
+    );
+    println!(
+        "{:>5} | {:>12} | {:>10} | {:>10} | {:>12} | {:>14}",
+        "vcpus", "runner", "online ms", "exit ms", "guest Mcyc", "online vs pvsync"
+    );
     println!("{}", "-".repeat(80));
     for &n in &sizes {
         let mut samples: Vec<Vec<Sample>> = Runner::ALL.iter().map(|_| Vec::new()).collect();
@@ -121,7 +176,10 @@ fn main() {
                 samples[i].push(boot_once(*r, n));
             }
         }
-        let online: Vec<f64> = samples.iter().map(|s| median(s.iter().map(|x| ms(x.online)).collect())).collect();
+        let online: Vec<f64> = samples
+            .iter()
+            .map(|s| median(s.iter().map(|x| ms(x.online)).collect()))
+            .collect();
         for (i, r) in Runner::ALL.iter().enumerate() {
             let exit = median(samples[i].iter().map(|x| ms(x.exit)).collect());
             let cycles = median(samples[i].iter().map(|x| x.guest_cycles).collect()) as f64 / 1e6;

@@ -78,6 +78,11 @@ fn run_build(mut c: Command, what: &str) {
 pub fn guest_kernel() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
+        // rustup does not add a toolchain file's targets to an installed toolchain by itself;
+        // without rustup, cargo's own error names the missing target.
+        let _ = Command::new("rustup")
+            .args(["target", "add", "x86_64-unknown-none"])
+            .output();
         let dir = target_dir().join("guest");
         let mut c = cargo();
         c.current_dir(workspace_root().join("guest-kernel"))

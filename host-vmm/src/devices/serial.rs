@@ -30,7 +30,10 @@ const LINE_MAX: usize = 4096;
 
 impl LineBuffered {
     pub fn new(inner: Box<dyn Write + Send>) -> Self {
-        LineBuffered { inner, buf: Vec::with_capacity(256) }
+        LineBuffered {
+            inner,
+            buf: Vec::with_capacity(256),
+        }
     }
 
     /// Writes out everything buffered, complete line or not.
@@ -65,7 +68,9 @@ pub struct SerialConsole {
 
 impl SerialConsole {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        SerialConsole { uart: Serial::new(NoIrq, LineBuffered::new(out)) }
+        SerialConsole {
+            uart: Serial::new(NoIrq, LineBuffered::new(out)),
+        }
     }
 
     pub fn read(&mut self, offset: u8) -> u8 {
