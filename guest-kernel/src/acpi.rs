@@ -37,10 +37,23 @@ impl CpuList {
     }
 }
 
-fn bytes(paddr: u64, len: usize) -> &'static [u8] {
-    // SAFETY: ACPI tables lie in the first 4 GiB, identity-mapped by the boot page tables
-    // (this runs before the kernel's own tables are installed) and never freed; lengths are
-    // bounded by the callers.
+/// Firmware memory may only be viewed while a `Scope` lives: the boot page tables map it and
+/// the frame allocator, which may later reuse it, does not exist yet.
+struct Scope;
+
+/// Firmware tables must end below this (identity-mapped by the boot tables).
+const LIMIT: u64 = 1 << 32;
+
+fn bytes(_scope: &Scope, paddr: u64, len: usize) -> &[u8] {
+    assert!(
+        paddr
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= LIMIT),
+        "ACPI view out of range"
+    );
+    // SAFETY: [paddr, paddr + len) lies below 4 GiB, identity-mapped by the boot page tables;
+    // the view cannot outlive `_scope`, which lives only inside `cpus_from_madt`, before the
+    // kernel installs its own tables or hands out any frame.
     unsafe { core::slice::from_raw_parts(paddr as *const u8, len) }
 }
 
@@ -56,40 +69,44 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
 }
 
+/// Largest table believed.
+const MAX_TABLE: usize = 1 << 20;
+
 /// A checksummed SDT at `paddr`, or None.
-fn table(paddr: u64) -> Option<&'static [u8]> {
-    if paddr == 0 || paddr >= (1 << 32) {
+fn table(scope: &Scope, paddr: u64) -> Option<&[u8]> {
+    if paddr == 0 || paddr + 36 > LIMIT {
         return None;
     }
-    let len = u32_at(bytes(paddr, 36), 4) as usize;
-    if !(36..=1 << 20).contains(&len) {
+    let len = u32_at(bytes(scope, paddr, 36), 4) as usize;
+    if !(36..=MAX_TABLE).contains(&len) || paddr + len as u64 > LIMIT {
         return None;
     }
-    let t = bytes(paddr, len);
+    let t = bytes(scope, paddr, len);
     checksum_ok(t).then_some(t)
 }
 
-fn find_rsdp(hint: u64) -> Option<u64> {
+fn find_rsdp(scope: &Scope, hint: u64) -> Option<u64> {
     if hint != 0 {
-        return Some(hint);
+        return (hint + 36 <= LIMIT).then_some(hint);
     }
     // Legacy location: the BIOS area, on 16-byte boundaries.
     (0xe0000u64..0x100000)
         .step_by(16)
-        .find(|&a| bytes(a, 8) == b"RSD PTR ")
+        .find(|&a| bytes(scope, a, 8) == b"RSD PTR ")
 }
 
 /// Enabled CPUs from the MADT, or None when there is no usable ACPI.
 pub fn cpus_from_madt(rsdp_hint: u64) -> Option<CpuList> {
-    let rsdp_addr = find_rsdp(rsdp_hint)?;
-    let rsdp = bytes(rsdp_addr, 36);
+    let scope = Scope;
+    let rsdp_addr = find_rsdp(&scope, rsdp_hint)?;
+    let rsdp = bytes(&scope, rsdp_addr, 36);
     if &rsdp[..8] != b"RSD PTR " || !checksum_ok(&rsdp[..20]) {
         return None;
     }
     let (root, entry_size) = if rsdp[15] >= 2 && u64_at(rsdp, 24) != 0 {
-        (table(u64_at(rsdp, 24))?, 8)
+        (table(&scope, u64_at(rsdp, 24))?, 8)
     } else {
-        (table(u32_at(rsdp, 16) as u64)?, 4)
+        (table(&scope, u32_at(rsdp, 16) as u64)?, 4)
     };
     let madt = root[36..]
         .chunks_exact(entry_size)
@@ -100,7 +117,7 @@ pub fn cpus_from_madt(rsdp_hint: u64) -> Option<CpuList> {
                 u32_at(e, 0) as u64
             }
         })
-        .filter_map(table)
+        .filter_map(|a| table(&scope, a))
         .find(|t| &t[..4] == b"APIC")?;
 
     let mut cpus = CpuList {

@@ -6,7 +6,8 @@ use spin::Once;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 /// Most memory-map entries kept.
 pub const MAX_REGIONS: usize = 64;
-const MAX_CMDLINE: usize = 1024;
+/// Same limit as the pvsync VMM's (4095 bytes and the NUL).
+const MAX_CMDLINE: usize = 4096;
 
 /// E820-style region types used in the PVH memory map.
 pub const E820_RAM: u32 = 1;
@@ -95,14 +96,23 @@ pub fn parse(paddr: u64) -> &'static BootInfo {
         rsdp,
     };
     if cmdline_paddr != 0 {
-        while info.cmdline_len < MAX_CMDLINE {
+        loop {
             let b: u8 = read(cmdline_paddr + info.cmdline_len as u64);
             if b == 0 {
                 break;
             }
+            // Refuse rather than run a silently cut-off command.
+            assert!(
+                info.cmdline_len < MAX_CMDLINE - 1,
+                "command line longer than {} bytes",
+                MAX_CMDLINE - 1
+            );
             info.cmdline[info.cmdline_len] = b;
             info.cmdline_len += 1;
         }
+    }
+    if memmap_entries as usize > MAX_REGIONS {
+        crate::println!("memory map has {memmap_entries} entries; using the first {MAX_REGIONS}");
     }
     for i in 0..(memmap_entries as usize).min(MAX_REGIONS) {
         let e = memmap_paddr + i as u64 * 24;

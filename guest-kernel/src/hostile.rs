@@ -7,6 +7,9 @@ use shared_abi::{HypercallStatus as S, PageHeader, ABI_VERSION, PAGE_SIZE};
 use crate::mm::frame;
 use crate::{println, shared};
 
+/// The page that straddles the end of low RAM (0x9fc00 under pvsync).
+const LOW_RAM_LAST_PAGE: u64 = 0x9_f000;
+
 /// A page inside the kernel image, which the host must refuse to share.
 #[repr(C, align(4096))]
 struct KernelPage([u8; PAGE_SIZE]);
@@ -73,12 +76,29 @@ pub fn before_registration(nr_vcpus: u32) -> bool {
         shared::register(kernel_page),
         S::OverlapsKernel,
     );
+    // Header in RAM, but the region runs into the legacy hole at 0x9fc00 (not RAM).
+    let low = LOW_RAM_LAST_PAGE as *mut PageHeader;
+    // SAFETY: the last page below the legacy hole is RAM the kernel never uses (the frame
+    // allocator starts at 1 MiB; boot data lives lower).
+    unsafe { core::ptr::write_volatile(low, good) };
+    ok &= check(
+        "crosses-ram-end",
+        shared::register(LOW_RAM_LAST_PAGE),
+        S::BadAddress,
+    );
     ok &= check(
         "byte-write",
         shared::register_with_byte_write(0),
         S::BadWidth,
     );
-    ok
+    let byte = shared::status_byte();
+    let byte_ok = byte == S::BadWidth as u8;
+    println!(
+        "HOSTILE byte-read value={byte} expected={} {}",
+        S::BadWidth as u8,
+        if byte_ok { "ok" } else { "FAIL" }
+    );
+    ok & byte_ok
 }
 
 /// After the real registration: a second one must be refused.

@@ -73,7 +73,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         other => println!("shared: host refused the region ({})", other.name()),
     }
     shared::set_mode(VcpuMode::Kernel);
-    selftest::per_cpu_checks();
+    selftest::per_cpu_checks(arch::apic::initial_apic_id());
     smp::mark_online(me);
 
     if let Err(missing) = smp::start_aps(cpus.ids()) {

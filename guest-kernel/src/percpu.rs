@@ -40,6 +40,11 @@ pub fn this() -> &'static PerCpu {
     unsafe { &*p }
 }
 
+/// Whether the GS base MSR holds the address `gs:[0]` claims (the block points at itself).
+pub fn gs_points_at_this() -> bool {
+    GsBase::read().as_u64() == this() as *const PerCpu as u64
+}
+
 /// The calling CPU's id (fast path; per-CPU data must be set up).
 pub fn id() -> u32 {
     this().id

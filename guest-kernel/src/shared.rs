@@ -60,6 +60,13 @@ pub fn register(base: u64) -> HypercallStatus {
     }
 }
 
+/// Reads the last hypercall status with an 8-bit `in` (an ABI violation): the low byte.
+pub fn status_byte() -> u8 {
+    let mut narrow: Port<u8> = Port::new(Hypercall::RegisterSharedRegion.port());
+    // SAFETY: reading the status port has no effect on guest memory.
+    unsafe { narrow.read() }
+}
+
 /// The RegisterSharedRegion hypercall made with an 8-bit write (an ABI violation).
 pub fn register_with_byte_write(base: u8) -> HypercallStatus {
     let mut narrow: Port<u8> = Port::new(Hypercall::RegisterSharedRegion.port());
@@ -117,10 +124,14 @@ pub fn set_mode(mode: VcpuMode) {
     publish(|rec| unsafe { write_volatile(addr_of_mut!((*rec).mode), mode as u8) });
 }
 
-/// A consistent copy of CPU `cpu`'s record (used by self-tests), or None if out of range.
+/// Attempts before a record that keeps changing (or stays odd) is given up on.
+const SNAPSHOT_ATTEMPTS: usize = 1000;
+
+/// A consistent copy of CPU `cpu`'s record (used by self-tests), or None if out of range or
+/// never consistent within the attempts.
 pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
     let rec = record_ptr(cpu)?;
-    loop {
+    for _ in 0..SNAPSHOT_ATTEMPTS {
         // SAFETY: the record lies in the live region; volatile reads of plain integers.
         unsafe {
             let before = read_volatile(addr_of!((*rec).seq));
@@ -134,4 +145,5 @@ pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
         }
         core::hint::spin_loop();
     }
+    None
 }

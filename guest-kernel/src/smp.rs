@@ -8,6 +8,9 @@ use crate::arch::{self, apic, tsc, AP_TRAMPOLINE_ADDR};
 use crate::mm::{frame, paging};
 
 const AP_STACK_FRAMES: u64 = 8; // 32 KiB
+/// The 10 ms INIT-to-SIPI delay real hardware needs, in TSC cycles at up to 5 GHz (the TSC is
+/// not calibrated yet). Skipped under a hypervisor, which needs none (Linux skips it too).
+const INIT_DELAY_CYCLES: u64 = 50_000_000;
 /// Give a CPU this long after the first SIPI before sending the second.
 const FIRST_SIPI_WAIT_CYCLES: u64 = 200_000_000;
 /// And this long in all before declaring it dead (generous: nested virtualization is slow).
@@ -62,6 +65,9 @@ pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
     let page = (AP_TRAMPOLINE_ADDR >> 12) as u8;
     let aps = || ids.iter().copied().filter(move |&id| id != me);
     aps().for_each(apic::send_init);
+    if !arch::under_hypervisor() {
+        tsc::spin_cycles(INIT_DELAY_CYCLES);
+    }
     aps().for_each(|id| apic::send_startup(id, page));
 
     let start = tsc::now();
@@ -96,9 +102,11 @@ extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
     );
     crate::percpu::init_this_cpu(id, selectors);
     crate::shared::set_mode(VcpuMode::Kernel);
-    crate::selftest::per_cpu_checks();
+    crate::selftest::per_cpu_checks(cpuid_apic_id);
     crate::println!("cpu {id} online");
-    mark_online(id);
+    // Publish before counting as online: once every CPU is online the BSP may check the
+    // records or end the VM.
     crate::shared::set_mode(VcpuMode::Idle);
+    mark_online(id);
     arch::halt_forever()
 }

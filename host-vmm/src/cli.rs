@@ -125,6 +125,10 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             );
             EXIT_TIMEOUT
         }
+        Outcome::VmmFault { vcpu, reason } => {
+            let _ = writeln!(log, "pvsync: error: VMM fault on vcpu {vcpu}: {reason}");
+            EXIT_HOST_ERROR
+        }
         Outcome::GuestCrash { vcpu, reason } => {
             let _ = writeln!(log, "pvsync: error: guest crashed on vcpu {vcpu}: {reason}");
             EXIT_GUEST_CRASH

@@ -2,6 +2,7 @@
 //! anything is written to guest memory, then load it with linux-loader.
 
 use std::fs::File;
+use std::io::{Cursor, Read};
 use std::ops::Range;
 use std::path::Path;
 
@@ -14,6 +15,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// `XEN_ELFNOTE_PHYS32_ENTRY`.
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+/// PVH enters in 32-bit mode with paging off: the image must lie below this.
+const FOUR_GIB: u64 = 1 << 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -30,6 +33,14 @@ pub enum LoaderError {
         "kernel image has no PVH entry note (Xen ELF note type 18); pvsync boots PVH kernels only"
     )]
     NoPvhNote,
+    #[error("kernel image {0} is not a regular file")]
+    NotAFile(String),
+    #[error("kernel image is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error(
+        "kernel image loads at {0:#x}, above 4 GiB: PVH kernels load at 32-bit physical addresses"
+    )]
+    Above4GiB(u64),
     #[error("kernel image has no loadable segment")]
     NoLoadSegment,
     #[error(
@@ -111,36 +122,62 @@ pub fn inspect(data: &[u8]) -> Result<KernelInfo, LoaderError> {
             _ => {}
         }
     }
+    let image = image.ok_or(LoaderError::NoLoadSegment)?;
+    if image.end > FOUR_GIB {
+        return Err(LoaderError::Above4GiB(image.end));
+    }
     Ok(KernelInfo {
         pvh_entry: pvh_entry.ok_or(LoaderError::NoPvhNote)?,
         abi_version,
-        image: image.ok_or(LoaderError::NoLoadSegment)?,
+        image,
     })
 }
 
+/// Largest kernel image read (guest RAM is at most 3 GiB; a real image is far smaller).
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
+/// A kernel image read into memory once: what was inspected is exactly what is loaded.
+#[derive(Debug)]
+pub struct Kernel {
+    pub info: KernelInfo,
+    data: Vec<u8>,
+}
+
 /// Reads and inspects the image at `path`, refusing an ABI version other than ours.
-pub fn inspect_file(path: &Path) -> Result<KernelInfo, LoaderError> {
-    let data = std::fs::read(path).map_err(|source| LoaderError::Read {
+pub fn read_kernel(path: &Path) -> Result<Kernel, LoaderError> {
+    let read_err = |source| LoaderError::Read {
         path: path.display().to_string(),
         source,
-    })?;
+    };
+    let file = File::open(path).map_err(read_err)?;
+    // A FIFO or a device (/dev/zero) would block or never end: regular files only.
+    if !file.metadata().map_err(read_err)?.is_file() {
+        return Err(LoaderError::NotAFile(path.display().to_string()));
+    }
+    let mut data = Vec::new();
+    file.take(MAX_IMAGE_BYTES + 1)
+        .read_to_end(&mut data)
+        .map_err(read_err)?;
+    if data.len() as u64 > MAX_IMAGE_BYTES {
+        return Err(LoaderError::TooLarge(MAX_IMAGE_BYTES));
+    }
     let info = inspect(&data)?;
     match info.abi_version {
         Some(v) if v != shared_abi::ABI_VERSION => Err(LoaderError::AbiMismatch {
             guest: v,
             host: shared_abi::ABI_VERSION,
         }),
-        _ => Ok(info),
+        _ => Ok(Kernel { info, data }),
     }
 }
 
-/// Loads the inspected image into `mem`. Returns the PVH entry point.
+/// Loads the image into `mem` (`mem_size` bytes from 0). Returns the PVH entry point.
 pub fn load(
-    path: &Path,
-    info: &KernelInfo,
+    kernel: &Kernel,
     mem: &GuestMemoryMmap,
     mem_size: u64,
 ) -> Result<GuestAddress, LoaderError> {
+    let info = &kernel.info;
     if info.image.end > mem_size {
         return Err(LoaderError::SegmentOutsideRam {
             addr: info.image.start,
@@ -148,11 +185,7 @@ pub fn load(
             mem_size,
         });
     }
-    let mut file = File::open(path).map_err(|source| LoaderError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let result = Elf::load(mem, None, &mut file, None)?;
+    let result = Elf::load(mem, None, &mut Cursor::new(&kernel.data), None)?;
     match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(entry),
         _ => Err(LoaderError::NoPvhNote),
@@ -190,6 +223,20 @@ mod tests {
         assert_eq!(info.pvh_entry, 0x10_0000);
         assert_eq!(info.abi_version, Some(shared_abi::ABI_VERSION));
         assert_eq!(info.image, 0x10_0000..0x10_2000);
+    }
+
+    #[test]
+    fn hostile_segment_addresses_are_refused() {
+        const P_PADDR: usize = 64 + 24; // first program header's p_paddr
+        for (paddr, want_above) in [(u64::MAX - 0x1000, false), (0xffff_0000_0000, true)] {
+            let mut elf = tiny_pvh_elf();
+            elf[P_PADDR..P_PADDR + 8].copy_from_slice(&paddr.to_le_bytes());
+            match inspect(&elf) {
+                Err(LoaderError::Above4GiB(_)) => assert!(want_above),
+                Err(LoaderError::NotElf(m)) => assert!(!want_above && m.contains("overflows")),
+                other => panic!("{paddr:#x}: {other:?}"),
+            }
+        }
     }
 
     /// A hand-assembled ELF64: one PT_LOAD (16 file bytes, 8 KiB in memory) and one PT_NOTE

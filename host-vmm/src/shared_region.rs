@@ -27,12 +27,14 @@ pub struct Registration {
 }
 
 /// Checks a registration request for `gpa` from a VM with `vm_vcpus` vCPUs whose kernel
-/// occupies `kernel`. Returns the status to hand back to the guest on refusal.
+/// occupies `kernel` and whose RAM (per the memory map it was given) is `ram`. Returns the
+/// status to hand back to the guest on refusal.
 pub fn validate(
     mem: &GuestMemoryMmap,
     gpa: u64,
     vm_vcpus: u32,
     kernel: &Range<u64>,
+    ram: &[Range<u64>],
 ) -> Result<Registration, HypercallStatus> {
     if gpa % PAGE_SIZE as u64 != 0 {
         return Err(HypercallStatus::BadAddress);
@@ -54,10 +56,16 @@ pub fn validate(
     if h.region_size as u64 != size
         || h.record_size as usize != RECORD_SIZE
         || h.records_offset as usize != HEADER_SIZE
+        || h.host_flags != 0
+        || h.reserved != [0; 4]
     {
         return Err(HypercallStatus::BadGeometry);
     }
-    if !mem.check_range(GuestAddress(gpa), size as usize) {
+    // Inside one RAM range of the memory map: the legacy hole holds the ACPI tables, and the
+    // host will write into the region.
+    let end = gpa.checked_add(size).ok_or(HypercallStatus::BadAddress)?;
+    let in_ram = ram.iter().any(|r| r.start <= gpa && end <= r.end);
+    if !in_ram || !mem.check_range(GuestAddress(gpa), size as usize) {
         return Err(HypercallStatus::BadAddress);
     }
     if gpa < kernel.end && kernel.start < gpa + size {
@@ -276,12 +284,18 @@ mod tests {
     }
 
     const KERNEL: Range<u64> = 0x10_0000..0x20_0000;
+    /// RAM of a 16 MiB guest: below the legacy hole and from 1 MiB.
+    const RAM: [Range<u64>; 2] = [0..0x9_fc00, 0x10_0000..(16 * MIB) as u64];
+
+    fn check_reg(m: &GuestMemoryMmap, gpa: u64, n: u32) -> Result<Registration, HypercallStatus> {
+        validate(m, gpa, n, &KERNEL, &RAM)
+    }
 
     #[test]
     fn accepts_a_good_region_and_marks_it() {
         let m = mem();
         write_header(&m, 0x40_0000, PageHeader::new(4));
-        let reg = validate(&m, 0x40_0000, 4, &KERNEL).unwrap();
+        let reg = check_reg(&m, 0x40_0000, 4).unwrap();
         assert_eq!(
             reg,
             Registration {
@@ -300,20 +314,20 @@ mod tests {
         let m = mem();
         write_header(&m, 0x40_0000, PageHeader::new(4));
         assert_eq!(
-            validate(&m, 0x40_0010, 4, &KERNEL),
+            check_reg(&m, 0x40_0010, 4),
             Err(HypercallStatus::BadAddress)
         );
         assert_eq!(
-            validate(&m, 0x4000_0000, 4, &KERNEL),
+            check_reg(&m, 0x4000_0000, 4),
             Err(HypercallStatus::BadAddress),
             "outside RAM"
         );
         assert_eq!(
-            validate(&m, 0x40_0000, 8, &KERNEL),
+            check_reg(&m, 0x40_0000, 8),
             Err(HypercallStatus::BadVcpuCount)
         );
         assert_eq!(
-            validate(&m, 0x50_0000, 4, &KERNEL),
+            check_reg(&m, 0x50_0000, 4),
             Err(HypercallStatus::BadMagic),
             "zeroed page"
         );
@@ -322,7 +336,7 @@ mod tests {
         h.abi_version = ABI_VERSION + 1;
         write_header(&m, 0x41_0000, h);
         assert_eq!(
-            validate(&m, 0x41_0000, 4, &KERNEL),
+            check_reg(&m, 0x41_0000, 4),
             Err(HypercallStatus::VersionMismatch)
         );
 
@@ -330,22 +344,45 @@ mod tests {
         h.region_size = 1 << 30;
         write_header(&m, 0x42_0000, h);
         assert_eq!(
-            validate(&m, 0x42_0000, 4, &KERNEL),
+            check_reg(&m, 0x42_0000, 4),
             Err(HypercallStatus::BadGeometry)
         );
 
         write_header(&m, 0x1f_f000, PageHeader::new(4));
         assert_eq!(
-            validate(&m, 0x1f_f000, 4, &KERNEL),
+            check_reg(&m, 0x1f_f000, 4),
             Err(HypercallStatus::OverlapsKernel)
         );
 
         // A region whose second page would be past the end of RAM.
         let last = (16 * MIB - 4096) as u64;
         write_header(&m, last, PageHeader::new(64));
+        assert_eq!(check_reg(&m, last, 64), Err(HypercallStatus::BadAddress));
+
+        // Mapped memory that is not RAM: the legacy hole, and a page crossing into it.
+        for gpa in [0xe_0000, 0x9_f000] {
+            write_header(&m, gpa, PageHeader::new(4));
+            assert_eq!(
+                check_reg(&m, gpa, 4),
+                Err(HypercallStatus::BadAddress),
+                "{gpa:#x}"
+            );
+        }
+
+        // Fields this version defines as zero.
+        write_header(&m, 0x43_0000, PageHeader::new(4));
+        m.write_obj(1u32, GuestAddress(0x43_0000 + 28)).unwrap();
         assert_eq!(
-            validate(&m, last, 64, &KERNEL),
-            Err(HypercallStatus::BadAddress)
+            check_reg(&m, 0x43_0000, 4),
+            Err(HypercallStatus::BadGeometry),
+            "host_flags"
+        );
+        write_header(&m, 0x44_0000, PageHeader::new(4));
+        m.write_obj(1u64, GuestAddress(0x44_0000 + 40)).unwrap();
+        assert_eq!(
+            check_reg(&m, 0x44_0000, 4),
+            Err(HypercallStatus::BadGeometry),
+            "reserved"
         );
     }
 
@@ -353,7 +390,7 @@ mod tests {
     fn odd_sequence_reads_as_torn_and_garbage_is_flagged() {
         let m = mem();
         write_header(&m, 0x40_0000, PageHeader::new(2));
-        let reg = validate(&m, 0x40_0000, 2, &KERNEL).unwrap();
+        let reg = check_reg(&m, 0x40_0000, 2).unwrap();
         let r0 = 0x40_0000 + record_offset(0) as u64;
         m.write_obj(3u32, GuestAddress(r0)).unwrap(); // odd: a write in progress forever
         m.write_obj(9u8, GuestAddress(r0 + 4)).unwrap(); // no such mode
@@ -396,7 +433,7 @@ mod tests {
                 page[24..28].copy_from_slice(&64u32.to_le_bytes());
             }
             m.write_slice(&page, GuestAddress(0x80_0000)).unwrap();
-            if let Ok(reg) = validate(&m, 0x80_0000, 64, &KERNEL) {
+            if let Ok(reg) = check_reg(&m, 0x80_0000, 64) {
                 let snap = Snapshot::take(&m, &reg).unwrap();
                 assert_eq!(snap.records.len(), 64);
                 let _ = snap.render();

@@ -19,7 +19,7 @@ pub fn run(index: u8, mut fd: VcpuFd, vm: Arc<VmShared>) {
     };
     while !vm.stopping() {
         let outcome = match fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => match hypercalls.handle_out(&vm, port, data) {
+            Ok(VcpuExit::IoOut(port, data)) => match hypercalls.handle_out(&*vm, port, data) {
                 Some(Action::Exit(code)) => Some(Outcome::GuestExit(code)),
                 Some(Action::Continue) => None,
                 None => {

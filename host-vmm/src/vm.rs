@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -18,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, regs};
 use crate::devices::PioBus;
+use crate::hypercall::HypercallHost;
 use crate::loader::{self, KernelInfo};
 use crate::shared_region::{self, Registration, Snapshot};
 use crate::vcpu;
@@ -57,8 +59,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
-    #[error("vCPU threads did not stop within {0:?} after the VM ended")]
-    StuckVcpus(Duration),
+    #[error("vCPU threads did not stop within {grace:?} after the VM ended ({outcome:?})")]
+    StuckVcpus { grace: Duration, outcome: Outcome },
 }
 
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -84,6 +86,8 @@ pub enum Outcome {
     Timeout(Duration),
     /// The guest could not go on (triple fault, failed entry, ...).
     GuestCrash { vcpu: u8, reason: String },
+    /// The VMM failed while running the guest (a vCPU thread died).
+    VmmFault { vcpu: u8, reason: String },
 }
 
 /// Result of a run.
@@ -99,7 +103,12 @@ pub struct RunReport {
 
 /// State the vCPU threads share.
 pub struct VmShared {
+    /// Declared before `mem`: fields drop in order, and KVM must let go of the memory first.
+    #[allow(dead_code)]
+    vm: VmFd,
     pub mem: GuestMemoryMmap,
+    /// Guest RAM as the memory map describes it (the legacy hole is not RAM).
+    ram: Vec<Range<u64>>,
     pub pio: PioBus,
     nr_vcpus: u8,
     kernel_image: Range<u64>,
@@ -130,13 +139,28 @@ impl VmShared {
         self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn registration(&self) -> Option<Registration> {
+        self.shared_region
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl HypercallHost for VmShared {
     /// The RegisterSharedRegion hypercall.
-    pub fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
+    fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
         let mut slot = self.shared_region.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
             return HypercallStatus::AlreadyRegistered;
         }
-        match shared_region::validate(&self.mem, gpa, self.nr_vcpus as u32, &self.kernel_image) {
+        match shared_region::validate(
+            &self.mem,
+            gpa,
+            self.nr_vcpus as u32,
+            &self.kernel_image,
+            &self.ram,
+        ) {
             Ok(reg) => {
                 if shared_region::mark_accepted(&self.mem, &reg).is_err() {
                     return HypercallStatus::BadAddress;
@@ -147,19 +171,18 @@ impl VmShared {
             Err(status) => status,
         }
     }
-
-    pub fn registration(&self) -> Option<Registration> {
-        self.shared_region
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
 }
 
 /// Memory the kernel needs: its image, then room for heap, page tables and vCPU stacks.
 pub fn min_mem_bytes(info: &KernelInfo, vcpus: u8) -> u64 {
     let per_vcpu = 128 * 1024;
-    (info.image.end.div_ceil(MIB) * MIB + 8 * MIB + vcpus as u64 * per_vcpu).max(MIN_MEM_MIB * MIB)
+    // The loader caps image.end at 4 GiB; saturate anyway rather than trust that here.
+    info.image
+        .end
+        .saturating_add(MIB - 1)
+        .saturating_add(8 * MIB)
+        .saturating_add(vcpus as u64 * per_vcpu)
+        .max(MIN_MEM_MIB * MIB)
 }
 
 fn install_kick_handler() -> Result<(), VmError> {
@@ -173,8 +196,7 @@ fn install_kick_handler() -> Result<(), VmError> {
     result
 }
 
-fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -187,11 +209,12 @@ fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
             flags: 0,
         };
         // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
-        // by `mem`, which outlives the VM (it is dropped after every vCPU thread is joined),
-        // and the slots do not overlap.
+        // by `mem`, which outlives the VM: `run` creates `mem` before the VM (so early returns
+        // drop the VM first) and VmShared declares `vm` before `mem` (so it drops first
+        // there too). The slots do not overlap.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
 /// Boots the VM described by `config` with serial output to `console`, and waits for it.
@@ -203,8 +226,9 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     if mem_size > layout::MEM_32BIT_GAP_START {
         return Err(VmError::TooMuchMemory(config.mem_mib));
     }
-    let info = loader::inspect_file(&config.kernel)?;
-    let needed = min_mem_bytes(&info, config.vcpus);
+    let kernel = loader::read_kernel(&config.kernel)?;
+    let info = &kernel.info;
+    let needed = min_mem_bytes(info, config.vcpus);
     if mem_size < needed {
         return Err(VmError::TooLittleMemory {
             mem_mib: config.mem_mib,
@@ -213,9 +237,12 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     }
     install_kick_handler()?;
 
+    // Memory is created before the VM so that, on every early return, the VM (and with it
+    // KVM's use of the mapping) goes first.
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
-    let mem = create_memory(&vm, mem_size)?;
+    register_memory(&vm, &mem)?;
     vm.set_tss_address(layout::KVM_TSS_ADDRESS)
         .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
@@ -225,7 +252,7 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     };
     vm.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
 
-    let entry = loader::load(&config.kernel, &info, &mem, mem_size)?;
+    let entry = loader::load(&kernel, &mem, mem_size)?;
     let rsdp = acpi::write_tables(&mem, config.vcpus)?;
     let start_info = boot::write_pvh_boot_data(&mem, mem_size, &config.cmdline, rsdp)?;
 
@@ -250,8 +277,15 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         vcpu_fds.push(fd);
     }
 
+    let ram = boot::memory_map(mem_size)
+        .iter()
+        .filter(|e| e.type_ == boot::E820_RAM)
+        .map(|e| e.addr..e.addr + e.size)
+        .collect();
     let shared = Arc::new(VmShared {
+        vm,
         mem,
+        ram,
         pio: PioBus::new(console),
         nr_vcpus: config.vcpus,
         kernel_image: info.image.clone(),
@@ -268,23 +302,34 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         let vm_shared = Arc::clone(&shared);
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
-            .spawn(move || vcpu::run(i as u8, fd, vm_shared))
+            .spawn(move || {
+                let vm_ref = Arc::clone(&vm_shared);
+                let run =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| vcpu::run(i as u8, fd, vm_ref)));
+                if run.is_err() {
+                    vm_shared.finish(Outcome::VmmFault {
+                        vcpu: i as u8,
+                        reason: "vCPU thread panicked".into(),
+                    });
+                }
+            })
             .map_err(VmError::Thread);
         match t {
             Ok(t) => threads.push(t),
             Err(e) => {
-                shared.finish(Outcome::GuestCrash {
+                let outcome = Outcome::VmmFault {
                     vcpu: i as u8,
-                    reason: "not started".into(),
-                });
-                stop_vcpus(threads)?;
+                    reason: "vCPU thread not started".into(),
+                };
+                shared.finish(outcome.clone());
+                stop_vcpus(threads, &outcome)?;
                 return Err(e);
             }
         }
     }
 
     let outcome = wait_for_outcome(&shared, config.timeout);
-    stop_vcpus(threads)?;
+    stop_vcpus(threads, &outcome)?;
     shared.pio.flush();
     let elapsed = started.elapsed();
 
@@ -293,7 +338,6 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         .and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
     let unclaimed_io =
         shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
-    drop(vm);
     Ok(RunReport {
         outcome,
         elapsed,
@@ -332,7 +376,7 @@ fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
 ///
 /// A kick that lands just before a thread re-enters KVM_RUN is lost, so kicks repeat until
 /// the thread is seen finished; `stop` is already set, so the thread leaves at its next check.
-fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> Result<(), VmError> {
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, outcome: &Outcome) -> Result<(), VmError> {
     let deadline = Instant::now() + STOP_GRACE;
     loop {
         let running: Vec<_> = threads.iter().filter(|t| !t.is_finished()).collect();
@@ -340,7 +384,10 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>) -> Result<(), VmError> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(VmError::StuckVcpus(STOP_GRACE));
+            return Err(VmError::StuckVcpus {
+                grace: STOP_GRACE,
+                outcome: outcome.clone(),
+            });
         }
         for t in running {
             let _ = t.kill(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET);

@@ -125,7 +125,25 @@ fn host_refuses_every_bad_registration() {
         .lines()
         .filter(|l| l.starts_with("HOSTILE "))
         .collect();
-    out.check(cases.len() == 10, "ten hostile cases ran");
+    for case in [
+        "misaligned",
+        "outside-ram",
+        "bad-magic",
+        "version",
+        "vcpu-count",
+        "geometry",
+        "overlaps-kernel",
+        "crosses-ram-end",
+        "byte-write",
+        "byte-read",
+        "registered",
+        "second-registration",
+    ] {
+        let ran = cases
+            .iter()
+            .any(|c| c.starts_with(&format!("HOSTILE {case} ")));
+        out.check(ran, &format!("hostile case {case} did not run"));
+    }
     for c in &cases {
         assert!(
             c.ends_with(" ok"),

@@ -22,6 +22,11 @@ pub fn has_x2apic() -> bool {
     leaf1.ecx & (1 << 21) != 0
 }
 
+/// The initial APIC ID from CPUID.1:EBX[31:24] (what the AP trampoline also uses).
+pub fn initial_apic_id() -> u32 {
+    core::arch::x86_64::__cpuid(1).ebx >> 24
+}
+
 /// Puts the calling CPU's local APIC in x2APIC mode and software-enables it.
 pub fn enable_x2apic() {
     assert!(
@@ -29,9 +34,10 @@ pub fn enable_x2apic() {
         "this CPU has no x2APIC (CPUID.1:ECX[21] clear)"
     );
     let mut base = Msr::new(IA32_APIC_BASE);
-    // SAFETY: CPUID reported x2APIC support; setting EN|EXTD from xAPIC or disabled state is
-    // an allowed transition, and the SVR write only enables the APIC with a spurious vector
-    // whose IDT entry exists.
+    // SAFETY: CPUID reported x2APIC support. After reset (and PVH entry) the APIC is enabled
+    // in xAPIC mode and nothing here disables it, so setting EXTD with EN kept set is the
+    // allowed xAPIC -> x2APIC transition (disabled -> x2APIC directly would #GP). The SVR
+    // write only enables the APIC with a spurious vector whose IDT entry exists.
     unsafe {
         let v = base.read();
         base.write(v | APIC_BASE_ENABLE | APIC_BASE_X2APIC);

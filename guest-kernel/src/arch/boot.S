@@ -110,8 +110,8 @@ enter_long_mode_32:
     rdmsr
     or $0x900, %eax                 /* LME | NXE */
     wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax            /* PG | PE */
+    /* Write CR0 whole: an AP comes out of INIT with CD|NW set (caches off). */
+    mov $0x80010033, %eax           /* PG | WP | NE | ET | MP | PE */
     mov %eax, %cr0
     ljmp $0x08, $long_mode_64
 

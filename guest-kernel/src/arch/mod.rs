@@ -53,6 +53,11 @@ pub fn kernel_image_range() -> (u64, u64) {
     )
 }
 
+/// Whether CPUID says we run under a hypervisor (CPUID.1:ECX[31]).
+pub fn under_hypervisor() -> bool {
+    core::arch::x86_64::__cpuid(1).ecx & (1 << 31) != 0
+}
+
 /// Stops this CPU for good (interrupts off).
 pub fn halt_forever() -> ! {
     loop {

@@ -40,16 +40,17 @@ pub unsafe fn active_mapper() -> OffsetPageTable<'static> {
 fn identity_map(mapper: &mut OffsetPageTable, start: u64, end: u64, flags: F) {
     let mut a = start & !(FRAME_SIZE - 1);
     while a < end {
-        // SAFETY (both arms): identity maps of RAM or firmware tables, into tables that are
-        // not active yet, so no live translation changes.
         if a.is_multiple_of(HUGE) && a + HUGE <= end {
             let f = PhysFrame::<Size2MiB>::containing_address(PhysAddr::new(a));
+            // SAFETY: an identity map of RAM or firmware tables, into tables that are not
+            // active yet, so no live translation changes.
             unsafe { mapper.identity_map(f, flags | F::HUGE_PAGE, &mut GlobalFrames) }
                 .expect("identity map 2 MiB")
                 .ignore();
             a += HUGE;
         } else {
             let f = PhysFrame::<Size4KiB>::containing_address(PhysAddr::new(a));
+            // SAFETY: as above, for a 4 KiB page.
             unsafe { mapper.identity_map(f, flags, &mut GlobalFrames) }
                 .expect("identity map 4 KiB")
                 .ignore();

@@ -37,12 +37,12 @@ impl LineBuffered {
     }
 
     /// Writes out everything buffered, complete line or not.
+    /// On a write error (stdout closed) the bytes are dropped: the guest must not notice and
+    /// the buffer must not grow.
     pub fn flush_all(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.inner.write_all(&self.buf)?;
-            self.buf.clear();
-        }
-        self.inner.flush()
+        let written = self.inner.write_all(&self.buf);
+        self.buf.clear();
+        written.and_then(|_| self.inner.flush())
     }
 }
 

@@ -12,7 +12,8 @@ use super::layout::{
 
 /// `hvm_start_info.magic`.
 pub const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
-const E820_RAM: u32 = 1;
+/// Memory-map type of usable RAM.
+pub const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
