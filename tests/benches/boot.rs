@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pvsync_tests::{field, guest_kernel, pvsync_bin, qemu_bin};
+use pvsync_tests::{field, pvsync_guest_command, qemu_command, QemuMachine};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Runner {
@@ -29,52 +29,11 @@ impl Runner {
     }
 
     fn command(self, vcpus: u32) -> Command {
-        let kernel = guest_kernel();
-        let mem = "256";
+        const MEM_MIB: u32 = 256;
         match self {
-            Runner::Pvsync => {
-                let mut c = Command::new(pvsync_bin());
-                c.args([
-                    "run",
-                    "--vcpus",
-                    &vcpus.to_string(),
-                    "--mem",
-                    mem,
-                    "--timeout",
-                    "120",
-                    "--kernel",
-                ])
-                .arg(kernel);
-                c
-            }
-            Runner::QemuMicrovm | Runner::QemuPc => {
-                let machine = if self == Runner::QemuPc {
-                    "pc"
-                } else {
-                    "microvm"
-                };
-                let mut c = Command::new(qemu_bin());
-                c.args([
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    "qemu64,+x2apic",
-                    "-machine",
-                    machine,
-                ])
-                .args([
-                    "-nographic",
-                    "-nodefaults",
-                    "-no-reboot",
-                    "-serial",
-                    "stdio",
-                ])
-                .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-                .args(["-smp", &vcpus.to_string(), "-m", mem, "-kernel"])
-                .arg(kernel)
-                .args(["-append", "test=boot"]);
-                c
-            }
+            Runner::Pvsync => pvsync_guest_command(vcpus, MEM_MIB, "test=boot"),
+            Runner::QemuMicrovm => qemu_command(QemuMachine::Microvm, vcpus, MEM_MIB, "test=boot"),
+            Runner::QemuPc => qemu_command(QemuMachine::Pc, vcpus, MEM_MIB, "test=boot"),
         }
     }
 }

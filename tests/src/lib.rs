@@ -207,23 +207,26 @@ pub fn pvsync(args: &[&str]) -> Output {
     run_with_limit(c, RUN_LIMIT)
 }
 
-/// `pvsync run` of the test guest with `vcpus`, `mem` MiB and `cmdline`, shared region dumped.
-pub fn pvsync_guest(vcpus: u32, mem_mib: u32, cmdline: &str) -> Output {
-    let kernel = guest_kernel().to_str().expect("utf-8 path").to_owned();
-    pvsync(&[
+/// A `pvsync run` command for the test guest (no watchdog: see [`run_with_limit`]).
+pub fn pvsync_guest_command(vcpus: u32, mem_mib: u32, cmdline: &str) -> Command {
+    let mut c = Command::new(pvsync_bin());
+    c.args([
         "run",
-        "--kernel",
-        &kernel,
         "--vcpus",
         &vcpus.to_string(),
         "--mem",
         &mem_mib.to_string(),
-        "--cmdline",
-        cmdline,
-        "--timeout",
-        "180",
-        "--dump-shared",
     ])
+    .args(["--cmdline", cmdline, "--timeout", "180", "--kernel"])
+    .arg(guest_kernel());
+    c
+}
+
+/// `pvsync run` of the test guest with `vcpus`, `mem` MiB and `cmdline`, shared region dumped.
+pub fn pvsync_guest(vcpus: u32, mem_mib: u32, cmdline: &str) -> Output {
+    let mut c = pvsync_guest_command(vcpus, mem_mib, cmdline);
+    c.arg("--dump-shared");
+    run_with_limit(c, RUN_LIMIT)
 }
 
 /// The QEMU binary; panics with an install hint if missing (QEMU tests run wherever KVM does).
@@ -251,35 +254,38 @@ pub enum QemuMachine {
     Pc,
 }
 
-/// Boots the test guest under stock QEMU/KVM. The CPU model is `qemu64,+x2apic`: nested
+/// A stock QEMU/KVM command for the test guest. The CPU model is `qemu64,+x2apic`: nested
 /// KVM here rejects `-cpu host`'s MSR set.
-pub fn qemu_guest(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Output {
+pub fn qemu_command(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Command {
+    let machine = match machine {
+        QemuMachine::Microvm => "microvm",
+        QemuMachine::Pc => "pc",
+    };
     let mut c = Command::new(qemu_bin());
     c.args([
         "-accel",
         "kvm",
         "-cpu",
         "qemu64,+x2apic",
+        "-machine",
+        machine,
+    ])
+    .args([
         "-nographic",
         "-nodefaults",
         "-no-reboot",
-    ])
-    .args([
-        "-machine",
-        match machine {
-            QemuMachine::Microvm => "microvm",
-            QemuMachine::Pc => "pc",
-        },
-    ])
-    .args([
         "-serial",
         "stdio",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
     ])
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
     .args(["-smp", &smp.to_string(), "-m", &mem_mib.to_string()])
     .arg("-kernel")
     .arg(guest_kernel())
     .args(["-append", cmdline]);
-    run_with_limit(c, RUN_LIMIT)
+    c
+}
+
+/// Boots the test guest under stock QEMU/KVM.
+pub fn qemu_guest(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Output {
+    run_with_limit(qemu_command(machine, smp, mem_mib, cmdline), RUN_LIMIT)
 }
