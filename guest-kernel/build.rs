@@ -3,7 +3,14 @@ fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
     println!("cargo:rerun-if-changed=linker.ld");
-    for asm in ["boot.S", "trampoline.S", "traps.S"] {
+    for asm in [
+        "boot.S",
+        "trampoline.S",
+        "traps.S",
+        "switch.S",
+        "syscall.S",
+        "user.S",
+    ] {
         println!("cargo:rerun-if-changed=src/arch/{asm}");
     }
 }

@@ -12,12 +12,17 @@ mod cmdline;
 mod console;
 mod exit;
 mod hostile;
+mod irq;
 mod mm;
 mod panic;
 mod percpu;
+mod rcu;
+mod sched;
 mod selftest;
 mod shared;
 mod smp;
+mod tlb;
+mod user;
 
 use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
 
@@ -61,6 +66,17 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     arch::apic::enable_x2apic();
     let me = arch::apic::id();
     percpu::init_this_cpu(me, selectors);
+    arch::pic::remap_and_mask();
+    let (tsc_khz, tsc_source) = arch::tsc::calibrate();
+    irq::install_handlers();
+    sched::init_this_cpu("main", false);
+    let timer_mode = irq::start_tick();
+    println!(
+        "clock: tsc {tsc_khz} kHz from {tsc_source}; tick every {} us ({timer_mode:?})",
+        irq::TICK_US
+    );
+    rcu::set_broken(cmd.rcu_broken);
+    tlb::set_skip_one_target(cmd.tlb_skip);
 
     let hostile_ok = cmd.test != "hostile-hypercalls" || hostile::before_registration(nr_vcpus);
     let status = shared::init(nr_vcpus);
@@ -86,6 +102,8 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         status.name(),
         arch::tsc::now() - boot_tsc
     );
+    x86_64::instructions::interrupts::enable();
+    rcu::start(cpus.ids());
 
     let ok = match cmd.test {
         "boot" => true,

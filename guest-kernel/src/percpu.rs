@@ -1,31 +1,52 @@
 //! Per-CPU data reached through the GS base: `gs:[0]` holds the block's own address.
+//! The first three fields have fixed offsets used by syscall.S.
 
 use alloc::boxed::Box;
 use core::arch::asm;
+use core::cell::Cell;
 use core::fmt;
+use core::ptr::{addr_of_mut, write_volatile};
 use x86_64::registers::model_specific::GsBase;
 use x86_64::VirtAddr;
 
 use crate::arch::gdt::Selectors;
 
+/// Offsets of the fields syscall.S uses.
+pub const OFFSET_KERNEL_STACK: usize = 8;
+pub const OFFSET_USER_RSP: usize = 16;
+
 #[repr(C)]
 pub struct PerCpu {
     /// Must stay first: `this()` loads it from `gs:[0]`.
     self_ptr: *const PerCpu,
+    /// Kernel stack top of the running task (syscall entry switches to it).
+    kernel_stack: Cell<u64>,
+    /// User stack pointer, saved by syscall entry.
+    user_rsp: Cell<u64>,
     /// x2APIC ID, which is also this CPU's index in the shared region.
     pub id: u32,
     pub selectors: Selectors,
+    preempt_count: Cell<u32>,
 }
 
-// SAFETY: a PerCpu is written once before GS points at it and then only read.
+const _: () = {
+    assert!(core::mem::offset_of!(PerCpu, kernel_stack) == OFFSET_KERNEL_STACK);
+    assert!(core::mem::offset_of!(PerCpu, user_rsp) == OFFSET_USER_RSP);
+};
+
+// SAFETY: a PerCpu is only ever used by the CPU whose GS base points at it (the Cells are
+// CPU-local state; interrupt handlers that touch them restore what they change).
 unsafe impl Sync for PerCpu {}
 
 /// Creates the calling CPU's block and points GS at it.
 pub fn init_this_cpu(id: u32, selectors: Selectors) {
     let block = Box::leak(Box::new(PerCpu {
         self_ptr: core::ptr::null(),
+        kernel_stack: Cell::new(0),
+        user_rsp: Cell::new(0),
         id,
         selectors,
+        preempt_count: Cell::new(0),
     }));
     block.self_ptr = block;
     GsBase::write(VirtAddr::from_ptr(block));
@@ -36,7 +57,7 @@ pub fn this() -> &'static PerCpu {
     let p: *const PerCpu;
     // SAFETY: GS base points at this CPU's leaked PerCpu, whose first field is its address.
     unsafe { asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, preserves_flags)) };
-    // SAFETY: the block is leaked ('static) and never mutated after init.
+    // SAFETY: the block is leaked ('static).
     unsafe { &*p }
 }
 
@@ -48,6 +69,46 @@ pub fn gs_points_at_this() -> bool {
 /// The calling CPU's id (fast path; per-CPU data must be set up).
 pub fn id() -> u32 {
     this().id
+}
+
+/// Sets the kernel stack used on entry from user mode (syscall and TSS.RSP0).
+pub fn set_kernel_stack(top: u64) {
+    let me = this();
+    me.kernel_stack.set(top);
+    // SAFETY: the TSS is this CPU's, reachable only through this pointer; RSP0 is read by the
+    // CPU only on a privilege change, which cannot happen while we run here with it.
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*me.selectors.tss_ptr).privilege_stack_table[0]),
+            VirtAddr::new(top),
+        )
+    };
+}
+
+/// Current preempt-disable depth.
+pub fn preempt_count() -> u32 {
+    this().preempt_count.get()
+}
+
+/// Disables preemption (nests); published to the host.
+pub fn preempt_disable() {
+    let c = &this().preempt_count;
+    c.set(c.get() + 1);
+    crate::shared::set_preempt_count(c.get());
+}
+
+/// Re-enables preemption; switches if a reschedule became due meanwhile.
+pub fn preempt_enable() {
+    let c = &this().preempt_count;
+    let v = c
+        .get()
+        .checked_sub(1)
+        .expect("preempt_enable without preempt_disable");
+    c.set(v);
+    crate::shared::set_preempt_count(v);
+    if v == 0 && x86_64::instructions::interrupts::are_enabled() {
+        crate::sched::preempt_on_interrupt_return();
+    }
 }
 
 /// The calling CPU's id for messages that may come before per-CPU set-up (panics).

@@ -133,14 +133,108 @@ fn shared_records() -> TestResult {
     Ok(())
 }
 
+fn other_cpus() -> impl Iterator<Item = u32> {
+    let online = smp::online_mask();
+    let me = percpu::id();
+    (0..64u32).filter(move |c| online & (1 << c) != 0 && *c != me)
+}
+
+fn timer_ticks() -> TestResult {
+    let online = smp::online_mask();
+    let before: Vec<u64> = (0..64).map(crate::irq::ticks).collect();
+    crate::sched::sleep_ms(50);
+    let all = (0..64u32)
+        .filter(|c| online & (1 << c) != 0)
+        .all(|c| crate::irq::ticks(c) > before[c as usize]);
+    all.then_some(()).ok_or("a CPU's tick did not advance")
+}
+
+fn ipi_ping() -> TestResult {
+    for cpu in other_cpus() {
+        let before = crate::irq::pings(cpu);
+        crate::arch::apic::send_ipi(cpu, crate::arch::vectors::PING);
+        let deadline = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(1_000_000);
+        while crate::irq::pings(cpu) == before {
+            if crate::arch::tsc::now() > deadline {
+                return Err("a ping IPI was not handled within 1 s");
+            }
+            core::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
+
+fn preemption() -> TestResult {
+    use alloc::sync::Arc;
+    use core::sync::atomic::AtomicBool;
+    // Two threads that never yield, on one CPU: both progress only if the tick preempts.
+    let cpu = other_cpus().next().unwrap_or(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicU64; 2]> = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let switches = crate::sched::switches(cpu);
+    let threads: Vec<_> = (0..2)
+        .map(|i| {
+            let (stop, counts) = (stop.clone(), counts.clone());
+            crate::sched::spawn(cpu, "spinner", move || {
+                while !stop.load(Ordering::Acquire) {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                    core::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    crate::sched::sleep_ms(100);
+    stop.store(true, Ordering::Release);
+    for t in &threads {
+        crate::sched::join(t);
+    }
+    if counts.iter().any(|c| c.load(Ordering::Relaxed) == 0) {
+        return Err("a busy thread never ran: no preemption");
+    }
+    (crate::sched::switches(cpu) > switches + 2)
+        .then_some(())
+        .ok_or("no context switches counted")
+}
+
+fn rcu_basics() -> TestResult {
+    let before = crate::rcu::stats();
+    crate::rcu::synchronize();
+    if crate::rcu::stats().gps <= before.gps {
+        return Err("synchronize_rcu returned without a grace period");
+    }
+    let hits = alloc::sync::Arc::new(AtomicU64::new(0));
+    for _ in 0..100 {
+        let h = hits.clone();
+        crate::rcu::call(move || {
+            h.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    crate::rcu::barrier();
+    if hits.load(Ordering::Relaxed) != 100 {
+        return Err("rcu_barrier returned before every callback ran");
+    }
+    let after = crate::rcu::stats();
+    if after.pending != 0 {
+        return Err("callbacks still pending after rcu_barrier");
+    }
+    match shared::rcu_header() {
+        Some((seq, _)) if seq < 2 * after.gps => Err("header rcu_gp_seq lags the grace periods"),
+        _ => Ok(()),
+    }
+}
+
 /// Runs every self-test; true if all passed.
 pub fn run_all() -> bool {
-    let tests: [SelfTest; 5] = [
+    let tests: [SelfTest; 9] = [
         ("frame-alloc", frame_alloc),
         ("heap", heap),
         ("paging", paging_map_unmap),
         ("percpu", percpu_data),
         ("shared-records", shared_records),
+        ("timer", timer_ticks),
+        ("ipi", ipi_ping),
+        ("preemption", preemption),
+        ("rcu", rcu_basics),
     ];
     let mut passed = 0;
     for (name, test) in tests {

@@ -147,3 +147,82 @@ pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
     }
     None
 }
+
+macro_rules! record_setter {
+    ($(#[$doc:meta])* $name:ident, $field:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(v: $ty) {
+            // SAFETY: `rec` is this CPU's record, handed over by `publish`.
+            publish(|rec| unsafe { write_volatile(addr_of_mut!((*rec).$field), v) });
+        }
+    };
+}
+
+record_setter!(
+    /// Publishes the calling CPU's preempt-disable depth.
+    set_preempt_count, preempt_count: u32
+);
+record_setter!(
+    /// Publishes the calling CPU's RCU read-side nesting.
+    set_rcu_nesting, rcu_nesting: u32
+);
+record_setter!(
+    /// Publishes how many spinlocks the calling CPU holds.
+    set_locks_held, locks_held: u32
+);
+record_setter!(
+    /// Publishes the set of CPUs the caller waits on for IPI acknowledgements.
+    set_ipi_wait, ipi_wait: u64
+);
+
+/// Publishes "spinning on `lock`, held by `holder`" (lock 0 and NO_VCPU: not spinning).
+pub fn set_spin(lock: u64, holder: u32) {
+    // SAFETY: `rec` is this CPU's record, handed over by `publish`.
+    publish(|rec| unsafe {
+        write_volatile(addr_of_mut!((*rec).spin_lock), lock);
+        write_volatile(addr_of_mut!((*rec).spin_holder), holder);
+    });
+}
+
+/// Publishes the RCU grace-period sequence and callback backlog in the header. Any CPU may
+/// call this: each field is one aligned 64-bit store.
+pub fn set_rcu_header(gp_seq: u64, pending: u64) {
+    if let Some(r) = REGION.get() {
+        let h = r.base as *mut PageHeader;
+        // SAFETY: the header lies in the live region; single aligned stores.
+        unsafe {
+            write_volatile(addr_of_mut!((*h).rcu_gp_seq), gp_seq);
+            write_volatile(addr_of_mut!((*h).rcu_callbacks_pending), pending);
+        }
+    }
+}
+
+/// The header's RCU fields as last published (for tests).
+pub fn rcu_header() -> Option<(u64, u64)> {
+    REGION.get().map(|r| {
+        let h = r.base as *const PageHeader;
+        // SAFETY: as above; volatile reads of plain integers.
+        unsafe {
+            (
+                read_volatile(addr_of!((*h).rcu_gp_seq)),
+                read_volatile(addr_of!((*h).rcu_callbacks_pending)),
+            )
+        }
+    })
+}
+
+/// Offers this vCPU's time to vCPU `target`, which the caller waits for: the pvsync YieldTo
+/// hypercall when a pvsync host accepted the region, else KVM's PV sched-yield hypercall when
+/// KVM offers it, else nothing (the caller keeps spinning).
+pub fn yield_to(target: u32) {
+    if REGION
+        .get()
+        .is_some_and(|r| r.status == HypercallStatus::Ok)
+    {
+        let mut port: Port<u32> = Port::new(Hypercall::YieldTo.port());
+        // SAFETY: the hypercall only asks the host to run someone else; no memory effects.
+        unsafe { port.write(target) };
+    } else {
+        crate::arch::kvm::sched_yield(target);
+    }
+}

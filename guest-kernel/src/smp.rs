@@ -103,10 +103,12 @@ extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
     crate::percpu::init_this_cpu(id, selectors);
     crate::shared::set_mode(VcpuMode::Kernel);
     crate::selftest::per_cpu_checks(cpuid_apic_id);
+    crate::sched::init_this_cpu("idle", true);
+    crate::irq::start_tick();
     crate::println!("cpu {id} online");
     // Publish before counting as online: once every CPU is online the BSP may check the
     // records or end the VM.
     crate::shared::set_mode(VcpuMode::Idle);
     mark_online(id);
-    arch::halt_forever()
+    crate::sched::idle_loop()
 }

@@ -101,6 +101,14 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             }
         }
     }
+    let yields: u64 = report.yields_to.iter().sum();
+    if yields > 0 {
+        let _ = writeln!(
+            log,
+            "pvsync: yield-to hypercalls by target vcpu: {:?}",
+            report.yields_to
+        );
+    }
     if report.unclaimed_io > 0 {
         let _ = writeln!(
             log,

@@ -6,6 +6,8 @@ use shared_abi::{Hypercall, HypercallStatus};
 pub trait HypercallHost {
     /// Validates and accepts (or refuses) the shared region at `gpa`.
     fn register_shared_region(&self, gpa: u64) -> HypercallStatus;
+    /// The caller spins waiting for vCPU `target` and offers its CPU time.
+    fn yield_to(&self, target: u32) -> HypercallStatus;
 }
 
 /// What the vCPU loop must do after a hypercall.
@@ -58,13 +60,20 @@ impl VcpuHypercalls {
                 };
                 Some(Action::Continue)
             }
+            Hypercall::YieldTo => {
+                self.last_status = match le_u32(data) {
+                    Some(target) => vm.yield_to(target),
+                    None => HypercallStatus::BadWidth,
+                };
+                Some(Action::Continue)
+            }
         }
     }
 
     /// Handles an `in` from `port`; false if the port is not a hypercall.
     pub fn handle_in(&mut self, port: u16, data: &mut [u8]) -> bool {
         match Hypercall::from_port(port) {
-            Some(Hypercall::RegisterSharedRegion) => {
+            Some(Hypercall::RegisterSharedRegion | Hypercall::YieldTo) => {
                 let status = if data.len() == 4 {
                     self.last_status
                 } else {
@@ -99,6 +108,14 @@ mod tests {
         fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
             self.calls.borrow_mut().push(gpa);
             self.answer
+        }
+
+        fn yield_to(&self, target: u32) -> HypercallStatus {
+            if target < 4 {
+                HypercallStatus::Ok
+            } else {
+                HypercallStatus::BadVcpu
+            }
         }
     }
 
@@ -168,5 +185,21 @@ mod tests {
         );
         assert_eq!(h.handle_out(&host, 0x3f8, b"x"), None);
         assert!(!h.handle_in(0x3f8, &mut [0u8]));
+    }
+
+    #[test]
+    fn yield_to_checks_its_target() {
+        let host = FakeHost {
+            calls: RefCell::new(vec![]),
+            answer: HypercallStatus::Ok,
+        };
+        let mut h = VcpuHypercalls::default();
+        let port = Hypercall::YieldTo as u16;
+        h.handle_out(&host, port, &3u32.to_le_bytes());
+        assert_eq!(read_status(&mut h, 4), HypercallStatus::Ok as u32);
+        h.handle_out(&host, port, &4u32.to_le_bytes());
+        assert_eq!(read_status(&mut h, 4), HypercallStatus::BadVcpu as u32);
+        h.handle_out(&host, port, &[1]);
+        assert_eq!(read_status(&mut h, 4), HypercallStatus::BadWidth as u32);
     }
 }

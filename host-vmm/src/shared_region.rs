@@ -57,7 +57,7 @@ pub fn validate(
         || h.record_size as usize != RECORD_SIZE
         || h.records_offset as usize != HEADER_SIZE
         || h.host_flags != 0
-        || h.reserved != [0; 4]
+        || h.reserved != [0; 2]
     {
         return Err(HypercallStatus::BadGeometry);
     }
@@ -207,12 +207,14 @@ impl Snapshot {
     pub fn render(&self) -> String {
         let r = &self.registration;
         let mut s = format!(
-            "shared region gpa={:#x} size={} abi={} vcpus={} host_flags={:#x} invalid_records={}\n",
+            "shared region gpa={:#x} size={} abi={} vcpus={} host_flags={:#x} rcu_gp_seq={} rcu_callbacks_pending={} invalid_records={}\n",
             r.gpa,
             r.size,
             self.header.abi_version,
             r.nr_vcpus,
             self.header.host_flags,
+            self.header.rcu_gp_seq,
+            self.header.rcu_callbacks_pending,
             self.invalid_records()
         );
         for v in &self.records {
@@ -378,7 +380,7 @@ mod tests {
             "host_flags"
         );
         write_header(&m, 0x44_0000, PageHeader::new(4));
-        m.write_obj(1u64, GuestAddress(0x44_0000 + 40)).unwrap();
+        m.write_obj(1u64, GuestAddress(0x44_0000 + 48)).unwrap();
         assert_eq!(
             check_reg(&m, 0x44_0000, 4),
             Err(HypercallStatus::BadGeometry),

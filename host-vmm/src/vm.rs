@@ -99,6 +99,8 @@ pub struct RunReport {
     pub shared: Option<Snapshot>,
     /// Port and MMIO accesses no device claimed.
     pub unclaimed_io: u64,
+    /// YieldTo hypercalls naming each vCPU.
+    pub yields_to: Vec<u64>,
 }
 
 /// State the vCPU threads share.
@@ -117,6 +119,8 @@ pub struct VmShared {
     outcome_cv: Condvar,
     stop: AtomicBool,
     unclaimed_mmio: AtomicU64,
+    /// YieldTo hypercalls naming each vCPU.
+    yields_to: Vec<AtomicU64>,
 }
 
 impl VmShared {
@@ -170,6 +174,17 @@ impl HypercallHost for VmShared {
             }
             Err(status) => status,
         }
+    }
+
+    fn yield_to(&self, target: u32) -> HypercallStatus {
+        let Some(counter) = self.yields_to.get(target as usize) else {
+            return HypercallStatus::BadVcpu;
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        // Under the host Linux scheduler a directed yield is not available from userspace:
+        // give up this thread's CPU so that descheduled siblings (the target among them) run.
+        std::thread::yield_now();
+        HypercallStatus::Ok
     }
 }
 
@@ -294,6 +309,7 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         outcome_cv: Condvar::new(),
         stop: AtomicBool::new(false),
         unclaimed_mmio: AtomicU64::new(0),
+        yields_to: (0..config.vcpus).map(|_| AtomicU64::new(0)).collect(),
     });
 
     let started = Instant::now();
@@ -336,6 +352,11 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     let snapshot = shared
         .registration()
         .and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
+    let yields_to = shared
+        .yields_to
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
     let unclaimed_io =
         shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
     Ok(RunReport {
@@ -343,6 +364,7 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         elapsed,
         shared: snapshot,
         unclaimed_io,
+        yields_to,
     })
 }
 

@@ -15,11 +15,19 @@ pub enum Hypercall {
     /// `out` the 32-bit guest-physical address of the shared region (header filled in), then
     /// `in` a 32-bit [`HypercallStatus`] saying whether the host accepted it.
     RegisterSharedRegion = 0x0500,
+    /// `out` the 32-bit id of the vCPU the caller waits for (a lock holder, an IPI target):
+    /// the caller has spun past its threshold and offers its CPU time. Status: `Ok` or
+    /// `BadVcpu`.
+    YieldTo = 0x0501,
 }
 
 impl Hypercall {
     /// Every hypercall, for dispatch tables and tests.
-    pub const ALL: [Hypercall; 2] = [Hypercall::Exit, Hypercall::RegisterSharedRegion];
+    pub const ALL: [Hypercall; 3] = [
+        Hypercall::Exit,
+        Hypercall::RegisterSharedRegion,
+        Hypercall::YieldTo,
+    ];
 
     /// The port this hypercall uses.
     pub const fn port(self) -> u16 {
@@ -31,6 +39,7 @@ impl Hypercall {
         match port {
             0x00f4 => Some(Hypercall::Exit),
             0x0500 => Some(Hypercall::RegisterSharedRegion),
+            0x0501 => Some(Hypercall::YieldTo),
             _ => None,
         }
     }
@@ -60,6 +69,8 @@ pub enum HypercallStatus {
     NothingPending = 8,
     /// The hypercall port was accessed with a width other than 32 bits.
     BadWidth = 9,
+    /// A vCPU id argument names no vCPU of this VM.
+    BadVcpu = 10,
     /// What an unclaimed port reads as: no pvsync host is listening.
     NoHost = 0xffff_ffff,
 }
@@ -78,6 +89,7 @@ impl HypercallStatus {
             7 => HypercallStatus::AlreadyRegistered,
             8 => HypercallStatus::NothingPending,
             9 => HypercallStatus::BadWidth,
+            10 => HypercallStatus::BadVcpu,
             _ => HypercallStatus::NoHost,
         }
     }
@@ -95,6 +107,7 @@ impl HypercallStatus {
             HypercallStatus::AlreadyRegistered => "already-registered",
             HypercallStatus::NothingPending => "nothing-pending",
             HypercallStatus::BadWidth => "bad-width",
+            HypercallStatus::BadVcpu => "bad-vcpu",
             HypercallStatus::NoHost => "no-host",
         }
     }
@@ -133,10 +146,10 @@ mod tests {
 
     #[test]
     fn status_round_trips_and_unknown_is_no_host() {
-        for raw in 0..=9 {
+        for raw in 0..=10 {
             assert_eq!(HypercallStatus::from_raw(raw) as u32, raw);
         }
-        assert_eq!(HypercallStatus::from_raw(10), HypercallStatus::NoHost);
+        assert_eq!(HypercallStatus::from_raw(11), HypercallStatus::NoHost);
         assert_eq!(HypercallStatus::from_raw(u32::MAX), HypercallStatus::NoHost);
     }
 

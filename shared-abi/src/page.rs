@@ -46,8 +46,13 @@ pub struct PageHeader {
     pub records_offset: u32,
     /// [`HostFlags`] bits. Host.
     pub host_flags: u32,
+    /// RCU grace-period sequence: `2 * completed + 1` while a grace period is in progress,
+    /// `2 * completed` otherwise. Guest (any CPU, one aligned store).
+    pub rcu_gp_seq: u64,
+    /// RCU callbacks queued and not yet invoked. Guest (any CPU, one aligned store).
+    pub rcu_callbacks_pending: u64,
     /// Zero; reserved for later versions.
-    pub reserved: [u64; 4],
+    pub reserved: [u64; 2],
 }
 
 impl PageHeader {
@@ -61,7 +66,9 @@ impl PageHeader {
             record_size: RECORD_SIZE as u32,
             records_offset: HEADER_SIZE as u32,
             host_flags: 0,
-            reserved: [0; 4],
+            rcu_gp_seq: 0,
+            rcu_callbacks_pending: 0,
+            reserved: [0; 2],
         }
     }
 
@@ -176,7 +183,9 @@ const _: () = {
     assert!(offset_of!(PageHeader, record_size) == 20);
     assert!(offset_of!(PageHeader, records_offset) == 24);
     assert!(offset_of!(PageHeader, host_flags) == 28);
-    assert!(offset_of!(PageHeader, reserved) == 32);
+    assert!(offset_of!(PageHeader, rcu_gp_seq) == 32);
+    assert!(offset_of!(PageHeader, rcu_callbacks_pending) == 40);
+    assert!(offset_of!(PageHeader, reserved) == 48);
 
     assert!(size_of::<VcpuRecord>() == RECORD_SIZE);
     assert!(offset_of!(VcpuRecord, seq) == 0);

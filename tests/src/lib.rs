@@ -12,6 +12,19 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+/// The guest's self-tests (`test=selftest`), in the order it runs them.
+pub const SELFTESTS: [&str; 9] = [
+    "frame-alloc",
+    "heap",
+    "paging",
+    "percpu",
+    "shared-records",
+    "timer",
+    "ipi",
+    "preemption",
+    "rcu",
+];
+
 /// Workspace root (the directory of the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

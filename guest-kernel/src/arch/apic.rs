@@ -1,30 +1,61 @@
-//! The local APIC in x2APIC mode (MSR interface): enable, identify, send INIT/SIPI.
+//! The local APIC in x2APIC mode (MSR interface): enable, identify, IPIs, EOI, and the
+//! per-CPU tick (TSC-deadline mode where the CPU has it, else periodic mode calibrated
+//! against the TSC).
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::model_specific::Msr;
 
+use super::tsc;
+
 const IA32_APIC_BASE: u32 = 0x1b;
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
 const APIC_BASE_ENABLE: u64 = 1 << 11;
 const APIC_BASE_X2APIC: u64 = 1 << 10;
 const X2APIC_ID: u32 = 0x802;
+const X2APIC_EOI: u32 = 0x80b;
 const X2APIC_SVR: u32 = 0x80f;
 const X2APIC_ICR: u32 = 0x830;
+const X2APIC_LVT_TIMER: u32 = 0x832;
+const X2APIC_TIMER_INITIAL: u32 = 0x838;
+const X2APIC_TIMER_CURRENT: u32 = 0x839;
+const X2APIC_TIMER_DIVIDE: u32 = 0x83e;
 const SVR_ENABLE: u64 = 1 << 8;
+const LVT_MASKED: u64 = 1 << 16;
+const LVT_TIMER_PERIODIC: u64 = 0b01 << 17;
+const LVT_TIMER_TSC_DEADLINE: u64 = 0b10 << 17;
+const TIMER_DIVIDE_BY_16: u64 = 0b0011;
 /// Vector of the spurious interrupt.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
 const ICR_INIT: u64 = 0b101 << 8;
 const ICR_STARTUP: u64 = 0b110 << 8;
 const ICR_LEVEL_ASSERT: u64 = 1 << 14;
+const ICR_ALL_BUT_SELF: u64 = 0b11 << 18;
 
 /// Whether CPUID says this CPU has an x2APIC.
 pub fn has_x2apic() -> bool {
-    let leaf1 = core::arch::x86_64::__cpuid(1);
-    leaf1.ecx & (1 << 21) != 0
+    core::arch::x86_64::__cpuid(1).ecx & (1 << 21) != 0
+}
+
+/// Whether the LAPIC timer has TSC-deadline mode (CPUID.1:ECX[24]).
+pub fn has_tsc_deadline() -> bool {
+    core::arch::x86_64::__cpuid(1).ecx & (1 << 24) != 0
 }
 
 /// The initial APIC ID from CPUID.1:EBX[31:24] (what the AP trampoline also uses).
 pub fn initial_apic_id() -> u32 {
     core::arch::x86_64::__cpuid(1).ebx >> 24
+}
+
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: callers only write x2APIC registers and IA32_TSC_DEADLINE, with x2APIC mode
+    // on; these writes send interrupts or program the local timer and touch no memory.
+    unsafe { Msr::new(msr).write(value) }
+}
+
+fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: reading x2APIC registers has no side effects (x2APIC mode is on).
+    unsafe { Msr::new(msr).read() }
 }
 
 /// Puts the calling CPU's local APIC in x2APIC mode and software-enables it.
@@ -36,33 +67,109 @@ pub fn enable_x2apic() {
     let mut base = Msr::new(IA32_APIC_BASE);
     // SAFETY: CPUID reported x2APIC support. After reset (and PVH entry) the APIC is enabled
     // in xAPIC mode and nothing here disables it, so setting EXTD with EN kept set is the
-    // allowed xAPIC -> x2APIC transition (disabled -> x2APIC directly would #GP). The SVR
-    // write only enables the APIC with a spurious vector whose IDT entry exists.
+    // allowed xAPIC -> x2APIC transition (disabled -> x2APIC directly would #GP).
     unsafe {
         let v = base.read();
         base.write(v | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
-        Msr::new(X2APIC_SVR).write(SVR_ENABLE | SPURIOUS_VECTOR as u64);
     }
+    // The spurious vector's IDT entry exists before any CPU enables its APIC.
+    wrmsr(X2APIC_SVR, SVR_ENABLE | SPURIOUS_VECTOR as u64);
 }
 
 /// The calling CPU's x2APIC ID (x2APIC mode must be on).
 pub fn id() -> u32 {
-    // SAFETY: reading the x2APIC ID MSR has no side effects once x2APIC mode is enabled.
-    unsafe { Msr::new(X2APIC_ID).read() as u32 }
+    rdmsr(X2APIC_ID) as u32
 }
 
-fn write_icr(dest: u32, low: u64) {
-    // SAFETY: x2APIC mode is on (callers run after enable_x2apic); a 64-bit ICR write sends
-    // exactly one IPI and touches no memory.
-    unsafe { Msr::new(X2APIC_ICR).write(((dest as u64) << 32) | low) }
+/// Signals end of interrupt to the local APIC.
+#[inline]
+pub fn eoi() {
+    wrmsr(X2APIC_EOI, 0);
 }
 
 /// Sends INIT (level assert) to `dest`.
 pub fn send_init(dest: u32) {
-    write_icr(dest, ICR_INIT | ICR_LEVEL_ASSERT);
+    wrmsr(
+        X2APIC_ICR,
+        ((dest as u64) << 32) | ICR_INIT | ICR_LEVEL_ASSERT,
+    );
 }
 
 /// Sends a STARTUP IPI: `dest` starts in real mode at `page << 12`.
 pub fn send_startup(dest: u32, page: u8) {
-    write_icr(dest, ICR_STARTUP | ICR_LEVEL_ASSERT | page as u64);
+    wrmsr(
+        X2APIC_ICR,
+        ((dest as u64) << 32) | ICR_STARTUP | ICR_LEVEL_ASSERT | page as u64,
+    );
+}
+
+/// Sends a fixed interrupt `vector` to CPU `dest`.
+pub fn send_ipi(dest: u32, vector: u8) {
+    wrmsr(
+        X2APIC_ICR,
+        ((dest as u64) << 32) | ICR_LEVEL_ASSERT | vector as u64,
+    );
+}
+
+/// Sends a fixed interrupt `vector` to every CPU but the caller.
+pub fn send_ipi_all_but_self(vector: u8) {
+    wrmsr(
+        X2APIC_ICR,
+        ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | vector as u64,
+    );
+}
+
+/// APIC timer ticks (at divide-by-16) per millisecond, for periodic mode; 0 in TSC-deadline
+/// mode.
+static APIC_TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
+/// Tick period in TSC cycles (TSC-deadline mode).
+static TICK_CYCLES: AtomicU64 = AtomicU64::new(0);
+
+/// How the tick is driven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerMode {
+    TscDeadline,
+    Periodic,
+}
+
+/// Measures the APIC timer against the TSC (once, on the BSP) for periodic mode.
+fn calibrate_apic_timer() -> u64 {
+    wrmsr(X2APIC_LVT_TIMER, LVT_MASKED);
+    wrmsr(X2APIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
+    wrmsr(X2APIC_TIMER_INITIAL, u32::MAX as u64);
+    tsc::spin_cycles(tsc::us_to_cycles(10_000));
+    let elapsed = u32::MAX as u64 - rdmsr(X2APIC_TIMER_CURRENT);
+    wrmsr(X2APIC_TIMER_INITIAL, 0);
+    (elapsed / 10).max(1)
+}
+
+/// Starts this CPU's periodic tick on `vector` every `period_us` microseconds. The BSP
+/// calls it first (it calibrates); APs reuse the calibration.
+pub fn start_tick(vector: u8, period_us: u64) -> TimerMode {
+    if has_tsc_deadline() {
+        let cycles = tsc::us_to_cycles(period_us).max(1);
+        TICK_CYCLES.store(cycles, Ordering::Relaxed);
+        wrmsr(X2APIC_LVT_TIMER, LVT_TIMER_TSC_DEADLINE | vector as u64);
+        wrmsr(IA32_TSC_DEADLINE, tsc::now() + cycles);
+        TimerMode::TscDeadline
+    } else {
+        let mut per_ms = APIC_TICKS_PER_MS.load(Ordering::Relaxed);
+        if per_ms == 0 {
+            per_ms = calibrate_apic_timer();
+            APIC_TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
+        }
+        wrmsr(X2APIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
+        wrmsr(X2APIC_LVT_TIMER, LVT_TIMER_PERIODIC | vector as u64);
+        wrmsr(X2APIC_TIMER_INITIAL, (per_ms * period_us / 1000).max(1));
+        TimerMode::Periodic
+    }
+}
+
+/// Re-arms the TSC deadline after a tick (periodic mode re-arms itself).
+#[inline]
+pub fn rearm_tick() {
+    let cycles = TICK_CYCLES.load(Ordering::Relaxed);
+    if cycles != 0 {
+        wrmsr(IA32_TSC_DEADLINE, tsc::now() + cycles);
+    }
 }

@@ -18,7 +18,11 @@ const IST_STACK_SIZE: usize = 16 * 1024;
 pub struct Selectors {
     pub kernel_code: SegmentSelector,
     pub kernel_data: SegmentSelector,
+    pub user_data: SegmentSelector,
+    pub user_code: SegmentSelector,
     pub tss: SegmentSelector,
+    /// This CPU's TSS (RSP0 changes on every switch to a user task).
+    pub tss_ptr: *mut TaskStateSegment,
 }
 
 /// Builds and loads a GDT and TSS for the calling CPU. Both live for the kernel's lifetime.
@@ -27,20 +31,27 @@ pub fn init_this_cpu() -> Selectors {
         Box::leak(alloc::vec![0u8; IST_STACK_SIZE].into_boxed_slice());
     let ist_top = VirtAddr::from_ptr(ist_stack.as_ptr_range().end).align_down(16u64);
 
-    let tss: &'static mut TaskStateSegment = Box::leak(Box::new(TaskStateSegment::new()));
-    tss.interrupt_stack_table[DOUBLE_FAULT_IST_INDEX as usize] = ist_top;
-    let tss: &'static TaskStateSegment = tss;
+    // The TSS stays reachable only through this raw pointer: the scheduler rewrites RSP0 on
+    // every switch, so no shared reference to it may live.
+    let tss_ptr: *mut TaskStateSegment = Box::into_raw(Box::new(TaskStateSegment::new()));
+    // SAFETY: freshly allocated and leaked; no other reference exists.
+    unsafe { (*tss_ptr).interrupt_stack_table[DOUBLE_FAULT_IST_INDEX as usize] = ist_top };
 
     let gdt: &'static mut GlobalDescriptorTable = Box::leak(Box::new(GlobalDescriptorTable::new()));
     let kernel_code = gdt.append(Descriptor::kernel_code_segment());
     let kernel_data = gdt.append(Descriptor::kernel_data_segment());
-    gdt.append(Descriptor::user_data_segment());
-    gdt.append(Descriptor::user_code_segment());
-    let tss = gdt.append(Descriptor::tss_segment(tss));
+    let user_data = gdt.append(Descriptor::user_data_segment());
+    let user_code = gdt.append(Descriptor::user_code_segment());
+    // SAFETY: the TSS is leaked (lives forever) and is only written through `tss_ptr`, at
+    // fields the CPU reads on privilege changes.
+    let tss = gdt.append(unsafe { Descriptor::tss_segment_unchecked(tss_ptr) });
     let selectors = Selectors {
         kernel_code,
         kernel_data,
+        user_data,
+        user_code,
         tss,
+        tss_ptr,
     };
     let gdt: &'static GlobalDescriptorTable = gdt;
     gdt.load();

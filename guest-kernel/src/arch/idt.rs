@@ -1,6 +1,7 @@
 //! The IDT (one table, shared by every CPU) pointing at the assembly stubs of traps.S, and
 //! the Rust side of trap handling.
 
+use core::sync::atomic::{AtomicUsize, Ordering};
 use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
@@ -44,6 +45,16 @@ pub struct TrapFrame {
 }
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
+
+/// Handlers for vectors 32..=255 (function pointers as usize; 0 = none).
+static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+
+/// Installs `handler` for interrupt `vector` (>= 32). The handler runs with interrupts off;
+/// EOI is sent after it returns.
+pub fn register(vector: u8, handler: fn(&mut TrapFrame)) {
+    assert!(vector >= 32, "vector {vector} is an exception");
+    HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
+}
 
 fn stub(vector: u8) -> VirtAddr {
     // Only the symbol's address is taken; traps.S lays out 256 stubs from it.
@@ -130,15 +141,37 @@ fn exception_name(vector: u64) -> &'static str {
 #[no_mangle]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
-        0..=31 => fatal_exception(frame),
+        0..=31 => exception(frame),
         v if v == super::apic::SPURIOUS_VECTOR as u64 => {}
         v => {
-            crate::println!(
-                "unexpected interrupt vector {v} on cpu {}",
-                crate::percpu::CpuLabel
-            );
+            let h = HANDLERS[v as usize & 0xff].load(Ordering::Acquire);
+            if h == 0 {
+                crate::println!(
+                    "unexpected interrupt vector {v} on cpu {}",
+                    crate::percpu::CpuLabel
+                );
+            } else {
+                // SAFETY: only `register` stores into HANDLERS, always a fn(&mut TrapFrame).
+                let f = unsafe { core::mem::transmute::<usize, fn(&mut TrapFrame)>(h) };
+                f(frame);
+            }
+            super::apic::eoi();
+            crate::sched::preempt_on_interrupt_return();
         }
     }
+}
+
+/// Whether the trap came from user mode (CPL 3 in the saved CS).
+pub fn from_user(frame: &TrapFrame) -> bool {
+    frame.cs & 3 == 3
+}
+
+fn exception(frame: &mut TrapFrame) {
+    if from_user(frame) {
+        crate::user::user_exception(frame);
+        return;
+    }
+    fatal_exception(frame)
 }
 
 fn fatal_exception(frame: &TrapFrame) -> ! {

@@ -3,7 +3,10 @@
 pub mod apic;
 pub mod gdt;
 pub mod idt;
+pub mod kvm;
+pub mod pic;
 pub mod tsc;
+pub mod vectors;
 
 use core::arch::global_asm;
 
@@ -25,6 +28,7 @@ global_asm!(
     options(att_syntax)
 );
 global_asm!(include_str!("traps.S"), options(att_syntax));
+global_asm!(include_str!("switch.S"), options(att_syntax));
 
 extern "C" {
     static ap_trampoline_start: u8;

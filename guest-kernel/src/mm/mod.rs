@@ -1,6 +1,7 @@
 //! Physical memory: a frame allocator over the PVH memory map, the kernel heap, and the
 //! kernel's own identity-mapped page tables.
 
+pub mod aspace;
 pub mod frame;
 pub mod heap;
 pub mod paging;

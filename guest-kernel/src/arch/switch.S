@@ -1,0 +1,31 @@
+/*
+ * switch_context(prev_rsp: *mut u64 in %rdi, next_rsp: u64 in %rsi)
+ * Saves the callee-saved registers on the current stack, stores the stack pointer through
+ * %rdi, loads %rsi and restores the next task's registers. Everything else is caller-saved,
+ * and the interrupt flag is the caller's business.
+ */
+.section .text
+.code64
+.global switch_context
+switch_context:
+    push %rbp
+    push %rbx
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, (%rdi)
+    mov %rsi, %rsp
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbx
+    pop %rbp
+    ret
+
+/* A new task's first "return" lands here (16-byte aligned stack). */
+.global task_trampoline
+task_trampoline:
+    call task_entry
+    ud2

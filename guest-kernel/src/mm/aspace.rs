@@ -1,0 +1,208 @@
+//! User address spaces: a PML4 of their own whose kernel half (the identity map in slot 0)
+//! is shared with the kernel's tables, plus the set of CPUs that may cache its translations.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use spin::Mutex;
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::{
+    mapper::TranslateResult, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as F,
+    PhysFrame, Size4KiB, Translate,
+};
+use x86_64::{PhysAddr, VirtAddr};
+
+use super::frame::{self, GlobalFrames, FRAME_SIZE};
+use super::paging;
+use crate::percpu;
+
+/// User virtual addresses live in PML4 slots 1..256 (slot 0 is the kernel's identity map).
+pub const USER_START: u64 = 0x0000_0080_0000_0000;
+pub const USER_END: u64 = 0x0000_8000_0000_0000;
+
+pub struct AddressSpace {
+    pml4: PhysFrame,
+    /// CPUs that have this address space loaded, so may hold its translations in their TLB.
+    cpus: AtomicU64,
+    /// Serialises page-table changes.
+    pub lock: Mutex<()>,
+}
+
+impl AddressSpace {
+    pub fn new() -> AddressSpace {
+        let f = frame::alloc().expect("out of memory for a PML4");
+        let kernel = paging::kernel_pml4();
+        // SAFETY: a fresh identity-mapped frame; the kernel PML4 is live and only read.
+        unsafe {
+            let dst = f.start_address().as_u64() as *mut PageTable;
+            core::ptr::write_bytes(dst as *mut u8, 0, FRAME_SIZE as usize);
+            let src = &*(kernel as *const PageTable);
+            (&mut *dst)[0] = src[0].clone();
+        }
+        AddressSpace {
+            pml4: f,
+            cpus: AtomicU64::new(0),
+            lock: Mutex::new(()),
+        }
+    }
+
+    pub fn cpus(&self) -> u64 {
+        self.cpus.load(Ordering::SeqCst)
+    }
+
+    /// A mapper over this space's tables. Callers hold `lock`.
+    ///
+    /// # Safety
+    /// No other mapper over these tables may be live.
+    unsafe fn mapper(&self) -> OffsetPageTable<'static> {
+        // SAFETY: identity-mapped table frame owned by this space; exclusivity per contract.
+        unsafe {
+            OffsetPageTable::new(
+                &mut *(self.pml4.start_address().as_u64() as *mut PageTable),
+                VirtAddr::new(0),
+            )
+        }
+    }
+
+    fn page(va: u64) -> Page<Size4KiB> {
+        assert!(
+            (USER_START..USER_END).contains(&va),
+            "{va:#x} is not a user address"
+        );
+        Page::containing_address(VirtAddr::new(va))
+    }
+
+    /// Maps `va` to `frame` with user access. No flush needed: the page was not mapped.
+    pub fn map(
+        &self,
+        va: u64,
+        frame: PhysFrame,
+        writable: bool,
+        executable: bool,
+    ) -> Result<(), &'static str> {
+        let _g = self.lock.lock();
+        let mut flags = F::PRESENT | F::USER_ACCESSIBLE;
+        if writable {
+            flags |= F::WRITABLE;
+        }
+        if !executable {
+            flags |= F::NO_EXECUTE;
+        }
+        // SAFETY: under the lock; mapping a previously unmapped user page changes no live
+        // translation. Intermediate tables get USER because flags has it.
+        unsafe {
+            self.mapper()
+                .map_to(Self::page(va), frame, flags, &mut GlobalFrames)
+        }
+        .map(|f| f.ignore())
+        .map_err(|_| "page already mapped or out of memory")
+    }
+
+    /// Changes `va`'s PTE with `f` under the lock and returns the old frame. The caller must
+    /// shoot the page down on `cpus()` before reusing the old frame.
+    pub fn update(
+        &self,
+        va: u64,
+        new: Option<(PhysFrame, bool)>,
+    ) -> Result<Option<PhysFrame>, &'static str> {
+        let _g = self.lock.lock();
+        let page = Self::page(va);
+        // SAFETY: under the lock; the caller flushes TLBs before the old frame is reused.
+        let mut m = unsafe { self.mapper() };
+        match new {
+            None => m.unmap(page).map(|(f, fl)| {
+                fl.ignore();
+                Some(f)
+            }),
+            Some((frame, writable)) => {
+                let old = match m.translate(page.start_address()) {
+                    TranslateResult::Mapped { frame: old, .. } => {
+                        Some(PhysFrame::containing_address(old.start_address()))
+                    }
+                    _ => None,
+                };
+                if old.is_some() {
+                    m.unmap(page).map_err(|_| "unmap failed")?.1.ignore();
+                }
+                let mut flags = F::PRESENT | F::USER_ACCESSIBLE | F::NO_EXECUTE;
+                if writable {
+                    flags |= F::WRITABLE;
+                }
+                // SAFETY: as above.
+                unsafe { m.map_to(page, frame, flags, &mut GlobalFrames) }
+                    .map_err(|_| "map failed")?
+                    .ignore();
+                return Ok(old);
+            }
+        }
+        .map_err(|_| "page not mapped")
+    }
+
+    /// Changes only the writable bit of `va`.
+    pub fn protect(&self, va: u64, writable: bool) -> Result<(), &'static str> {
+        let _g = self.lock.lock();
+        let mut flags = F::PRESENT | F::USER_ACCESSIBLE | F::NO_EXECUTE;
+        if writable {
+            flags |= F::WRITABLE;
+        }
+        // SAFETY: under the lock; the caller shoots the page down afterwards.
+        unsafe { self.mapper().update_flags(Self::page(va), flags) }
+            .map(|f| f.ignore())
+            .map_err(|_| "page not mapped")
+    }
+
+    /// Physical address behind `va` if mapped with user access (and write access if asked).
+    pub fn translate_user(&self, va: u64, write: bool) -> Option<PhysAddr> {
+        if !(USER_START..USER_END).contains(&va) {
+            return None;
+        }
+        let _g = self.lock.lock();
+        // SAFETY: under the lock; read-only use.
+        let m = unsafe { self.mapper() };
+        match m.translate(VirtAddr::new(va)) {
+            TranslateResult::Mapped {
+                frame,
+                offset,
+                flags,
+            } if flags.contains(F::USER_ACCESSIBLE) && (!write || flags.contains(F::WRITABLE)) => {
+                Some(frame.start_address() + offset)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Default for AddressSpace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Switches from `prev`'s address space to `next`'s (None: kernel tables). The CPU joins
+/// `next`'s set before loading it and leaves `prev`'s after, so a shootdown that reads the
+/// set never misses a CPU that might cache a translation.
+pub fn switch(
+    prev: Option<&alloc::sync::Arc<AddressSpace>>,
+    next: Option<&alloc::sync::Arc<AddressSpace>>,
+) {
+    let same = match (prev, next) {
+        (Some(a), Some(b)) => alloc::sync::Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return;
+    }
+    let bit = 1u64 << percpu::id();
+    let frame = match next {
+        Some(n) => {
+            n.cpus.fetch_or(bit, Ordering::SeqCst);
+            n.pml4
+        }
+        None => PhysFrame::containing_address(PhysAddr::new(paging::kernel_pml4())),
+    };
+    // SAFETY: both table sets map the kernel identically (slot 0 is shared), so the kernel
+    // code and stack running now stay mapped.
+    unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+    if let Some(p) = prev {
+        p.cpus.fetch_and(!bit, Ordering::SeqCst);
+    }
+}

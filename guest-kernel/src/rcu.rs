@@ -1,0 +1,308 @@
+//! Read-copy-update, non-preemptible flavour: a reader disables preemption, so any point
+//! where a CPU is preemptible (context switch, a tick that interrupted preemptible code) is
+//! a quiescent state, as are idle and user mode ("extended" quiescent states, tracked with a
+//! per-CPU counter that is even while the CPU is in one).
+//!
+//! A grace-period kthread on CPU 0 runs grace periods on demand: it snapshots every CPU's
+//! counter, then waits until each CPU was quiescent at the start, has left or entered an
+//! extended quiescent state since, or reported a quiescent state for this grace period.
+//! Callbacks queue per CPU and run in a per-CPU kthread, never inside a reader.
+//!
+//! A vCPU the host preempts inside a reader stalls grace periods: the reader's nesting stays
+//! visible in the shared region (`rcu_nesting`), and the header carries the grace-period
+//! sequence and the callback backlog, so the host can see both sides of the problem.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use shared_abi::MAX_VCPUS;
+use spin::Mutex;
+use x86_64::instructions::interrupts::without_interrupts;
+
+use crate::arch::tsc;
+use crate::sched::{self, WaitQueue};
+use crate::{percpu, shared};
+
+type Callback = Box<dyn FnOnce() + Send>;
+
+static NESTING: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
+/// Odd: in the kernel; even: idle or user mode. Starts odd.
+static EQS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(1) }; MAX_VCPUS];
+/// Last grace period each CPU reported a quiescent state for.
+static QS_GP: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+
+static GP_STARTED: AtomicU64 = AtomicU64::new(0);
+static GP_COMPLETED: AtomicU64 = AtomicU64::new(0);
+static GP_REQUESTED: AtomicU64 = AtomicU64::new(0);
+static GP_KTHREAD_WQ: WaitQueue = WaitQueue::new();
+static GP_DONE_WQ: WaitQueue = WaitQueue::new();
+
+static CBS: [Mutex<VecDeque<(u64, Callback)>>; MAX_VCPUS] =
+    [const { Mutex::new(VecDeque::new()) }; MAX_VCPUS];
+static CB_WQ: [WaitQueue; MAX_VCPUS] = [const { WaitQueue::new() }; MAX_VCPUS];
+static PENDING: AtomicU64 = AtomicU64::new(0);
+static PEAK_PENDING: AtomicU64 = AtomicU64::new(0);
+static INVOKED: AtomicU64 = AtomicU64::new(0);
+
+static GP_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
+static GP_MAX: AtomicU64 = AtomicU64::new(0);
+static GP_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// CPUs taking part (set once they run the scheduler).
+static ONLINE: AtomicU64 = AtomicU64::new(0);
+static STARTED: AtomicBool = AtomicBool::new(false);
+/// Negative control: synchronize_rcu returns without waiting (`rcu=broken`).
+static BROKEN: AtomicBool = AtomicBool::new(false);
+
+pub fn set_broken(b: bool) {
+    BROKEN.store(b, SeqCst);
+}
+
+fn cpu() -> usize {
+    percpu::id() as usize
+}
+
+/// Enters a read-side critical section (nests).
+pub fn read_lock() {
+    percpu::preempt_disable();
+    let n = NESTING[cpu()].fetch_add(1, SeqCst) + 1;
+    shared::set_rcu_nesting(n);
+}
+
+/// Leaves a read-side critical section.
+pub fn read_unlock() {
+    let n = NESTING[cpu()].fetch_sub(1, SeqCst) - 1;
+    shared::set_rcu_nesting(n);
+    percpu::preempt_enable();
+}
+
+/// A reader guard: `let _g = rcu::read();`.
+pub struct ReadGuard(());
+
+pub fn read() -> ReadGuard {
+    read_lock();
+    ReadGuard(())
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        read_unlock();
+    }
+}
+
+fn report_qs(c: usize) {
+    let started = GP_STARTED.load(SeqCst);
+    if QS_GP[c].load(SeqCst) < started {
+        QS_GP[c].store(started, SeqCst);
+    }
+}
+
+/// Context switch: a quiescent state (readers cannot be switched out). Whatever runs next
+/// runs kernel code first, so an extended quiescent state (an interrupt in idle that
+/// switches to a task) ends here.
+pub fn note_context_switch() {
+    exit_idle();
+    report_qs(cpu());
+}
+
+/// Entering idle (or user mode): an extended quiescent state. The counter becomes even.
+pub fn enter_idle() {
+    let c = cpu();
+    if EQS[c].load(SeqCst) % 2 == 1 {
+        EQS[c].fetch_add(1, SeqCst);
+    }
+}
+
+/// Leaving idle (or user mode): the counter becomes odd. Idempotent.
+pub fn exit_idle() {
+    let c = cpu();
+    if EQS[c].load(SeqCst) % 2 == 0 {
+        EQS[c].fetch_add(1, SeqCst);
+    }
+}
+
+/// From the tick: `preemptible` says whether the interrupted code could have been preempted
+/// (then it was not in a reader).
+pub fn tick(preemptible: bool) {
+    let c = cpu();
+    if preemptible && NESTING[c].load(SeqCst) == 0 {
+        report_qs(c);
+    }
+    if STARTED.load(SeqCst) && GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst) {
+        GP_KTHREAD_WQ.wake_all();
+    }
+    if c < MAX_VCPUS && !CBS[c].lock().is_empty() && callbacks_ready(c) {
+        CB_WQ[c].wake_all();
+    }
+}
+
+fn publish_state() {
+    let seq = 2 * GP_COMPLETED.load(SeqCst)
+        + (GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst)) as u64;
+    shared::set_rcu_header(seq, PENDING.load(SeqCst));
+}
+
+/// Asks for a grace period that starts after this call; returns its number.
+fn request_gp() -> u64 {
+    let target = GP_STARTED.load(SeqCst) + 1;
+    GP_REQUESTED.fetch_max(target, SeqCst);
+    GP_KTHREAD_WQ.wake_all();
+    target
+}
+
+/// Waits until every reader that started before the call has finished.
+pub fn synchronize() {
+    assert!(
+        NESTING[cpu()].load(SeqCst) == 0,
+        "synchronize_rcu inside a read-side critical section"
+    );
+    if BROKEN.load(SeqCst) {
+        return;
+    }
+    let target = request_gp();
+    GP_DONE_WQ.wait_until(|| GP_COMPLETED.load(SeqCst) >= target);
+}
+
+fn post(c: usize, target: u64, f: Callback) {
+    without_interrupts(|| CBS[c].lock().push_back((target, f)));
+    let p = PENDING.fetch_add(1, SeqCst) + 1;
+    PEAK_PENDING.fetch_max(p, SeqCst);
+    publish_state();
+}
+
+/// Runs `f` after a grace period, on this CPU, outside any reader.
+pub fn call(f: impl FnOnce() + Send + 'static) {
+    let target = request_gp();
+    post(cpu(), target, Box::new(f));
+}
+
+/// Waits until every callback queued before the call has run.
+pub fn barrier() {
+    let cpus = ONLINE.load(SeqCst);
+    let remaining = Arc::new(AtomicU32::new(cpus.count_ones()));
+    let wq = Arc::new(WaitQueue::new());
+    let target = request_gp();
+    for c in (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0) {
+        let (r, w) = (remaining.clone(), wq.clone());
+        post(
+            c,
+            target,
+            Box::new(move || {
+                r.fetch_sub(1, SeqCst);
+                w.wake_all();
+            }),
+        );
+        CB_WQ[c].wake_all();
+    }
+    wq.wait_until(|| remaining.load(SeqCst) == 0);
+}
+
+fn callbacks_ready(c: usize) -> bool {
+    let done = GP_COMPLETED.load(SeqCst);
+    without_interrupts(|| CBS[c].lock().front().is_some_and(|(t, _)| *t <= done))
+}
+
+/// Per-CPU kthread: invokes callbacks whose grace period has completed, in order.
+fn callback_thread(c: usize) {
+    loop {
+        CB_WQ[c].wait_until(|| callbacks_ready(c));
+        let done = GP_COMPLETED.load(SeqCst);
+        loop {
+            let cb = without_interrupts(|| {
+                let mut q = CBS[c].lock();
+                if q.front().is_some_and(|(t, _)| *t <= done) {
+                    q.pop_front().map(|(_, f)| f)
+                } else {
+                    None
+                }
+            });
+            let Some(f) = cb else { break };
+            // Uncount before running: a barrier's callback wakes its waiter, which must then
+            // see no callback of its own still counted.
+            PENDING.fetch_sub(1, SeqCst);
+            INVOKED.fetch_add(1, SeqCst);
+            f();
+        }
+        publish_state();
+    }
+}
+
+fn all_quiescent(n: u64, snap: &[u64; MAX_VCPUS]) -> bool {
+    let cpus = ONLINE.load(SeqCst);
+    (0..MAX_VCPUS)
+        .filter(|c| cpus & (1 << c) != 0)
+        .all(|c| snap[c] % 2 == 0 || EQS[c].load(SeqCst) != snap[c] || QS_GP[c].load(SeqCst) >= n)
+}
+
+/// The grace-period kthread.
+fn gp_thread() {
+    loop {
+        GP_KTHREAD_WQ.wait_until(|| GP_REQUESTED.load(SeqCst) > GP_COMPLETED.load(SeqCst));
+        let n = GP_COMPLETED.load(SeqCst) + 1;
+        let start = tsc::now();
+        GP_STARTED.store(n, SeqCst);
+        publish_state();
+        let mut snap = [0u64; MAX_VCPUS];
+        for (c, s) in snap.iter_mut().enumerate() {
+            *s = EQS[c].load(SeqCst);
+        }
+        // This kthread is itself preemptible here: a quiescent state for its own CPU.
+        report_qs(cpu());
+        GP_KTHREAD_WQ.wait_until(|| all_quiescent(n, &snap));
+        let took = tsc::now() - start;
+        GP_COMPLETED.store(n, SeqCst);
+        GP_MIN.fetch_min(took, SeqCst);
+        GP_MAX.fetch_max(took, SeqCst);
+        GP_TOTAL.fetch_add(took, SeqCst);
+        publish_state();
+        GP_DONE_WQ.wake_all();
+        let cpus = ONLINE.load(SeqCst);
+        for c in (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0) {
+            CB_WQ[c].wake_all();
+        }
+    }
+}
+
+/// Starts RCU for the CPUs in `cpus` (all online, scheduler running).
+/// Returns once every RCU kthread is up and waiting, so that a CPU's published state after
+/// boot is its idle state, not a kthread's first steps.
+pub fn start(cpus: &[u32]) {
+    let mut threads = alloc::vec::Vec::new();
+    for &c in cpus {
+        ONLINE.fetch_or(1 << c, SeqCst);
+        threads.push(sched::spawn(c, "rcu_cb", move || {
+            callback_thread(c as usize)
+        }));
+    }
+    threads.push(sched::spawn(cpus[0], "rcu_gp", gp_thread));
+    STARTED.store(true, SeqCst);
+    while threads.iter().any(|t| t.state() != sched::State::Blocked) {
+        sched::yield_now();
+        core::hint::spin_loop();
+    }
+}
+
+/// Counters, for results lines.
+pub struct Stats {
+    pub gps: u64,
+    pub gp_min_cycles: u64,
+    pub gp_avg_cycles: u64,
+    pub gp_max_cycles: u64,
+    pub pending: u64,
+    pub peak_pending: u64,
+    pub invoked: u64,
+}
+
+pub fn stats() -> Stats {
+    let gps = GP_COMPLETED.load(SeqCst);
+    Stats {
+        gps,
+        gp_min_cycles: if gps == 0 { 0 } else { GP_MIN.load(SeqCst) },
+        gp_avg_cycles: GP_TOTAL.load(SeqCst).checked_div(gps).unwrap_or(0),
+        gp_max_cycles: GP_MAX.load(SeqCst),
+        pending: PENDING.load(SeqCst),
+        peak_pending: PEAK_PENDING.load(SeqCst),
+        invoked: INVOKED.load(SeqCst),
+    }
+}

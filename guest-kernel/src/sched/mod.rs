@@ -1,0 +1,262 @@
+//! A preemptive per-CPU scheduler: tasks are pinned to a CPU, each CPU round-robins its run
+//! queue, the tick preempts a task whose slice is used up, and an idle task halts when
+//! nothing is ready.
+
+pub mod task;
+mod wait;
+
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use shared_abi::{VcpuMode, MAX_VCPUS};
+use spin::Mutex;
+use x86_64::instructions::interrupts;
+
+pub use task::{State, Task};
+pub use wait::WaitQueue;
+
+use crate::arch::{apic, vectors};
+use crate::percpu;
+
+/// Ticks a task may run before it is preempted in favour of another ready task.
+pub const SLICE_TICKS: u64 = 2;
+
+struct RunQueue {
+    current: Option<Arc<Task>>,
+    idle: Option<Arc<Task>>,
+    ready: VecDeque<Arc<Task>>,
+    /// The task switched away from, kept alive until the switch is over (it may be dead).
+    prev: Option<Arc<Task>>,
+}
+
+impl RunQueue {
+    const fn new() -> Self {
+        RunQueue {
+            current: None,
+            idle: None,
+            ready: VecDeque::new(),
+            prev: None,
+        }
+    }
+}
+
+static RQ: [Mutex<RunQueue>; MAX_VCPUS] = [const { Mutex::new(RunQueue::new()) }; MAX_VCPUS];
+static NEED_RESCHED: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
+static SWITCHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+
+extern "C" {
+    fn switch_context(prev_rsp: *mut u64, next_rsp: u64);
+}
+
+/// Makes the calling context this CPU's first task. `is_idle`: the context will run
+/// `idle_loop` (APs); otherwise an idle task is created for the CPU.
+pub fn init_this_cpu(name: &'static str, is_idle: bool) {
+    let cpu = percpu::id();
+    let me = Task::adopt_current(name, cpu, is_idle);
+    let idle = if is_idle {
+        me.clone()
+    } else {
+        let t = Task::new("idle", cpu, alloc::boxed::Box::new(|| idle_loop()), None);
+        t.set_state(State::Ready);
+        t
+    };
+    let mut rq = RQ[cpu as usize].lock();
+    rq.current = Some(me);
+    rq.idle = Some(idle);
+}
+
+/// The task running on this CPU.
+pub fn current() -> Arc<Task> {
+    interrupts::without_interrupts(|| {
+        RQ[percpu::id() as usize]
+            .lock()
+            .current
+            .clone()
+            .expect("scheduler not initialised")
+    })
+}
+
+/// Context switches this CPU has made.
+pub fn switches(cpu: u32) -> u64 {
+    SWITCHES[cpu as usize].load(Ordering::Relaxed)
+}
+
+/// Creates a kernel thread on `cpu` running `f`.
+pub fn spawn(cpu: u32, name: &'static str, f: impl FnOnce() + Send + 'static) -> Arc<Task> {
+    let t = Task::new(name, cpu, alloc::boxed::Box::new(f), None);
+    enqueue(t.clone());
+    t
+}
+
+/// Puts a ready task on its CPU's run queue and makes that CPU look at it.
+pub fn enqueue(t: Arc<Task>) {
+    let cpu = t.cpu;
+    interrupts::without_interrupts(|| RQ[cpu as usize].lock().ready.push_back(t));
+    NEED_RESCHED[cpu as usize].store(true, Ordering::Release);
+    if cpu != percpu::id() {
+        apic::send_ipi(cpu, vectors::RESCHEDULE);
+    }
+}
+
+/// Wakes a blocked task; false if it was not blocked.
+pub fn wake(t: &Arc<Task>) -> bool {
+    if t.transition(State::Blocked, State::Ready) {
+        enqueue(t.clone());
+        true
+    } else {
+        false
+    }
+}
+
+/// Yields until `ms` milliseconds have passed (other tasks on this CPU run meanwhile).
+pub fn sleep_ms(ms: u64) {
+    let deadline = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(ms * 1000);
+    while crate::arch::tsc::now() < deadline {
+        yield_now();
+        core::hint::spin_loop();
+    }
+}
+
+/// Gives up the CPU to the next ready task, if any.
+pub fn yield_now() {
+    schedule();
+}
+
+/// Called from the tick: charge the running task and ask for a reschedule when its slice is
+/// used up and someone else is waiting.
+pub fn tick() {
+    let cpu = percpu::id() as usize;
+    let rq = RQ[cpu].lock();
+    if let Some(cur) = rq.current.as_ref() {
+        let used = cur.slice_ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        if !rq.ready.is_empty() && (cur.is_idle || used >= SLICE_TICKS) {
+            NEED_RESCHED[cpu].store(true, Ordering::Release);
+        }
+    }
+}
+
+/// On the way out of an interrupt: switch if asked to and preemption is enabled.
+pub fn preempt_on_interrupt_return() {
+    let cpu = percpu::id() as usize;
+    if NEED_RESCHED[cpu].load(Ordering::Acquire) && percpu::preempt_count() == 0 {
+        schedule();
+    }
+}
+
+/// Picks the next task and switches to it. Interrupt state is preserved across the call.
+pub fn schedule() {
+    let was_enabled = interrupts::are_enabled();
+    interrupts::disable();
+    let cpu = percpu::id() as usize;
+    NEED_RESCHED[cpu].store(false, Ordering::Release);
+    let (prev_rsp, next_rsp) = {
+        let mut rq = RQ[cpu].lock();
+        let prev = rq.current.clone().expect("scheduler not initialised");
+        if prev.transition(State::Running, State::Ready) && !prev.is_idle {
+            rq.ready.push_back(prev.clone());
+        }
+        let next = match rq.ready.pop_front() {
+            Some(t) => t,
+            None if prev.state() == State::Ready && prev.is_idle => prev.clone(),
+            None => rq.idle.clone().expect("idle task"),
+        };
+        next.set_state(State::Running);
+        next.slice_ticks.store(0, Ordering::Relaxed);
+        if Arc::ptr_eq(&prev, &next) {
+            drop(rq);
+            if was_enabled {
+                interrupts::enable();
+            }
+            return;
+        }
+        switch_in(&prev, &next);
+        let ptrs = (prev.saved_rsp_ptr(), {
+            // SAFETY: `next` is not running (it is ours to start) and only this CPU's
+            // scheduler touches its saved stack pointer, with interrupts off.
+            unsafe { *next.saved_rsp_ptr() }
+        });
+        rq.current = Some(next);
+        rq.prev = Some(prev);
+        ptrs
+    };
+    SWITCHES[cpu].fetch_add(1, Ordering::Relaxed);
+    // SAFETY: both stack pointers belong to tasks of this CPU: `prev` is the running context
+    // (its slot receives its stack pointer), `next` was saved by an earlier switch or built
+    // by Task::new. The run-queue lock is released and interrupts are off.
+    unsafe { switch_context(prev_rsp, next_rsp) };
+    finish_switch();
+    if was_enabled {
+        interrupts::enable();
+    }
+}
+
+/// Per-switch work for the incoming task: its kernel stack for traps from user mode, its
+/// address space, the mode the host sees, and a quiescent state for RCU.
+fn switch_in(prev: &Arc<Task>, next: &Arc<Task>) {
+    if let Some(top) = next.kstack_top() {
+        percpu::set_kernel_stack(top);
+    }
+    crate::mm::aspace::switch(prev.aspace.as_ref(), next.aspace.as_ref());
+    crate::shared::set_mode(if next.is_idle {
+        VcpuMode::Idle
+    } else {
+        VcpuMode::Kernel
+    });
+    crate::rcu::note_context_switch();
+}
+
+/// Runs right after a switch, on the incoming task's stack: releases the outgoing task.
+fn finish_switch() {
+    let prev = RQ[percpu::id() as usize].lock().prev.take();
+    drop(prev);
+}
+
+/// First code of every task created with Task::new.
+#[no_mangle]
+extern "C" fn task_entry() -> ! {
+    finish_switch();
+    let me = current();
+    interrupts::enable();
+    if let Some(f) = me.take_entry() {
+        f();
+    }
+    exit(0)
+}
+
+/// Ends the calling task.
+pub fn exit(code: u64) -> ! {
+    let me = current();
+    me.mark_done(code);
+    me.joiners.wake_all();
+    interrupts::disable();
+    me.set_state(State::Dead);
+    drop(me);
+    schedule();
+    unreachable!("a dead task was scheduled again")
+}
+
+/// Waits until `t` has exited; returns its exit code.
+pub fn join(t: &Arc<Task>) -> u64 {
+    t.joiners.wait_until(|| t.is_done());
+    t.exit_code()
+}
+
+/// The idle task: halt until an interrupt, publishing `idle` to the host meanwhile. An idle
+/// CPU stays `idle` while it handles an interrupt; it becomes `kernel` when it switches to a
+/// task (`switch_in`).
+pub fn idle_loop() -> ! {
+    let cpu = percpu::id() as usize;
+    loop {
+        interrupts::disable();
+        if NEED_RESCHED[cpu].load(Ordering::Acquire) || !RQ[cpu].lock().ready.is_empty() {
+            schedule();
+            continue;
+        }
+        crate::shared::set_mode(VcpuMode::Idle);
+        crate::rcu::enter_idle();
+        // sti; hlt: the interrupt shadow keeps a wake-up from slipping in between.
+        interrupts::enable_and_hlt();
+        interrupts::disable();
+        crate::rcu::exit_idle();
+    }
+}

@@ -1,0 +1,162 @@
+//! Tasks: a kernel stack, a saved stack pointer, a state, and what to run.
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use spin::Mutex;
+
+/// Bytes of kernel stack per task.
+pub const KSTACK_SIZE: usize = 32 * 1024;
+
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Ready = 0,
+    Running = 1,
+    Blocked = 2,
+    Dead = 3,
+}
+
+impl State {
+    fn from_raw(v: u8) -> State {
+        match v {
+            0 => State::Ready,
+            1 => State::Running,
+            2 => State::Blocked,
+            _ => State::Dead,
+        }
+    }
+}
+
+pub type Entry = Box<dyn FnOnce() + Send>;
+
+pub struct Task {
+    pub id: u64,
+    pub name: &'static str,
+    /// The CPU this task runs on (tasks do not migrate).
+    pub cpu: u32,
+    pub is_idle: bool,
+    state: AtomicU8,
+    /// Stack pointer while switched out; touched only by `cpu`'s scheduler, interrupts off.
+    saved_rsp: UnsafeCell<u64>,
+    /// None for a task adopted from a boot stack.
+    kstack: Option<Box<[u64]>>,
+    entry: Mutex<Option<Entry>>,
+    /// The user address space, for user tasks.
+    pub aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
+    done: AtomicBool,
+    exit_code: AtomicU64,
+    pub joiners: crate::sched::WaitQueue,
+    /// Ticks this task has run in its current slice.
+    pub slice_ticks: AtomicU64,
+}
+
+// SAFETY: `saved_rsp` is only read or written by the scheduler of `cpu`, with interrupts
+// disabled, while the task is not running; every other field is atomic or locked.
+unsafe impl Sync for Task {}
+// SAFETY: as above; the entry closure is Send.
+unsafe impl Send for Task {}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+extern "C" {
+    fn task_trampoline();
+}
+
+impl Task {
+    /// A task that will start by calling `entry` on `cpu`.
+    pub fn new(
+        name: &'static str,
+        cpu: u32,
+        entry: Entry,
+        aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
+    ) -> Arc<Task> {
+        let mut stack = vec![0u64; KSTACK_SIZE / 8].into_boxed_slice();
+        let top = stack.len();
+        // Initial frame popped by switch_context: r15 r14 r13 r12 rbx rbp, then the return
+        // address. The stack top is 16-byte aligned, so task_trampoline starts aligned; the
+        // new task finds itself as its CPU's current task.
+        let frame = [0, 0, 0, 0, 0, 0, task_trampoline as usize as u64];
+        stack[top - frame.len()..].copy_from_slice(&frame);
+        let rsp = stack.as_ptr() as u64 + ((top - frame.len()) * 8) as u64;
+        Arc::new(Task {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name,
+            cpu,
+            is_idle: false,
+            state: AtomicU8::new(State::Ready as u8),
+            saved_rsp: UnsafeCell::new(rsp),
+            kstack: Some(stack),
+            entry: Mutex::new(Some(entry)),
+            aspace,
+            done: AtomicBool::new(false),
+            exit_code: AtomicU64::new(0),
+            joiners: crate::sched::WaitQueue::new(),
+            slice_ticks: AtomicU64::new(0),
+        })
+    }
+
+    /// The context the CPU is already running (its boot stack), as a task.
+    pub fn adopt_current(name: &'static str, cpu: u32, is_idle: bool) -> Arc<Task> {
+        Arc::new(Task {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name,
+            cpu,
+            is_idle,
+            state: AtomicU8::new(State::Running as u8),
+            saved_rsp: UnsafeCell::new(0),
+            kstack: None,
+            entry: Mutex::new(None),
+            aspace: None,
+            done: AtomicBool::new(false),
+            exit_code: AtomicU64::new(0),
+            joiners: crate::sched::WaitQueue::new(),
+            slice_ticks: AtomicU64::new(0),
+        })
+    }
+
+    pub fn state(&self) -> State {
+        State::from_raw(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, s: State) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Atomically moves `from` -> `to`; false if the state was not `from`.
+    pub fn transition(&self, from: State, to: State) -> bool {
+        self.state
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub fn saved_rsp_ptr(&self) -> *mut u64 {
+        self.saved_rsp.get()
+    }
+
+    /// Top of the kernel stack (what TSS.RSP0 must hold while the task runs user code).
+    pub fn kstack_top(&self) -> Option<u64> {
+        self.kstack
+            .as_ref()
+            .map(|s| s.as_ptr() as u64 + (s.len() * 8) as u64)
+    }
+
+    pub fn take_entry(&self) -> Option<Entry> {
+        self.entry.lock().take()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    pub fn exit_code(&self) -> u64 {
+        self.exit_code.load(Ordering::Acquire)
+    }
+
+    pub(super) fn mark_done(&self, code: u64) {
+        self.exit_code.store(code, Ordering::Release);
+        self.done.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,59 @@
+//! Wait queues: block until a condition holds, woken by whoever makes it hold.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use spin::Mutex;
+use x86_64::instructions::interrupts;
+
+use super::{current, schedule, wake, State, Task};
+
+pub struct WaitQueue {
+    waiters: Mutex<Vec<Arc<Task>>>,
+}
+
+impl Default for WaitQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WaitQueue {
+    pub const fn new() -> Self {
+        WaitQueue {
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Blocks the calling task until `cond()` is true. The task marks itself blocked and
+    /// queues itself before testing, so a wake-up between the test and the switch is not lost.
+    pub fn wait_until(&self, mut cond: impl FnMut() -> bool) {
+        let me = current();
+        loop {
+            interrupts::without_interrupts(|| {
+                me.set_state(State::Blocked);
+                self.waiters.lock().push(me.clone());
+            });
+            if cond() {
+                if !me.transition(State::Blocked, State::Running) {
+                    // Woken concurrently: it sits on the run queue; let it run through there.
+                    schedule();
+                }
+                self.remove(&me);
+                return;
+            }
+            schedule();
+        }
+    }
+
+    fn remove(&self, t: &Arc<Task>) {
+        interrupts::without_interrupts(|| self.waiters.lock().retain(|w| !Arc::ptr_eq(w, t)));
+    }
+
+    /// Wakes every waiter.
+    pub fn wake_all(&self) {
+        let waiters = interrupts::without_interrupts(|| core::mem::take(&mut *self.waiters.lock()));
+        for w in &waiters {
+            wake(w);
+        }
+    }
+}

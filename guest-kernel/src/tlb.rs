@@ -1,0 +1,141 @@
+//! TLB shootdown. Changing a user mapping flushes it locally and sends an IPI to exactly the
+//! other CPUs in the address space's CPU set; each target flushes and clears its bit in the
+//! sender's request; the sender waits for every bit.
+//!
+//! One request slot per sender (a sender waits for its request before making another). While
+//! waiting, a sender publishes whom it waits for (`ipi_wait`), keeps serving requests aimed
+//! at itself (two CPUs shooting each other down at once cannot deadlock), and past a spin
+//! threshold makes a yield hypercall naming a CPU that still owes an acknowledgement.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use shared_abi::MAX_VCPUS;
+use x86_64::instructions::tlb;
+use x86_64::VirtAddr;
+
+use crate::arch::idt::{self, TrapFrame};
+use crate::arch::{apic, tsc, vectors};
+use crate::mm::aspace::AddressSpace;
+use crate::{percpu, shared};
+
+/// Ranges longer than this are flushed whole (CR3 reload) rather than page by page.
+pub const FULL_FLUSH_PAGES: u64 = 32;
+/// Spin this long for acknowledgements before offering the CPU to a laggard.
+const SPIN_THRESHOLD_US: u64 = 50;
+
+struct Request {
+    start: AtomicU64,
+    /// 0 = flush everything.
+    pages: AtomicU64,
+    /// Targets that have not acknowledged yet.
+    pending: AtomicU64,
+}
+
+static REQUESTS: [Request; MAX_VCPUS] = [const {
+    Request {
+        start: AtomicU64::new(0),
+        pages: AtomicU64::new(0),
+        pending: AtomicU64::new(0),
+    }
+}; MAX_VCPUS];
+
+static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
+static YIELDS: AtomicU64 = AtomicU64::new(0);
+/// Negative control (`tlb=skip`): leave out one target of every shootdown.
+static SKIP_ONE_TARGET: AtomicBool = AtomicBool::new(false);
+
+pub fn set_skip_one_target(on: bool) {
+    SKIP_ONE_TARGET.store(on, SeqCst);
+}
+
+/// (shootdowns sent, yield hypercalls made while waiting).
+pub fn stats() -> (u64, u64) {
+    (SHOOTDOWNS.load(SeqCst), YIELDS.load(SeqCst))
+}
+
+fn flush_local(start: u64, pages: u64) {
+    if pages == 0 || pages > FULL_FLUSH_PAGES {
+        tlb::flush_all();
+    } else {
+        for i in 0..pages {
+            tlb::flush(VirtAddr::new(start + i * 4096));
+        }
+    }
+}
+
+/// Serves every request aimed at this CPU. Safe anywhere: flushing and acknowledging never
+/// wait for anything.
+pub fn serve_requests() {
+    let me = 1u64 << percpu::id();
+    for r in REQUESTS.iter() {
+        if r.pending.load(SeqCst) & me != 0 {
+            flush_local(r.start.load(SeqCst), r.pages.load(SeqCst));
+            r.pending.fetch_and(!me, SeqCst);
+        }
+    }
+}
+
+fn ipi(_: &mut TrapFrame) {
+    serve_requests();
+}
+
+pub fn install_handler() {
+    idt::register(vectors::TLB_SHOOTDOWN, ipi);
+}
+
+/// Flushes `pages` pages from `start` (0 pages: everything) of `aspace` on every CPU that
+/// may cache them, and returns once all have done so.
+pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) {
+    percpu::preempt_disable();
+    let me = percpu::id();
+    let cpus = aspace.cpus();
+    if cpus & (1 << me) != 0 {
+        flush_local(start, pages);
+    }
+    let mut targets = cpus & !(1 << me);
+    if SKIP_ONE_TARGET.load(SeqCst) && targets != 0 {
+        targets &= !(1 << (63 - targets.leading_zeros()));
+    }
+    if targets != 0 {
+        send_and_wait(me, targets, start, pages);
+    }
+    percpu::preempt_enable();
+}
+
+fn send_and_wait(me: u32, targets: u64, start: u64, pages: u64) {
+    let r = &REQUESTS[me as usize];
+    r.start.store(start, SeqCst);
+    r.pages.store(pages, SeqCst);
+    r.pending.store(targets, SeqCst);
+    SHOOTDOWNS.fetch_add(1, SeqCst);
+    for cpu in (0..MAX_VCPUS as u32).filter(|c| targets & (1 << c) != 0) {
+        apic::send_ipi(cpu, vectors::TLB_SHOOTDOWN);
+    }
+    shared::set_ipi_wait(targets);
+    let threshold = tsc::us_to_cycles(SPIN_THRESHOLD_US);
+    let mut since = tsc::now();
+    loop {
+        let pending = r.pending.load(SeqCst);
+        if pending == 0 {
+            break;
+        }
+        serve_requests();
+        if tsc::now() - since > threshold {
+            YIELDS.fetch_add(1, SeqCst);
+            shared::yield_to(pending.trailing_zeros());
+            since = tsc::now();
+        }
+        core::hint::spin_loop();
+    }
+    shared::set_ipi_wait(0);
+}
+
+/// Round trip of one ping IPI to `target`, in TSC cycles (for benchmarks and tests).
+pub fn ping_round_trip(target: u32) -> u64 {
+    let before = crate::irq::pings(target);
+    let t0 = tsc::now();
+    apic::send_ipi(target, vectors::PING);
+    while crate::irq::pings(target) == before {
+        core::hint::spin_loop();
+    }
+    tsc::now() - t0
+}
