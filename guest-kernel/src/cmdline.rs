@@ -5,7 +5,8 @@
 //! - `smp=N`: use CPUs 0..N instead of the ACPI MADT.
 //! - `duration=MS`: how long a torture suite runs (default 2000).
 //! - Negative controls: `rcu=broken` (synchronize_rcu returns at once), `tlb=skip`
-//!   (shootdowns leave one target out), `lock=broken` is a lock type of locktorture.
+//!   (shootdowns leave one target out), `lock=broken` (locktorture's lock excludes nothing).
+//! - `lock=ticket|mcs|broken`, `threads=N`: locktorture's lock and worker count.
 
 pub struct Cmdline<'a> {
     pub test: &'a str,
@@ -13,6 +14,10 @@ pub struct Cmdline<'a> {
     pub duration_ms: u64,
     pub rcu_broken: bool,
     pub tlb_skip: bool,
+    /// locktorture's lock: `ticket` (default), `mcs`, or the negative control `broken`.
+    pub lock: &'a str,
+    /// Worker threads of a torture suite (default: two per CPU).
+    pub threads: Option<usize>,
     /// The first word that is not understood, reported instead of silently ignored.
     pub unknown: Option<&'a str>,
 }
@@ -24,6 +29,8 @@ pub fn parse(s: &str) -> Cmdline<'_> {
         duration_ms: 2000,
         rcu_broken: false,
         tlb_skip: false,
+        lock: "ticket",
+        threads: None,
         unknown: None,
     };
     for word in s.split_ascii_whitespace() {
@@ -34,6 +41,11 @@ pub fn parse(s: &str) -> Cmdline<'_> {
             }
             Some(("smp", v)) => v.parse().map(|n| c.smp = Some(n)).is_ok(),
             Some(("duration", v)) => v.parse().map(|n| c.duration_ms = n).is_ok(),
+            Some(("threads", v)) => v.parse().map(|n| c.threads = Some(n)).is_ok(),
+            Some(("lock", v)) => {
+                c.lock = v;
+                true
+            }
             Some(("rcu", "broken")) => {
                 c.rcu_broken = true;
                 true

@@ -13,6 +13,7 @@ mod console;
 mod exit;
 mod hostile;
 mod irq;
+mod locks;
 mod mm;
 mod panic;
 mod percpu;
@@ -22,6 +23,7 @@ mod selftest;
 mod shared;
 mod smp;
 mod tlb;
+mod torture;
 mod user;
 
 use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
@@ -105,10 +107,14 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     x86_64::instructions::interrupts::enable();
     rcu::start(cpus.ids());
 
+    let threads = cmd.threads.unwrap_or(2 * cpus.ids().len());
     let ok = match cmd.test {
         "boot" => true,
         "selftest" => selftest::run_all(),
         "hostile-hypercalls" => hostile_ok & hostile::after_registration(),
+        "locktorture" => torture::lock::run(cmd.lock, threads, cmd.duration_ms),
+        "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),
+        "rcuflood" => torture::rcu::flood(1000),
         "hang" => {
             println!("hanging on purpose (test=hang)");
             arch::halt_forever()

@@ -212,8 +212,9 @@ pub fn rcu_header() -> Option<(u64, u64)> {
 }
 
 /// Offers this vCPU's time to vCPU `target`, which the caller waits for: the pvsync YieldTo
-/// hypercall when a pvsync host accepted the region, else KVM's PV sched-yield hypercall when
-/// KVM offers it, else nothing (the caller keeps spinning).
+/// hypercall when a pvsync host accepted the region, else nothing (the caller keeps
+/// spinning). KVM's own `vmcall`/`vmmcall` PV sched-yield is not used: on the nested (PVM)
+/// hosts this runs on, the hypercall instruction does not return.
 pub fn yield_to(target: u32) {
     if REGION
         .get()
@@ -222,7 +223,5 @@ pub fn yield_to(target: u32) {
         let mut port: Port<u32> = Port::new(Hypercall::YieldTo.port());
         // SAFETY: the hypercall only asks the host to run someone else; no memory effects.
         unsafe { port.write(target) };
-    } else {
-        crate::arch::kvm::sched_yield(target);
     }
 }

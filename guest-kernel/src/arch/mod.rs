@@ -3,7 +3,6 @@
 pub mod apic;
 pub mod gdt;
 pub mod idt;
-pub mod kvm;
 pub mod pic;
 pub mod tsc;
 pub mod vectors;
