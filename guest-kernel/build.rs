@@ -8,7 +8,7 @@ fn main() {
         "trampoline.S",
         "traps.S",
         "switch.S",
-        "syscall.S",
+        "user_entry.S",
         "user.S",
     ] {
         println!("cargo:rerun-if-changed=src/arch/{asm}");

@@ -7,6 +7,7 @@ extern crate alloc;
 
 mod acpi;
 mod arch;
+mod bench;
 mod bootinfo;
 mod cmdline;
 mod console;
@@ -115,6 +116,8 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "locktorture" => torture::lock::run(cmd.lock, threads, cmd.duration_ms),
         "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),
         "rcuflood" => torture::rcu::flood(1000),
+        "bench" => bench::run(),
+        "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
         "hang" => {
             println!("hanging on purpose (test=hang)");
             arch::halt_forever()

@@ -1,5 +1,4 @@
 //! Per-CPU data reached through the GS base: `gs:[0]` holds the block's own address.
-//! The first three fields have fixed offsets used by syscall.S.
 
 use alloc::boxed::Box;
 use core::arch::asm;
@@ -11,28 +10,17 @@ use x86_64::VirtAddr;
 
 use crate::arch::gdt::Selectors;
 
-/// Offsets of the fields syscall.S uses.
-pub const OFFSET_KERNEL_STACK: usize = 8;
-pub const OFFSET_USER_RSP: usize = 16;
-
 #[repr(C)]
 pub struct PerCpu {
     /// Must stay first: `this()` loads it from `gs:[0]`.
     self_ptr: *const PerCpu,
-    /// Kernel stack top of the running task (syscall entry switches to it).
-    kernel_stack: Cell<u64>,
-    /// User stack pointer, saved by syscall entry.
-    user_rsp: Cell<u64>,
     /// x2APIC ID, which is also this CPU's index in the shared region.
     pub id: u32,
     pub selectors: Selectors,
     preempt_count: Cell<u32>,
+    /// Nesting of shared-record updates on this CPU (see shared::publish).
+    publish_depth: Cell<u32>,
 }
-
-const _: () = {
-    assert!(core::mem::offset_of!(PerCpu, kernel_stack) == OFFSET_KERNEL_STACK);
-    assert!(core::mem::offset_of!(PerCpu, user_rsp) == OFFSET_USER_RSP);
-};
 
 // SAFETY: a PerCpu is only ever used by the CPU whose GS base points at it (the Cells are
 // CPU-local state; interrupt handlers that touch them restore what they change).
@@ -42,11 +30,10 @@ unsafe impl Sync for PerCpu {}
 pub fn init_this_cpu(id: u32, selectors: Selectors) {
     let block = Box::leak(Box::new(PerCpu {
         self_ptr: core::ptr::null(),
-        kernel_stack: Cell::new(0),
-        user_rsp: Cell::new(0),
         id,
         selectors,
         preempt_count: Cell::new(0),
+        publish_depth: Cell::new(0),
     }));
     block.self_ptr = block;
     GsBase::write(VirtAddr::from_ptr(block));
@@ -71,10 +58,9 @@ pub fn id() -> u32 {
     this().id
 }
 
-/// Sets the kernel stack used on entry from user mode (syscall and TSS.RSP0).
+/// Sets the kernel stack used on entry from user mode (TSS.RSP0).
 pub fn set_kernel_stack(top: u64) {
     let me = this();
-    me.kernel_stack.set(top);
     // SAFETY: the TSS is this CPU's, reachable only through this pointer; RSP0 is read by the
     // CPU only on a privilege change, which cannot happen while we run here with it.
     unsafe {
@@ -83,6 +69,11 @@ pub fn set_kernel_stack(top: u64) {
             VirtAddr::new(top),
         )
     };
+}
+
+/// This CPU's shared-record update nesting counter.
+pub fn publish_depth() -> &'static Cell<u32> {
+    &this().publish_depth
 }
 
 /// Current preempt-disable depth.

@@ -109,7 +109,7 @@ pub fn note_context_switch() {
 /// Entering idle (or user mode): an extended quiescent state. The counter becomes even.
 pub fn enter_idle() {
     let c = cpu();
-    if EQS[c].load(SeqCst) % 2 == 1 {
+    if !EQS[c].load(SeqCst).is_multiple_of(2) {
         EQS[c].fetch_add(1, SeqCst);
     }
 }
@@ -117,7 +117,7 @@ pub fn enter_idle() {
 /// Leaving idle (or user mode): the counter becomes odd. Idempotent.
 pub fn exit_idle() {
     let c = cpu();
-    if EQS[c].load(SeqCst) % 2 == 0 {
+    if EQS[c].load(SeqCst).is_multiple_of(2) {
         EQS[c].fetch_add(1, SeqCst);
     }
 }
@@ -230,9 +230,9 @@ fn callback_thread(c: usize) {
 
 fn all_quiescent(n: u64, snap: &[u64; MAX_VCPUS]) -> bool {
     let cpus = ONLINE.load(SeqCst);
-    (0..MAX_VCPUS)
-        .filter(|c| cpus & (1 << c) != 0)
-        .all(|c| snap[c] % 2 == 0 || EQS[c].load(SeqCst) != snap[c] || QS_GP[c].load(SeqCst) >= n)
+    (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0).all(|c| {
+        snap[c].is_multiple_of(2) || EQS[c].load(SeqCst) != snap[c] || QS_GP[c].load(SeqCst) >= n
+    })
 }
 
 /// The grace-period kthread.

@@ -150,6 +150,16 @@ fn timer_ticks() -> TestResult {
 }
 
 fn ipi_ping() -> TestResult {
+    // All-but-self first: every other CPU must count one more ping.
+    let before: Vec<(u32, u64)> = other_cpus().map(|c| (c, crate::irq::pings(c))).collect();
+    crate::arch::apic::send_ipi_all_but_self(crate::arch::vectors::PING);
+    let deadline = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(1_000_000);
+    while before.iter().any(|&(c, n)| crate::irq::pings(c) == n) {
+        if crate::arch::tsc::now() > deadline {
+            return Err("a broadcast ping was not handled within 1 s");
+        }
+        core::hint::spin_loop();
+    }
     for cpu in other_cpus() {
         let before = crate::irq::pings(cpu);
         crate::arch::apic::send_ipi(cpu, crate::arch::vectors::PING);
@@ -223,9 +233,42 @@ fn rcu_basics() -> TestResult {
     }
 }
 
+fn user_mode() -> TestResult {
+    use crate::mm::aspace::AddressSpace;
+    let cpu = other_cpus().next().unwrap_or(0);
+    let aspace = alloc::sync::Arc::new(AddressSpace::new());
+    crate::user::map_programs(&aspace);
+    let t = crate::user::spawn(
+        cpu,
+        "user_selftest",
+        aspace.clone(),
+        crate::user::user_selftest,
+        crate::user::USER_DATA_VA,
+        0,
+        0,
+    );
+    match crate::sched::join(&t) {
+        0 => {}
+        _ => return Err("the user program reported a failing syscall"),
+    }
+    // A user page fault (reading an unmapped page) kills the task, not the kernel.
+    let t = crate::user::spawn(
+        cpu,
+        "user_fault",
+        aspace,
+        crate::user::user_tlb_reader,
+        crate::user::USER_DATA_VA,
+        0,
+        1,
+    );
+    (crate::sched::join(&t) == 128 + 14)
+        .then_some(())
+        .ok_or("a faulting user task was not killed with #PF")
+}
+
 /// Runs every self-test; true if all passed.
 pub fn run_all() -> bool {
-    let tests: [SelfTest; 9] = [
+    let tests: [SelfTest; 10] = [
         ("frame-alloc", frame_alloc),
         ("heap", heap),
         ("paging", paging_map_unmap),
@@ -235,6 +278,7 @@ pub fn run_all() -> bool {
         ("ipi", ipi_ping),
         ("preemption", preemption),
         ("rcu", rcu_basics),
+        ("user-mode", user_mode),
     ];
     let mut passed = 0;
     for (name, test) in tests {

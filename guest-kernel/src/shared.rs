@@ -11,7 +11,6 @@ use shared_abi::{
     VcpuRecord, NO_VCPU, PAGE_SIZE,
 };
 use spin::Once;
-use x86_64::instructions::interrupts::without_interrupts;
 use x86_64::instructions::port::Port;
 
 struct Region {
@@ -99,23 +98,36 @@ fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
 }
 
 /// Updates the calling CPU's record: `f` stores fields through the raw pointer it gets.
+///
+/// Plain stores only (no interrupt masking, which is costly in a VM): only the outermost
+/// update on a CPU moves `seq`. An interrupt handler that publishes in the middle of an
+/// update (handlers only ever publish `mode`, one store) finds `seq` already odd and leaves
+/// it alone, so the host never accepts a copy taken during either.
 pub fn publish(f: impl FnOnce(*mut VcpuRecord)) {
     let Some(rec) = record_ptr(crate::percpu::id()) else {
         return;
     };
-    without_interrupts(|| {
-        // SAFETY: this CPU is the only writer of its record's guest half, interrupts are off
-        // so no handler interleaves, and the record lives forever.
-        unsafe {
-            let seq = addr_of_mut!((*rec).seq);
-            let s = read_volatile(seq);
-            write_volatile(seq, s.wrapping_add(1));
-            compiler_fence(Ordering::SeqCst);
-            f(rec);
-            compiler_fence(Ordering::SeqCst);
-            write_volatile(seq, s.wrapping_add(2));
+    let depth = crate::percpu::publish_depth();
+    let outer = depth.get() == 0;
+    depth.set(depth.get() + 1);
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: this CPU is the only writer of its record's guest half (nested updates are
+    // this CPU's interrupt handlers, ordered by the depth counter), and the record lives
+    // forever.
+    unsafe {
+        let seq = addr_of_mut!((*rec).seq);
+        if outer {
+            write_volatile(seq, read_volatile(seq).wrapping_add(1));
         }
-    });
+        compiler_fence(Ordering::SeqCst);
+        f(rec);
+        compiler_fence(Ordering::SeqCst);
+        if outer {
+            write_volatile(seq, read_volatile(seq).wrapping_add(1));
+        }
+    }
+    compiler_fence(Ordering::SeqCst);
+    depth.set(depth.get() - 1);
 }
 
 /// Publishes the calling CPU's execution mode.

@@ -39,6 +39,10 @@ static REQUESTS: [Request; MAX_VCPUS] = [const {
 }; MAX_VCPUS];
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
+/// TLB flush events per CPU: requests served, local flushes and CR3 reloads. Lets a test
+/// check the protocol (every CPU that may cache a translation flushed it) even where the
+/// hypervisor hides stale translations (shadow paging).
+static FLUSHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 static YIELDS: AtomicU64 = AtomicU64::new(0);
 /// Negative control (`tlb=skip`): leave out one target of every shootdown.
 static SKIP_ONE_TARGET: AtomicBool = AtomicBool::new(false);
@@ -52,7 +56,18 @@ pub fn stats() -> (u64, u64) {
     (SHOOTDOWNS.load(SeqCst), YIELDS.load(SeqCst))
 }
 
+/// Flush events on `cpu` so far.
+pub fn flush_count(cpu: u32) -> u64 {
+    FLUSHES[cpu as usize].load(SeqCst)
+}
+
+/// A CR3 load (which drops every non-global translation) on this CPU.
+pub fn note_cr3_reload() {
+    FLUSHES[percpu::id() as usize].fetch_add(1, SeqCst);
+}
+
 fn flush_local(start: u64, pages: u64) {
+    FLUSHES[percpu::id() as usize].fetch_add(1, SeqCst);
     if pages == 0 || pages > FULL_FLUSH_PAGES {
         tlb::flush_all();
     } else {

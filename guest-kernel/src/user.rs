@@ -1,10 +1,134 @@
-//! User tasks: what happens when user code takes an exception.
+//! User mode: user tasks running the programs of user.S, the system calls (`int $0x80`),
+//! and what happens on every crossing between user and kernel mode (the host sees the mode;
+//! RCU sees user mode as an extended quiescent state).
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use shared_abi::VcpuMode;
+use x86_64::instructions::interrupts;
+use x86_64::structures::paging::{PhysFrame, Size4KiB};
+use x86_64::PhysAddr;
 
 use crate::arch::idt::TrapFrame;
-use crate::{println, sched};
+use crate::arch::tsc;
+use crate::mm::aspace::{AddressSpace, USER_START};
+use crate::mm::frame;
+use crate::sched::{self, Task};
+use crate::{println, rcu, shared, tlb};
+
+/// Where user.S is mapped in every user address space.
+pub const USER_CODE_VA: u64 = USER_START;
+/// User stacks: one page each, a guard page apart, from here.
+pub const USER_STACKS_VA: u64 = USER_START + 0x1000_0000;
+/// Free for programs' own pages.
+pub const USER_DATA_VA: u64 = USER_START + 0x2000_0000;
+
+pub const SYS_YIELD: u64 = 0;
+pub const SYS_EXIT: u64 = 1;
+pub const SYS_WRITE: u64 = 2;
+pub const SYS_MAP: u64 = 3;
+pub const SYS_UNMAP: u64 = 4;
+pub const SYS_PROTECT: u64 = 5;
+pub const SYS_TIME: u64 = 6;
+/// Error results (as u64): bad argument, no memory.
+pub const EINVAL: u64 = u64::MAX;
+pub const ENOMEM: u64 = u64::MAX - 1;
+/// Longest write a task may make at once.
+const WRITE_MAX: usize = 256;
+
+extern "C" {
+    static __user_text_start: u8;
+    static __user_text_end: u8;
+    fn enter_user(rip: u64, rsp: u64, arg0: u64, arg1: u64) -> !;
+    pub fn user_selftest();
+    pub fn user_tlb_reader();
+    pub fn user_churn();
+}
+
+fn user_text() -> (u64, u64) {
+    (
+        core::ptr::addr_of!(__user_text_start) as u64,
+        core::ptr::addr_of!(__user_text_end) as u64,
+    )
+}
+
+/// The user address of a program of user.S.
+pub fn program_va(entry: unsafe extern "C" fn()) -> u64 {
+    USER_CODE_VA + (entry as usize as u64 - user_text().0)
+}
+
+/// Maps user.S's pages (read-only, executable) into `aspace`.
+pub fn map_programs(aspace: &AddressSpace) {
+    let (start, end) = user_text();
+    for pa in (start..end).step_by(4096) {
+        let f = PhysFrame::containing_address(PhysAddr::new(pa));
+        aspace
+            .map(USER_CODE_VA + (pa - start), f, false, true)
+            .expect("mapping user programs");
+    }
+}
+
+/// A fresh zeroed frame mapped at `va` in `aspace`; returns its physical address.
+pub fn map_zeroed(aspace: &AddressSpace, va: u64, writable: bool) -> Result<u64, u64> {
+    let f: PhysFrame<Size4KiB> = frame::alloc().ok_or(ENOMEM)?;
+    let pa = f.start_address().as_u64();
+    // SAFETY: a fresh, identity-mapped frame nobody else uses yet.
+    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, 4096) };
+    match aspace.map(va, f, writable, false) {
+        Ok(()) => Ok(pa),
+        Err(_) => {
+            // SAFETY: the frame was never mapped.
+            unsafe { frame::free(f) };
+            Err(EINVAL)
+        }
+    }
+}
+
+/// Starts a user task on `cpu` running `entry(arg0, arg1)` in `aspace`, with stack slot
+/// `stack_slot`.
+pub fn spawn(
+    cpu: u32,
+    name: &'static str,
+    aspace: Arc<AddressSpace>,
+    entry: unsafe extern "C" fn(),
+    arg0: u64,
+    arg1: u64,
+    stack_slot: u64,
+) -> Arc<Task> {
+    let rip = program_va(entry);
+    let stack_va = USER_STACKS_VA + stack_slot * 2 * 4096;
+    map_zeroed(&aspace, stack_va, true).expect("mapping a user stack");
+    let t = Task::new(
+        name,
+        cpu,
+        alloc::boxed::Box::new(move || {
+            interrupts::disable();
+            kernel_exit();
+            // SAFETY: the task's address space is loaded (switch_in) and maps `rip` (user.S)
+            // and the stack page below `stack_va + 4096`; interrupts are off until iretq.
+            unsafe { enter_user(rip, stack_va + 4096, arg0, arg1) }
+        }),
+        Some(aspace),
+    );
+    sched::enqueue(t.clone());
+    t
+}
+
+/// On entry to the kernel from user mode.
+pub fn kernel_entry() {
+    rcu::exit_idle();
+    shared::set_mode(VcpuMode::Kernel);
+}
+
+/// Right before returning to user mode (interrupts off).
+pub fn kernel_exit() {
+    shared::set_mode(VcpuMode::User);
+    rcu::enter_idle();
+}
 
 /// An exception in user mode kills the task, not the kernel.
 pub fn user_exception(frame: &mut TrapFrame) {
+    kernel_entry();
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     let t = sched::current();
     println!(
@@ -12,5 +136,85 @@ pub fn user_exception(frame: &mut TrapFrame) {
         t.id, t.name, frame.vector, frame.error_code, frame.rip, cr2
     );
     drop(t);
+    interrupts::enable();
     sched::exit(128 + frame.vector)
+}
+
+/// Copies up to WRITE_MAX bytes from user memory, page by page through `aspace`'s tables.
+fn copy_from_user(aspace: &AddressSpace, va: u64, len: u64) -> Option<Vec<u8>> {
+    if len as usize > WRITE_MAX {
+        return None;
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    for a in va..va.checked_add(len)? {
+        let pa = aspace.translate_user(a, false)?;
+        // SAFETY: `pa` is RAM mapped user-readable in the task's space, identity-mapped.
+        out.push(unsafe { core::ptr::read_volatile(pa.as_u64() as *const u8) });
+    }
+    Some(out)
+}
+
+fn page_arg(va: u64) -> Option<u64> {
+    (va.is_multiple_of(4096) && (USER_DATA_VA..crate::mm::aspace::USER_END).contains(&va))
+        .then_some(va)
+}
+
+fn syscall(nr: u64, a0: u64, a1: u64) -> u64 {
+    let me = sched::current();
+    let Some(aspace) = me.aspace.clone() else {
+        return EINVAL;
+    };
+    match nr {
+        SYS_YIELD => {
+            sched::yield_now();
+            0
+        }
+        SYS_EXIT => {
+            drop((me, aspace));
+            sched::exit(a0)
+        }
+        SYS_WRITE => match copy_from_user(&aspace, a0, a1) {
+            Some(bytes) => {
+                println!(
+                    "[user {}] {}",
+                    me.id,
+                    core::str::from_utf8(&bytes).unwrap_or("<not utf-8>")
+                );
+                a1
+            }
+            None => EINVAL,
+        },
+        SYS_MAP => match page_arg(a0) {
+            Some(va) => map_zeroed(&aspace, va, a1 != 0).map_or_else(|e| e, |_| 0),
+            None => EINVAL,
+        },
+        SYS_UNMAP => match page_arg(a0).map(|va| aspace.update(va, None)) {
+            Some(Ok(Some(old))) => {
+                tlb::shootdown(&aspace, a0, 1);
+                // SAFETY: unmapped and shot down everywhere: no CPU can reach it any more.
+                unsafe { frame::free(old) };
+                0
+            }
+            _ => EINVAL,
+        },
+        SYS_PROTECT => match page_arg(a0).map(|va| aspace.protect(va, a1 != 0)) {
+            Some(Ok(())) => {
+                tlb::shootdown(&aspace, a0, 1);
+                0
+            }
+            _ => EINVAL,
+        },
+        SYS_TIME => tsc::now_ns().max(1),
+        _ => EINVAL,
+    }
+}
+
+/// `int $0x80` from user mode (interrupts off): number in rax, arguments in rdi and rsi,
+/// result in rax. The user task may be switched out inside (yield, waits).
+pub fn syscall_trap(frame: &mut TrapFrame) {
+    kernel_entry();
+    interrupts::enable();
+    frame.rax = syscall(frame.rax, frame.rdi, frame.rsi);
+    interrupts::disable();
+    kernel_exit();
 }

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The guest's self-tests (`test=selftest`), in the order it runs them.
-pub const SELFTESTS: [&str; 9] = [
+pub const SELFTESTS: [&str; 10] = [
     "frame-alloc",
     "heap",
     "paging",
@@ -23,6 +23,7 @@ pub const SELFTESTS: [&str; 9] = [
     "ipi",
     "preemption",
     "rcu",
+    "user-mode",
 ];
 
 /// Workspace root (the directory of the top-level Cargo.toml).

@@ -18,8 +18,6 @@ const IST_STACK_SIZE: usize = 16 * 1024;
 pub struct Selectors {
     pub kernel_code: SegmentSelector,
     pub kernel_data: SegmentSelector,
-    pub user_data: SegmentSelector,
-    pub user_code: SegmentSelector,
     pub tss: SegmentSelector,
     /// This CPU's TSS (RSP0 changes on every switch to a user task).
     pub tss_ptr: *mut TaskStateSegment,
@@ -40,16 +38,16 @@ pub fn init_this_cpu() -> Selectors {
     let gdt: &'static mut GlobalDescriptorTable = Box::leak(Box::new(GlobalDescriptorTable::new()));
     let kernel_code = gdt.append(Descriptor::kernel_code_segment());
     let kernel_data = gdt.append(Descriptor::kernel_data_segment());
-    let user_data = gdt.append(Descriptor::user_data_segment());
-    let user_code = gdt.append(Descriptor::user_code_segment());
+    // User data then user code, at 0x18 and 0x20: user_entry.S builds its iret frame with
+    // these selectors (RPL 3).
+    gdt.append(Descriptor::user_data_segment());
+    gdt.append(Descriptor::user_code_segment());
     // SAFETY: the TSS is leaked (lives forever) and is only written through `tss_ptr`, at
     // fields the CPU reads on privilege changes.
     let tss = gdt.append(unsafe { Descriptor::tss_segment_unchecked(tss_ptr) });
     let selectors = Selectors {
         kernel_code,
         kernel_data,
-        user_data,
-        user_code,
         tss,
         tss_ptr,
     };

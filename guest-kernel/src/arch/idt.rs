@@ -96,6 +96,10 @@ fn build() -> InterruptDescriptorTable {
             vmm_communication_exception = 29,
             security_exception = 30,
         );
+        // User mode may execute int3 (the system-call trap, see user.rs).
+        idt.breakpoint
+            .set_handler_addr(stub(3))
+            .set_privilege_level(x86_64::PrivilegeLevel::Ring3);
         idt.double_fault
             .set_handler_addr(stub(8))
             .set_stack_index(DOUBLE_FAULT_IST_INDEX);
@@ -144,6 +148,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         0..=31 => exception(frame),
         v if v == super::apic::SPURIOUS_VECTOR as u64 => {}
         v => {
+            let user = from_user(frame);
+            if user {
+                crate::user::kernel_entry();
+            }
             let h = HANDLERS[v as usize & 0xff].load(Ordering::Acquire);
             if h == 0 {
                 crate::println!(
@@ -157,6 +165,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             }
             super::apic::eoi();
             crate::sched::preempt_on_interrupt_return();
+            if user {
+                crate::user::kernel_exit();
+            }
         }
     }
 }
@@ -167,6 +178,10 @@ pub fn from_user(frame: &TrapFrame) -> bool {
 }
 
 fn exception(frame: &mut TrapFrame) {
+    if from_user(frame) && frame.vector == 3 {
+        crate::user::syscall_trap(frame);
+        return;
+    }
     if from_user(frame) {
         crate::user::user_exception(frame);
         return;

@@ -28,6 +28,13 @@ global_asm!(
 );
 global_asm!(include_str!("traps.S"), options(att_syntax));
 global_asm!(include_str!("switch.S"), options(att_syntax));
+global_asm!(
+    include_str!("user_entry.S"),
+    user_ss = const 0x18 | 3,
+    user_cs = const 0x20 | 3,
+    options(att_syntax)
+);
+global_asm!(include_str!("user.S"), options(att_syntax));
 
 extern "C" {
     static ap_trampoline_start: u8;

@@ -21,6 +21,11 @@ trap_stubs:
 .endr
 
 trap_common:
+    /* From user mode (CS.RPL = 3, CS at 24(%rsp) here): switch to the kernel GS base. */
+    testb $3, 24(%rsp)
+    jz 1f
+    swapgs
+1:
     push %rax
     push %rbx
     push %rcx
@@ -55,4 +60,8 @@ trap_common:
     pop %rbx
     pop %rax
     add $16, %rsp                   /* vector and error code */
+    testb $3, 8(%rsp)               /* back to user mode: restore the user GS base */
+    jz 2f
+    swapgs
+2:
     iretq

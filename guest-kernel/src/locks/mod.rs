@@ -39,6 +39,8 @@ pub fn pv_stats() -> (u64, u64, u64) {
 /// A lock algorithm. `lock` returns with preemption disabled; `unlock` re-enables it.
 pub trait RawLock: Sync {
     const NAME: &'static str;
+    /// Whether `holder` is meaningful (not for the broken lock).
+    const TRACKS_HOLDER: bool = true;
     fn lock(&self);
     fn unlock(&self);
     /// The CPU believed to hold the lock, or NO_VCPU.
@@ -80,6 +82,7 @@ pub struct BrokenLock;
 
 impl RawLock for BrokenLock {
     const NAME: &'static str = "broken";
+    const TRACKS_HOLDER: bool = false;
     fn lock(&self) {
         percpu::preempt_disable();
     }

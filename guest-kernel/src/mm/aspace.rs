@@ -4,6 +4,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Mutex;
 use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::page_table::PageTableEntry;
 use x86_64::structures::paging::{
     mapper::TranslateResult, Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as F,
     PhysFrame, Size4KiB, Translate,
@@ -96,44 +97,62 @@ impl AddressSpace {
         .map_err(|_| "page already mapped or out of memory")
     }
 
-    /// Changes `va`'s PTE with `f` under the lock and returns the old frame. The caller must
-    /// shoot the page down on `cpus()` before reusing the old frame.
+    /// The leaf entry for `va`, walking this space's tables. Callers hold `lock` while they
+    /// use it.
+    fn leaf(&self, va: u64) -> Option<*mut PageTableEntry> {
+        let v = VirtAddr::new(va);
+        let mut table = self.pml4.start_address().as_u64() as *const PageTable;
+        for index in [v.p4_index(), v.p3_index(), v.p2_index()] {
+            // SAFETY: page-table frames are identity-mapped and owned by this space; the
+            // caller holds the lock, so nobody changes them under us.
+            let e = unsafe { &(&*table)[index] };
+            if !e.flags().contains(F::PRESENT) || e.flags().contains(F::HUGE_PAGE) {
+                return None;
+            }
+            table = e.addr().as_u64() as *const PageTable;
+        }
+        // SAFETY: as above.
+        let e = unsafe { &(&*table)[v.p1_index()] };
+        e.flags()
+            .contains(F::PRESENT)
+            .then_some(e as *const PageTableEntry as *mut PageTableEntry)
+    }
+
+    /// Points `va` at `new` (writable or not) with one PTE store, or unmaps it (`None`), and
+    /// returns the old frame. Readers see the old page or the new one, never a hole. The
+    /// caller must shoot the page down on `cpus()` before reusing the old frame.
     pub fn update(
         &self,
         va: u64,
         new: Option<(PhysFrame, bool)>,
     ) -> Result<Option<PhysFrame>, &'static str> {
-        let _g = self.lock.lock();
         let page = Self::page(va);
-        // SAFETY: under the lock; the caller flushes TLBs before the old frame is reused.
-        let mut m = unsafe { self.mapper() };
+        let _g = self.lock.lock();
         match new {
-            None => m.unmap(page).map(|(f, fl)| {
+            None => {
+                // SAFETY: under the lock; the caller flushes TLBs before the frame is reused.
+                let (f, fl) = unsafe { self.mapper() }
+                    .unmap(page)
+                    .map_err(|_| "page not mapped")?;
                 fl.ignore();
-                Some(f)
-            }),
+                Ok(Some(f))
+            }
             Some((frame, writable)) => {
-                let old = match m.translate(page.start_address()) {
-                    TranslateResult::Mapped { frame: old, .. } => {
-                        Some(PhysFrame::containing_address(old.start_address()))
-                    }
-                    _ => None,
-                };
-                if old.is_some() {
-                    m.unmap(page).map_err(|_| "unmap failed")?.1.ignore();
-                }
+                let e = self.leaf(va).ok_or("page not mapped")?;
                 let mut flags = F::PRESENT | F::USER_ACCESSIBLE | F::NO_EXECUTE;
                 if writable {
                     flags |= F::WRITABLE;
                 }
-                // SAFETY: as above.
-                unsafe { m.map_to(page, frame, flags, &mut GlobalFrames) }
-                    .map_err(|_| "map failed")?
-                    .ignore();
-                return Ok(old);
+                // SAFETY: the entry lives in a table frame of this space and we hold the
+                // lock; set_addr is one aligned 8-byte store, so the MMU sees old or new.
+                let old = unsafe {
+                    let old = PhysFrame::containing_address((*e).addr());
+                    (*e).set_addr(frame.start_address(), flags);
+                    old
+                };
+                Ok(Some(old))
             }
         }
-        .map_err(|_| "page not mapped")
     }
 
     /// Changes only the writable bit of `va`.
@@ -202,6 +221,7 @@ pub fn switch(
     // SAFETY: both table sets map the kernel identically (slot 0 is shared), so the kernel
     // code and stack running now stay mapped.
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+    crate::tlb::note_cr3_reload();
     if let Some(p) = prev {
         p.cpus.fetch_and(!bit, Ordering::SeqCst);
     }

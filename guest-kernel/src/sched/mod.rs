@@ -135,10 +135,15 @@ pub fn tick() {
     }
 }
 
-/// On the way out of an interrupt: switch if asked to and preemption is enabled.
+/// On the way out of an interrupt: switch if asked to and preemption is enabled. Never in
+/// the middle of a shared-record update (its sequence counter is odd until it ends, and the
+/// update must not interleave with another task's).
 pub fn preempt_on_interrupt_return() {
     let cpu = percpu::id() as usize;
-    if NEED_RESCHED[cpu].load(Ordering::Acquire) && percpu::preempt_count() == 0 {
+    if NEED_RESCHED[cpu].load(Ordering::Acquire)
+        && percpu::preempt_count() == 0
+        && percpu::publish_depth().get() == 0
+    {
         schedule();
     }
 }

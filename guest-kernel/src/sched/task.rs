@@ -78,7 +78,7 @@ impl Task {
         // Initial frame popped by switch_context: r15 r14 r13 r12 rbx rbp, then the return
         // address. The stack top is 16-byte aligned, so task_trampoline starts aligned; the
         // new task finds itself as its CPU's current task.
-        let frame = [0, 0, 0, 0, 0, 0, task_trampoline as usize as u64];
+        let frame = [0, 0, 0, 0, 0, 0, task_trampoline as *const () as u64];
         stack[top - frame.len()..].copy_from_slice(&frame);
         let rsp = stack.as_ptr() as u64 + ((top - frame.len()) * 8) as u64;
         Arc::new(Task {

@@ -44,8 +44,17 @@ fn torture<L: RawLock + 'static>(
             sched::spawn(super::cpu_for(i), "locktorture", move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let mut g = lock.lock();
+                    // Odd threads use the irq-save variant.
+                    let mut g = if i % 2 == 1 {
+                        lock.lock_irqsave()
+                    } else {
+                        lock.lock()
+                    };
                     if in_cs.fetch_add(1, Ordering::SeqCst) != 0 {
+                        fails.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Holder tracking: the lock must name this CPU while we hold it.
+                    if L::TRACKS_HOLDER && lock.raw().holder() != crate::percpu::id() {
                         fails.fetch_add(1, Ordering::Relaxed);
                     }
                     let v = *g;

@@ -3,6 +3,7 @@
 
 pub mod lock;
 pub mod rcu;
+pub mod tlb;
 
 use alloc::vec::Vec;
 

@@ -186,6 +186,9 @@ pub fn flood(per_cpu: u64) -> bool {
     let st = rcu::stats();
     let posted = per_cpu * cpus.len() as u64;
     let got = invoked.load(Relaxed);
-    println!("RESULT rcuflood posted={posted} invoked={got} peak_pending={peak} pending_after_barrier={}", st.pending);
+    println!(
+        "RESULT rcuflood posted={posted} invoked={got} peak_pending={peak} pending_after_barrier={} total_invoked={}",
+        st.pending, st.invoked
+    );
     got == posted && st.pending == 0
 }

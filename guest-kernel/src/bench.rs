@@ -1,0 +1,162 @@
+//! `test=bench`: guest-side latencies in TSC cycles (medians), for `run.sh bench guest`,
+//! which runs it with one vCPU per host core and with 2x overcommit, side by side.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::arch::tsc;
+use crate::locks::{RawLock, SpinLock, TicketLock};
+use crate::mm::aspace::AddressSpace;
+use crate::user::{self, USER_DATA_VA};
+use crate::{println, rcu, sched, tlb, torture};
+
+const ROUNDS: usize = 200;
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+static LOCK: SpinLock<u64, TicketLock> = SpinLock::new(TicketLock::new(), 0);
+
+fn ipi_round_trip() -> u64 {
+    let Some(&target) = torture::cpus().get(1) else {
+        return 0;
+    };
+    median((0..ROUNDS).map(|_| tlb::ping_round_trip(target)).collect())
+}
+
+/// Shootdown latency with user tasks of one address space on `targets` other CPUs.
+fn shootdown(targets: usize) -> u64 {
+    let cpus = torture::cpus();
+    if cpus.len() < 2 || targets == 0 {
+        return 0;
+    }
+    let aspace = Arc::new(AddressSpace::new());
+    user::map_programs(&aspace);
+    let page = crate::mm::frame::alloc().expect("bench frame");
+    aspace.map(USER_DATA_VA, page, false, false).expect("map");
+    let mut counters = Vec::new();
+    let tasks: Vec<_> = (0..targets)
+        .map(|i| {
+            let cva = USER_DATA_VA + 0x10_0000 + i as u64 * 4096;
+            counters.push(user::map_zeroed(&aspace, cva, true).expect("counter"));
+            let cpu = cpus[1 + i % (cpus.len() - 1)];
+            user::spawn(
+                cpu,
+                "bench_reader",
+                aspace.clone(),
+                user::user_tlb_reader,
+                USER_DATA_VA,
+                cva,
+                i as u64,
+            )
+        })
+        .collect();
+    // Wait until every reader runs (its CPU joined the address space).
+    while (aspace.cpus().count_ones() as usize) < targets.min(cpus.len() - 1) {
+        sched::yield_now();
+    }
+    let samples = (0..ROUNDS)
+        .map(|_| {
+            let t0 = tsc::now();
+            tlb::shootdown(&aspace, USER_DATA_VA, 1);
+            tsc::now() - t0
+        })
+        .collect();
+    for &c in &counters {
+        // SAFETY: the counter pages are this benchmark's frames; the stop word is at +16.
+        unsafe { core::ptr::write_volatile((c + 16) as *mut u64, 1) };
+    }
+    tasks.iter().for_each(|t| {
+        sched::join(t);
+    });
+    median(samples)
+}
+
+fn lock_uncontended() -> u64 {
+    median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t0 = tsc::now();
+                LOCK.raw().lock();
+                let t = tsc::now() - t0;
+                LOCK.raw().unlock();
+                t
+            })
+            .collect(),
+    )
+}
+
+/// Median acquire latency with one hammering thread per CPU.
+fn lock_contended() -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(spin::Mutex::new(Vec::new()));
+    let threads: Vec<_> = torture::cpus()
+        .into_iter()
+        .map(|c| {
+            let (stop, samples) = (stop.clone(), samples.clone());
+            sched::spawn(c, "bench_lock", move || {
+                let mut mine = Vec::with_capacity(ROUNDS);
+                while !stop.load(Ordering::Relaxed) && mine.len() < ROUNDS {
+                    let t0 = tsc::now();
+                    let mut g = LOCK.lock();
+                    mine.push(tsc::now() - t0);
+                    *g += 1;
+                    for _ in 0..200 {
+                        core::hint::spin_loop();
+                    }
+                }
+                samples.lock().extend(mine);
+            })
+        })
+        .collect();
+    threads.iter().for_each(|t| {
+        sched::join(t);
+    });
+    stop.store(true, Ordering::Relaxed);
+    let all = core::mem::take(&mut *samples.lock());
+    median(all)
+}
+
+fn sync_rcu() -> (u64, u64) {
+    let samples: Vec<u64> = (0..20)
+        .map(|_| {
+            let t0 = tsc::now();
+            rcu::synchronize();
+            tsc::now() - t0
+        })
+        .collect();
+    let max = samples.iter().copied().max().unwrap_or(0);
+    (median(samples), max)
+}
+
+/// What two back-to-back TSC reads cost: the floor of every figure here (RDTSC may exit to
+/// the hypervisor).
+fn clock_overhead() -> u64 {
+    median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t0 = tsc::now();
+                tsc::now() - t0
+            })
+            .collect(),
+    )
+}
+
+pub fn run() -> bool {
+    let cpus = torture::cpus().len();
+    let clock = clock_overhead();
+    let ipi = ipi_round_trip();
+    let sd1 = shootdown(1);
+    let sdn = shootdown(cpus.saturating_sub(1));
+    let lu = lock_uncontended();
+    let lc = lock_contended();
+    let (rcu_med, rcu_max) = sync_rcu();
+    println!(
+        "RESULT bench cpus={cpus} tsc_khz={} clock_overhead={clock} ipi_rtt={ipi} shootdown_1={sd1} shootdown_n={sdn} lock_uncontended={lu} lock_contended={lc} sync_rcu={rcu_med} sync_rcu_max={rcu_max}",
+        tsc::khz()
+    );
+    true
+}

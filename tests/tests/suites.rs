@@ -1,0 +1,158 @@
+//! Torture suites and their negative controls, under pvsync with more vCPUs than host cores
+//! (overcommitted) and under stock QEMU/KVM. Each suite must print SUCCESS and exit 0; each
+//! negative control must be caught (FAILURE, exit 1). Duration per run: PVSYNC_TORTURE_MS
+//! (default 1000; longer runs find rarer bugs).
+
+use pvsync_tests::{field, pvsync_guest, qemu_guest, require_kvm, Output, QemuMachine};
+use shared_abi::ExitCode;
+
+/// vCPUs per VM: twice the host cores of CI machines (2), i.e. overcommitted.
+const VCPUS: u32 = 4;
+
+fn duration() -> String {
+    std::env::var("PVSYNC_TORTURE_MS").unwrap_or_else(|_| "1000".into())
+}
+
+#[derive(Clone, Copy)]
+enum Host {
+    Pvsync,
+    Qemu,
+}
+
+fn run(host: Host, cmdline: &str) -> Output {
+    let cmdline = format!("{cmdline} duration={}", duration());
+    match host {
+        Host::Pvsync => pvsync_guest(VCPUS, 256, &cmdline),
+        Host::Qemu => qemu_guest(QemuMachine::Microvm, VCPUS, 256, &cmdline),
+    }
+}
+
+fn exited(out: &Output, host: Host, code: ExitCode) -> bool {
+    match host {
+        Host::Pvsync => out.status == Some(code as i32),
+        Host::Qemu => out.status == Some(code.qemu_status()),
+    }
+}
+
+/// Runs `cmdline`; returns the `RESULT <suite>` line after checking the verdict.
+fn suite(host: Host, cmdline: &str, suite: &str, must_pass: bool) -> String {
+    let out = run(host, cmdline);
+    out.check(
+        !out.timed_out && !out.all().contains("panicked") && !out.stdout.contains("PANIC"),
+        "hang or panic",
+    );
+    let (code, verdict) = if must_pass {
+        (ExitCode::Success, "SUCCESS")
+    } else {
+        (ExitCode::Failure, "FAILURE")
+    };
+    out.check(
+        exited(&out, host, code),
+        &format!("{cmdline}: expected exit for {verdict}"),
+    );
+    out.check(
+        out.stdout.lines().any(|l| l == verdict),
+        &format!("{cmdline}: expected {verdict}"),
+    );
+    out.line(&format!("RESULT {suite}"))
+        .unwrap_or_else(|| panic!("no RESULT {suite} line"))
+        .to_owned()
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+fn locktorture(host: Host, lock: &str) {
+    let r = suite(
+        host,
+        &format!("test=locktorture lock={lock}"),
+        "locktorture",
+        true,
+    );
+    assert_eq!(num(&r, "fail"), 0, "{r}");
+    assert!(num(&r, "total") > 0, "{r}");
+}
+
+fn locktorture_broken(host: Host) {
+    let r = suite(host, "test=locktorture lock=broken", "locktorture", false);
+    assert!(num(&r, "fail") > 0, "the broken lock must be caught: {r}");
+}
+
+fn rcutorture(host: Host) {
+    let r = suite(host, "test=rcutorture", "rcutorture", true);
+    assert_eq!(num(&r, "bad_pipe"), 0, "{r}");
+    assert_eq!(num(&r, "freed_seen"), 0, "{r}");
+    assert!(num(&r, "gps") > 0 && num(&r, "updates") > 0, "{r}");
+}
+
+fn rcutorture_broken(host: Host) {
+    let r = suite(host, "test=rcutorture rcu=broken", "rcutorture", false);
+    assert!(
+        num(&r, "bad_pipe") + num(&r, "freed_seen") > 0,
+        "an early synchronize_rcu must be caught: {r}"
+    );
+}
+
+fn rcuflood(host: Host) {
+    let r = suite(host, "test=rcuflood", "rcuflood", true);
+    assert_eq!(num(&r, "posted"), num(&r, "invoked"), "{r}");
+    assert_eq!(num(&r, "pending_after_barrier"), 0, "{r}");
+}
+
+fn tlbtorture(host: Host) {
+    let r = suite(host, "test=tlbtorture", "tlbtorture", true);
+    assert_eq!(num(&r, "stale"), 0, "{r}");
+    assert_eq!(num(&r, "missed_flushes"), 0, "{r}");
+    assert!(num(&r, "reads") > 0 && num(&r, "shootdowns") > 0, "{r}");
+}
+
+fn tlbtorture_skip(host: Host) {
+    let r = suite(host, "test=tlbtorture tlb=skip", "tlbtorture", false);
+    assert!(
+        num(&r, "stale") + num(&r, "missed_flushes") > 0,
+        "a skipped target must be caught: {r}"
+    );
+}
+
+macro_rules! on_both {
+    ($($name:ident => $body:expr;)*) => {
+        mod pvsync {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if require_kvm(concat!("pvsync::", stringify!($name))) {
+                        let f: fn(Host) = $body;
+                        f(Host::Pvsync);
+                    }
+                }
+            )*
+        }
+        mod qemu {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if require_kvm(concat!("qemu::", stringify!($name))) {
+                        let f: fn(Host) = $body;
+                        f(Host::Qemu);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both! {
+    locktorture_ticket => |h| locktorture(h, "ticket");
+    locktorture_mcs => |h| locktorture(h, "mcs");
+    locktorture_broken_lock_is_caught => locktorture_broken;
+    rcutorture_passes => rcutorture;
+    rcutorture_early_synchronize_is_caught => rcutorture_broken;
+    rcuflood_drains => rcuflood;
+    tlbtorture_passes => tlbtorture;
+    tlbtorture_skipped_target_is_caught => tlbtorture_skip;
+}
