@@ -4,7 +4,7 @@
 #
 #   ./run.sh                 build, then boot 4 vCPUs (self-tests) and 64 vCPUs (boot), dumping the shared region
 #   ./run.sh test            install what a fresh machine lacks, then run every test
-#   ./run.sh bench [boot]    the boot benchmark: pvsync vs QEMU/KVM, side by side
+#   ./run.sh bench [boot|guest|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x overcommit
 #   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -74,7 +74,9 @@ bench)
     what=${2:-boot}
     case "$what" in
     boot) cargo bench -p pvsync-tests --bench boot ;;
-    *) echo "unknown benchmark '$what' (known: boot)" >&2; exit 2 ;;
+    guest) cargo bench -p pvsync-tests --bench guest ;;
+    all) cargo bench -p pvsync-tests --bench boot && cargo bench -p pvsync-tests --bench guest ;;
+    *) echo "unknown benchmark '$what' (known: boot, guest, all)" >&2; exit 2 ;;
     esac
     ;;
 qemu)
@@ -89,7 +91,7 @@ qemu)
     echo "qemu exit status ${status:-0} (1 = guest success)"
     ;;
 *)
-    echo "usage: ./run.sh [main | test | bench [boot] | qemu [QEMU ARGS]]" >&2
+    echo "usage: ./run.sh [main | test | bench [boot|guest|all] | qemu [QEMU ARGS]]" >&2
     exit 2
     ;;
 esac
