@@ -39,10 +39,10 @@ static REQUESTS: [Request; MAX_VCPUS] = [const {
 }; MAX_VCPUS];
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
-/// TLB flush events per CPU: requests served, local flushes and CR3 reloads. Lets a test
-/// check the protocol (every CPU that may cache a translation flushed it) even where the
-/// hypervisor hides stale translations (shadow paging).
-static FLUSHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+/// CR3 reloads per CPU (each drops every non-global translation). With the set of CPUs a
+/// shootdown reached, lets a test check the protocol even where the hypervisor hides stale
+/// translations (shadow paging).
+static CR3_RELOADS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 static YIELDS: AtomicU64 = AtomicU64::new(0);
 /// Negative control (`tlb=skip`): leave out one target of every shootdown.
 static SKIP_ONE_TARGET: AtomicBool = AtomicBool::new(false);
@@ -56,18 +56,17 @@ pub fn stats() -> (u64, u64) {
     (SHOOTDOWNS.load(SeqCst), YIELDS.load(SeqCst))
 }
 
-/// Flush events on `cpu` so far.
-pub fn flush_count(cpu: u32) -> u64 {
-    FLUSHES[cpu as usize].load(SeqCst)
+/// CR3 reloads on `cpu` so far.
+pub fn cr3_reloads(cpu: u32) -> u64 {
+    CR3_RELOADS[cpu as usize].load(SeqCst)
 }
 
 /// A CR3 load (which drops every non-global translation) on this CPU.
 pub fn note_cr3_reload() {
-    FLUSHES[percpu::id() as usize].fetch_add(1, SeqCst);
+    CR3_RELOADS[percpu::id() as usize].fetch_add(1, SeqCst);
 }
 
 fn flush_local(start: u64, pages: u64) {
-    FLUSHES[percpu::id() as usize].fetch_add(1, SeqCst);
     if pages == 0 || pages > FULL_FLUSH_PAGES {
         tlb::flush_all();
     } else {
@@ -80,13 +79,17 @@ fn flush_local(start: u64, pages: u64) {
 /// Serves every request aimed at this CPU. Safe anywhere: flushing and acknowledging never
 /// wait for anything.
 pub fn serve_requests() {
-    let me = 1u64 << percpu::id();
-    for r in REQUESTS.iter() {
-        if r.pending.load(SeqCst) & me != 0 {
-            flush_local(r.start.load(SeqCst), r.pages.load(SeqCst));
-            r.pending.fetch_and(!me, SeqCst);
+    // Interrupts off: a TLB IPI nesting in here could serve and acknowledge the request this
+    // loop is reading, and this loop would then acknowledge the sender's next one unflushed.
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        let me = 1u64 << percpu::id();
+        for r in REQUESTS.iter() {
+            if r.pending.load(SeqCst) & me != 0 {
+                flush_local(r.start.load(SeqCst), r.pages.load(SeqCst));
+                r.pending.fetch_and(!me, SeqCst);
+            }
         }
-    }
+    })
 }
 
 fn ipi(_: &mut TrapFrame) {
@@ -98,10 +101,13 @@ pub fn install_handler() {
 }
 
 /// Flushes `pages` pages from `start` (0 pages: everything) of `aspace` on every CPU that
-/// may cache them, and returns once all have done so.
-pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) {
+/// may cache them, and returns once all have done so. Returns the CPUs that flushed.
+pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) -> u64 {
     percpu::preempt_disable();
     let me = percpu::id();
+    // The PTE change (a plain store) must be visible before the CPU set is read: a CPU that
+    // joins later then walks the new PTE. x86 lets a load pass an earlier store; mfence.
+    core::sync::atomic::fence(SeqCst);
     let cpus = aspace.cpus();
     if cpus & (1 << me) != 0 {
         flush_local(start, pages);
@@ -114,6 +120,7 @@ pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) {
         send_and_wait(me, targets, start, pages);
     }
     percpu::preempt_enable();
+    (cpus & (1 << me)) | targets
 }
 
 fn send_and_wait(me: u32, targets: u64, start: u64, pages: u64) {

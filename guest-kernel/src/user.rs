@@ -109,6 +109,7 @@ pub fn spawn(
             unsafe { enter_user(rip, stack_va + 4096, arg0, arg1) }
         }),
         Some(aspace),
+        false,
     );
     sched::enqueue(t.clone());
     t
@@ -140,18 +141,12 @@ pub fn user_exception(frame: &mut TrapFrame) {
     sched::exit(128 + frame.vector)
 }
 
-/// Copies up to WRITE_MAX bytes from user memory, page by page through `aspace`'s tables.
+/// Copies up to WRITE_MAX bytes from user memory.
 fn copy_from_user(aspace: &AddressSpace, va: u64, len: u64) -> Option<Vec<u8>> {
     if len as usize > WRITE_MAX {
         return None;
     }
-    let mut out = Vec::with_capacity(len as usize);
-    for a in va..va.checked_add(len)? {
-        let pa = aspace.translate_user(a, false)?;
-        // SAFETY: `pa` is RAM mapped user-readable in the task's space, identity-mapped.
-        out.push(unsafe { core::ptr::read_volatile(pa.as_u64() as *const u8) });
-    }
-    Some(out)
+    aspace.read_user(va, len as usize)
 }
 
 fn page_arg(va: u64) -> Option<u64> {

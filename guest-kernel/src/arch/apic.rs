@@ -103,8 +103,16 @@ pub fn send_startup(dest: u32, page: u8) {
     );
 }
 
+/// x2APIC ICR writes are not ordered after earlier stores (SDM; Linux's weak_wrmsr_fence):
+/// without this, a target could take the IPI before it can see what the IPI announces.
+fn ipi_fence() {
+    // SAFETY: fences only order memory accesses.
+    unsafe { core::arch::asm!("mfence", "lfence", options(nostack, preserves_flags)) };
+}
+
 /// Sends a fixed interrupt `vector` to CPU `dest`.
 pub fn send_ipi(dest: u32, vector: u8) {
+    ipi_fence();
     wrmsr(
         X2APIC_ICR,
         ((dest as u64) << 32) | ICR_LEVEL_ASSERT | vector as u64,
@@ -113,6 +121,7 @@ pub fn send_ipi(dest: u32, vector: u8) {
 
 /// Sends a fixed interrupt `vector` to every CPU but the caller.
 pub fn send_ipi_all_but_self(vector: u8) {
+    ipi_fence();
     wrmsr(
         X2APIC_ICR,
         ICR_ALL_BUT_SELF | ICR_LEVEL_ASSERT | vector as u64,

@@ -182,7 +182,8 @@ fn exception(frame: &mut TrapFrame) {
         crate::user::syscall_trap(frame);
         return;
     }
-    if from_user(frame) {
+    // NMI, debug and machine check are not the user task's doing.
+    if from_user(frame) && !matches!(frame.vector, 1 | 2 | 18) {
         crate::user::user_exception(frame);
         return;
     }

@@ -123,6 +123,16 @@ impl RawLock for McsLock {
 
     fn unlock(&self) {
         let me = self.owner_node.load(Relaxed);
+        let cpu = percpu::id() as usize;
+        // Nodes are per-CPU stack slots: only the most recent acquisition may be released.
+        let top = DEPTH[cpu]
+            .load(Relaxed)
+            .checked_sub(1)
+            .expect("MCS unlock without lock");
+        assert!(
+            core::ptr::eq(me, &NODES[cpu][top]),
+            "MCS locks released out of order on cpu {cpu}"
+        );
         releasing(&self.holder);
         // SAFETY: `me` is our own node (we hold the lock).
         let node = unsafe { &*me };

@@ -168,24 +168,32 @@ impl AddressSpace {
             .map_err(|_| "page not mapped")
     }
 
-    /// Physical address behind `va` if mapped with user access (and write access if asked).
-    pub fn translate_user(&self, va: u64, write: bool) -> Option<PhysAddr> {
-        if !(USER_START..USER_END).contains(&va) {
-            return None;
-        }
+    /// Copies `len` bytes at user address `va`, holding the lock so that no page can be
+    /// unmapped and reused mid-copy. None if any byte is not user-readable.
+    pub fn read_user(&self, va: u64, len: usize) -> Option<alloc::vec::Vec<u8>> {
         let _g = self.lock.lock();
         // SAFETY: under the lock; read-only use.
         let m = unsafe { self.mapper() };
-        match m.translate(VirtAddr::new(va)) {
-            TranslateResult::Mapped {
-                frame,
-                offset,
-                flags,
-            } if flags.contains(F::USER_ACCESSIBLE) && (!write || flags.contains(F::WRITABLE)) => {
-                Some(frame.start_address() + offset)
+        let mut out = alloc::vec::Vec::with_capacity(len);
+        for a in va..va.checked_add(len as u64)? {
+            if !(USER_START..USER_END).contains(&a) {
+                return None;
             }
-            _ => None,
+            match m.translate(VirtAddr::new(a)) {
+                TranslateResult::Mapped {
+                    frame,
+                    offset,
+                    flags,
+                } if flags.contains(F::USER_ACCESSIBLE) => {
+                    let pa = frame.start_address() + offset;
+                    // SAFETY: RAM mapped user-readable in this space, identity-mapped, and
+                    // kept mapped by the lock.
+                    out.push(unsafe { core::ptr::read_volatile(pa.as_u64() as *const u8) });
+                }
+                _ => return None,
+            }
         }
+        Some(out)
     }
 }
 

@@ -56,7 +56,13 @@ pub fn init_this_cpu(name: &'static str, is_idle: bool) {
     let idle = if is_idle {
         me.clone()
     } else {
-        let t = Task::new("idle", cpu, alloc::boxed::Box::new(|| idle_loop()), None);
+        let t = Task::new(
+            "idle",
+            cpu,
+            alloc::boxed::Box::new(|| idle_loop()),
+            None,
+            true,
+        );
         t.set_state(State::Ready);
         t
     };
@@ -81,9 +87,22 @@ pub fn switches(cpu: u32) -> u64 {
     SWITCHES[cpu as usize].load(Ordering::Relaxed)
 }
 
+/// Creates a kernel thread on `cpu` running `f`; its exit code (see `join`) is what `f`
+/// returns.
+pub fn spawn_returning(
+    cpu: u32,
+    name: &'static str,
+    f: impl FnOnce() -> u64 + Send + 'static,
+) -> Arc<Task> {
+    spawn(cpu, name, move || {
+        let code = f();
+        current().set_exit_code(code);
+    })
+}
+
 /// Creates a kernel thread on `cpu` running `f`.
 pub fn spawn(cpu: u32, name: &'static str, f: impl FnOnce() + Send + 'static) -> Arc<Task> {
-    let t = Task::new(name, cpu, alloc::boxed::Box::new(f), None);
+    let t = Task::new(name, cpu, alloc::boxed::Box::new(f), None, false);
     enqueue(t.clone());
     t
 }
@@ -150,6 +169,10 @@ pub fn preempt_on_interrupt_return() {
 
 /// Picks the next task and switches to it. Interrupt state is preserved across the call.
 pub fn schedule() {
+    assert!(
+        percpu::preempt_count() == 0,
+        "schedule with preemption disabled (sleeping in a reader or under a spinlock)"
+    );
     let was_enabled = interrupts::are_enabled();
     interrupts::disable();
     let cpu = percpu::id() as usize;
@@ -220,12 +243,14 @@ fn finish_switch() {
 #[no_mangle]
 extern "C" fn task_entry() -> ! {
     finish_switch();
-    let me = current();
+    // Not held across exit(), which never returns: the task must be freeable.
+    let f = current().take_entry();
     interrupts::enable();
-    if let Some(f) = me.take_entry() {
+    if let Some(f) = f {
         f();
     }
-    exit(0)
+    let code = current().exit_code();
+    exit(code)
 }
 
 /// Ends the calling task.

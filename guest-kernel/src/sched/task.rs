@@ -72,20 +72,25 @@ impl Task {
         cpu: u32,
         entry: Entry,
         aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
+        is_idle: bool,
     ) -> Arc<Task> {
         let mut stack = vec![0u64; KSTACK_SIZE / 8].into_boxed_slice();
-        let top = stack.len();
+        // The heap guarantees 8-byte alignment only: round the top down to 16.
+        let mut top = stack.len();
+        if !(stack.as_ptr() as usize + top * 8).is_multiple_of(16) {
+            top -= 1;
+        }
         // Initial frame popped by switch_context: r15 r14 r13 r12 rbx rbp, then the return
         // address. The stack top is 16-byte aligned, so task_trampoline starts aligned; the
         // new task finds itself as its CPU's current task.
         let frame = [0, 0, 0, 0, 0, 0, task_trampoline as *const () as u64];
-        stack[top - frame.len()..].copy_from_slice(&frame);
+        stack[top - frame.len()..top].copy_from_slice(&frame);
         let rsp = stack.as_ptr() as u64 + ((top - frame.len()) * 8) as u64;
         Arc::new(Task {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
             cpu,
-            is_idle: false,
+            is_idle,
             state: AtomicU8::new(State::Ready as u8),
             saved_rsp: UnsafeCell::new(rsp),
             kstack: Some(stack),
@@ -153,6 +158,10 @@ impl Task {
 
     pub fn exit_code(&self) -> u64 {
         self.exit_code.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_exit_code(&self, code: u64) {
+        self.exit_code.store(code, Ordering::Release);
     }
 
     pub(super) fn mark_done(&self, code: u64) {

@@ -28,20 +28,29 @@ impl WaitQueue {
     /// queues itself before testing, so a wake-up between the test and the switch is not lost.
     pub fn wait_until(&self, mut cond: impl FnMut() -> bool) {
         let me = current();
+        let irq_was_enabled = interrupts::are_enabled();
         loop {
-            interrupts::without_interrupts(|| {
-                me.set_state(State::Blocked);
-                self.waiters.lock().push(me.clone());
-            });
+            // Interrupts stay off from "blocked" to the switch: a preemption in between would
+            // take this task off the CPU without queueing it, and a wake-up already spent
+            // would leave it asleep for good.
+            interrupts::disable();
+            me.set_state(State::Blocked);
+            self.waiters.lock().push(me.clone());
             if cond() {
                 if !me.transition(State::Blocked, State::Running) {
                     // Woken concurrently: it sits on the run queue; let it run through there.
                     schedule();
                 }
                 self.remove(&me);
-                return;
+                break;
             }
             schedule();
+            if irq_was_enabled {
+                interrupts::enable();
+            }
+        }
+        if irq_was_enabled {
+            interrupts::enable();
         }
     }
 

@@ -41,7 +41,7 @@ fn torture<L: RawLock + 'static>(
     let workers: Vec<_> = (0..threads)
         .map(|i| {
             let (stop, in_cs, fails) = (stop.clone(), in_cs.clone(), fails.clone());
-            sched::spawn(super::cpu_for(i), "locktorture", move || {
+            sched::spawn_returning(super::cpu_for(i), "locktorture", move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     // Odd threads use the irq-save variant.
@@ -66,7 +66,7 @@ fn torture<L: RawLock + 'static>(
                     drop(g);
                     n += 1;
                 }
-                sched::exit(n)
+                n
             })
         })
         .collect();

@@ -87,14 +87,18 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
                     }
                     drop(g);
                     s.hist[(age as usize).min(PIPE_LEN)].fetch_add(1, Relaxed);
-                    s.reads.fetch_add(1, Relaxed);
+                    if s.reads.fetch_add(1, Relaxed) % 64 == 63 {
+                        // Block now and then, outside the reader: the context-switch (and
+                        // idle) quiescent-state paths get exercised too.
+                        sched::yield_now();
+                    }
                 }
             })
         })
         .collect();
 
     let ws = s.clone();
-    let writer = sched::spawn(super::cpu_for(readers), "rcu_writer", move || {
+    let writer = sched::spawn_returning(super::cpu_for(readers), "rcu_writer", move || {
         let mut removed = Removed(Vec::new());
         let mut graveyard = Vec::new();
         let mut n = 0u64;
@@ -114,6 +118,10 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
                 while done_by_callback.load(SeqCst) < want && !ws.stop.load(Relaxed) {
                     sched::yield_now();
                 }
+                if done_by_callback.load(SeqCst) < want {
+                    // Stopped before the grace period ended: nothing may be aged.
+                    break;
+                }
             } else {
                 rcu::synchronize();
             }
@@ -128,7 +136,7 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
             // new_elem via Box::into_raw.
             drop(unsafe { Box::from_raw(e) });
         }
-        sched::exit(n)
+        n
     });
 
     sched::sleep_ms(duration_ms);
@@ -158,7 +166,7 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         us(st.gp_max_cycles),
         st.peak_pending
     );
-    bad_pipe == 0 && freed_seen == 0 && updates > 0
+    bad_pipe == 0 && freed_seen == 0 && updates > 0 && s.reads.load(Relaxed) > 0
 }
 
 pub fn flood(per_cpu: u64) -> bool {
