@@ -131,7 +131,17 @@ pub fn publish(f: impl FnOnce(*mut VcpuRecord)) {
 }
 
 /// Publishes the calling CPU's execution mode.
+/// Skips the update when the mode is unchanged: an idle CPU woken by its tick then writes
+/// nothing (and is never caught mid-update by a host snapshot while it idles).
 pub fn set_mode(mode: VcpuMode) {
+    let Some(rec) = record_ptr(crate::percpu::id()) else {
+        return;
+    };
+    // SAFETY: this CPU is the only writer of its record's guest half; reading it back is a
+    // plain volatile load of our own store.
+    if unsafe { read_volatile(addr_of!((*rec).mode)) } == mode as u8 {
+        return;
+    }
     // SAFETY: `rec` is this CPU's record, handed over by `publish`.
     publish(|rec| unsafe { write_volatile(addr_of_mut!((*rec).mode), mode as u8) });
 }
