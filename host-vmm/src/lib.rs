@@ -10,6 +10,7 @@ pub mod cli;
 pub mod devices;
 pub mod hypercall;
 pub mod loader;
+pub mod policy;
 pub mod shared_region;
 pub mod vcpu;
 pub mod vm;

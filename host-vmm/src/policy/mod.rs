@@ -1,0 +1,183 @@
+//! Boost policies: pure functions from what the host knows (a validated shared-region
+//! snapshot, the backend's view of each vCPU, a clock) to decisions ("run vCPU v next, for
+//! this reason"). They never learn which backend runs the vCPUs (the VMM's slot scheduler or
+//! the host Linux scheduler), and they never trust a guest-written field that failed
+//! validation.
+//!
+//! ```
+//! use host_vmm::policy::{by_name, Cpl, Input, VcpuState};
+//! let mut kvm = by_name("kvm").unwrap();
+//! // vCPU 1 was preempted in user mode with an IPI pending: KVM's rule skips it...
+//! let vcpus = [
+//!     VcpuState { id: 0, ..VcpuState::running() },
+//!     VcpuState { id: 1, cpl: Cpl::User, interrupt_pending: true, ..VcpuState::preempted() },
+//! ];
+//! let input = Input { now: 0, vcpus: &vcpus, shared: None };
+//! assert_eq!(kvm.on_spin(&input, 0, None), None);
+//! // ...and the upstream fix (kvm-ipi) boosts it.
+//! let mut fixed = by_name("kvm-ipi").unwrap();
+//! assert_eq!(fixed.on_spin(&input, 0, None).map(|b| b.vcpu), Some(1));
+//! ```
+
+mod kvm;
+mod pv;
+
+pub use kvm::KvmPolicy;
+pub use pv::{PvPolicy, PvThresholds};
+
+use crate::shared_region::Snapshot;
+
+/// Host time in nanoseconds (the backend's clock; tests use a fake one).
+pub type Nanos = u64;
+
+/// Privilege level of a descheduled vCPU, as read from KVM (KVM_GET_SREGS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cpl {
+    Kernel,
+    User,
+    Unknown,
+}
+
+/// What the backend knows about one vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuState {
+    pub id: u32,
+    /// Runnable but not running: the backend took its CPU away.
+    pub preempted: bool,
+    /// Halted or otherwise not runnable: boosting it would achieve nothing.
+    pub blocked: bool,
+    /// Its CPL when it was descheduled.
+    pub cpl: Cpl,
+    /// An interrupt is pending or being delivered to it (e.g. an IPI the backend injected).
+    pub interrupt_pending: bool,
+    /// It is itself in a spin loop (a spin exit or yield hypercall in progress).
+    pub in_spin_loop: bool,
+}
+
+impl VcpuState {
+    /// A running vCPU (not a candidate).
+    pub const fn running() -> Self {
+        VcpuState {
+            id: 0,
+            preempted: false,
+            blocked: false,
+            cpl: Cpl::Kernel,
+            interrupt_pending: false,
+            in_spin_loop: false,
+        }
+    }
+
+    /// A preempted vCPU in kernel mode.
+    pub const fn preempted() -> Self {
+        VcpuState {
+            preempted: true,
+            ..Self::running()
+        }
+    }
+
+    /// Whether giving it a CPU can help: preempted and runnable.
+    pub fn candidate(&self) -> bool {
+        self.preempted && !self.blocked
+    }
+}
+
+/// One look at a VM.
+pub struct Input<'a> {
+    pub now: Nanos,
+    /// Indexed by vCPU id.
+    pub vcpus: &'a [VcpuState],
+    /// The shared region, if the guest registered one and the snapshot could be taken.
+    pub shared: Option<&'a Snapshot>,
+}
+
+/// Why a vCPU is boosted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BoostReason {
+    /// KVM-style directed yield to a preempted kernel-mode vCPU.
+    DirectedYield,
+    /// KVM-style directed yield to a user-mode vCPU with an interrupt pending (the upstream fix).
+    UserModeWithInterrupt,
+    /// The vCPU a spinner named in its YieldTo hypercall.
+    NamedBySpinner,
+    /// The holder of a lock someone spins on.
+    LockHolder,
+    /// It owes an IPI acknowledgement to a waiting sender.
+    IpiAckOwed,
+    /// A preempted RCU reader while a grace period is overdue or callbacks pile up.
+    RcuReader,
+}
+
+impl BoostReason {
+    pub const ALL: [BoostReason; 6] = [
+        BoostReason::DirectedYield,
+        BoostReason::UserModeWithInterrupt,
+        BoostReason::NamedBySpinner,
+        BoostReason::LockHolder,
+        BoostReason::IpiAckOwed,
+        BoostReason::RcuReader,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            BoostReason::DirectedYield => "directed-yield",
+            BoostReason::UserModeWithInterrupt => "user-mode-with-interrupt",
+            BoostReason::NamedBySpinner => "named-by-spinner",
+            BoostReason::LockHolder => "lock-holder",
+            BoostReason::IpiAckOwed => "ipi-ack-owed",
+            BoostReason::RcuReader => "rcu-reader",
+        }
+    }
+}
+
+/// "Run `vcpu` next (for a bounded budget), because `reason`."
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Boost {
+    pub vcpu: u32,
+    pub reason: BoostReason,
+}
+
+/// A boost policy. Implementations are deterministic functions of their inputs and their own
+/// small state (round-robin position, when a grace period was first seen in progress).
+pub trait BoostPolicy: Send {
+    fn name(&self) -> &'static str;
+    /// `spinner` spins (a spin exit, or a YieldTo hypercall naming `named`): whom to run.
+    fn on_spin(&mut self, input: &Input, spinner: u32, named: Option<u32>) -> Option<Boost>;
+    /// A periodic look: vCPUs to boost now. Each vCPU appears at most once.
+    fn on_tick(&mut self, input: &Input) -> Vec<Boost>;
+}
+
+/// Round robin only: never boosts.
+#[derive(Debug, Default)]
+pub struct NoBoost;
+
+impl BoostPolicy for NoBoost {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn on_spin(&mut self, _: &Input, _: u32, _: Option<u32>) -> Option<Boost> {
+        None
+    }
+    fn on_tick(&mut self, _: &Input) -> Vec<Boost> {
+        Vec::new()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("unknown boost policy '{0}' (known: none, kvm, kvm-ipi, pv)")]
+    Unknown(String),
+}
+
+/// The policy called `name`.
+pub fn by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
+    Ok(match name {
+        "none" => Box::new(NoBoost),
+        "kvm" => Box::new(KvmPolicy::new(false)),
+        "kvm-ipi" => Box::new(KvmPolicy::new(true)),
+        "pv" => Box::new(PvPolicy::new(PvThresholds::default())),
+        other => return Err(PolicyError::Unknown(other.to_string())),
+    })
+}
+
+#[cfg(test)]
+mod tests;
