@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::vm::{self, Outcome, VmConfig};
+use crate::vm::{self, Outcome, RunReport, VmConfig};
 
 /// Process exit status when the VMM itself fails (bad image, bad configuration, KVM error).
 pub const EXIT_HOST_ERROR: i32 = 70;
@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Print the decoded shared region when the guest stops.
     #[arg(long)]
     pub dump_shared: bool,
+    /// Write per-vCPU metrics (run time, runnable-wait time, timeslices, yields) as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
 }
 
 /// Parses `args` and runs; returns the process exit status. Guest serial output goes to
@@ -101,6 +104,20 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             }
         }
     }
+    if a.dump_shared || a.metrics.is_some() {
+        let _ = write!(log, "{}", metrics_table(&report));
+    }
+    if let Some(path) = &a.metrics {
+        let json = metrics_json(&report);
+        if let Err(e) = std::fs::write(path, json.to_string() + "\n") {
+            let _ = writeln!(
+                log,
+                "pvsync: error: writing metrics to {}: {e}",
+                path.display()
+            );
+            return EXIT_HOST_ERROR;
+        }
+    }
     let yields: u64 = report.yields_to.iter().sum();
     if yields > 0 {
         let _ = writeln!(
@@ -142,4 +159,61 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             EXIT_GUEST_CRASH
         }
     }
+}
+
+fn outcome_json(o: &Outcome) -> serde_json::Value {
+    match o {
+        Outcome::GuestExit(code) => serde_json::json!({ "kind": "guest-exit", "code": code }),
+        Outcome::Timeout(t) => serde_json::json!({ "kind": "timeout", "seconds": t.as_secs() }),
+        Outcome::GuestCrash { vcpu, reason } => {
+            serde_json::json!({ "kind": "guest-crash", "vcpu": vcpu, "reason": reason })
+        }
+        Outcome::VmmFault { vcpu, reason } => {
+            serde_json::json!({ "kind": "vmm-fault", "vcpu": vcpu, "reason": reason })
+        }
+    }
+}
+
+/// The run as JSON: outcome, elapsed time, and per vCPU what the host gave it.
+pub fn metrics_json(r: &RunReport) -> serde_json::Value {
+    let vcpus: Vec<serde_json::Value> = r
+        .vcpu_stats
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({
+                "vcpu": i,
+                "run_ns": s.run_ns,
+                "runnable_wait_ns": s.wait_ns,
+                "timeslices": s.slices,
+                "yield_to_hypercalls_naming_it": r.yields_to.get(i).copied().unwrap_or(0),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "outcome": outcome_json(&r.outcome),
+        "elapsed_ns": r.elapsed.as_nanos() as u64,
+        "unclaimed_io": r.unclaimed_io,
+        "invalid_shared_records": r.shared.as_ref().map(|s| s.invalid_records()),
+        "vcpus": vcpus,
+    })
+}
+
+/// Per-vCPU run and wait times as a table.
+pub fn metrics_table(r: &RunReport) -> String {
+    let mut s = format!(
+        "{:>5} {:>12} {:>14} {:>10} {:>8}\n",
+        "vcpu", "run ms", "runnable ms", "slices", "yields"
+    );
+    for (i, st) in r.vcpu_stats.iter().enumerate() {
+        s += &format!(
+            "{:>5} {:>12.1} {:>14.1} {:>10} {:>8}\n",
+            i,
+            st.run_ns as f64 / 1e6,
+            st.wait_ns as f64 / 1e6,
+            st.slices,
+            r.yields_to.get(i).copied().unwrap_or(0)
+        );
+    }
+    s
 }

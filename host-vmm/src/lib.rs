@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod cli;
 pub mod devices;
+pub mod hoststat;
 pub mod hypercall;
 pub mod loader;
 pub mod policy;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, regs};
 use crate::devices::PioBus;
+use crate::hoststat::{self, SchedStat, ThreadStat};
 use crate::hypercall::HypercallHost;
 use crate::loader::{self, KernelInfo};
 use crate::shared_region::{self, Registration, Snapshot};
@@ -101,6 +102,8 @@ pub struct RunReport {
     pub unclaimed_io: u64,
     /// YieldTo hypercalls naming each vCPU.
     pub yields_to: Vec<u64>,
+    /// What the host scheduler gave each vCPU thread during the run (empty if unavailable).
+    pub vcpu_stats: Vec<SchedStat>,
 }
 
 /// State the vCPU threads share.
@@ -121,6 +124,8 @@ pub struct VmShared {
     unclaimed_mmio: AtomicU64,
     /// YieldTo hypercalls naming each vCPU.
     yields_to: Vec<AtomicU64>,
+    /// Host thread id of each vCPU thread (0 until it starts).
+    tids: Vec<AtomicI32>,
 }
 
 impl VmShared {
@@ -310,6 +315,7 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         stop: AtomicBool::new(false),
         unclaimed_mmio: AtomicU64::new(0),
         yields_to: (0..config.vcpus).map(|_| AtomicU64::new(0)).collect(),
+        tids: (0..config.vcpus).map(|_| AtomicI32::new(0)).collect(),
     });
 
     let started = Instant::now();
@@ -319,6 +325,8 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         let t = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                vm_shared.tids[i].store(unsafe { libc::gettid() }, Ordering::Release);
                 let vm_ref = Arc::clone(&vm_shared);
                 let run =
                     std::panic::catch_unwind(AssertUnwindSafe(|| vcpu::run(i as u8, fd, vm_ref)));
@@ -344,8 +352,16 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         }
     }
 
+    let monitor = {
+        let vm_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("vcpu-monitor".into())
+            .spawn(move || monitor(&vm_shared))
+            .map_err(VmError::Thread)?
+    };
     let outcome = wait_for_outcome(&shared, config.timeout);
     stop_vcpus(threads, &outcome)?;
+    let vcpu_stats = monitor.join().unwrap_or_default();
     shared.pio.flush();
     let elapsed = started.elapsed();
 
@@ -365,7 +381,55 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         shared: snapshot,
         unclaimed_io,
         yields_to,
+        vcpu_stats,
     })
+}
+
+/// Samples each vCPU thread's schedstat until the VM stops, publishing the host fields of
+/// the shared records; returns each thread's totals over the run.
+fn monitor(vm: &VmShared) -> Vec<SchedStat> {
+    let n = vm.tids.len();
+    let mut files: Vec<Option<ThreadStat>> = (0..n).map(|_| None).collect();
+    let mut first: Vec<Option<SchedStat>> = vec![None; n];
+    let mut last: Vec<SchedStat> = vec![SchedStat::default(); n];
+    while !vm.stopping() {
+        std::thread::sleep(hoststat::INTERVAL);
+        let reg = vm.registration();
+        for i in 0..n {
+            if files[i].is_none() {
+                let tid = vm.tids[i].load(Ordering::Acquire);
+                files[i] = (tid != 0).then(|| ThreadStat::open(tid).ok()).flatten();
+            }
+            let Some(now) = files[i].as_mut().and_then(ThreadStat::read) else {
+                continue;
+            };
+            let base = *first[i].get_or_insert(now);
+            let waited = now
+                .wait_ns
+                .saturating_sub(last[i].wait_ns.max(base.wait_ns));
+            last[i] = now;
+            if let Some(reg) = &reg {
+                let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL);
+                hoststat::publish(
+                    &vm.mem,
+                    reg,
+                    i as u32,
+                    preempted,
+                    now.wait_ns - base.wait_ns,
+                );
+            }
+        }
+    }
+    (0..n)
+        .map(|i| match first[i] {
+            Some(b) => SchedStat {
+                run_ns: last[i].run_ns.saturating_sub(b.run_ns),
+                wait_ns: last[i].wait_ns.saturating_sub(b.wait_ns),
+                slices: last[i].slices.saturating_sub(b.slices),
+            },
+            None => SchedStat::default(),
+        })
+        .collect()
 }
 
 fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
