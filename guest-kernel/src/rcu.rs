@@ -265,8 +265,8 @@ fn gp_thread() {
 }
 
 /// Starts RCU for the CPUs in `cpus` (all online, scheduler running).
-/// Returns once every RCU kthread is up and waiting, so that a CPU's published state after
-/// boot is its idle state, not a kthread's first steps.
+/// Returns once every RCU kthread is up, waiting, and switched away from, so that a CPU's
+/// published state after boot is its idle state, not a kthread's first steps.
 pub fn start(cpus: &[u32]) {
     let mut threads = alloc::vec::Vec::new();
     for &c in cpus {
@@ -277,7 +277,10 @@ pub fn start(cpus: &[u32]) {
     }
     threads.push(sched::spawn(cpus[0], "rcu_gp", gp_thread));
     STARTED.store(true, SeqCst);
-    while threads.iter().any(|t| t.state() != sched::State::Blocked) {
+    while threads
+        .iter()
+        .any(|t| t.state() != sched::State::Blocked || sched::is_running(t))
+    {
         sched::yield_now();
         core::hint::spin_loop();
     }

@@ -82,6 +82,18 @@ pub fn current() -> Arc<Task> {
     })
 }
 
+/// Whether `t` is the task its CPU is running. The switch away from a task publishes the next
+/// task's mode under the same run-queue lock, so once this is false that publish is complete.
+pub fn is_running(t: &Arc<Task>) -> bool {
+    interrupts::without_interrupts(|| {
+        RQ[t.cpu as usize]
+            .lock()
+            .current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, t))
+    })
+}
+
 /// Context switches this CPU has made.
 pub fn switches(cpu: u32) -> u64 {
     SWITCHES[cpu as usize].load(Ordering::Relaxed)
