@@ -104,9 +104,13 @@ fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
 /// update (handlers only ever publish `mode`, one store) finds `seq` already odd and leaves
 /// it alone, so the host never accepts a copy taken during either.
 pub fn publish(f: impl FnOnce(*mut VcpuRecord)) {
-    let Some(rec) = record_ptr(crate::percpu::id()) else {
-        return;
-    };
+    if let Some(rec) = record_ptr(crate::percpu::id()) {
+        publish_at(rec, f);
+    }
+}
+
+/// `publish` for a record pointer the caller already looked up (this CPU's own).
+fn publish_at(rec: *mut VcpuRecord, f: impl FnOnce(*mut VcpuRecord)) {
     let depth = crate::percpu::publish_depth();
     let outer = depth.get() == 0;
     depth.set(depth.get() + 1);
@@ -142,8 +146,10 @@ pub fn set_mode(mode: VcpuMode) {
     if unsafe { read_volatile(addr_of!((*rec).mode)) } == mode as u8 {
         return;
     }
-    // SAFETY: `rec` is this CPU's record, handed over by `publish`.
-    publish(|rec| unsafe { write_volatile(addr_of_mut!((*rec).mode), mode as u8) });
+    // SAFETY: `rec` is this CPU's record, handed over by `publish_at`.
+    publish_at(rec, |rec| unsafe {
+        write_volatile(addr_of_mut!((*rec).mode), mode as u8)
+    });
 }
 
 /// Attempts before a record that keeps changing (or stays odd) is given up on.
