@@ -5,10 +5,10 @@
 //! run with interrupts off so that an interrupt handler never nests inside one.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
 use shared_abi::{
-    record_offset, region_size, HostFlags, Hypercall, HypercallStatus, PageHeader, VcpuMode,
-    VcpuRecord, NO_VCPU, PAGE_SIZE,
+    record_offset, region_size, HostFlags, Hypercall, HypercallStatus, IpiDest, IpiRequest,
+    PageHeader, VcpuMode, VcpuRecord, NO_VCPU, PAGE_SIZE,
 };
 use spin::Once;
 use x86_64::instructions::port::Port;
@@ -20,6 +20,15 @@ struct Region {
 }
 
 static REGION: Once<Region> = Once::new();
+
+/// A pvsync host accepted the region: idle and IPIs go through its hypercalls.
+static PV_HOST: AtomicBool = AtomicBool::new(false);
+
+/// Whether a pvsync host accepted the shared region.
+#[inline]
+pub fn pv_host() -> bool {
+    PV_HOST.load(Ordering::Relaxed)
+}
 
 /// Allocates and fills the region for `nr_vcpus` CPUs and registers it with the host.
 /// Without a pvsync host the status says so and the region is still used (unread).
@@ -38,6 +47,7 @@ pub fn init(nr_vcpus: u32) -> HypercallStatus {
         }
     }
     let status = register(base);
+    PV_HOST.store(status == HypercallStatus::Ok, Ordering::Release);
     REGION
         .call_once(|| Region {
             base,
@@ -252,4 +262,32 @@ pub fn yield_to(target: u32) {
         // SAFETY: the hypercall only asks the host to run someone else; no memory effects.
         unsafe { port.write(target) };
     }
+}
+
+/// Idles through the host (the `Idle` hypercall) for at most `timeout_us`; false, without
+/// waiting, when no pvsync host accepted the region (the caller halts instead). Call it with
+/// interrupts enabled, right after checking for work: a wake-up IPI sent after that check
+/// makes the hypercall return at once.
+pub fn idle(timeout_us: u32) -> bool {
+    if !pv_host() {
+        return false;
+    }
+    let mut port: Port<u32> = Port::new(Hypercall::Idle.port());
+    // SAFETY: the hypercall only blocks this vCPU in the host; no memory effects.
+    unsafe { port.write(timeout_us) };
+    true
+}
+
+/// Sends fixed interrupt `vector` to vCPU `dest` (or to all but the caller) through the host
+/// (the `SendIpi` hypercall); false when no pvsync host accepted the region (the caller
+/// writes the APIC's ICR instead).
+pub fn send_ipi(dest: IpiDest, vector: u8) -> bool {
+    if !pv_host() {
+        return false;
+    }
+    let mut port: Port<u32> = Port::new(Hypercall::SendIpi.port());
+    // SAFETY: the host injects an interrupt; the port write orders all earlier stores before
+    // it, so the target sees what the IPI announces.
+    unsafe { port.write(IpiRequest { vector, dest }.encode()) };
+    true
 }

@@ -83,6 +83,14 @@ pub fn publish(
     let _ = mem.store(waited_ns, total, Ordering::Release);
 }
 
+/// Writes the `host_boosts` field of record `vcpu`.
+pub fn publish_boosts(mem: &GuestMemoryMmap, reg: &Registration, vcpu: u32, boosts: u64) {
+    let base = reg.gpa + record_offset(vcpu as usize) as u64;
+    let at = GuestAddress(base + offset_of!(VcpuRecord, host_boosts) as u64);
+    // As in `publish`: the store lands in validated guest RAM or nowhere.
+    let _ = mem.store(boosts.min(u32::MAX as u64) as u32, at, Ordering::Release);
+}
+
 /// Whether a vCPU that waited `waited` of an `interval` counts as preempted for it.
 pub fn mostly_waiting(waited: u64, interval: Duration) -> bool {
     waited.saturating_mul(2) > interval.as_nanos() as u64

@@ -1,9 +1,12 @@
 //! pvsync host VMM: boots the pvsync guest (or any PVH kernel) on KVM and reads the per-vCPU
 //! state the guest publishes in the shared region.
 //!
-//! Data flows one way through the modules: `hypercall` (registration) ->
-//! `shared_region` (snapshot, validate) -> report. `arch::x86_64` holds everything
-//! x86-specific; `vm` and `vcpu` the lifecycle.
+//! Data flows one way through the modules: the guest's stores and hypercalls ->
+//! `hypercall` (decode) and `shared_region` (snapshot, validate) -> `policy` (a pure
+//! function of the snapshot and the backend's view of each vCPU: whom to boost) -> `sched`
+//! (the backend: how a vCPU gets CPU time; the VMM's slot scheduler, or the host Linux
+//! scheduler) -> metrics and trace (`cli`). `arch::x86_64` holds everything x86-specific;
+//! `vm` and `vcpu` the lifecycle.
 
 pub mod arch;
 pub mod cli;
@@ -12,6 +15,9 @@ pub mod hoststat;
 pub mod hypercall;
 pub mod loader;
 pub mod policy;
+pub mod report;
+pub mod scenario;
+pub mod sched;
 pub mod shared_region;
 pub mod vcpu;
 pub mod vm;

@@ -19,14 +19,91 @@ pub enum Hypercall {
     /// the caller has spun past its threshold and offers its CPU time. Status: `Ok` or
     /// `BadVcpu`.
     YieldTo = 0x0501,
+    /// `out` a 32-bit timeout in microseconds, until the vCPU's next timer deadline (0: none;
+    /// the host caps it at [`IDLE_MAX_US`]): the vCPU has nothing to run. Used instead of
+    /// `hlt`, which with KVM's in-kernel irqchip would block inside `KVM_RUN` and keep the
+    /// host CPU the vCPU was given. Made with interrupts enabled (an interrupt pending at the
+    /// `out` is then taken on return without an interrupt-window exit). Returns at once if an
+    /// interrupt was sent to this vCPU through [`Hypercall::SendIpi`] since its previous
+    /// `Idle` returned, so a wake-up between the guest's last check and the `out` is never
+    /// lost; else when the timeout passes or such an interrupt arrives. Status: `Ok`.
+    Idle = 0x0502,
+    /// `out` a 32-bit [`IpiRequest`]: the host injects a fixed interrupt (`KVM_SIGNAL_MSI`)
+    /// and wakes the target if it is idle. The host thereby knows which vCPU has an
+    /// interrupt pending. Status: `Ok`, `BadVcpu`, or `BadArgument`.
+    SendIpi = 0x0503,
+}
+
+/// Longest an [`Hypercall::Idle`] blocks, in microseconds, whatever the guest asks.
+pub const IDLE_MAX_US: u32 = 100_000;
+
+/// Where a [`Hypercall::SendIpi`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpiDest {
+    /// One vCPU, by id.
+    Vcpu(u8),
+    /// Every vCPU but the caller.
+    AllButSelf,
+}
+
+/// The argument of [`Hypercall::SendIpi`]: bits 0..8 the vector (32..=255), bits 8..16 the
+/// destination vCPU id, bit 16 set for "all but self" (then bits 8..16 are zero); every other
+/// bit zero.
+///
+/// ```
+/// use shared_abi::{IpiDest, IpiRequest};
+/// let r = IpiRequest { vector: 0xf2, dest: IpiDest::Vcpu(3) };
+/// assert_eq!(r.encode(), 0x03f2);
+/// assert_eq!(IpiRequest::decode(0x03f2), Some(r));
+/// assert_eq!(IpiRequest::decode(0x0310), None, "exception vectors are refused");
+/// assert_eq!(IpiRequest::decode(1 << 20 | 0xf2), None, "reserved bits must be zero");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpiRequest {
+    pub vector: u8,
+    pub dest: IpiDest,
+}
+
+impl IpiRequest {
+    const ALL_BUT_SELF: u32 = 1 << 16;
+    /// Lowest vector an IPI may use: 0..32 are exceptions.
+    pub const MIN_VECTOR: u8 = 32;
+
+    pub const fn encode(self) -> u32 {
+        let dest = match self.dest {
+            IpiDest::Vcpu(v) => (v as u32) << 8,
+            IpiDest::AllButSelf => Self::ALL_BUT_SELF,
+        };
+        dest | self.vector as u32
+    }
+
+    /// None for a reserved bit set, an exception vector, or both destination forms at once.
+    pub const fn decode(raw: u32) -> Option<Self> {
+        let vector = raw as u8;
+        if raw >> 17 != 0 || vector < Self::MIN_VECTOR {
+            return None;
+        }
+        let id = (raw >> 8) as u8;
+        let dest = if raw & Self::ALL_BUT_SELF != 0 {
+            if id != 0 {
+                return None;
+            }
+            IpiDest::AllButSelf
+        } else {
+            IpiDest::Vcpu(id)
+        };
+        Some(IpiRequest { vector, dest })
+    }
 }
 
 impl Hypercall {
     /// Every hypercall, for dispatch tables and tests.
-    pub const ALL: [Hypercall; 3] = [
+    pub const ALL: [Hypercall; 5] = [
         Hypercall::Exit,
         Hypercall::RegisterSharedRegion,
         Hypercall::YieldTo,
+        Hypercall::Idle,
+        Hypercall::SendIpi,
     ];
 
     /// The port this hypercall uses.
@@ -40,6 +117,8 @@ impl Hypercall {
             0x00f4 => Some(Hypercall::Exit),
             0x0500 => Some(Hypercall::RegisterSharedRegion),
             0x0501 => Some(Hypercall::YieldTo),
+            0x0502 => Some(Hypercall::Idle),
+            0x0503 => Some(Hypercall::SendIpi),
             _ => None,
         }
     }
@@ -71,6 +150,8 @@ pub enum HypercallStatus {
     BadWidth = 9,
     /// A vCPU id argument names no vCPU of this VM.
     BadVcpu = 10,
+    /// An argument is malformed (reserved bits set, a vector below 32).
+    BadArgument = 11,
     /// What an unclaimed port reads as: no pvsync host is listening.
     NoHost = 0xffff_ffff,
 }
@@ -90,6 +171,7 @@ impl HypercallStatus {
             8 => HypercallStatus::NothingPending,
             9 => HypercallStatus::BadWidth,
             10 => HypercallStatus::BadVcpu,
+            11 => HypercallStatus::BadArgument,
             _ => HypercallStatus::NoHost,
         }
     }
@@ -108,6 +190,7 @@ impl HypercallStatus {
             HypercallStatus::NothingPending => "nothing-pending",
             HypercallStatus::BadWidth => "bad-width",
             HypercallStatus::BadVcpu => "bad-vcpu",
+            HypercallStatus::BadArgument => "bad-argument",
             HypercallStatus::NoHost => "no-host",
         }
     }
@@ -146,11 +229,23 @@ mod tests {
 
     #[test]
     fn status_round_trips_and_unknown_is_no_host() {
-        for raw in 0..=10 {
+        for raw in 0..=11 {
             assert_eq!(HypercallStatus::from_raw(raw) as u32, raw);
         }
-        assert_eq!(HypercallStatus::from_raw(11), HypercallStatus::NoHost);
+        assert_eq!(HypercallStatus::from_raw(12), HypercallStatus::NoHost);
         assert_eq!(HypercallStatus::from_raw(u32::MAX), HypercallStatus::NoHost);
+    }
+
+    #[test]
+    fn ipi_requests_round_trip() {
+        for vector in [32u8, 0xf1, 0xff] {
+            for dest in [IpiDest::Vcpu(0), IpiDest::Vcpu(63), IpiDest::AllButSelf] {
+                let r = IpiRequest { vector, dest };
+                assert_eq!(IpiRequest::decode(r.encode()), Some(r));
+            }
+        }
+        assert_eq!(IpiRequest::decode(1 << 16 | 1 << 8 | 0xf1), None);
+        assert_eq!(IpiRequest::decode(u32::MAX), None);
     }
 
     #[test]

@@ -29,10 +29,13 @@ fn metrics_json_and_host_fields_report_runnable_wait() {
         path.to_str().unwrap(),
     ]);
     out.check(out.status == Some(0), "locktorture passes");
-    let m: serde_json::Value =
+    let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(all["backend"], "slots");
+    let m = &all["vms"][0];
     assert_eq!(m["outcome"]["kind"], "guest-exit");
     assert_eq!(m["invalid_shared_records"], 0);
+    assert_eq!(m["invalid_page_events"], 0);
     let vcpus = m["vcpus"].as_array().unwrap();
     assert_eq!(vcpus.len(), VCPUS);
     for v in vcpus {

@@ -112,6 +112,11 @@ fn ipi_fence() {
 
 /// Sends a fixed interrupt `vector` to CPU `dest`.
 pub fn send_ipi(dest: u32, vector: u8) {
+    if let Ok(id) = u8::try_from(dest) {
+        if crate::shared::send_ipi(shared_abi::IpiDest::Vcpu(id), vector) {
+            return;
+        }
+    }
     ipi_fence();
     wrmsr(
         X2APIC_ICR,
@@ -121,6 +126,9 @@ pub fn send_ipi(dest: u32, vector: u8) {
 
 /// Sends a fixed interrupt `vector` to every CPU but the caller.
 pub fn send_ipi_all_but_self(vector: u8) {
+    if crate::shared::send_ipi(shared_abi::IpiDest::AllButSelf, vector) {
+        return;
+    }
     ipi_fence();
     wrmsr(
         X2APIC_ICR,
@@ -180,5 +188,41 @@ pub fn rearm_tick() {
     let cycles = TICK_CYCLES.load(Ordering::Relaxed);
     if cycles != 0 {
         wrmsr(IA32_TSC_DEADLINE, tsc::now() + cycles);
+    }
+}
+
+/// Microseconds until this CPU's next tick (at most one tick period), for an idle vCPU that
+/// must tell the host when to wake it.
+pub fn us_until_tick() -> u32 {
+    let period = TICK_CYCLES.load(Ordering::Relaxed);
+    if period == 0 {
+        return TICK_PERIOD_FALLBACK_US;
+    }
+    let deadline = rdmsr(IA32_TSC_DEADLINE);
+    let left = if deadline == 0 {
+        period
+    } else {
+        deadline.saturating_sub(tsc::now()).min(period)
+    };
+    ((tsc::cycles_to_ns(left) / 1000) as u32).max(1)
+}
+
+/// Idle timeout when the tick is periodic (its phase is not tracked).
+const TICK_PERIOD_FALLBACK_US: u32 = 4_000;
+
+/// Waits for an interrupt with interrupts disabled on entry and enabled on return, like
+/// `sti; hlt`. Under a pvsync host it asks the host to idle this vCPU instead, so the vCPU
+/// gives its host CPU back. Interrupts are enabled before the hypercall: an interrupt pending
+/// when it returns is then injected on VM entry, where with IF=0 it would need an
+/// interrupt-window exit (which takes seconds on nested hosts). A tick that fires before
+/// the `out` only shortens the wait (the timeout was measured to it); an IPI leaves a host
+/// wake token that ends the wait at once.
+pub fn wait_for_interrupt() {
+    if crate::shared::pv_host() {
+        let timeout = us_until_tick();
+        x86_64::instructions::interrupts::enable();
+        crate::shared::idle(timeout);
+    } else {
+        x86_64::instructions::interrupts::enable_and_hlt();
     }
 }

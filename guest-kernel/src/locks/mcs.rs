@@ -102,9 +102,14 @@ impl RawLock for McsLock {
                     node.halted.store(true, SeqCst);
                     if !node.granted.load(SeqCst) {
                         PV_HALTS.fetch_add(1, Relaxed);
-                        // The kick IPI (or any interrupt, the tick at worst) ends the halt; a
-                        // kick sent before the hlt stays pending and ends it at once.
-                        x86_64::instructions::interrupts::enable_and_hlt();
+                        // The kick IPI (or any interrupt, the tick at worst) ends the wait.
+                        // Interrupts stay off from the re-check to the halt, so a kick that
+                        // lands in between stays pending and ends the wait at once.
+                        x86_64::instructions::interrupts::disable();
+                        if !node.granted.load(SeqCst) {
+                            apic::wait_for_interrupt();
+                        }
+                        x86_64::instructions::interrupts::enable();
                     }
                     node.halted.store(false, SeqCst);
                 } else {

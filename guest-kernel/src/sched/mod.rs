@@ -296,8 +296,8 @@ pub fn idle_loop() -> ! {
         }
         crate::shared::set_mode(VcpuMode::Idle);
         crate::rcu::enter_idle();
-        // sti; hlt: the interrupt shadow keeps a wake-up from slipping in between.
-        interrupts::enable_and_hlt();
+        // sti; hlt (or the Idle hypercall): no wake-up slips in between.
+        crate::arch::apic::wait_for_interrupt();
         interrupts::disable();
         crate::rcu::exit_idle();
     }

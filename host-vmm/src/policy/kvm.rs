@@ -38,7 +38,7 @@ impl KvmPolicy {
 }
 
 impl BoostPolicy for KvmPolicy {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         if self.boost_user_with_interrupt {
             "kvm-ipi"
         } else {

@@ -24,6 +24,11 @@ impl BoostLedger {
         }
     }
 
+    /// Adds a VM that owes nothing.
+    pub fn add_vm(&mut self) {
+        self.debt.push(0);
+    }
+
     /// How long `vm`'s boosted vCPU may run, or None if `vm` has borrowed enough.
     pub fn grant(&self, vm: usize) -> Option<Nanos> {
         let owed = *self.debt.get(vm)?;

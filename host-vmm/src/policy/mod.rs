@@ -141,7 +141,7 @@ pub struct Boost {
 /// A boost policy. Implementations are deterministic functions of their inputs and their own
 /// small state (round-robin position, when a grace period was first seen in progress).
 pub trait BoostPolicy: Send {
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
     /// `spinner` spins (a spin exit, or a YieldTo hypercall naming `named`): whom to run.
     fn on_spin(&mut self, input: &Input, spinner: u32, named: Option<u32>) -> Option<Boost>;
     /// A periodic look: vCPUs to boost now. Each vCPU appears at most once.
@@ -153,7 +153,7 @@ pub trait BoostPolicy: Send {
 pub struct NoBoost;
 
 impl BoostPolicy for NoBoost {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "none"
     }
     fn on_spin(&mut self, _: &Input, _: u32, _: Option<u32>) -> Option<Boost> {
@@ -164,14 +164,49 @@ impl BoostPolicy for NoBoost {
     }
 }
 
+/// Several policies composed: on a spin the first that boosts wins; on a tick each vCPU is
+/// boosted at most once, for the first policy's reason.
+pub struct Chain {
+    name: String,
+    parts: Vec<Box<dyn BoostPolicy>>,
+}
+
+impl BoostPolicy for Chain {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn on_spin(&mut self, input: &Input, spinner: u32, named: Option<u32>) -> Option<Boost> {
+        self.parts
+            .iter_mut()
+            .find_map(|p| p.on_spin(input, spinner, named))
+    }
+
+    fn on_tick(&mut self, input: &Input) -> Vec<Boost> {
+        let mut out: Vec<Boost> = Vec::new();
+        for p in &mut self.parts {
+            for b in p.on_tick(input) {
+                if !out.iter().any(|o| o.vcpu == b.vcpu) {
+                    out.push(b);
+                }
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("unknown boost policy '{0}' (known: none, kvm, kvm-ipi, pv)")]
+    #[error(
+        "unknown boost policy '{0}' (known: none, kvm, kvm-ipi, pv; or a comma-separated chain)"
+    )]
     Unknown(String),
 }
 
-/// The policy called `name`.
-pub fn by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
+/// Names accepted by [`by_name`], alone or chained with commas ("pv,kvm").
+pub const POLICY_NAMES: [&str; 4] = ["none", "kvm", "kvm-ipi", "pv"];
+
+fn one_by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
     Ok(match name {
         "none" => Box::new(NoBoost),
         "kvm" => Box::new(KvmPolicy::new(false)),
@@ -179,6 +214,21 @@ pub fn by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
         "pv" => Box::new(PvPolicy::new(PvThresholds::default())),
         other => return Err(PolicyError::Unknown(other.to_string())),
     })
+}
+
+/// The policy called `name`, or the chain "a,b,..." of such policies.
+pub fn by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
+    if !name.contains(',') {
+        return one_by_name(name);
+    }
+    let parts = name
+        .split(',')
+        .map(|n| one_by_name(n.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Box::new(Chain {
+        name: name.to_string(),
+        parts,
+    }))
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ fn trusted(snap: &Snapshot, vcpu: u32, nr: usize) -> Option<&RecordView> {
 }
 
 impl BoostPolicy for PvPolicy {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "pv"
     }
 

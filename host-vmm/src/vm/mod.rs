@@ -1,28 +1,32 @@
 //! The VM lifecycle: create, load, boot, wait for the guest (or the timeout), stop.
 
+mod shared;
+
 use std::io::Write;
-use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
-use shared_abi::{HypercallStatus, MAX_VCPUS};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use shared_abi::MAX_VCPUS;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+pub use shared::VmShared;
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, regs};
 use crate::devices::PioBus;
 use crate::hoststat::{self, SchedStat, ThreadStat};
-use crate::hypercall::HypercallHost;
 use crate::loader::{self, KernelInfo};
-use crate::shared_region::{self, Registration, Snapshot};
+use crate::policy;
+use crate::sched::{Backend, GuestView, VcpuMetrics, VmMetrics};
+use crate::shared_region::Snapshot;
 use crate::vcpu;
 
 const MIB: u64 = 1 << 20;
@@ -60,6 +64,8 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
     #[error("vCPU threads did not stop within {grace:?} after the VM ended ({outcome:?})")]
     StuckVcpus { grace: Duration, outcome: Outcome },
 }
@@ -71,11 +77,15 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// Label for the console prefix, the metrics and the trace.
+    pub name: String,
     pub kernel: PathBuf,
     pub vcpus: u8,
     pub mem_mib: u64,
     pub cmdline: String,
     pub timeout: Duration,
+    /// Boost policy (`policy::by_name`: a name or a comma-separated chain).
+    pub policy: String,
 }
 
 /// How a run ended.
@@ -94,6 +104,8 @@ pub enum Outcome {
 /// Result of a run.
 #[derive(Debug)]
 pub struct RunReport {
+    pub name: String,
+    pub policy: String,
     pub outcome: Outcome,
     pub elapsed: Duration,
     /// The shared region at the end of the run, if the guest registered one.
@@ -104,93 +116,10 @@ pub struct RunReport {
     pub yields_to: Vec<u64>,
     /// What the host scheduler gave each vCPU thread during the run (empty if unavailable).
     pub vcpu_stats: Vec<SchedStat>,
-}
-
-/// State the vCPU threads share.
-pub struct VmShared {
-    /// Declared before `mem`: fields drop in order, and KVM must let go of the memory first.
-    #[allow(dead_code)]
-    vm: VmFd,
-    pub mem: GuestMemoryMmap,
-    /// Guest RAM as the memory map describes it (the legacy hole is not RAM).
-    ram: Vec<Range<u64>>,
-    pub pio: PioBus,
-    nr_vcpus: u8,
-    kernel_image: Range<u64>,
-    shared_region: Mutex<Option<Registration>>,
-    outcome: Mutex<Option<Outcome>>,
-    outcome_cv: Condvar,
-    stop: AtomicBool,
-    unclaimed_mmio: AtomicU64,
-    /// YieldTo hypercalls naming each vCPU.
-    yields_to: Vec<AtomicU64>,
-    /// Host thread id of each vCPU thread (0 until it starts).
-    tids: Vec<AtomicI32>,
-}
-
-impl VmShared {
-    /// True once the VM is being torn down.
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    /// Records how the VM ended (the first report wins) and wakes the waiter.
-    pub fn finish(&self, outcome: Outcome) {
-        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
-        if o.is_none() {
-            *o = Some(outcome);
-        }
-        self.stop.store(true, Ordering::Release);
-        self.outcome_cv.notify_all();
-    }
-
-    pub fn count_unclaimed_mmio(&self) {
-        self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn registration(&self) -> Option<Registration> {
-        self.shared_region
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-impl HypercallHost for VmShared {
-    /// The RegisterSharedRegion hypercall.
-    fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
-        let mut slot = self.shared_region.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() {
-            return HypercallStatus::AlreadyRegistered;
-        }
-        match shared_region::validate(
-            &self.mem,
-            gpa,
-            self.nr_vcpus as u32,
-            &self.kernel_image,
-            &self.ram,
-        ) {
-            Ok(reg) => {
-                if shared_region::mark_accepted(&self.mem, &reg).is_err() {
-                    return HypercallStatus::BadAddress;
-                }
-                *slot = Some(reg);
-                HypercallStatus::Ok
-            }
-            Err(status) => status,
-        }
-    }
-
-    fn yield_to(&self, target: u32) -> HypercallStatus {
-        let Some(counter) = self.yields_to.get(target as usize) else {
-            return HypercallStatus::BadVcpu;
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        // Under the host Linux scheduler a directed yield is not available from userspace:
-        // give up this thread's CPU so that descheduled siblings (the target among them) run.
-        std::thread::yield_now();
-        HypercallStatus::Ok
-    }
+    /// What the backend counted for the VM and each vCPU.
+    pub sched: Option<(VmMetrics, Vec<VcpuMetrics>)>,
+    /// SendIpi hypercalls KVM could not deliver.
+    pub failed_ipis: u64,
 }
 
 /// Memory the kernel needs: its image, then room for heap, page tables and vCPU stacks.
@@ -209,7 +138,9 @@ fn install_kick_handler() -> Result<(), VmError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+            vcpu::on_kick_signal();
+        }
         result = register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick)
             .map_err(VmError::Signal);
     });
@@ -237,8 +168,29 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Boots the VM described by `config` with serial output to `console`, and waits for it.
-pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunReport, VmError> {
+/// A VM that is built but not started: its vCPUs and the state they will share.
+pub struct BuiltVm {
+    shared: Arc<VmShared>,
+    vcpu_fds: Vec<VcpuFd>,
+}
+
+/// A running VM.
+pub struct RunningVm {
+    shared: Arc<VmShared>,
+    threads: Vec<JoinHandle<()>>,
+    monitor: JoinHandle<Vec<SchedStat>>,
+    started: Instant,
+    name: String,
+    policy: String,
+}
+
+/// Creates the VM described by `config` (serial output to `console`) and registers its
+/// vCPUs with `backend`; nothing runs yet.
+pub fn build(
+    config: &VmConfig,
+    console: Box<dyn Write + Send>,
+    backend: Arc<dyn Backend>,
+) -> Result<BuiltVm, VmError> {
     if config.vcpus == 0 || config.vcpus as usize > MAX_VCPUS {
         return Err(VmError::BadVcpuCount(config.vcpus));
     }
@@ -246,6 +198,7 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
     if mem_size > layout::MEM_32BIT_GAP_START {
         return Err(VmError::TooMuchMemory(config.mem_mib));
     }
+    let policy = policy::by_name(&config.policy)?;
     let kernel = loader::read_kernel(&config.kernel)?;
     let info = &kernel.info;
     let needed = min_mem_bytes(info, config.vcpus);
@@ -302,87 +255,175 @@ pub fn run(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<RunRepor
         .filter(|e| e.type_ == boot::E820_RAM)
         .map(|e| e.addr..e.addr + e.size)
         .collect();
-    let shared = Arc::new(VmShared {
-        vm,
-        mem,
-        ram,
-        pio: PioBus::new(console),
-        nr_vcpus: config.vcpus,
-        kernel_image: info.image.clone(),
-        shared_region: Mutex::new(None),
-        outcome: Mutex::new(None),
-        outcome_cv: Condvar::new(),
-        stop: AtomicBool::new(false),
-        unclaimed_mmio: AtomicU64::new(0),
-        yields_to: (0..config.vcpus).map(|_| AtomicU64::new(0)).collect(),
-        tids: (0..config.vcpus).map(|_| AtomicI32::new(0)).collect(),
+    let n = config.vcpus;
+    let shared = Arc::new_cyclic(|me: &Weak<VmShared>| {
+        let view: Weak<dyn GuestView> = me.clone();
+        let handle = backend.add_vm(policy, n as usize, view);
+        VmShared {
+            vm,
+            mem,
+            ram,
+            pio: PioBus::new(console),
+            nr_vcpus: n,
+            kernel_image: info.image.clone(),
+            shared_region: Mutex::new(None),
+            outcome: Mutex::new(None),
+            outcome_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            unclaimed_mmio: AtomicU64::new(0),
+            yields_to: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
+            failed_ipis: AtomicU64::new(0),
+            backend,
+            handle,
+        }
     });
+    Ok(BuiltVm { shared, vcpu_fds })
+}
 
-    let started = Instant::now();
-    let mut threads = Vec::with_capacity(vcpu_fds.len());
-    for (i, fd) in vcpu_fds.into_iter().enumerate() {
-        let vm_shared = Arc::clone(&shared);
-        let t = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                vm_shared.tids[i].store(unsafe { libc::gettid() }, Ordering::Release);
-                let vm_ref = Arc::clone(&vm_shared);
-                let run =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| vcpu::run(i as u8, fd, vm_ref)));
-                if run.is_err() {
-                    vm_shared.finish(Outcome::VmmFault {
+impl BuiltVm {
+    /// Starts the vCPU threads and the monitor.
+    pub fn start(self, config: &VmConfig) -> Result<RunningVm, VmError> {
+        let shared = self.shared;
+        let started = Instant::now();
+        let mut threads = Vec::with_capacity(self.vcpu_fds.len());
+        for (i, fd) in self.vcpu_fds.into_iter().enumerate() {
+            let vm_shared = Arc::clone(&shared);
+            let t = std::thread::Builder::new()
+                .name(format!("{}-vcpu{i}", config.name))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    vm_shared.tids[i].store(unsafe { libc::gettid() }, Ordering::Release);
+                    let vm_ref = Arc::clone(&vm_shared);
+                    let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        vcpu::run(i as u8, fd, vm_ref)
+                    }));
+                    if run.is_err() {
+                        vm_shared.finish(Outcome::VmmFault {
+                            vcpu: i as u8,
+                            reason: "vCPU thread panicked".into(),
+                        });
+                        vm_shared.backend.exit(vm_shared.key(i as u32));
+                    }
+                })
+                .map_err(VmError::Thread);
+            match t {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    let outcome = Outcome::VmmFault {
                         vcpu: i as u8,
-                        reason: "vCPU thread panicked".into(),
-                    });
+                        reason: "vCPU thread not started".into(),
+                    };
+                    shared.finish(outcome.clone());
+                    stop_vcpus(threads, &outcome)?;
+                    return Err(e);
                 }
-            })
-            .map_err(VmError::Thread);
-        match t {
-            Ok(t) => threads.push(t),
+            }
+        }
+        let monitor = {
+            let vm_shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("{}-monitor", config.name))
+                .spawn(move || monitor(&vm_shared))
+        };
+        let monitor = match monitor {
+            Ok(m) => m,
             Err(e) => {
                 let outcome = Outcome::VmmFault {
-                    vcpu: i as u8,
-                    reason: "vCPU thread not started".into(),
+                    vcpu: 0,
+                    reason: "monitor thread not started".into(),
                 };
                 shared.finish(outcome.clone());
                 stop_vcpus(threads, &outcome)?;
+                return Err(VmError::Thread(e));
+            }
+        };
+        Ok(RunningVm {
+            shared,
+            threads,
+            monitor,
+            started,
+            name: config.name.clone(),
+            policy: config.policy.clone(),
+        })
+    }
+}
+
+impl RunningVm {
+    /// Waits until the guest ends or `deadline` passes (then it is stopped as timed out
+    /// after `timeout`).
+    pub fn wait(&self, deadline: Instant, timeout: Duration) -> Outcome {
+        wait_for_outcome(&self.shared, deadline, timeout)
+    }
+
+    /// Stops the vCPU threads and gathers the report.
+    pub fn stop(self, outcome: Outcome) -> Result<RunReport, VmError> {
+        let shared = self.shared;
+        shared.finish(outcome.clone());
+        stop_vcpus(self.threads, &outcome)?;
+        let vcpu_stats = self.monitor.join().unwrap_or_default();
+        shared.pio.flush();
+        let elapsed = self.started.elapsed();
+        let snapshot = shared
+            .registration()
+            .and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
+        let yields_to = shared
+            .yields_to
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let unclaimed_io =
+            shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
+        Ok(RunReport {
+            name: self.name,
+            policy: self.policy,
+            outcome,
+            elapsed,
+            shared: snapshot,
+            unclaimed_io,
+            yields_to,
+            vcpu_stats,
+            sched: shared.backend.report(shared.handle.vm),
+            failed_ipis: shared.failed_ipis.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Runs every VM in `vms` on `backend` at once until each has ended or `timeout` passed;
+/// one report per VM, in order. A VM that cannot be built fails the whole run before any
+/// guest starts.
+pub fn run_all(
+    vms: Vec<(VmConfig, Box<dyn Write + Send>)>,
+    backend: Arc<dyn Backend>,
+    timeout: Duration,
+) -> Result<Vec<RunReport>, VmError> {
+    let mut built = Vec::with_capacity(vms.len());
+    for (config, console) in vms {
+        let b = build(&config, console, Arc::clone(&backend))?;
+        built.push((config, b));
+    }
+    let mut running = Vec::with_capacity(built.len());
+    for (config, b) in built {
+        match b.start(&config) {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                for r in running {
+                    let _ = r.stop(Outcome::VmmFault {
+                        vcpu: 0,
+                        reason: "another VM failed to start".into(),
+                    });
+                }
                 return Err(e);
             }
         }
     }
-
-    let monitor = {
-        let vm_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("vcpu-monitor".into())
-            .spawn(move || monitor(&vm_shared))
-            .map_err(VmError::Thread)?
-    };
-    let outcome = wait_for_outcome(&shared, config.timeout);
-    stop_vcpus(threads, &outcome)?;
-    let vcpu_stats = monitor.join().unwrap_or_default();
-    shared.pio.flush();
-    let elapsed = started.elapsed();
-
-    let snapshot = shared
-        .registration()
-        .and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
-    let yields_to = shared
-        .yields_to
-        .iter()
-        .map(|c| c.load(Ordering::Relaxed))
-        .collect();
-    let unclaimed_io =
-        shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
-    Ok(RunReport {
-        outcome,
-        elapsed,
-        shared: snapshot,
-        unclaimed_io,
-        yields_to,
-        vcpu_stats,
-    })
+    let deadline = Instant::now() + timeout;
+    let outcomes: Vec<Outcome> = running.iter().map(|r| r.wait(deadline, timeout)).collect();
+    running
+        .into_iter()
+        .zip(outcomes)
+        .map(|(r, o)| r.stop(o))
+        .collect()
 }
 
 /// Samples each vCPU thread's schedstat until the VM stops, publishing the host fields of
@@ -408,7 +449,7 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
                 .wait_ns
                 .saturating_sub(last[i].wait_ns.max(base.wait_ns));
             last[i] = now;
-            if let Some(reg) = &reg {
+            if let Some(reg) = reg.as_ref().filter(|_| !vm.backend.publishes_host_fields()) {
                 let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL);
                 hoststat::publish(
                     &vm.mem,
@@ -432,8 +473,7 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
         .collect()
 }
 
-fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
-    let deadline = Instant::now() + timeout;
+fn wait_for_outcome(vm: &VmShared, deadline: Instant, timeout: Duration) -> Outcome {
     let mut o = vm.outcome.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if let Some(outcome) = o.clone() {
@@ -448,7 +488,7 @@ fn wait_for_outcome(vm: &VmShared, timeout: Duration) -> Outcome {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
-                .expect("just set");
+                .unwrap_or(Outcome::Timeout(timeout));
         }
         o = vm
             .outcome_cv

@@ -1,0 +1,741 @@
+//! The slot scheduler's state machine: which vCPU holds which slot, who is queued where, and
+//! what a boost, a yield, an idle hypercall or an IPI changes. It never touches a thread or
+//! KVM: every operation takes the time and returns [`Effects`] (threads to wake, threads to
+//! kick out of KVM_RUN) for the backend to carry out, so it is unit-tested with a fake clock.
+
+use std::collections::VecDeque;
+
+use super::metrics::{VcpuMetrics, VmMetrics};
+use super::placement::{self, Cause, Placement, SlotView};
+use super::trace::{Event, Trace};
+use super::Nanos;
+use crate::policy::{BoostLedger, BoostPolicy, BoostReason, Cpl, Input, VcpuState};
+use crate::shared_region::{Problems, Snapshot};
+
+/// Tunables of the slot scheduler.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub slots: usize,
+    /// A turn on a slot, when others wait.
+    pub slice: Nanos,
+    pub placement: Placement,
+    /// Run time one boost lends (see `BoostLedger`).
+    pub boost_budget: Nanos,
+    /// Most boosted time a VM may owe.
+    pub max_debt: Nanos,
+    pub trace: bool,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            slots: 2,
+            slice: 3_000_000,
+            placement: Placement::default(),
+            boost_budget: 1_000_000,
+            max_debt: 30_000_000,
+            trace: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Registered, its thread not started yet.
+    NotStarted,
+    Running {
+        slot: usize,
+    },
+    Queued {
+        slot: usize,
+    },
+    /// In the Idle hypercall until `until` or an IPI.
+    Idle {
+        until: Nanos,
+    },
+    /// Its VM ended.
+    Gone,
+}
+
+#[derive(Debug)]
+struct Vcpu {
+    vm: usize,
+    index: u32,
+    state: RunState,
+    /// When `state` last changed.
+    since: Nanos,
+    last_slot: usize,
+    slice_end: Nanos,
+    /// An IPI arrived while it was not idle: its next Idle returns at once.
+    wake_token: bool,
+    /// A kick was requested and not yet honoured.
+    kick_pending: bool,
+    cpl: Cpl,
+    interrupt_pending: bool,
+    in_spin_loop: bool,
+    /// This turn (or the queued one) is a boost.
+    boost: Option<BoostReason>,
+    /// Run time the ledger granted the boost.
+    boost_budget: Nanos,
+    metrics: VcpuMetrics,
+}
+
+struct Vm {
+    policy: Box<dyn BoostPolicy>,
+    first: usize,
+    len: usize,
+    live: bool,
+    metrics: VmMetrics,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    running: Option<usize>,
+    queue: VecDeque<usize>,
+}
+
+/// What the backend must do after an operation.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// vCPUs just handed a slot: wake their threads.
+    pub run: Vec<usize>,
+    /// vCPUs whose slice is over: kick them out of KVM_RUN.
+    pub kick: Vec<usize>,
+}
+
+pub struct Core {
+    cfg: CoreConfig,
+    slots: Vec<Slot>,
+    vcpus: Vec<Vcpu>,
+    vms: Vec<Vm>,
+    ledger: BoostLedger,
+    trace: Option<Trace>,
+    last_tick: Nanos,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Self {
+        let slots = (0..cfg.slots.max(1)).map(|_| Slot::default()).collect();
+        let ledger = BoostLedger::new(0, cfg.boost_budget, cfg.max_debt);
+        let trace = cfg.trace.then(Trace::default);
+        Core {
+            cfg,
+            slots,
+            vcpus: Vec::new(),
+            vms: Vec::new(),
+            ledger,
+            trace,
+            last_tick: 0,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Adds a VM of `len` vCPUs; returns its id and the key of its vCPU 0 (keys are
+    /// consecutive).
+    pub fn add_vm(&mut self, policy: Box<dyn BoostPolicy>, len: usize) -> (usize, usize) {
+        let vm = self.vms.len();
+        let first = self.vcpus.len();
+        for index in 0..len {
+            self.vcpus.push(Vcpu {
+                vm,
+                index: index as u32,
+                state: RunState::NotStarted,
+                since: 0,
+                last_slot: 0,
+                slice_end: 0,
+                wake_token: false,
+                kick_pending: false,
+                cpl: Cpl::Kernel,
+                interrupt_pending: false,
+                in_spin_loop: false,
+                boost: None,
+                boost_budget: 0,
+                metrics: VcpuMetrics::default(),
+            });
+        }
+        self.vms.push(Vm {
+            policy,
+            first,
+            len,
+            live: true,
+            metrics: VmMetrics::default(),
+        });
+        self.ledger.add_vm();
+        (vm, first)
+    }
+
+    pub fn state(&self, v: usize) -> Option<RunState> {
+        self.vcpus.get(v).map(|c| c.state)
+    }
+
+    pub fn is_running(&self, v: usize) -> bool {
+        matches!(self.state(v), Some(RunState::Running { .. }))
+    }
+
+    /// Whether vCPU `v`'s thread should stop waiting (it runs, or its VM is gone).
+    pub fn may_proceed(&self, v: usize) -> bool {
+        matches!(
+            self.state(v),
+            Some(RunState::Running { .. } | RunState::Gone) | None
+        )
+    }
+
+    /// The vCPU's thread, woken by a hand-off, is about to enter KVM_RUN.
+    pub fn entered(&mut self, v: usize, now: Nanos) {
+        if let Some(c) = self.vcpus.get_mut(v) {
+            if matches!(c.state, RunState::Running { .. }) {
+                c.metrics.handoff_ns += now.saturating_sub(c.since);
+            }
+        }
+    }
+
+    fn vm_of(&self) -> impl Fn(usize) -> usize + '_ {
+        |v| self.vcpus[v].vm
+    }
+
+    fn place(&self, v: usize, cause: Cause) -> usize {
+        let views: Vec<SlotView> = self
+            .slots
+            .iter()
+            .map(|s| SlotView {
+                running: s.running,
+                queued: &s.queue,
+            })
+            .collect();
+        let c = &self.vcpus[v];
+        placement::choose(
+            self.cfg.placement,
+            &views,
+            &self.vm_of(),
+            v,
+            c.vm,
+            c.last_slot,
+            cause,
+        )
+    }
+
+    /// Moves `v` to `state`, accounting the time spent in the old one.
+    fn set_state(&mut self, v: usize, state: RunState, now: Nanos) {
+        let c = &mut self.vcpus[v];
+        let spent = now.saturating_sub(c.since);
+        match c.state {
+            RunState::Running { slot } => {
+                c.metrics.run_ns += spent;
+                let boosted = c.boost.take().is_some();
+                if boosted {
+                    self.ledger.borrowed(c.vm, spent);
+                    let debt = self.ledger.debt(c.vm);
+                    let m = &mut self.vms[c.vm].metrics;
+                    m.max_debt_ns = m.max_debt_ns.max(debt);
+                }
+                if let Some(t) = &mut self.trace {
+                    t.push(Event::Turn {
+                        slot,
+                        vm: c.vm,
+                        vcpu: c.index,
+                        start: c.since,
+                        dur: spent,
+                        boosted,
+                    });
+                }
+                self.slots[slot].running = None;
+                c.last_slot = slot;
+            }
+            RunState::Queued { slot } => {
+                c.metrics.wait_ns += spent;
+                self.slots[slot].queue.retain(|&q| q != v);
+            }
+            RunState::Idle { .. } => c.metrics.idle_ns += spent,
+            RunState::NotStarted | RunState::Gone => {}
+        }
+        c.state = state;
+        c.since = now;
+    }
+
+    /// Queues `v` on `slot` (at the head if `front`) and fills the slot if it is free.
+    fn enqueue(&mut self, v: usize, slot: usize, front: bool, now: Nanos, fx: &mut Effects) {
+        self.set_state(v, RunState::Queued { slot }, now);
+        let q = &mut self.slots[slot].queue;
+        if front {
+            q.push_front(v);
+        } else {
+            q.push_back(v);
+        }
+        self.dispatch(slot, now, fx);
+    }
+
+    /// The next vCPU for `slot`'s queue: a boosted one first; else the head, unless its VM
+    /// owes boosted time and a vCPU of a VM that owes nothing waits (which repays the debt).
+    fn pick(&mut self, slot: usize) -> Option<usize> {
+        let q = &self.slots[slot].queue;
+        let head = *q.front()?;
+        if self.vcpus[head].boost.is_some() {
+            return Some(head);
+        }
+        let head_vm = self.vcpus[head].vm;
+        if self.ledger.owes(head_vm) {
+            if let Some(&other) = q.iter().find(|&&o| !self.ledger.owes(self.vcpus[o].vm)) {
+                self.ledger.repaid(head_vm, self.cfg.slice);
+                return Some(other);
+            }
+        }
+        Some(head)
+    }
+
+    /// A queued vCPU another slot could take: from the longest queue, its last non-boosted
+    /// entry.
+    fn steal_for(&self, slot: usize) -> Option<usize> {
+        let from = (0..self.slots.len())
+            .filter(|&s| s != slot && !self.slots[s].queue.is_empty())
+            .max_by_key(|&s| self.slots[s].queue.len())?;
+        self.slots[from]
+            .queue
+            .iter()
+            .rev()
+            .find(|&&v| self.vcpus[v].boost.is_none())
+            .copied()
+    }
+
+    /// Hands `slot` to its next vCPU if it is free (stealing from another slot if its own
+    /// queue is empty).
+    fn dispatch(&mut self, slot: usize, now: Nanos, fx: &mut Effects) {
+        if self.slots[slot].running.is_some() {
+            return;
+        }
+        let Some(v) = self.pick(slot).or_else(|| self.steal_for(slot)) else {
+            return;
+        };
+        self.set_state(v, RunState::Running { slot }, now);
+        self.slots[slot].running = Some(v);
+        let slice = self.cfg.slice;
+        let c = &mut self.vcpus[v];
+        c.slice_end = now
+            + if c.boost.is_some() {
+                c.boost_budget
+            } else {
+                slice
+            };
+        c.interrupt_pending = false;
+        c.in_spin_loop = false;
+        c.metrics.dispatches += 1;
+        fx.run.push(v);
+    }
+
+    /// The vCPU's thread starts.
+    pub fn start(&mut self, v: usize, now: Nanos, fx: &mut Effects) {
+        if self.vcpus.get(v).map(|c| c.state) != Some(RunState::NotStarted) {
+            return;
+        }
+        let slot = self.place(v, Cause::Start);
+        self.enqueue(v, slot, false, now, fx);
+    }
+
+    /// The vCPU left KVM_RUN because it was kicked: it goes back in the queue (its CPL at that
+    /// moment recorded for the policies).
+    pub fn preempt(&mut self, v: usize, cpl: Cpl, now: Nanos, fx: &mut Effects) {
+        let Some(c) = self.vcpus.get_mut(v) else {
+            return;
+        };
+        c.kick_pending = false;
+        let RunState::Running { slot } = c.state else {
+            return;
+        };
+        c.cpl = cpl;
+        c.metrics.preemptions += 1;
+        // Off the slot and in no queue while placement looks for a queue.
+        self.set_state(v, RunState::Queued { slot }, now);
+        let to = self.place(v, Cause::Requeue);
+        self.enqueue(v, to, false, now, fx);
+        self.dispatch(slot, now, fx);
+    }
+
+    /// Input for VM `vm`'s policy.
+    fn policy_states(&self, vm: usize) -> Vec<VcpuState> {
+        let m = &self.vms[vm];
+        self.vcpus[m.first..m.first + m.len]
+            .iter()
+            .map(|c| VcpuState {
+                id: c.index,
+                preempted: matches!(c.state, RunState::Queued { .. }),
+                blocked: !matches!(c.state, RunState::Queued { .. } | RunState::Running { .. }),
+                cpl: c.cpl,
+                interrupt_pending: c.interrupt_pending,
+                in_spin_loop: c.in_spin_loop,
+            })
+            .collect()
+    }
+
+    /// Boosts VM-local vCPU `target` of `vm` onto `slot` (at the head of its queue) if the
+    /// ledger allows; true if it did.
+    fn boost(
+        &mut self,
+        vm: usize,
+        target: u32,
+        reason: BoostReason,
+        slot: usize,
+        now: Nanos,
+        fx: &mut Effects,
+    ) -> bool {
+        let m = &self.vms[vm];
+        let Some(v) = (target < m.len as u32).then(|| m.first + target as usize) else {
+            return false;
+        };
+        if !matches!(self.vcpus[v].state, RunState::Queued { .. }) {
+            return false;
+        }
+        let Some(budget) = self.ledger.grant(vm) else {
+            self.vcpus[v].metrics.boosts_refused += 1;
+            return false;
+        };
+        self.vcpus[v].boost = Some(reason);
+        self.vcpus[v].boost_budget = budget;
+        self.enqueue(v, slot, true, now, fx);
+        let c = &mut self.vcpus[v];
+        c.metrics.count_boost(reason);
+        let index = c.index;
+        if let Some(t) = &mut self.trace {
+            t.push(Event::Boost {
+                slot,
+                vm,
+                vcpu: index,
+                at: now,
+                reason: reason.name(),
+            });
+        }
+        true
+    }
+
+    /// vCPU `v` spins (a YieldTo hypercall naming `named`, a VM-local id): ask its VM's
+    /// policy whom to run; boost that vCPU onto `v`'s slot, and `v` yields.
+    pub fn spin_yield(
+        &mut self,
+        v: usize,
+        named: Option<u32>,
+        shared: Option<&Snapshot>,
+        now: Nanos,
+        fx: &mut Effects,
+    ) {
+        let Some(c) = self.vcpus.get_mut(v) else {
+            return;
+        };
+        c.metrics.yields += 1;
+        let (vm, index) = (c.vm, c.index);
+        let RunState::Running { slot } = c.state else {
+            return;
+        };
+        if let Some(n) = named.and_then(|n| self.local(vm, n)) {
+            self.vcpus[n].metrics.named_by_yields += 1;
+        }
+        let states = self.policy_states(vm);
+        let input = Input {
+            now,
+            vcpus: &states,
+            shared,
+        };
+        let decision = self.vms[vm].policy.on_spin(&input, index, named);
+        if let Some(b) = decision {
+            self.boost(vm, b.vcpu, b.reason, slot, now, fx);
+        }
+        if self.slots[slot].queue.is_empty() {
+            return; // Nobody to yield to: keep the slot.
+        }
+        self.vcpus[v].in_spin_loop = true;
+        self.set_state(v, RunState::Queued { slot }, now);
+        let to = self.place(v, Cause::Requeue);
+        self.enqueue(v, to, false, now, fx);
+        self.dispatch(slot, now, fx);
+    }
+
+    fn local(&self, vm: usize, index: u32) -> Option<usize> {
+        let m = self.vms.get(vm)?;
+        (index < m.len as u32).then(|| m.first + index as usize)
+    }
+
+    /// The Idle hypercall: true if `v` gave up its slot (it waits until `until` or an IPI),
+    /// false if an IPI arrived since its last idle (it goes on at once).
+    pub fn idle(&mut self, v: usize, until: Nanos, now: Nanos, fx: &mut Effects) -> bool {
+        let Some(c) = self.vcpus.get_mut(v) else {
+            return false;
+        };
+        if std::mem::take(&mut c.wake_token) {
+            return false;
+        }
+        let RunState::Running { slot } = c.state else {
+            return false;
+        };
+        c.metrics.halts += 1;
+        self.set_state(v, RunState::Idle { until }, now);
+        self.dispatch(slot, now, fx);
+        true
+    }
+
+    /// Makes an idle vCPU runnable; one that is not idle keeps a token for its next Idle.
+    fn wake(&mut self, v: usize, waker_slot: Option<usize>, now: Nanos, fx: &mut Effects) {
+        match self.vcpus[v].state {
+            RunState::Idle { .. } => {
+                let slot = self.place(v, Cause::Wake { waker_slot });
+                self.enqueue(v, slot, false, now, fx);
+            }
+            RunState::Gone => {}
+            _ => self.vcpus[v].wake_token = true,
+        }
+    }
+
+    /// vCPU `from` sent an interrupt to VM-local vCPU `to` of the same VM (already injected).
+    pub fn ipi(&mut self, from: usize, to: u32, now: Nanos, fx: &mut Effects) {
+        let Some(f) = self.vcpus.get_mut(from) else {
+            return;
+        };
+        f.metrics.ipis_sent += 1;
+        let waker_slot = match f.state {
+            RunState::Running { slot } => Some(slot),
+            _ => None,
+        };
+        let vm = f.vm;
+        let Some(t) = self.local(vm, to) else {
+            return;
+        };
+        let c = &mut self.vcpus[t];
+        c.interrupt_pending = true;
+        c.metrics.ipis_received += 1;
+        self.wake(t, waker_slot, now, fx);
+    }
+
+    pub fn bad_hypercall(&mut self, v: usize) {
+        if let Some(c) = self.vcpus.get_mut(v) {
+            c.metrics.bad_hypercalls += 1;
+        }
+    }
+
+    /// The vCPU's thread left for good (its VM ended, or the thread failed).
+    pub fn exit(&mut self, v: usize, now: Nanos, fx: &mut Effects) {
+        let Some(c) = self.vcpus.get(v) else {
+            return;
+        };
+        let slot = match c.state {
+            RunState::Running { slot } => Some(slot),
+            _ => None,
+        };
+        self.set_state(v, RunState::Gone, now);
+        if let Some(slot) = slot {
+            self.dispatch(slot, now, fx);
+        }
+    }
+
+    /// VM `vm` ended: all its vCPUs leave (their threads are told to proceed and stop).
+    pub fn end_vm(&mut self, vm: usize, now: Nanos, fx: &mut Effects) {
+        let Some(m) = self.vms.get_mut(vm) else {
+            return;
+        };
+        m.live = false;
+        let (first, len) = (m.first, m.len);
+        for v in first..first + len {
+            self.exit(v, now, fx);
+            fx.run.push(v);
+        }
+    }
+
+    /// The periodic look (every millisecond or so): wake vCPUs whose idle timeout passed,
+    /// apply the policies' tick boosts, end slices that are over, let idle slots steal,
+    /// sample stacking. `snapshot(vm)` reads VM `vm`'s shared region: None if it has none,
+    /// Some(Err) if it could not be read.
+    pub fn tick(
+        &mut self,
+        now: Nanos,
+        snapshot: &mut dyn FnMut(usize) -> Option<Result<Snapshot, ()>>,
+        fx: &mut Effects,
+    ) {
+        let elapsed = now.saturating_sub(self.last_tick);
+        self.last_tick = now;
+        for v in 0..self.vcpus.len() {
+            if let RunState::Idle { until } = self.vcpus[v].state {
+                if until <= now {
+                    self.wake(v, None, now, fx);
+                }
+            }
+        }
+        for vm in 0..self.vms.len() {
+            if self.vms[vm].live {
+                self.tick_policy(vm, now, snapshot, fx);
+            }
+        }
+        for slot in 0..self.slots.len() {
+            self.dispatch(slot, now, fx);
+            let Some(r) = self.slots[slot].running else {
+                continue;
+            };
+            let c = &mut self.vcpus[r];
+            if now < c.slice_end {
+                continue;
+            }
+            if self.slots[slot].queue.is_empty() {
+                // Nobody waits: a boost that used its budget simply becomes a normal turn.
+                if c.boost.is_some() {
+                    self.set_state(r, RunState::Running { slot }, now);
+                    self.slots[slot].running = Some(r);
+                    self.vcpus[r].slice_end = now + self.cfg.slice;
+                }
+                continue;
+            }
+            if !c.kick_pending {
+                c.kick_pending = true;
+                fx.kick.push(r);
+            }
+        }
+        self.sample(elapsed);
+    }
+
+    fn tick_policy(
+        &mut self,
+        vm: usize,
+        now: Nanos,
+        snapshot: &mut dyn FnMut(usize) -> Option<Result<Snapshot, ()>>,
+        fx: &mut Effects,
+    ) {
+        let snap = match snapshot(vm) {
+            Some(Ok(s)) => {
+                let m = &mut self.vms[vm].metrics;
+                for r in &s.records {
+                    if r.problems.contains(Problems::TORN) {
+                        // A vCPU descheduled mid-update: expected, not hostile.
+                        m.torn_records += 1;
+                    }
+                    if !(r.problems - Problems::TORN).is_empty() {
+                        m.invalid_page_events += 1;
+                    }
+                }
+                Some(s)
+            }
+            Some(Err(())) => {
+                self.vms[vm].metrics.invalid_page_events += 1;
+                None
+            }
+            None => None,
+        };
+        let states = self.policy_states(vm);
+        let input = Input {
+            now,
+            vcpus: &states,
+            shared: snap.as_ref(),
+        };
+        let boosts = self.vms[vm].policy.on_tick(&input);
+        for b in boosts {
+            let Some(v) = self.local(vm, b.vcpu) else {
+                continue;
+            };
+            let RunState::Queued { slot } = self.vcpus[v].state else {
+                continue;
+            };
+            if self.vcpus[v].boost.is_some() || !self.boost(vm, b.vcpu, b.reason, slot, now, fx) {
+                continue;
+            }
+            // Runs next on its slot: end the current turn there unless it is a boost too.
+            if let Some(r) = self.slots[slot].running {
+                let c = &mut self.vcpus[r];
+                if c.boost.is_none() && !c.kick_pending {
+                    c.kick_pending = true;
+                    fx.kick.push(r);
+                }
+            }
+        }
+    }
+
+    /// Stacking samples, and debt repayment for VMs that run with nobody to compete with.
+    fn sample(&mut self, elapsed: Nanos) {
+        let mut on_slot = vec![0u32; self.vms.len()];
+        let mut stacked = vec![false; self.vms.len()];
+        for s in &self.slots {
+            on_slot.iter_mut().for_each(|c| *c = 0);
+            for &v in s.running.iter().chain(s.queue.iter()) {
+                let vm = self.vcpus[v].vm;
+                on_slot[vm] += 1;
+                if on_slot[vm] >= 2 {
+                    stacked[vm] = true;
+                }
+            }
+        }
+        let waiting_vms: Vec<bool> = (0..self.vms.len())
+            .map(|vm| {
+                self.slots
+                    .iter()
+                    .any(|s| s.queue.iter().any(|&v| self.vcpus[v].vm == vm))
+            })
+            .collect();
+        for (vm, m) in self.vms.iter_mut().enumerate() {
+            if !m.live {
+                continue;
+            }
+            m.metrics.samples += 1;
+            m.metrics.stacked_samples += stacked[vm] as u64;
+            let others_wait = waiting_vms.iter().enumerate().any(|(o, &w)| o != vm && w);
+            if !others_wait {
+                self.ledger.repaid(vm, elapsed);
+            }
+        }
+    }
+
+    /// Per-vCPU host fields for the shared region: (preempted now, total queued ns, boosts).
+    pub fn host_fields(&self, v: usize, now: Nanos) -> Option<(bool, u64, u64)> {
+        let c = self.vcpus.get(v)?;
+        let queued = matches!(c.state, RunState::Queued { .. });
+        let current = if queued {
+            now.saturating_sub(c.since)
+        } else {
+            0
+        };
+        Some((
+            queued,
+            c.metrics.wait_ns + current,
+            c.metrics.boosts_total(),
+        ))
+    }
+
+    /// Closes every open interval at `now` (for the report) without changing states.
+    pub fn settle(&mut self, now: Nanos) {
+        for v in 0..self.vcpus.len() {
+            let state = self.vcpus[v].state;
+            if let RunState::Running { slot } = state {
+                self.set_state(v, state, now);
+                self.slots[slot].running = Some(v);
+            } else if !matches!(state, RunState::Queued { .. }) {
+                self.set_state(v, state, now);
+            } else {
+                let c = &mut self.vcpus[v];
+                c.metrics.wait_ns += now.saturating_sub(c.since);
+                c.since = now;
+            }
+        }
+    }
+
+    pub fn vm_metrics(&self, vm: usize) -> Option<(&VmMetrics, Vec<VcpuMetrics>)> {
+        let m = self.vms.get(vm)?;
+        let vcpus = self.vcpus[m.first..m.first + m.len]
+            .iter()
+            .map(|c| c.metrics.clone())
+            .collect();
+        Some((&m.metrics, vcpus))
+    }
+
+    pub fn vms(&self) -> usize {
+        self.vms.len()
+    }
+
+    pub fn policy_name(&self, vm: usize) -> Option<&str> {
+        self.vms.get(vm).map(|m| m.policy.name())
+    }
+
+    pub fn take_trace(&mut self) -> Option<Trace> {
+        self.trace.take()
+    }
+
+    /// Whose turn on each slot, then the queue, for debugging and tests.
+    pub fn layout(&self) -> Vec<(Option<usize>, Vec<usize>)> {
+        self.slots
+            .iter()
+            .map(|s| (s.running, s.queue.iter().copied().collect()))
+            .collect()
+    }
+}

@@ -1,0 +1,96 @@
+//! Backends: how a vCPU gets CPU time. The vCPU loop talks to a [`Backend`]; policies (in
+//! `policy`) decide whom to boost and never learn which backend runs.
+//!
+//! - [`SlotBackend`]: the VMM's own scheduler. `--slots N` host CPU slots; a vCPU thread
+//!   enters KVM_RUN only while it holds one; a slice ends with a kick (signal +
+//!   `immediate_exit`); per-slot run queues, placement (`wake-affine` or `spread`), boosts
+//!   from the policies, charged to the VM's ledger.
+//! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only idling and
+//!   interrupts go through the backend (boosts as priority changes come later).
+
+mod core;
+mod linux;
+pub mod metrics;
+pub mod placement;
+mod slots;
+pub mod trace;
+
+use std::sync::Weak;
+use std::time::Duration;
+
+pub use self::core::{Core, CoreConfig, Effects, RunState};
+pub use linux::LinuxBackend;
+pub use metrics::{SchedReport, VcpuMetrics, VmMetrics};
+pub use placement::Placement;
+pub use slots::SlotBackend;
+
+use crate::policy::{BoostPolicy, Cpl};
+use crate::shared_region::Snapshot;
+
+pub use crate::policy::Nanos;
+
+/// What a backend needs from a VM: its shared region, and a place to publish host fields.
+pub trait GuestView: Send + Sync {
+    /// None if the guest registered no region; Err if it could not be read.
+    fn snapshot(&self) -> Option<Result<Snapshot, ()>>;
+    /// Writes the host fields of vCPU `index`'s record.
+    fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64);
+}
+
+/// A VM as a backend knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmHandle {
+    pub vm: usize,
+    /// Backend key of the VM's vCPU 0; vCPU i is `first + i`.
+    pub first: usize,
+}
+
+/// How vCPUs get CPU time. Every method is called by vCPU threads (with their own key) or
+/// the VM lifecycle; none may panic on bad keys.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Registers a VM of `vcpus` vCPUs run by `policy`.
+    fn add_vm(
+        &self,
+        policy: Box<dyn BoostPolicy>,
+        vcpus: usize,
+        view: Weak<dyn GuestView>,
+    ) -> VmHandle;
+    /// vCPU `v`'s thread has started (it may be kicked from now on).
+    fn start(&self, v: usize);
+    /// Blocks until `v` may enter KVM_RUN (or its VM ended).
+    fn wait_turn(&self, v: usize);
+    /// After a KVM_RUN exit: whether `v` was asked to give up its CPU (then call
+    /// `preempted` and `wait_turn`).
+    fn take_kick(&self, v: usize) -> bool;
+    /// `v` left KVM_RUN on a kick; `cpl` is its privilege level at that point.
+    fn preempted(&self, v: usize, cpl: Cpl);
+    /// `v` spins waiting for VM-local vCPU `named` (a YieldTo hypercall); returns when `v`
+    /// may run again.
+    fn spin_yield(&self, v: usize, named: Option<u32>, shared: Option<&Snapshot>);
+    /// `v` idles (the Idle hypercall) for at most `timeout`; returns when it may run again.
+    fn idle(&self, v: usize, timeout: Duration);
+    /// `v` sent an interrupt (already injected) to VM-local vCPU `to`.
+    fn ipi(&self, v: usize, to: u32);
+    /// `v` made a hypercall with bad arguments.
+    fn bad_hypercall(&self, v: usize);
+    /// `v`'s thread leaves for good.
+    fn exit(&self, v: usize);
+    /// The VM ended: its vCPUs leave, threads waiting in the backend return.
+    fn end_vm(&self, vm: usize);
+    /// Counters of VM `vm` so far.
+    fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)>;
+    /// Whether the backend writes the host fields of the shared records itself.
+    fn publishes_host_fields(&self) -> bool;
+}
+
+/// Reads a vCPU's CPL the way KVM's directed yield does (`kvm_arch_vcpu_get_cpl`): from the
+/// segment registers, while the vCPU is out of KVM_RUN.
+pub fn read_cpl(fd: &kvm_ioctls::VcpuFd) -> Cpl {
+    match fd.get_sregs() {
+        // CPL is SS.DPL, which equals CS.RPL in protected and long mode.
+        Ok(s) if s.cs.selector & 3 == 3 => Cpl::User,
+        Ok(_) => Cpl::Kernel,
+        Err(_) => Cpl::Unknown,
+    }
+}

@@ -1,0 +1,272 @@
+//! The slot backend: [`Core`] behind a mutex, a condition variable per vCPU thread, kicks by
+//! signal, and a ticker thread that ends slices, wakes idle vCPUs, runs the policies' periodic
+//! look and publishes the host fields.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::signal::SIGRTMIN;
+
+use super::core::{Core, CoreConfig, Effects};
+use super::metrics::{VcpuMetrics, VmMetrics};
+use super::trace::Trace;
+use super::{Backend, GuestView, Nanos, VmHandle};
+use crate::policy::{BoostPolicy, Cpl};
+use crate::shared_region::Snapshot;
+use crate::vcpu::KICK_SIGNAL_OFFSET;
+
+/// How often the ticker looks at the slots.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// A thread waiting in the backend re-checks at least this often (so a lost wake-up costs
+/// at most this, never a hang).
+const WAIT_RECHECK: Duration = Duration::from_millis(20);
+
+struct Inner {
+    core: Core,
+    views: Vec<(Weak<dyn GuestView>, usize, usize)>,
+}
+
+/// Per vCPU thread: its wake-up, its kick flag, and its pthread for signals.
+#[derive(Default)]
+struct Thread {
+    cv: Condvar,
+    kicked: AtomicBool,
+    /// The vCPU thread, from `start` until `exit`; signals are sent with this lock held, so
+    /// none reaches a thread that has left (and may have been joined).
+    pthread: Mutex<Option<libc::pthread_t>>,
+}
+
+pub struct SlotBackend {
+    inner: Mutex<Inner>,
+    threads: RwLock<Vec<Arc<Thread>>>,
+    epoch: Instant,
+    stop: AtomicBool,
+    ticker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SlotBackend {
+    /// Creates the backend and starts its ticker thread.
+    pub fn new(cfg: CoreConfig) -> std::io::Result<Arc<Self>> {
+        let b = Arc::new(SlotBackend {
+            inner: Mutex::new(Inner {
+                core: Core::new(cfg),
+                views: Vec::new(),
+            }),
+            threads: RwLock::new(Vec::new()),
+            epoch: Instant::now(),
+            stop: AtomicBool::new(false),
+            ticker: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&b);
+        let t = std::thread::Builder::new()
+            .name("slot-ticker".into())
+            .spawn(move || ticker(weak))?;
+        *b.ticker.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+        Ok(b)
+    }
+
+    fn now(&self) -> Nanos {
+        self.epoch.elapsed().as_nanos() as Nanos
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn thread(&self, v: usize) -> Option<Arc<Thread>> {
+        self.threads
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(v)
+            .cloned()
+    }
+
+    /// Carries out what the core asked for (called without the lock held).
+    fn apply(&self, fx: Effects) {
+        if fx.run.is_empty() && fx.kick.is_empty() {
+            return;
+        }
+        let threads = self.threads.read().unwrap_or_else(|e| e.into_inner());
+        for v in fx.run {
+            if let Some(t) = threads.get(v) {
+                t.cv.notify_all();
+            }
+        }
+        for v in fx.kick {
+            if let Some(t) = threads.get(v) {
+                t.kicked.store(true, Ordering::Release);
+                let p = t.pthread.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(p) = *p {
+                    // SAFETY: `p` is a vCPU thread that has not passed `exit` (which clears
+                    // it under this lock), so it has not been joined and the id is valid.
+                    unsafe { libc::pthread_kill(p, SIGRTMIN() + KICK_SIGNAL_OFFSET) };
+                }
+            }
+        }
+    }
+
+    fn with_core(&self, f: impl FnOnce(&mut Core, Nanos, &mut Effects)) {
+        let mut fx = Effects::default();
+        {
+            let mut g = self.lock();
+            let now = self.now();
+            f(&mut g.core, now, &mut fx);
+        }
+        self.apply(fx);
+    }
+
+    /// Stops the ticker; returns the trace if one was recorded.
+    pub fn shutdown(&self) -> Option<Trace> {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+        let mut g = self.lock();
+        let now = self.now();
+        g.core.settle(now);
+        g.core.take_trace()
+    }
+
+    pub fn config(&self) -> CoreConfig {
+        self.lock().core.config().clone()
+    }
+
+    fn tick(&self) {
+        let mut fx = Effects::default();
+        {
+            let mut g = self.lock();
+            let now = self.now();
+            let Inner { core, views } = &mut *g;
+            let mut snapshot = |vm: usize| views.get(vm)?.0.upgrade()?.snapshot();
+            core.tick(now, &mut snapshot, &mut fx);
+            for (view, first, len) in views.iter() {
+                let Some(view) = view.upgrade() else {
+                    continue;
+                };
+                for i in 0..*len {
+                    if let Some((p, ns, boosts)) = core.host_fields(first + i, now) {
+                        view.publish_host(i as u32, p, ns, boosts);
+                    }
+                }
+            }
+        }
+        self.apply(fx);
+    }
+}
+
+fn ticker(b: Weak<SlotBackend>) {
+    loop {
+        std::thread::sleep(TICK);
+        let Some(b) = b.upgrade() else {
+            return;
+        };
+        if b.stop.load(Ordering::Acquire) {
+            return;
+        }
+        b.tick();
+    }
+}
+
+impl Backend for SlotBackend {
+    fn name(&self) -> &'static str {
+        "slots"
+    }
+
+    fn add_vm(
+        &self,
+        policy: Box<dyn BoostPolicy>,
+        vcpus: usize,
+        view: Weak<dyn GuestView>,
+    ) -> VmHandle {
+        let mut g = self.lock();
+        let (vm, first) = g.core.add_vm(policy, vcpus);
+        g.views.push((view, first, vcpus));
+        let mut threads = self.threads.write().unwrap_or_else(|e| e.into_inner());
+        threads.resize_with(first + vcpus, Default::default);
+        VmHandle { vm, first }
+    }
+
+    fn start(&self, v: usize) {
+        if let Some(t) = self.thread(v) {
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() };
+            *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
+        }
+        self.with_core(|c, now, fx| c.start(v, now, fx));
+    }
+
+    fn wait_turn(&self, v: usize) {
+        let Some(t) = self.thread(v) else {
+            return;
+        };
+        let mut g = self.lock();
+        let mut waited = false;
+        while !g.core.may_proceed(v) {
+            waited = true;
+            g =
+                t.cv.wait_timeout(g, WAIT_RECHECK)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        }
+        if waited {
+            let now = self.now();
+            g.core.entered(v, now);
+        }
+    }
+
+    fn take_kick(&self, v: usize) -> bool {
+        self.thread(v)
+            .is_some_and(|t| t.kicked.swap(false, Ordering::AcqRel))
+    }
+
+    fn preempted(&self, v: usize, cpl: Cpl) {
+        self.with_core(|c, now, fx| c.preempt(v, cpl, now, fx));
+        self.wait_turn(v);
+    }
+
+    fn spin_yield(&self, v: usize, named: Option<u32>, shared: Option<&Snapshot>) {
+        self.with_core(|c, now, fx| c.spin_yield(v, named, shared, now, fx));
+        self.wait_turn(v);
+    }
+
+    fn idle(&self, v: usize, timeout: Duration) {
+        self.with_core(|c, now, fx| {
+            let until = now + timeout.as_nanos() as Nanos;
+            c.idle(v, until, now, fx);
+        });
+        self.wait_turn(v);
+    }
+
+    fn ipi(&self, v: usize, to: u32) {
+        self.with_core(|c, now, fx| c.ipi(v, to, now, fx));
+    }
+
+    fn bad_hypercall(&self, v: usize) {
+        self.lock().core.bad_hypercall(v);
+    }
+
+    fn exit(&self, v: usize) {
+        if let Some(t) = self.thread(v) {
+            *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        self.with_core(|c, now, fx| c.exit(v, now, fx));
+    }
+
+    fn end_vm(&self, vm: usize) {
+        self.with_core(|c, now, fx| c.end_vm(vm, now, fx));
+    }
+
+    fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)> {
+        let mut g = self.lock();
+        let now = self.now();
+        g.core.settle(now);
+        g.core.vm_metrics(vm).map(|(m, v)| (m.clone(), v))
+    }
+
+    fn publishes_host_fields(&self) -> bool {
+        true
+    }
+}

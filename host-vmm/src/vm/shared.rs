@@ -1,0 +1,183 @@
+//! What a VM's vCPU threads, its monitor and the scheduler backend share: guest memory, the
+//! devices, the shared-region registration, how the VM ended; and the hypercalls that act on
+//! them.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::VmFd;
+use shared_abi::{HypercallStatus, IpiDest, IpiRequest, IDLE_MAX_US};
+use vm_memory::GuestMemoryMmap;
+
+use super::Outcome;
+use crate::devices::PioBus;
+use crate::hoststat;
+use crate::hypercall::HypercallHost;
+use crate::sched::{Backend, GuestView, VmHandle};
+use crate::shared_region::{self, Registration, Snapshot};
+
+/// Where the local APICs receive MSIs (Intel SDM 11.11.1): destination id in bits 12..20.
+const MSI_ADDRESS_BASE: u32 = 0xfee0_0000;
+const MSI_DEST_ID_SHIFT: u32 = 12;
+
+/// State the vCPU threads share.
+pub struct VmShared {
+    /// Declared before `mem`: fields drop in order, and KVM must let go of the memory first.
+    pub(super) vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    /// Guest RAM as the memory map describes it (the legacy hole is not RAM).
+    pub(super) ram: Vec<Range<u64>>,
+    pub pio: PioBus,
+    pub(super) nr_vcpus: u8,
+    pub(super) kernel_image: Range<u64>,
+    pub(super) shared_region: Mutex<Option<Registration>>,
+    pub(super) outcome: Mutex<Option<Outcome>>,
+    pub(super) outcome_cv: Condvar,
+    pub(super) stop: AtomicBool,
+    pub(super) unclaimed_mmio: AtomicU64,
+    /// YieldTo hypercalls naming each vCPU.
+    pub(super) yields_to: Vec<AtomicU64>,
+    /// Host thread id of each vCPU thread (0 until it starts).
+    pub(super) tids: Vec<AtomicI32>,
+    /// KVM_SIGNAL_MSI failures (SendIpi hypercalls that could not be delivered).
+    pub(super) failed_ipis: AtomicU64,
+    pub backend: Arc<dyn Backend>,
+    pub handle: VmHandle,
+}
+
+impl VmShared {
+    /// True once the VM is being torn down.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Records how the VM ended (the first report wins), wakes the waiter, and releases the
+    /// VM's vCPUs from the backend.
+    pub fn finish(&self, outcome: Outcome) {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.outcome_cv.notify_all();
+        drop(o);
+        self.backend.end_vm(self.handle.vm);
+    }
+
+    pub fn count_unclaimed_mmio(&self) {
+        self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn registration(&self) -> Option<Registration> {
+        self.shared_region
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Backend key of vCPU `index`.
+    pub fn key(&self, index: u32) -> usize {
+        self.handle.first + index as usize
+    }
+
+    fn take_snapshot(&self) -> Option<Snapshot> {
+        let reg = self.registration()?;
+        Snapshot::take(&self.mem, &reg).ok()
+    }
+
+    /// Injects fixed interrupt `vector` into vCPU `index` (APIC id = vCPU index).
+    fn inject(&self, index: u32, vector: u8) -> bool {
+        let msi = kvm_msi {
+            address_lo: MSI_ADDRESS_BASE | (index << MSI_DEST_ID_SHIFT),
+            address_hi: 0,
+            data: vector as u32,
+            ..Default::default()
+        };
+        self.vm.signal_msi(msi).is_ok()
+    }
+}
+
+impl HypercallHost for VmShared {
+    /// The RegisterSharedRegion hypercall.
+    fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
+        let mut slot = self.shared_region.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return HypercallStatus::AlreadyRegistered;
+        }
+        match shared_region::validate(
+            &self.mem,
+            gpa,
+            self.nr_vcpus as u32,
+            &self.kernel_image,
+            &self.ram,
+        ) {
+            Ok(reg) => {
+                if shared_region::mark_accepted(&self.mem, &reg).is_err() {
+                    return HypercallStatus::BadAddress;
+                }
+                *slot = Some(reg);
+                HypercallStatus::Ok
+            }
+            Err(status) => status,
+        }
+    }
+
+    fn yield_to(&self, caller: u32, target: u32) -> HypercallStatus {
+        let Some(counter) = self.yields_to.get(target as usize) else {
+            return HypercallStatus::BadVcpu;
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let snapshot = self.take_snapshot();
+        self.backend
+            .spin_yield(self.key(caller), Some(target), snapshot.as_ref());
+        HypercallStatus::Ok
+    }
+
+    fn idle(&self, caller: u32, timeout_us: u32) -> HypercallStatus {
+        let us = match timeout_us {
+            0 => IDLE_MAX_US,
+            t => t.min(IDLE_MAX_US),
+        };
+        self.backend
+            .idle(self.key(caller), Duration::from_micros(us as u64));
+        HypercallStatus::Ok
+    }
+
+    fn send_ipi(&self, caller: u32, request: IpiRequest) -> HypercallStatus {
+        let n = self.nr_vcpus as u32;
+        let targets = match request.dest {
+            IpiDest::Vcpu(v) if (v as u32) < n => v as u32..v as u32 + 1,
+            IpiDest::Vcpu(_) => return HypercallStatus::BadVcpu,
+            IpiDest::AllButSelf => 0..n,
+        };
+        for t in targets.filter(|&t| t != caller || request.dest != IpiDest::AllButSelf) {
+            if self.inject(t, request.vector) {
+                self.backend.ipi(self.key(caller), t);
+            } else {
+                self.failed_ipis.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        HypercallStatus::Ok
+    }
+
+    fn refused(&self, caller: u32, _: HypercallStatus) {
+        self.backend.bad_hypercall(self.key(caller));
+    }
+}
+
+impl GuestView for VmShared {
+    fn snapshot(&self) -> Option<Result<Snapshot, ()>> {
+        let reg = self.registration()?;
+        Some(Snapshot::take(&self.mem, &reg).map_err(|_| ()))
+    }
+
+    fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64) {
+        if let Some(reg) = self.registration() {
+            hoststat::publish(&self.mem, &reg, index, preempted, preempted_ns);
+            hoststat::publish_boosts(&self.mem, &reg, index, boosts);
+        }
+    }
+}
