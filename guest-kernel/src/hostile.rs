@@ -111,3 +111,76 @@ pub fn after_registration() -> bool {
             S::AlreadyRegistered,
         )
 }
+
+/// xorshift64: cheap noise for the flood.
+fn next(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// One CPU's share of `test=hostile-page`: until `end` (TSC), overwrite random words of the
+/// shared region with noise and make random hypercalls (never Exit). Returns the hypercalls
+/// made.
+fn flood_one(seed: u64, end: u64) -> u64 {
+    use shared_abi::{region_size, Hypercall, IpiDest, IpiRequest};
+    use x86_64::instructions::port::Port;
+    let Some((base, nr, _)) = shared::info() else {
+        return 0;
+    };
+    let words = region_size(nr as usize) / 8;
+    let mut x = seed | 1;
+    let mut calls = 0;
+    while crate::arch::tsc::now() < end {
+        for _ in 0..16 {
+            let at = base + (next(&mut x) % words as u64) * 8;
+            // SAFETY: inside the region this kernel allocated for the host; nothing in this
+            // guest trusts what it reads back from it while the flood runs.
+            unsafe { core::ptr::write_volatile(at as *mut u64, next(&mut x)) };
+        }
+        let r = next(&mut x);
+        let (port, arg) = match r % 5 {
+            0 => (Hypercall::YieldTo, (r >> 8) as u32),
+            // A short idle: the flood itself must keep running.
+            1 => (Hypercall::Idle, (r >> 8) as u32 % 200),
+            // Half valid pings to a random vCPU, half malformed requests.
+            2 if r & (1 << 8) != 0 => (
+                Hypercall::SendIpi,
+                IpiRequest {
+                    vector: crate::arch::vectors::PING,
+                    dest: IpiDest::Vcpu(((r >> 16) % nr as u64) as u8),
+                }
+                .encode(),
+            ),
+            2 => (Hypercall::SendIpi, (r >> 9) as u32 & 0xffff_ff1f),
+            3 => (Hypercall::RegisterSharedRegion, (r >> 8) as u32),
+            _ => (Hypercall::YieldTo, (r % (nr as u64 + 2)) as u32),
+        };
+        let mut p: Port<u32> = Port::new(port.port());
+        // SAFETY: hypercalls only ask the host for things; a refused one has no effect.
+        unsafe {
+            p.write(arg);
+            let _ = p.read();
+        }
+        calls += 1;
+    }
+    calls
+}
+
+/// `test=hostile-page`: every CPU scribbles over the shared region and floods the host with
+/// random hypercalls for `duration_ms`. The host must survive it, count it, and keep other
+/// VMs' share; the guest passes if it gets to the end.
+pub fn flood(cpus: &[u32], duration_ms: u64) -> bool {
+    let end = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(duration_ms * 1000);
+    let tasks: alloc::vec::Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            let seed = crate::arch::tsc::now() ^ ((cpu as u64 + 1) << 32);
+            crate::sched::spawn_returning(cpu, "hostile-flood", move || flood_one(seed, end))
+        })
+        .collect();
+    let calls: u64 = tasks.iter().map(crate::sched::join).sum();
+    println!("RESULT hostile-page hypercalls={calls}");
+    calls > 0
+}

@@ -113,6 +113,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "boot" => true,
         "selftest" => selftest::run_all(),
         "hostile-hypercalls" => hostile_ok & hostile::after_registration(),
+        "hostile-page" => hostile::flood(cpus.ids(), cmd.duration_ms),
         "locktorture" => torture::lock::run(cmd.lock, threads, cmd.duration_ms),
         "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),
         "rcuflood" => torture::rcu::flood(1000),

@@ -67,6 +67,7 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
                 "bad_hypercalls": m.bad_hypercalls,
                 "boosts": boosts_json(&m),
                 "boosts_refused": m.boosts_refused,
+                "user_mode_boosts": m.user_mode_boosts,
                 "dispatches": m.dispatches,
                 "handoff_ns": m.handoff_ns,
                 "host_thread": {

@@ -226,7 +226,12 @@ impl Core {
                 c.metrics.run_ns += spent;
                 let boosted = c.boost.take().is_some();
                 if boosted {
-                    self.ledger.borrowed(c.vm, spent);
+                    // The budget was charged when the boost was granted; settle the rest.
+                    if spent > c.boost_budget {
+                        self.ledger.borrowed(c.vm, spent - c.boost_budget);
+                    } else {
+                        self.ledger.repaid(c.vm, c.boost_budget - spent);
+                    }
                     let debt = self.ledger.debt(c.vm);
                     let m = &mut self.vms[c.vm].metrics;
                     m.max_debt_ns = m.max_debt_ns.max(debt);
@@ -390,11 +395,16 @@ impl Core {
             self.vcpus[v].metrics.boosts_refused += 1;
             return false;
         };
+        // Charged now, so that boosts granted together cannot exceed the cap.
+        self.ledger.borrowed(vm, budget);
         self.vcpus[v].boost = Some(reason);
         self.vcpus[v].boost_budget = budget;
         self.enqueue(v, slot, true, now, fx);
         let c = &mut self.vcpus[v];
         c.metrics.count_boost(reason);
+        if c.cpl == Cpl::User {
+            c.metrics.user_mode_boosts += 1;
+        }
         let index = c.index;
         if let Some(t) = &mut self.trace {
             t.push(Event::Boost {
@@ -442,6 +452,8 @@ impl Core {
         if self.slots[slot].queue.is_empty() {
             return; // Nobody to yield to: keep the slot.
         }
+        // A hypercall is made from the guest kernel.
+        self.vcpus[v].cpl = Cpl::Kernel;
         self.vcpus[v].in_spin_loop = true;
         self.set_state(v, RunState::Queued { slot }, now);
         let to = self.place(v, Cause::Requeue);
@@ -467,6 +479,7 @@ impl Core {
             return false;
         };
         c.metrics.halts += 1;
+        c.cpl = Cpl::Kernel;
         self.set_state(v, RunState::Idle { until }, now);
         self.dispatch(slot, now, fx);
         true
@@ -739,3 +752,7 @@ impl Core {
             .collect()
     }
 }
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -26,6 +26,8 @@ pub struct VcpuMetrics {
     pub bad_hypercalls: u64,
     /// Boosts this vCPU received, by reason (indexed like `BoostReason::ALL`).
     pub boosts: [u64; BoostReason::ALL.len()],
+    /// Boosts this vCPU received while preempted in user mode (its CPL when descheduled).
+    pub user_mode_boosts: u64,
     /// Boosts the policy chose that the ledger refused (the VM owed too much).
     pub boosts_refused: u64,
     /// Times the vCPU was handed a slot, and the total delay from the hand-off to its

@@ -1,0 +1,284 @@
+//! The slot scheduler's state machine under a fake clock.
+
+use super::*;
+use crate::policy::{self, Boost, NoBoost};
+
+const MS: Nanos = 1_000_000;
+
+fn core(slots: usize, placement: Placement) -> Core {
+    Core::new(CoreConfig {
+        slots,
+        placement,
+        ..CoreConfig::default()
+    })
+}
+
+fn no_snapshot(_: usize) -> Option<Result<Snapshot, ()>> {
+    None
+}
+
+/// Starts every vCPU of the core at time 0.
+fn start_all(c: &mut Core, n: usize) -> Effects {
+    let mut fx = Effects::default();
+    for v in 0..n {
+        c.start(v, 0, &mut fx);
+    }
+    fx
+}
+
+fn running(c: &Core) -> Vec<Option<usize>> {
+    c.layout().into_iter().map(|(r, _)| r).collect()
+}
+
+#[test]
+fn slices_end_with_a_kick_and_the_slot_goes_round_robin() {
+    let mut c = core(1, Placement::Spread);
+    c.add_vm(Box::new(NoBoost), 3);
+    let fx = start_all(&mut c, 3);
+    assert_eq!(fx.run, vec![0], "one slot: only vCPU 0 runs");
+    let mut fx = Effects::default();
+    c.tick(MS, &mut no_snapshot, &mut fx);
+    assert!(fx.kick.is_empty(), "slice not over");
+    c.tick(4 * MS, &mut no_snapshot, &mut fx);
+    assert_eq!(fx.kick, vec![0]);
+    let mut fx2 = Effects::default();
+    c.tick(5 * MS, &mut no_snapshot, &mut fx2);
+    assert!(fx2.kick.is_empty(), "a pending kick is not repeated");
+    let mut fx = Effects::default();
+    c.preempt(0, Cpl::Kernel, 5 * MS, &mut fx);
+    assert_eq!(fx.run, vec![1]);
+    c.preempt(1, Cpl::Kernel, 9 * MS, &mut fx);
+    c.preempt(2, Cpl::Kernel, 13 * MS, &mut fx);
+    assert_eq!(fx.run, vec![1, 2, 0], "round robin");
+    let (_, m) = c.vm_metrics(0).unwrap();
+    assert_eq!(m[0].run_ns, 5 * MS);
+    assert_eq!(m[0].preemptions, 1);
+    assert_eq!(m[2].wait_ns, 9 * MS, "queued from 0 to 9 ms");
+}
+
+#[test]
+fn idle_gives_the_slot_away_and_an_ipi_wakes_onto_the_wakers_slot() {
+    let mut c = core(2, Placement::WakeAffine);
+    c.add_vm(Box::new(NoBoost), 3);
+    start_all(&mut c, 3);
+    assert_eq!(running(&c), vec![Some(0), Some(1)]);
+    let mut fx = Effects::default();
+    assert!(c.idle(1, 50 * MS, MS, &mut fx), "no IPI pending: it idles");
+    assert_eq!(fx.run, vec![2], "the queued vCPU takes the slot");
+    // vCPU 0 (slot 0) wakes vCPU 1: wake-affine queues it on slot 0.
+    let mut fx = Effects::default();
+    c.ipi(0, 1, 2 * MS, &mut fx);
+    assert_eq!(c.state(1), Some(RunState::Queued { slot: 0 }));
+    // An IPI to a running vCPU leaves a token: its next idle returns at once.
+    c.ipi(0, 2, 2 * MS, &mut fx);
+    assert!(!c.idle(2, 60 * MS, 3 * MS, &mut fx));
+    assert!(c.is_running(2));
+    // Without an IPI, the idle timeout wakes it.
+    assert!(c.idle(2, 10 * MS, 3 * MS, &mut fx));
+    let mut fx = Effects::default();
+    c.tick(11 * MS, &mut no_snapshot, &mut fx);
+    assert!(matches!(
+        c.state(2),
+        Some(RunState::Running { .. } | RunState::Queued { .. })
+    ));
+    let (_, m) = c.vm_metrics(0).unwrap();
+    assert_eq!((m[1].halts, m[2].halts), (1, 1));
+    assert_eq!(m[2].ipis_received, 1);
+}
+
+/// One slot, VM of 3 vCPUs: 0 spins, 1 is preempted in user mode with an IPI pending, 2 is
+/// preempted in kernel mode.
+fn spin_scenario(policy: &str) -> (Core, Effects) {
+    let mut c = core(1, Placement::Spread);
+    c.add_vm(policy::by_name(policy).unwrap(), 3);
+    start_all(&mut c, 3);
+    let mut fx = Effects::default();
+    // 0 runs and sends an IPI to 1 (queued); 1 then runs and is preempted in user mode.
+    c.preempt(0, Cpl::Kernel, MS, &mut fx);
+    c.preempt(1, Cpl::User, 2 * MS, &mut fx);
+    c.preempt(2, Cpl::Kernel, 3 * MS, &mut fx);
+    assert!(c.is_running(0));
+    c.ipi(0, 1, 3 * MS, &mut fx);
+    (c, fx)
+}
+
+#[test]
+fn kvm_skips_the_user_mode_receiver_and_kvm_ipi_boosts_it() {
+    let (mut c, mut fx) = spin_scenario("kvm");
+    c.spin_yield(0, Some(1), None, 4 * MS, &mut fx);
+    let (_, m) = c.vm_metrics(0).unwrap();
+    assert_eq!(m[1].boosts_total(), 0, "kvm never boosts a user-mode vCPU");
+    assert_eq!(
+        m[2].boosts[0], 1,
+        "it yields to the kernel-mode one (directed-yield)"
+    );
+    assert!(c.is_running(2));
+
+    let (mut c, mut fx) = spin_scenario("kvm-ipi");
+    c.spin_yield(0, Some(1), None, 4 * MS, &mut fx);
+    let (_, m) = c.vm_metrics(0).unwrap();
+    assert_eq!(m[1].boosts[1], 1, "user-mode-with-interrupt");
+    assert!(c.is_running(1));
+    assert_eq!(m[0].yields, 1);
+    assert_eq!(m[1].named_by_yields, 1);
+}
+
+/// A policy that asks for every queued vCPU at every turn (a hostile guest's claims).
+struct Greedy;
+
+impl BoostPolicy for Greedy {
+    fn name(&self) -> &str {
+        "greedy"
+    }
+    fn on_spin(&mut self, input: &Input, spinner: u32, _: Option<u32>) -> Option<Boost> {
+        input
+            .vcpus
+            .iter()
+            .find(|v| v.id != spinner && v.candidate())
+            .map(|v| Boost {
+                vcpu: v.id,
+                reason: BoostReason::LockHolder,
+            })
+    }
+    fn on_tick(&mut self, input: &Input) -> Vec<Boost> {
+        input
+            .vcpus
+            .iter()
+            .filter(|v| v.candidate())
+            .map(|v| Boost {
+                vcpu: v.id,
+                reason: BoostReason::RcuReader,
+            })
+            .collect()
+    }
+}
+
+/// Runs `c` for `until` with ticks every ms and kicks honoured at once; returns run time
+/// per VM.
+fn simulate(c: &mut Core, until: Nanos, vms: usize) -> Vec<Nanos> {
+    let mut now = 0;
+    while now < until {
+        now += MS;
+        let mut fx = Effects::default();
+        c.tick(now, &mut no_snapshot, &mut fx);
+        for v in fx.kick {
+            let mut fx = Effects::default();
+            c.preempt(v, Cpl::Kernel, now, &mut fx);
+        }
+    }
+    c.settle(now);
+    (0..vms)
+        .map(|vm| c.vm_metrics(vm).unwrap().1.iter().map(|m| m.run_ns).sum())
+        .collect()
+}
+
+#[test]
+fn a_vm_that_claims_every_boost_keeps_no_more_than_its_share() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(Box::new(Greedy), 4);
+    c.add_vm(Box::new(NoBoost), 4);
+    start_all(&mut c, 8);
+    let total = 10_000 * MS;
+    let ran = simulate(&mut c, total, 2);
+    let cap = c.config().max_debt;
+    let capacity = 2 * total;
+    assert!(
+        ran[0] <= capacity / 2 + cap + 2 * c.config().slice,
+        "greedy VM ran {} of {capacity} ns",
+        ran[0]
+    );
+    assert!(
+        ran[1] + cap + 2 * c.config().slice >= capacity / 2,
+        "normal VM kept its share: {} of {capacity}",
+        ran[1]
+    );
+    let (vm, m) = c.vm_metrics(0).unwrap();
+    assert!(
+        m.iter().map(|m| m.boosts_total()).sum::<u64>() > 0,
+        "it was boosted"
+    );
+    // A boosted turn ends at the first tick after its budget: at most one tick over.
+    assert!(
+        vm.max_debt_ns <= cap + MS,
+        "debt stays under the cap: {}",
+        vm.max_debt_ns
+    );
+}
+
+#[test]
+fn a_tick_boost_runs_next_and_ends_the_current_turn() {
+    let mut c = core(1, Placement::Spread);
+    c.add_vm(Box::new(Greedy), 2);
+    start_all(&mut c, 2);
+    let mut fx = Effects::default();
+    c.tick(MS, &mut no_snapshot, &mut fx);
+    assert_eq!(
+        fx.kick,
+        vec![0],
+        "the runner is kicked for the boosted vCPU"
+    );
+    let mut fx = Effects::default();
+    c.preempt(0, Cpl::Kernel, MS, &mut fx);
+    assert_eq!(fx.run, vec![1]);
+    let (_, m) = c.vm_metrics(0).unwrap();
+    assert_eq!(m[1].boosts[5], 1, "rcu-reader");
+}
+
+/// 2 VMs x 4 vCPUs on 4 slots; each vCPU alternates short runs and short idles and wakes a
+/// sibling with an IPI (a lock hand-off). Returns VM 0's stacking fraction.
+fn stacking(placement: Placement) -> f64 {
+    let mut c = core(4, placement);
+    c.add_vm(Box::new(NoBoost), 4);
+    c.add_vm(Box::new(NoBoost), 4);
+    start_all(&mut c, 8);
+    let mut now = 0;
+    let mut step = 0u64;
+    while now < 2_000 * MS {
+        now += MS;
+        step += 1;
+        let mut fx = Effects::default();
+        // Every running vCPU wakes its next sibling, then every other one idles briefly.
+        for slot in running(&c).into_iter().flatten() {
+            let (vm, idx) = (slot / 4, slot % 4);
+            c.ipi(slot, ((idx + 1) % 4) as u32, now, &mut fx);
+            if (step + slot as u64) % 2 == 0 {
+                c.idle(vm * 4 + idx, now + 2 * MS, now, &mut fx);
+            }
+        }
+        c.tick(now, &mut no_snapshot, &mut fx);
+        for v in std::mem::take(&mut fx.kick) {
+            c.preempt(v, Cpl::Kernel, now, &mut fx);
+        }
+    }
+    c.vm_metrics(0).unwrap().0.stacking_fraction()
+}
+
+#[test]
+fn spread_stacks_siblings_less_than_wake_affine() {
+    let wa = stacking(Placement::WakeAffine);
+    let sp = stacking(Placement::Spread);
+    assert!(sp < wa, "spread {sp:.3} vs wake-affine {wa:.3}");
+}
+
+#[test]
+fn bad_keys_and_gone_vcpus_are_ignored() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(Box::new(NoBoost), 2);
+    let mut fx = start_all(&mut c, 2);
+    for v in [2, 99, usize::MAX] {
+        c.preempt(v, Cpl::User, MS, &mut fx);
+        c.spin_yield(v, Some(u32::MAX), None, MS, &mut fx);
+        assert!(!c.idle(v, MS, MS, &mut fx));
+        c.ipi(v, 0, MS, &mut fx);
+        c.exit(v, MS, &mut fx);
+    }
+    c.ipi(0, 7, MS, &mut fx);
+    c.spin_yield(0, Some(9), None, MS, &mut fx);
+    let mut fx = Effects::default();
+    c.end_vm(0, 2 * MS, &mut fx);
+    assert!(c.may_proceed(0) && c.may_proceed(1));
+    assert_eq!(running(&c), vec![None, None]);
+    c.ipi(0, 1, 3 * MS, &mut fx);
+    c.tick(4 * MS, &mut no_snapshot, &mut fx);
+    assert_eq!(running(&c), vec![None, None], "a gone VM never runs again");
+}
