@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# pvsync main job. Builds the VMM and the guest, then boots the guest on every vCPU count
-# the foundation supports and shows the shared region the host decoded.
+# pvsync main job. Builds the VMM and the guest, boots the guest, then runs two VMs side by
+# side on the VMM's slot scheduler with the paravirtual boost policy.
 #
-#   ./run.sh                 build, then boot 4 vCPUs (self-tests) and 64 vCPUs (boot), dumping the shared region
+#   ./run.sh                 build; 4 vCPUs (self-tests) and 64 vCPUs (boot) with the shared region
+#                            dumped; then two 4-vCPU VMs on the host's cores, metrics table + trace
 #   ./run.sh test            install what a fresh machine lacks, then run every test
-#   ./run.sh bench [boot|guest|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x overcommit
+#   ./run.sh bench [boot|guest|sched|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x
+#                            overcommit; sched: policies and placements side by side
 #   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,6 +57,14 @@ main)
     echo "== pvsync: 64 vCPUs on $(nproc) host cores (overcommitted), boot test"
     "$VMM" run --kernel "$GUEST" --vcpus 64 --mem 256 --cmdline "test=boot" --dump-shared 2>&1 |
         grep -E '^(RESULT|SUCCESS|FAILURE|shared region|pvsync:)|^shared vcpu=(0|1|63) '
+    echo
+    echo "== pvsync: two 4-vCPU VMs on $(nproc) slots (policy pv, placement spread)"
+    "$VMM" run --kernel "$GUEST" --policy pv --placement spread \
+        --vm "name=tlb,vcpus=4,cmdline=test=tlbtorture duration=2000" \
+        --vm "name=rcu,vcpus=4,cmdline=test=rcutorture duration=2000" \
+        --metrics target/pvsync-metrics.json --trace target/pvsync-trace.json 2>&1 |
+        grep -vE '^\[[a-z]+\] (cpu [0-9]+ online|clock:|shared:|pvsync-guest)'
+    echo "(metrics: target/pvsync-metrics.json; trace: target/pvsync-trace.json, open in Perfetto)"
     ;;
 test)
     ensure_target
@@ -75,8 +85,9 @@ bench)
     case "$what" in
     boot) cargo bench -p pvsync-tests --bench boot ;;
     guest) cargo bench -p pvsync-tests --bench guest ;;
-    all) cargo bench -p pvsync-tests --bench boot && cargo bench -p pvsync-tests --bench guest ;;
-    *) echo "unknown benchmark '$what' (known: boot, guest, all)" >&2; exit 2 ;;
+    sched) cargo bench -p pvsync-tests --bench sched ;;
+    all) for b in boot guest sched; do cargo bench -p pvsync-tests --bench "$b" || exit; done ;;
+    *) echo "unknown benchmark '$what' (known: boot, guest, sched, all)" >&2; exit 2 ;;
     esac
     ;;
 qemu)

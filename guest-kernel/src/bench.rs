@@ -145,9 +145,35 @@ fn clock_overhead() -> u64 {
     )
 }
 
+/// Round trip of a hypercall that has nothing to wait for: YieldTo naming the caller
+/// itself (no one to boost) and a 1 us Idle. 0 without a pvsync host.
+fn hypercall_round_trips() -> (u64, u64) {
+    if !crate::shared::pv_host() {
+        return (0, 0);
+    }
+    let me = crate::percpu::id();
+    let time = |f: &dyn Fn()| {
+        median(
+            (0..ROUNDS)
+                .map(|_| {
+                    let t0 = tsc::now();
+                    f();
+                    tsc::now() - t0
+                })
+                .collect(),
+        )
+    };
+    let yield_rtt = time(&|| crate::shared::yield_to(me));
+    let idle_rtt = time(&|| {
+        crate::shared::idle(1);
+    });
+    (yield_rtt, idle_rtt)
+}
+
 pub fn run() -> bool {
     let cpus = torture::cpus().len();
     let clock = clock_overhead();
+    let (hc_yield, hc_idle) = hypercall_round_trips();
     let ipi = ipi_round_trip();
     let sd1 = shootdown(1);
     let sdn = shootdown(cpus.saturating_sub(1));
@@ -155,7 +181,7 @@ pub fn run() -> bool {
     let lc = lock_contended();
     let (rcu_med, rcu_max) = sync_rcu();
     println!(
-        "RESULT bench cpus={cpus} tsc_khz={} clock_overhead={clock} ipi_rtt={ipi} shootdown_1={sd1} shootdown_n={sdn} lock_uncontended={lu} lock_contended={lc} sync_rcu={rcu_med} sync_rcu_max={rcu_max}",
+        "RESULT bench cpus={cpus} tsc_khz={} clock_overhead={clock} hc_yield_rtt={hc_yield} hc_idle_rtt={hc_idle} ipi_rtt={ipi} shootdown_1={sd1} shootdown_n={sdn} lock_uncontended={lu} lock_contended={lc} sync_rcu={rcu_med} sync_rcu_max={rcu_max}",
         tsc::khz()
     );
     true

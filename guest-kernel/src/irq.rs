@@ -21,8 +21,11 @@ fn timer(frame: &mut TrapFrame) {
     crate::rcu::tick(idt::from_user(frame) || percpu::preempt_count() == 0);
 }
 
-/// The reschedule IPI only needs the interrupt return path, which checks the run queue.
-fn reschedule(_: &mut TrapFrame) {}
+/// The reschedule IPI: the interrupt return path checks the run queue; a grace period that
+/// sent it wants a quiescent state reported.
+fn reschedule(frame: &mut TrapFrame) {
+    crate::rcu::interrupt_qs(idt::from_user(frame) || percpu::preempt_count() == 0);
+}
 
 fn ping(_: &mut TrapFrame) {
     PINGS[percpu::id() as usize].fetch_add(1, Ordering::Release);

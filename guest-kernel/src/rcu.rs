@@ -33,8 +33,12 @@ static EQS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(1) }; MAX_VCPUS];
 static QS_GP: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 
 static GP_STARTED: AtomicU64 = AtomicU64::new(0);
+/// CPU of the grace-period kthread.
+static GP_CPU: AtomicU64 = AtomicU64::new(0);
 static GP_COMPLETED: AtomicU64 = AtomicU64::new(0);
 static GP_REQUESTED: AtomicU64 = AtomicU64::new(0);
+/// The grace-period kthread waits here; it is woken to the head of its run queue, since
+/// every updater waits on it.
 static GP_KTHREAD_WQ: WaitQueue = WaitQueue::new();
 static GP_DONE_WQ: WaitQueue = WaitQueue::new();
 
@@ -70,11 +74,20 @@ pub fn read_lock() {
     shared::set_rcu_nesting(n);
 }
 
-/// Leaves a read-side critical section.
+/// Leaves a read-side critical section. Leaving the outermost one with preemption enabled
+/// is a quiescent state, reported at once: a grace period then waits for a reader only until
+/// its section ends, not until the next tick or context switch happens to land outside one
+/// (which, for a CPU that is almost always reading, can take many ticks).
 pub fn read_unlock() {
-    let n = NESTING[cpu()].fetch_sub(1, SeqCst) - 1;
+    let c = cpu();
+    let n = NESTING[c].fetch_sub(1, SeqCst) - 1;
     shared::set_rcu_nesting(n);
     percpu::preempt_enable();
+    // Tasks never migrate, so this still runs on CPU `c`. Task context with nothing held:
+    // the kthread may be woken from here (the last holdout ends the wait at once).
+    if n == 0 && percpu::preempt_count() == 0 && report_qs(c) {
+        GP_KTHREAD_WQ.wake_all_first();
+    }
 }
 
 /// A reader guard: `let _g = rcu::read();`.
@@ -91,11 +104,23 @@ impl Drop for ReadGuard {
     }
 }
 
-fn report_qs(c: usize) {
+/// Reports a quiescent state of CPU `c` for the grace period in progress. True if `c` was
+/// the last holdout (only the kthread, which must now end the grace period, remains).
+fn report_qs(c: usize) -> bool {
     let started = GP_STARTED.load(SeqCst);
-    if QS_GP[c].load(SeqCst) < started {
-        QS_GP[c].store(started, SeqCst);
+    if QS_GP[c].load(SeqCst) >= started {
+        return false;
     }
+    QS_GP[c].store(started, SeqCst);
+    // Tell the host this CPU no longer holds the grace period up (a hint: the kthread
+    // recomputes the exact set whenever it looks). The kthread's own CPU keeps its bit: the
+    // grace period also waits for the kthread to run and end it.
+    let gp_cpu = GP_CPU.load(SeqCst);
+    if c as u64 == gp_cpu {
+        return false;
+    }
+    let left = shared::rcu_holdouts().fetch_and(!(1 << c), SeqCst) & !(1 << c);
+    left == 1 << gp_cpu && GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst)
 }
 
 /// Context switch: a quiescent state (readers cannot be switched out). Whatever runs next
@@ -122,6 +147,15 @@ pub fn exit_idle() {
     }
 }
 
+/// From an interrupt that asks for a quiescent state (the reschedule IPI a grace period
+/// sends its holdouts): reports one if the interrupted code was outside any reader.
+pub fn interrupt_qs(preemptible: bool) {
+    let c = cpu();
+    if preemptible && NESTING[c].load(SeqCst) == 0 && STARTED.load(SeqCst) && report_qs(c) {
+        GP_KTHREAD_WQ.wake_all_first();
+    }
+}
+
 /// From the tick: `preemptible` says whether the interrupted code could have been preempted
 /// (then it was not in a reader).
 pub fn tick(preemptible: bool) {
@@ -130,7 +164,7 @@ pub fn tick(preemptible: bool) {
         report_qs(c);
     }
     if STARTED.load(SeqCst) && GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst) {
-        GP_KTHREAD_WQ.wake_all();
+        GP_KTHREAD_WQ.wake_all_first();
     }
     if c < MAX_VCPUS && !CBS[c].lock().is_empty() && callbacks_ready(c) {
         CB_WQ[c].wake_all();
@@ -147,7 +181,7 @@ fn publish_state() {
 fn request_gp() -> u64 {
     let target = GP_STARTED.load(SeqCst) + 1;
     GP_REQUESTED.fetch_max(target, SeqCst);
-    GP_KTHREAD_WQ.wake_all();
+    GP_KTHREAD_WQ.wake_all_first();
     target
 }
 
@@ -228,12 +262,22 @@ fn callback_thread(c: usize) {
     }
 }
 
-fn all_quiescent(n: u64, snap: &[u64; MAX_VCPUS]) -> bool {
+/// CPUs grace period `n` still waits for (bit per CPU).
+fn holdouts(n: u64, snap: &[u64; MAX_VCPUS]) -> u64 {
     let cpus = ONLINE.load(SeqCst);
-    (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0).all(|c| {
-        snap[c].is_multiple_of(2) || EQS[c].load(SeqCst) != snap[c] || QS_GP[c].load(SeqCst) >= n
-    })
+    (0..MAX_VCPUS)
+        .filter(|&c| cpus & (1 << c) != 0)
+        .filter(|&c| {
+            !(snap[c].is_multiple_of(2)
+                || EQS[c].load(SeqCst) != snap[c]
+                || QS_GP[c].load(SeqCst) >= n)
+        })
+        .fold(0, |m, c| m | 1 << c)
 }
+
+/// After this long a grace period asks its holdouts for a quiescent state with a reschedule
+/// IPI (Linux's RCU does the same with resched_cpu), instead of waiting for their ticks.
+const NUDGE_AFTER_US: u64 = crate::irq::TICK_US;
 
 /// The grace-period kthread.
 fn gp_thread() {
@@ -249,7 +293,22 @@ fn gp_thread() {
         }
         // This kthread is itself preemptible here: a quiescent state for its own CPU.
         report_qs(cpu());
-        GP_KTHREAD_WQ.wait_until(|| all_quiescent(n, &snap));
+        let nudge_at = start + tsc::us_to_cycles(NUDGE_AFTER_US);
+        let mut nudged = false;
+        let me = 1u64 << cpu();
+        GP_KTHREAD_WQ.wait_until(|| {
+            let h = holdouts(n, &snap);
+            // Published: the holdouts, and this kthread's CPU until the grace period ends.
+            shared::rcu_holdouts().store(h | me, SeqCst);
+            if h != 0 && !nudged && tsc::now() > nudge_at {
+                nudged = true;
+                for c in (0..MAX_VCPUS as u32).filter(|c| h & (1 << c) != 0) {
+                    crate::arch::apic::send_ipi(c, crate::arch::vectors::RESCHEDULE);
+                }
+            }
+            h == 0
+        });
+        shared::rcu_holdouts().store(0, SeqCst);
         let took = tsc::now() - start;
         GP_COMPLETED.store(n, SeqCst);
         GP_MIN.fetch_min(took, SeqCst);
@@ -275,6 +334,7 @@ pub fn start(cpus: &[u32]) {
             callback_thread(c as usize)
         }));
     }
+    GP_CPU.store(cpus[0] as u64, SeqCst);
     threads.push(sched::spawn(cpus[0], "rcu_gp", gp_thread));
     STARTED.store(true, SeqCst);
     while threads

@@ -5,7 +5,7 @@
 //! run with interrupts off so that an interrupt handler never nests inside one.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, AtomicBool, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, Ordering};
 use shared_abi::{
     record_offset, region_size, HostFlags, Hypercall, HypercallStatus, IpiDest, IpiRequest,
     PageHeader, VcpuMode, VcpuRecord, NO_VCPU, PAGE_SIZE,
@@ -232,6 +232,22 @@ pub fn set_rcu_header(gp_seq: u64, pending: u64) {
             write_volatile(addr_of_mut!((*h).rcu_gp_seq), gp_seq);
             write_volatile(addr_of_mut!((*h).rcu_callbacks_pending), pending);
         }
+    }
+}
+
+/// The header's `rcu_gp_holdouts` word, which CPUs update concurrently (the grace-period
+/// kthread sets it, each CPU clears its own bit when it reports); a private word when there
+/// is no region, so callers need not care.
+pub fn rcu_holdouts() -> &'static AtomicU64 {
+    static UNSHARED: AtomicU64 = AtomicU64::new(0);
+    match REGION.get() {
+        // SAFETY: the header lives as long as the kernel, the field is 8-byte aligned (the
+        // header is 64-byte aligned, the field at offset 48), and the guest only ever
+        // accesses it atomically; the host only reads it.
+        Some(r) => unsafe {
+            AtomicU64::from_ptr(addr_of_mut!((*(r.base as *mut PageHeader)).rcu_gp_holdouts))
+        },
+        None => &UNSHARED,
     }
 }
 

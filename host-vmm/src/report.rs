@@ -60,6 +60,7 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
                 "idle_ns": m.idle_ns,
                 "preemptions": m.preemptions,
                 "yields": m.yields,
+                "yields_target_running": m.yields_target_running,
                 "yield_to_hypercalls_naming_it": r.yields_to[i],
                 "halts": m.halts,
                 "ipis_sent": m.ipis_sent,
@@ -70,6 +71,8 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
                 "user_mode_boosts": m.user_mode_boosts,
                 "dispatches": m.dispatches,
                 "handoff_ns": m.handoff_ns,
+                "kicks": m.kicks,
+                "kick_latency_ns": m.kick_latency_ns,
                 "host_thread": {
                     "run_ns": host.run_ns, "wait_ns": host.wait_ns, "timeslices": host.slices,
                 },
@@ -114,6 +117,7 @@ fn reason_short(r: BoostReason) -> &'static str {
         BoostReason::LockHolder => "lock",
         BoostReason::IpiAckOwed => "ipi",
         BoostReason::RcuReader => "rcu",
+        BoostReason::RcuHoldout => "rcu-qs",
     }
 }
 

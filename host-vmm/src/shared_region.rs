@@ -57,7 +57,8 @@ pub fn validate(
         || h.record_size as usize != RECORD_SIZE
         || h.records_offset as usize != HEADER_SIZE
         || h.host_flags != 0
-        || h.reserved != [0; 2]
+        || h.rcu_gp_holdouts != 0
+        || h.reserved != 0
     {
         return Err(HypercallStatus::BadGeometry);
     }
@@ -380,7 +381,7 @@ mod tests {
             "host_flags"
         );
         write_header(&m, 0x44_0000, PageHeader::new(4));
-        m.write_obj(1u64, GuestAddress(0x44_0000 + 48)).unwrap();
+        m.write_obj(1u64, GuestAddress(0x44_0000 + 56)).unwrap();
         assert_eq!(
             check_reg(&m, 0x44_0000, 4),
             Err(HypercallStatus::BadGeometry),

@@ -51,8 +51,11 @@ pub struct PageHeader {
     pub rcu_gp_seq: u64,
     /// RCU callbacks queued and not yet invoked. Guest (any CPU, one aligned store).
     pub rcu_callbacks_pending: u64,
+    /// Bit i: the grace period in progress still waits for a quiescent state from vCPU i
+    /// (0 when none is in progress). Guest (the grace-period kthread, one aligned store).
+    pub rcu_gp_holdouts: u64,
     /// Zero; reserved for later versions.
-    pub reserved: [u64; 2],
+    pub reserved: u64,
 }
 
 impl PageHeader {
@@ -68,7 +71,8 @@ impl PageHeader {
             host_flags: 0,
             rcu_gp_seq: 0,
             rcu_callbacks_pending: 0,
-            reserved: [0; 2],
+            rcu_gp_holdouts: 0,
+            reserved: 0,
         }
     }
 
@@ -185,7 +189,8 @@ const _: () = {
     assert!(offset_of!(PageHeader, host_flags) == 28);
     assert!(offset_of!(PageHeader, rcu_gp_seq) == 32);
     assert!(offset_of!(PageHeader, rcu_callbacks_pending) == 40);
-    assert!(offset_of!(PageHeader, reserved) == 48);
+    assert!(offset_of!(PageHeader, rcu_gp_holdouts) == 48);
+    assert!(offset_of!(PageHeader, reserved) == 56);
 
     assert!(size_of::<VcpuRecord>() == RECORD_SIZE);
     assert!(offset_of!(VcpuRecord, seq) == 0);

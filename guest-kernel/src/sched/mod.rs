@@ -121,8 +121,21 @@ pub fn spawn(cpu: u32, name: &'static str, f: impl FnOnce() + Send + 'static) ->
 
 /// Puts a ready task on its CPU's run queue and makes that CPU look at it.
 pub fn enqueue(t: Arc<Task>) {
+    enqueue_at(t, false);
+}
+
+/// Like `enqueue`, at the head of the queue when `first` (for kthreads that others wait on,
+/// as Linux may run its RCU kthreads at a real-time priority).
+fn enqueue_at(t: Arc<Task>, first: bool) {
     let cpu = t.cpu;
-    interrupts::without_interrupts(|| RQ[cpu as usize].lock().ready.push_back(t));
+    interrupts::without_interrupts(|| {
+        let mut rq = RQ[cpu as usize].lock();
+        if first {
+            rq.ready.push_front(t);
+        } else {
+            rq.ready.push_back(t);
+        }
+    });
     NEED_RESCHED[cpu as usize].store(true, Ordering::Release);
     if cpu != percpu::id() {
         apic::send_ipi(cpu, vectors::RESCHEDULE);
@@ -131,8 +144,17 @@ pub fn enqueue(t: Arc<Task>) {
 
 /// Wakes a blocked task; false if it was not blocked.
 pub fn wake(t: &Arc<Task>) -> bool {
+    wake_at(t, false)
+}
+
+/// Wakes a blocked task to the head of its CPU's run queue; false if it was not blocked.
+pub fn wake_first(t: &Arc<Task>) -> bool {
+    wake_at(t, true)
+}
+
+fn wake_at(t: &Arc<Task>, first: bool) -> bool {
     if t.transition(State::Blocked, State::Ready) {
-        enqueue(t.clone());
+        enqueue_at(t.clone(), first);
         true
     } else {
         false

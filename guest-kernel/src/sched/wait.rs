@@ -5,7 +5,7 @@ use alloc::vec::Vec;
 use spin::Mutex;
 use x86_64::instructions::interrupts;
 
-use super::{current, schedule, wake, State, Task};
+use super::{current, schedule, wake, wake_first, State, Task};
 
 pub struct WaitQueue {
     waiters: Mutex<Vec<Arc<Task>>>,
@@ -63,6 +63,15 @@ impl WaitQueue {
         let waiters = interrupts::without_interrupts(|| core::mem::take(&mut *self.waiters.lock()));
         for w in &waiters {
             wake(w);
+        }
+    }
+
+    /// Wakes every waiter to the head of its CPU's run queue: they run at the next
+    /// scheduling point, before tasks that were already ready.
+    pub fn wake_all_first(&self) {
+        let waiters = interrupts::without_interrupts(|| core::mem::take(&mut *self.waiters.lock()));
+        for w in &waiters {
+            wake_first(w);
         }
     }
 }

@@ -107,16 +107,20 @@ pub enum BoostReason {
     IpiAckOwed,
     /// A preempted RCU reader while a grace period is overdue or callbacks pile up.
     RcuReader,
+    /// A preempted vCPU an overdue grace period still waits on (outside any reader: it only
+    /// has to run to report its quiescent state).
+    RcuHoldout,
 }
 
 impl BoostReason {
-    pub const ALL: [BoostReason; 6] = [
+    pub const ALL: [BoostReason; 7] = [
         BoostReason::DirectedYield,
         BoostReason::UserModeWithInterrupt,
         BoostReason::NamedBySpinner,
         BoostReason::LockHolder,
         BoostReason::IpiAckOwed,
         BoostReason::RcuReader,
+        BoostReason::RcuHoldout,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -127,6 +131,7 @@ impl BoostReason {
             BoostReason::LockHolder => "lock-holder",
             BoostReason::IpiAckOwed => "ipi-ack-owed",
             BoostReason::RcuReader => "rcu-reader",
+            BoostReason::RcuHoldout => "rcu-holdout",
         }
     }
 }

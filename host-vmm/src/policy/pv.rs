@@ -4,8 +4,9 @@
 //! preempted vCPU that owes it an IPI acknowledgement (whatever mode that vCPU is in), else
 //! KVM's rule with the upstream fix. On a tick: preempted RCU readers when a grace period has
 //! stayed in progress past `rcu_overdue` on the host's clock or the callback backlog exceeds
-//! `backlog`; preempted lock holders someone spins on; preempted vCPUs that owe an IPI
-//! acknowledgement. Records that failed validation are ignored, never acted on.
+//! `backlog`; preempted lock holders and vCPUs owing an IPI acknowledgement whose waiter
+//! cannot yield to them itself (it halted). Records that failed validation are ignored,
+//! never acted on.
 
 use super::{Boost, BoostPolicy, BoostReason, Input, KvmPolicy, Nanos};
 use crate::shared_region::{RecordView, Snapshot};
@@ -23,7 +24,7 @@ pub struct PvThresholds {
 impl Default for PvThresholds {
     fn default() -> Self {
         PvThresholds {
-            rcu_overdue: 20_000_000,
+            rcu_overdue: 4_000_000,
             backlog: 1000,
         }
     }
@@ -123,8 +124,15 @@ impl BoostPolicy for PvPolicy {
                 }
             }
         };
-        // Waiters name whom they wait for: the most direct evidence first.
-        for w in (0..n as u32).filter_map(|v| trusted(snap, v, n)) {
+        // Waiters name whom they wait for: the most direct evidence first. A waiter that
+        // spins names its target itself when it yields (`on_spin`), and boosting for it while
+        // it is preempted only reorders turns at the price of a hand-off each; a waiter that
+        // halted (an MCS waiter) never yields, so the periodic look speaks for it.
+        let stuck = |w: u32| input.vcpus.get(w as usize).is_some_and(|s| s.blocked);
+        for w in (0..n as u32)
+            .filter(|&w| stuck(w))
+            .filter_map(|v| trusted(snap, v, n))
+        {
             if w.record.spin_lock != 0 && w.record.spin_holder != NO_VCPU {
                 want(w.record.spin_holder, BoostReason::LockHolder);
             }
@@ -133,9 +141,21 @@ impl BoostPolicy for PvPolicy {
             }
         }
         if self.rcu_pressure(input.now, snap) {
+            // Only the vCPUs the grace period still waits on matter: a reader that began
+            // after the grace period did, or a vCPU that already reported, holds nothing up.
+            // A guest that publishes no holdouts gets its readers boosted.
+            let holdouts = match snap.header.rcu_gp_holdouts {
+                0 => u64::MAX,
+                h => h,
+            };
             for r in (0..n as u32).filter_map(|v| trusted(snap, v, n)) {
+                if holdouts & (1u64 << r.vcpu) == 0 {
+                    continue;
+                }
                 if r.record.rcu_nesting > 0 {
                     want(r.vcpu, BoostReason::RcuReader);
+                } else if holdouts != u64::MAX {
+                    want(r.vcpu, BoostReason::RcuHoldout);
                 }
             }
         }

@@ -212,6 +212,28 @@ fn pv_boosts_a_user_mode_ipi_debtor_without_any_pending_interrupt() {
             reason: BoostReason::IpiAckOwed
         })
     );
+    // The sender spins: it yields and names the debtor itself, so the tick leaves it alone,
+    // also while the sender is preempted...
+    assert_eq!(by_name("pv").unwrap().on_tick(&input), vec![]);
+    let vcpus = [preempted(0, Cpl::Kernel), preempted(1, Cpl::User)];
+    let input = Input {
+        now: 0,
+        vcpus: &vcpus,
+        shared: Some(&snap),
+    };
+    assert_eq!(by_name("pv").unwrap().on_tick(&input), vec![]);
+    // ...but not once it halted waiting.
+    let halted = VcpuState {
+        blocked: true,
+        preempted: false,
+        ..running(0)
+    };
+    let vcpus = [halted, preempted(1, Cpl::User)];
+    let input = Input {
+        now: 0,
+        vcpus: &vcpus,
+        shared: Some(&snap),
+    };
     assert_eq!(
         by_name("pv").unwrap().on_tick(&input),
         vec![Boost {

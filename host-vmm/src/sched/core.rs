@@ -12,6 +12,9 @@ use super::Nanos;
 use crate::policy::{BoostLedger, BoostPolicy, BoostReason, Cpl, Input, VcpuState};
 use crate::shared_region::{Problems, Snapshot};
 
+/// How often the policies' periodic look (`on_tick`) runs.
+pub const POLICY_PERIOD: Nanos = 1_000_000;
+
 /// Tunables of the slot scheduler.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -32,7 +35,7 @@ impl Default for CoreConfig {
             slots: 2,
             slice: 3_000_000,
             placement: Placement::default(),
-            boost_budget: 1_000_000,
+            boost_budget: 500_000,
             max_debt: 30_000_000,
             trace: false,
         }
@@ -68,8 +71,9 @@ struct Vcpu {
     slice_end: Nanos,
     /// An IPI arrived while it was not idle: its next Idle returns at once.
     wake_token: bool,
-    /// A kick was requested and not yet honoured.
+    /// A kick was requested (at `kicked_at`) and not yet honoured.
     kick_pending: bool,
+    kicked_at: Nanos,
     cpl: Cpl,
     interrupt_pending: bool,
     in_spin_loop: bool,
@@ -77,6 +81,8 @@ struct Vcpu {
     boost: Option<BoostReason>,
     /// Run time the ledger granted the boost.
     boost_budget: Nanos,
+    /// It lent its turn in a directed yield: the turn's end, for when it runs again.
+    resume_end: Option<Nanos>,
     metrics: VcpuMetrics,
 }
 
@@ -111,6 +117,7 @@ pub struct Core {
     ledger: BoostLedger,
     trace: Option<Trace>,
     last_tick: Nanos,
+    last_policy_tick: Nanos,
 }
 
 impl Core {
@@ -126,6 +133,7 @@ impl Core {
             ledger,
             trace,
             last_tick: 0,
+            last_policy_tick: 0,
         }
     }
 
@@ -148,11 +156,13 @@ impl Core {
                 slice_end: 0,
                 wake_token: false,
                 kick_pending: false,
+                kicked_at: 0,
                 cpl: Cpl::Kernel,
                 interrupt_pending: false,
                 in_spin_loop: false,
                 boost: None,
                 boost_budget: 0,
+                resume_end: None,
                 metrics: VcpuMetrics::default(),
             });
         }
@@ -317,12 +327,14 @@ impl Core {
         self.slots[slot].running = Some(v);
         let slice = self.cfg.slice;
         let c = &mut self.vcpus[v];
-        c.slice_end = now
-            + if c.boost.is_some() {
-                c.boost_budget
-            } else {
-                slice
-            };
+        let resume = c.resume_end.take();
+        c.slice_end = if c.boost.is_some() {
+            now + c.boost_budget
+        } else {
+            // A spinner back from lending its turn has only the rest of it (maybe none: then
+            // the next tick ends it).
+            resume.unwrap_or(now + slice).max(now)
+        };
         c.interrupt_pending = false;
         c.in_spin_loop = false;
         c.metrics.dispatches += 1;
@@ -344,10 +356,14 @@ impl Core {
         let Some(c) = self.vcpus.get_mut(v) else {
             return;
         };
-        c.kick_pending = false;
         let RunState::Running { slot } = c.state else {
+            c.kick_pending = false;
             return;
         };
+        if std::mem::take(&mut c.kick_pending) {
+            c.metrics.kicks += 1;
+            c.metrics.kick_latency_ns += now.saturating_sub(c.kicked_at);
+        }
         c.cpl = cpl;
         c.metrics.preemptions += 1;
         // Off the slot and in no queue while placement looks for a queue.
@@ -438,6 +454,12 @@ impl Core {
         };
         if let Some(n) = named.and_then(|n| self.local(vm, n)) {
             self.vcpus[n].metrics.named_by_yields += 1;
+            if self.is_running(n) {
+                // What it waits for is about to happen (as KVM_HC_SCHED_YIELD does, no yield
+                // to a vCPU that runs): keep spinning on this slot.
+                self.vcpus[v].metrics.yields_target_running += 1;
+                return;
+            }
         }
         let states = self.policy_states(vm);
         let input = Input {
@@ -446,18 +468,20 @@ impl Core {
             shared,
         };
         let decision = self.vms[vm].policy.on_spin(&input, index, named);
-        if let Some(b) = decision {
-            self.boost(vm, b.vcpu, b.reason, slot, now, fx);
+        // Like KVM after a pause-loop exit: without a candidate (or with the ledger saying
+        // no) the spinner goes back to spinning on its slot.
+        if !decision.is_some_and(|b| self.boost(vm, b.vcpu, b.reason, slot, now, fx)) {
+            return;
         }
-        if self.slots[slot].queue.is_empty() {
-            return; // Nobody to yield to: keep the slot.
-        }
-        // A hypercall is made from the guest kernel.
-        self.vcpus[v].cpl = Cpl::Kernel;
-        self.vcpus[v].in_spin_loop = true;
+        // A directed yield lends the rest of the spinner's turn: the boosted vCPU runs now on
+        // this slot, the spinner right after it for what is left of its turn (so repeated
+        // yields cannot starve the vCPUs queued behind). A hypercall comes from the kernel.
+        let c = &mut self.vcpus[v];
+        c.cpl = Cpl::Kernel;
+        c.in_spin_loop = true;
+        c.resume_end = Some(c.slice_end);
         self.set_state(v, RunState::Queued { slot }, now);
-        let to = self.place(v, Cause::Requeue);
-        self.enqueue(v, to, false, now, fx);
+        self.slots[slot].queue.insert(1, v);
         self.dispatch(slot, now, fx);
     }
 
@@ -494,6 +518,15 @@ impl Core {
             }
             RunState::Gone => {}
             _ => self.vcpus[v].wake_token = true,
+        }
+    }
+
+    /// Wakes `v` if it idles and its timeout has passed.
+    pub fn idle_expired(&mut self, v: usize, now: Nanos, fx: &mut Effects) {
+        if let Some(RunState::Idle { until }) = self.state(v) {
+            if until <= now {
+                self.wake(v, None, now, fx);
+            }
         }
     }
 
@@ -564,15 +597,15 @@ impl Core {
         let elapsed = now.saturating_sub(self.last_tick);
         self.last_tick = now;
         for v in 0..self.vcpus.len() {
-            if let RunState::Idle { until } = self.vcpus[v].state {
-                if until <= now {
-                    self.wake(v, None, now, fx);
-                }
-            }
+            self.idle_expired(v, now, fx);
         }
-        for vm in 0..self.vms.len() {
-            if self.vms[vm].live {
-                self.tick_policy(vm, now, snapshot, fx);
+        // The policies look at a steady pace, however often the ticker runs for slices.
+        if now.saturating_sub(self.last_policy_tick) >= POLICY_PERIOD {
+            self.last_policy_tick = now;
+            for vm in 0..self.vms.len() {
+                if self.vms[vm].live {
+                    self.tick_policy(vm, now, snapshot, fx);
+                }
             }
         }
         for slot in 0..self.slots.len() {
@@ -595,6 +628,7 @@ impl Core {
             }
             if !c.kick_pending {
                 c.kick_pending = true;
+                c.kicked_at = now;
                 fx.kick.push(r);
             }
         }
@@ -645,11 +679,15 @@ impl Core {
             if self.vcpus[v].boost.is_some() || !self.boost(vm, b.vcpu, b.reason, slot, now, fx) {
                 continue;
             }
-            // Runs next on its slot: end the current turn there unless it is a boost too.
-            if let Some(r) = self.slots[slot].running {
+            // It runs next on its slot. A grace period that is already overdue is worth ending
+            // the current turn for (at most one kick per slot per look); what lock and IPI
+            // waiters need waits for the turn to end.
+            let urgent = matches!(b.reason, BoostReason::RcuReader | BoostReason::RcuHoldout);
+            if let Some(r) = self.slots[slot].running.filter(|_| urgent) {
                 let c = &mut self.vcpus[r];
                 if c.boost.is_none() && !c.kick_pending {
                     c.kick_pending = true;
+                    c.kicked_at = now;
                     fx.kick.push(r);
                 }
             }
@@ -682,12 +720,30 @@ impl Core {
                 continue;
             }
             m.metrics.samples += 1;
-            m.metrics.stacked_samples += stacked[vm] as u64;
+            m.metrics.sampled_ns += elapsed;
+            if stacked[vm] {
+                m.metrics.stacked_ns += elapsed;
+            }
             let others_wait = waiting_vms.iter().enumerate().any(|(o, &w)| o != vm && w);
             if !others_wait {
                 self.ledger.repaid(vm, elapsed);
             }
         }
+    }
+
+    /// When the next tick is due: the earliest end of a slice that someone waits behind (or
+    /// of a boost), but at least `min` and at most `max` from `now`.
+    pub fn next_tick(&self, now: Nanos, min: Nanos, max: Nanos) -> Nanos {
+        let due = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let c = &self.vcpus[s.running?];
+                (!s.queue.is_empty() || c.boost.is_some()).then_some(c.slice_end)
+            })
+            .min()
+            .unwrap_or(u64::MAX);
+        due.clamp(now + min, now + max)
     }
 
     /// Per-vCPU host fields for the shared region: (preempted now, total queued ns, boosts).

@@ -123,8 +123,11 @@ fn kvm_skips_the_user_mode_receiver_and_kvm_ipi_boosts_it() {
     assert_eq!(m[1].named_by_yields, 1);
 }
 
-/// A policy that asks for every queued vCPU at every turn (a hostile guest's claims).
-struct Greedy;
+/// A policy that asks for every queued vCPU at every turn (a hostile guest's claims), for
+/// `tick_reason` on its periodic look.
+struct Greedy(BoostReason);
+
+const GREEDY: Greedy = Greedy(BoostReason::LockHolder);
 
 impl BoostPolicy for Greedy {
     fn name(&self) -> &str {
@@ -147,7 +150,7 @@ impl BoostPolicy for Greedy {
             .filter(|v| v.candidate())
             .map(|v| Boost {
                 vcpu: v.id,
-                reason: BoostReason::RcuReader,
+                reason: self.0,
             })
             .collect()
     }
@@ -175,7 +178,7 @@ fn simulate(c: &mut Core, until: Nanos, vms: usize) -> Vec<Nanos> {
 #[test]
 fn a_vm_that_claims_every_boost_keeps_no_more_than_its_share() {
     let mut c = core(2, Placement::Spread);
-    c.add_vm(Box::new(Greedy), 4);
+    c.add_vm(Box::new(GREEDY), 4);
     c.add_vm(Box::new(NoBoost), 4);
     start_all(&mut c, 8);
     let total = 10_000 * MS;
@@ -197,31 +200,73 @@ fn a_vm_that_claims_every_boost_keeps_no_more_than_its_share() {
         m.iter().map(|m| m.boosts_total()).sum::<u64>() > 0,
         "it was boosted"
     );
-    // A boosted turn ends at the first tick after its budget: at most one tick over.
+    // A boosted turn ends at the first tick after its budget: at most a tick over per slot.
     assert!(
-        vm.max_debt_ns <= cap + MS,
+        vm.max_debt_ns <= cap + 2 * MS,
         "debt stays under the cap: {}",
         vm.max_debt_ns
     );
 }
 
 #[test]
-fn a_tick_boost_runs_next_and_ends_the_current_turn() {
+fn a_tick_boost_runs_next_when_the_turn_ends() {
     let mut c = core(1, Placement::Spread);
-    c.add_vm(Box::new(Greedy), 2);
+    c.add_vm(Box::new(GREEDY), 2);
     start_all(&mut c, 2);
     let mut fx = Effects::default();
     c.tick(MS, &mut no_snapshot, &mut fx);
-    assert_eq!(
-        fx.kick,
-        vec![0],
-        "the runner is kicked for the boosted vCPU"
+    assert!(
+        fx.kick.is_empty(),
+        "a tick boost does not cut the current turn"
     );
+    assert_eq!(c.layout()[0].1[0], 1, "the boosted vCPU heads the queue");
+    c.tick(4 * MS, &mut no_snapshot, &mut fx);
+    assert_eq!(fx.kick, vec![0]);
     let mut fx = Effects::default();
-    c.preempt(0, Cpl::Kernel, MS, &mut fx);
+    c.preempt(0, Cpl::Kernel, 4 * MS, &mut fx);
     assert_eq!(fx.run, vec![1]);
     let (_, m) = c.vm_metrics(0).unwrap();
-    assert_eq!(m[1].boosts[5], 1, "rcu-reader");
+    assert_eq!(m[1].boosts[3], 1, "lock-holder");
+    // Its turn is the boost budget, not a whole slice.
+    let budget = c.config().boost_budget;
+    let mut fx = Effects::default();
+    c.tick(4 * MS + budget, &mut no_snapshot, &mut fx);
+    assert_eq!(fx.kick, vec![1]);
+}
+
+#[test]
+fn an_overdue_grace_period_cuts_the_current_turn() {
+    let mut c = core(1, Placement::Spread);
+    c.add_vm(Box::new(Greedy(BoostReason::RcuHoldout)), 2);
+    start_all(&mut c, 2);
+    let mut fx = Effects::default();
+    c.tick(MS, &mut no_snapshot, &mut fx);
+    assert_eq!(fx.kick, vec![0], "kicked before its slice ends");
+    c.preempt(0, Cpl::Kernel, MS, &mut fx);
+    assert!(c.is_running(1));
+}
+
+#[test]
+fn a_directed_yield_swaps_turns_and_a_running_target_is_not_yielded_to() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 4);
+    let mut fx = start_all(&mut c, 4);
+    assert_eq!(running(&c), vec![Some(0), Some(1)]);
+    // 0 waits for 1, which runs: 0 keeps spinning on its slot.
+    c.spin_yield(0, Some(1), None, MS, &mut fx);
+    assert!(c.is_running(0));
+    // 0 waits for 3, queued behind 1 on slot 1: 3 runs now on slot 0, 0 right after it.
+    let queued_on = |c: &Core, v| match c.state(v) {
+        Some(RunState::Queued { slot }) => slot,
+        other => panic!("{v} is {other:?}"),
+    };
+    assert_eq!(queued_on(&c, 3), 1);
+    c.spin_yield(0, Some(3), None, 2 * MS, &mut fx);
+    assert_eq!(running(&c), vec![Some(3), Some(1)]);
+    assert_eq!(c.layout()[0].1[0], 0, "the spinner is next on its slot");
+    let (_, m) = c.vm_metrics(0).unwrap();
+    assert_eq!(m[0].yields_target_running, 1);
+    assert_eq!(m[3].boosts[2], 1, "named-by-spinner");
 }
 
 /// 2 VMs x 4 vCPUs on 4 slots; each vCPU alternates short runs and short idles and wakes a

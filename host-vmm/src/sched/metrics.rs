@@ -15,6 +15,8 @@ pub struct VcpuMetrics {
     pub preemptions: u64,
     /// YieldTo hypercalls this vCPU made (it was spinning).
     pub yields: u64,
+    /// YieldTo hypercalls it made whose named vCPU was running (it kept its slot).
+    pub yields_target_running: u64,
     /// YieldTo hypercalls naming this vCPU.
     pub named_by_yields: u64,
     /// Idle hypercalls that gave up the slot.
@@ -34,6 +36,9 @@ pub struct VcpuMetrics {
     /// thread entering KVM_RUN, ns.
     pub dispatches: u64,
     pub handoff_ns: u64,
+    /// Kicks honoured, and the total delay from the kick to the vCPU giving up its slot, ns.
+    pub kicks: u64,
+    pub kick_latency_ns: u64,
 }
 
 impl VcpuMetrics {
@@ -51,10 +56,12 @@ impl VcpuMetrics {
 /// Counters of one VM over a run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmMetrics {
-    /// Scheduler ticks sampled while the VM was live, and those in which at least two of its
-    /// vCPUs sat on the same slot (running or queued).
+    /// Scheduler ticks sampled while the VM was live, the time they cover, and the part of
+    /// it in which at least two of its vCPUs sat on the same slot (running or queued): ticks
+    /// come at uneven intervals, so the fraction is weighted by time.
     pub samples: u64,
-    pub stacked_samples: u64,
+    pub sampled_ns: u64,
+    pub stacked_ns: u64,
     /// Shared-region snapshots that could not be taken, plus records that failed validation
     /// (a bad field, not merely torn), summed over ticks.
     pub invalid_page_events: u64,
@@ -67,10 +74,10 @@ pub struct VmMetrics {
 impl VmMetrics {
     /// Share of sampled time at least two sibling vCPUs sat on one slot.
     pub fn stacking_fraction(&self) -> f64 {
-        if self.samples == 0 {
+        if self.sampled_ns == 0 {
             0.0
         } else {
-            self.stacked_samples as f64 / self.samples as f64
+            self.stacked_ns as f64 / self.sampled_ns as f64
         }
     }
 }

@@ -17,8 +17,11 @@ use crate::policy::{BoostPolicy, Cpl};
 use crate::shared_region::Snapshot;
 use crate::vcpu::KICK_SIGNAL_OFFSET;
 
-/// How often the ticker looks at the slots.
+/// Longest interval between two looks of the ticker; it wakes earlier when a slice or a
+/// boost ends sooner.
 pub const TICK: Duration = Duration::from_millis(1);
+/// Shortest interval between two looks.
+const MIN_TICK: Duration = Duration::from_micros(50);
 
 /// A thread waiting in the backend re-checks at least this often (so a lost wake-up costs
 /// at most this, never a hang).
@@ -118,6 +121,41 @@ impl SlotBackend {
         self.apply(fx);
     }
 
+    /// Blocks until `v` may run. An idle vCPU whose timeout (`idle_until`) passes wakes
+    /// itself, more precisely than the ticker would.
+    fn wait_turn_until(&self, v: usize, mut idle_until: Option<Nanos>) {
+        let Some(t) = self.thread(v) else {
+            return;
+        };
+        let mut g = self.lock();
+        let mut waited = false;
+        while !g.core.may_proceed(v) {
+            waited = true;
+            let now = self.now();
+            let mut wait = WAIT_RECHECK;
+            if let Some(until) = idle_until {
+                if now >= until {
+                    idle_until = None;
+                    let mut fx = Effects::default();
+                    g.core.idle_expired(v, now, &mut fx);
+                    drop(g);
+                    self.apply(fx);
+                    g = self.lock();
+                    continue;
+                }
+                wait = wait.min(Duration::from_nanos(until - now));
+            }
+            g =
+                t.cv.wait_timeout(g, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+        }
+        if waited {
+            let now = self.now();
+            g.core.entered(v, now);
+        }
+    }
+
     /// Stops the ticker; returns the trace if one was recorded.
     pub fn shutdown(&self) -> Option<Trace> {
         self.stop.store(true, Ordering::Release);
@@ -134,8 +172,10 @@ impl SlotBackend {
         self.lock().core.config().clone()
     }
 
-    fn tick(&self) {
+    /// One look; returns how long to sleep until the next.
+    fn tick(&self) -> Duration {
         let mut fx = Effects::default();
+        let next;
         {
             let mut g = self.lock();
             let now = self.now();
@@ -152,21 +192,25 @@ impl SlotBackend {
                     }
                 }
             }
+            let min = MIN_TICK.as_nanos() as Nanos;
+            next = core.next_tick(now, min, TICK.as_nanos() as Nanos) - now;
         }
         self.apply(fx);
+        Duration::from_nanos(next)
     }
 }
 
 fn ticker(b: Weak<SlotBackend>) {
+    let mut sleep = TICK;
     loop {
-        std::thread::sleep(TICK);
+        std::thread::sleep(sleep);
         let Some(b) = b.upgrade() else {
             return;
         };
         if b.stop.load(Ordering::Acquire) {
             return;
         }
-        b.tick();
+        sleep = b.tick();
     }
 }
 
@@ -199,22 +243,7 @@ impl Backend for SlotBackend {
     }
 
     fn wait_turn(&self, v: usize) {
-        let Some(t) = self.thread(v) else {
-            return;
-        };
-        let mut g = self.lock();
-        let mut waited = false;
-        while !g.core.may_proceed(v) {
-            waited = true;
-            g =
-                t.cv.wait_timeout(g, WAIT_RECHECK)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-        }
-        if waited {
-            let now = self.now();
-            g.core.entered(v, now);
-        }
+        self.wait_turn_until(v, None);
     }
 
     fn take_kick(&self, v: usize) -> bool {
@@ -233,11 +262,12 @@ impl Backend for SlotBackend {
     }
 
     fn idle(&self, v: usize, timeout: Duration) {
+        let mut until = 0;
         self.with_core(|c, now, fx| {
-            let until = now + timeout.as_nanos() as Nanos;
+            until = now + timeout.as_nanos() as Nanos;
             c.idle(v, until, now, fx);
         });
-        self.wait_turn(v);
+        self.wait_turn_until(v, Some(until));
     }
 
     fn ipi(&self, v: usize, to: u32) {

@@ -1,0 +1,332 @@
+//! `./run.sh bench sched` (= `cargo bench -p pvsync-tests --bench sched`): the scheduler and
+//! the boost policies side by side, in one run, on this machine.
+//!
+//! 1. Costs per policy (and under the Linux backend): hypercall round trips seen by the
+//!    guest (YieldTo with nobody to boost, a 1 us Idle, an IPI to an idle vCPU and back),
+//!    slot hand-off (the core hands a slot to a vCPU until its thread enters KVM_RUN) and
+//!    kick latency (a slice ends until the vCPU has left its slot), from `test=bench`.
+//! 2. The three problems, each reproduced and fixed: shootdowns to user-mode receivers
+//!    (tlbtorture remaps), sibling stacking on 2 VMs x 4 vCPUs (wake-affine vs spread), and
+//!    RCU grace periods with preempted readers (rcutorture).
+//! 3. Boost decision latency: each policy's `on_spin` and `on_tick` on a 64-vCPU VM, in
+//!    process.
+//!
+//! BENCH_REPS (default 3) runs each configuration; tables show medians. Configurations are
+//! interleaved so that drift on a shared machine hits all alike.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use host_vmm::policy::{by_name, Cpl, Input, VcpuState, POLICY_NAMES};
+use host_vmm::shared_region::{check, RecordView, Registration, Snapshot};
+use pvsync_tests::{field, guest_kernel, pvsync, Output};
+use serde_json::Value;
+use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
+
+fn reps() -> usize {
+    std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs pvsync with `args` and `--metrics`; returns the output and the metrics JSON.
+fn run(args: &[&str]) -> (Output, Value) {
+    let path = std::env::temp_dir().join(format!("pvsync-bench-sched-{}.json", std::process::id()));
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    let mut all = vec![
+        "run",
+        "--kernel",
+        &k,
+        "--mem",
+        "256",
+        "--timeout",
+        "180",
+        "--metrics",
+        path.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let out = pvsync(&all);
+    if out.status != Some(0) {
+        panic!("pvsync {args:?} failed:\n{}", out.all());
+    }
+    let m = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    (out, m)
+}
+
+fn num(out: &Output, result: &str, key: &str) -> f64 {
+    out.line(result)
+        .and_then(|l| field(l, key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {result}:\n{}", out.all()))
+}
+
+/// Sum of a per-vCPU counter over VM `vm`.
+fn total(m: &Value, vm: usize, key: &str) -> f64 {
+    m["vms"][vm]["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[key].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+fn per(m: &Value, key: &str, count: &str) -> f64 {
+    let n = total(m, 0, count);
+    if n == 0.0 {
+        0.0
+    } else {
+        total(m, 0, key) / n
+    }
+}
+
+/// A row of columns, one per configuration.
+fn row(label: &str, cells: &[f64], unit: &str) {
+    print!("{label:<38}");
+    for c in cells {
+        print!(" | {:>11}", format!("{c:.1}{unit}"));
+    }
+    println!();
+}
+
+fn header(first: &str, names: &[String]) {
+    print!("{first:<38}");
+    for n in names {
+        print!(" | {n:>11}");
+    }
+    println!();
+    println!("{}", "-".repeat(38 + 14 * names.len()));
+}
+
+/// Part 1: costs per policy and backend.
+fn costs(reps: usize) {
+    let configs: Vec<(String, Vec<&str>)> = POLICY_NAMES
+        .iter()
+        .map(|p| (p.to_string(), vec!["--policy", *p]))
+        .chain([("linux".to_string(), vec!["--backend", "linux"])])
+        .collect();
+    const GUEST: [(&str, &str); 6] = [
+        ("hc_yield_rtt", "YieldTo round trip (nobody to boost)"),
+        ("hc_idle_rtt", "Idle round trip (1 us timeout)"),
+        ("ipi_rtt", "IPI to an idle vCPU and back"),
+        ("shootdown_n", "shootdown, all other vCPUs"),
+        ("lock_contended", "ticket lock, 1 thread per vCPU"),
+        ("sync_rcu_max", "synchronize_rcu (max)"),
+    ];
+    let mut cells = vec![vec![Vec::new(); GUEST.len() + 2]; configs.len()];
+    for _ in 0..reps {
+        for (c, (_, args)) in configs.iter().enumerate() {
+            let mut a = vec!["--vcpus", "4", "--cmdline", "test=bench"];
+            a.extend_from_slice(args);
+            let (out, m) = run(&a);
+            let khz = num(&out, "RESULT bench", "tsc_khz");
+            for (i, (k, _)) in GUEST.iter().enumerate() {
+                cells[c][i].push(num(&out, "RESULT bench", k) / khz * 1000.0);
+            }
+            cells[c][GUEST.len()].push(per(&m, "handoff_ns", "dispatches") / 1000.0);
+            cells[c][GUEST.len() + 1].push(per(&m, "kick_latency_ns", "kicks") / 1000.0);
+        }
+    }
+    let names: Vec<String> = configs.iter().map(|(n, _)| n.clone()).collect();
+    println!("\n1. Costs: 4 vCPUs on 2 slots (2 host cores), us, median of {reps} runs");
+    header("", &names);
+    for (i, (_, label)) in GUEST.iter().enumerate() {
+        let v: Vec<f64> = cells.iter().map(|c| median(c[i].clone())).collect();
+        row(label, &v, "");
+    }
+    for (i, label) in ["slot hand-off (host, mean)", "kick latency (host, mean)"]
+        .iter()
+        .enumerate()
+    {
+        let v: Vec<f64> = cells
+            .iter()
+            .map(|c| median(c[GUEST.len() + i].clone()))
+            .collect();
+        row(label, &v, "");
+    }
+    println!("(linux: host threads under the Linux scheduler; no slots, so no hand-off or kicks)");
+}
+
+/// Host set-ups for the problems: vCPUs of one VM on the 2 default slots, and the slice.
+/// 3 ms is the VMM's default; 20 ms is what a busy CFS host gives a vCPU thread
+/// (sched_latency 24 ms), where a preempted vCPU stays off the CPU for tens of ms.
+const SETUPS: [(&str, &str, &str); 3] = [
+    ("4 vCPUs, 3 ms slices", "4", "3000"),
+    ("4 vCPUs, 20 ms slices", "4", "20000"),
+    ("8 vCPUs, 20 ms slices", "8", "20000"),
+];
+
+/// Part 2: the three problems, per policy.
+fn problems(reps: usize) {
+    let policies: Vec<String> = POLICY_NAMES.iter().map(|s| s.to_string()).collect();
+    let np = policies.len();
+    let mut remaps = vec![vec![Vec::new(); np]; SETUPS.len()];
+    let mut yields = vec![vec![Vec::new(); np]; SETUPS.len()];
+    let mut gp_avg = vec![vec![Vec::new(); np]; SETUPS.len()];
+    let mut gp_max = vec![vec![Vec::new(); np]; SETUPS.len()];
+    for _ in 0..reps {
+        for (s, (_, vcpus, slice)) in SETUPS.iter().enumerate() {
+            for (i, p) in policies.iter().enumerate() {
+                let base = ["--vcpus", vcpus, "--slice-us", slice, "--policy", p];
+                let mut a = base.to_vec();
+                a.extend(["--cmdline", "test=tlbtorture duration=2000"]);
+                let (out, _) = run(&a);
+                let r = "RESULT tlbtorture";
+                remaps[s][i].push(num(&out, r, "remaps") / 2.0);
+                yields[s][i].push(num(&out, r, "yields") / num(&out, r, "shootdowns").max(1.0));
+                let mut a = base.to_vec();
+                a.extend(["--cmdline", "test=rcutorture duration=2000"]);
+                let (out, _) = run(&a);
+                gp_avg[s][i].push(num(&out, "RESULT rcutorture", "gp_avg_us") / 1000.0);
+                gp_max[s][i].push(num(&out, "RESULT rcutorture", "gp_max_us") / 1000.0);
+            }
+        }
+    }
+    let med = |v: &[Vec<f64>]| v.iter().map(|x| median(x.clone())).collect::<Vec<_>>();
+    println!(
+        "\n2a. Shootdown IPIs to user-mode receivers: tlbtorture on 2 slots, median of {reps}"
+    );
+    header("remaps per second (higher is better)", &policies);
+    for (s, (label, ..)) in SETUPS.iter().enumerate() {
+        row(label, &med(&remaps[s]), "");
+    }
+    header("YieldTo hypercalls per shootdown", &policies);
+    for (s, (label, ..)) in SETUPS.iter().enumerate() {
+        row(label, &med(&yields[s]), "");
+    }
+    println!(
+        "\n2c. RCU grace periods with preempted readers: rcutorture on 2 slots, median of {reps}"
+    );
+    header("grace period average, ms", &policies);
+    for (s, (label, ..)) in SETUPS.iter().enumerate() {
+        row(label, &med(&gp_avg[s]), "");
+    }
+    header("grace period max, ms", &policies);
+    for (s, (label, ..)) in SETUPS.iter().enumerate() {
+        row(label, &med(&gp_max[s]), "");
+    }
+
+    let placements = ["wake-affine", "spread"];
+    let vm = "vcpus=4,cmdline=test=locktorture lock=mcs duration=2000";
+    let mut stack = vec![Vec::new(); 2];
+    let mut ops = vec![Vec::new(); 2];
+    for _ in 0..reps {
+        for (i, p) in placements.iter().enumerate() {
+            let (out, m) = run(&["--slots", "4", "--placement", p, "--vm", vm, "--vm", vm]);
+            let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
+            stack[i].push(100.0 * (f(0) + f(1)) / 2.0);
+            let totals: f64 = out
+                .stdout
+                .lines()
+                .filter(|l| l.contains("RESULT locktorture"))
+                .filter_map(|l| field(l, "total").and_then(|v| v.parse::<f64>().ok()))
+                .sum();
+            ops[i].push(totals / 2.0);
+        }
+    }
+    println!("\n2b. Stacking: 2 VMs x 4 vCPUs on 4 slots, locktorture (mcs), median of {reps}");
+    header("", &placements.map(String::from));
+    row("siblings stacked (% of samples)", &med(&stack), "%");
+    row("lock acquisitions per second, both VMs", &med(&ops), "");
+}
+
+fn synthetic(n: u32) -> (Vec<VcpuState>, Snapshot) {
+    let vcpus: Vec<VcpuState> = (0..n)
+        .map(|id| VcpuState {
+            id,
+            cpl: if id % 2 == 0 { Cpl::User } else { Cpl::Kernel },
+            interrupt_pending: id % 3 == 0,
+            ..if id == 0 {
+                VcpuState::running()
+            } else {
+                VcpuState::preempted()
+            }
+        })
+        .collect();
+    let mut header = PageHeader::new(n);
+    header.rcu_gp_seq = 7;
+    header.rcu_callbacks_pending = 5000;
+    let records = (0..n)
+        .map(|i| {
+            let r = VcpuRecord {
+                seq: 2,
+                mode: VcpuMode::Kernel as u8,
+                spin_holder: NO_VCPU,
+                rcu_nesting: (i % 5 == 0) as u32,
+                ipi_wait: if i == 0 { 1 << (n - 1) } else { 0 },
+                ..Default::default()
+            };
+            RecordView {
+                vcpu: i,
+                problems: check(&r, n),
+                record: r,
+            }
+        })
+        .collect();
+    let snap = Snapshot {
+        registration: Registration {
+            gpa: 0x10_0000,
+            nr_vcpus: n,
+            size: 8192,
+        },
+        header,
+        records,
+    };
+    (vcpus, snap)
+}
+
+/// Part 3: decision latency per policy.
+fn decisions() {
+    const N: u32 = 64;
+    const ITERS: u32 = 200_000;
+    let (vcpus, snap) = synthetic(N);
+    let names: Vec<String> = POLICY_NAMES.iter().map(|s| s.to_string()).collect();
+    let mut spin = Vec::new();
+    let mut tick = Vec::new();
+    for name in &names {
+        let mut p = by_name(name).unwrap();
+        let t = Instant::now();
+        for i in 0..ITERS {
+            let input = Input {
+                now: i as u64 * 1000,
+                vcpus: &vcpus,
+                shared: Some(&snap),
+            };
+            black_box(p.on_spin(&input, 0, Some(N - 1)));
+        }
+        spin.push(t.elapsed().as_nanos() as f64 / ITERS as f64);
+        let t = Instant::now();
+        for i in 0..ITERS / 10 {
+            let input = Input {
+                now: i as u64 * 1_000_000,
+                vcpus: &vcpus,
+                shared: Some(&snap),
+            };
+            black_box(p.on_tick(&input));
+        }
+        tick.push(t.elapsed().as_nanos() as f64 / (ITERS / 10) as f64);
+    }
+    println!("\n3. Boost decision latency, 64-vCPU VM, in process, ns per call");
+    header("", &names);
+    row("on_spin (a YieldTo arrives)", &spin, "");
+    row("on_tick (periodic look)", &tick, "");
+}
+
+fn main() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("*** scheduler benchmark needs /dev/kvm; not run ***");
+        std::process::exit(1);
+    }
+    let reps = reps();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    println!("scheduler benchmark: host has {cores} cores; default slots = {cores}");
+    decisions();
+    costs(reps);
+    problems(reps);
+}
