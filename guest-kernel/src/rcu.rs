@@ -199,9 +199,11 @@ pub fn synchronize() {
 }
 
 fn post(c: usize, target: u64, f: Callback) {
-    without_interrupts(|| CBS[c].lock().push_back((target, f)));
+    // Counted before it is queued: once queued, the callback kthread may run and uncount it
+    // at once (its grace period can already be over), and the count must never go below 0.
     let p = PENDING.fetch_add(1, SeqCst) + 1;
     PEAK_PENDING.fetch_max(p, SeqCst);
+    without_interrupts(|| CBS[c].lock().push_back((target, f)));
     publish_state();
 }
 
