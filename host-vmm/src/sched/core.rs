@@ -762,28 +762,22 @@ impl Core {
         ))
     }
 
-    /// Closes every open interval at `now` (for the report) without changing states.
-    pub fn settle(&mut self, now: Nanos) {
-        for v in 0..self.vcpus.len() {
-            let state = self.vcpus[v].state;
-            if let RunState::Running { slot } = state {
-                self.set_state(v, state, now);
-                self.slots[slot].running = Some(v);
-            } else if !matches!(state, RunState::Queued { .. }) {
-                self.set_state(v, state, now);
-            } else {
-                let c = &mut self.vcpus[v];
-                c.metrics.wait_ns += now.saturating_sub(c.since);
-                c.since = now;
-            }
-        }
-    }
-
-    pub fn vm_metrics(&self, vm: usize) -> Option<(&VmMetrics, Vec<VcpuMetrics>)> {
+    /// VM `vm`'s counters as of `now` (the interval each vCPU is in counts up to `now`).
+    pub fn vm_metrics(&self, vm: usize, now: Nanos) -> Option<(&VmMetrics, Vec<VcpuMetrics>)> {
         let m = self.vms.get(vm)?;
         let vcpus = self.vcpus[m.first..m.first + m.len]
             .iter()
-            .map(|c| c.metrics.clone())
+            .map(|c| {
+                let mut out = c.metrics.clone();
+                let open = now.saturating_sub(c.since);
+                match c.state {
+                    RunState::Running { .. } => out.run_ns += open,
+                    RunState::Queued { .. } => out.wait_ns += open,
+                    RunState::Idle { .. } => out.idle_ns += open,
+                    RunState::NotStarted | RunState::Gone => {}
+                }
+                out
+            })
             .collect();
         Some((&m.metrics, vcpus))
     }

@@ -50,7 +50,7 @@ fn slices_end_with_a_kick_and_the_slot_goes_round_robin() {
     c.preempt(1, Cpl::Kernel, 9 * MS, &mut fx);
     c.preempt(2, Cpl::Kernel, 13 * MS, &mut fx);
     assert_eq!(fx.run, vec![1, 2, 0], "round robin");
-    let (_, m) = c.vm_metrics(0).unwrap();
+    let (_, m) = c.vm_metrics(0, 13 * MS).unwrap();
     assert_eq!(m[0].run_ns, 5 * MS);
     assert_eq!(m[0].preemptions, 1);
     assert_eq!(m[2].wait_ns, 9 * MS, "queued from 0 to 9 ms");
@@ -81,7 +81,7 @@ fn idle_gives_the_slot_away_and_an_ipi_wakes_onto_the_wakers_slot() {
         c.state(2),
         Some(RunState::Running { .. } | RunState::Queued { .. })
     ));
-    let (_, m) = c.vm_metrics(0).unwrap();
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
     assert_eq!((m[1].halts, m[2].halts), (1, 1));
     assert_eq!(m[2].ipis_received, 1);
 }
@@ -106,7 +106,7 @@ fn spin_scenario(policy: &str) -> (Core, Effects) {
 fn kvm_skips_the_user_mode_receiver_and_kvm_ipi_boosts_it() {
     let (mut c, mut fx) = spin_scenario("kvm");
     c.spin_yield(0, Some(1), None, 4 * MS, &mut fx);
-    let (_, m) = c.vm_metrics(0).unwrap();
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
     assert_eq!(m[1].boosts_total(), 0, "kvm never boosts a user-mode vCPU");
     assert_eq!(
         m[2].boosts[0], 1,
@@ -116,7 +116,7 @@ fn kvm_skips_the_user_mode_receiver_and_kvm_ipi_boosts_it() {
 
     let (mut c, mut fx) = spin_scenario("kvm-ipi");
     c.spin_yield(0, Some(1), None, 4 * MS, &mut fx);
-    let (_, m) = c.vm_metrics(0).unwrap();
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
     assert_eq!(m[1].boosts[1], 1, "user-mode-with-interrupt");
     assert!(c.is_running(1));
     assert_eq!(m[0].yields, 1);
@@ -169,9 +169,15 @@ fn simulate(c: &mut Core, until: Nanos, vms: usize) -> Vec<Nanos> {
             c.preempt(v, Cpl::Kernel, now, &mut fx);
         }
     }
-    c.settle(now);
     (0..vms)
-        .map(|vm| c.vm_metrics(vm).unwrap().1.iter().map(|m| m.run_ns).sum())
+        .map(|vm| {
+            c.vm_metrics(vm, now)
+                .unwrap()
+                .1
+                .iter()
+                .map(|m| m.run_ns)
+                .sum()
+        })
         .collect()
 }
 
@@ -195,7 +201,7 @@ fn a_vm_that_claims_every_boost_keeps_no_more_than_its_share() {
         "normal VM kept its share: {} of {capacity}",
         ran[1]
     );
-    let (vm, m) = c.vm_metrics(0).unwrap();
+    let (vm, m) = c.vm_metrics(0, 0).unwrap();
     assert!(
         m.iter().map(|m| m.boosts_total()).sum::<u64>() > 0,
         "it was boosted"
@@ -225,7 +231,7 @@ fn a_tick_boost_runs_next_when_the_turn_ends() {
     let mut fx = Effects::default();
     c.preempt(0, Cpl::Kernel, 4 * MS, &mut fx);
     assert_eq!(fx.run, vec![1]);
-    let (_, m) = c.vm_metrics(0).unwrap();
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
     assert_eq!(m[1].boosts[3], 1, "lock-holder");
     // Its turn is the boost budget, not a whole slice.
     let budget = c.config().boost_budget;
@@ -264,7 +270,7 @@ fn a_directed_yield_swaps_turns_and_a_running_target_is_not_yielded_to() {
     c.spin_yield(0, Some(3), None, 2 * MS, &mut fx);
     assert_eq!(running(&c), vec![Some(3), Some(1)]);
     assert_eq!(c.layout()[0].1[0], 0, "the spinner is next on its slot");
-    let (_, m) = c.vm_metrics(0).unwrap();
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
     assert_eq!(m[0].yields_target_running, 1);
     assert_eq!(m[3].boosts[2], 1, "named-by-spinner");
 }
@@ -295,7 +301,7 @@ fn stacking(placement: Placement) -> f64 {
             c.preempt(v, Cpl::Kernel, now, &mut fx);
         }
     }
-    c.vm_metrics(0).unwrap().0.stacking_fraction()
+    c.vm_metrics(0, 0).unwrap().0.stacking_fraction()
 }
 
 #[test]

@@ -162,10 +162,7 @@ impl SlotBackend {
         if let Some(t) = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        let mut g = self.lock();
-        let now = self.now();
-        g.core.settle(now);
-        g.core.take_trace()
+        self.lock().core.take_trace()
     }
 
     pub fn config(&self) -> CoreConfig {
@@ -290,10 +287,10 @@ impl Backend for SlotBackend {
     }
 
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)> {
-        let mut g = self.lock();
-        let now = self.now();
-        g.core.settle(now);
-        g.core.vm_metrics(vm).map(|(m, v)| (m.clone(), v))
+        let g = self.lock();
+        g.core
+            .vm_metrics(vm, self.now())
+            .map(|(m, v)| (m.clone(), v))
     }
 
     fn publishes_host_fields(&self) -> bool {
