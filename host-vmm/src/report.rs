@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::hoststat::SchedStat;
 use crate::policy::BoostReason;
 use crate::sched::VcpuMetrics;
 use crate::vm::{Outcome, RunReport};
@@ -36,23 +37,30 @@ fn boosts_json(m: &VcpuMetrics) -> serde_json::Value {
     o.into()
 }
 
+/// vCPU `i` of a report: what the host thread got, what the backend counted, and its run and
+/// runnable-wait time (the scheduler's own under the slot backend, the thread's schedstat
+/// under the Linux backend).
+fn vcpu_view(r: &RunReport, i: usize) -> (SchedStat, VcpuMetrics, u64, u64) {
+    let host = r.vcpu_stats.get(i).copied().unwrap_or_default();
+    let m = r
+        .sched
+        .as_ref()
+        .and_then(|(_, v)| v.get(i))
+        .cloned()
+        .unwrap_or_default();
+    let (run, wait) = if m.dispatches > 0 {
+        (m.run_ns, m.wait_ns)
+    } else {
+        (host.run_ns, host.wait_ns)
+    };
+    (host, m, run, wait)
+}
+
 fn vm_json(r: &RunReport) -> serde_json::Value {
     let n = r.yields_to.len();
-    let sched = r.sched.as_ref();
     let vcpus: Vec<serde_json::Value> = (0..n)
         .map(|i| {
-            let host = r.vcpu_stats.get(i).copied().unwrap_or_default();
-            let m = sched
-                .and_then(|(_, v)| v.get(i))
-                .cloned()
-                .unwrap_or_default();
-            // Under the slot backend run and wait times are the scheduler's own; under the
-            // Linux backend they come from the thread's schedstat.
-            let (run, wait) = if m.dispatches > 0 {
-                (m.run_ns, m.wait_ns)
-            } else {
-                (host.run_ns, host.wait_ns)
-            };
+            let (host, m, run, wait) = vcpu_view(r, i);
             serde_json::json!({
                 "vcpu": i,
                 "run_ns": run,
@@ -66,6 +74,7 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
                 "ipis_sent": m.ipis_sent,
                 "ipis_received": m.ipis_received,
                 "bad_hypercalls": m.bad_hypercalls,
+                "invalid_records": m.invalid_records,
                 "boosts": boosts_json(&m),
                 "boosts_refused": m.boosts_refused,
                 "user_mode_boosts": m.user_mode_boosts,
@@ -79,7 +88,7 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
             })
         })
         .collect();
-    let vm = sched.map(|(m, _)| m.clone()).unwrap_or_default();
+    let vm = r.sched.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
     serde_json::json!({
         "name": r.name,
         "policy": r.policy,
@@ -152,18 +161,7 @@ pub fn table(summary: &SchedSummary, reports: &[RunReport]) -> String {
         }
         s.push('\n');
         for i in 0..r.yields_to.len() {
-            let host = r.vcpu_stats.get(i).copied().unwrap_or_default();
-            let m = r
-                .sched
-                .as_ref()
-                .and_then(|(_, v)| v.get(i))
-                .cloned()
-                .unwrap_or_default();
-            let (run, wait) = if m.dispatches > 0 {
-                (m.run_ns, m.wait_ns)
-            } else {
-                (host.run_ns, host.wait_ns)
-            };
+            let (_, m, run, wait) = vcpu_view(r, i);
             let _ = write!(
                 s,
                 "{:>5} {:>10.1} {:>12.1} {:>8} {:>7} {:>7} {:>7}",

@@ -195,6 +195,10 @@ fn hostile_guest_beside_a_normal_one() {
     );
     out.check(sum(&m, 0, "bad_hypercalls") > 0, "bad hypercalls counted");
     out.check(
+        sum(&m, 0, "invalid_records") == hostile["invalid_page_events"].as_u64().unwrap(),
+        "per-vCPU invalid records add up to the VM's events",
+    );
+    out.check(
         normal["invalid_page_events"].as_u64().unwrap() == 0,
         "the normal VM's page stays valid",
     );

@@ -644,14 +644,19 @@ impl Core {
     ) {
         let snap = match snapshot(vm) {
             Some(Ok(s)) => {
-                let m = &mut self.vms[vm].metrics;
-                for r in &s.records {
+                let first = self.vms[vm].first;
+                let len = self.vms[vm].len;
+                for r in s.records.iter().take(len) {
+                    let m = &mut self.vms[vm].metrics;
                     if r.problems.contains(Problems::TORN) {
                         // A vCPU descheduled mid-update: expected, not hostile.
                         m.torn_records += 1;
                     }
                     if !(r.problems - Problems::TORN).is_empty() {
                         m.invalid_page_events += 1;
+                        if let Some(c) = self.vcpus.get_mut(first + r.vcpu as usize) {
+                            c.metrics.invalid_records += 1;
+                        }
                     }
                 }
                 Some(s)

@@ -26,6 +26,8 @@ pub struct VcpuMetrics {
     pub ipis_received: u64,
     /// Hypercalls refused (bad vCPU id, bad argument or width).
     pub bad_hypercalls: u64,
+    /// Times its shared record failed validation (not merely torn) at a policy look.
+    pub invalid_records: u64,
     /// Boosts this vCPU received, by reason (indexed like `BoostReason::ALL`).
     pub boosts: [u64; BoostReason::ALL.len()],
     /// Boosts this vCPU received while preempted in user mode (its CPL when descheduled).

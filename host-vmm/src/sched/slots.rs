@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::SIGRTMIN;
 
-use super::core::{Core, CoreConfig, Effects};
+use super::core::{Core, CoreConfig, Effects, POLICY_PERIOD};
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::trace::Trace;
 use super::{Backend, GuestView, Nanos, VmHandle};
@@ -29,7 +29,10 @@ const WAIT_RECHECK: Duration = Duration::from_millis(20);
 
 struct Inner {
     core: Core,
+    /// Per VM: its guest view, the key of its vCPU 0, its vCPU count.
     views: Vec<(Weak<dyn GuestView>, usize, usize)>,
+    /// When the host fields were last written.
+    last_publish: Nanos,
 }
 
 /// Per vCPU thread: its wake-up, its kick flag, and its pthread for signals.
@@ -57,6 +60,7 @@ impl SlotBackend {
             inner: Mutex::new(Inner {
                 core: Core::new(cfg),
                 views: Vec::new(),
+                last_publish: 0,
             }),
             threads: RwLock::new(Vec::new()),
             epoch: Instant::now(),
@@ -176,10 +180,19 @@ impl SlotBackend {
         {
             let mut g = self.lock();
             let now = self.now();
-            let Inner { core, views } = &mut *g;
+            let Inner {
+                core,
+                views,
+                last_publish,
+            } = &mut *g;
             let mut snapshot = |vm: usize| views.get(vm)?.0.upgrade()?.snapshot();
             core.tick(now, &mut snapshot, &mut fx);
-            for (view, first, len) in views.iter() {
+            // Host fields at the policies' pace, not at every slice end.
+            let publish = now.saturating_sub(*last_publish) >= POLICY_PERIOD;
+            if publish {
+                *last_publish = now;
+            }
+            for (view, first, len) in views.iter().filter(|_| publish) {
                 let Some(view) = view.upgrade() else {
                     continue;
                 };
