@@ -16,7 +16,7 @@ use crate::vm::{Outcome, VmShared};
 pub const KICK_SIGNAL_OFFSET: i32 = 0;
 
 /// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
-/// outside KVM_RUN, holding no slot.
+/// outside KVM_RUN and outside the scheduler.
 const AP_WAIT_POLL: Duration = Duration::from_millis(1);
 
 thread_local! {
@@ -34,8 +34,10 @@ pub fn on_kick_signal() {
         if !run.is_null() {
             // SAFETY: `run` is this thread's own kvm_run mapping, published by `run` below
             // and cleared before the VcpuFd that owns it is dropped; the byte is one the
-            // kernel reads on entry to KVM_RUN.
-            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+            // kernel reads on entry to KVM_RUN. A raw place (no `&mut`), written volatile:
+            // the interrupted code may hold a reference to the struct, never reads this byte
+            // but through the kernel, and clears it after KVM_RUN returns.
+            unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
         }
     });
 }
@@ -54,19 +56,22 @@ impl KickTarget {
 impl Drop for KickTarget {
     fn drop(&mut self) {
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        // A signal handler on this thread must see the pointer cleared before the mapping
+        // can go away.
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-/// An application processor waiting for INIT-SIPI-SIPI blocks inside KVM_RUN; while it
-/// does, it waits in the backend instead (KVM_GET_MP_STATE takes pending INIT/SIPI events).
+/// An application processor waiting for INIT-SIPI-SIPI would block inside KVM_RUN; it
+/// waits here instead, before the backend knows it as runnable, so it holds and queues for
+/// no slot (KVM_GET_MP_STATE takes pending INIT/SIPI events).
 fn wait_for_sipi(index: u8, fd: &VcpuFd, vm: &VmShared) {
     if index == 0 {
         return;
     }
-    let key = vm.key(index as u32);
     while !vm.stopping() {
         match fd.get_mp_state() {
-            Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => vm.backend.idle(key, AP_WAIT_POLL),
+            Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => std::thread::sleep(AP_WAIT_POLL),
             _ => return,
         }
     }
@@ -77,9 +82,9 @@ pub fn run(index: u8, mut fd: VcpuFd, vm: Arc<VmShared>) {
     let key = vm.key(index as u32);
     let backend = Arc::clone(&vm.backend);
     let kick_target = KickTarget::publish(&mut fd);
+    wait_for_sipi(index, &fd, &vm);
     backend.start(key);
     backend.wait_turn(key);
-    wait_for_sipi(index, &fd, &vm);
     let mut hypercalls = VcpuHypercalls::new(index as u32);
     let crash = |reason: String| Outcome::GuestCrash {
         vcpu: index,

@@ -14,6 +14,8 @@ use crate::shared_region::{Problems, Snapshot};
 
 /// How often the policies' periodic look (`on_tick`) runs.
 pub const POLICY_PERIOD: Nanos = 1_000_000;
+/// How often the load balancer looks.
+pub const BALANCE_PERIOD: Nanos = 4_000_000;
 
 /// Tunables of the slot scheduler.
 #[derive(Clone, Debug)]
@@ -118,6 +120,7 @@ pub struct Core {
     trace: Option<Trace>,
     last_tick: Nanos,
     last_policy_tick: Nanos,
+    last_balance: Nanos,
 }
 
 impl Core {
@@ -134,6 +137,7 @@ impl Core {
             trace,
             last_tick: 0,
             last_policy_tick: 0,
+            last_balance: 0,
         }
     }
 
@@ -300,18 +304,44 @@ impl Core {
         Some(head)
     }
 
-    /// A queued vCPU another slot could take: from the longest queue, its last non-boosted
-    /// entry.
+    /// A queued vCPU another slot could take: the last non-boosted entry of the longest queue
+    /// that has one (a boosted vCPU stays where its booster put it).
     fn steal_for(&self, slot: usize) -> Option<usize> {
-        let from = (0..self.slots.len())
-            .filter(|&s| s != slot && !self.slots[s].queue.is_empty())
-            .max_by_key(|&s| self.slots[s].queue.len())?;
-        self.slots[from]
+        let mut queues: Vec<usize> = (0..self.slots.len()).filter(|&s| s != slot).collect();
+        queues.sort_by_key(|&s| std::cmp::Reverse(self.slots[s].queue.len()));
+        queues.into_iter().find_map(|s| {
+            self.slots[s]
+                .queue
+                .iter()
+                .rev()
+                .find(|&&v| self.vcpus[v].boost.is_none())
+                .copied()
+        })
+    }
+
+    /// Load balancing, as a busy host does now and then (every `BALANCE_PERIOD`): if one
+    /// slot holds two vCPUs more than another (running and queued), its last non-boosted
+    /// waiter moves over. One move per period, so wake-affine placement still shows its
+    /// stacking between moves, as under CFS.
+    fn balance(&mut self, now: Nanos, fx: &mut Effects) {
+        let load = |s: &Slot| s.running.is_some() as usize + s.queue.len();
+        let (Some(busy), Some(light)) = (
+            (0..self.slots.len()).max_by_key(|&s| load(&self.slots[s])),
+            (0..self.slots.len()).min_by_key(|&s| load(&self.slots[s])),
+        ) else {
+            return;
+        };
+        if load(&self.slots[busy]) < load(&self.slots[light]) + 2 {
+            return;
+        }
+        if let Some(&v) = self.slots[busy]
             .queue
             .iter()
             .rev()
             .find(|&&v| self.vcpus[v].boost.is_none())
-            .copied()
+        {
+            self.enqueue(v, light, false, now, fx);
+        }
     }
 
     /// Hands `slot` to its next vCPU if it is free (stealing from another slot if its own
@@ -327,6 +357,9 @@ impl Core {
         self.slots[slot].running = Some(v);
         let slice = self.cfg.slice;
         let c = &mut self.vcpus[v];
+        // A fresh turn: a kick meant for an earlier one no longer applies.
+        c.kick_pending = false;
+        c.last_slot = slot;
         let resume = c.resume_end.take();
         c.slice_end = if c.boost.is_some() {
             now + c.boost_budget
@@ -366,11 +399,13 @@ impl Core {
         }
         c.cpl = cpl;
         c.metrics.preemptions += 1;
-        // Off the slot and in no queue while placement looks for a queue.
-        self.set_state(v, RunState::Queued { slot }, now);
+        // Placed while it still counts on its slot (so its own slot does not look free to
+        // it); the freed slot first takes a waiter (its own, or stolen from another slot),
+        // then the preempted vCPU queues.
         let to = self.place(v, Cause::Requeue);
-        self.enqueue(v, to, false, now, fx);
+        self.set_state(v, RunState::Queued { slot }, now);
         self.dispatch(slot, now, fx);
+        self.enqueue(v, to, false, now, fx);
     }
 
     /// Input for VM `vm`'s policy.
@@ -404,7 +439,9 @@ impl Core {
         let Some(v) = (target < m.len as u32).then(|| m.first + target as usize) else {
             return false;
         };
-        if !matches!(self.vcpus[v].state, RunState::Queued { .. }) {
+        // Already boosted: it heads a queue; charging the VM again would count it twice.
+        if !matches!(self.vcpus[v].state, RunState::Queued { .. }) || self.vcpus[v].boost.is_some()
+        {
             return false;
         }
         let Some(budget) = self.ledger.grant(vm) else {
@@ -579,6 +616,10 @@ impl Core {
         m.live = false;
         let (first, len) = (m.first, m.len);
         for v in first..first + len {
+            // One still inside KVM_RUN must leave it now: its slot goes to someone else.
+            if self.is_running(v) {
+                fx.kick.push(v);
+            }
             self.exit(v, now, fx);
             fx.run.push(v);
         }
@@ -599,7 +640,12 @@ impl Core {
         for v in 0..self.vcpus.len() {
             self.idle_expired(v, now, fx);
         }
-        // The policies look at a steady pace, however often the ticker runs for slices.
+        // The policies look at a steady pace, however often the ticker runs for slices; so
+        // does the load balancer.
+        if now.saturating_sub(self.last_balance) >= BALANCE_PERIOD {
+            self.last_balance = now;
+            self.balance(now, fx);
+        }
         if now.saturating_sub(self.last_policy_tick) >= POLICY_PERIOD {
             self.last_policy_tick = now;
             for vm in 0..self.vms.len() {
@@ -610,6 +656,9 @@ impl Core {
         }
         for slot in 0..self.slots.len() {
             self.dispatch(slot, now, fx);
+        }
+        let waiting = self.anyone_waits();
+        for slot in 0..self.slots.len() {
             let Some(r) = self.slots[slot].running else {
                 continue;
             };
@@ -617,7 +666,9 @@ impl Core {
             if now < c.slice_end {
                 continue;
             }
-            if self.slots[slot].queue.is_empty() {
+            // A turn ends when someone waits, on this slot or another (the freed slot then
+            // takes a waiter from elsewhere, so vCPUs rotate over the slots).
+            if self.slots[slot].queue.is_empty() && !waiting {
                 // Nobody waits: a boost that used its budget simply becomes a normal turn.
                 if c.boost.is_some() {
                     self.set_state(r, RunState::Running { slot }, now);
@@ -687,8 +738,11 @@ impl Core {
             // It runs next on its slot. A grace period that is already overdue is worth ending
             // the current turn for (at most one kick per slot per look); what lock and IPI
             // waiters need waits for the turn to end.
+            // Only a sibling's turn: the trigger (a backlog count) is the guest's word, and a
+            // guest may not cut short another VM's turn on its word.
             let urgent = matches!(b.reason, BoostReason::RcuReader | BoostReason::RcuHoldout);
-            if let Some(r) = self.slots[slot].running.filter(|_| urgent) {
+            let sibling = |r: &usize| self.vcpus[*r].vm == vm;
+            if let Some(r) = self.slots[slot].running.filter(|r| urgent && sibling(r)) {
                 let c = &mut self.vcpus[r];
                 if c.boost.is_none() && !c.kick_pending {
                     c.kick_pending = true;
@@ -736,15 +790,22 @@ impl Core {
         }
     }
 
-    /// When the next tick is due: the earliest end of a slice that someone waits behind (or
-    /// of a boost), but at least `min` and at most `max` from `now`.
+    /// Whether any vCPU waits in a queue.
+    fn anyone_waits(&self) -> bool {
+        self.slots.iter().any(|s| !s.queue.is_empty())
+    }
+
+    /// When the next tick is due: the earliest end of a slice while someone waits (or of a
+    /// boost), skipping turns already being ended, but at least `min` and at most `max` from
+    /// `now`.
     pub fn next_tick(&self, now: Nanos, min: Nanos, max: Nanos) -> Nanos {
+        let waiting = self.anyone_waits();
         let due = self
             .slots
             .iter()
             .filter_map(|s| {
                 let c = &self.vcpus[s.running?];
-                (!s.queue.is_empty() || c.boost.is_some()).then_some(c.slice_end)
+                (!c.kick_pending && (waiting || c.boost.is_some())).then_some(c.slice_end)
             })
             .min()
             .unwrap_or(u64::MAX);

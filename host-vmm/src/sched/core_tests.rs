@@ -214,6 +214,25 @@ fn a_vm_that_claims_every_boost_keeps_no_more_than_its_share() {
     );
 }
 
+/// Three busy vCPUs on two slots: no vCPU keeps a slot to itself; turns rotate over the
+/// slots, under either placement.
+#[test]
+fn busy_vcpus_share_the_slots_evenly() {
+    for placement in [Placement::Spread, Placement::WakeAffine] {
+        let mut c = core(2, placement);
+        c.add_vm(Box::new(NoBoost), 3);
+        start_all(&mut c, 3);
+        simulate(&mut c, 3_000 * MS, 1);
+        let (_, m) = c.vm_metrics(0, 3_000 * MS).unwrap();
+        let runs: Vec<Nanos> = m.iter().map(|m| m.run_ns).collect();
+        let (lo, hi) = (*runs.iter().min().unwrap(), *runs.iter().max().unwrap());
+        assert!(
+            lo * 10 >= hi * 8,
+            "{placement:?}: run times {runs:?} should be within 20%"
+        );
+    }
+}
+
 #[test]
 fn a_tick_boost_runs_next_when_the_turn_ends() {
     let mut c = core(1, Placement::Spread);

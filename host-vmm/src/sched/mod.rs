@@ -87,9 +87,11 @@ pub trait Backend: Send + Sync {
 /// Reads a vCPU's CPL the way KVM's directed yield does (`kvm_arch_vcpu_get_cpl`): from the
 /// segment registers, while the vCPU is out of KVM_RUN.
 pub fn read_cpl(fd: &kvm_ioctls::VcpuFd) -> Cpl {
+    const CR0_PE: u64 = 1;
     match fd.get_sregs() {
-        // CPL is SS.DPL, which equals CS.RPL in protected and long mode.
-        Ok(s) if s.cs.selector & 3 == 3 => Cpl::User,
+        // Real mode runs at CPL 0; otherwise CPL is SS.DPL.
+        Ok(s) if s.cr0 & CR0_PE == 0 => Cpl::Kernel,
+        Ok(s) if s.ss.dpl == 3 => Cpl::User,
         Ok(_) => Cpl::Kernel,
         Err(_) => Cpl::Unknown,
     }

@@ -27,6 +27,9 @@ const MIN_TICK: Duration = Duration::from_micros(50);
 /// at most this, never a hang).
 const WAIT_RECHECK: Duration = Duration::from_millis(20);
 
+/// A VM's guest view while a tick uses it: the view, its vCPU 0's key, its vCPU count.
+type LiveView = (Arc<dyn GuestView>, usize, usize);
+
 struct Inner {
     core: Core,
     /// Per VM: its guest view, the key of its vCPU 0, its vCPU count.
@@ -91,7 +94,28 @@ impl SlotBackend {
             .cloned()
     }
 
-    /// Carries out what the core asked for (called without the lock held).
+    /// The part of the core's effects that must happen under the lock, in the same critical
+    /// section as the decision: a vCPU handed a new turn starts with no kick, and a kick is
+    /// flagged for the turn it was decided for (so a kick can never outlive its turn).
+    fn mark(&self, fx: &Effects) {
+        if fx.run.is_empty() && fx.kick.is_empty() {
+            return;
+        }
+        let threads = self.threads.read().unwrap_or_else(|e| e.into_inner());
+        for &v in &fx.run {
+            if let Some(t) = threads.get(v) {
+                t.kicked.store(false, Ordering::Release);
+            }
+        }
+        for &v in &fx.kick {
+            if let Some(t) = threads.get(v) {
+                t.kicked.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The rest, after the lock is released: wake threads handed a turn, signal kicked ones
+    /// (a signal that arrives late only makes one KVM_RUN return early).
     fn apply(&self, fx: Effects) {
         if fx.run.is_empty() && fx.kick.is_empty() {
             return;
@@ -104,7 +128,6 @@ impl SlotBackend {
         }
         for v in fx.kick {
             if let Some(t) = threads.get(v) {
-                t.kicked.store(true, Ordering::Release);
                 let p = t.pthread.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(p) = *p {
                     // SAFETY: `p` is a vCPU thread that has not passed `exit` (which clears
@@ -121,6 +144,7 @@ impl SlotBackend {
             let mut g = self.lock();
             let now = self.now();
             f(&mut g.core, now, &mut fx);
+            self.mark(&fx);
         }
         self.apply(fx);
     }
@@ -142,6 +166,7 @@ impl SlotBackend {
                     idle_until = None;
                     let mut fx = Effects::default();
                     g.core.idle_expired(v, now, &mut fx);
+                    self.mark(&fx);
                     drop(g);
                     self.apply(fx);
                     g = self.lock();
@@ -177,34 +202,38 @@ impl SlotBackend {
     fn tick(&self) -> Duration {
         let mut fx = Effects::default();
         let next;
+        // Upgraded here and dropped after the lock is released: if a VM ends meanwhile, the
+        // last reference (and the VM's teardown) must not fall under the scheduler's lock.
+        let views: Vec<Option<LiveView>>;
         {
             let mut g = self.lock();
             let now = self.now();
+            views = g
+                .views
+                .iter()
+                .map(|(w, first, len)| w.upgrade().map(|v| (v, *first, *len)))
+                .collect();
             let Inner {
-                core,
-                views,
-                last_publish,
+                core, last_publish, ..
             } = &mut *g;
-            let mut snapshot = |vm: usize| views.get(vm)?.0.upgrade()?.snapshot();
+            let mut snapshot = |vm: usize| views.get(vm)?.as_ref()?.0.snapshot();
             core.tick(now, &mut snapshot, &mut fx);
             // Host fields at the policies' pace, not at every slice end.
-            let publish = now.saturating_sub(*last_publish) >= POLICY_PERIOD;
-            if publish {
+            if now.saturating_sub(*last_publish) >= POLICY_PERIOD {
                 *last_publish = now;
-            }
-            for (view, first, len) in views.iter().filter(|_| publish) {
-                let Some(view) = view.upgrade() else {
-                    continue;
-                };
-                for i in 0..*len {
-                    if let Some((p, ns, boosts)) = core.host_fields(first + i, now) {
-                        view.publish_host(i as u32, p, ns, boosts);
+                for (view, first, len) in views.iter().flatten() {
+                    for i in 0..*len {
+                        if let Some((p, ns, boosts)) = core.host_fields(first + i, now) {
+                            view.publish_host(i as u32, p, ns, boosts);
+                        }
                     }
                 }
             }
             let min = MIN_TICK.as_nanos() as Nanos;
             next = core.next_tick(now, min, TICK.as_nanos() as Nanos) - now;
+            self.mark(&fx);
         }
+        drop(views);
         self.apply(fx);
         Duration::from_nanos(next)
     }
@@ -220,7 +249,15 @@ fn ticker(b: Weak<SlotBackend>) {
         if b.stop.load(Ordering::Acquire) {
             return;
         }
-        sleep = b.tick();
+        // Without the ticker no slice would ever end and queued vCPUs would wait forever:
+        // a bug here ends the process with a clear message rather than hanging every VM.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.tick())) {
+            Ok(next) => sleep = next,
+            Err(_) => {
+                eprintln!("pvsync: error: the slot scheduler's ticker failed; stopping");
+                std::process::exit(crate::cli::EXIT_HOST_ERROR);
+            }
+        }
     }
 }
 

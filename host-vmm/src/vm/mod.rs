@@ -6,7 +6,7 @@ use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -134,17 +134,15 @@ pub fn min_mem_bytes(info: &KernelInfo, vcpus: u8) -> u64 {
         .max(MIN_MEM_MIB * MIB)
 }
 
+/// Installs the kick handler once per process; every later call gets the first outcome (a
+/// failed install must fail every VM: an unhandled SIGRTMIN would end the process).
 fn install_kick_handler() -> Result<(), VmError> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-            vcpu::on_kick_signal();
-        }
-        result = register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick)
-            .map_err(VmError::Signal);
-    });
-    result
+    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        vcpu::on_kick_signal();
+    }
+    (*RESULT.get_or_init(|| register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick)))
+        .map_err(VmError::Signal)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
