@@ -49,6 +49,22 @@ impl BoostLedger {
         }
     }
 
+    /// Debt is relative: what every VM in `vms` owes, none gained over the others. Forgives
+    /// that common part, so VMs that all boost keep being able to (their boosts then only
+    /// reorder their own vCPUs).
+    pub fn forgive_common(&mut self, vms: impl Iterator<Item = usize> + Clone) {
+        let common = vms
+            .clone()
+            .filter_map(|vm| self.debt.get(vm).copied())
+            .min()
+            .unwrap_or(0);
+        if common > 0 {
+            for vm in vms {
+                self.repaid(vm, common);
+            }
+        }
+    }
+
     /// Whether `vm` should yield its turn to a VM that owes nothing.
     pub fn owes(&self, vm: usize) -> bool {
         self.debt.get(vm).is_some_and(|&d| d > 0)
@@ -77,6 +93,18 @@ mod tests {
         l.repaid(0, 3 * MS);
         assert_eq!(l.grant(0), Some(2 * MS));
         assert_eq!(l.grant(7), None, "no such VM");
+    }
+
+    #[test]
+    fn only_debt_beyond_what_every_vm_owes_counts() {
+        let mut l = BoostLedger::new(3, MS, 10 * MS);
+        l.borrowed(0, 7 * MS);
+        l.borrowed(1, 4 * MS);
+        l.forgive_common([0, 1].into_iter());
+        assert_eq!((l.debt(0), l.debt(1)), (3 * MS, 0));
+        // A VM that owes nothing keeps the others' debts as they are.
+        l.forgive_common([0, 1, 2].into_iter());
+        assert_eq!(l.debt(0), 3 * MS);
     }
 
     /// Two VMs share one CPU in 1 ms turns. VM 0 asks for a boost at every turn (a hostile

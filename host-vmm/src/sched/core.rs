@@ -774,6 +774,8 @@ impl Core {
                     .any(|s| s.queue.iter().any(|&v| self.vcpus[v].vm == vm))
             })
             .collect();
+        let live: Vec<usize> = (0..self.vms.len()).filter(|&v| self.vms[v].live).collect();
+        self.ledger.forgive_common(live.iter().copied());
         for (vm, m) in self.vms.iter_mut().enumerate() {
             if !m.live {
                 continue;

@@ -233,6 +233,26 @@ fn busy_vcpus_share_the_slots_evenly() {
     }
 }
 
+/// Two VMs that both boost all the time: neither gains on the other, so neither runs out of
+/// boosts.
+#[test]
+fn vms_that_all_boost_keep_boosting() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(Box::new(Greedy(BoostReason::RcuReader)), 4);
+    c.add_vm(Box::new(Greedy(BoostReason::RcuReader)), 4);
+    start_all(&mut c, 8);
+    simulate(&mut c, 10_000 * MS, 2);
+    for vm in 0..2 {
+        let (_, m) = c.vm_metrics(vm, 0).unwrap();
+        let granted: u64 = m.iter().map(|m| m.boosts_total()).sum();
+        let refused: u64 = m.iter().map(|m| m.boosts_refused).sum();
+        assert!(
+            granted > 10 * refused,
+            "vm {vm}: {granted} granted, {refused} refused"
+        );
+    }
+}
+
 #[test]
 fn a_tick_boost_runs_next_when_the_turn_ends() {
     let mut c = core(1, Placement::Spread);
