@@ -286,6 +286,13 @@ impl Core {
         self.dispatch(slot, now, fx);
     }
 
+    /// Whether queued vCPU `v` has waited two slices or more: boosts no longer pass it.
+    fn starving(&self, v: usize, now: Nanos) -> bool {
+        let c = &self.vcpus[v];
+        matches!(c.state, RunState::Queued { .. })
+            && now.saturating_sub(c.since) >= 2 * self.cfg.slice
+    }
+
     /// The next vCPU for `slot`'s queue: a boosted one first; else the head, unless its VM
     /// owes boosted time and a vCPU of a VM that owes nothing waits (which repays the debt).
     fn pick(&mut self, slot: usize) -> Option<usize> {
@@ -452,7 +459,16 @@ impl Core {
         self.ledger.borrowed(vm, budget);
         self.vcpus[v].boost = Some(reason);
         self.vcpus[v].boost_budget = budget;
-        self.enqueue(v, slot, true, now, fx);
+        // At the head, but behind earlier boosts and behind anyone who has waited too long:
+        // boosts reorder turns, they may not starve a vCPU that is never named.
+        self.set_state(v, RunState::Queued { slot }, now);
+        let pos = self.slots[slot]
+            .queue
+            .iter()
+            .position(|&q| self.vcpus[q].boost.is_none() && !self.starving(q, now))
+            .unwrap_or(self.slots[slot].queue.len());
+        self.slots[slot].queue.insert(pos, v);
+        self.dispatch(slot, now, fx);
         let c = &mut self.vcpus[v];
         c.metrics.count_boost(reason);
         if c.cpl == Cpl::User {
@@ -518,7 +534,12 @@ impl Core {
         c.in_spin_loop = true;
         c.resume_end = Some(c.slice_end);
         self.set_state(v, RunState::Queued { slot }, now);
-        self.slots[slot].queue.insert(1, v);
+        let target = self.local(vm, decision.map_or(0, |b| b.vcpu));
+        let q = &mut self.slots[slot].queue;
+        let after = target
+            .and_then(|t| q.iter().position(|&x| x == t))
+            .map_or(0, |i| i + 1);
+        q.insert(after, v);
         self.dispatch(slot, now, fx);
     }
 
@@ -774,8 +795,11 @@ impl Core {
                     .any(|s| s.queue.iter().any(|&v| self.vcpus[v].vm == vm))
             })
             .collect();
+        // Between VMs, only relative debt counts; a lone VM repays at the rate of time (below).
         let live: Vec<usize> = (0..self.vms.len()).filter(|&v| self.vms[v].live).collect();
-        self.ledger.forgive_common(live.iter().copied());
+        if live.len() > 1 {
+            self.ledger.forgive_common(live.iter().copied());
+        }
         for (vm, m) in self.vms.iter_mut().enumerate() {
             if !m.live {
                 continue;

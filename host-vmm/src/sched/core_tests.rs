@@ -253,6 +253,51 @@ fn vms_that_all_boost_keep_boosting() {
     }
 }
 
+/// Boosts every preempted vCPU but 0, urgently, at every look.
+struct AllButZero;
+
+impl BoostPolicy for AllButZero {
+    fn name(&self) -> &str {
+        "all-but-zero"
+    }
+    fn on_spin(&mut self, _: &Input, _: u32, _: Option<u32>) -> Option<Boost> {
+        None
+    }
+    fn on_tick(&mut self, input: &Input) -> Vec<Boost> {
+        input
+            .vcpus
+            .iter()
+            .filter(|v| v.id != 0 && v.candidate())
+            .map(|v| Boost {
+                vcpu: v.id,
+                reason: BoostReason::RcuHoldout,
+            })
+            .collect()
+    }
+}
+
+/// Boosts reorder turns but never starve a vCPU nobody names: once it has waited two slices,
+/// boosts queue behind it.
+#[test]
+fn boosts_never_starve_an_unnamed_vcpu() {
+    // A ledger that never says no: only the starvation rule stands in the way.
+    let mut c = Core::new(CoreConfig {
+        slots: 1,
+        max_debt: 3_600_000 * MS,
+        ..CoreConfig::default()
+    });
+    c.add_vm(Box::new(AllButZero), 3);
+    start_all(&mut c, 3);
+    let total = 3_000 * MS;
+    simulate(&mut c, total, 1);
+    let (_, m) = c.vm_metrics(0, total).unwrap();
+    assert!(
+        m[0].run_ns * 10 >= total,
+        "vCPU 0 ran {} of {total} ns",
+        m[0].run_ns
+    );
+}
+
 #[test]
 fn a_tick_boost_runs_next_when_the_turn_ends() {
     let mut c = core(1, Placement::Spread);
