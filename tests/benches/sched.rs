@@ -153,10 +153,12 @@ fn costs(reps: usize) {
     println!("(linux: host threads under the Linux scheduler; no slots, so no hand-off or kicks)");
 }
 
-/// Host set-ups for the problems: vCPUs of one VM on the 2 default slots, and the slice.
+/// Host set-ups for the problems: vCPUs of one VM on the 2 default slots (the first without
+/// overcommit, the baseline), and the slice.
 /// 3 ms is the VMM's default; 20 ms is what a busy CFS host gives a vCPU thread
 /// (sched_latency 24 ms), where a preempted vCPU stays off the CPU for tens of ms.
-const SETUPS: [(&str, &str, &str); 3] = [
+const SETUPS: [(&str, &str, &str); 4] = [
+    ("2 vCPUs (1:1), 3 ms slices", "2", "3000"),
     ("4 vCPUs, 3 ms slices", "4", "3000"),
     ("4 vCPUs, 20 ms slices", "4", "20000"),
     ("8 vCPUs, 20 ms slices", "8", "20000"),
