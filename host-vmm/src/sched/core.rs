@@ -874,14 +874,6 @@ impl Core {
         Some((&m.metrics, vcpus))
     }
 
-    pub fn vms(&self) -> usize {
-        self.vms.len()
-    }
-
-    pub fn policy_name(&self, vm: usize) -> Option<&str> {
-        self.vms.get(vm).map(|m| m.policy.name())
-    }
-
     pub fn take_trace(&mut self) -> Option<Trace> {
         self.trace.take()
     }

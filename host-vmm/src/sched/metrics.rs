@@ -83,15 +83,3 @@ impl VmMetrics {
         }
     }
 }
-
-/// What a backend reports at the end.
-#[derive(Clone, Debug, Default)]
-pub struct SchedReport {
-    pub backend: &'static str,
-    pub policy: String,
-    pub placement: &'static str,
-    pub slots: usize,
-    /// Indexed by VM, then by vCPU.
-    pub vms: Vec<VmMetrics>,
-    pub vcpus: Vec<Vec<VcpuMetrics>>,
-}

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use self::core::{Core, CoreConfig, Effects, RunState};
 pub use linux::LinuxBackend;
-pub use metrics::{SchedReport, VcpuMetrics, VmMetrics};
+pub use metrics::{VcpuMetrics, VmMetrics};
 pub use placement::Placement;
 pub use slots::SlotBackend;
 

@@ -194,10 +194,6 @@ impl SlotBackend {
         self.lock().core.take_trace()
     }
 
-    pub fn config(&self) -> CoreConfig {
-        self.lock().core.config().clone()
-    }
-
     /// One look; returns how long to sleep until the next.
     fn tick(&self) -> Duration {
         let mut fx = Effects::default();
