@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// Placement of runnable vCPUs: "spread" or "wake-affine" [default: spread].
     #[arg(long)]
     pub placement: Option<String>,
+    /// Bind each slot to a host CPU, so that a hand-off wakes the next vCPU thread on the
+    /// CPU the previous one leaves [default: on].
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub pin_slots: Option<bool>,
     /// Boost policy: none, kvm, kvm-ipi, pv, or a comma-separated chain [default: pv].
     #[arg(long)]
     pub policy: Option<String>,
@@ -240,6 +244,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
                 slice: slice_us * 1000,
                 placement,
                 trace: a.trace.is_some(),
+                pin_slots: a.pin_slots.unwrap_or(true),
                 ..CoreConfig::default()
             };
             match SlotBackend::new(cfg) {

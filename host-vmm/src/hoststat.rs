@@ -83,6 +83,14 @@ pub fn publish(
     let _ = mem.store(waited_ns, total, Ordering::Release);
 }
 
+/// Writes the `host_lent_by` field of record `vcpu` (lender id + 1, or 0).
+pub fn publish_lent_by(mem: &GuestMemoryMmap, reg: &Registration, vcpu: u32, value: u32) {
+    let base = reg.gpa + record_offset(vcpu as usize) as u64;
+    let at = GuestAddress(base + offset_of!(VcpuRecord, host_lent_by) as u64);
+    // As in `publish`: the store lands in validated guest RAM or nowhere.
+    let _ = mem.store(value, at, Ordering::Release);
+}
+
 /// Writes the `host_boosts` field of record `vcpu`.
 pub fn publish_boosts(mem: &GuestMemoryMmap, reg: &Registration, vcpu: u32, boosts: u64) {
     let base = reg.gpa + record_offset(vcpu as usize) as u64;

@@ -12,6 +12,8 @@ pub trait HypercallHost {
     fn idle(&self, caller: u32, timeout_us: u32) -> HypercallStatus;
     /// `caller` sends an interrupt.
     fn send_ipi(&self, caller: u32, request: IpiRequest) -> HypercallStatus;
+    /// The grace period whose sequence ends in `seq` waits on the holdouts its header names.
+    fn rcu_wait(&self, caller: u32, seq: u32) -> HypercallStatus;
     /// A hypercall of `caller` was refused with `status` (for the counters).
     fn refused(&self, caller: u32, status: HypercallStatus);
 }
@@ -71,6 +73,7 @@ impl VcpuHypercalls {
                     }
                     (Hypercall::YieldTo, Some(target)) => vm.yield_to(caller, target),
                     (Hypercall::Idle, Some(us)) => vm.idle(caller, us),
+                    (Hypercall::RcuWait, Some(seq)) => vm.rcu_wait(caller, seq),
                     (Hypercall::SendIpi, Some(raw)) => match IpiRequest::decode(raw) {
                         Some(r) => vm.send_ipi(caller, r),
                         None => HypercallStatus::BadArgument,
@@ -93,7 +96,8 @@ impl VcpuHypercalls {
                 Hypercall::RegisterSharedRegion
                 | Hypercall::YieldTo
                 | Hypercall::Idle
-                | Hypercall::SendIpi,
+                | Hypercall::SendIpi
+                | Hypercall::RcuWait,
             ) => {
                 let status = if data.len() == 4 {
                     self.last_status
@@ -152,6 +156,13 @@ mod tests {
                 shared_abi::IpiDest::Vcpu(v) if v >= 4 => HypercallStatus::BadVcpu,
                 _ => HypercallStatus::Ok,
             }
+        }
+
+        fn rcu_wait(&self, caller: u32, seq: u32) -> HypercallStatus {
+            self.calls
+                .borrow_mut()
+                .push(((caller as u64) << 32) | seq as u64);
+            HypercallStatus::Ok
         }
 
         fn refused(&self, _: u32, status: HypercallStatus) {

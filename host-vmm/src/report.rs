@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use crate::hoststat::SchedStat;
 use crate::policy::BoostReason;
+use crate::sched::metrics::LatencyHistogram;
 use crate::sched::VcpuMetrics;
 use crate::vm::{Outcome, RunReport};
 
@@ -82,6 +83,8 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
                 "handoff_ns": m.handoff_ns,
                 "kicks": m.kicks,
                 "kick_latency_ns": m.kick_latency_ns,
+                "rcu_waits": m.rcu_waits,
+                "turns_given_back": m.turns_given_back,
                 "host_thread": {
                     "run_ns": host.run_ns, "wait_ns": host.wait_ns, "timeslices": host.slices,
                 },
@@ -89,8 +92,11 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
         })
         .collect();
     let vm = r.sched.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
+    let (handoffs, kicks) = latencies(r);
     serde_json::json!({
         "name": r.name,
+        "handoff_latency": latency_json(&handoffs),
+        "kick_latency": latency_json(&kicks),
         "policy": r.policy,
         "outcome": outcome_json(&r.outcome),
         "elapsed_ns": r.elapsed.as_nanos() as u64,
@@ -104,6 +110,22 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
         "max_boost_debt_ns": vm.max_debt_ns,
         "vcpus": vcpus,
     })
+}
+
+/// Every hand-off and every kick of a VM's vCPUs.
+fn latencies(r: &RunReport) -> (LatencyHistogram, LatencyHistogram) {
+    let mut h = LatencyHistogram::default();
+    let mut k = LatencyHistogram::default();
+    for m in r.sched.iter().flat_map(|(_, v)| v.iter()) {
+        h.merge(&m.handoff_hist);
+        k.merge(&m.kick_hist);
+    }
+    (h, k)
+}
+
+/// Median and 99th percentile (to within 12.5 %), and the count.
+fn latency_json(h: &LatencyHistogram) -> serde_json::Value {
+    serde_json::json!({ "count": h.count(), "median": h.quantile(0.5), "p99": h.quantile(0.99) })
 }
 
 /// The run as JSON: how it was scheduled, then per VM its outcome and per-vCPU counters.
@@ -140,16 +162,21 @@ pub fn table(summary: &SchedSummary, reports: &[RunReport]) -> String {
     s.push('\n');
     for r in reports {
         let vm = r.sched.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
+        let (h, k) = latencies(r);
         let _ = writeln!(
             s,
-            "vm {} policy {}: stacking {:.1}% of {} samples, invalid page events {}, torn reads {}, max boost debt {:.1} ms",
+            "vm {} policy {}: stacking {:.1}% of {} samples, invalid page events {}, torn reads {}, max boost debt {:.1} ms, hand-off median/p99 {:.1}/{:.1} us, kick {:.1}/{:.1} us",
             r.name,
             r.policy,
             vm.stacking_fraction() * 100.0,
             vm.samples,
             vm.invalid_page_events,
             vm.torn_records,
-            vm.max_debt_ns as f64 / 1e6
+            vm.max_debt_ns as f64 / 1e6,
+            h.quantile(0.5) as f64 / 1e3,
+            h.quantile(0.99) as f64 / 1e3,
+            k.quantile(0.5) as f64 / 1e3,
+            k.quantile(0.99) as f64 / 1e3,
         );
         let _ = write!(
             s,

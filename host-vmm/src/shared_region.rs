@@ -134,7 +134,7 @@ pub fn check(r: &VcpuRecord, nr_vcpus: u32) -> Problems {
     if r.ipi_wait & !valid_mask != 0 {
         p |= Problems::BAD_IPI_WAIT;
     }
-    if r.reserved0 != [0; 3] || r.reserved1 != [0; 2] {
+    if r.reserved0 != [0; 3] || r.reserved1 != 0 {
         p |= Problems::RESERVED;
     }
     p

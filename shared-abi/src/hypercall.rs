@@ -16,8 +16,11 @@ pub enum Hypercall {
     /// `in` a 32-bit [`HypercallStatus`] saying whether the host accepted it.
     RegisterSharedRegion = 0x0500,
     /// `out` the 32-bit id of the vCPU the caller waits for (a lock holder, an IPI target):
-    /// the caller has spun past its threshold and offers its CPU time. Status: `Ok` or
-    /// `BadVcpu`.
+    /// the caller has spun past its threshold and offers its CPU time. The host may run the
+    /// named vCPU (or the one in its way) on the rest of the caller's turn: it then sets the
+    /// boosted vCPU's `host_lent_by` to the caller's id plus one. A vCPU whose record says
+    /// `host_lent_by == t + 1` gives the turn back with `YieldTo(t)` once it no longer holds
+    /// `t` up: `t` runs at once (ABI v4). Status: `Ok` or `BadVcpu`.
     YieldTo = 0x0501,
     /// `out` a 32-bit timeout in microseconds, until the vCPU's next timer deadline (0: none;
     /// the host caps it at [`IDLE_MAX_US`]): the vCPU has nothing to run. Used instead of
@@ -32,6 +35,13 @@ pub enum Hypercall {
     /// and wakes the target if it is idle. The host thereby knows which vCPU has an
     /// interrupt pending. Status: `Ok`, `BadVcpu`, or `BadArgument`.
     SendIpi = 0x0503,
+    /// `out` the low 32 bits of the header's `rcu_gp_seq` (odd: a grace period in progress):
+    /// that grace period now waits on the vCPUs named in the header's `rcu_gp_holdouts`, and
+    /// the caller asks the host to give the preempted ones CPU now rather than when their
+    /// turn comes. Made by the grace-period kthread when it starts waiting, and by the last
+    /// holdout when only the kthread's own vCPU is left. A value that is not the grace
+    /// period in progress is stale: the host ignores it. Status: `Ok` (ABI v4).
+    RcuWait = 0x0504,
 }
 
 /// Longest an [`Hypercall::Idle`] blocks, in microseconds, whatever the guest asks.
@@ -98,12 +108,13 @@ impl IpiRequest {
 
 impl Hypercall {
     /// Every hypercall, for dispatch tables and tests.
-    pub const ALL: [Hypercall; 5] = [
+    pub const ALL: [Hypercall; 6] = [
         Hypercall::Exit,
         Hypercall::RegisterSharedRegion,
         Hypercall::YieldTo,
         Hypercall::Idle,
         Hypercall::SendIpi,
+        Hypercall::RcuWait,
     ];
 
     /// The port this hypercall uses.
@@ -119,6 +130,7 @@ impl Hypercall {
             0x0501 => Some(Hypercall::YieldTo),
             0x0502 => Some(Hypercall::Idle),
             0x0503 => Some(Hypercall::SendIpi),
+            0x0504 => Some(Hypercall::RcuWait),
             _ => None,
         }
     }

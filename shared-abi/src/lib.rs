@@ -26,7 +26,7 @@ pub use hypercall::*;
 pub use page::*;
 
 /// Version of this ABI. Bumped on any change of layout or meaning; never tied to semver.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Name of the ELF note in which the guest embeds [`ABI_VERSION`] (namesz = 7, NUL included).
 pub const ELF_NOTE_NAME: &[u8; 7] = b"PVSYNC\0";

@@ -120,8 +120,13 @@ impl VcpuMode {
     }
 }
 
-/// One vCPU's record. Bytes 0..48 are written by the guest (only by the vCPU that owns the
-/// record), bytes 48..64 by the host.
+/// One vCPU's record. Bytes 0..44 are written by the guest, bytes 44..64 by the host.
+///
+/// Since ABI v4 only `mode` and the pair `spin_lock`/`spin_holder` are framed by `seq`
+/// (written by the owner alone). `rcu_nesting`, `preempt_count` and `locks_held` are each one
+/// aligned store by the owner, outside the frame (they change on hot paths, and each is
+/// meaningful alone). `ipi_wait` is set by the owner and cleared bit by bit, atomically, by
+/// the vCPUs that acknowledge (a host read always sees whom the owner still waits for).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VcpuRecord {
@@ -141,10 +146,16 @@ pub struct VcpuRecord {
     pub spin_holder: u32,
     /// Identity (guest address) of the lock the owner spins on; 0 when not spinning. Guest.
     pub spin_lock: u64,
-    /// Bit `i` set: the owner waits for an IPI acknowledgement from vCPU `i`. Guest.
+    /// Bit `i` set: the owner waits for an IPI acknowledgement from vCPU `i`. Guest: the
+    /// owner sets it, vCPU `i` clears bit `i` (atomic AND) when it acknowledges.
     pub ipi_wait: u64,
-    /// Zero; reserved for later guest-written fields. Guest.
-    pub reserved1: [u32; 2],
+    /// Zero; reserved for a later guest-written field. Guest.
+    pub reserved1: u32,
+    /// While this vCPU runs on a turn another vCPU lent it (the host boosted it for a
+    /// `YieldTo` of that vCPU): the lender's id plus one; else 0. Host (ABI v4). A guest that
+    /// no longer holds the lender up (it released the lock, acknowledged the IPI) gives the
+    /// turn back with `YieldTo(lender)`.
+    pub host_lent_by: u32,
     /// 1 while the host has this vCPU descheduled, else 0. Host.
     pub host_preempted: u32,
     /// Boosts the host has given this vCPU. Host.
@@ -154,7 +165,7 @@ pub struct VcpuRecord {
 }
 
 /// First byte of the host-written half of a [`VcpuRecord`].
-pub const RECORD_HOST_OFFSET: usize = offset_of!(VcpuRecord, host_preempted);
+pub const RECORD_HOST_OFFSET: usize = offset_of!(VcpuRecord, host_lent_by);
 
 impl VcpuRecord {
     /// Decodes a record from its bytes (any bit pattern is a valid `VcpuRecord`; use
@@ -203,6 +214,7 @@ const _: () = {
     assert!(offset_of!(VcpuRecord, spin_lock) == 24);
     assert!(offset_of!(VcpuRecord, ipi_wait) == 32);
     assert!(offset_of!(VcpuRecord, reserved1) == 40);
+    assert!(offset_of!(VcpuRecord, host_lent_by) == 44);
     assert!(offset_of!(VcpuRecord, host_preempted) == 48);
     assert!(offset_of!(VcpuRecord, host_boosts) == 52);
     assert!(offset_of!(VcpuRecord, host_preempted_ns) == 56);
@@ -264,7 +276,7 @@ mod tests {
         assert_eq!(r.spin_lock, 0xdead_beef);
         assert_eq!(r.ipi_wait, 0b1010);
         assert_eq!(r.host_preempted_ns, 1234);
-        assert_eq!(RECORD_HOST_OFFSET, 48);
+        assert_eq!(RECORD_HOST_OFFSET, 44);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use host_vmm::policy::{by_name, Cpl, Input, VcpuState, POLICY_NAMES};
+use host_vmm::policy::{by_name, Costs, Cpl, Input, VcpuState, POLICY_NAMES};
 use host_vmm::shared_region::{check, RecordView, Registration, Snapshot};
 use pvsync_tests::{field, guest_kernel, pvsync, Output};
 use serde_json::Value;
@@ -299,6 +299,10 @@ fn decisions() {
                 now: i as u64 * 1000,
                 vcpus: &vcpus,
                 shared: Some(&snap),
+                costs: Costs {
+                    boost_ns: 50_000,
+                    slice_ns: 3_000_000,
+                },
             };
             black_box(p.on_spin(&input, 0, Some(N - 1)));
         }
@@ -309,6 +313,10 @@ fn decisions() {
                 now: i as u64 * 1_000_000,
                 vcpus: &vcpus,
                 shared: Some(&snap),
+                costs: Costs {
+                    boost_ns: 50_000,
+                    slice_ns: 3_000_000,
+                },
             };
             black_box(p.on_tick(&input));
         }

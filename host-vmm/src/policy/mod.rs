@@ -12,7 +12,7 @@
 //!     VcpuState { id: 0, ..VcpuState::running() },
 //!     VcpuState { id: 1, cpl: Cpl::User, interrupt_pending: true, ..VcpuState::preempted() },
 //! ];
-//! let input = Input { now: 0, vcpus: &vcpus, shared: None };
+//! let input = Input { now: 0, vcpus: &vcpus, shared: None, costs: Default::default() };
 //! assert_eq!(kvm.on_spin(&input, 0, None), None);
 //! // ...and the upstream fix (kvm-ipi) boosts it.
 //! let mut fixed = by_name("kvm-ipi").unwrap();
@@ -54,6 +54,9 @@ pub struct VcpuState {
     pub interrupt_pending: bool,
     /// It is itself in a spin loop (a spin exit or yield hypercall in progress).
     pub in_spin_loop: bool,
+    /// How long, as the backend sees it now, until it would run without a boost: 0 while it
+    /// runs, `Nanos::MAX` when the backend cannot say (or it is blocked).
+    pub expected_wait: Nanos,
 }
 
 impl VcpuState {
@@ -66,13 +69,15 @@ impl VcpuState {
             cpl: Cpl::Kernel,
             interrupt_pending: false,
             in_spin_loop: false,
+            expected_wait: 0,
         }
     }
 
-    /// A preempted vCPU in kernel mode.
+    /// A preempted vCPU in kernel mode, with no idea when it runs again.
     pub const fn preempted() -> Self {
         VcpuState {
             preempted: true,
+            expected_wait: Nanos::MAX,
             ..Self::running()
         }
     }
@@ -83,6 +88,24 @@ impl VcpuState {
     }
 }
 
+/// What a boost costs on this host and how long a turn is, as the backend measures them.
+/// Policies boost only where the wait a boost saves exceeds what the boost costs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Costs {
+    /// One boost: a slot hand-off plus the kick that ends the boosted turn (typical values
+    /// measured on this host, ns). 0 before anything was measured.
+    pub boost_ns: Nanos,
+    /// The backend's time slice (0: none, the host scheduler decides).
+    pub slice_ns: Nanos,
+}
+
+impl Costs {
+    /// Whether running a vCPU now, rather than in `wait` from now, is worth a boost.
+    pub fn worth_boosting(&self, wait: Nanos) -> bool {
+        wait > self.boost_ns
+    }
+}
+
 /// One look at a VM.
 pub struct Input<'a> {
     pub now: Nanos,
@@ -90,6 +113,8 @@ pub struct Input<'a> {
     pub vcpus: &'a [VcpuState],
     /// The shared region, if the guest registered one and the snapshot could be taken.
     pub shared: Option<&'a Snapshot>,
+    /// What a boost costs here.
+    pub costs: Costs,
 }
 
 /// Why a vCPU is boosted.
@@ -151,6 +176,11 @@ pub trait BoostPolicy: Send {
     fn on_spin(&mut self, input: &Input, spinner: u32, named: Option<u32>) -> Option<Boost>;
     /// A periodic look: vCPUs to boost now. Each vCPU appears at most once.
     fn on_tick(&mut self, input: &Input) -> Vec<Boost>;
+    /// The guest says (RcuWait hypercall) that the grace period in progress now waits on the
+    /// vCPUs its header names: vCPUs to boost at once. Each vCPU appears at most once.
+    fn on_rcu_wait(&mut self, _input: &Input) -> Vec<Boost> {
+        Vec::new()
+    }
 }
 
 /// Round robin only: never boosts.
@@ -188,9 +218,20 @@ impl BoostPolicy for Chain {
     }
 
     fn on_tick(&mut self, input: &Input) -> Vec<Boost> {
+        self.merged(|p| p.on_tick(input))
+    }
+
+    fn on_rcu_wait(&mut self, input: &Input) -> Vec<Boost> {
+        self.merged(|p| p.on_rcu_wait(input))
+    }
+}
+
+impl Chain {
+    /// Each part's boosts, a vCPU at most once (for the first part that names it).
+    fn merged(&mut self, mut f: impl FnMut(&mut dyn BoostPolicy) -> Vec<Boost>) -> Vec<Boost> {
         let mut out: Vec<Boost> = Vec::new();
         for p in &mut self.parts {
-            for b in p.on_tick(input) {
+            for b in f(p.as_mut()) {
                 if !out.iter().any(|o| o.vcpu == b.vcpu) {
                     out.push(b);
                 }

@@ -2,31 +2,31 @@
 //!
 //! On a spin: the vCPU the spinner named (YieldTo), else the holder its record names, else a
 //! preempted vCPU that owes it an IPI acknowledgement (whatever mode that vCPU is in), else
-//! KVM's rule with the upstream fix. On a tick: preempted RCU readers when a grace period has
-//! stayed in progress past `rcu_overdue` on the host's clock or the callback backlog exceeds
+//! KVM's rule with the upstream fix. On the guest's word (the RcuWait hypercall): the
+//! preempted vCPUs the grace period in progress waits on, at once. On a tick: the same
+//! holdouts when the grace period has lasted longer than a boost costs (a hint the guest
+//! gave earlier may have met a full ledger), or when the callback backlog exceeds
 //! `backlog`; preempted lock holders and vCPUs owing an IPI acknowledgement whose waiter
-//! cannot yield to them itself (it halted). Records that failed validation are ignored,
-//! never acted on.
+//! cannot yield to them itself (it halted).
+//!
+//! Every boost must pay: a vCPU is boosted only when the backend expects it to wait longer
+//! than a boost costs on this host (`Costs`, measured by the backend). Records that failed
+//! validation are ignored, never acted on.
 
 use super::{Boost, BoostPolicy, BoostReason, Input, KvmPolicy, Nanos};
 use crate::shared_region::{RecordView, Snapshot};
 use shared_abi::NO_VCPU;
 
-/// When RCU state makes readers worth boosting.
+/// What the guest's word alone cannot tell: when a callback backlog is worth boosting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PvThresholds {
-    /// A grace period in progress for longer than this (host time) is overdue.
-    pub rcu_overdue: Nanos,
     /// More queued callbacks than this is a backlog.
     pub backlog: u64,
 }
 
 impl Default for PvThresholds {
     fn default() -> Self {
-        PvThresholds {
-            rcu_overdue: 4_000_000,
-            backlog: 1000,
-        }
+        PvThresholds { backlog: 1000 }
     }
 }
 
@@ -47,17 +47,19 @@ impl PvPolicy {
         }
     }
 
-    /// Whether readers should be boosted now; updates the grace-period watch.
-    fn rcu_pressure(&mut self, now: Nanos, snap: &Snapshot) -> bool {
+    /// Whether readers should be boosted at a periodic look; updates the grace-period watch.
+    /// A grace period is overdue once it has lasted longer than a boost costs: from then on
+    /// waiting for the holdouts' turns can only cost more than boosting them.
+    fn rcu_pressure(&mut self, input: &Input, snap: &Snapshot) -> bool {
         let seq = snap.header.rcu_gp_seq;
         let in_progress = seq % 2 == 1;
         let overdue = if in_progress {
             match self.gp_watch {
                 Some((s, since)) if s == seq => {
-                    now.saturating_sub(since) > self.thresholds.rcu_overdue
+                    input.now.saturating_sub(since) > input.costs.boost_ns
                 }
                 _ => {
-                    self.gp_watch = Some((seq, now));
+                    self.gp_watch = Some((seq, input.now));
                     false
                 }
             }
@@ -82,8 +84,7 @@ impl BoostPolicy for PvPolicy {
 
     fn on_spin(&mut self, input: &Input, spinner: u32, named: Option<u32>) -> Option<Boost> {
         let n = input.vcpus.len();
-        let preempted =
-            |v: u32| v != spinner && input.vcpus.get(v as usize).is_some_and(|s| s.candidate());
+        let preempted = |v: u32| v != spinner && worth(input, v);
         if let Some(v) = named.filter(|&v| preempted(v)) {
             return Some(Boost {
                 vcpu: v,
@@ -99,7 +100,7 @@ impl BoostPolicy for PvPolicy {
                 });
             }
             let owed = rec.record.ipi_wait;
-            if let Some(v) = (0..n as u32).find(|&v| owed & (1u64 << v) != 0 && preempted(v)) {
+            if let Some(v) = (0..n as u32).find(|&v| has_bit(owed, v) && preempted(v)) {
                 return Some(Boost {
                     vcpu: v,
                     reason: BoostReason::IpiAckOwed,
@@ -116,10 +117,8 @@ impl BoostPolicy for PvPolicy {
         let n = input.vcpus.len();
         let mut reasons: Vec<Option<BoostReason>> = vec![None; n];
         let mut want = |v: u32, why: BoostReason| {
-            if let (Some(slot), Some(s)) =
-                (reasons.get_mut(v as usize), input.vcpus.get(v as usize))
-            {
-                if s.candidate() && slot.is_none() {
+            if let Some(slot) = reasons.get_mut(v as usize) {
+                if worth(input, v) && slot.is_none() {
                     *slot = Some(why);
                 }
             }
@@ -136,38 +135,86 @@ impl BoostPolicy for PvPolicy {
             if w.record.spin_lock != 0 && w.record.spin_holder != NO_VCPU {
                 want(w.record.spin_holder, BoostReason::LockHolder);
             }
-            for v in (0..n as u32).filter(|&v| w.record.ipi_wait & (1u64 << v) != 0) {
+            for v in (0..n as u32).filter(|&v| has_bit(w.record.ipi_wait, v)) {
                 want(v, BoostReason::IpiAckOwed);
             }
         }
-        if self.rcu_pressure(input.now, snap) {
-            // Only the vCPUs the grace period still waits on matter: a reader that began
-            // after the grace period did, or a vCPU that already reported, holds nothing up.
-            // A guest that publishes no holdouts gets its readers boosted.
-            let holdouts = match snap.header.rcu_gp_holdouts {
-                0 => u64::MAX,
-                h => h,
-            };
-            for r in (0..n as u32).filter_map(|v| trusted(snap, v, n)) {
-                if holdouts & (1u64 << r.vcpu) == 0 {
-                    continue;
-                }
-                if r.record.rcu_nesting > 0 {
-                    want(r.vcpu, BoostReason::RcuReader);
-                } else if holdouts != u64::MAX {
-                    want(r.vcpu, BoostReason::RcuHoldout);
+        if self.rcu_pressure(input, snap) {
+            rcu_holdouts(snap, n, &mut want);
+        }
+        collect(&reasons)
+    }
+
+    fn on_rcu_wait(&mut self, input: &Input) -> Vec<Boost> {
+        let Some(snap) = input.shared else {
+            return Vec::new();
+        };
+        // Only while a grace period is in progress; from now on the periodic look measures
+        // how long it has lasted.
+        if snap.header.rcu_gp_seq % 2 == 0 {
+            return Vec::new();
+        }
+        if self.gp_watch.is_none_or(|(s, _)| s != snap.header.rcu_gp_seq) {
+            self.gp_watch = Some((snap.header.rcu_gp_seq, input.now));
+        }
+        let n = input.vcpus.len();
+        let mut reasons: Vec<Option<BoostReason>> = vec![None; n];
+        let mut want = |v: u32, why: BoostReason| {
+            if let Some(slot) = reasons.get_mut(v as usize) {
+                if worth(input, v) && slot.is_none() {
+                    *slot = Some(why);
                 }
             }
-        }
-        reasons
-            .iter()
-            .enumerate()
-            .filter_map(|(v, r)| {
-                r.map(|reason| Boost {
-                    vcpu: v as u32,
-                    reason,
-                })
-            })
-            .collect()
+        };
+        rcu_holdouts(snap, n, &mut want);
+        collect(&reasons)
     }
+}
+
+/// Whether vCPU `v` may be boosted and a boost pays: preempted, runnable, and expected to
+/// wait longer than a boost costs.
+fn worth(input: &Input, v: u32) -> bool {
+    input
+        .vcpus
+        .get(v as usize)
+        .is_some_and(|s| s.candidate() && input.costs.worth_boosting(s.expected_wait))
+}
+
+/// Names the vCPUs the grace period in progress waits on: readers first (their reason says
+/// so), then holdouts outside any reader (the grace-period kthread's own vCPU among them).
+/// A reader that began after the grace period did, or a vCPU that already reported, holds
+/// nothing up. A guest that publishes no holdouts gets its readers boosted.
+fn rcu_holdouts(snap: &Snapshot, n: usize, want: &mut impl FnMut(u32, BoostReason)) {
+    let holdouts = match snap.header.rcu_gp_holdouts {
+        0 => u64::MAX,
+        h => h,
+    };
+    for r in (0..n as u32).filter_map(|v| trusted(snap, v, n)) {
+        if !has_bit(holdouts, r.vcpu) {
+            continue;
+        }
+        if r.record.rcu_nesting > 0 {
+            want(r.vcpu, BoostReason::RcuReader);
+        } else if holdouts != u64::MAX {
+            want(r.vcpu, BoostReason::RcuHoldout);
+        }
+    }
+}
+
+/// Bit `v` of a published vCPU mask (a vCPU past the mask's width is never in it).
+fn has_bit(mask: u64, v: u32) -> bool {
+    mask.checked_shr(v).is_some_and(|m| m & 1 != 0)
+}
+
+fn collect(reasons: &[Option<BoostReason>]) -> Vec<Boost> {
+    reasons
+        .iter()
+        .enumerate()
+        .filter_map(|(v, r)| {
+            r.map(|reason| Boost {
+                vcpu: v as u32,
+                reason,
+            })
+        })
+        .collect()
 }

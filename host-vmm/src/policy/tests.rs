@@ -5,6 +5,11 @@ use crate::shared_region::{check, Problems, RecordView, Registration, Snapshot};
 use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
 
 const MS: Nanos = 1_000_000;
+/// A boost costs 100 us here; slices are 3 ms.
+const COSTS: Costs = Costs {
+    boost_ns: 100_000,
+    slice_ns: 3 * MS,
+};
 
 fn record(mode: VcpuMode) -> VcpuRecord {
     VcpuRecord {
@@ -68,6 +73,7 @@ fn kvm_never_boosts_a_user_mode_ipi_receiver_and_the_fix_does() {
         now: 0,
         vcpus: &vcpus,
         shared: None,
+        costs: COSTS,
     };
     assert_eq!(by_name("kvm").unwrap().on_spin(&input, 0, None), None);
     assert_eq!(
@@ -83,6 +89,7 @@ fn kvm_never_boosts_a_user_mode_ipi_receiver_and_the_fix_does() {
         now: 0,
         vcpus: &vcpus,
         shared: None,
+        costs: COSTS,
     };
     assert_eq!(by_name("kvm-ipi").unwrap().on_spin(&input, 0, None), None);
 }
@@ -102,6 +109,7 @@ fn kvm_scans_round_robin_from_the_last_boosted_and_skips_spinner_and_blocked() {
         now: 0,
         vcpus: &vcpus,
         shared: None,
+        costs: COSTS,
     };
     let mut p = KvmPolicy::new(false);
     let picks: Vec<u32> = (0..4)
@@ -127,6 +135,7 @@ fn kvm_spinning_candidate_is_eligible_every_other_time() {
         now: 0,
         vcpus: &vcpus,
         shared: None,
+        costs: COSTS,
     };
     let mut p = KvmPolicy::new(false);
     let picks: Vec<bool> = (0..4)
@@ -161,6 +170,7 @@ fn pv_prefers_the_named_vcpu_then_the_lock_holder_then_an_ipi_debtor() {
         now: 0,
         vcpus: &vcpus,
         shared: Some(&snap),
+        costs: COSTS,
     };
     let mut p = PvPolicy::new(PvThresholds::default());
     assert_eq!(
@@ -188,6 +198,7 @@ fn pv_prefers_the_named_vcpu_then_the_lock_holder_then_an_ipi_debtor() {
         now: 0,
         vcpus: &vcpus_named_running,
         shared: Some(&snap),
+        costs: COSTS,
     };
     assert_eq!(p.on_spin(&input, 0, Some(1)).map(|b| b.vcpu), Some(2));
 }
@@ -203,6 +214,7 @@ fn pv_boosts_a_user_mode_ipi_debtor_without_any_pending_interrupt() {
         now: 0,
         vcpus: &vcpus,
         shared: Some(&snap),
+        costs: COSTS,
     };
     assert_eq!(by_name("kvm-ipi").unwrap().on_spin(&input, 0, None), None);
     assert_eq!(
@@ -220,6 +232,7 @@ fn pv_boosts_a_user_mode_ipi_debtor_without_any_pending_interrupt() {
         now: 0,
         vcpus: &vcpus,
         shared: Some(&snap),
+        costs: COSTS,
     };
     assert_eq!(by_name("pv").unwrap().on_tick(&input), vec![]);
     // ...but not once it halted waiting.
@@ -233,6 +246,7 @@ fn pv_boosts_a_user_mode_ipi_debtor_without_any_pending_interrupt() {
         now: 0,
         vcpus: &vcpus,
         shared: Some(&snap),
+        costs: COSTS,
     };
     assert_eq!(
         by_name("pv").unwrap().on_tick(&input),
@@ -263,16 +277,18 @@ fn pv_boosts_preempted_readers_only_once_a_grace_period_is_overdue() {
         record(VcpuMode::Kernel),
         running_reader,
     ];
-    let mut p = PvPolicy::new(PvThresholds {
-        rcu_overdue: 20 * MS,
-        backlog: 1000,
-    });
+    let mut p = PvPolicy::new(PvThresholds { backlog: 1000 });
+    // A host where a boost costs 20 ms: a grace period is overdue once it lasted that long.
     let tick = |p: &mut PvPolicy, now: Nanos, gp_seq: u64| {
         let snap = snapshot(records.clone(), gp_seq, 0);
         p.on_tick(&Input {
             now,
             vcpus: &vcpus,
             shared: Some(&snap),
+            costs: Costs {
+                boost_ns: 20 * MS,
+                ..COSTS
+            },
         })
     };
     let rcu = vec![Boost {
@@ -306,15 +322,13 @@ fn pv_boosts_readers_when_callbacks_pile_up() {
         ..record(VcpuMode::Kernel)
     };
     let snap = snapshot(vec![record(VcpuMode::Kernel), reader], 4, 5000);
-    let mut p = PvPolicy::new(PvThresholds {
-        rcu_overdue: 20 * MS,
-        backlog: 1000,
-    });
+    let mut p = PvPolicy::new(PvThresholds { backlog: 1000 });
     assert_eq!(
         p.on_tick(&Input {
             now: 0,
             vcpus: &vcpus,
-            shared: Some(&snap)
+            shared: Some(&snap),
+            costs: COSTS,
         }),
         vec![Boost {
             vcpu: 1,
@@ -344,6 +358,7 @@ fn pv_never_acts_on_a_record_that_failed_validation() {
         now: 0,
         vcpus: &vcpus,
         shared: Some(&snap),
+        costs: COSTS,
     };
     let mut p = PvPolicy::new(PvThresholds::default());
     // The lie is ignored: KVM's rule (round robin from vCPU 0) picks vCPU 1.
@@ -363,7 +378,8 @@ fn pv_never_acts_on_a_record_that_failed_validation() {
         .on_tick(&Input {
             now: 0,
             vcpus: &vcpus,
-            shared: Some(&snap)
+            shared: Some(&snap),
+            costs: COSTS,
         })
         .is_empty());
 }
@@ -389,6 +405,7 @@ fn garbage_pages_and_states_never_panic_and_decisions_stay_sane() {
                     cpl: [Cpl::Kernel, Cpl::User, Cpl::Unknown][(r >> 2) as usize % 3],
                     interrupt_pending: r & 32 != 0,
                     in_spin_loop: r & 64 != 0,
+                    expected_wait: r >> 40,
                 }
             })
             .collect();
@@ -416,6 +433,7 @@ fn garbage_pages_and_states_never_panic_and_decisions_stay_sane() {
             now: next() % (100 * MS),
             vcpus: &vcpus,
             shared: Some(&snap),
+            costs: COSTS,
         };
         for name in ["none", "kvm", "kvm-ipi", "pv"] {
             let mut p = by_name(name).unwrap();

@@ -5,11 +5,11 @@
 
 use std::collections::VecDeque;
 
-use super::metrics::{VcpuMetrics, VmMetrics};
+use super::metrics::{LatencyHistogram, VcpuMetrics, VmMetrics};
 use super::placement::{self, Cause, Placement, SlotView};
 use super::trace::{Event, Trace};
 use super::Nanos;
-use crate::policy::{BoostLedger, BoostPolicy, BoostReason, Cpl, Input, VcpuState};
+use crate::policy::{Boost, BoostLedger, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::{Problems, Snapshot};
 
 /// How often the policies' periodic look (`on_tick`) runs.
@@ -29,6 +29,8 @@ pub struct CoreConfig {
     /// Most boosted time a VM may owe.
     pub max_debt: Nanos,
     pub trace: bool,
+    /// Bind each slot to a host CPU (the backend moves a vCPU thread there before waking it).
+    pub pin_slots: bool,
 }
 
 impl Default for CoreConfig {
@@ -40,6 +42,7 @@ impl Default for CoreConfig {
             boost_budget: 500_000,
             max_debt: 30_000_000,
             trace: false,
+            pin_slots: true,
         }
     }
 }
@@ -85,6 +88,9 @@ struct Vcpu {
     boost_budget: Nanos,
     /// It lent its turn in a directed yield: the turn's end, for when it runs again.
     resume_end: Option<Nanos>,
+    /// Its boost runs on a turn this vCPU (a key) lent it; published to the guest, which
+    /// gives the turn back when it no longer holds the lender up.
+    lent_by: Option<usize>,
     metrics: VcpuMetrics,
 }
 
@@ -121,6 +127,13 @@ pub struct Core {
     last_tick: Nanos,
     last_policy_tick: Nanos,
     last_balance: Nanos,
+    /// Every hand-off and kick so far, for what a boost costs on this host.
+    handoffs: LatencyHistogram,
+    kicks: LatencyHistogram,
+    /// What the policies are told a boost costs (refreshed at each policy look).
+    costs: Costs,
+    /// `host_lent_by` values to publish: (vCPU key, lender's VM-local id + 1, or 0).
+    lend_changes: Vec<(usize, u32)>,
 }
 
 impl Core {
@@ -138,11 +151,38 @@ impl Core {
             last_tick: 0,
             last_policy_tick: 0,
             last_balance: 0,
+            handoffs: LatencyHistogram::default(),
+            kicks: LatencyHistogram::default(),
+            costs: Costs {
+                boost_ns: 0,
+                slice_ns: 0,
+            },
+            lend_changes: Vec::new(),
         }
     }
 
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
+    }
+
+    /// What a boost costs, as measured so far: the typical (median) hand-off plus the
+    /// typical kick. Medians, because a few hand-offs and kicks in a thousand take a whole
+    /// host scheduler tick; the policies compare this with waits of a slice's order.
+    pub fn costs(&self) -> Costs {
+        Costs {
+            boost_ns: self.handoffs.quantile(0.5) + self.kicks.quantile(0.5),
+            slice_ns: self.cfg.slice,
+        }
+    }
+
+    /// A hand-off took `ns` (the backend measures it: from the decision to the vCPU's thread
+    /// about to enter KVM_RUN).
+    pub fn record_handoff(&mut self, v: usize, ns: Nanos) {
+        if let Some(c) = self.vcpus.get_mut(v) {
+            c.metrics.handoff_ns += ns;
+            c.metrics.handoff_hist.record(ns);
+            self.handoffs.record(ns);
+        }
     }
 
     /// Adds a VM of `len` vCPUs; returns its id and the key of its vCPU 0 (keys are
@@ -167,6 +207,7 @@ impl Core {
                 boost: None,
                 boost_budget: 0,
                 resume_end: None,
+                lent_by: None,
                 metrics: VcpuMetrics::default(),
             });
         }
@@ -199,9 +240,10 @@ impl Core {
 
     /// The vCPU's thread, woken by a hand-off, is about to enter KVM_RUN.
     pub fn entered(&mut self, v: usize, now: Nanos) {
-        if let Some(c) = self.vcpus.get_mut(v) {
+        if let Some(c) = self.vcpus.get(v) {
             if matches!(c.state, RunState::Running { .. }) {
-                c.metrics.handoff_ns += now.saturating_sub(c.since);
+                let ns = now.saturating_sub(c.since);
+                self.record_handoff(v, ns);
             }
         }
     }
@@ -238,6 +280,9 @@ impl Core {
         match c.state {
             RunState::Running { slot } => {
                 c.metrics.run_ns += spent;
+                if c.lent_by.take().is_some() {
+                    self.lend_changes.push((v, 0));
+                }
                 let boosted = c.boost.take().is_some();
                 if boosted {
                     // The budget was charged when the boost was granted; settle the rest.
@@ -311,19 +356,63 @@ impl Core {
         Some(head)
     }
 
+    /// vCPUs of `vm` on `slot` (running or queued), `except` left out.
+    fn siblings_on(&self, slot: usize, vm: usize, except: usize) -> usize {
+        let s = &self.slots[slot];
+        s.running
+            .iter()
+            .chain(s.queue.iter())
+            .filter(|&&v| v != except && self.vcpus[v].vm == vm)
+            .count()
+    }
+
     /// A queued vCPU another slot could take: the last non-boosted entry of the longest queue
-    /// that has one (a boosted vCPU stays where its booster put it).
+    /// that has one (a boosted vCPU stays where its booster put it). With `spread`, one that
+    /// has no sibling on `slot` first: stealing must not stack what placement spread.
     fn steal_for(&self, slot: usize) -> Option<usize> {
         let mut queues: Vec<usize> = (0..self.slots.len()).filter(|&s| s != slot).collect();
         queues.sort_by_key(|&s| std::cmp::Reverse(self.slots[s].queue.len()));
-        queues.into_iter().find_map(|s| {
-            self.slots[s]
-                .queue
-                .iter()
-                .rev()
-                .find(|&&v| self.vcpus[v].boost.is_none())
-                .copied()
-        })
+        let candidates = || {
+            queues.iter().flat_map(|&s| {
+                self.slots[s]
+                    .queue
+                    .iter()
+                    .rev()
+                    .copied()
+                    .filter(|&v| self.vcpus[v].boost.is_none())
+            })
+        };
+        if self.cfg.placement == Placement::Spread {
+            if let Some(v) =
+                candidates().find(|&v| self.siblings_on(slot, self.vcpus[v].vm, v) == 0)
+            {
+                return Some(v);
+            }
+        }
+        candidates().next()
+    }
+
+    /// `spread`: a queued vCPU sitting with a sibling moves to a slot where its VM has none
+    /// and no more load than it leaves (one move per look). Wakes and requeues already place
+    /// that way; this undoes what steals, boosts and idle slots left stacked meanwhile.
+    fn unstack(&mut self, now: Nanos, fx: &mut Effects) {
+        let load = |s: &Slot| s.running.is_some() as usize + s.queue.len();
+        for from in 0..self.slots.len() {
+            for &v in self.slots[from].queue.iter() {
+                let c = &self.vcpus[v];
+                if c.boost.is_some() || self.siblings_on(from, c.vm, v) == 0 {
+                    continue;
+                }
+                let to = (0..self.slots.len())
+                    .filter(|&t| t != from && self.siblings_on(t, c.vm, v) == 0)
+                    .filter(|&t| load(&self.slots[t]) < load(&self.slots[from]))
+                    .min_by_key(|&t| load(&self.slots[t]));
+                if let Some(to) = to {
+                    self.enqueue(v, to, false, now, fx);
+                    return;
+                }
+            }
+        }
     }
 
     /// Load balancing, as a busy host does now and then (every `BALANCE_PERIOD`): if one
@@ -341,12 +430,20 @@ impl Core {
         if load(&self.slots[busy]) < load(&self.slots[light]) + 2 {
             return;
         }
-        if let Some(&v) = self.slots[busy]
-            .queue
+        let movable = |v: &&usize| self.vcpus[**v].boost.is_none();
+        let q = &self.slots[busy].queue;
+        // With `spread`, a waiter that has no sibling where it goes first.
+        let pick = q
             .iter()
             .rev()
-            .find(|&&v| self.vcpus[v].boost.is_none())
-        {
+            .filter(movable)
+            .find(|&&v| {
+                self.cfg.placement == Placement::Spread
+                    && self.siblings_on(light, self.vcpus[v].vm, v) == 0
+            })
+            .or_else(|| q.iter().rev().find(movable))
+            .copied();
+        if let Some(v) = pick {
             self.enqueue(v, light, false, now, fx);
         }
     }
@@ -402,7 +499,10 @@ impl Core {
         };
         if std::mem::take(&mut c.kick_pending) {
             c.metrics.kicks += 1;
-            c.metrics.kick_latency_ns += now.saturating_sub(c.kicked_at);
+            let ns = now.saturating_sub(c.kicked_at);
+            c.metrics.kick_latency_ns += ns;
+            c.metrics.kick_hist.record(ns);
+            self.kicks.record(ns);
         }
         c.cpl = cpl;
         c.metrics.preemptions += 1;
@@ -416,19 +516,65 @@ impl Core {
     }
 
     /// Input for VM `vm`'s policy.
-    fn policy_states(&self, vm: usize) -> Vec<VcpuState> {
+    fn policy_states(&self, vm: usize, now: Nanos) -> Vec<VcpuState> {
         let m = &self.vms[vm];
-        self.vcpus[m.first..m.first + m.len]
-            .iter()
-            .map(|c| VcpuState {
-                id: c.index,
-                preempted: matches!(c.state, RunState::Queued { .. }),
-                blocked: !matches!(c.state, RunState::Queued { .. } | RunState::Running { .. }),
-                cpl: c.cpl,
-                interrupt_pending: c.interrupt_pending,
-                in_spin_loop: c.in_spin_loop,
+        (m.first..m.first + m.len)
+            .map(|v| {
+                let c = &self.vcpus[v];
+                VcpuState {
+                    id: c.index,
+                    preempted: matches!(c.state, RunState::Queued { .. }),
+                    blocked: !matches!(
+                        c.state,
+                        RunState::Queued { .. } | RunState::Running { .. }
+                    ),
+                    cpl: c.cpl,
+                    interrupt_pending: c.interrupt_pending,
+                    in_spin_loop: c.in_spin_loop,
+                    expected_wait: self.expected_wait(v, now),
+                }
             })
             .collect()
+    }
+
+    /// How long queued vCPU `v` should wait for its turn without a boost: the rest of the
+    /// turn on its slot, plus a turn for each vCPU queued ahead of it (a boost its budget).
+    /// 0 when it runs; `Nanos::MAX` when it is not runnable.
+    fn expected_wait(&self, v: usize, now: Nanos) -> Nanos {
+        match self.vcpus[v].state {
+            RunState::Running { .. } => 0,
+            RunState::Queued { slot } => {
+                let s = &self.slots[slot];
+                let current = s
+                    .running
+                    .map_or(0, |r| self.vcpus[r].slice_end.saturating_sub(now));
+                let ahead: Nanos = s
+                    .queue
+                    .iter()
+                    .take_while(|&&q| q != v)
+                    .map(|&q| match self.vcpus[q].boost {
+                        Some(_) => self.vcpus[q].boost_budget,
+                        None => self.cfg.slice,
+                    })
+                    .sum();
+                current.saturating_add(ahead)
+            }
+            _ => Nanos::MAX,
+        }
+    }
+
+    fn input<'a>(
+        &self,
+        now: Nanos,
+        vcpus: &'a [VcpuState],
+        shared: Option<&'a Snapshot>,
+    ) -> Input<'a> {
+        Input {
+            now,
+            vcpus,
+            shared,
+            costs: self.costs,
+        }
     }
 
     /// Boosts VM-local vCPU `target` of `vm` onto `slot` (at the head of its queue) if the
@@ -507,6 +653,16 @@ impl Core {
         };
         if let Some(n) = named.and_then(|n| self.local(vm, n)) {
             self.vcpus[n].metrics.named_by_yields += 1;
+            if self.vcpus[v].lent_by == Some(n) {
+                // It gives back the turn `n` lent it (it no longer holds `n` up): `n`, queued
+                // right behind, runs at once; this vCPU queues as after any turn.
+                self.vcpus[v].metrics.turns_given_back += 1;
+                let to = self.place(v, Cause::Requeue);
+                self.set_state(v, RunState::Queued { slot }, now);
+                self.dispatch(slot, now, fx);
+                self.enqueue(v, to, false, now, fx);
+                return;
+            }
             if self.is_running(n) {
                 // What it waits for is about to happen (as KVM_HC_SCHED_YIELD does, no yield
                 // to a vCPU that runs): keep spinning on this slot.
@@ -514,12 +670,8 @@ impl Core {
                 return;
             }
         }
-        let states = self.policy_states(vm);
-        let input = Input {
-            now,
-            vcpus: &states,
-            shared,
-        };
+        let states = self.policy_states(vm, now);
+        let input = self.input(now, &states, shared);
         let decision = self.vms[vm].policy.on_spin(&input, index, named);
         // Like KVM after a pause-loop exit: without a candidate (or with the ledger saying
         // no) the spinner goes back to spinning on its slot.
@@ -535,6 +687,10 @@ impl Core {
         c.resume_end = Some(c.slice_end);
         self.set_state(v, RunState::Queued { slot }, now);
         let target = self.local(vm, decision.map_or(0, |b| b.vcpu));
+        if let Some(t) = target {
+            self.vcpus[t].lent_by = Some(v);
+            self.lend_changes.push((t, index + 1));
+        }
         let q = &mut self.slots[slot].queue;
         let after = target
             .and_then(|t| q.iter().position(|&x| x == t))
@@ -646,6 +802,11 @@ impl Core {
         }
     }
 
+    /// Whether the next `tick` runs the policies' periodic look (and so wants snapshots).
+    pub fn policy_due(&self, now: Nanos) -> bool {
+        now.saturating_sub(self.last_policy_tick) >= POLICY_PERIOD
+    }
+
     /// The periodic look (every millisecond or so): wake vCPUs whose idle timeout passed,
     /// apply the policies' tick boosts, end slices that are over, let idle slots steal,
     /// sample stacking. `snapshot(vm)` reads VM `vm`'s shared region: None if it has none,
@@ -667,8 +828,12 @@ impl Core {
             self.last_balance = now;
             self.balance(now, fx);
         }
+        if self.cfg.placement == Placement::Spread {
+            self.unstack(now, fx);
+        }
         if now.saturating_sub(self.last_policy_tick) >= POLICY_PERIOD {
             self.last_policy_tick = now;
+            self.costs = self.costs();
             for vm in 0..self.vms.len() {
                 if self.vms[vm].live {
                     self.tick_policy(vm, now, snapshot, fx);
@@ -739,14 +904,47 @@ impl Core {
             }
             None => None,
         };
-        let states = self.policy_states(vm);
-        let input = Input {
-            now,
-            vcpus: &states,
-            shared: snap.as_ref(),
-        };
+        let states = self.policy_states(vm, now);
+        let input = self.input(now, &states, snap.as_ref());
         let boosts = self.vms[vm].policy.on_tick(&input);
-        for b in boosts {
+        self.apply_boosts(vm, &boosts, now, fx);
+    }
+
+    /// vCPU `v` made the RcuWait hypercall for grace period `seq` (low 32 bits): the grace
+    /// period now waits on the holdouts its header names. The policy may boost them at once.
+    pub fn rcu_wait(
+        &mut self,
+        v: usize,
+        seq: u32,
+        shared: Option<&Snapshot>,
+        now: Nanos,
+        fx: &mut Effects,
+    ) {
+        let Some(c) = self.vcpus.get_mut(v) else {
+            return;
+        };
+        c.metrics.rcu_waits += 1;
+        let vm = c.vm;
+        if !self.vms[vm].live {
+            return;
+        }
+        // A hint about a grace period that is no longer the one in progress is stale.
+        let Some(snap) = shared.filter(|s| s.header.rcu_gp_seq as u32 == seq && seq % 2 == 1)
+        else {
+            return;
+        };
+        self.costs = self.costs();
+        let states = self.policy_states(vm, now);
+        let input = self.input(now, &states, Some(snap));
+        let boosts = self.vms[vm].policy.on_rcu_wait(&input);
+        self.apply_boosts(vm, &boosts, now, fx);
+    }
+
+    /// Boosts queued vCPUs of `vm` where they wait: each runs next on its slot. What holds a
+    /// grace period up is worth ending the current turn for (at most one kick per slot per
+    /// look); what lock and IPI waiters need waits for the turn to end.
+    fn apply_boosts(&mut self, vm: usize, boosts: &[Boost], now: Nanos, fx: &mut Effects) {
+        for b in boosts.iter().copied() {
             let Some(v) = self.local(vm, b.vcpu) else {
                 continue;
             };
@@ -756,11 +954,8 @@ impl Core {
             if self.vcpus[v].boost.is_some() || !self.boost(vm, b.vcpu, b.reason, slot, now, fx) {
                 continue;
             }
-            // It runs next on its slot. A grace period that is already overdue is worth ending
-            // the current turn for (at most one kick per slot per look); what lock and IPI
-            // waiters need waits for the turn to end.
-            // Only a sibling's turn: the trigger (a backlog count) is the guest's word, and a
-            // guest may not cut short another VM's turn on its word.
+            // Only a sibling's turn is cut: the trigger is the guest's word, and a guest may not
+            // cut short another VM's turn on its word.
             let urgent = matches!(b.reason, BoostReason::RcuReader | BoostReason::RcuHoldout);
             let sibling = |r: &usize| self.vcpus[*r].vm == vm;
             if let Some(r) = self.slots[slot].running.filter(|r| urgent && sibling(r)) {
@@ -872,6 +1067,16 @@ impl Core {
             })
             .collect();
         Some((&m.metrics, vcpus))
+    }
+
+    /// `host_lent_by` values changed since the last call: (vCPU key, value to publish).
+    pub fn take_lend_changes(&mut self) -> Vec<(usize, u32)> {
+        std::mem::take(&mut self.lend_changes)
+    }
+
+    /// VM `vm`'s shared-region index of key `v`, if `v` belongs to it.
+    pub fn vm_index(&self, v: usize) -> Option<(usize, u32)> {
+        self.vcpus.get(v).map(|c| (c.vm, c.index))
     }
 
     pub fn take_trace(&mut self) -> Option<Trace> {

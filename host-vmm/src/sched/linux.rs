@@ -142,6 +142,13 @@ impl Backend for LinuxBackend {
         }
     }
 
+    /// Counted only: a boost here would be a priority change of the holdouts' threads.
+    fn rcu_wait(&self, v: usize, _seq: u32, _shared: Option<&Snapshot>) {
+        if let Some(c) = self.lock().vcpus.get_mut(v) {
+            c.metrics.rcu_waits += 1;
+        }
+    }
+
     fn bad_hypercall(&self, v: usize) {
         if let Some(c) = self.lock().vcpus.get_mut(v) {
             c.metrics.bad_hypercalls += 1;

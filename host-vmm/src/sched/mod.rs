@@ -35,6 +35,8 @@ pub trait GuestView: Send + Sync {
     fn snapshot(&self) -> Option<Result<Snapshot, ()>>;
     /// Writes the host fields of vCPU `index`'s record.
     fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64);
+    /// Writes vCPU `index`'s `host_lent_by` (the lender's id + 1, or 0).
+    fn publish_lent_by(&self, index: u32, value: u32);
 }
 
 /// A VM as a backend knows it.
@@ -72,6 +74,9 @@ pub trait Backend: Send + Sync {
     fn idle(&self, v: usize, timeout: Duration);
     /// `v` sent an interrupt (already injected) to VM-local vCPU `to`.
     fn ipi(&self, v: usize, to: u32);
+    /// `v` says (RcuWait) that the grace period `seq` now waits on the holdouts named in
+    /// the shared header; `shared` is a snapshot taken after the hypercall.
+    fn rcu_wait(&self, v: usize, seq: u32, shared: Option<&Snapshot>);
     /// `v` made a hypercall with bad arguments.
     fn bad_hypercall(&self, v: usize);
     /// `v`'s thread leaves for good.

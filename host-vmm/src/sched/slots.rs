@@ -1,15 +1,20 @@
-//! The slot backend: [`Core`] behind a mutex, a condition variable per vCPU thread, kicks by
-//! signal, and a ticker thread that ends slices, wakes idle vCPUs, runs the policies' periodic
-//! look and publishes the host fields.
+//! The slot backend: [`Core`] behind a mutex, each vCPU thread parked on its own futex
+//! (`go` flag + park/unpark), kicks by signal, and a ticker thread that ends slices, wakes
+//! idle vCPUs, runs the policies' periodic look and publishes the host fields.
+//!
+//! Where the time of a hand-off goes is a wake-up of another thread; onto another host core
+//! it costs ~10x a wake on the same core. So each slot is bound to a host CPU: a vCPU
+//! thread handed a slot is moved to that slot's CPU before it is woken, which is the CPU
+//! the thread giving the slot up runs on (`--pin-slots`, on by default).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::signal::SIGRTMIN;
 
-use super::core::{Core, CoreConfig, Effects, POLICY_PERIOD};
+use super::core::{Core, CoreConfig, Effects, RunState};
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::trace::Trace;
 use super::{Backend, GuestView, Nanos, VmHandle};
@@ -30,27 +35,82 @@ const WAIT_RECHECK: Duration = Duration::from_millis(20);
 /// A VM's guest view while a tick uses it: the view, its vCPU 0's key, its vCPU count.
 type LiveView = (Arc<dyn GuestView>, usize, usize);
 
+/// `host_lent_by` stores to make once the lock is released: (view, vCPU index, value).
+type LendWrites = Vec<(Arc<dyn GuestView>, u32, u32)>;
+
 struct Inner {
     core: Core,
     /// Per VM: its guest view, the key of its vCPU 0, its vCPU count.
     views: Vec<(Weak<dyn GuestView>, usize, usize)>,
-    /// When the host fields were last written.
-    last_publish: Nanos,
 }
 
-/// Per vCPU thread: its wake-up, its kick flag, and its pthread for signals.
-#[derive(Default)]
+/// Per vCPU thread: whether it may run, its kick flag, and how to reach it.
 struct Thread {
-    cv: Condvar,
+    /// Mirrors `Core::may_proceed` for this vCPU; written under the scheduler's lock, read
+    /// by the thread without it (a hand-off wakes a thread that never touches the lock
+    /// before KVM_RUN but to count the hand-off).
+    go: AtomicBool,
     kicked: AtomicBool,
     /// The vCPU thread, from `start` until `exit`; signals are sent with this lock held, so
     /// none reaches a thread that has left (and may have been joined).
     pthread: Mutex<Option<libc::pthread_t>>,
+    /// For unpark (a futex wake of exactly this thread).
+    handle: Mutex<Option<std::thread::Thread>>,
+    /// Its kernel thread id (for affinity), and the host CPU it is bound to (-1: none).
+    tid: AtomicI32,
+    cpu: AtomicI32,
+    /// The host CPU it should be on when next woken (-1: leave it).
+    want_cpu: AtomicI32,
+}
+
+impl Default for Thread {
+    fn default() -> Self {
+        Thread {
+            go: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
+            pthread: Mutex::new(None),
+            handle: Mutex::new(None),
+            tid: AtomicI32::new(0),
+            cpu: AtomicI32::new(-1),
+            want_cpu: AtomicI32::new(-1),
+        }
+    }
+}
+
+/// Binds thread `tid` to host CPU `cpu`.
+fn bind(tid: i32, cpu: usize) -> bool {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET writes inside it (cpu is
+    // checked against its capacity); sched_setaffinity only reads the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+            return false;
+        }
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// The host CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills the set we own, and
+    // CPU_ISSET only reads it within its capacity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..8 * std::mem::size_of::<libc::cpu_set_t>())
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
 }
 
 pub struct SlotBackend {
     inner: Mutex<Inner>,
     threads: RwLock<Vec<Arc<Thread>>>,
+    /// Host CPU of each slot (empty: slots are not bound).
+    slot_cpus: Vec<usize>,
     epoch: Instant,
     stop: AtomicBool,
     ticker: Mutex<Option<JoinHandle<()>>>,
@@ -59,13 +119,25 @@ pub struct SlotBackend {
 impl SlotBackend {
     /// Creates the backend and starts its ticker thread.
     pub fn new(cfg: CoreConfig) -> std::io::Result<Arc<Self>> {
+        let allowed = if cfg.pin_slots {
+            allowed_cpus()
+        } else {
+            Vec::new()
+        };
+        let slot_cpus = if allowed.is_empty() {
+            Vec::new()
+        } else {
+            (0..cfg.slots.max(1))
+                .map(|s| allowed[s % allowed.len()])
+                .collect()
+        };
         let b = Arc::new(SlotBackend {
             inner: Mutex::new(Inner {
                 core: Core::new(cfg),
                 views: Vec::new(),
-                last_publish: 0,
             }),
             threads: RwLock::new(Vec::new()),
+            slot_cpus,
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
             ticker: Mutex::new(None),
@@ -95,9 +167,10 @@ impl SlotBackend {
     }
 
     /// The part of the core's effects that must happen under the lock, in the same critical
-    /// section as the decision: a vCPU handed a new turn starts with no kick, and a kick is
-    /// flagged for the turn it was decided for (so a kick can never outlive its turn).
-    fn mark(&self, fx: &Effects) {
+    /// section as the decision: a vCPU handed a new turn starts with no kick and may go, and
+    /// a kick is flagged for the turn it was decided for (so a kick can never outlive its
+    /// turn).
+    fn mark(&self, core: &Core, fx: &Effects) {
         if fx.run.is_empty() && fx.kick.is_empty() {
             return;
         }
@@ -105,6 +178,11 @@ impl SlotBackend {
         for &v in &fx.run {
             if let Some(t) = threads.get(v) {
                 t.kicked.store(false, Ordering::Release);
+                if let Some(RunState::Running { slot }) = core.state(v) {
+                    let cpu = self.slot_cpus.get(slot).map_or(-1, |&c| c as i32);
+                    t.want_cpu.store(cpu, Ordering::Relaxed);
+                }
+                t.go.store(core.may_proceed(v), Ordering::Release);
             }
         }
         for &v in &fx.kick {
@@ -114,8 +192,9 @@ impl SlotBackend {
         }
     }
 
-    /// The rest, after the lock is released: wake threads handed a turn, signal kicked ones
-    /// (a signal that arrives late only makes one KVM_RUN return early).
+    /// The rest, after the lock is released: move threads handed a turn to their slot's CPU
+    /// and wake them, signal kicked ones (a signal that arrives late only makes one KVM_RUN
+    /// return early).
     fn apply(&self, fx: Effects) {
         if fx.run.is_empty() && fx.kick.is_empty() {
             return;
@@ -123,7 +202,18 @@ impl SlotBackend {
         let threads = self.threads.read().unwrap_or_else(|e| e.into_inner());
         for v in fx.run {
             if let Some(t) = threads.get(v) {
-                t.cv.notify_all();
+                let want = t.want_cpu.swap(-1, Ordering::Relaxed);
+                let tid = t.tid.load(Ordering::Relaxed);
+                if want >= 0 && tid > 0 && t.cpu.load(Ordering::Relaxed) != want {
+                    // Before the wake, so the thread wakes where it will run: next to the
+                    // thread that gave the slot up, which is about to park.
+                    if bind(tid, want as usize) {
+                        t.cpu.store(want, Ordering::Relaxed);
+                    }
+                }
+                if let Some(h) = t.handle.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    h.unpark();
+                }
             }
         }
         for v in fx.kick {
@@ -138,51 +228,85 @@ impl SlotBackend {
         }
     }
 
-    fn with_core(&self, f: impl FnOnce(&mut Core, Nanos, &mut Effects)) {
+    /// Runs `f` on the core (for vCPU `own`'s thread, which may lose or regain its slot),
+    /// then carries out the effects.
+    fn with_core(&self, own: Option<usize>, f: impl FnOnce(&mut Core, Nanos, &mut Effects)) {
         let mut fx = Effects::default();
+        let lends;
         {
             let mut g = self.lock();
             let now = self.now();
             f(&mut g.core, now, &mut fx);
-            self.mark(&fx);
+            self.mark(&g.core, &fx);
+            if let Some(v) = own {
+                self.sync_go(&g.core, v);
+            }
+            lends = Self::lends(&mut g);
+        }
+        // Before any wake: a vCPU boosted on a lent turn must see its lender when it runs.
+        for (view, index, value) in lends {
+            view.publish_lent_by(index, value);
         }
         self.apply(fx);
     }
 
-    /// Blocks until `v` may run. An idle vCPU whose timeout (`idle_until`) passes wakes
-    /// itself, more precisely than the ticker would.
+    /// The core's `host_lent_by` changes, resolved to the VMs' views (under the lock; the
+    /// stores and the views' last references are dropped after it).
+    fn lends(g: &mut Inner) -> LendWrites {
+        let changes = g.core.take_lend_changes();
+        changes
+            .into_iter()
+            .filter_map(|(v, value)| {
+                let (vm, index) = g.core.vm_index(v)?;
+                let view = g.views.get(vm)?.0.upgrade()?;
+                Some((view, index, value))
+            })
+            .collect()
+    }
+
+    /// Sets `v`'s `go` flag from the core (under the lock).
+    fn sync_go(&self, core: &Core, v: usize) {
+        if let Some(t) = self.thread(v) {
+            t.go.store(core.may_proceed(v), Ordering::Release);
+        }
+    }
+
+    /// Blocks until `v` may run: parked on its own futex until a hand-off sets `go` and
+    /// unparks it. An idle vCPU whose timeout (`idle_until`) passes wakes itself, more
+    /// precisely than the ticker would.
     fn wait_turn_until(&self, v: usize, mut idle_until: Option<Nanos>) {
         let Some(t) = self.thread(v) else {
             return;
         };
-        let mut g = self.lock();
-        let mut waited = false;
-        while !g.core.may_proceed(v) {
-            waited = true;
+        if t.go.load(Ordering::Acquire) {
+            return;
+        }
+        loop {
             let now = self.now();
             let mut wait = WAIT_RECHECK;
             if let Some(until) = idle_until {
                 if now >= until {
                     idle_until = None;
-                    let mut fx = Effects::default();
-                    g.core.idle_expired(v, now, &mut fx);
-                    self.mark(&fx);
-                    drop(g);
-                    self.apply(fx);
-                    g = self.lock();
-                    continue;
+                    self.with_core(Some(v), |c, now, fx| c.idle_expired(v, now, fx));
                 }
-                wait = wait.min(Duration::from_nanos(until - now));
+                wait = wait.min(Duration::from_nanos(until.saturating_sub(now)));
             }
-            g =
-                t.cv.wait_timeout(g, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+            if t.go.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::park_timeout(wait);
+            if t.go.load(Ordering::Acquire) {
+                break;
+            }
+            if idle_until.is_none() {
+                // A long wait: look at the core itself (a safety net; `go` is kept in step
+                // with it under the lock).
+                let g = self.lock();
+                self.sync_go(&g.core, v);
+            }
         }
-        if waited {
-            let now = self.now();
-            g.core.entered(v, now);
-        }
+        let now = self.now();
+        self.lock().core.entered(v, now);
     }
 
     /// Stops the ticker; returns the trace if one was recorded.
@@ -194,40 +318,60 @@ impl SlotBackend {
         self.lock().core.take_trace()
     }
 
-    /// One look; returns how long to sleep until the next.
+    /// One look; returns how long to sleep until the next. Guest memory is read (policy
+    /// snapshots) and written (host fields) outside the scheduler's lock: a VM whose records
+    /// are torn and retried makes no other VM wait.
     fn tick(&self) -> Duration {
         let mut fx = Effects::default();
         let next;
         // Upgraded here and dropped after the lock is released: if a VM ends meanwhile, the
         // last reference (and the VM's teardown) must not fall under the scheduler's lock.
-        let views: Vec<Option<LiveView>>;
-        {
-            let mut g = self.lock();
-            let now = self.now();
-            views = g
+        let (views, policy_due): (Vec<Option<LiveView>>, bool) = {
+            let g = self.lock();
+            let views = g
                 .views
                 .iter()
                 .map(|(w, first, len)| w.upgrade().map(|v| (v, *first, *len)))
                 .collect();
-            let Inner {
-                core, last_publish, ..
-            } = &mut *g;
-            let mut snapshot = |vm: usize| views.get(vm)?.as_ref()?.0.snapshot();
+            (views, g.core.policy_due(self.now()))
+        };
+        let mut snaps: Vec<Option<Result<Snapshot, ()>>> = if policy_due {
+            views
+                .iter()
+                .map(|v| v.as_ref().and_then(|(view, ..)| view.snapshot()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut host_fields = Vec::new();
+        let lends;
+        {
+            let mut g = self.lock();
+            let now = self.now();
+            let core = &mut g.core;
+            let mut snapshot = |vm: usize| snaps.get_mut(vm).and_then(Option::take);
             core.tick(now, &mut snapshot, &mut fx);
-            // Host fields at the policies' pace, not at every slice end.
-            if now.saturating_sub(*last_publish) >= POLICY_PERIOD {
-                *last_publish = now;
-                for (view, first, len) in views.iter().flatten() {
-                    for i in 0..*len {
-                        if let Some((p, ns, boosts)) = core.host_fields(first + i, now) {
-                            view.publish_host(i as u32, p, ns, boosts);
-                        }
+            // At every look (50 us to 1 ms): waiters decide whether to halt from
+            // `host_preempted`.
+            for (vm, (_, first, len)) in views.iter().enumerate().filter_map(|(i, v)| Some((i, v.as_ref()?))) {
+                for i in 0..*len {
+                    if let Some(f) = core.host_fields(first + i, now) {
+                        host_fields.push((vm, i as u32, f));
                     }
                 }
             }
             let min = MIN_TICK.as_nanos() as Nanos;
             next = core.next_tick(now, min, TICK.as_nanos() as Nanos) - now;
-            self.mark(&fx);
+            self.mark(core, &fx);
+            lends = Self::lends(&mut g);
+        }
+        for (view, index, value) in lends {
+            view.publish_lent_by(index, value);
+        }
+        for (vm, i, (p, ns, boosts)) in host_fields {
+            if let Some((view, ..)) = views.get(vm).and_then(Option::as_ref) {
+                view.publish_host(i, p, ns, boosts);
+            }
         }
         drop(views);
         self.apply(fx);
@@ -236,6 +380,9 @@ impl SlotBackend {
 }
 
 fn ticker(b: Weak<SlotBackend>) {
+    // Slices end on time: the default 50 us timer slack would stretch every sleep.
+    // SAFETY: PR_SET_TIMERSLACK takes a value and changes only this thread's slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     let mut sleep = TICK;
     loop {
         std::thread::sleep(sleep);
@@ -278,11 +425,13 @@ impl Backend for SlotBackend {
 
     fn start(&self, v: usize) {
         if let Some(t) = self.thread(v) {
-            // SAFETY: pthread_self has no preconditions.
-            let me = unsafe { libc::pthread_self() };
+            // SAFETY: pthread_self and gettid have no preconditions.
+            let (me, tid) = unsafe { (libc::pthread_self(), libc::gettid()) };
             *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
+            *t.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
+            t.tid.store(tid, Ordering::Relaxed);
         }
-        self.with_core(|c, now, fx| c.start(v, now, fx));
+        self.with_core(Some(v), |c, now, fx| c.start(v, now, fx));
     }
 
     fn wait_turn(&self, v: usize) {
@@ -299,18 +448,18 @@ impl Backend for SlotBackend {
     }
 
     fn preempted(&self, v: usize, cpl: Cpl) {
-        self.with_core(|c, now, fx| c.preempt(v, cpl, now, fx));
+        self.with_core(Some(v), |c, now, fx| c.preempt(v, cpl, now, fx));
         self.wait_turn(v);
     }
 
     fn spin_yield(&self, v: usize, named: Option<u32>, shared: Option<&Snapshot>) {
-        self.with_core(|c, now, fx| c.spin_yield(v, named, shared, now, fx));
+        self.with_core(Some(v), |c, now, fx| c.spin_yield(v, named, shared, now, fx));
         self.wait_turn(v);
     }
 
     fn idle(&self, v: usize, timeout: Duration) {
         let mut until = 0;
-        self.with_core(|c, now, fx| {
+        self.with_core(Some(v), |c, now, fx| {
             until = now + timeout.as_nanos() as Nanos;
             c.idle(v, until, now, fx);
         });
@@ -318,7 +467,11 @@ impl Backend for SlotBackend {
     }
 
     fn ipi(&self, v: usize, to: u32) {
-        self.with_core(|c, now, fx| c.ipi(v, to, now, fx));
+        self.with_core(Some(v), |c, now, fx| c.ipi(v, to, now, fx));
+    }
+
+    fn rcu_wait(&self, v: usize, seq: u32, shared: Option<&Snapshot>) {
+        self.with_core(Some(v), |c, now, fx| c.rcu_wait(v, seq, shared, now, fx));
     }
 
     fn bad_hypercall(&self, v: usize) {
@@ -329,11 +482,11 @@ impl Backend for SlotBackend {
         if let Some(t) = self.thread(v) {
             *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
-        self.with_core(|c, now, fx| c.exit(v, now, fx));
+        self.with_core(Some(v), |c, now, fx| c.exit(v, now, fx));
     }
 
     fn end_vm(&self, vm: usize) {
-        self.with_core(|c, now, fx| c.end_vm(vm, now, fx));
+        self.with_core(None, |c, now, fx| c.end_vm(vm, now, fx));
     }
 
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)> {

@@ -163,6 +163,13 @@ impl HypercallHost for VmShared {
         HypercallStatus::Ok
     }
 
+    fn rcu_wait(&self, caller: u32, seq: u32) -> HypercallStatus {
+        let snapshot = self.take_snapshot();
+        self.backend
+            .rcu_wait(self.key(caller), seq, snapshot.as_ref());
+        HypercallStatus::Ok
+    }
+
     fn refused(&self, caller: u32, _: HypercallStatus) {
         self.backend.bad_hypercall(self.key(caller));
     }
@@ -172,6 +179,12 @@ impl GuestView for VmShared {
     fn snapshot(&self) -> Option<Result<Snapshot, ()>> {
         let reg = self.registration()?;
         Some(Snapshot::take(&self.mem, &reg).map_err(|_| ()))
+    }
+
+    fn publish_lent_by(&self, index: u32, value: u32) {
+        if let Some(reg) = self.registration() {
+            hoststat::publish_lent_by(&self.mem, &reg, index, value);
+        }
     }
 
     fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64) {
