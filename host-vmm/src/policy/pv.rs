@@ -107,7 +107,9 @@ impl BoostPolicy for PvPolicy {
                 });
             }
         }
-        self.fallback.on_spin(input, spinner, named)
+        self.fallback
+            .on_spin(input, spinner, named)
+            .filter(|b| worth(input, b.vcpu))
     }
 
     fn on_tick(&mut self, input: &Input) -> Vec<Boost> {
@@ -154,7 +156,10 @@ impl BoostPolicy for PvPolicy {
         if snap.header.rcu_gp_seq % 2 == 0 {
             return Vec::new();
         }
-        if self.gp_watch.is_none_or(|(s, _)| s != snap.header.rcu_gp_seq) {
+        if self
+            .gp_watch
+            .is_none_or(|(s, _)| s != snap.header.rcu_gp_seq)
+        {
             self.gp_watch = Some((snap.header.rcu_gp_seq, input.now));
         }
         let n = input.vcpus.len();

@@ -466,3 +466,54 @@ fn unknown_policy_names_are_refused() {
         assert_eq!(by_name(name).unwrap().name(), name);
     }
 }
+
+#[test]
+fn pv_boosts_only_when_the_wait_exceeds_the_cost() {
+    let soon = VcpuState {
+        expected_wait: 50_000,
+        ..preempted(1, Cpl::Kernel)
+    };
+    let late = VcpuState {
+        expected_wait: 2 * MS,
+        ..preempted(2, Cpl::Kernel)
+    };
+    let vcpus = [running(0), soon, late];
+    let mut reader = record(VcpuMode::Kernel);
+    reader.rcu_nesting = 1;
+    let mut snap = snapshot(vec![record(VcpuMode::Kernel), reader, reader], 9, 0);
+    snap.header.rcu_gp_holdouts = 0b110;
+    let input = Input {
+        now: 0,
+        vcpus: &vcpus,
+        shared: Some(&snap),
+        costs: COSTS,
+    };
+    let mut p = PvPolicy::new(PvThresholds::default());
+    assert_eq!(
+        p.on_spin(&input, 0, Some(1)),
+        None,
+        "1 runs in 50 us anyway"
+    );
+    assert_eq!(
+        p.on_spin(&input, 0, Some(2)).map(|b| b.vcpu),
+        Some(2),
+        "2 would wait 2 ms: worth a 100 us boost"
+    );
+    assert_eq!(
+        p.on_rcu_wait(&input),
+        vec![Boost {
+            vcpu: 2,
+            reason: BoostReason::RcuReader
+        }],
+        "the guest's word boosts at once, what pays"
+    );
+    let stale = snapshot(vec![record(VcpuMode::Kernel), reader, reader], 10, 0);
+    assert!(
+        p.on_rcu_wait(&Input {
+            shared: Some(&stale),
+            ..input
+        })
+        .is_empty(),
+        "no grace period in progress"
+    );
+}

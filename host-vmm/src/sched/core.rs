@@ -524,10 +524,7 @@ impl Core {
                 VcpuState {
                     id: c.index,
                     preempted: matches!(c.state, RunState::Queued { .. }),
-                    blocked: !matches!(
-                        c.state,
-                        RunState::Queued { .. } | RunState::Running { .. }
-                    ),
+                    blocked: !matches!(c.state, RunState::Queued { .. } | RunState::Running { .. }),
                     cpl: c.cpl,
                     interrupt_pending: c.interrupt_pending,
                     in_spin_loop: c.in_spin_loop,

@@ -417,3 +417,144 @@ fn bad_keys_and_gone_vcpus_are_ignored() {
     c.tick(4 * MS, &mut no_snapshot, &mut fx);
     assert_eq!(running(&c), vec![None, None], "a gone VM never runs again");
 }
+
+#[test]
+fn a_lent_turn_is_published_and_given_back() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 4);
+    let mut fx = start_all(&mut c, 4);
+    c.take_lend_changes();
+    // 0 waits for 3 (queued): 3 runs on 0's turn, and its record says who lent it.
+    c.spin_yield(0, Some(3), None, MS, &mut fx);
+    assert!(c.is_running(3));
+    assert_eq!(c.take_lend_changes(), vec![(3, 1)], "lent by vCPU 0");
+    // 3 yields naming its lender: the turn goes back to 0 at once, 3 queues.
+    let mut fx = Effects::default();
+    c.spin_yield(3, Some(0), None, MS + 100_000, &mut fx);
+    assert_eq!(fx.run, vec![0]);
+    assert!(c.is_running(0) && !c.is_running(3));
+    assert_eq!(c.take_lend_changes(), vec![(3, 0)], "no longer lent");
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
+    assert_eq!(m[3].turns_given_back, 1);
+    // Naming a vCPU that lent it nothing is an ordinary yield (0 runs: keep spinning).
+    let mut fx = Effects::default();
+    c.spin_yield(1, Some(0), None, 2 * MS, &mut fx);
+    assert!(c.is_running(1));
+    assert!(c.take_lend_changes().is_empty());
+}
+
+/// A snapshot of a VM of `n` vCPUs, all in the kernel outside readers, with a grace period
+/// `seq` waiting on `holdouts`.
+fn rcu_snapshot(n: u32, seq: u64, holdouts: u64) -> Snapshot {
+    use crate::shared_region::{check, RecordView, Registration};
+    use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
+    let mut header = PageHeader::new(n);
+    header.rcu_gp_seq = seq;
+    header.rcu_gp_holdouts = holdouts;
+    let records = (0..n)
+        .map(|vcpu| {
+            let record = VcpuRecord {
+                mode: VcpuMode::Kernel as u8,
+                spin_holder: NO_VCPU,
+                ..Default::default()
+            };
+            RecordView {
+                vcpu,
+                problems: check(&record, n),
+                record,
+            }
+        })
+        .collect();
+    Snapshot {
+        registration: Registration {
+            gpa: 0x10_0000,
+            nr_vcpus: n,
+            size: 4096,
+        },
+        header,
+        records,
+    }
+}
+
+#[test]
+fn rcu_wait_boosts_the_preempted_holdouts_at_once() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 4);
+    let mut fx = start_all(&mut c, 4);
+    assert_eq!(running(&c), vec![Some(0), Some(1)]);
+    // Slot 0: 0 runs, 2 queued; slot 1: 1 runs, 3 queued. vCPU 3 is queued behind 1.
+    assert_eq!(c.layout()[1].1, vec![3]);
+    // A stale hint (not the grace period in progress) boosts nobody.
+    let snap = rcu_snapshot(4, 7, 0b1001);
+    c.rcu_wait(0, 5, Some(&snap), MS, &mut fx);
+    assert!(fx.kick.is_empty());
+    // The kthread on vCPU 0 names holdouts {0, 3}: 3 is boosted and the sibling's turn on
+    // its slot ends now, without waiting for the grace period to look overdue.
+    let mut fx = Effects::default();
+    c.rcu_wait(0, 7, Some(&snap), MS, &mut fx);
+    assert_eq!(fx.kick, vec![1], "vCPU 1's turn is cut for the holdout");
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
+    assert_eq!(m[3].boosts[6], 1, "rcu-holdout");
+    assert_eq!(m[0].rcu_waits, 2);
+    c.preempt(1, Cpl::Kernel, MS + 50_000, &mut fx);
+    assert!(c.is_running(3));
+}
+
+#[test]
+fn boosts_wait_for_a_measured_cost() {
+    // Hand-offs and kicks of 5 ms each: no queued vCPU here waits long enough for a boost to
+    // pay (3 ms slices), so pv yields to nobody.
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 4);
+    let mut fx = start_all(&mut c, 4);
+    for _ in 0..10 {
+        c.record_handoff(0, 5 * MS);
+    }
+    c.tick(MS, &mut no_snapshot, &mut fx);
+    assert!(c.costs().boost_ns >= 4 * MS, "{:?}", c.costs());
+    c.spin_yield(0, Some(3), None, MS, &mut fx);
+    assert!(
+        c.is_running(0),
+        "a boost would cost more than the wait it saves"
+    );
+    let (_, m) = c.vm_metrics(0, 0).unwrap();
+    assert_eq!(m[3].boosts_total(), 0);
+}
+
+/// 2 VMs x 2 vCPUs on 2 slots, each vCPU idling now and then and waking a sibling (a lock
+/// hand-off): returns both VMs' stacking fractions.
+fn stacking_2x2(placement: Placement) -> (f64, f64) {
+    let mut c = core(2, placement);
+    c.add_vm(Box::new(NoBoost), 2);
+    c.add_vm(Box::new(NoBoost), 2);
+    start_all(&mut c, 4);
+    let mut now = 0;
+    let mut step = 0u64;
+    while now < 2_000 * MS {
+        now += MS;
+        step += 1;
+        let mut fx = Effects::default();
+        for v in running(&c).into_iter().flatten() {
+            let (vm, idx) = (v / 2, v % 2);
+            if (step + v as u64) % 5 == 0 {
+                c.idle(vm * 2 + idx, now + 2 * MS, now, &mut fx);
+            } else if matches!(c.state(vm * 2 + 1 - idx), Some(RunState::Idle { .. })) {
+                // A hand-off to a halted waiter.
+                c.ipi(v, (1 - idx) as u32, now, &mut fx);
+            }
+        }
+        c.tick(now, &mut no_snapshot, &mut fx);
+        for v in std::mem::take(&mut fx.kick) {
+            c.preempt(v, Cpl::Kernel, now, &mut fx);
+        }
+    }
+    let f = |vm| c.vm_metrics(vm, 0).unwrap().0.stacking_fraction();
+    (f(0), f(1))
+}
+
+#[test]
+fn spread_never_stacks_when_it_can_avoid_it() {
+    assert_eq!(stacking_2x2(Placement::Spread), (0.0, 0.0));
+    let (a, b) = stacking_2x2(Placement::WakeAffine);
+    assert!(a > 0.0 && b > 0.0, "wake-affine stacks: {a} {b}");
+}

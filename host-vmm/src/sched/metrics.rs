@@ -196,7 +196,10 @@ mod tests {
         assert!((med - 500_000.0).abs() / 500_000.0 < 0.13, "{med}");
         let p99 = h.quantile(0.99) as f64;
         assert!((p99 - 990_000.0).abs() / 990_000.0 < 0.13, "{p99}");
-        assert_eq!(h.quantile(1.0), LatencyHistogram::low(LatencyHistogram::bucket(10_000_000)));
+        assert_eq!(
+            h.quantile(1.0),
+            LatencyHistogram::low(LatencyHistogram::bucket(10_000_000))
+        );
         let mut m = LatencyHistogram::default();
         m.merge(&h);
         assert_eq!(m, h);

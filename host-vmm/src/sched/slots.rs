@@ -353,7 +353,11 @@ impl SlotBackend {
             core.tick(now, &mut snapshot, &mut fx);
             // At every look (50 us to 1 ms): waiters decide whether to halt from
             // `host_preempted`.
-            for (vm, (_, first, len)) in views.iter().enumerate().filter_map(|(i, v)| Some((i, v.as_ref()?))) {
+            for (vm, (_, first, len)) in views
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| Some((i, v.as_ref()?)))
+            {
                 for i in 0..*len {
                     if let Some(f) = core.host_fields(first + i, now) {
                         host_fields.push((vm, i as u32, f));
@@ -453,7 +457,9 @@ impl Backend for SlotBackend {
     }
 
     fn spin_yield(&self, v: usize, named: Option<u32>, shared: Option<&Snapshot>) {
-        self.with_core(Some(v), |c, now, fx| c.spin_yield(v, named, shared, now, fx));
+        self.with_core(Some(v), |c, now, fx| {
+            c.spin_yield(v, named, shared, now, fx)
+        });
         self.wait_turn(v);
     }
 
