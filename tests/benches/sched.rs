@@ -1,18 +1,24 @@
 //! `./run.sh bench sched` (= `cargo bench -p pvsync-tests --bench sched`): the scheduler and
 //! the boost policies side by side, in one run, on this machine.
 //!
+//! 0. Mechanism floors of this host (`floors`): a null exit, a kick, a futex wake.
 //! 1. Costs per policy (and under the Linux backend): hypercall round trips seen by the
 //!    guest (YieldTo with nobody to boost, a 1 us Idle, an IPI to an idle vCPU and back),
 //!    slot hand-off (the core hands a slot to a vCPU until its thread enters KVM_RUN) and
-//!    kick latency (a slice ends until the vCPU has left its slot), from `test=bench`.
+//!    kick latency (a slice ends until the vCPU has left its slot), from `test=bench`,
+//!    median and 99th percentile, and as multiples of the floors; with slots bound to host
+//!    CPUs (the default) and not.
 //! 2. The three problems, each reproduced and fixed: shootdowns to user-mode receivers
 //!    (tlbtorture remaps), sibling stacking on 2 VMs x 4 vCPUs (wake-affine vs spread), and
 //!    RCU grace periods with preempted readers (rcutorture).
 //! 3. Boost decision latency: each policy's `on_spin` and `on_tick` on a 64-vCPU VM, in
 //!    process.
 //!
-//! BENCH_REPS (default 3) runs each configuration; tables show medians. Configurations are
+//! BENCH_REPS (default 3) runs each configuration; tables show medians. BENCH_PARTS (a comma
+//! list of floors, decisions, costs, problems, stacking) runs only some parts. Configurations are
 //! interleaved so that drift on a shared machine hits all alike.
+
+mod floors;
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -67,25 +73,6 @@ fn num(out: &Output, result: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {key} in {result}:\n{}", out.all()))
 }
 
-/// Sum of a per-vCPU counter over VM `vm`.
-fn total(m: &Value, vm: usize, key: &str) -> f64 {
-    m["vms"][vm]["vcpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v[key].as_f64().unwrap_or(0.0))
-        .sum()
-}
-
-fn per(m: &Value, key: &str, count: &str) -> f64 {
-    let n = total(m, 0, count);
-    if n == 0.0 {
-        0.0
-    } else {
-        total(m, 0, key) / n
-    }
-}
-
 /// A row of columns, one per configuration.
 fn row(label: &str, cells: &[f64], unit: &str) {
     print!("{label:<38}");
@@ -104,12 +91,18 @@ fn header(first: &str, names: &[String]) {
     println!("{}", "-".repeat(38 + 14 * names.len()));
 }
 
-/// Part 1: costs per policy and backend.
-fn costs(reps: usize) {
+/// Part 1: costs per policy and backend, against the floors.
+fn costs(reps: usize, fl: &floors::Floors) {
     let configs: Vec<(String, Vec<&str>)> = POLICY_NAMES
         .iter()
         .map(|p| (p.to_string(), vec!["--policy", *p]))
-        .chain([("linux".to_string(), vec!["--backend", "linux"])])
+        .chain([
+            (
+                "pv unbound".to_string(),
+                vec!["--policy", "pv", "--pin-slots", "off"],
+            ),
+            ("linux".to_string(), vec!["--backend", "linux"]),
+        ])
         .collect();
     const GUEST: [(&str, &str); 6] = [
         ("hc_yield_rtt", "YieldTo round trip (nobody to boost)"),
@@ -119,7 +112,13 @@ fn costs(reps: usize) {
         ("lock_contended", "ticket lock, 1 thread per vCPU"),
         ("sync_rcu_max", "synchronize_rcu (max)"),
     ];
-    let mut cells = vec![vec![Vec::new(); GUEST.len() + 2]; configs.len()];
+    const HOST: [(&str, &str, &str); 4] = [
+        ("handoff_latency", "median", "slot hand-off, median"),
+        ("handoff_latency", "p99", "slot hand-off, p99"),
+        ("kick_latency", "median", "kick, median"),
+        ("kick_latency", "p99", "kick, p99"),
+    ];
+    let mut cells = vec![vec![Vec::new(); GUEST.len() + HOST.len()]; configs.len()];
     for _ in 0..reps {
         for (c, (_, args)) in configs.iter().enumerate() {
             let mut a = vec!["--vcpus", "4", "--cmdline", "test=bench"];
@@ -129,8 +128,10 @@ fn costs(reps: usize) {
             for (i, (k, _)) in GUEST.iter().enumerate() {
                 cells[c][i].push(num(&out, "RESULT bench", k) / khz * 1000.0);
             }
-            cells[c][GUEST.len()].push(per(&m, "handoff_ns", "dispatches") / 1000.0);
-            cells[c][GUEST.len() + 1].push(per(&m, "kick_latency_ns", "kicks") / 1000.0);
+            for (i, (k, q, _)) in HOST.iter().enumerate() {
+                let ns = m["vms"][0][k][q].as_f64().unwrap_or(0.0);
+                cells[c][GUEST.len() + i].push(ns / 1000.0);
+            }
         }
     }
     let names: Vec<String> = configs.iter().map(|(n, _)| n.clone()).collect();
@@ -140,17 +141,40 @@ fn costs(reps: usize) {
         let v: Vec<f64> = cells.iter().map(|c| median(c[i].clone())).collect();
         row(label, &v, "");
     }
-    for (i, label) in ["slot hand-off (host, mean)", "kick latency (host, mean)"]
-        .iter()
-        .enumerate()
-    {
-        let v: Vec<f64> = cells
-            .iter()
-            .map(|c| median(c[GUEST.len() + i].clone()))
-            .collect();
-        row(label, &v, "");
+    let host: Vec<Vec<f64>> = (0..HOST.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| median(c[GUEST.len() + i].clone()))
+                .collect()
+        })
+        .collect();
+    for (i, (_, _, label)) in HOST.iter().enumerate() {
+        row(label, &host[i], "");
     }
+    // A bound slot hands off to a thread woken on its own CPU; a kick is a signal that ends
+    // KVM_RUN.
+    let x = |v: &[f64], floor: f64| v.iter().map(|c| c / floor).collect::<Vec<_>>();
+    row(
+        "hand-off median / futex wake floor",
+        &x(&host[0], fl.futex_same_cpu.0),
+        "x",
+    );
+    row("kick median / kick floor", &x(&host[2], fl.kick.0), "x");
     println!("(linux: host threads under the Linux scheduler; no slots, so no hand-off or kicks)");
+}
+
+/// Part 0: floors.
+fn print_floors(fl: &floors::Floors) {
+    println!("\n0. Mechanism floors on this host (raw KVM ioctls, bare threads), us: median / p99");
+    for (label, (m, p)) in [
+        ("null port-I/O exit round trip", fl.null_exit),
+        ("kick: signal -> KVM_RUN returns", fl.kick),
+        ("futex wake, same host CPU", fl.futex_same_cpu),
+        ("futex wake, other host CPU", fl.futex_other_cpu),
+    ] {
+        println!("{label:<38} | {m:>8.1} / {p:>8.1}");
+    }
 }
 
 /// Host set-ups for the problems: vCPUs of one VM on the 2 default slots (the first without
@@ -191,6 +215,19 @@ fn problems(reps: usize) {
         }
     }
     let med = |v: &[Vec<f64>]| v.iter().map(|x| median(x.clone())).collect::<Vec<_>>();
+    // Each set-up against the same policy's 1:1 run (set-up 0).
+    let ratios = |table: &[Vec<Vec<f64>>], title: &str| {
+        header(title, &policies);
+        let base = med(&table[0]);
+        for (s, (label, ..)) in SETUPS.iter().enumerate().skip(1) {
+            let v: Vec<f64> = med(&table[s])
+                .iter()
+                .zip(&base)
+                .map(|(c, b)| if *b == 0.0 { 0.0 } else { c / b })
+                .collect();
+            row(label, &v, "x");
+        }
+    };
     println!(
         "\n2a. Shootdown IPIs to user-mode receivers: tlbtorture on 2 slots, median of {reps}"
     );
@@ -198,6 +235,7 @@ fn problems(reps: usize) {
     for (s, (label, ..)) in SETUPS.iter().enumerate() {
         row(label, &med(&remaps[s]), "");
     }
+    ratios(&remaps, "remaps per second / the 1:1 run");
     header("YieldTo hypercalls per shootdown", &policies);
     for (s, (label, ..)) in SETUPS.iter().enumerate() {
         row(label, &med(&yields[s]), "");
@@ -209,33 +247,64 @@ fn problems(reps: usize) {
     for (s, (label, ..)) in SETUPS.iter().enumerate() {
         row(label, &med(&gp_avg[s]), "");
     }
+    ratios(&gp_avg, "grace period average / the 1:1 run");
     header("grace period max, ms", &policies);
     for (s, (label, ..)) in SETUPS.iter().enumerate() {
         row(label, &med(&gp_max[s]), "");
     }
+    ratios(&gp_max, "grace period max / the 1:1 run");
 
+    stacking(reps);
+}
+
+/// Part 2b: sibling stacking and lock throughput, wake-affine against spread: 2 VMs x 4
+/// vCPUs on 4 slots (more slots than host cores), and 2 VMs x 2 vCPUs on the 2 real cores.
+fn stacking(reps: usize) {
     let placements = ["wake-affine", "spread"];
-    let vm = "vcpus=4,cmdline=test=locktorture lock=mcs duration=2000";
-    let mut stack = vec![Vec::new(); 2];
-    let mut ops = vec![Vec::new(); 2];
+    let setups = [
+        (
+            "2 VMs x 4 vCPUs, 4 slots",
+            "4",
+            "vcpus=4,cmdline=test=locktorture lock=mcs duration=2000",
+        ),
+        (
+            "2 VMs x 2 vCPUs, 2 slots",
+            "2",
+            "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000",
+        ),
+    ];
+    let mut stack = vec![vec![Vec::new(); 2]; setups.len()];
+    let mut ops = vec![vec![Vec::new(); 2]; setups.len()];
     for _ in 0..reps {
-        for (i, p) in placements.iter().enumerate() {
-            let (out, m) = run(&["--slots", "4", "--placement", p, "--vm", vm, "--vm", vm]);
-            let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
-            stack[i].push(100.0 * (f(0) + f(1)) / 2.0);
-            let totals: f64 = out
-                .stdout
-                .lines()
-                .filter(|l| l.contains("RESULT locktorture"))
-                .filter_map(|l| field(l, "total").and_then(|v| v.parse::<f64>().ok()))
-                .sum();
-            ops[i].push(totals / 2.0);
+        for (s, (_, slots, vm)) in setups.iter().enumerate() {
+            for (i, p) in placements.iter().enumerate() {
+                let (out, m) = run(&["--slots", slots, "--placement", p, "--vm", vm, "--vm", vm]);
+                let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
+                stack[s][i].push(100.0 * (f(0) + f(1)) / 2.0);
+                let totals: f64 = out
+                    .stdout
+                    .lines()
+                    .filter(|l| l.contains("RESULT locktorture"))
+                    .filter_map(|l| field(l, "total").and_then(|v| v.parse::<f64>().ok()))
+                    .sum();
+                ops[s][i].push(totals / 2.0);
+            }
         }
     }
-    println!("\n2b. Stacking: 2 VMs x 4 vCPUs on 4 slots, locktorture (mcs), median of {reps}");
+    let med = |v: &[Vec<f64>]| v.iter().map(|x| median(x.clone())).collect::<Vec<_>>();
+    println!("\n2b. Stacking: locktorture (mcs) in 2 VMs, median of {reps}");
     header("", &placements.map(String::from));
-    row("siblings stacked (% of samples)", &med(&stack), "%");
-    row("lock acquisitions per second, both VMs", &med(&ops), "");
+    for (s, (label, ..)) in setups.iter().enumerate() {
+        row(&format!("{label}: stacked %"), &med(&stack[s]), "%");
+        let o = med(&ops[s]);
+        row(&format!("{label}: locks/s"), &o, "");
+        let base = o[0].max(f64::MIN_POSITIVE);
+        row(
+            &format!("{label}: locks/s / wake-affine"),
+            &[1.0, o[1] / base],
+            "x",
+        );
+    }
 }
 
 fn synthetic(n: u32) -> (Vec<VcpuState>, Snapshot) {
@@ -336,7 +405,21 @@ fn main() {
     let reps = reps();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     println!("scheduler benchmark: host has {cores} cores; default slots = {cores}");
-    decisions();
-    costs(reps);
-    problems(reps);
+    // BENCH_PARTS=floors,costs,problems,stacking,decisions (default: all).
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_default();
+    let want = |p: &str| parts.is_empty() || parts.split(',').any(|x| x.trim() == p);
+    let fl = floors::measure(2000);
+    print_floors(&fl);
+    if want("decisions") {
+        decisions();
+    }
+    if want("costs") {
+        costs(reps, &fl);
+    }
+    if want("problems") {
+        problems(reps);
+    }
+    if want("stacking") {
+        stacking(reps);
+    }
 }
