@@ -75,6 +75,34 @@ fn shootdown(targets: usize) -> u64 {
     median(samples)
 }
 
+/// `preempt_disable` + `preempt_enable`: the cost every lock and RCU reader pays twice.
+fn preempt_pair() -> u64 {
+    median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t0 = tsc::now();
+                crate::percpu::preempt_disable();
+                crate::percpu::preempt_enable();
+                tsc::now() - t0
+            })
+            .collect(),
+    )
+}
+
+/// An uncontended kernel lock taken and released with `lock_irqsave` (the run-queue, heap
+/// and console locks' pattern).
+fn lock_irqsave_pair() -> u64 {
+    median(
+        (0..ROUNDS)
+            .map(|_| {
+                let t0 = tsc::now();
+                drop(LOCK.lock_irqsave());
+                tsc::now() - t0
+            })
+            .collect(),
+    )
+}
+
 fn lock_uncontended() -> u64 {
     median(
         (0..ROUNDS)
@@ -177,11 +205,13 @@ pub fn run() -> bool {
     let ipi = ipi_round_trip();
     let sd1 = shootdown(1);
     let sdn = shootdown(cpus.saturating_sub(1));
+    let pp = preempt_pair();
+    let lip = lock_irqsave_pair();
     let lu = lock_uncontended();
     let lc = lock_contended();
     let (rcu_med, rcu_max) = sync_rcu();
     println!(
-        "RESULT bench cpus={cpus} tsc_khz={} clock_overhead={clock} hc_yield_rtt={hc_yield} hc_idle_rtt={hc_idle} ipi_rtt={ipi} shootdown_1={sd1} shootdown_n={sdn} lock_uncontended={lu} lock_contended={lc} sync_rcu={rcu_med} sync_rcu_max={rcu_max}",
+        "RESULT bench cpus={cpus} tsc_khz={} clock_overhead={clock} hc_yield_rtt={hc_yield} hc_idle_rtt={hc_idle} ipi_rtt={ipi} shootdown_1={sd1} shootdown_n={sdn} lock_uncontended={lu} lock_contended={lc} sync_rcu={rcu_med} sync_rcu_max={rcu_max} preempt_pair={pp} lock_irqsave_pair={lip}",
         tsc::khz()
     );
     true
