@@ -33,6 +33,8 @@ use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
 #[no_mangle]
 extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     let boot_tsc = arch::tsc::now();
+    // Per-CPU data first: every lock (console, heap, frames) counts itself in it.
+    percpu::init_this_cpu(arch::apic::initial_apic_id());
     console::init();
     let boot = bootinfo::parse(start_info);
     let cmd = cmdline::parse(boot.cmdline());
@@ -64,11 +66,15 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     mm::init(boot);
-    let selectors = arch::gdt::init_this_cpu();
+    percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
     arch::apic::enable_x2apic();
     let me = arch::apic::id();
-    percpu::init_this_cpu(me, selectors);
+    assert_eq!(
+        me,
+        percpu::id(),
+        "x2APIC ID disagrees with CPUID's initial APIC ID"
+    );
     arch::pic::remap_and_mask();
     let (tsc_khz, tsc_source) = arch::tsc::calibrate();
     irq::install_handlers();
@@ -92,7 +98,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         other => println!("shared: host refused the region ({})", other.name()),
     }
     shared::set_mode(VcpuMode::Kernel);
-    selftest::per_cpu_checks(arch::apic::initial_apic_id());
+    selftest::per_cpu_checks(me);
     smp::mark_online(me);
 
     if let Err(missing) = smp::start_aps(cpus.ids()) {

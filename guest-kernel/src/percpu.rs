@@ -1,51 +1,97 @@
 //! Per-CPU data reached through the GS base: `gs:[0]` holds the block's own address.
+//!
+//! The blocks are static, one per possible CPU, and each CPU points GS at its own as the
+//! very first thing it does in Rust, before it prints, allocates or takes a lock. So every
+//! lock (console, heap, frames included) can count itself in the per-CPU preemption and
+//! lock counts from the start; only the panic path must cope with a CPU that has not got
+//! that far (see [`ready`]).
 
-use alloc::boxed::Box;
 use core::arch::asm;
-use core::cell::Cell;
+use core::cell::{Cell, UnsafeCell};
 use core::fmt;
+use core::mem::MaybeUninit;
 use core::ptr::{addr_of_mut, write_volatile};
+use core::sync::atomic::{compiler_fence, Ordering};
+use shared_abi::{VcpuRecord, MAX_VCPUS};
 use x86_64::registers::model_specific::GsBase;
+use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
-
-use crate::arch::gdt::Selectors;
 
 #[repr(C)]
 pub struct PerCpu {
     /// Must stay first: `this()` loads it from `gs:[0]`.
-    self_ptr: *const PerCpu,
+    self_ptr: Cell<*const PerCpu>,
     /// x2APIC ID, which is also this CPU's index in the shared region.
-    pub id: u32,
-    pub selectors: Selectors,
+    id: Cell<u32>,
     preempt_count: Cell<u32>,
-    /// Nesting of shared-record updates on this CPU (see shared::publish).
+    /// Spinlocks this CPU holds.
+    locks_held: Cell<u32>,
+    /// Nesting of framed shared-record updates on this CPU (see shared::publish).
     publish_depth: Cell<u32>,
+    /// This CPU's TSS (RSP0 changes on every switch to a user task).
+    tss: Cell<*mut TaskStateSegment>,
+    /// Where this CPU publishes: its record in the shared region once that exists, `sink`
+    /// before. Publishing then never has to check whether there is a region.
+    record: Cell<*mut VcpuRecord>,
+    sink: UnsafeCell<MaybeUninit<VcpuRecord>>,
 }
 
 // SAFETY: a PerCpu is only ever used by the CPU whose GS base points at it (the Cells are
 // CPU-local state; interrupt handlers that touch them restore what they change).
 unsafe impl Sync for PerCpu {}
 
-/// Creates the calling CPU's block and points GS at it.
-pub fn init_this_cpu(id: u32, selectors: Selectors) {
-    let block = Box::leak(Box::new(PerCpu {
-        self_ptr: core::ptr::null(),
-        id,
-        selectors,
-        preempt_count: Cell::new(0),
-        publish_depth: Cell::new(0),
-    }));
-    block.self_ptr = block;
+impl PerCpu {
+    const fn new() -> Self {
+        PerCpu {
+            self_ptr: Cell::new(core::ptr::null()),
+            id: Cell::new(0),
+            preempt_count: Cell::new(0),
+            locks_held: Cell::new(0),
+            publish_depth: Cell::new(0),
+            tss: Cell::new(core::ptr::null_mut()),
+            record: Cell::new(core::ptr::null_mut()),
+            // All-zero is a valid record (plain integers).
+            sink: UnsafeCell::new(MaybeUninit::zeroed()),
+        }
+    }
+}
+
+static BLOCKS: [PerCpu; MAX_VCPUS] = [const { PerCpu::new() }; MAX_VCPUS];
+
+/// Points GS at CPU `id`'s block (`id`: CPUID's initial APIC ID, readable before the
+/// x2APIC is on). First Rust code on every CPU: nothing before it may take a lock.
+pub fn init_this_cpu(id: u32) {
+    let Some(block) = BLOCKS.get(id as usize) else {
+        panic!("APIC ID {id} is beyond the ABI's {MAX_VCPUS} vCPUs");
+    };
+    block.self_ptr.set(block);
+    block.id.set(id);
+    block.record.set(block.sink.get().cast());
     GsBase::write(VirtAddr::from_ptr(block));
 }
 
+/// Records this CPU's TSS (set up after the block, since building it allocates).
+pub fn set_tss(tss: *mut TaskStateSegment) {
+    this().tss.set(tss);
+}
+
 /// The calling CPU's block. Must not be called before `init_this_cpu` on this CPU.
+#[inline]
 pub fn this() -> &'static PerCpu {
     let p: *const PerCpu;
-    // SAFETY: GS base points at this CPU's leaked PerCpu, whose first field is its address.
-    unsafe { asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, preserves_flags)) };
-    // SAFETY: the block is leaked ('static).
+    // SAFETY: GS base points at this CPU's static PerCpu, whose first field is its address.
+    // `pure`: the value never changes for the running code (tasks never migrate; the GS
+    // write in init_this_cpu clobbers memory, so no load is moved across it).
+    unsafe {
+        asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, pure, preserves_flags))
+    };
+    // SAFETY: the blocks are static.
     unsafe { &*p }
+}
+
+/// Whether this CPU has set up its block (panic path only: reads an MSR, which exits).
+pub fn ready() -> bool {
+    GsBase::read().as_u64() != 0
 }
 
 /// Whether the GS base MSR holds the address `gs:[0]` claims (the block points at itself).
@@ -54,42 +100,72 @@ pub fn gs_points_at_this() -> bool {
 }
 
 /// The calling CPU's id (fast path; per-CPU data must be set up).
+#[inline]
 pub fn id() -> u32 {
-    this().id
+    this().id.get()
+}
+
+/// Where the calling CPU publishes its record (its shared-region record, or a private sink
+/// before the region exists).
+#[inline]
+pub fn record() -> *mut VcpuRecord {
+    this().record.get()
+}
+
+/// Makes `rec` (this CPU's record in the shared region) where it publishes from now on.
+pub fn set_record(rec: *mut VcpuRecord) {
+    this().record.set(rec);
 }
 
 /// Sets the kernel stack used on entry from user mode (TSS.RSP0).
 pub fn set_kernel_stack(top: u64) {
-    let me = this();
-    // SAFETY: the TSS is this CPU's, reachable only through this pointer; RSP0 is read by the
-    // CPU only on a privilege change, which cannot happen while we run here with it.
+    let tss = this().tss.get();
+    // SAFETY: the TSS is this CPU's, leaked by gdt::init_this_cpu and reachable only through
+    // this pointer; RSP0 is read by the CPU only on a privilege change, which cannot happen
+    // while we run here with it.
     unsafe {
         write_volatile(
-            addr_of_mut!((*me.selectors.tss_ptr).privilege_stack_table[0]),
+            addr_of_mut!((*tss).privilege_stack_table[0]),
             VirtAddr::new(top),
         )
     };
 }
 
 /// This CPU's shared-record update nesting counter.
+#[inline]
 pub fn publish_depth() -> &'static Cell<u32> {
     &this().publish_depth
 }
 
+/// This CPU's count of held spinlocks.
+#[inline]
+pub fn locks_held() -> &'static Cell<u32> {
+    &this().locks_held
+}
+
 /// Current preempt-disable depth.
+#[inline]
 pub fn preempt_count() -> u32 {
     this().preempt_count.get()
 }
 
-/// Disables preemption (nests); published to the host.
+/// Disables preemption (nests); published to the host with one store.
+#[inline]
 pub fn preempt_disable() {
     let c = &this().preempt_count;
-    c.set(c.get() + 1);
-    crate::shared::set_preempt_count(c.get());
+    let v = c.get() + 1;
+    c.set(v);
+    crate::shared::set_preempt_count(v);
+    // The section's accesses stay after the count that protects them (an interrupt reads
+    // it to decide whether it may switch tasks).
+    compiler_fence(Ordering::SeqCst);
 }
 
-/// Re-enables preemption; switches if a reschedule became due meanwhile.
+/// Re-enables preemption; switches at once if a reschedule became due meanwhile (a wake-up
+/// of a task at the head of the queue, a used-up slice) and interrupts are on.
+#[inline]
 pub fn preempt_enable() {
+    compiler_fence(Ordering::SeqCst);
     let c = &this().preempt_count;
     let v = c
         .get()
@@ -97,8 +173,8 @@ pub fn preempt_enable() {
         .expect("preempt_enable without preempt_disable");
     c.set(v);
     crate::shared::set_preempt_count(v);
-    if v == 0 && x86_64::instructions::interrupts::are_enabled() {
-        crate::sched::preempt_on_interrupt_return();
+    if v == 0 {
+        crate::sched::preempt_point();
     }
 }
 
@@ -107,10 +183,10 @@ pub struct CpuLabel;
 
 impl fmt::Display for CpuLabel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if GsBase::read().as_u64() == 0 {
-            f.write_str("?")
-        } else {
+        if ready() {
             write!(f, "{}", id())
+        } else {
+            f.write_str("?")
         }
     }
 }

@@ -13,12 +13,12 @@ use crate::{percpu, println, shared, smp};
 /// CPUs whose per-CPU checks passed during bring-up.
 static PERCPU_OK: AtomicU64 = AtomicU64::new(0);
 
-/// Run by every CPU as it comes up: GS-based per-CPU data names the CPU that CPUID says we
-/// are (`cpuid_id`, independent of how the block was set up) and the CPU's record shows the
-/// mode it just published.
-pub fn per_cpu_checks(cpuid_id: u32) {
+/// Run by every CPU as it comes up: GS-based per-CPU data (set up from CPUID's initial APIC
+/// ID) names the CPU its x2APIC says we are (`apic_id`, independent of how the block was set
+/// up) and the CPU's record shows the mode it just published.
+pub fn per_cpu_checks(apic_id: u32) {
     let id = percpu::id();
-    let gs_ok = id == cpuid_id && percpu::gs_points_at_this();
+    let gs_ok = id == apic_id && percpu::gs_points_at_this();
     let rec_ok = shared::info().is_none()
         || shared::snapshot(id).is_some_and(|r| r.mode() == Some(VcpuMode::Kernel));
     if gs_ok && rec_ok {

@@ -92,7 +92,10 @@ pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
 /// First Rust code on an AP, called by boot.S on the stack from `ap_stack_tops`.
 #[no_mangle]
 extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
-    let selectors = arch::gdt::init_this_cpu();
+    // Per-CPU data first (every lock uses it), publishing into the region at once.
+    crate::percpu::init_this_cpu(cpuid_apic_id);
+    crate::shared::attach_this_cpu();
+    crate::percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
     apic::enable_x2apic();
     let id = apic::id();
@@ -100,9 +103,8 @@ extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
         id, cpuid_apic_id,
         "x2APIC ID disagrees with CPUID's initial APIC ID"
     );
-    crate::percpu::init_this_cpu(id, selectors);
     crate::shared::set_mode(VcpuMode::Kernel);
-    crate::selftest::per_cpu_checks(cpuid_apic_id);
+    crate::selftest::per_cpu_checks(id);
     crate::sched::init_this_cpu("idle", true);
     crate::irq::start_tick();
     crate::println!("cpu {id} online");

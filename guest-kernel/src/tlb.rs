@@ -3,9 +3,10 @@
 //! sender's request; the sender waits for every bit.
 //!
 //! One request slot per sender (a sender waits for its request before making another). While
-//! waiting, a sender publishes whom it waits for (`ipi_wait`), keeps serving requests aimed
-//! at itself (two CPUs shooting each other down at once cannot deadlock), and past a spin
-//! threshold makes a yield hypercall naming a CPU that still owes an acknowledgement.
+//! waiting, a sender publishes whom it waits for (`ipi_wait`, which each target's
+//! acknowledgement shrinks), keeps serving requests aimed at itself (two CPUs shooting each
+//! other down at once cannot deadlock), and past a spin threshold makes a yield hypercall
+//! naming a CPU that still owes an acknowledgement.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use shared_abi::MAX_VCPUS;
@@ -82,11 +83,16 @@ pub fn serve_requests() {
     // Interrupts off: a TLB IPI nesting in here could serve and acknowledge the request this
     // loop is reading, and this loop would then acknowledge the sender's next one unflushed.
     x86_64::instructions::interrupts::without_interrupts(|| {
-        let me = 1u64 << percpu::id();
-        for r in REQUESTS.iter() {
-            if r.pending.load(SeqCst) & me != 0 {
+        let me = percpu::id();
+        let bit = 1u64 << me;
+        for (sender, r) in REQUESTS.iter().enumerate() {
+            if r.pending.load(SeqCst) & bit != 0 {
                 flush_local(r.start.load(SeqCst), r.pages.load(SeqCst));
-                r.pending.fetch_and(!me, SeqCst);
+                // The sender's published bit first, `pending` last: once `pending` is 0 the
+                // sender may publish its next shootdown's set, which a late clear of this
+                // one must never touch.
+                shared::ack_ipi_wait(sender as u32, me);
+                r.pending.fetch_and(!bit, SeqCst);
             }
         }
     })
@@ -125,6 +131,8 @@ pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) -> u64 {
 
 fn send_and_wait(me: u32, targets: u64, start: u64, pages: u64) {
     let r = &REQUESTS[me as usize];
+    // Published before any target can see the request, so each acknowledgement shrinks it.
+    shared::set_ipi_wait(targets);
     r.start.store(start, SeqCst);
     r.pages.store(pages, SeqCst);
     r.pending.store(targets, SeqCst);
@@ -132,7 +140,6 @@ fn send_and_wait(me: u32, targets: u64, start: u64, pages: u64) {
     for cpu in (0..MAX_VCPUS as u32).filter(|c| targets & (1 << c) != 0) {
         apic::send_ipi(cpu, vectors::TLB_SHOOTDOWN);
     }
-    shared::set_ipi_wait(targets);
     let threshold = tsc::us_to_cycles(SPIN_THRESHOLD_US);
     let mut since = tsc::now();
     loop {
@@ -148,6 +155,7 @@ fn send_and_wait(me: u32, targets: u64, start: u64, pages: u64) {
         }
         core::hint::spin_loop();
     }
+    // Every target cleared its bit already; this only drops what a hostile scribble left.
     shared::set_ipi_wait(0);
 }
 

@@ -1,10 +1,12 @@
 //! Spinlocks with holder tracking and a paravirt slow path.
 //!
-//! Every lock disables preemption while held, counts itself in the CPU's `locks_held`, and
-//! records which CPU holds it. A waiter that has spun past [`PV_SPIN_US`] publishes "spinning
-//! on lock L, held by vCPU h" in the shared region and then makes the host aware: the ticket
-//! lock offers its time to h (yield hypercall), the queued lock halts until its predecessor
-//! kicks it with an IPI (or, with interrupts off, yields too).
+//! Every lock disables preemption while held or awaited, counts itself in the CPU's
+//! `locks_held`, and tracks which CPU is in a waiter's way. A waiter that has spun past
+//! [`PV_SPIN_US`] publishes "spinning on lock L, held by vCPU h" in the shared region and
+//! then makes the host aware: the ticket lock offers its time to h (yield hypercall), the
+//! queued lock halts until its predecessor kicks it with an IPI (or, with interrupts off,
+//! yields too). A waiter keeps h current: when the lock changes hands while it waits, it
+//! names the new holder.
 
 mod mcs;
 mod ticket;
@@ -14,15 +16,14 @@ pub use ticket::TicketLock;
 
 use core::cell::UnsafeCell;
 use core::ops::{Deref, DerefMut};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use shared_abi::{MAX_VCPUS, NO_VCPU};
+use core::sync::atomic::{AtomicU64, Ordering};
+use shared_abi::NO_VCPU;
 
 use crate::{percpu, shared};
 
 /// Spin this long before the paravirt slow path.
 pub const PV_SPIN_US: u64 = 20;
 
-static HELD: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
 static PV_YIELDS: AtomicU64 = AtomicU64::new(0);
 static PV_HALTS: AtomicU64 = AtomicU64::new(0);
 static PV_KICKS: AtomicU64 = AtomicU64::new(0);
@@ -42,32 +43,68 @@ pub trait RawLock: Sync {
     /// Whether `holder` is meaningful (not for the broken lock).
     const TRACKS_HOLDER: bool = true;
     fn lock(&self);
-    fn unlock(&self);
+    /// Releases the lock but leaves preemption disabled: the caller re-enables it once it
+    /// has restored the interrupt flag, so that the reschedule check sees it.
+    fn release(&self);
+    fn unlock(&self) {
+        self.release();
+        percpu::preempt_enable();
+    }
     /// The CPU believed to hold the lock, or NO_VCPU.
     fn holder(&self) -> u32;
 }
 
-fn acquired(holder: &AtomicU32) {
-    holder.store(percpu::id(), Ordering::Relaxed);
-    let c = percpu::id() as usize;
-    let n = HELD[c].fetch_add(1, Ordering::Relaxed) + 1;
+/// Counts a lock taken by this CPU (published with one store).
+fn acquired() {
+    let held = percpu::locks_held();
+    let n = held.get() + 1;
+    held.set(n);
     shared::set_locks_held(n);
 }
 
-fn releasing(holder: &AtomicU32) {
-    holder.store(NO_VCPU, Ordering::Relaxed);
-    let c = percpu::id() as usize;
-    let n = HELD[c].fetch_sub(1, Ordering::Relaxed) - 1;
+/// Counts a lock released by this CPU.
+fn released() {
+    let held = percpu::locks_held();
+    let n = held.get() - 1;
+    held.set(n);
     shared::set_locks_held(n);
 }
 
-/// Entering the slow path: tell the host what we spin on.
-fn slow_path_enter(lock: *const (), holder: u32) {
-    shared::set_spin(lock as u64, holder);
+/// What a waiter in the slow path has published: it names the vCPU in its way and
+/// republishes only when that changes; dropping it publishes "not spinning".
+struct SlowPath {
+    lock: u64,
+    named: Option<u32>,
 }
 
-fn slow_path_exit() {
-    shared::set_spin(0, NO_VCPU);
+impl SlowPath {
+    fn new<L>(lock: &L) -> Self {
+        SlowPath {
+            lock: lock as *const L as u64,
+            named: None,
+        }
+    }
+
+    /// The vCPU last published, if any.
+    fn named(&self) -> Option<u32> {
+        self.named
+    }
+
+    /// Publishes `holder` as the vCPU in the way, if it is not already.
+    fn name(&mut self, holder: u32) {
+        if self.named != Some(holder) {
+            shared::set_spin(self.lock, holder);
+            self.named = Some(holder);
+        }
+    }
+}
+
+impl Drop for SlowPath {
+    fn drop(&mut self) {
+        if self.named.is_some() {
+            shared::set_spin(0, NO_VCPU);
+        }
+    }
 }
 
 fn pv_yield(holder: u32) {
@@ -86,9 +123,7 @@ impl RawLock for BrokenLock {
     fn lock(&self) {
         percpu::preempt_disable();
     }
-    fn unlock(&self) {
-        percpu::preempt_enable();
-    }
+    fn release(&self) {}
     fn holder(&self) -> u32 {
         NO_VCPU
     }
@@ -158,9 +193,12 @@ impl<T, L: RawLock> DerefMut for Guard<'_, T, L> {
 
 impl<T, L: RawLock> Drop for Guard<'_, T, L> {
     fn drop(&mut self) {
-        self.lock.raw.unlock();
+        self.lock.raw.release();
+        // Interrupts back on before preemption: preempt_enable switches to a task woken
+        // meanwhile only when it sees interrupts enabled.
         if self.irq_was_enabled == Some(true) {
             x86_64::instructions::interrupts::enable();
         }
+        percpu::preempt_enable();
     }
 }

@@ -201,6 +201,18 @@ pub fn preempt_on_interrupt_return() {
     }
 }
 
+/// From `preempt_enable` when the count drops to 0: switch now if a reschedule is due and
+/// interrupts are on. With interrupts off the caller is the scheduler itself, an interrupt
+/// handler or a section that must not switch; the interrupt return path or the next
+/// `preempt_enable` with interrupts on picks the reschedule up. The flag is tested first:
+/// it is almost always clear, and reading the interrupt flag (`pushf`) is costly in a VM.
+#[inline]
+pub fn preempt_point() {
+    if NEED_RESCHED[percpu::id() as usize].load(Ordering::Acquire) && interrupts::are_enabled() {
+        preempt_on_interrupt_return();
+    }
+}
+
 /// Picks the next task and switches to it. Interrupt state is preserved across the call.
 pub fn schedule() {
     assert!(

@@ -1,0 +1,194 @@
+//! The calling CPU's vCPU record, and reads of other CPUs' records.
+//!
+//! Publication rules (ABI v4, docs/abi.md):
+//! - `mode` and the pair `spin_lock`/`spin_holder` are framed by `seq` (`publish`): the
+//!   owner makes `seq` odd, stores, makes it even. Only the outermost update on a CPU moves
+//!   `seq`; an interrupt handler that publishes inside one (handlers only ever publish
+//!   `mode`) finds it odd and leaves it alone. No interrupt masking: `cli`/`popf` are costly
+//!   under virtualization.
+//! - `rcu_nesting`, `preempt_count` and `locks_held` are each one aligned volatile store by
+//!   the owner, outside the frame: they change on hot paths and each means something alone.
+//! - `ipi_wait` is stored (atomically) by the owner and cleared bit by bit, with an atomic
+//!   AND, by each CPU that acknowledges.
+//!
+//! x86 is TSO: stores become visible in program order, so compiler fences suffice.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+use shared_abi::{VcpuMode, VcpuRecord};
+
+use super::record_ptr;
+use crate::percpu;
+
+/// Starts publishing into `rec` (this CPU's record in the region), carrying over the
+/// counters published so far into the per-CPU sink.
+pub(super) fn attach(rec: *mut VcpuRecord) {
+    let old = percpu::record();
+    // SAFETY: `old` is this CPU's sink and `rec` its record in the live region; this CPU is
+    // the only writer of both guest halves; volatile accesses of plain integers.
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*rec).rcu_nesting),
+            read_volatile(addr_of!((*old).rcu_nesting)),
+        );
+        write_volatile(
+            addr_of_mut!((*rec).preempt_count),
+            read_volatile(addr_of!((*old).preempt_count)),
+        );
+        write_volatile(
+            addr_of_mut!((*rec).locks_held),
+            read_volatile(addr_of!((*old).locks_held)),
+        );
+    }
+    percpu::set_record(rec);
+}
+
+/// Updates the calling CPU's record inside a `seq` frame: `f` stores fields through the
+/// raw pointer it gets (only `mode`, `spin_lock` and `spin_holder` need this).
+fn publish(f: impl FnOnce(*mut VcpuRecord)) {
+    publish_at(percpu::record(), f);
+}
+
+/// `publish` for a record pointer the caller already looked up (this CPU's own).
+fn publish_at(rec: *mut VcpuRecord, f: impl FnOnce(*mut VcpuRecord)) {
+    let depth = percpu::publish_depth();
+    let outer = depth.get() == 0;
+    depth.set(depth.get() + 1);
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: this CPU is the only writer of its record's guest half (nested updates are
+    // this CPU's interrupt handlers, ordered by the depth counter), and the record lives
+    // forever.
+    unsafe {
+        let seq = addr_of_mut!((*rec).seq);
+        if outer {
+            write_volatile(seq, read_volatile(seq).wrapping_add(1));
+        }
+        compiler_fence(Ordering::SeqCst);
+        f(rec);
+        compiler_fence(Ordering::SeqCst);
+        if outer {
+            write_volatile(seq, read_volatile(seq).wrapping_add(1));
+        }
+    }
+    compiler_fence(Ordering::SeqCst);
+    depth.set(depth.get() - 1);
+}
+
+/// Publishes the calling CPU's execution mode.
+/// Skips the update when the mode is unchanged: an idle CPU woken by its tick then writes
+/// nothing (and is never caught mid-update by a host snapshot while it idles).
+pub fn set_mode(mode: VcpuMode) {
+    let rec = percpu::record();
+    // SAFETY: this CPU is the only writer of its record's guest half; reading it back is a
+    // plain volatile load of our own store.
+    if unsafe { read_volatile(addr_of!((*rec).mode)) } == mode as u8 {
+        return;
+    }
+    // SAFETY: `rec` is this CPU's record, handed over by `publish_at`.
+    publish_at(rec, |rec| unsafe {
+        write_volatile(addr_of_mut!((*rec).mode), mode as u8)
+    });
+}
+
+/// Publishes "spinning on `lock`, held by `holder`" (lock 0 and NO_VCPU: not spinning).
+/// One frame: the host never pairs a lock with the holder of another.
+pub fn set_spin(lock: u64, holder: u32) {
+    // SAFETY: `rec` is this CPU's record, handed over by `publish`.
+    publish(|rec| unsafe {
+        write_volatile(addr_of_mut!((*rec).spin_lock), lock);
+        write_volatile(addr_of_mut!((*rec).spin_holder), holder);
+    });
+}
+
+macro_rules! single_store_setter {
+    ($(#[$doc:meta])* $name:ident, $field:ident) => {
+        $(#[$doc])*
+        #[inline]
+        pub fn $name(v: u32) {
+            // SAFETY: `record()` is this CPU's record (or its sink), which only this CPU
+            // writes and which lives forever; one aligned 4-byte store, which the host may
+            // read alone (ABI v4: outside the seq frame).
+            unsafe { write_volatile(addr_of_mut!((*percpu::record()).$field), v) }
+        }
+    };
+}
+
+single_store_setter!(
+    /// Publishes the calling CPU's preempt-disable depth (one store, no frame).
+    set_preempt_count, preempt_count
+);
+single_store_setter!(
+    /// Publishes the calling CPU's RCU read-side nesting (one store, no frame).
+    set_rcu_nesting, rcu_nesting
+);
+single_store_setter!(
+    /// Publishes how many spinlocks the calling CPU holds (one store, no frame).
+    set_locks_held, locks_held
+);
+
+/// The `ipi_wait` word of `rec`, which the owner stores and acknowledgers clear bit by bit.
+///
+/// # Safety
+/// `rec` must be a live record (in the region, or this CPU's sink).
+unsafe fn ipi_wait_word(rec: *mut VcpuRecord) -> &'static AtomicU64 {
+    // SAFETY: per the contract the record lives forever; the field is 8-byte aligned (the
+    // record is 64-byte aligned, the field at offset 32) and the guest only accesses it
+    // atomically (the host only reads it).
+    unsafe { AtomicU64::from_ptr(addr_of_mut!((*rec).ipi_wait)) }
+}
+
+/// Publishes the set of CPUs the caller waits on for IPI acknowledgements (one atomic
+/// store). Set it before the targets can see the request: an acknowledgement that came
+/// first would have its bit set again here.
+#[inline]
+pub fn set_ipi_wait(mask: u64) {
+    // SAFETY: `record()` is this CPU's record or sink, live forever.
+    unsafe { ipi_wait_word(percpu::record()) }.store(mask, Ordering::Release);
+}
+
+/// CPU `me` acknowledges an IPI of CPU `sender`: clears bit `me` of the sender's
+/// `ipi_wait` (atomic AND: several CPUs acknowledge at once).
+#[inline]
+pub fn ack_ipi_wait(sender: u32, me: u32) {
+    if let Some(rec) = record_ptr(sender) {
+        // SAFETY: a record of the live region.
+        unsafe { ipi_wait_word(rec) }.fetch_and(!(1u64 << me), Ordering::SeqCst);
+    }
+}
+
+/// Whether the host says it keeps CPU `cpu` runnable but descheduled (`host_preempted`);
+/// false without a pvsync host, which never writes it.
+pub fn host_preempted(cpu: u32) -> bool {
+    if !super::pv_host() {
+        return false;
+    }
+    // SAFETY: a record of the live region; the host half is written by the host only, read
+    // here with one volatile load.
+    record_ptr(cpu)
+        .is_some_and(|rec| unsafe { read_volatile(addr_of!((*rec).host_preempted)) } != 0)
+}
+
+/// Attempts before a record that keeps changing (or stays odd) is given up on.
+const SNAPSHOT_ATTEMPTS: usize = 1000;
+
+/// A consistent copy of CPU `cpu`'s record (used by self-tests), or None if out of range or
+/// never consistent within the attempts. Fields outside the frame are each as one store
+/// left them.
+pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
+    let rec = record_ptr(cpu)?;
+    for _ in 0..SNAPSHOT_ATTEMPTS {
+        // SAFETY: the record lies in the live region; volatile reads of plain integers.
+        unsafe {
+            let before = read_volatile(addr_of!((*rec).seq));
+            compiler_fence(Ordering::SeqCst);
+            let copy = read_volatile(rec);
+            compiler_fence(Ordering::SeqCst);
+            let after = read_volatile(addr_of!((*rec).seq));
+            if VcpuRecord::seq_consistent(before, after) {
+                return Some(copy);
+            }
+        }
+        core::hint::spin_loop();
+    }
+    None
+}
