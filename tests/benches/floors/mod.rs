@@ -157,9 +157,12 @@ fn kick(iters: usize) -> Vec<f64> {
         unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN() + KICK_OFFSET) };
     }
     done.store(true, Ordering::Release);
-    std::thread::sleep(Duration::from_millis(2));
-    // SAFETY: as above; one more kick ends its last KVM_RUN.
-    unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN() + KICK_OFFSET) };
+    // A kick that lands between two KVM_RUNs interrupts nothing: kick until it has left.
+    while !t.is_finished() {
+        // SAFETY: as above; the thread has not been joined.
+        unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN() + KICK_OFFSET) };
+        std::thread::sleep(Duration::from_millis(1));
+    }
     t.join().unwrap()
 }
 
@@ -177,28 +180,33 @@ fn bind_self(cpu: usize) {
 fn futex_wake(cpus: (usize, usize), iters: usize) -> Vec<f64> {
     let epoch = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
-    let go = Arc::new(AtomicBool::new(false));
-    let s = sent.clone();
-    let g = go.clone();
+    // Round `i` is posted when `posted` reaches i + 1 and seen when `seen` does.
+    let posted = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(AtomicU64::new(0));
+    let (s, p, d) = (sent.clone(), posted.clone(), seen.clone());
     let sleeper = std::thread::spawn(move || {
         bind_self(cpus.1);
         let mut out = Vec::new();
-        for _ in 0..iters {
-            while !g.swap(false, Ordering::AcqRel) {
+        for i in 1..=iters as u64 {
+            while p.load(Ordering::Acquire) < i {
                 std::thread::park();
             }
             out.push((epoch.elapsed().as_nanos() as u64 - s.load(Ordering::Acquire)) as f64 / 1e3);
+            d.store(i, Ordering::Release);
         }
         out
     });
     bind_self(cpus.0);
-    for _ in 0..iters {
+    for i in 1..=iters as u64 {
         // Let it park, then wake it; on one CPU the waker then sleeps, as a vCPU thread that
         // gives its slot up parks.
         std::thread::sleep(Duration::from_micros(500));
         sent.store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
-        go.store(true, Ordering::Release);
+        posted.store(i, Ordering::Release);
         sleeper.thread().unpark();
+        while seen.load(Ordering::Acquire) < i {
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
     let out = sleeper.join().unwrap();
     bind_all();
