@@ -393,9 +393,11 @@ impl Core {
     }
 
     /// `spread`: a queued vCPU sitting with a sibling moves to a slot where its VM has none
-    /// and no more load than it leaves (one move per look). Wakes and requeues already place
-    /// that way; this undoes what steals, boosts and idle slots left stacked meanwhile.
-    fn unstack(&mut self, now: Nanos, fx: &mut Effects) {
+    /// and no more load than it leaves. Wakes and requeues already place that way; this
+    /// undoes what wake-ups, steals and idle slots left stacked (a sibling woken next to a
+    /// vCPU whose own sibling was queued there meanwhile). Every move takes one stacked pair
+    /// away and adds none, so it ends.
+    fn unstack(&mut self, now: Nanos, fx: &mut Effects) -> bool {
         let load = |s: &Slot| s.running.is_some() as usize + s.queue.len();
         for from in 0..self.slots.len() {
             for &v in self.slots[from].queue.iter() {
@@ -405,12 +407,25 @@ impl Core {
                 }
                 let to = (0..self.slots.len())
                     .filter(|&t| t != from && self.siblings_on(t, c.vm, v) == 0)
-                    .filter(|&t| load(&self.slots[t]) < load(&self.slots[from]))
+                    .filter(|&t| load(&self.slots[t]) <= load(&self.slots[from]))
                     .min_by_key(|&t| load(&self.slots[t]));
                 if let Some(to) = to {
                     self.enqueue(v, to, false, now, fx);
-                    return;
+                    return true;
                 }
+            }
+        }
+        false
+    }
+
+    /// After every change of who sits where: with `spread`, unstack what can be.
+    fn settle(&mut self, now: Nanos, fx: &mut Effects) {
+        if self.cfg.placement != Placement::Spread {
+            return;
+        }
+        for _ in 0..self.vcpus.len() {
+            if !self.unstack(now, fx) {
+                break;
             }
         }
     }
@@ -485,6 +500,7 @@ impl Core {
         }
         let slot = self.place(v, Cause::Start);
         self.enqueue(v, slot, false, now, fx);
+        self.settle(now, fx);
     }
 
     /// The vCPU left KVM_RUN because it was kicked: it goes back in the queue (its CPL at that
@@ -513,6 +529,7 @@ impl Core {
         self.set_state(v, RunState::Queued { slot }, now);
         self.dispatch(slot, now, fx);
         self.enqueue(v, to, false, now, fx);
+        self.settle(now, fx);
     }
 
     /// Input for VM `vm`'s policy.
@@ -658,6 +675,7 @@ impl Core {
                 self.set_state(v, RunState::Queued { slot }, now);
                 self.dispatch(slot, now, fx);
                 self.enqueue(v, to, false, now, fx);
+                self.settle(now, fx);
                 return;
             }
             if self.is_running(n) {
@@ -717,6 +735,7 @@ impl Core {
         c.cpl = Cpl::Kernel;
         self.set_state(v, RunState::Idle { until }, now);
         self.dispatch(slot, now, fx);
+        self.settle(now, fx);
         true
     }
 
@@ -726,6 +745,7 @@ impl Core {
             RunState::Idle { .. } => {
                 let slot = self.place(v, Cause::Wake { waker_slot });
                 self.enqueue(v, slot, false, now, fx);
+                self.settle(now, fx);
             }
             RunState::Gone => {}
             _ => self.vcpus[v].wake_token = true,
@@ -825,9 +845,7 @@ impl Core {
             self.last_balance = now;
             self.balance(now, fx);
         }
-        if self.cfg.placement == Placement::Spread {
-            self.unstack(now, fx);
-        }
+        self.settle(now, fx);
         if now.saturating_sub(self.last_policy_tick) >= POLICY_PERIOD {
             self.last_policy_tick = now;
             self.costs = self.costs();
