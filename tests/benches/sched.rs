@@ -275,12 +275,19 @@ fn stacking(reps: usize) {
     ];
     let mut stack = vec![vec![Vec::new(); 2]; setups.len()];
     let mut ops = vec![vec![Vec::new(); 2]; setups.len()];
+    let mut handoff = vec![vec![Vec::new(); 2]; setups.len()];
     for _ in 0..reps {
         for (s, (_, slots, vm)) in setups.iter().enumerate() {
             for (i, p) in placements.iter().enumerate() {
                 let (out, m) = run(&["--slots", slots, "--placement", p, "--vm", vm, "--vm", vm]);
                 let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
                 stack[s][i].push(100.0 * (f(0) + f(1)) / 2.0);
+                let h = |v: usize| {
+                    m["vms"][v]["handoff_latency"]["median"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                };
+                handoff[s][i].push((h(0) + h(1)) / 2000.0);
                 let totals: f64 = out
                     .stdout
                     .lines()
@@ -303,6 +310,11 @@ fn stacking(reps: usize) {
             &format!("{label}: locks/s / wake-affine"),
             &[1.0, o[1] / base],
             "x",
+        );
+        row(
+            &format!("{label}: hand-off median, us"),
+            &med(&handoff[s]),
+            "",
         );
     }
 }
