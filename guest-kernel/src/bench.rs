@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::arch::tsc;
-use crate::locks::{RawLock, SpinLock, TicketLock};
+use crate::locks::{KernelLock, RawLock, SpinLock, TicketLock};
 use crate::mm::aspace::AddressSpace;
 use crate::user::{self, USER_DATA_VA};
 use crate::{println, rcu, sched, tlb, torture};
@@ -19,6 +19,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 static LOCK: SpinLock<u64, TicketLock> = SpinLock::new(TicketLock::new(), 0);
+static KERNEL_LOCK: KernelLock<u64> = SpinLock::kernel(0);
 
 fn ipi_round_trip() -> u64 {
     let Some(&target) = torture::cpus().get(1) else {
@@ -96,7 +97,7 @@ fn lock_irqsave_pair() -> u64 {
         (0..ROUNDS)
             .map(|_| {
                 let t0 = tsc::now();
-                drop(LOCK.lock_irqsave());
+                drop(KERNEL_LOCK.lock_irqsave());
                 tsc::now() - t0
             })
             .collect(),
@@ -120,7 +121,7 @@ fn lock_uncontended() -> u64 {
 /// Median acquire latency with one hammering thread per CPU.
 fn lock_contended() -> u64 {
     let stop = Arc::new(AtomicBool::new(false));
-    let samples = Arc::new(spin::Mutex::new(Vec::new()));
+    let samples = Arc::new(SpinLock::kernel(Vec::new()));
     let threads: Vec<_> = torture::cpus()
         .into_iter()
         .map(|c| {

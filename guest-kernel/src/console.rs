@@ -1,12 +1,20 @@
 //! The serial console (COM1, 16550) shared by all CPUs.
 
 use core::fmt::{self, Write};
-use spin::Mutex;
+use core::sync::atomic::{AtomicBool, Ordering};
 use uart_16550::backend::PioBackend;
 use uart_16550::{Config, Uart16550};
-use x86_64::instructions::interrupts::without_interrupts;
+use x86_64::instructions::port::{Port, PortReadOnly};
+
+use crate::locks::{KernelLock, SpinLock};
 
 const COM1: u16 = 0x3f8;
+/// Line status register and its "transmit holding register empty" bit.
+const COM1_LSR: u16 = COM1 + 5;
+const LSR_THR_EMPTY: u8 = 0x20;
+/// How long a panicking CPU waits for the console lock before writing past it, in TSC
+/// cycles (about 0.1 s; raw cycles, the TSC may not be calibrated yet).
+const EMERGENCY_WAIT_CYCLES: u64 = 300_000_000;
 
 struct Console {
     uart: Option<Uart16550<PioBackend>>,
@@ -26,7 +34,10 @@ impl Write for Console {
     }
 }
 
-static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: None });
+/// Taken with interrupts off everywhere: interrupt handlers print.
+static CONSOLE: KernelLock<Console> = SpinLock::kernel(Console { uart: None });
+/// COM1 was found and initialised (the emergency path writes to it directly).
+static PRESENT: AtomicBool = AtomicBool::new(false);
 
 /// Probes and initialises COM1. Without a UART the console discards output.
 pub fn init() {
@@ -36,38 +47,71 @@ pub fn init() {
         Err(_) => return,
     };
     if uart.init(Config::default()).is_ok() {
-        CONSOLE.lock().uart = Some(uart);
+        CONSOLE.lock_irqsave().uart = Some(uart);
+        PRESENT.store(true, Ordering::Release);
     }
 }
 
 /// Prints one line atomically with respect to other CPUs.
 pub fn print_line(args: fmt::Arguments) {
-    without_interrupts(|| {
-        let mut c = CONSOLE.lock();
-        let _ = c.write_fmt(args);
-        let _ = c.write_str("\n");
-    });
+    let mut c = CONSOLE.lock_irqsave();
+    let _ = c.write_fmt(args);
+    let _ = c.write_str("\n");
+}
+
+/// COM1 written directly, bypassing the lock and the driver's state.
+struct RawSerial;
+
+impl Write for RawSerial {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for b in s.bytes() {
+            if b == b'\n' {
+                raw_put(b'\r');
+            }
+            raw_put(b);
+        }
+        Ok(())
+    }
+}
+
+fn raw_put(b: u8) {
+    let mut lsr: PortReadOnly<u8> = PortReadOnly::new(COM1_LSR);
+    let mut data: Port<u8> = Port::new(COM1);
+    // SAFETY: COM1 was initialised (PRESENT); polling its line status and writing its data
+    // register only transmits a byte. Bounded: a stuck UART drops the byte.
+    unsafe {
+        for _ in 0..100_000 {
+            if lsr.read() & LSR_THR_EMPTY != 0 {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        data.write(b);
+    }
 }
 
 /// Prints from a context that may have interrupted a holder of the console lock (panic,
-/// fatal exception): takes the lock if it can, otherwise breaks it.
+/// fatal exception), or that may come before this CPU's per-CPU data (which the lock
+/// needs): takes the lock if it can within a bound, otherwise writes past it.
 pub fn emergency_println(args: fmt::Arguments) {
     x86_64::instructions::interrupts::disable();
-    let spins = 10_000_000u64;
-    for _ in 0..spins {
-        if let Some(mut c) = CONSOLE.try_lock() {
-            let _ = c.write_fmt(args);
-            let _ = c.write_str("\n");
-            return;
+    if crate::percpu::ready() {
+        let deadline = crate::arch::tsc::now() + EMERGENCY_WAIT_CYCLES;
+        while crate::arch::tsc::now() < deadline {
+            if let Some(mut c) = CONSOLE.try_lock() {
+                let _ = c.write_fmt(args);
+                let _ = c.write_str("\n");
+                return;
+            }
+            core::hint::spin_loop();
         }
-        core::hint::spin_loop();
     }
-    // SAFETY: the holder is stuck (it is us, interrupted, or a CPU that will never release
-    // it); we are about to stop the VM, so a garbled line is the worst outcome.
-    unsafe { CONSOLE.force_unlock() };
-    let mut c = CONSOLE.lock();
-    let _ = c.write_fmt(args);
-    let _ = c.write_str("\n");
+    // The holder is stuck (it is us, interrupted, or a CPU that will never release it): we
+    // are about to stop the VM, so a garbled line is the worst outcome.
+    if PRESENT.load(Ordering::Acquire) {
+        let _ = RawSerial.write_fmt(args);
+        let _ = RawSerial.write_str("\n");
+    }
 }
 
 /// `println!` for the kernel: one call, one whole line on the console.

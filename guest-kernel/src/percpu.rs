@@ -102,14 +102,14 @@ pub fn gs_points_at_this() -> bool {
 /// The calling CPU's id (fast path; per-CPU data must be set up).
 #[inline]
 pub fn id() -> u32 {
-    this().id.get()
+    this().id()
 }
 
 /// Where the calling CPU publishes its record (its shared-region record, or a private sink
 /// before the region exists).
 #[inline]
 pub fn record() -> *mut VcpuRecord {
-    this().record.get()
+    this().record()
 }
 
 /// Makes `rec` (this CPU's record in the shared region) where it publishes from now on.
@@ -137,12 +137,6 @@ pub fn publish_depth() -> &'static Cell<u32> {
     &this().publish_depth
 }
 
-/// This CPU's count of held spinlocks.
-#[inline]
-pub fn locks_held() -> &'static Cell<u32> {
-    &this().locks_held
-}
-
 /// Current preempt-disable depth.
 #[inline]
 pub fn preempt_count() -> u32 {
@@ -152,29 +146,64 @@ pub fn preempt_count() -> u32 {
 /// Disables preemption (nests); published to the host with one store.
 #[inline]
 pub fn preempt_disable() {
-    let c = &this().preempt_count;
-    let v = c.get() + 1;
-    c.set(v);
-    crate::shared::set_preempt_count(v);
-    // The section's accesses stay after the count that protects them (an interrupt reads
-    // it to decide whether it may switch tasks).
-    compiler_fence(Ordering::SeqCst);
+    this().preempt_disable();
 }
 
 /// Re-enables preemption; switches at once if a reschedule became due meanwhile (a wake-up
 /// of a task at the head of the queue, a used-up slice) and interrupts are on.
 #[inline]
 pub fn preempt_enable() {
-    compiler_fence(Ordering::SeqCst);
-    let c = &this().preempt_count;
-    let v = c
-        .get()
-        .checked_sub(1)
-        .expect("preempt_enable without preempt_disable");
-    c.set(v);
-    crate::shared::set_preempt_count(v);
-    if v == 0 {
-        crate::sched::preempt_point();
+    this().preempt_enable();
+}
+
+/// The methods take the block the caller already has, so that a hot path (a lock, an RCU
+/// reader) reads `gs:[0]` once.
+impl PerCpu {
+    /// x2APIC ID, which is also this CPU's index in the shared region.
+    #[inline]
+    pub fn id(&self) -> u32 {
+        self.id.get()
+    }
+
+    /// Where this CPU publishes its record (see [`record`]).
+    #[inline]
+    pub fn record(&self) -> *mut VcpuRecord {
+        self.record.get()
+    }
+
+    /// See [`preempt_disable`].
+    #[inline]
+    pub fn preempt_disable(&self) {
+        let v = self.preempt_count.get().wrapping_add(1);
+        self.preempt_count.set(v);
+        crate::shared::set_preempt_count(self, v);
+        // The section's accesses stay after the count that protects them (an interrupt
+        // reads it to decide whether it may switch tasks).
+        compiler_fence(Ordering::SeqCst);
+    }
+
+    /// See [`preempt_enable`].
+    #[inline]
+    pub fn preempt_enable(&self) {
+        compiler_fence(Ordering::SeqCst);
+        let v = self
+            .preempt_count
+            .get()
+            .checked_sub(1)
+            .expect("preempt_enable without preempt_disable");
+        self.preempt_count.set(v);
+        crate::shared::set_preempt_count(self, v);
+        if v == 0 {
+            crate::sched::preempt_point(self.id());
+        }
+    }
+
+    /// Counts a spinlock taken (+1) or released (-1) and publishes the count.
+    #[inline]
+    pub fn add_locks_held(&self, delta: i32) {
+        let v = self.locks_held.get().wrapping_add_signed(delta);
+        self.locks_held.set(v);
+        crate::shared::set_locks_held(self, v);
     }
 }
 

@@ -17,10 +17,9 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use shared_abi::MAX_VCPUS;
-use spin::Mutex;
-use x86_64::instructions::interrupts::without_interrupts;
 
 use crate::arch::tsc;
+use crate::locks::{KernelLock, SpinLock};
 use crate::sched::{self, WaitQueue};
 use crate::{percpu, shared};
 
@@ -42,9 +41,13 @@ static GP_REQUESTED: AtomicU64 = AtomicU64::new(0);
 static GP_KTHREAD_WQ: WaitQueue = WaitQueue::new();
 static GP_DONE_WQ: WaitQueue = WaitQueue::new();
 
-static CBS: [Mutex<VecDeque<(u64, Callback)>>; MAX_VCPUS] =
-    [const { Mutex::new(VecDeque::new()) }; MAX_VCPUS];
+/// Per-CPU callback lists; the tick looks at them, so they are locked with interrupts off.
+static CBS: [KernelLock<VecDeque<(u64, Callback)>>; MAX_VCPUS] =
+    [const { SpinLock::kernel(VecDeque::new()) }; MAX_VCPUS];
 static CB_WQ: [WaitQueue; MAX_VCPUS] = [const { WaitQueue::new() }; MAX_VCPUS];
+/// Callbacks in each CPU's list: the end of a grace period and the tick wake (or look at)
+/// only the callback kthreads that have work.
+static QUEUED: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 static PENDING: AtomicU64 = AtomicU64::new(0);
 static PEAK_PENDING: AtomicU64 = AtomicU64::new(0);
 static INVOKED: AtomicU64 = AtomicU64::new(0);
@@ -69,9 +72,10 @@ fn cpu() -> usize {
 
 /// Enters a read-side critical section (nests).
 pub fn read_lock() {
-    percpu::preempt_disable();
-    let n = NESTING[cpu()].fetch_add(1, SeqCst) + 1;
-    shared::set_rcu_nesting(n);
+    let me = percpu::this();
+    me.preempt_disable();
+    let n = NESTING[me.id() as usize].fetch_add(1, SeqCst) + 1;
+    shared::set_rcu_nesting(me, n);
 }
 
 /// Leaves a read-side critical section. Leaving the outermost one with preemption enabled
@@ -79,10 +83,11 @@ pub fn read_lock() {
 /// its section ends, not until the next tick or context switch happens to land outside one
 /// (which, for a CPU that is almost always reading, can take many ticks).
 pub fn read_unlock() {
-    let c = cpu();
+    let me = percpu::this();
+    let c = me.id() as usize;
     let n = NESTING[c].fetch_sub(1, SeqCst) - 1;
-    shared::set_rcu_nesting(n);
-    percpu::preempt_enable();
+    shared::set_rcu_nesting(me, n);
+    me.preempt_enable();
     // Tasks never migrate, so this still runs on CPU `c`. Task context with nothing held:
     // the kthread may be woken from here (the last holdout ends the wait at once).
     if n == 0 && percpu::preempt_count() == 0 && report_qs(c) {
@@ -163,10 +168,12 @@ pub fn tick(preemptible: bool) {
     if preemptible && NESTING[c].load(SeqCst) == 0 {
         report_qs(c);
     }
-    if STARTED.load(SeqCst) && GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst) {
+    // A grace period in progress (the kthread rechecks its holdouts) or one requested by
+    // call_rcu since the last tick.
+    if STARTED.load(SeqCst) && GP_REQUESTED.load(SeqCst) > GP_COMPLETED.load(SeqCst) {
         GP_KTHREAD_WQ.wake_all_first();
     }
-    if c < MAX_VCPUS && !CBS[c].lock().is_empty() && callbacks_ready(c) {
+    if c < MAX_VCPUS && QUEUED[c].load(SeqCst) != 0 && callbacks_ready(c) {
         CB_WQ[c].wake_all();
     }
 }
@@ -177,11 +184,21 @@ fn publish_state() {
     shared::set_rcu_header(seq, PENDING.load(SeqCst));
 }
 
-/// Asks for a grace period that starts after this call; returns its number.
-fn request_gp() -> u64 {
+/// Asks for a grace period that starts after this call; returns its number. `now`: a task
+/// waits for it (synchronize, barrier), so the kthread is woken at once; otherwise
+/// (call_rcu) the next tick starts it, and callbacks queued meanwhile share it.
+fn request_gp(now: bool) -> u64 {
     let target = GP_STARTED.load(SeqCst) + 1;
-    GP_REQUESTED.fetch_max(target, SeqCst);
-    GP_KTHREAD_WQ.wake_all_first();
+    // Wake the kthread (which then runs at once if it shares this CPU) only for a request
+    // that raises the target while no grace period runs: a kthread inside one starts the
+    // next by itself when it ends (it reads the requests after publishing the end, and we
+    // read the end after raising the request).
+    if GP_REQUESTED.fetch_max(target, SeqCst) < target
+        && now
+        && GP_STARTED.load(SeqCst) == GP_COMPLETED.load(SeqCst)
+    {
+        GP_KTHREAD_WQ.wake_all_first();
+    }
     target
 }
 
@@ -194,7 +211,7 @@ pub fn synchronize() {
     if BROKEN.load(SeqCst) {
         return;
     }
-    let target = request_gp();
+    let target = request_gp(true);
     GP_DONE_WQ.wait_until(|| GP_COMPLETED.load(SeqCst) >= target);
 }
 
@@ -203,13 +220,19 @@ fn post(c: usize, target: u64, f: Callback) {
     // at once (its grace period can already be over), and the count must never go below 0.
     let p = PENDING.fetch_add(1, SeqCst) + 1;
     PEAK_PENDING.fetch_max(p, SeqCst);
-    without_interrupts(|| CBS[c].lock().push_back((target, f)));
+    CBS[c].lock_irqsave().push_back((target, f));
+    QUEUED[c].fetch_add(1, SeqCst);
+    // The grace period may have ended since request_gp, its kthread finding nothing queued
+    // here: then this is the wake-up (both sides count before they look; SeqCst).
+    if GP_COMPLETED.load(SeqCst) >= target {
+        CB_WQ[c].wake_all();
+    }
     publish_state();
 }
 
 /// Runs `f` after a grace period, on this CPU, outside any reader.
 pub fn call(f: impl FnOnce() + Send + 'static) {
-    let target = request_gp();
+    let target = request_gp(false);
     post(cpu(), target, Box::new(f));
 }
 
@@ -218,7 +241,7 @@ pub fn barrier() {
     let cpus = ONLINE.load(SeqCst);
     let remaining = Arc::new(AtomicU32::new(cpus.count_ones()));
     let wq = Arc::new(WaitQueue::new());
-    let target = request_gp();
+    let target = request_gp(true);
     for c in (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0) {
         let (r, w) = (remaining.clone(), wq.clone());
         post(
@@ -236,7 +259,10 @@ pub fn barrier() {
 
 fn callbacks_ready(c: usize) -> bool {
     let done = GP_COMPLETED.load(SeqCst);
-    without_interrupts(|| CBS[c].lock().front().is_some_and(|(t, _)| *t <= done))
+    CBS[c]
+        .lock_irqsave()
+        .front()
+        .is_some_and(|(t, _)| *t <= done)
 }
 
 /// Per-CPU kthread: invokes callbacks whose grace period has completed, in order.
@@ -245,15 +271,16 @@ fn callback_thread(c: usize) {
         CB_WQ[c].wait_until(|| callbacks_ready(c));
         let done = GP_COMPLETED.load(SeqCst);
         loop {
-            let cb = without_interrupts(|| {
-                let mut q = CBS[c].lock();
+            let cb = {
+                let mut q = CBS[c].lock_irqsave();
                 if q.front().is_some_and(|(t, _)| *t <= done) {
                     q.pop_front().map(|(_, f)| f)
                 } else {
                     None
                 }
-            });
+            };
             let Some(f) = cb else { break };
+            QUEUED[c].fetch_sub(1, SeqCst);
             // Uncount before running: a barrier's callback wakes its waiter, which must then
             // see no callback of its own still counted.
             PENDING.fetch_sub(1, SeqCst);
@@ -320,7 +347,9 @@ fn gp_thread() {
         GP_DONE_WQ.wake_all();
         let cpus = ONLINE.load(SeqCst);
         for c in (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0) {
-            CB_WQ[c].wake_all();
+            if QUEUED[c].load(SeqCst) != 0 {
+                CB_WQ[c].wake_all();
+            }
         }
     }
 }

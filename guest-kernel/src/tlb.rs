@@ -38,6 +38,10 @@ static REQUESTS: [Request; MAX_VCPUS] = [const {
         pending: AtomicU64::new(0),
     }
 }; MAX_VCPUS];
+/// Bit `s` of `INBOX[t]`: sender `s` has published a request with target `t` (set after its
+/// `pending`). A CPU finds its requests without scanning every slot: `serve_requests` runs
+/// in every spinlock's slow path, and usually finds nothing.
+static INBOX: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 
 static SHOOTDOWNS: AtomicU64 = AtomicU64::new(0);
 /// CR3 reloads per CPU (each drops every non-global translation). With the set of CPUs a
@@ -77,15 +81,25 @@ fn flush_local(start: u64, pages: u64) {
     }
 }
 
-/// Serves every request aimed at this CPU. Safe anywhere: flushing and acknowledging never
-/// wait for anything.
+/// Serves every request aimed at this CPU. Safe anywhere (any lock's slow path, interrupts
+/// on or off): flushing and acknowledging never wait for anything, and take no lock.
 pub fn serve_requests() {
+    let me = percpu::id();
+    let inbox = &INBOX[me as usize];
+    // Nothing announced: the usual case, one load. An announcement racing with this load
+    // comes with an IPI, served in the handler.
+    if inbox.load(SeqCst) == 0 {
+        return;
+    }
     // Interrupts off: a TLB IPI nesting in here could serve and acknowledge the request this
     // loop is reading, and this loop would then acknowledge the sender's next one unflushed.
     x86_64::instructions::interrupts::without_interrupts(|| {
-        let me = percpu::id();
         let bit = 1u64 << me;
-        for (sender, r) in REQUESTS.iter().enumerate() {
+        // A sender announces after publishing `pending`, so a bit taken here finds its
+        // request; one announced after the swap is found next time (or by its IPI).
+        let senders = inbox.swap(0, SeqCst);
+        for sender in (0..MAX_VCPUS).filter(|s| senders & (1 << s) != 0) {
+            let r = &REQUESTS[sender];
             if r.pending.load(SeqCst) & bit != 0 {
                 flush_local(r.start.load(SeqCst), r.pages.load(SeqCst));
                 // The sender's published bit first, `pending` last: once `pending` is 0 the
@@ -138,6 +152,7 @@ fn send_and_wait(me: u32, targets: u64, start: u64, pages: u64) {
     r.pending.store(targets, SeqCst);
     SHOOTDOWNS.fetch_add(1, SeqCst);
     for cpu in (0..MAX_VCPUS as u32).filter(|c| targets & (1 << c) != 0) {
+        INBOX[cpu as usize].fetch_or(1 << me, SeqCst);
         apic::send_ipi(cpu, vectors::TLB_SHOOTDOWN);
     }
     let threshold = tsc::us_to_cycles(SPIN_THRESHOLD_US);

@@ -13,8 +13,8 @@ use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
 use shared_abi::{MAX_VCPUS, NO_VCPU};
 
-use super::{acquired, pv_yield, released, RawLock, SlowPath, PV_HALTS, PV_KICKS, PV_SPIN_US};
-use crate::arch::{apic, tsc, vectors};
+use super::{acquired, pv_yield, released, Pacer, RawLock, SlowPath, PV_HALTS, PV_KICKS};
+use crate::arch::{apic, vectors};
 use crate::{percpu, shared};
 
 /// Queued locks one CPU may hold or wait for at once.
@@ -64,13 +64,12 @@ impl McsLock {
     #[cold]
     fn wait_slow(&self, node: &Node, pred: u32) {
         let irq_on = x86_64::instructions::interrupts::are_enabled();
-        let threshold = tsc::us_to_cycles(PV_SPIN_US);
-        let mut since = tsc::now();
+        let mut pacer = Pacer::new();
         let mut slow = SlowPath::new(self);
         let mut running_rounds = 0;
         while !node.granted.load(Acquire) {
             core::hint::spin_loop();
-            if tsc::now() - since <= threshold {
+            if !pacer.due() {
                 continue;
             }
             // The holder is the vCPU in the way. NO_VCPU: a release is under way (or the
@@ -87,6 +86,7 @@ impl McsLock {
             } else if irq_on {
                 running_rounds = 0;
                 Self::halt(node);
+                pacer.restart();
             } else {
                 // Cannot halt (the kick could not be taken): give the time to whoever is
                 // preempted, the holder first.
@@ -97,7 +97,6 @@ impl McsLock {
                 });
             }
             crate::tlb::serve_requests();
-            since = tsc::now();
         }
     }
 
@@ -130,8 +129,9 @@ impl RawLock for McsLock {
     const NAME: &'static str = "mcs";
 
     fn lock(&self) {
-        percpu::preempt_disable();
-        let cpu = percpu::id();
+        let me = percpu::this();
+        me.preempt_disable();
+        let cpu = me.id();
         let level = DEPTH[cpu as usize].fetch_add(1, Relaxed);
         assert!(
             level < LEVELS,
@@ -142,8 +142,8 @@ impl RawLock for McsLock {
         node.granted.store(false, Relaxed);
         node.halted.store(false, Relaxed);
         node.cpu.store(cpu, Relaxed);
-        let me = node as *const Node as *mut Node;
-        let prev = self.tail.swap(me, AcqRel);
+        let node_ptr = node as *const Node as *mut Node;
+        let prev = self.tail.swap(node_ptr, AcqRel);
         if prev.is_null() {
             // Free: ours. A previous releaser cleared `holder` before its tail CAS, which
             // our swap follows.
@@ -153,20 +153,21 @@ impl RawLock for McsLock {
             // reads `next` only after we store it, and its `cpu` is its CPU for good.
             let pred = unsafe {
                 let pred = (*prev).cpu.load(Relaxed);
-                (*prev).next.store(me, Release);
+                (*prev).next.store(node_ptr, Release);
                 pred
             };
             if !node.granted.load(Acquire) {
                 self.wait_slow(node, pred);
             }
         }
-        self.owner_node.store(me, Relaxed);
-        acquired();
+        self.owner_node.store(node_ptr, Relaxed);
+        acquired(me);
     }
 
     fn release(&self) {
         let me = self.owner_node.load(Relaxed);
-        let cpu = percpu::id() as usize;
+        let this = percpu::this();
+        let cpu = this.id() as usize;
         // Nodes are per-CPU stack slots: only the most recent acquisition may be released.
         let top = DEPTH[cpu]
             .load(Relaxed)
@@ -176,7 +177,7 @@ impl RawLock for McsLock {
             core::ptr::eq(me, &NODES[cpu][top]),
             "MCS locks released out of order on cpu {cpu}"
         );
-        released();
+        released(this);
         // SAFETY: `me` is our own node (we hold the lock).
         let node = unsafe { &*me };
         let mut next = node.next.load(Acquire);

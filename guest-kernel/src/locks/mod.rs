@@ -7,6 +7,9 @@
 //! queued lock halts until its predecessor kicks it with an IPI (or, with interrupts off,
 //! yields too). A waiter keeps h current: when the lock changes hands while it waits, it
 //! names the new holder.
+//!
+//! The kernel's own data structures use [`KernelLock`] (a ticket lock): a tick cannot
+//! preempt a holder, and the host sees holders and waiters.
 
 mod mcs;
 mod ticket;
@@ -19,7 +22,9 @@ use core::ops::{Deref, DerefMut};
 use core::sync::atomic::{AtomicU64, Ordering};
 use shared_abi::NO_VCPU;
 
-use crate::{percpu, shared};
+use crate::arch::tsc;
+use crate::percpu::{self, PerCpu};
+use crate::shared;
 
 /// Spin this long before the paravirt slow path.
 pub const PV_SPIN_US: u64 = 20;
@@ -54,20 +59,61 @@ pub trait RawLock: Sync {
     fn holder(&self) -> u32;
 }
 
-/// Counts a lock taken by this CPU (published with one store).
-fn acquired() {
-    let held = percpu::locks_held();
-    let n = held.get() + 1;
-    held.set(n);
-    shared::set_locks_held(n);
+/// Counts a lock taken by this CPU (`me`; published with one store).
+#[inline]
+fn acquired(me: &PerCpu) {
+    me.add_locks_held(1);
 }
 
 /// Counts a lock released by this CPU.
-fn released() {
-    let held = percpu::locks_held();
-    let n = held.get() - 1;
-    held.set(n);
-    shared::set_locks_held(n);
+#[inline]
+fn released(me: &PerCpu) {
+    me.add_locks_held(-1);
+}
+
+/// Spins between two reads of the clock in a waiting loop.
+const CLOCK_EVERY: u32 = 8;
+
+/// Paces a waiting loop: [`Pacer::due`] turns true each time [`PV_SPIN_US`] have passed
+/// since the previous round of slow-path work (or the start). The clock is read only every
+/// [`CLOCK_EVERY`] spins: RDTSC may exit to the hypervisor (it does on the nested hosts this
+/// runs on), and a pause loop broken by exits no longer looks like spinning to KVM's
+/// pause-loop exiting, which gives a spinner's time to a preempted vCPU.
+struct Pacer {
+    threshold: u64,
+    since: u64,
+    spins: u32,
+}
+
+impl Pacer {
+    fn new() -> Self {
+        Pacer {
+            threshold: tsc::us_to_cycles(PV_SPIN_US),
+            since: tsc::now(),
+            spins: 0,
+        }
+    }
+
+    /// Called once per spin: whether it is time for a round of slow-path work.
+    #[inline]
+    fn due(&mut self) -> bool {
+        self.spins = self.spins.wrapping_add(1);
+        if !self.spins.is_multiple_of(CLOCK_EVERY) {
+            return false;
+        }
+        let now = tsc::now();
+        if now - self.since > self.threshold {
+            self.since = now;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Starts the next period now (after slow-path work that took a while: a halt).
+    fn restart(&mut self) {
+        self.since = tsc::now();
+    }
 }
 
 /// What a waiter in the slow path has published: it names the vCPU in its way and
@@ -129,6 +175,9 @@ impl RawLock for BrokenLock {
     }
 }
 
+/// The lock kernel data structures use (run queues, wait queues, allocators, console).
+pub type KernelLock<T> = SpinLock<T, TicketLock>;
+
 /// Data behind a lock of algorithm `L`.
 pub struct SpinLock<T, L: RawLock> {
     raw: L,
@@ -168,6 +217,21 @@ impl<T, L: RawLock> SpinLock<T, L> {
 
     pub fn raw(&self) -> &L {
         &self.raw
+    }
+}
+
+impl<T> SpinLock<T, TicketLock> {
+    /// A kernel lock around `data`.
+    pub const fn kernel(data: T) -> Self {
+        SpinLock::new(TicketLock::kernel(), data)
+    }
+
+    /// The lock if it is free now, without waiting (interrupts as they are).
+    pub fn try_lock(&self) -> Option<Guard<'_, T, TicketLock>> {
+        self.raw.try_lock().then_some(Guard {
+            lock: self,
+            irq_was_enabled: None,
+        })
     }
 }
 

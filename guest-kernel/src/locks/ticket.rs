@@ -4,13 +4,21 @@
 //! in its way even when that CPU has been served but has not taken the lock yet (a vCPU
 //! preempted between the release and its acquisition blocks everyone behind it just as a
 //! holder does).
+//!
+//! Kernel locks (`TicketLock::kernel`) are taken test-and-set style on the same counters (a
+//! CPU takes the ticket being served only while nobody holds it), as Linux's
+//! `virt_spin_lock` does under a hypervisor: a FIFO hand-off to a waiter the hypervisor
+//! preempted stalls every CPU behind it, however short the critical section. Measured on 2
+//! host cores: 64 vCPUs boot in 19 s with FIFO kernel locks (yields and all), 3.4 s
+//! test-and-set; `test=rcuflood` on 4 vCPUs without a pvsync host 20 s FIFO, 4.4 s
+//! test-and-set. A waiter still names the holder and yields to it, so the host can boost a
+//! preempted holder; only the waiters' order is given up.
 
 use core::sync::atomic::{AtomicU32, Ordering::*};
 use shared_abi::{MAX_VCPUS, NO_VCPU};
 
-use super::{acquired, pv_yield, released, RawLock, SlowPath, PV_SPIN_US};
-use crate::arch::tsc;
-use crate::percpu;
+use super::{acquired, pv_yield, released, Pacer, RawLock, SlowPath};
+use crate::percpu::{self, PerCpu};
 
 pub struct TicketLock {
     next: AtomicU32,
@@ -22,6 +30,8 @@ pub struct TicketLock {
     /// handler's lock is taken with interrupts off everywhere), so at most MAX_VCPUS
     /// consecutive tickets are outstanding.
     takers: [AtomicU32; MAX_VCPUS],
+    /// Take the lock test-and-set style (kernel locks).
+    unfair: bool,
 }
 
 /// Low bits of a taker slot: the CPU (< MAX_VCPUS <= 256).
@@ -37,11 +47,22 @@ fn slot(t: u32) -> usize {
 }
 
 impl TicketLock {
+    /// A FIFO ticket lock.
     pub const fn new() -> Self {
+        Self::with_order(false)
+    }
+
+    /// A kernel lock: test-and-set on the ticket counters (module doc).
+    pub const fn kernel() -> Self {
+        Self::with_order(true)
+    }
+
+    const fn with_order(unfair: bool) -> Self {
         TicketLock {
             next: AtomicU32::new(0),
             owner: AtomicU32::new(0),
             takers: [const { AtomicU32::new(0) }; MAX_VCPUS],
+            unfair,
         }
     }
 
@@ -52,30 +73,81 @@ impl TicketLock {
         (v & !CPU_MASK == tag(t)).then_some(v & CPU_MASK)
     }
 
-    fn record_taker(&self, t: u32) {
-        self.takers[slot(t)].store(tag(t) | percpu::id(), Relaxed);
+    fn record_taker(&self, t: u32, me: &PerCpu) {
+        self.takers[slot(t)].store(tag(t) | me.id(), Relaxed);
     }
 
-    /// First half of `lock`: disables preemption and takes (and records) a ticket.
-    pub fn take_ticket(&self) -> u32 {
-        percpu::preempt_disable();
+    /// First half of `lock`: disables preemption on this CPU (`me`) and takes (and
+    /// records) a ticket.
+    #[inline]
+    fn take(&self, me: &PerCpu) -> u32 {
+        me.preempt_disable();
         let t = self.next.fetch_add(1, Relaxed);
-        self.record_taker(t);
+        self.record_taker(t, me);
         t
     }
 
     /// Second half of `lock`: waits until ticket `t` (taken by this CPU) is served.
-    pub fn wait_turn(&self, t: u32) {
+    #[inline]
+    fn wait(&self, t: u32, me: &PerCpu) {
         if self.owner.load(Acquire) != t {
             self.wait_slow(t);
         }
-        acquired();
+        acquired(me);
+    }
+
+    /// Takes the lock if it is free, else re-enables preemption and returns false.
+    pub fn try_lock(&self) -> bool {
+        let me = percpu::this();
+        me.preempt_disable();
+        if self.try_take(me) {
+            acquired(me);
+            true
+        } else {
+            me.preempt_enable();
+            false
+        }
+    }
+
+    /// Takes the ticket being served if nobody holds it (the lock is free).
+    #[inline]
+    fn try_take(&self, me: &PerCpu) -> bool {
+        let owner = self.owner.load(Acquire);
+        let free = self
+            .next
+            .compare_exchange(owner, owner.wrapping_add(1), Acquire, Relaxed)
+            .is_ok();
+        if free {
+            self.record_taker(owner, me);
+        }
+        free
+    }
+
+    /// Test-and-set acquisition: spin until the lock is free and take it; past the
+    /// threshold, name the holder and yield to it.
+    #[cold]
+    fn spin_unfair(&self, me: &PerCpu) {
+        let mut pacer = Pacer::new();
+        let mut slow = SlowPath::new(self);
+        loop {
+            // Read before the CAS: waiters spin on a shared line, not an exclusive one.
+            let owner = self.owner.load(Relaxed);
+            if self.next.load(Relaxed) == owner && self.try_take(me) {
+                break;
+            }
+            core::hint::spin_loop();
+            if pacer.due() {
+                let h = self.taker(owner).or(slow.named()).unwrap_or(NO_VCPU);
+                slow.name(h);
+                pv_yield(h);
+                crate::tlb::serve_requests();
+            }
+        }
     }
 
     #[cold]
     fn wait_slow(&self, ticket: u32) {
-        let threshold = tsc::us_to_cycles(PV_SPIN_US);
-        let mut since = tsc::now();
+        let mut pacer = Pacer::new();
         let mut slow = SlowPath::new(self);
         loop {
             let owner = self.owner.load(Acquire);
@@ -83,14 +155,13 @@ impl TicketLock {
                 break;
             }
             core::hint::spin_loop();
-            if tsc::now() - since > threshold {
+            if pacer.due() {
                 // Whoever took ticket `owner` is in our way, holding the lock or about to.
                 // Not said yet (it took the ticket a moment ago): keep the last name.
                 let h = self.taker(owner).or(slow.named()).unwrap_or(NO_VCPU);
                 slow.name(h);
                 pv_yield(h);
                 crate::tlb::serve_requests();
-                since = tsc::now();
             }
         }
     }
@@ -106,11 +177,20 @@ impl RawLock for TicketLock {
     const NAME: &'static str = "ticket";
 
     fn lock(&self) {
-        self.wait_turn(self.take_ticket());
+        let me = percpu::this();
+        if self.unfair {
+            me.preempt_disable();
+            if !self.try_take(me) {
+                self.spin_unfair(me);
+            }
+            acquired(me);
+        } else {
+            self.wait(self.take(me), me);
+        }
     }
 
     fn release(&self) {
-        released();
+        released(percpu::this());
         self.owner.fetch_add(1, Release);
     }
 

@@ -2,7 +2,6 @@
 //! is shared with the kernel's tables, plus the set of CPUs that may cache its translations.
 
 use core::sync::atomic::{AtomicU64, Ordering};
-use spin::Mutex;
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::page_table::PageTableEntry;
 use x86_64::structures::paging::{
@@ -13,6 +12,7 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use super::frame::{self, GlobalFrames, FRAME_SIZE};
 use super::paging;
+use crate::locks::{KernelLock, SpinLock};
 use crate::percpu;
 
 /// User virtual addresses live in PML4 slots 1..256 (slot 0 is the kernel's identity map).
@@ -23,8 +23,8 @@ pub struct AddressSpace {
     pml4: PhysFrame,
     /// CPUs that have this address space loaded, so may hold its translations in their TLB.
     cpus: AtomicU64,
-    /// Serialises page-table changes.
-    pub lock: Mutex<()>,
+    /// Serialises page-table changes (never taken by interrupt handlers).
+    lock: KernelLock<()>,
 }
 
 impl AddressSpace {
@@ -41,7 +41,7 @@ impl AddressSpace {
         AddressSpace {
             pml4: f,
             cpus: AtomicU64::new(0),
-            lock: Mutex::new(()),
+            lock: SpinLock::kernel(()),
         }
     }
 

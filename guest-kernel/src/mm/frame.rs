@@ -1,11 +1,11 @@
 //! Physical frame allocator: bump allocation over the usable RAM regions above 1 MiB (the
 //! kernel image carved out), plus a free list threaded through freed frames.
 
-use spin::Mutex;
 use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, PhysFrame, Size4KiB};
 use x86_64::PhysAddr;
 
 use crate::bootinfo::{MemRegion, E820_RAM};
+use crate::locks::{KernelLock, SpinLock};
 
 pub const FRAME_SIZE: u64 = 4096;
 /// Below this, memory belongs to firmware, boot data and the AP trampoline.
@@ -25,7 +25,8 @@ struct Frames {
     in_use: u64,
 }
 
-static FRAMES: Mutex<Frames> = Mutex::new(Frames {
+/// No interrupt handler allocates frames, so the lock leaves interrupts as they are.
+static FRAMES: KernelLock<Frames> = SpinLock::kernel(Frames {
     ranges: [(0, 0); MAX_RANGES],
     nranges: 0,
     cursor: 0,

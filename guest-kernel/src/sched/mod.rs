@@ -9,13 +9,13 @@ use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_abi::{VcpuMode, MAX_VCPUS};
-use spin::Mutex;
 use x86_64::instructions::interrupts;
 
 pub use task::{State, Task};
 pub use wait::WaitQueue;
 
 use crate::arch::{apic, vectors};
+use crate::locks::{KernelLock, SpinLock};
 use crate::percpu;
 
 /// Ticks a task may run before it is preempted in favour of another ready task.
@@ -40,8 +40,13 @@ impl RunQueue {
     }
 }
 
-static RQ: [Mutex<RunQueue>; MAX_VCPUS] = [const { Mutex::new(RunQueue::new()) }; MAX_VCPUS];
+/// Taken with interrupts off everywhere: the tick and wake-ups from interrupt handlers use
+/// it.
+static RQ: [KernelLock<RunQueue>; MAX_VCPUS] =
+    [const { SpinLock::kernel(RunQueue::new()) }; MAX_VCPUS];
 static NEED_RESCHED: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
+/// A task was woken on this CPU from this CPU: the next tick switches to it.
+static WOKEN_LOCALLY: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
 static SWITCHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 
 extern "C" {
@@ -66,32 +71,28 @@ pub fn init_this_cpu(name: &'static str, is_idle: bool) {
         t.set_state(State::Ready);
         t
     };
-    let mut rq = RQ[cpu as usize].lock();
+    let mut rq = RQ[cpu as usize].lock_irqsave();
     rq.current = Some(me);
     rq.idle = Some(idle);
 }
 
 /// The task running on this CPU.
 pub fn current() -> Arc<Task> {
-    interrupts::without_interrupts(|| {
-        RQ[percpu::id() as usize]
-            .lock()
-            .current
-            .clone()
-            .expect("scheduler not initialised")
-    })
+    RQ[percpu::id() as usize]
+        .lock_irqsave()
+        .current
+        .clone()
+        .expect("scheduler not initialised")
 }
 
 /// Whether `t` is the task its CPU is running. The switch away from a task publishes the next
 /// task's mode under the same run-queue lock, so once this is false that publish is complete.
 pub fn is_running(t: &Arc<Task>) -> bool {
-    interrupts::without_interrupts(|| {
-        RQ[t.cpu as usize]
-            .lock()
-            .current
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, t))
-    })
+    RQ[t.cpu as usize]
+        .lock_irqsave()
+        .current
+        .as_ref()
+        .is_some_and(|c| Arc::ptr_eq(c, t))
 }
 
 /// Context switches this CPU has made.
@@ -126,18 +127,32 @@ pub fn enqueue(t: Arc<Task>) {
 
 /// Like `enqueue`, at the head of the queue when `first` (for kthreads that others wait on,
 /// as Linux may run its RCU kthreads at a real-time priority).
+///
+/// When the switch happens: a task woken on another CPU preempts what runs there at once
+/// (the reschedule IPI's return). On this CPU, a task woken to the head preempts the caller
+/// at the next preemption point: the `preempt_enable` of this very call's lock when it
+/// runs in thread context (the last RCU reader waking the grace-period kthread), else the
+/// interrupt return. One woken to the tail waits for the next tick, as a task whose turn
+/// it is not: switching to each at once (a callback kthread after every grace period)
+/// would only add switches.
 fn enqueue_at(t: Arc<Task>, first: bool) {
     let cpu = t.cpu;
-    interrupts::without_interrupts(|| {
-        let mut rq = RQ[cpu as usize].lock();
+    let local = cpu == percpu::id();
+    {
+        let mut rq = RQ[cpu as usize].lock_irqsave();
         if first {
             rq.ready.push_front(t);
         } else {
             rq.ready.push_back(t);
         }
-    });
-    NEED_RESCHED[cpu as usize].store(true, Ordering::Release);
-    if cpu != percpu::id() {
+        // Set before the lock's release, whose preempt_enable is the preemption point.
+        if local && !first {
+            WOKEN_LOCALLY[cpu as usize].store(true, Ordering::Relaxed);
+        } else {
+            NEED_RESCHED[cpu as usize].store(true, Ordering::Release);
+        }
+    }
+    if !local {
         apic::send_ipi(cpu, vectors::RESCHEDULE);
     }
 }
@@ -176,13 +191,14 @@ pub fn yield_now() {
 }
 
 /// Called from the tick: charge the running task and ask for a reschedule when its slice is
-/// used up and someone else is waiting.
+/// used up (or a task was woken locally since the last tick) and someone else is waiting.
 pub fn tick() {
     let cpu = percpu::id() as usize;
-    let rq = RQ[cpu].lock();
+    let woken = WOKEN_LOCALLY[cpu].swap(false, Ordering::Relaxed);
+    let rq = RQ[cpu].lock(); // an interrupt handler: interrupts are off
     if let Some(cur) = rq.current.as_ref() {
         let used = cur.slice_ticks.fetch_add(1, Ordering::Relaxed) + 1;
-        if !rq.ready.is_empty() && (cur.is_idle || used >= SLICE_TICKS) {
+        if !rq.ready.is_empty() && (cur.is_idle || woken || used >= SLICE_TICKS) {
             NEED_RESCHED[cpu].store(true, Ordering::Release);
         }
     }
@@ -207,8 +223,8 @@ pub fn preempt_on_interrupt_return() {
 /// `preempt_enable` with interrupts on picks the reschedule up. The flag is tested first:
 /// it is almost always clear, and reading the interrupt flag (`pushf`) is costly in a VM.
 #[inline]
-pub fn preempt_point() {
-    if NEED_RESCHED[percpu::id() as usize].load(Ordering::Acquire) && interrupts::are_enabled() {
+pub fn preempt_point(cpu: u32) {
+    if NEED_RESCHED[cpu as usize].load(Ordering::Acquire) && interrupts::are_enabled() {
         preempt_on_interrupt_return();
     }
 }
@@ -224,6 +240,8 @@ pub fn schedule() {
     let cpu = percpu::id() as usize;
     NEED_RESCHED[cpu].store(false, Ordering::Release);
     let (prev_rsp, next_rsp) = {
+        // Released before the switch: preemption is per CPU, and the next task starts with
+        // it enabled. Its preempt_enable cannot recurse here, interrupts being off.
         let mut rq = RQ[cpu].lock();
         let prev = rq.current.clone().expect("scheduler not initialised");
         if prev.transition(State::Running, State::Ready) && !prev.is_idle {
@@ -281,6 +299,7 @@ fn switch_in(prev: &Arc<Task>, next: &Arc<Task>) {
 
 /// Runs right after a switch, on the incoming task's stack: releases the outgoing task.
 fn finish_switch() {
+    // Interrupts are off (schedule, or a new task's first instructions).
     let prev = RQ[percpu::id() as usize].lock().prev.take();
     drop(prev);
 }

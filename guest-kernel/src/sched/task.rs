@@ -5,7 +5,8 @@ use alloc::sync::Arc;
 use alloc::vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use spin::Mutex;
+
+use crate::locks::{KernelLock, SpinLock};
 
 /// Bytes of kernel stack per task.
 pub const KSTACK_SIZE: usize = 32 * 1024;
@@ -43,7 +44,7 @@ pub struct Task {
     saved_rsp: UnsafeCell<u64>,
     /// None for a task adopted from a boot stack.
     kstack: Option<Box<[u64]>>,
-    entry: Mutex<Option<Entry>>,
+    entry: KernelLock<Option<Entry>>,
     /// The user address space, for user tasks.
     pub aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
     done: AtomicBool,
@@ -94,7 +95,7 @@ impl Task {
             state: AtomicU8::new(State::Ready as u8),
             saved_rsp: UnsafeCell::new(rsp),
             kstack: Some(stack),
-            entry: Mutex::new(Some(entry)),
+            entry: SpinLock::kernel(Some(entry)),
             aspace,
             done: AtomicBool::new(false),
             exit_code: AtomicU64::new(0),
@@ -113,7 +114,7 @@ impl Task {
             state: AtomicU8::new(State::Running as u8),
             saved_rsp: UnsafeCell::new(0),
             kstack: None,
-            entry: Mutex::new(None),
+            entry: SpinLock::kernel(None),
             aspace: None,
             done: AtomicBool::new(false),
             exit_code: AtomicU64::new(0),

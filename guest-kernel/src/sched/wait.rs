@@ -2,13 +2,14 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use spin::Mutex;
 use x86_64::instructions::interrupts;
 
 use super::{current, schedule, wake, wake_first, State, Task};
+use crate::locks::{KernelLock, SpinLock};
 
 pub struct WaitQueue {
-    waiters: Mutex<Vec<Arc<Task>>>,
+    /// Taken with interrupts off everywhere: interrupt handlers wake waiters.
+    waiters: KernelLock<Vec<Arc<Task>>>,
 }
 
 impl Default for WaitQueue {
@@ -20,7 +21,7 @@ impl Default for WaitQueue {
 impl WaitQueue {
     pub const fn new() -> Self {
         WaitQueue {
-            waiters: Mutex::new(Vec::new()),
+            waiters: SpinLock::kernel(Vec::new()),
         }
     }
 
@@ -55,12 +56,12 @@ impl WaitQueue {
     }
 
     fn remove(&self, t: &Arc<Task>) {
-        interrupts::without_interrupts(|| self.waiters.lock().retain(|w| !Arc::ptr_eq(w, t)));
+        self.waiters.lock_irqsave().retain(|w| !Arc::ptr_eq(w, t));
     }
 
     /// Wakes every waiter.
     pub fn wake_all(&self) {
-        let waiters = interrupts::without_interrupts(|| core::mem::take(&mut *self.waiters.lock()));
+        let waiters = core::mem::take(&mut *self.waiters.lock_irqsave());
         for w in &waiters {
             wake(w);
         }
@@ -69,7 +70,7 @@ impl WaitQueue {
     /// Wakes every waiter to the head of its CPU's run queue: they run at the next
     /// scheduling point, before tasks that were already ready.
     pub fn wake_all_first(&self) {
-        let waiters = interrupts::without_interrupts(|| core::mem::take(&mut *self.waiters.lock()));
+        let waiters = core::mem::take(&mut *self.waiters.lock_irqsave());
         for w in &waiters {
             wake_first(w);
         }

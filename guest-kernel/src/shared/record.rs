@@ -18,7 +18,7 @@ use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 use shared_abi::{VcpuMode, VcpuRecord};
 
 use super::record_ptr;
-use crate::percpu;
+use crate::percpu::{self, PerCpu};
 
 /// Starts publishing into `rec` (this CPU's record in the region), carrying over the
 /// counters published so far into the per-CPU sink.
@@ -103,12 +103,13 @@ pub fn set_spin(lock: u64, holder: u32) {
 macro_rules! single_store_setter {
     ($(#[$doc:meta])* $name:ident, $field:ident) => {
         $(#[$doc])*
+        /// `cpu` is the calling CPU's block (`percpu::this()`), which the caller has at hand.
         #[inline]
-        pub fn $name(v: u32) {
-            // SAFETY: `record()` is this CPU's record (or its sink), which only this CPU
+        pub fn $name(cpu: &PerCpu, v: u32) {
+            // SAFETY: `cpu.record()` is this CPU's record (or its sink), which only this CPU
             // writes and which lives forever; one aligned 4-byte store, which the host may
             // read alone (ABI v4: outside the seq frame).
-            unsafe { write_volatile(addr_of_mut!((*percpu::record()).$field), v) }
+            unsafe { write_volatile(addr_of_mut!((*cpu.record()).$field), v) }
         }
     };
 }
