@@ -19,6 +19,7 @@ mod mm;
 mod panic;
 mod percpu;
 mod rcu;
+mod rcu_model;
 mod sched;
 mod selftest;
 mod shared;
@@ -123,6 +124,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "locktorture" => torture::lock::run(cmd.lock, threads, cmd.duration_ms),
         "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),
         "rcuflood" => torture::rcu::flood(1000),
+        "rcu-model" => selftest::rcu_model(),
         "bench" => bench::run(),
         "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
         "hang" => {

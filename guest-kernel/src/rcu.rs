@@ -10,12 +10,15 @@
 //!
 //! A vCPU the host preempts inside a reader stalls grace periods: the reader's nesting stays
 //! visible in the shared region (`rcu_nesting`), and the header carries the grace-period
-//! sequence and the callback backlog, so the host can see both sides of the problem.
+//! sequence, the holdouts and the callback backlog, so the host can see both sides of the
+//! problem. Two RcuWait hypercalls per grace period at most ask the host to act at once:
+//! the kthread's when it starts waiting on holdouts, and the last holdout's when only the
+//! kthread's own CPU is left (its vCPU must run to end the grace period).
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use shared_abi::MAX_VCPUS;
 
 use crate::arch::tsc;
@@ -91,7 +94,7 @@ pub fn read_unlock() {
     // Tasks never migrate, so this still runs on CPU `c`. Task context with nothing held:
     // the kthread may be woken from here (the last holdout ends the wait at once).
     if n == 0 && percpu::preempt_count() == 0 && report_qs(c) {
-        GP_KTHREAD_WQ.wake_all_first();
+        last_holdout();
     }
 }
 
@@ -128,12 +131,35 @@ fn report_qs(c: usize) -> bool {
     left == 1 << gp_cpu && GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst)
 }
 
+/// The last holdout reported: only the kthread's own CPU is left, whose kthread must run to
+/// end the grace period. Tells the host (RcuWait: it may boost that vCPU if preempted) and
+/// wakes the kthread.
+fn last_holdout() {
+    shared::rcu_wait(gp_seq() as u32);
+    GP_KTHREAD_WQ.wake_all_first();
+}
+
+/// CPUs whose context switch made them the last holdout (see `after_switch`).
+static LAST_HOLDOUT_AT_SWITCH: [AtomicBool; MAX_VCPUS] =
+    [const { AtomicBool::new(false) }; MAX_VCPUS];
+
 /// Context switch: a quiescent state (readers cannot be switched out). Whatever runs next
 /// runs kernel code first, so an extended quiescent state (an interrupt in idle that
-/// switches to a task) ends here.
+/// switches to a task) ends here. Runs under the run-queue lock, so the kthread is woken
+/// after the switch (`after_switch`).
 pub fn note_context_switch() {
     exit_idle();
-    report_qs(cpu());
+    let c = cpu();
+    if report_qs(c) {
+        LAST_HOLDOUT_AT_SWITCH[c].store(true, SeqCst);
+    }
+}
+
+/// Right after a context switch, the run-queue lock released (interrupts off).
+pub fn after_switch() {
+    if LAST_HOLDOUT_AT_SWITCH[cpu()].swap(false, SeqCst) {
+        last_holdout();
+    }
 }
 
 /// Entering idle (or user mode): an extended quiescent state. The counter becomes even.
@@ -157,7 +183,7 @@ pub fn exit_idle() {
 pub fn interrupt_qs(preemptible: bool) {
     let c = cpu();
     if preemptible && NESTING[c].load(SeqCst) == 0 && STARTED.load(SeqCst) && report_qs(c) {
-        GP_KTHREAD_WQ.wake_all_first();
+        last_holdout();
     }
 }
 
@@ -165,8 +191,9 @@ pub fn interrupt_qs(preemptible: bool) {
 /// (then it was not in a reader).
 pub fn tick(preemptible: bool) {
     let c = cpu();
-    if preemptible && NESTING[c].load(SeqCst) == 0 {
-        report_qs(c);
+    if preemptible && NESTING[c].load(SeqCst) == 0 && report_qs(c) {
+        // The kthread is woken below anyway; the host hears of it now.
+        shared::rcu_wait(gp_seq() as u32);
     }
     // A grace period in progress (the kthread rechecks its holdouts) or one requested by
     // call_rcu since the last tick.
@@ -178,16 +205,30 @@ pub fn tick(preemptible: bool) {
     }
 }
 
+/// The header's `rcu_gp_seq`: `2 * completed`, plus one while a grace period runs.
+fn gp_seq() -> u64 {
+    let completed = GP_COMPLETED.load(SeqCst);
+    2 * completed + (GP_STARTED.load(SeqCst) > completed) as u64
+}
+
 fn publish_state() {
-    let seq = 2 * GP_COMPLETED.load(SeqCst)
-        + (GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst)) as u64;
-    shared::set_rcu_header(seq, PENDING.load(SeqCst));
+    shared::set_rcu_header(gp_seq(), PENDING.load(SeqCst));
 }
 
 /// Asks for a grace period that starts after this call; returns its number. `now`: a task
 /// waits for it (synchronize, barrier), so the kthread is woken at once; otherwise
 /// (call_rcu) the next tick starts it, and callbacks queued meanwhile share it.
 fn request_gp(now: bool) -> u64 {
+    // Store buffering: the caller's earlier stores (unpublishing the old pointer) must be in
+    // memory before GP_STARTED is read, and x86 lets a load pass a store still in the store
+    // buffer. Without this mfence (Linux has smp_mb() here) the caller can read the counter
+    // just before a grace period starts and choose that one, while a reader that reported
+    // its quiescent state for it still reads the old pointer from memory: the grace period
+    // ends without waiting for that reader, and the element is freed under it. The kthread
+    // and the readers order their side with SeqCst read-modify-writes and stores (locked
+    // instructions). `rcu_model.rs` explores this handshake under x86-TSO and finds that
+    // interleaving without the fence (test=rcu-model).
+    fence(SeqCst);
     let target = GP_STARTED.load(SeqCst) + 1;
     // Wake the kthread (which then runs at once if it shares this CPU) only for a request
     // that raises the target while no grace period runs: a kthread inside one starts the
@@ -325,6 +366,13 @@ fn gp_thread() {
         let nudge_at = start + tsc::us_to_cycles(NUDGE_AFTER_US);
         let mut nudged = false;
         let me = 1u64 << cpu();
+        let first = holdouts(n, &snap);
+        shared::rcu_holdouts().store(first | me, SeqCst);
+        if first != 0 {
+            // One exit per grace period that has to wait: the host can run the preempted
+            // holdouts (named in the header, with the sequence published above) at once.
+            shared::rcu_wait(gp_seq() as u32);
+        }
         GP_KTHREAD_WQ.wait_until(|| {
             let h = holdouts(n, &snap);
             // Published: the holdouts, and this kthread's CPU until the grace period ends.

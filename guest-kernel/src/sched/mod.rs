@@ -302,6 +302,7 @@ fn finish_switch() {
     // Interrupts are off (schedule, or a new task's first instructions).
     let prev = RQ[percpu::id() as usize].lock().prev.take();
     drop(prev);
+    crate::rcu::after_switch();
 }
 
 /// First code of every task created with Task::new.

@@ -26,6 +26,15 @@ pub fn yield_to(target: u32) {
     }
 }
 
+/// Tells the host that the grace period whose `rcu_gp_seq` has low 32 bits `gp_seq_low`
+/// now waits on the vCPUs in the header's `rcu_gp_holdouts`, so it can give the preempted
+/// ones CPU at once (RcuWait, ABI v4); nothing without a pvsync host.
+pub fn rcu_wait(gp_seq_low: u32) {
+    if pv_host() {
+        out(Hypercall::RcuWait, gp_seq_low);
+    }
+}
+
 /// Idles through the host (the `Idle` hypercall) for at most `timeout_us`; false, without
 /// waiting, when no pvsync host accepted the region (the caller halts instead). Call it with
 /// interrupts enabled, right after checking for work: a wake-up IPI sent after that check

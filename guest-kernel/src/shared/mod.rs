@@ -5,7 +5,7 @@
 mod hypercall;
 mod record;
 
-pub use hypercall::{idle, send_ipi, yield_to};
+pub use hypercall::{idle, rcu_wait, send_ipi, yield_to};
 pub use record::{
     ack_ipi_wait, host_preempted, set_ipi_wait, set_locks_held, set_mode, set_preempt_count,
     set_rcu_nesting, set_spin, snapshot,
