@@ -1,7 +1,9 @@
 //! The guest command line: space-separated `key=value` words.
 //!
 //! - `test=NAME`: what to run: `boot` (the default), `selftest`, `hostile-hypercalls`, the
-//!   torture suites, and the failure probes `panic`, `fault` (page fault) and `hang`.
+//!   torture suites, `pvwait` (waiters name whom they wait for), `rcu-model` (the x86-TSO
+//!   model of RCU's grace-period handshake), and the failure probes `panic`, `fault` (page
+//!   fault) and `hang`.
 //! - `smp=N`: use CPUs 0..N instead of the ACPI MADT.
 //! - `duration=MS`: how long a torture suite runs (default 2000).
 //! - Negative controls: `rcu=broken` (synchronize_rcu returns at once), `tlb=skip`

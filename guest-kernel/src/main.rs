@@ -18,6 +18,7 @@ mod locks;
 mod mm;
 mod panic;
 mod percpu;
+mod pvwait;
 mod rcu;
 mod rcu_model;
 mod sched;
@@ -125,6 +126,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),
         "rcuflood" => torture::rcu::flood(1000),
         "rcu-model" => selftest::rcu_model(),
+        "pvwait" => pvwait::run(),
         "bench" => bench::run(),
         "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
         "hang" => {

@@ -96,6 +96,17 @@ impl TicketLock {
         acquired(me);
     }
 
+    /// The first half of `lock` alone (for tests that hold a ticket without waiting):
+    /// returns the ticket, preemption disabled.
+    pub fn take_ticket(&self) -> u32 {
+        self.take(percpu::this())
+    }
+
+    /// The second half of `lock`, for a ticket from `take_ticket` on this CPU.
+    pub fn wait_turn(&self, t: u32) {
+        self.wait(t, percpu::this());
+    }
+
     /// Takes the lock if it is free, else re-enables preemption and returns false.
     pub fn try_lock(&self) -> bool {
         let me = percpu::this();
