@@ -16,9 +16,10 @@ static PINGS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 fn timer(frame: &mut TrapFrame) {
     apic::rearm_tick();
     TICKS[percpu::id() as usize].fetch_add(1, Ordering::Relaxed);
-    crate::sched::tick();
-    // User code and preemptible kernel code are outside any reader.
+    // User code and preemptible kernel code are outside any reader. First: a callback
+    // kthread it wakes here is switched to on this tick's return (sched::tick sees it).
     crate::rcu::tick(idt::from_user(frame) || percpu::preempt_count() == 0);
+    crate::sched::tick();
 }
 
 /// The reschedule IPI: the interrupt return path checks the run queue; a grace period that

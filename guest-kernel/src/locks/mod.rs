@@ -8,8 +8,9 @@
 //! yields too). A waiter keeps h current: when the lock changes hands while it waits, it
 //! names the new holder.
 //!
-//! The kernel's own data structures use [`KernelLock`] (a ticket lock): a tick cannot
-//! preempt a holder, and the host sees holders and waiters.
+//! The kernel's own data structures use [`KernelLock`] (a ticket lock taken test-and-set
+//! style, see ticket.rs): a tick cannot preempt a holder, and the host sees holders and
+//! waiters.
 
 mod mcs;
 mod ticket;
