@@ -134,7 +134,8 @@ pub fn enqueue(t: Arc<Task>) {
 /// runs in thread context (the last RCU reader waking the grace-period kthread), else the
 /// interrupt return. One woken to the tail waits for the next tick, as a task whose turn
 /// it is not: switching to each at once (a callback kthread after every grace period)
-/// would only add switches.
+/// would only add switches. A CPU running its idle task switches at once whatever the
+/// wake-up, which lets the idle loop test one flag instead of taking the run-queue lock.
 fn enqueue_at(t: Arc<Task>, first: bool) {
     let cpu = t.cpu;
     let local = cpu == percpu::id();
@@ -146,7 +147,8 @@ fn enqueue_at(t: Arc<Task>, first: bool) {
             rq.ready.push_back(t);
         }
         // Set before the lock's release, whose preempt_enable is the preemption point.
-        if local && !first {
+        let idle = rq.current.as_ref().is_some_and(|c| c.is_idle);
+        if local && !first && !idle {
             WOKEN_LOCALLY[cpu as usize].store(true, Ordering::Relaxed);
         } else {
             NEED_RESCHED[cpu as usize].store(true, Ordering::Release);
@@ -344,7 +346,8 @@ pub fn idle_loop() -> ! {
     let cpu = percpu::id() as usize;
     loop {
         interrupts::disable();
-        if NEED_RESCHED[cpu].load(Ordering::Acquire) || !RQ[cpu].lock().ready.is_empty() {
+        // Every wake-up of a task on a CPU whose idle task runs sets it (enqueue_at).
+        if NEED_RESCHED[cpu].load(Ordering::Acquire) {
             schedule();
             continue;
         }
