@@ -107,6 +107,11 @@ pub fn serve_requests() {
                 // one must never touch.
                 shared::ack_ipi_wait(sender as u32, me);
                 r.pending.fetch_and(!bit, SeqCst);
+                // A turn the sender lent us (it yielded to us while waiting for this
+                // acknowledgement) goes back to it now (ABI v4).
+                if shared::lent_by(percpu::this()) == Some(sender as u32) {
+                    shared::yield_to(sender as u32);
+                }
             }
         }
     })

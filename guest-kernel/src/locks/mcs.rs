@@ -13,7 +13,9 @@ use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
 use shared_abi::{MAX_VCPUS, NO_VCPU};
 
-use super::{acquired, pv_yield, released, Pacer, RawLock, SlowPath, PV_HALTS, PV_KICKS};
+use super::{
+    acquired, give_back_turn, pv_yield, released, Pacer, RawLock, SlowPath, PV_HALTS, PV_KICKS,
+};
 use crate::arch::{apic, vectors};
 use crate::{percpu, shared};
 
@@ -190,6 +192,7 @@ impl RawLock for McsLock {
                 .is_ok()
             {
                 DEPTH[cpu].fetch_sub(1, Relaxed);
+                give_back_turn(this, self as *const Self as u64);
                 return;
             }
             // A successor swapped the tail but has not linked itself yet.
@@ -212,6 +215,7 @@ impl RawLock for McsLock {
             apic::send_ipi(succ_cpu, vectors::RESCHEDULE);
         }
         DEPTH[cpu].fetch_sub(1, Relaxed);
+        give_back_turn(this, self as *const Self as u64);
     }
 
     fn holder(&self) -> u32 {

@@ -154,6 +154,19 @@ impl Drop for SlowPath {
     }
 }
 
+/// After releasing `lock` on CPU `me`: if this vCPU runs on a turn that a vCPU spinning on
+/// `lock` lent it (the host boosted us for that vCPU's YieldTo), give the turn back, as
+/// ABI v4 asks: we no longer hold the lender up, and the host runs it at once. One load of
+/// our own record when no turn was lent.
+#[inline]
+fn give_back_turn(me: &PerCpu, lock: u64) {
+    if let Some(lender) = shared::lent_by(me) {
+        if shared::spinning_on(lender) == lock {
+            shared::yield_to(lender);
+        }
+    }
+}
+
 fn pv_yield(holder: u32) {
     if holder != NO_VCPU && holder != percpu::id() {
         PV_YIELDS.fetch_add(1, Ordering::Relaxed);

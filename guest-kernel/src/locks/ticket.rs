@@ -17,7 +17,7 @@
 use core::sync::atomic::{AtomicU32, Ordering::*};
 use shared_abi::{MAX_VCPUS, NO_VCPU};
 
-use super::{acquired, pv_yield, released, Pacer, RawLock, SlowPath};
+use super::{acquired, give_back_turn, pv_yield, released, Pacer, RawLock, SlowPath};
 use crate::percpu::{self, PerCpu};
 
 pub struct TicketLock {
@@ -201,8 +201,10 @@ impl RawLock for TicketLock {
     }
 
     fn release(&self) {
-        released(percpu::this());
+        let me = percpu::this();
+        released(me);
         self.owner.fetch_add(1, Release);
+        give_back_turn(me, self as *const Self as u64);
     }
 
     /// The CPU that took the ticket being served: the holder, or the CPU about to hold the

@@ -157,6 +157,26 @@ pub fn ack_ipi_wait(sender: u32, me: u32) {
     }
 }
 
+/// The vCPU that lent the calling vCPU the turn it runs on (`host_lent_by` minus one), if
+/// any: one volatile load of the caller's own record (`cpu` is the caller's block); never
+/// set without a pvsync host.
+#[inline]
+pub fn lent_by(cpu: &PerCpu) -> Option<u32> {
+    // SAFETY: the caller's record (or sink) lives forever; the host half is written by the
+    // host only, read here with one volatile load of an aligned u32.
+    let v = unsafe { read_volatile(addr_of!((*cpu.record()).host_lent_by)) };
+    v.checked_sub(1)
+}
+
+/// The lock CPU `cpu` publishes it spins on (0: none, or no such CPU). One aligned field,
+/// readable without the frame.
+pub fn spinning_on(cpu: u32) -> u64 {
+    // SAFETY: a record of the live region; volatile read of an aligned u64.
+    record_ptr(cpu).map_or(0, |rec| unsafe {
+        read_volatile(addr_of!((*rec).spin_lock))
+    })
+}
+
 /// Whether the host says it keeps CPU `cpu` runnable but descheduled (`host_preempted`);
 /// false without a pvsync host, which never writes it.
 pub fn host_preempted(cpu: u32) -> bool {
