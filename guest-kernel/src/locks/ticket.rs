@@ -9,8 +9,8 @@
 //! CPU takes the ticket being served only while nobody holds it), as Linux's
 //! `virt_spin_lock` does under a hypervisor: a FIFO hand-off to a waiter the hypervisor
 //! preempted stalls every CPU behind it, however short the critical section. Measured on 2
-//! host cores: 64 vCPUs boot in 19 s with FIFO kernel locks (yields and all), 3.4 s
-//! test-and-set; `test=rcuflood` on 4 vCPUs without a pvsync host 20 s FIFO, 4.4 s
+//! host cores: 64 vCPUs boot in about 20 s with FIFO kernel locks (yields and all), 3-4 s
+//! test-and-set; `test=rcuflood` on 4 vCPUs under QEMU (no pvsync host) 20 s FIFO, 4 s
 //! test-and-set. A waiter still names the holder and yields to it, so the host can boost a
 //! preempted holder; only the waiters' order is given up.
 
