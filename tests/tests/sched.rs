@@ -103,20 +103,32 @@ fn only_kvm_ipi_and_pv_boost_a_user_mode_ipi_receiver() {
     );
 }
 
-/// rcutorture: readers get preempted inside read-side sections by the slot scheduler; with
-/// pv a grace period that stays in progress makes them boost candidates. The control (no
-/// boosting) must show none.
+/// rcutorture: readers get preempted inside read-side sections by the slot scheduler. The
+/// grace-period kthread names the holdouts it waits on (the RcuWait hypercall), and with pv
+/// the preempted ones are boosted on that word. The control (no boosting) hears the same
+/// word and boosts nobody.
 #[test]
-fn pv_boosts_a_preempted_rcu_reader_while_a_grace_period_is_overdue() {
-    if !require_kvm("pv_boosts_a_preempted_rcu_reader_while_a_grace_period_is_overdue") {
+fn pv_boosts_the_preempted_holdouts_a_grace_period_names() {
+    if !require_kvm("pv_boosts_the_preempted_holdouts_a_grace_period_names") {
         return;
     }
     let cmd = "test=rcutorture duration=1500";
     let (out, pv) = one_vm("rcu-pv", "pv", cmd);
-    out.check(sum(&pv, 0, "rcu-reader") > 0, "pv boosted a reader");
+    out.check(sum(&pv, 0, "rcu_waits") > 0, "the guest named its holdouts");
+    out.check(
+        sum(&pv, 0, "rcu-reader") + sum(&pv, 0, "rcu-holdout") > 0,
+        "pv boosted a named holdout",
+    );
     let (out, none) = one_vm("rcu-none", "none", cmd);
     out.check(
-        sum(&none, 0, "rcu-reader") + sum(&none, 0, "user_mode_boosts") == 0,
+        sum(&none, 0, "rcu_waits") > 0,
+        "the guest named its holdouts",
+    );
+    out.check(
+        sum(&none, 0, "rcu-reader")
+            + sum(&none, 0, "rcu-holdout")
+            + sum(&none, 0, "user_mode_boosts")
+            == 0,
         "round robin never boosts",
     );
     out.check(sum(&none, 0, "preemptions") > 0, "readers were preempted");
@@ -355,4 +367,26 @@ fn bad_scheduler_flags_are_usage_errors() {
         out.status == Some(EXIT_USAGE) && out.stderr.contains("no kernel"),
         "a VM without a kernel",
     );
+}
+
+/// A lock holder boosted on a waiter's lent turn reads `host_lent_by` and gives the turn
+/// back when it releases the lock: the waiter runs at once instead of at the end of the
+/// boost. Round robin lends nothing, so nothing is given back.
+#[test]
+fn a_boosted_lock_holder_gives_the_lent_turn_back() {
+    if !require_kvm("a_boosted_lock_holder_gives_the_lent_turn_back") {
+        return;
+    }
+    let cmd = "test=locktorture lock=ticket duration=1500";
+    let (out, pv) = one_vm("lend-pv", "pv", cmd);
+    out.check(
+        sum(&pv, 0, "named-by-spinner") + sum(&pv, 0, "lock-holder") > 0,
+        "pv boosted a holder a waiter named",
+    );
+    out.check(
+        sum(&pv, 0, "turns_given_back") > 0,
+        "a boosted holder gave its lent turn back",
+    );
+    let (out, none) = one_vm("lend-none", "none", cmd);
+    out.check(sum(&none, 0, "turns_given_back") == 0, "nothing lent");
 }

@@ -117,6 +117,24 @@ fn tlbtorture_skip(host: Host) {
     );
 }
 
+/// Waiters name whom they wait for and keep the name current (ticket and MCS hand-offs,
+/// `ipi_wait` shrinking as acknowledgements arrive): the guest checks other CPUs' records.
+fn pvwait(host: Host) {
+    let r = suite(host, "test=pvwait", "pvwait", true);
+    assert_eq!(num(&r, "failed"), 0, "{r}");
+    assert_eq!(num(&r, "passed"), 4, "{r}");
+}
+
+/// The x86-TSO model of the grace-period request: clean with the barrier, and the
+/// counterexample found without it, inside the guest too.
+fn rcu_model(host: Host) {
+    let r = suite(host, "test=rcu-model", "rcu-model", true);
+    assert!(
+        num(&r, "states_fence") > 0 && num(&r, "states_no_fence") > 0,
+        "{r}"
+    );
+}
+
 macro_rules! on_both {
     ($($name:ident => $body:expr;)*) => {
         mod pvsync {
@@ -155,4 +173,6 @@ on_both! {
     rcuflood_drains => rcuflood;
     tlbtorture_passes => tlbtorture;
     tlbtorture_skipped_target_is_caught => tlbtorture_skip;
+    waiters_name_whom_they_wait_for => pvwait;
+    rcu_model_needs_the_barrier => rcu_model;
 }
