@@ -355,6 +355,12 @@ fn gp_thread() {
         GP_KTHREAD_WQ.wait_until(|| GP_REQUESTED.load(SeqCst) > GP_COMPLETED.load(SeqCst));
         let n = GP_COMPLETED.load(SeqCst) + 1;
         let start = tsc::now();
+        let me = 1u64 << cpu();
+        // The mask only shrinks while the grace period runs: every CPU first, then each bit is
+        // cleared (atomic AND) by the CPU that reports or by this kthread when it finds the
+        // CPU quiescent; it is never written whole, so a report is never undone and the host
+        // never sees an empty mask with an odd sequence.
+        shared::rcu_holdouts().store(ONLINE.load(SeqCst) | me, SeqCst);
         GP_STARTED.store(n, SeqCst);
         publish_state();
         let mut snap = [0u64; MAX_VCPUS];
@@ -365,9 +371,8 @@ fn gp_thread() {
         report_qs(cpu());
         let nudge_at = start + tsc::us_to_cycles(NUDGE_AFTER_US);
         let mut nudged = false;
-        let me = 1u64 << cpu();
         let first = holdouts(n, &snap);
-        shared::rcu_holdouts().store(first | me, SeqCst);
+        shared::rcu_holdouts().fetch_and(first | me, SeqCst);
         if first != 0 {
             // One exit per grace period that has to wait: the host can run the preempted
             // holdouts (named in the header, with the sequence published above) at once.
@@ -376,7 +381,7 @@ fn gp_thread() {
         GP_KTHREAD_WQ.wait_until(|| {
             let h = holdouts(n, &snap);
             // Published: the holdouts, and this kthread's CPU until the grace period ends.
-            shared::rcu_holdouts().store(h | me, SeqCst);
+            shared::rcu_holdouts().fetch_and(h | me, SeqCst);
             if h != 0 && !nudged && tsc::now() > nudge_at {
                 nudged = true;
                 for c in (0..MAX_VCPUS as u32).filter(|c| h & (1 << c) != 0) {
@@ -385,13 +390,14 @@ fn gp_thread() {
             }
             h == 0
         });
-        shared::rcu_holdouts().store(0, SeqCst);
         let took = tsc::now() - start;
         GP_COMPLETED.store(n, SeqCst);
         GP_MIN.fetch_min(took, SeqCst);
         GP_MAX.fetch_max(took, SeqCst);
         GP_TOTAL.fetch_add(took, SeqCst);
         publish_state();
+        // Cleared only once the even sequence is out.
+        shared::rcu_holdouts().store(0, SeqCst);
         GP_DONE_WQ.wake_all();
         let cpus = ONLINE.load(SeqCst);
         for c in (0..MAX_VCPUS).filter(|c| cpus & (1 << c) != 0) {

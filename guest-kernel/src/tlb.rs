@@ -93,7 +93,8 @@ pub fn serve_requests() {
     }
     // Interrupts off: a TLB IPI nesting in here could serve and acknowledge the request this
     // loop is reading, and this loop would then acknowledge the sender's next one unflushed.
-    x86_64::instructions::interrupts::without_interrupts(|| {
+    let give_back = x86_64::instructions::interrupts::without_interrupts(|| {
+        let mut give_back = None;
         let bit = 1u64 << me;
         // A sender announces after publishing `pending`, so a bit taken here finds its
         // request; one announced after the swap is found next time (or by its IPI).
@@ -107,14 +108,19 @@ pub fn serve_requests() {
                 // one must never touch.
                 shared::ack_ipi_wait(sender as u32, me);
                 r.pending.fetch_and(!bit, SeqCst);
-                // A turn the sender lent us (it yielded to us while waiting for this
-                // acknowledgement) goes back to it now (ABI v4).
                 if shared::lent_by(percpu::this()) == Some(sender as u32) {
-                    shared::yield_to(sender as u32);
+                    give_back = Some(sender as u32);
                 }
             }
         }
-    })
+        give_back
+    });
+    // A turn the sender lent us (it yielded to us while waiting for this acknowledgement)
+    // goes back to it once every request found here is served, with interrupts as they
+    // were (ABI v4).
+    if let Some(lender) = give_back {
+        shared::yield_to(lender);
+    }
 }
 
 fn ipi(_: &mut TrapFrame) {

@@ -253,8 +253,6 @@ fn problems(reps: usize) {
         row(label, &med(&gp_max[s]), "");
     }
     ratios(&gp_max, "grace period max / the 1:1 run");
-
-    stacking(reps);
 }
 
 /// Part 2b: sibling stacking and lock throughput, wake-affine against spread: 2 VMs x 4

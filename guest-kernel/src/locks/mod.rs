@@ -122,6 +122,10 @@ impl Pacer {
 struct SlowPath {
     lock: u64,
     named: Option<u32>,
+    /// What was published before this slow path first named someone: an interrupt handler
+    /// that spins on a kernel lock while the code it interrupted waits on another must leave
+    /// that wait published as it found it.
+    outer: (u64, u32),
 }
 
 impl SlowPath {
@@ -129,6 +133,7 @@ impl SlowPath {
         SlowPath {
             lock: lock as *const L as u64,
             named: None,
+            outer: (0, NO_VCPU),
         }
     }
 
@@ -140,6 +145,9 @@ impl SlowPath {
     /// Publishes `holder` as the vCPU in the way, if it is not already.
     fn name(&mut self, holder: u32) {
         if self.named != Some(holder) {
+            if self.named.is_none() {
+                self.outer = shared::own_spin();
+            }
             shared::set_spin(self.lock, holder);
             self.named = Some(holder);
         }
@@ -149,7 +157,7 @@ impl SlowPath {
 impl Drop for SlowPath {
     fn drop(&mut self) {
         if self.named.is_some() {
-            shared::set_spin(0, NO_VCPU);
+            shared::set_spin(self.outer.0, self.outer.1);
         }
     }
 }
@@ -160,6 +168,11 @@ impl Drop for SlowPath {
 /// our own record when no turn was lent.
 #[inline]
 fn give_back_turn(me: &PerCpu, lock: u64) {
+    // Only with no lock left held: a vCPU that queues while holding another lock would hold
+    // up whoever waits for that one.
+    if me.locks_held() != 0 {
+        return;
+    }
     if let Some(lender) = shared::lent_by(me) {
         if shared::spinning_on(lender) == lock {
             shared::yield_to(lender);

@@ -7,7 +7,7 @@ mod record;
 
 pub use hypercall::{idle, rcu_wait, send_ipi, yield_to};
 pub use record::{
-    ack_ipi_wait, host_preempted, lent_by, set_ipi_wait, set_locks_held, set_mode,
+    ack_ipi_wait, host_preempted, lent_by, own_spin, set_ipi_wait, set_locks_held, set_mode,
     set_preempt_count, set_rcu_nesting, set_spin, snapshot, spinning_on,
 };
 
@@ -127,13 +127,18 @@ fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
 }
 
 /// Publishes the RCU grace-period sequence and callback backlog in the header. Any CPU may
-/// call this: each field is one aligned 64-bit store.
+/// call this. The sequence only moves forward (an atomic max: a CPU preempted between
+/// computing it and storing it must not take it back, or the host would read the grace
+/// period in progress as over); the backlog is one aligned store, a hint.
 pub fn set_rcu_header(gp_seq: u64, pending: u64) {
     if let Some(r) = REGION.get() {
         let h = r.base as *mut PageHeader;
-        // SAFETY: the header lies in the live region; single aligned stores.
+        // SAFETY: the header lies in the live region for the kernel's lifetime; `rcu_gp_seq`
+        // is 8-byte aligned (offset 32 of a 64-byte aligned header) and the guest only
+        // updates it atomically (the host only reads it); the backlog is a single aligned
+        // store.
         unsafe {
-            write_volatile(addr_of_mut!((*h).rcu_gp_seq), gp_seq);
+            AtomicU64::from_ptr(addr_of_mut!((*h).rcu_gp_seq)).fetch_max(gp_seq, Ordering::SeqCst);
             write_volatile(addr_of_mut!((*h).rcu_callbacks_pending), pending);
         }
     }

@@ -90,6 +90,18 @@ pub fn set_mode(mode: VcpuMode) {
     });
 }
 
+/// What this CPU has published as (lock it spins on, vCPU in the way).
+pub fn own_spin() -> (u64, u32) {
+    let rec = percpu::record();
+    // SAFETY: this CPU is the only writer of these fields; volatile reads of our own stores.
+    unsafe {
+        (
+            read_volatile(addr_of!((*rec).spin_lock)),
+            read_volatile(addr_of!((*rec).spin_holder)),
+        )
+    }
+}
+
 /// Publishes "spinning on `lock`, held by `holder`" (lock 0 and NO_VCPU: not spinning).
 /// One frame: the host never pairs a lock with the holder of another.
 pub fn set_spin(lock: u64, holder: u32) {

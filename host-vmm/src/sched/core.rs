@@ -14,6 +14,9 @@ use crate::shared_region::{Problems, Snapshot};
 
 /// How often the policies' periodic look (`on_tick`) runs.
 pub const POLICY_PERIOD: Nanos = 1_000_000;
+/// RcuWait words acted on per grace period (the start, and the last holdout; one spare for
+/// a race between two last holdouts).
+const RCU_WORDS_PER_GP: u32 = 3;
 /// How often the load balancer looks.
 pub const BALANCE_PERIOD: Nanos = 4_000_000;
 
@@ -132,8 +135,8 @@ pub struct Core {
     kicks: LatencyHistogram,
     /// What the policies are told a boost costs (refreshed at each policy look).
     costs: Costs,
-    /// `host_lent_by` values to publish: (vCPU key, lender's VM-local id + 1, or 0).
-    lend_changes: Vec<(usize, u32)>,
+    /// Per VM: the last grace period it named holdouts for (RcuWait), and how often.
+    rcu_words: Vec<(u32, u32)>,
 }
 
 impl Core {
@@ -157,7 +160,7 @@ impl Core {
                 boost_ns: 0,
                 slice_ns: 0,
             },
-            lend_changes: Vec::new(),
+            rcu_words: Vec::new(),
         }
     }
 
@@ -219,6 +222,7 @@ impl Core {
             metrics: VmMetrics::default(),
         });
         self.ledger.add_vm();
+        self.rcu_words.push((0, 0));
         (vm, first)
     }
 
@@ -280,9 +284,7 @@ impl Core {
         match c.state {
             RunState::Running { slot } => {
                 c.metrics.run_ns += spent;
-                if c.lent_by.take().is_some() {
-                    self.lend_changes.push((v, 0));
-                }
+                c.lent_by = None;
                 let boosted = c.boost.take().is_some();
                 if boosted {
                     // The budget was charged when the boost was granted; settle the rest.
@@ -343,7 +345,9 @@ impl Core {
     fn pick(&mut self, slot: usize) -> Option<usize> {
         let q = &self.slots[slot].queue;
         let head = *q.front()?;
-        if self.vcpus[head].boost.is_some() {
+        // A boost, or a lender back from its directed yield (the rest of its own turn), runs
+        // as queued: the ledger substitution is for ordinary turns.
+        if self.vcpus[head].boost.is_some() || self.vcpus[head].resume_end.is_some() {
             return Some(head);
         }
         let head_vm = self.vcpus[head].vm;
@@ -354,6 +358,13 @@ impl Core {
             }
         }
         Some(head)
+    }
+
+    /// Whether queued `v` may move to another slot: not a boost (it stays where its booster
+    /// put it) and not a lender waiting right behind the vCPU it lent its turn to.
+    fn movable(&self, v: usize) -> bool {
+        let c = &self.vcpus[v];
+        c.boost.is_none() && c.resume_end.is_none()
     }
 
     /// vCPUs of `vm` on `slot` (running or queued), `except` left out.
@@ -379,7 +390,7 @@ impl Core {
                     .iter()
                     .rev()
                     .copied()
-                    .filter(|&v| self.vcpus[v].boost.is_none())
+                    .filter(|&v| self.movable(v))
             })
         };
         if self.cfg.placement == Placement::Spread {
@@ -402,7 +413,7 @@ impl Core {
         for from in 0..self.slots.len() {
             for &v in self.slots[from].queue.iter() {
                 let c = &self.vcpus[v];
-                if c.boost.is_some() || self.siblings_on(from, c.vm, v) == 0 {
+                if !self.movable(v) || self.siblings_on(from, c.vm, v) == 0 {
                     continue;
                 }
                 let to = (0..self.slots.len())
@@ -445,7 +456,7 @@ impl Core {
         if load(&self.slots[busy]) < load(&self.slots[light]) + 2 {
             return;
         }
-        let movable = |v: &&usize| self.vcpus[**v].boost.is_none();
+        let movable = |v: &&usize| self.movable(**v);
         let q = &self.slots[busy].queue;
         // With `spread`, a waiter that has no sibling where it goes first.
         let pick = q
@@ -472,6 +483,11 @@ impl Core {
         let Some(v) = self.pick(slot).or_else(|| self.steal_for(slot)) else {
             return;
         };
+        self.start_turn(v, slot, now, fx);
+    }
+
+    /// Gives free `slot` to `v` (queued, or starting).
+    fn start_turn(&mut self, v: usize, slot: usize, now: Nanos, fx: &mut Effects) {
         self.set_state(v, RunState::Running { slot }, now);
         self.slots[slot].running = Some(v);
         let slice = self.cfg.slice;
@@ -668,12 +684,17 @@ impl Core {
         if let Some(n) = named.and_then(|n| self.local(vm, n)) {
             self.vcpus[n].metrics.named_by_yields += 1;
             if self.vcpus[v].lent_by == Some(n) {
-                // It gives back the turn `n` lent it (it no longer holds `n` up): `n`, queued
-                // right behind, runs at once; this vCPU queues as after any turn.
+                // It gives back the turn `n` lent it (it no longer holds `n` up): `n` runs at
+                // once on this slot, with what is left of its turn; this vCPU queues as after
+                // any turn.
                 self.vcpus[v].metrics.turns_given_back += 1;
                 let to = self.place(v, Cause::Requeue);
                 self.set_state(v, RunState::Queued { slot }, now);
-                self.dispatch(slot, now, fx);
+                if matches!(self.vcpus[n].state, RunState::Queued { .. }) {
+                    self.start_turn(n, slot, now, fx);
+                } else {
+                    self.dispatch(slot, now, fx);
+                }
                 self.enqueue(v, to, false, now, fx);
                 self.settle(now, fx);
                 return;
@@ -704,7 +725,6 @@ impl Core {
         let target = self.local(vm, decision.map_or(0, |b| b.vcpu));
         if let Some(t) = target {
             self.vcpus[t].lent_by = Some(v);
-            self.lend_changes.push((t, index + 1));
         }
         let q = &mut self.slots[slot].queue;
         let after = target
@@ -948,7 +968,17 @@ impl Core {
         else {
             return;
         };
-        self.costs = self.costs();
+        // The guest names a grace period's holdouts once when it starts waiting and once for
+        // its last one; more words for the same grace period are ignored (a flood would hold
+        // the scheduler's lock for every VM).
+        let words = &mut self.rcu_words[vm];
+        if words.0 != seq {
+            *words = (seq, 0);
+        }
+        if words.1 >= RCU_WORDS_PER_GP {
+            return;
+        }
+        words.1 += 1;
         let states = self.policy_states(vm, now);
         let input = self.input(now, &states, Some(snap));
         let boosts = self.vms[vm].policy.on_rcu_wait(&input);
@@ -1084,14 +1114,14 @@ impl Core {
         Some((&m.metrics, vcpus))
     }
 
-    /// `host_lent_by` values changed since the last call: (vCPU key, value to publish).
-    pub fn take_lend_changes(&mut self) -> Vec<(usize, u32)> {
-        std::mem::take(&mut self.lend_changes)
-    }
-
-    /// VM `vm`'s shared-region index of key `v`, if `v` belongs to it.
-    pub fn vm_index(&self, v: usize) -> Option<(usize, u32)> {
-        self.vcpus.get(v).map(|c| (c.vm, c.index))
+    /// What `v`'s `host_lent_by` must read during its current turn: the lender's VM-local
+    /// id + 1, or 0. Only the vCPU's own thread publishes it, before it enters KVM_RUN.
+    pub fn lent_value(&self, v: usize) -> u32 {
+        self.vcpus
+            .get(v)
+            .filter(|c| matches!(c.state, RunState::Running { .. }))
+            .and_then(|c| c.lent_by)
+            .map_or(0, |l| self.vcpus[l].index + 1)
     }
 
     pub fn take_trace(&mut self) -> Option<Trace> {

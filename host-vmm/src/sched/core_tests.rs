@@ -423,24 +423,56 @@ fn a_lent_turn_is_published_and_given_back() {
     let mut c = core(2, Placement::Spread);
     c.add_vm(policy::by_name("pv").unwrap(), 4);
     let mut fx = start_all(&mut c, 4);
-    c.take_lend_changes();
-    // 0 waits for 3 (queued): 3 runs on 0's turn, and its record says who lent it.
+    // 0 waits for 3 (queued): 3 runs on 0's turn, and its record will say who lent it.
     c.spin_yield(0, Some(3), None, MS, &mut fx);
     assert!(c.is_running(3));
-    assert_eq!(c.take_lend_changes(), vec![(3, 1)], "lent by vCPU 0");
+    assert_eq!(c.lent_value(3), 1, "lent by vCPU 0");
+    assert_eq!(c.lent_value(0), 0);
     // 3 yields naming its lender: the turn goes back to 0 at once, 3 queues.
     let mut fx = Effects::default();
     c.spin_yield(3, Some(0), None, MS + 100_000, &mut fx);
     assert_eq!(fx.run, vec![0]);
     assert!(c.is_running(0) && !c.is_running(3));
-    assert_eq!(c.take_lend_changes(), vec![(3, 0)], "no longer lent");
+    assert_eq!(c.lent_value(3), 0, "no longer lent");
     let (_, m) = c.vm_metrics(0, 0).unwrap();
     assert_eq!(m[3].turns_given_back, 1);
     // Naming a vCPU that lent it nothing is an ordinary yield (0 runs: keep spinning).
     let mut fx = Effects::default();
     c.spin_yield(1, Some(0), None, 2 * MS, &mut fx);
     assert!(c.is_running(1));
-    assert!(c.take_lend_changes().is_empty());
+}
+
+#[test]
+fn a_lender_keeps_its_place_and_gets_its_turn_back_first() {
+    // 2 VMs x 2 vCPUs on 2 slots: a0 (key 0) lends its turn to a1 (key 1). Spread must not
+    // move a0 away from the slot it lent, and the give-back runs a0 even though its VM owes
+    // boosted time and b-vCPUs wait.
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 2);
+    c.add_vm(Box::new(NoBoost), 2);
+    let mut fx = start_all(&mut c, 4);
+    let slot_of = |c: &Core, v| match c.state(v) {
+        Some(RunState::Running { slot } | RunState::Queued { slot }) => slot,
+        other => panic!("{v} is {other:?}"),
+    };
+    // Slot 0: a0 runs, b0 queued; slot 1: a1 runs, b1 queued. a1's slice ends: b1 runs.
+    assert_eq!(running(&c), vec![Some(0), Some(1)]);
+    c.preempt(1, Cpl::Kernel, 3 * MS, &mut fx);
+    assert!(c.is_running(0) && matches!(c.state(1), Some(RunState::Queued { .. })));
+    let lent_slot = slot_of(&c, 0);
+    c.spin_yield(0, Some(1), None, 4 * MS, &mut fx);
+    assert!(c.is_running(1));
+    assert_eq!(slot_of(&c, 1), lent_slot, "a1 runs on a0's turn");
+    let mut fx = Effects::default();
+    c.tick(4 * MS + 10_000, &mut no_snapshot, &mut fx);
+    assert_eq!(
+        slot_of(&c, 0),
+        lent_slot,
+        "the lender stays behind its turn"
+    );
+    c.spin_yield(1, Some(0), None, 4 * MS + 50_000, &mut fx);
+    assert!(c.is_running(0), "given back: the lender runs at once");
+    assert_eq!(slot_of(&c, 0), lent_slot);
 }
 
 /// A snapshot of a VM of `n` vCPUs, all in the kernel outside readers, with a grace period

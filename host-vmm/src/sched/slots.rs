@@ -7,7 +7,7 @@
 //! thread handed a slot is moved to that slot's CPU before it is woken, which is the CPU
 //! the thread giving the slot up runs on (`--pin-slots`, on by default).
 
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,9 +35,6 @@ const WAIT_RECHECK: Duration = Duration::from_millis(20);
 /// A VM's guest view while a tick uses it: the view, its vCPU 0's key, its vCPU count.
 type LiveView = (Arc<dyn GuestView>, usize, usize);
 
-/// `host_lent_by` stores to make once the lock is released: (view, vCPU index, value).
-type LendWrites = Vec<(Arc<dyn GuestView>, u32, u32)>;
-
 struct Inner {
     core: Core,
     /// Per VM: its guest view, the key of its vCPU 0, its vCPU count.
@@ -61,6 +58,13 @@ struct Thread {
     cpu: AtomicI32,
     /// The host CPU it should be on when next woken (-1: leave it).
     want_cpu: AtomicI32,
+    /// What its record's `host_lent_by` must read this turn (set under the lock with `go`),
+    /// and what this thread last wrote there: the thread itself is the field's only writer,
+    /// before it enters KVM_RUN, so stores to it can never land out of order.
+    lent: AtomicU32,
+    lent_published: AtomicU32,
+    /// Its VM's view and its index there.
+    view: Mutex<Option<(Weak<dyn GuestView>, u32)>>,
 }
 
 impl Default for Thread {
@@ -73,6 +77,9 @@ impl Default for Thread {
             tid: AtomicI32::new(0),
             cpu: AtomicI32::new(-1),
             want_cpu: AtomicI32::new(-1),
+            lent: AtomicU32::new(0),
+            lent_published: AtomicU32::new(0),
+            view: Mutex::new(None),
         }
     }
 }
@@ -182,6 +189,7 @@ impl SlotBackend {
                     let cpu = self.slot_cpus.get(slot).map_or(-1, |&c| c as i32);
                     t.want_cpu.store(cpu, Ordering::Relaxed);
                 }
+                t.lent.store(core.lent_value(v), Ordering::Relaxed);
                 t.go.store(core.may_proceed(v), Ordering::Release);
             }
         }
@@ -232,7 +240,6 @@ impl SlotBackend {
     /// then carries out the effects.
     fn with_core(&self, own: Option<usize>, f: impl FnOnce(&mut Core, Nanos, &mut Effects)) {
         let mut fx = Effects::default();
-        let lends;
         {
             let mut g = self.lock();
             let now = self.now();
@@ -241,33 +248,31 @@ impl SlotBackend {
             if let Some(v) = own {
                 self.sync_go(&g.core, v);
             }
-            lends = Self::lends(&mut g);
-        }
-        // Before any wake: a vCPU boosted on a lent turn must see its lender when it runs.
-        for (view, index, value) in lends {
-            view.publish_lent_by(index, value);
         }
         self.apply(fx);
     }
 
-    /// The core's `host_lent_by` changes, resolved to the VMs' views (under the lock; the
-    /// stores and the views' last references are dropped after it).
-    fn lends(g: &mut Inner) -> LendWrites {
-        let changes = g.core.take_lend_changes();
-        changes
-            .into_iter()
-            .filter_map(|(v, value)| {
-                let (vm, index) = g.core.vm_index(v)?;
-                let view = g.views.get(vm)?.0.upgrade()?;
-                Some((view, index, value))
-            })
-            .collect()
-    }
-
-    /// Sets `v`'s `go` flag from the core (under the lock).
+    /// Sets `v`'s `go` flag (and what its turn's `host_lent_by` is) from the core, under the
+    /// lock.
     fn sync_go(&self, core: &Core, v: usize) {
         if let Some(t) = self.thread(v) {
+            t.lent.store(core.lent_value(v), Ordering::Relaxed);
             t.go.store(core.may_proceed(v), Ordering::Release);
+        }
+    }
+
+    /// On `v`'s own thread, before KVM_RUN: its record's `host_lent_by` says who lent this
+    /// turn (one store when it changed).
+    fn publish_lent(&self, t: &Thread) {
+        let want = t.lent.load(Ordering::Relaxed);
+        if t.lent_published.swap(want, Ordering::Relaxed) == want {
+            return;
+        }
+        let view = t.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((view, index)) = view {
+            if let Some(view) = view.upgrade() {
+                view.publish_lent_by(index, want);
+            }
         }
     }
 
@@ -279,6 +284,7 @@ impl SlotBackend {
             return;
         };
         if t.go.load(Ordering::Acquire) {
+            self.publish_lent(&t);
             return;
         }
         loop {
@@ -307,6 +313,7 @@ impl SlotBackend {
         }
         let now = self.now();
         self.lock().core.entered(v, now);
+        self.publish_lent(&t);
     }
 
     /// Stops the ticker; returns the trace if one was recorded.
@@ -326,6 +333,9 @@ impl SlotBackend {
         let next;
         // Upgraded here and dropped after the lock is released: if a VM ends meanwhile, the
         // last reference (and the VM's teardown) must not fall under the scheduler's lock.
+        // One time for the whole look: whether the policies look is decided once (with the
+        // snapshots taken for it), not again a moment later.
+        let look = self.now();
         let (views, policy_due): (Vec<Option<LiveView>>, bool) = {
             let g = self.lock();
             let views = g
@@ -333,7 +343,7 @@ impl SlotBackend {
                 .iter()
                 .map(|(w, first, len)| w.upgrade().map(|v| (v, *first, *len)))
                 .collect();
-            (views, g.core.policy_due(self.now()))
+            (views, g.core.policy_due(look))
         };
         let mut snaps: Vec<Option<Result<Snapshot, ()>>> = if policy_due {
             views
@@ -344,10 +354,9 @@ impl SlotBackend {
             Vec::new()
         };
         let mut host_fields = Vec::new();
-        let lends;
         {
             let mut g = self.lock();
-            let now = self.now();
+            let now = look;
             let core = &mut g.core;
             let mut snapshot = |vm: usize| snaps.get_mut(vm).and_then(Option::take);
             core.tick(now, &mut snapshot, &mut fx);
@@ -367,10 +376,6 @@ impl SlotBackend {
             let min = MIN_TICK.as_nanos() as Nanos;
             next = core.next_tick(now, min, TICK.as_nanos() as Nanos) - now;
             self.mark(core, &fx);
-            lends = Self::lends(&mut g);
-        }
-        for (view, index, value) in lends {
-            view.publish_lent_by(index, value);
         }
         for (vm, i, (p, ns, boosts)) in host_fields {
             if let Some((view, ..)) = views.get(vm).and_then(Option::as_ref) {
@@ -421,9 +426,12 @@ impl Backend for SlotBackend {
     ) -> VmHandle {
         let mut g = self.lock();
         let (vm, first) = g.core.add_vm(policy, vcpus);
-        g.views.push((view, first, vcpus));
+        g.views.push((view.clone(), first, vcpus));
         let mut threads = self.threads.write().unwrap_or_else(|e| e.into_inner());
         threads.resize_with(first + vcpus, Default::default);
+        for (i, t) in threads[first..].iter().enumerate() {
+            *t.view.lock().unwrap_or_else(|e| e.into_inner()) = Some((view.clone(), i as u32));
+        }
         VmHandle { vm, first }
     }
 
@@ -487,6 +495,8 @@ impl Backend for SlotBackend {
     fn exit(&self, v: usize) {
         if let Some(t) = self.thread(v) {
             *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            // No affinity change may reach a thread id the kernel has since reused.
+            t.tid.store(0, Ordering::Relaxed);
         }
         self.with_core(Some(v), |c, now, fx| c.exit(v, now, fx));
     }
