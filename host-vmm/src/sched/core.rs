@@ -413,10 +413,7 @@ impl Core {
         for from in 0..self.slots.len() {
             for &v in self.slots[from].queue.iter() {
                 let c = &self.vcpus[v];
-                // One that has waited two slices stays: moving it would send it to the back
-                // of another queue.
-                if !self.movable(v) || self.siblings_on(from, c.vm, v) == 0 || self.starving(v, now)
-                {
+                if !self.movable(v) || self.siblings_on(from, c.vm, v) == 0 {
                     continue;
                 }
                 let to = (0..self.slots.len())
