@@ -413,7 +413,10 @@ impl Core {
         for from in 0..self.slots.len() {
             for &v in self.slots[from].queue.iter() {
                 let c = &self.vcpus[v];
-                if !self.movable(v) || self.siblings_on(from, c.vm, v) == 0 {
+                // One that has waited two slices stays: moving it would send it to the back
+                // of another queue.
+                if !self.movable(v) || self.siblings_on(from, c.vm, v) == 0 || self.starving(v, now)
+                {
                     continue;
                 }
                 let to = (0..self.slots.len())
