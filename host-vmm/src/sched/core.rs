@@ -1023,7 +1023,14 @@ impl Core {
         let mut stacked = vec![false; self.vms.len()];
         for s in &self.slots {
             on_slot.iter_mut().for_each(|c| *c = 0);
-            for &v in s.running.iter().chain(s.queue.iter()) {
+            // A spinner queued behind the vCPU it lent its turn to sits there on purpose
+            // (a directed yield), not by placement: it is not stacking.
+            for &v in s
+                .running
+                .iter()
+                .chain(s.queue.iter())
+                .filter(|&&v| self.vcpus[v].resume_end.is_none())
+            {
                 let vm = self.vcpus[v].vm;
                 on_slot[vm] += 1;
                 if on_slot[vm] >= 2 {

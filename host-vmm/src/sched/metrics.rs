@@ -67,7 +67,8 @@ impl VcpuMetrics {
 pub struct VmMetrics {
     /// Scheduler ticks sampled while the VM was live, the time they cover, and the part of
     /// it in which at least two of its vCPUs sat on the same slot (running or queued): ticks
-    /// come at uneven intervals, so the fraction is weighted by time.
+    /// come at uneven intervals, so the fraction is weighted by time. A spinner queued behind
+    /// the vCPU it lent its turn to (a directed yield) does not count: it is there on purpose.
     pub samples: u64,
     pub sampled_ns: u64,
     pub stacked_ns: u64,
