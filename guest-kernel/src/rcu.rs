@@ -93,8 +93,18 @@ pub fn read_unlock() {
     me.preempt_enable();
     // Tasks never migrate, so this still runs on CPU `c`. Task context with nothing held:
     // the kthread may be woken from here (the last holdout ends the wait at once).
-    if n == 0 && percpu::preempt_count() == 0 && report_qs(c) {
-        last_holdout();
+    if n == 0 && percpu::preempt_count() == 0 {
+        if report_qs(c) {
+            last_holdout();
+        }
+        // A turn the host gave because the grace period waited on this CPU goes back now
+        // that it no longer does (the kthread's CPU holds it until the kthread has run).
+        if shared::boosted_for_grace_period(me)
+            && c as u64 != GP_CPU.load(SeqCst)
+            && QS_GP[c].load(SeqCst) >= GP_STARTED.load(SeqCst)
+        {
+            shared::yield_to(c as u32);
+        }
     }
 }
 

@@ -154,7 +154,9 @@ pub struct VcpuRecord {
     /// While this vCPU runs on a turn another vCPU lent it (the host boosted it for a
     /// `YieldTo` of that vCPU): the lender's id plus one; else 0. Host (ABI v4). A guest that
     /// no longer holds the lender up (it released the lock, acknowledged the IPI) gives the
-    /// turn back with `YieldTo(lender)`.
+    /// turn back with `YieldTo(lender)`. [`crate::NO_VCPU`]: a turn the host gave because a
+    /// grace period waits on this vCPU (RcuWait); given back with `YieldTo(own id)` once the
+    /// vCPU has reported its quiescent state.
     pub host_lent_by: u32,
     /// 1 while the host has this vCPU descheduled, else 0. Host.
     pub host_preempted: u32,

@@ -7,8 +7,8 @@ mod record;
 
 pub use hypercall::{idle, rcu_wait, send_ipi, yield_to};
 pub use record::{
-    ack_ipi_wait, host_preempted, lent_by, own_spin, set_ipi_wait, set_locks_held, set_mode,
-    set_preempt_count, set_rcu_nesting, set_spin, snapshot, spinning_on,
+    ack_ipi_wait, boosted_for_grace_period, host_preempted, lent_by, own_spin, set_ipi_wait,
+    set_locks_held, set_mode, set_preempt_count, set_rcu_nesting, set_spin, snapshot, spinning_on,
 };
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};

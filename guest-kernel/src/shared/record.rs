@@ -180,6 +180,14 @@ pub fn lent_by(cpu: &PerCpu) -> Option<u32> {
     v.checked_sub(1)
 }
 
+/// Whether the host runs this vCPU on a turn it gave because a grace period waits on it
+/// (`host_lent_by == NO_VCPU`, ABI v4): the turn goes back with `YieldTo(self)` once this
+/// CPU has reported its quiescent state.
+pub fn boosted_for_grace_period(cpu: &PerCpu) -> bool {
+    // SAFETY: as in `lent_by`: one volatile load of an aligned host-written u32.
+    unsafe { read_volatile(addr_of!((*cpu.record()).host_lent_by)) == shared_abi::NO_VCPU }
+}
+
 /// The lock CPU `cpu` publishes it spins on (0: none, or no such CPU). One aligned field,
 /// readable without the frame.
 pub fn spinning_on(cpu: u32) -> u64 {

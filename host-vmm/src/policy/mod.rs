@@ -148,6 +148,11 @@ impl BoostReason {
         BoostReason::RcuHoldout,
     ];
 
+    /// A grace period waits on the boosted vCPU.
+    pub fn is_rcu(self) -> bool {
+        matches!(self, BoostReason::RcuReader | BoostReason::RcuHoldout)
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             BoostReason::DirectedYield => "directed-yield",

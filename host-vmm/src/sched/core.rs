@@ -17,6 +17,8 @@ pub const POLICY_PERIOD: Nanos = 1_000_000;
 /// RcuWait words acted on per grace period (the start, and the last holdout; one spare for
 /// a race between two last holdouts).
 const RCU_WORDS_PER_GP: u32 = 3;
+/// An RCU boost's turn, in boost budgets (the guest gives it back as soon as it reports).
+const RCU_BOOST_BUDGETS: Nanos = 4;
 /// How often the load balancer looks.
 pub const BALANCE_PERIOD: Nanos = 4_000_000;
 
@@ -634,6 +636,13 @@ impl Core {
             self.vcpus[v].metrics.boosts_refused += 1;
             return false;
         };
+        // A vCPU boosted because a grace period waits on it runs until it has reported its
+        // quiescent state (the guest gives the turn back then), up to a few budgets.
+        let budget = if reason.is_rcu() {
+            (RCU_BOOST_BUDGETS * budget).min(self.cfg.slice.max(budget))
+        } else {
+            budget
+        };
         // Charged now, so that boosts granted together cannot exceed the cap.
         self.ledger.borrowed(vm, budget);
         self.vcpus[v].boost = Some(reason);
@@ -684,6 +693,17 @@ impl Core {
         let RunState::Running { slot } = c.state else {
             return;
         };
+        if named == Some(index) && self.vcpus[v].boost.is_some_and(BoostReason::is_rcu) {
+            // A turn given on a grace period's word, given back: the vCPU has reported its
+            // quiescent state. It queues as after any turn.
+            self.vcpus[v].metrics.turns_given_back += 1;
+            let to = self.place(v, Cause::Requeue);
+            self.set_state(v, RunState::Queued { slot }, now);
+            self.dispatch(slot, now, fx);
+            self.enqueue(v, to, false, now, fx);
+            self.settle(now, fx);
+            return;
+        }
         if let Some(n) = named.and_then(|n| self.local(vm, n)) {
             self.vcpus[n].metrics.named_by_yields += 1;
             if self.vcpus[v].lent_by == Some(n) {
@@ -1126,12 +1146,20 @@ impl Core {
 
     /// What `v`'s `host_lent_by` must read during its current turn: the lender's VM-local
     /// id + 1, or 0. Only the vCPU's own thread publishes it, before it enters KVM_RUN.
+    /// `NO_VCPU` for a turn the host gave on a grace period's word (RCU boosts): given back
+    /// with `YieldTo(itself)` once the vCPU has reported its quiescent state.
     pub fn lent_value(&self, v: usize) -> u32 {
-        self.vcpus
+        let Some(c) = self
+            .vcpus
             .get(v)
             .filter(|c| matches!(c.state, RunState::Running { .. }))
-            .and_then(|c| c.lent_by)
-            .map_or(0, |l| self.vcpus[l].index + 1)
+        else {
+            return 0;
+        };
+        if c.boost.is_some_and(BoostReason::is_rcu) {
+            return shared_abi::NO_VCPU;
+        }
+        c.lent_by.map_or(0, |l| self.vcpus[l].index + 1)
     }
 
     pub fn take_trace(&mut self) -> Option<Trace> {

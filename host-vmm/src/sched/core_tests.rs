@@ -530,6 +530,15 @@ fn rcu_wait_boosts_the_preempted_holdouts_at_once() {
     assert_eq!(m[0].rcu_waits, 2);
     c.preempt(1, Cpl::Kernel, MS + 50_000, &mut fx);
     assert!(c.is_running(3));
+    // Its turn was given on the grace period's word: its record says so, and it lasts
+    // longer than an ordinary boost unless the vCPU gives it back after reporting.
+    assert_eq!(c.lent_value(3), shared_abi::NO_VCPU);
+    let mut fx = Effects::default();
+    c.tick(MS + 50_000 + c.config().boost_budget + 1, &mut no_snapshot, &mut fx);
+    assert!(fx.kick.is_empty(), "an RCU boost outlasts one budget");
+    c.spin_yield(3, Some(3), None, 2 * MS, &mut fx);
+    assert!(!c.is_running(3), "given back with YieldTo(itself)");
+    assert_eq!(c.vm_metrics(0, 0).unwrap().1[3].turns_given_back, 1);
 }
 
 #[test]
