@@ -142,6 +142,16 @@ impl SlowPath {
         self.named
     }
 
+    /// One slow round of a ticket waiter: names `taker` (the CPU holding the ticket being
+    /// served; not known yet when it took it a moment ago: keep the last name), offers it
+    /// this vCPU's time, and serves shootdowns aimed here meanwhile.
+    fn offer(&mut self, taker: Option<u32>) {
+        let h = taker.or(self.named()).unwrap_or(NO_VCPU);
+        self.name(h);
+        pv_yield(h);
+        crate::tlb::serve_requests();
+    }
+
     /// Publishes `holder` as the vCPU in the way, if it is not already.
     fn name(&mut self, holder: u32) {
         if self.named != Some(holder) {

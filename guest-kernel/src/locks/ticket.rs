@@ -17,7 +17,7 @@
 use core::sync::atomic::{AtomicU32, Ordering::*};
 use shared_abi::{MAX_VCPUS, NO_VCPU};
 
-use super::{acquired, give_back_turn, pv_yield, released, Pacer, RawLock, SlowPath};
+use super::{acquired, give_back_turn, released, Pacer, RawLock, SlowPath};
 use crate::percpu::{self, PerCpu};
 
 pub struct TicketLock {
@@ -148,10 +148,7 @@ impl TicketLock {
             }
             core::hint::spin_loop();
             if pacer.due() {
-                let h = self.taker(owner).or(slow.named()).unwrap_or(NO_VCPU);
-                slow.name(h);
-                pv_yield(h);
-                crate::tlb::serve_requests();
+                slow.offer(self.taker(owner));
             }
         }
     }
@@ -168,11 +165,7 @@ impl TicketLock {
             core::hint::spin_loop();
             if pacer.due() {
                 // Whoever took ticket `owner` is in our way, holding the lock or about to.
-                // Not said yet (it took the ticket a moment ago): keep the last name.
-                let h = self.taker(owner).or(slow.named()).unwrap_or(NO_VCPU);
-                slow.name(h);
-                pv_yield(h);
-                crate::tlb::serve_requests();
+                slow.offer(self.taker(owner));
             }
         }
     }

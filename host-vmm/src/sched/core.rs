@@ -543,12 +543,28 @@ impl Core {
         }
         c.cpl = cpl;
         c.metrics.preemptions += 1;
-        // Placed while it still counts on its slot (so its own slot does not look free to
-        // it); the freed slot first takes a waiter (its own, or stolen from another slot),
-        // then the preempted vCPU queues.
+        self.end_turn(v, slot, None, now, fx);
+    }
+
+    /// Running `v`'s turn on `slot` ends: the slot goes to `next` if it is queued (a lender
+    /// taking its turn back), else to the next waiter; `v` queues as after any turn. `v` is
+    /// placed while it still counts on its slot (so its own slot does not look free to it);
+    /// the freed slot first takes a waiter (its own, or stolen from another slot), then `v`
+    /// queues.
+    fn end_turn(
+        &mut self,
+        v: usize,
+        slot: usize,
+        next: Option<usize>,
+        now: Nanos,
+        fx: &mut Effects,
+    ) {
         let to = self.place(v, Cause::Requeue);
         self.set_state(v, RunState::Queued { slot }, now);
-        self.dispatch(slot, now, fx);
+        match next.filter(|&n| matches!(self.vcpus[n].state, RunState::Queued { .. })) {
+            Some(n) => self.start_turn(n, slot, now, fx),
+            None => self.dispatch(slot, now, fx),
+        }
         self.enqueue(v, to, false, now, fx);
         self.settle(now, fx);
     }
@@ -697,11 +713,7 @@ impl Core {
             // A turn given on a grace period's word, given back: the vCPU has reported its
             // quiescent state. It queues as after any turn.
             self.vcpus[v].metrics.turns_given_back += 1;
-            let to = self.place(v, Cause::Requeue);
-            self.set_state(v, RunState::Queued { slot }, now);
-            self.dispatch(slot, now, fx);
-            self.enqueue(v, to, false, now, fx);
-            self.settle(now, fx);
+            self.end_turn(v, slot, None, now, fx);
             return;
         }
         if let Some(n) = named.and_then(|n| self.local(vm, n)) {
@@ -711,15 +723,7 @@ impl Core {
                 // once on this slot, with what is left of its turn; this vCPU queues as after
                 // any turn.
                 self.vcpus[v].metrics.turns_given_back += 1;
-                let to = self.place(v, Cause::Requeue);
-                self.set_state(v, RunState::Queued { slot }, now);
-                if matches!(self.vcpus[n].state, RunState::Queued { .. }) {
-                    self.start_turn(n, slot, now, fx);
-                } else {
-                    self.dispatch(slot, now, fx);
-                }
-                self.enqueue(v, to, false, now, fx);
-                self.settle(now, fx);
+                self.end_turn(v, slot, Some(n), now, fx);
                 return;
             }
             if self.is_running(n) {

@@ -534,7 +534,11 @@ fn rcu_wait_boosts_the_preempted_holdouts_at_once() {
     // longer than an ordinary boost unless the vCPU gives it back after reporting.
     assert_eq!(c.lent_value(3), shared_abi::NO_VCPU);
     let mut fx = Effects::default();
-    c.tick(MS + 50_000 + c.config().boost_budget + 1, &mut no_snapshot, &mut fx);
+    c.tick(
+        MS + 50_000 + c.config().boost_budget + 1,
+        &mut no_snapshot,
+        &mut fx,
+    );
     assert!(fx.kick.is_empty(), "an RCU boost outlasts one budget");
     c.spin_yield(3, Some(3), None, 2 * MS, &mut fx);
     assert!(!c.is_running(3), "given back with YieldTo(itself)");
