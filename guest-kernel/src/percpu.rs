@@ -198,13 +198,13 @@ impl PerCpu {
         }
     }
 
-    /// Counts a spinlock taken (+1) or released (-1) and publishes the count.
-    #[inline]
     /// Spinlocks this CPU holds.
     pub fn locks_held(&self) -> u32 {
         self.locks_held.get()
     }
 
+    /// Counts a spinlock taken (+1) or released (-1) and publishes the count.
+    #[inline]
     pub fn add_locks_held(&self, delta: i32) {
         let v = self.locks_held.get().wrapping_add_signed(delta);
         self.locks_held.set(v);

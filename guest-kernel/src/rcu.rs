@@ -137,7 +137,18 @@ fn report_qs(c: usize) -> bool {
     if c as u64 == gp_cpu {
         return false;
     }
+    // A report for a grace period that is already over must not touch the mask of the next
+    // one (the kthread may have found this CPU quiescent and ended it without this report).
+    if started == GP_COMPLETED.load(SeqCst) {
+        return false;
+    }
     let left = shared::rcu_holdouts().fetch_and(!(1 << c), SeqCst) & !(1 << c);
+    if GP_STARTED.load(SeqCst) != started {
+        // A new grace period began between the load above and the clear: this CPU has not
+        // reported for it, so its bit goes back.
+        shared::rcu_holdouts().fetch_or(1 << c, SeqCst);
+        return false;
+    }
     left == 1 << gp_cpu && GP_STARTED.load(SeqCst) > GP_COMPLETED.load(SeqCst)
 }
 

@@ -118,7 +118,9 @@ pub fn serve_requests() {
     // A turn the sender lent us (it yielded to us while waiting for this acknowledgement)
     // goes back to it once every request found here is served, with interrupts as they
     // were (ABI v4).
-    if let Some(lender) = give_back {
+    // Not while the interrupted code holds a lock: queued, this vCPU would hold up whoever
+    // waits for that lock.
+    if let Some(lender) = give_back.filter(|_| percpu::this().locks_held() == 0) {
         shared::yield_to(lender);
     }
 }

@@ -184,7 +184,9 @@ fn give_back_turn(me: &PerCpu, lock: u64) {
         return;
     }
     if let Some(lender) = shared::lent_by(me) {
-        if shared::spinning_on(lender) == lock {
+        // Nor with interrupts off (an irqsave lock being released): the vCPU would be
+        // entered again with IF=0, which costs an interrupt-window exit on this host.
+        if shared::spinning_on(lender) == lock && x86_64::instructions::interrupts::are_enabled() {
             shared::yield_to(lender);
         }
     }

@@ -177,7 +177,10 @@ pub fn lent_by(cpu: &PerCpu) -> Option<u32> {
     // SAFETY: the caller's record (or sink) lives forever; the host half is written by the
     // host only, read here with one volatile load of an aligned u32.
     let v = unsafe { read_volatile(addr_of!((*cpu.record()).host_lent_by)) };
-    v.checked_sub(1)
+    // NO_VCPU is a turn given for a grace period, not lent by anyone.
+    (v != shared_abi::NO_VCPU)
+        .then(|| v.checked_sub(1))
+        .flatten()
 }
 
 /// Whether the host runs this vCPU on a turn it gave because a grace period waits on it

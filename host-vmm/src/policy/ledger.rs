@@ -31,8 +31,18 @@ impl BoostLedger {
 
     /// How long `vm`'s boosted vCPU may run, or None if `vm` has borrowed enough.
     pub fn grant(&self, vm: usize) -> Option<Nanos> {
+        self.grant_up_to(vm, self.budget)
+    }
+
+    /// Like `grant`, for a boost that wants `want` of run time (never past the cap).
+    pub fn grant_up_to(&self, vm: usize, want: Nanos) -> Option<Nanos> {
         let owed = *self.debt.get(vm)?;
-        (owed < self.max_debt).then(|| self.budget.min(self.max_debt - owed))
+        (owed < self.max_debt).then(|| want.min(self.max_debt - owed))
+    }
+
+    /// The budget of one ordinary boost.
+    pub fn budget(&self) -> Nanos {
+        self.budget
     }
 
     /// `vm` ran `ns` on a boost: that time is owed.
@@ -80,6 +90,16 @@ mod tests {
     use super::*;
 
     const MS: Nanos = 1_000_000;
+
+    #[test]
+    fn a_longer_boost_is_granted_only_up_to_the_limit() {
+        let mut l = BoostLedger::new(1, 2 * MS, 5 * MS);
+        assert_eq!(l.grant_up_to(0, 8 * MS), Some(5 * MS));
+        l.borrowed(0, 4 * MS);
+        assert_eq!(l.grant_up_to(0, 8 * MS), Some(MS), "never past the limit");
+        l.borrowed(0, MS);
+        assert_eq!(l.grant_up_to(0, 8 * MS), None);
+    }
 
     #[test]
     fn grants_stop_at_the_debt_limit_and_resume_once_repaid() {

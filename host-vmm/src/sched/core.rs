@@ -17,6 +17,8 @@ pub const POLICY_PERIOD: Nanos = 1_000_000;
 /// RcuWait words acted on per grace period (the start, and the last holdout; one spare for
 /// a race between two last holdouts).
 const RCU_WORDS_PER_GP: u32 = 3;
+/// RcuWait words acted on per VM and policy period, whatever the sequence says.
+const RCU_WORDS_PER_PERIOD: u32 = 8;
 /// An RCU boost's turn, in boost budgets (the guest gives it back as soon as it reports).
 const RCU_BOOST_BUDGETS: Nanos = 4;
 /// How often the load balancer looks.
@@ -122,6 +124,16 @@ pub struct Effects {
     pub kick: Vec<usize>,
 }
 
+/// RcuWait words a VM had acted on: for the latest grace period it named, and in the
+/// current policy period.
+#[derive(Debug, Default)]
+struct RcuWords {
+    seq: u32,
+    for_seq: u32,
+    window: Nanos,
+    in_window: u32,
+}
+
 pub struct Core {
     cfg: CoreConfig,
     slots: Vec<Slot>,
@@ -137,8 +149,8 @@ pub struct Core {
     kicks: LatencyHistogram,
     /// What the policies are told a boost costs (refreshed at each policy look).
     costs: Costs,
-    /// Per VM: the last grace period it named holdouts for (RcuWait), and how often.
-    rcu_words: Vec<(u32, u32)>,
+    /// Per VM: RcuWait words acted on.
+    rcu_words: Vec<RcuWords>,
 }
 
 impl Core {
@@ -224,7 +236,7 @@ impl Core {
             metrics: VmMetrics::default(),
         });
         self.ledger.add_vm();
-        self.rcu_words.push((0, 0));
+        self.rcu_words.push(RcuWords::default());
         (vm, first)
     }
 
@@ -561,7 +573,18 @@ impl Core {
     ) {
         let to = self.place(v, Cause::Requeue);
         self.set_state(v, RunState::Queued { slot }, now);
-        match next.filter(|&n| matches!(self.vcpus[n].state, RunState::Queued { .. })) {
+        // The lender takes its turn back at once, unless a boost was queued ahead of it
+        // meanwhile (a grace period's holdout, say): then the queue's order stands.
+        let boost_ahead = |n: usize| {
+            self.slots[slot]
+                .queue
+                .iter()
+                .take_while(|&&q| q != n)
+                .any(|&q| self.vcpus[q].boost.is_some())
+        };
+        match next
+            .filter(|&n| matches!(self.vcpus[n].state, RunState::Queued { .. }) && !boost_ahead(n))
+        {
             Some(n) => self.start_turn(n, slot, now, fx),
             None => self.dispatch(slot, now, fx),
         }
@@ -648,16 +671,18 @@ impl Core {
         {
             return false;
         }
-        let Some(budget) = self.ledger.grant(vm) else {
-            self.vcpus[v].metrics.boosts_refused += 1;
-            return false;
-        };
         // A vCPU boosted because a grace period waits on it runs until it has reported its
         // quiescent state (the guest gives the turn back then), up to a few budgets.
-        let budget = if reason.is_rcu() {
-            (RCU_BOOST_BUDGETS * budget).min(self.cfg.slice.max(budget))
-        } else {
-            budget
+        let want = match reason.is_rcu() {
+            true => {
+                let b = self.ledger.budget();
+                (RCU_BOOST_BUDGETS * b).min(self.cfg.slice.max(b))
+            }
+            false => self.ledger.budget(),
+        };
+        let Some(budget) = self.ledger.grant_up_to(vm, want) else {
+            self.vcpus[v].metrics.boosts_refused += 1;
+            return false;
         };
         // Charged now, so that boosts granted together cannot exceed the cap.
         self.ledger.borrowed(vm, budget);
@@ -998,14 +1023,23 @@ impl Core {
         // The guest names a grace period's holdouts once when it starts waiting and once for
         // its last one; more words for the same grace period are ignored (a flood would hold
         // the scheduler's lock for every VM).
-        let words = &mut self.rcu_words[vm];
-        if words.0 != seq {
-            *words = (seq, 0);
+        // The sequence is the guest's word too: only a later grace period starts a new count,
+        // and a VM gets at most RCU_WORDS_PER_PERIOD words acted on per policy period.
+        let w = &mut self.rcu_words[vm];
+        if now.saturating_sub(w.window) >= POLICY_PERIOD {
+            w.window = now;
+            w.in_window = 0;
         }
-        if words.1 >= RCU_WORDS_PER_GP {
+        let later = (seq.wrapping_sub(w.seq) as i32) > 0;
+        if later {
+            w.seq = seq;
+            w.for_seq = 0;
+        }
+        if seq != w.seq || w.for_seq >= RCU_WORDS_PER_GP || w.in_window >= RCU_WORDS_PER_PERIOD {
             return;
         }
-        words.1 += 1;
+        w.for_seq += 1;
+        w.in_window += 1;
         let states = self.policy_states(vm, now);
         let input = self.input(now, &states, Some(snap));
         let boosts = self.vms[vm].policy.on_rcu_wait(&input);

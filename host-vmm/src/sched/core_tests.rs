@@ -603,3 +603,25 @@ fn spread_never_stacks_when_it_can_avoid_it() {
     let (a, b) = stacking_2x2(Placement::WakeAffine);
     assert!(a > 0.0 && b > 0.0, "wake-affine stacks: {a} {b}");
 }
+
+#[test]
+fn rcu_words_are_rate_limited_and_boosts_stay_under_the_cap() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 4);
+    let mut fx = start_all(&mut c, 4);
+    // A guest that forges a new grace period for every word, naming every vCPU.
+    for i in 0..200u64 {
+        let seq = 2 * i + 1;
+        let snap = rcu_snapshot(4, seq, 0b1111);
+        c.rcu_wait(0, seq as u32, Some(&snap), MS + i, &mut fx);
+    }
+    let (vm, m) = c.vm_metrics(0, MS + 200).unwrap();
+    let acted: u64 = m.iter().map(|v| v.boosts_total() + v.boosts_refused).sum();
+    assert!(acted <= 2 * 8, "at most 8 words acted on in one policy period: {acted}");
+    assert!(
+        vm.max_debt_ns <= c.config().max_debt,
+        "RCU boosts never charge past the cap: {}",
+        vm.max_debt_ns
+    );
+    assert_eq!(m[0].rcu_waits, 200, "every word is counted");
+}

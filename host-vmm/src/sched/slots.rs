@@ -356,7 +356,9 @@ impl SlotBackend {
         let mut host_fields = Vec::new();
         {
             let mut g = self.lock();
-            let now = look;
+            // Later than `look` (other operations ran while the snapshots were taken): the
+            // core's clock never goes back.
+            let now = self.now().max(look);
             let core = &mut g.core;
             let mut snapshot = |vm: usize| snaps.get_mut(vm).and_then(Option::take);
             core.tick(now, &mut snapshot, &mut fx);
