@@ -617,7 +617,10 @@ fn rcu_words_are_rate_limited_and_boosts_stay_under_the_cap() {
     }
     let (vm, m) = c.vm_metrics(0, MS + 200).unwrap();
     let acted: u64 = m.iter().map(|v| v.boosts_total() + v.boosts_refused).sum();
-    assert!(acted <= 2 * 8, "at most 8 words acted on in one policy period: {acted}");
+    assert!(
+        acted <= 2 * 8,
+        "at most 8 words acted on in one policy period: {acted}"
+    );
     assert!(
         vm.max_debt_ns <= c.config().max_debt,
         "RCU boosts never charge past the cap: {}",
