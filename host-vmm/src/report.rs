@@ -108,6 +108,7 @@ fn vm_json(r: &RunReport) -> serde_json::Value {
         "stacking_samples": vm.samples,
         "stacking_fraction": vm.stacking_fraction(),
         "max_boost_debt_ns": vm.max_debt_ns,
+        "rcu_words_ignored": vm.rcu_words_ignored,
         "vcpus": vcpus,
     })
 }

@@ -1036,6 +1036,7 @@ impl Core {
             w.for_seq = 0;
         }
         if seq != w.seq || w.for_seq >= RCU_WORDS_PER_GP || w.in_window >= RCU_WORDS_PER_PERIOD {
+            self.vms[vm].metrics.rcu_words_ignored += 1;
             return;
         }
         w.for_seq += 1;

@@ -77,6 +77,9 @@ pub struct VmMetrics {
     pub invalid_page_events: u64,
     /// Records read torn (seq odd or moving through every retry), summed over ticks.
     pub torn_records: u64,
+    /// RcuWait words ignored: past the per-grace-period or per-period limit, or naming an
+    /// earlier grace period.
+    pub rcu_words_ignored: u64,
     /// Largest boost debt the VM reached, ns.
     pub max_debt_ns: u64,
 }
