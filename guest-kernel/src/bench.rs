@@ -56,7 +56,7 @@ fn shootdown(targets: usize) -> u64 {
         })
         .collect();
     // Wait until every reader runs (its CPU joined the address space).
-    while (aspace.cpus().count_ones() as usize) < targets.min(cpus.len() - 1) {
+    while (aspace.cpus().len()) < targets.min(cpus.len() - 1) {
         sched::yield_now();
     }
     let samples = (0..ROUNDS)
@@ -121,7 +121,7 @@ fn lock_uncontended() -> u64 {
 /// Median acquire latency with one hammering thread per CPU.
 fn lock_contended() -> u64 {
     let stop = Arc::new(AtomicBool::new(false));
-    let samples = Arc::new(SpinLock::kernel(Vec::new()));
+    let samples = Arc::new(KernelLock::kernel(Vec::new()));
     let threads: Vec<_> = torture::cpus()
         .into_iter()
         .map(|c| {

@@ -37,7 +37,6 @@ pub fn install_handlers() {
     idt::register(vectors::TIMER, timer);
     idt::register(vectors::RESCHEDULE, reschedule);
     idt::register(vectors::PING, ping);
-    crate::tlb::install_handler();
 }
 
 /// Starts the calling CPU's tick; returns the timer mode.

@@ -18,6 +18,7 @@ mod locks;
 mod mm;
 mod panic;
 mod percpu;
+mod platform;
 mod pvwait;
 mod rcu;
 mod rcu_model;
@@ -68,6 +69,8 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     mm::init(boot);
+    tlb::init(nr_vcpus as usize, cmd.tlb_skip);
+    rcu::init(nr_vcpus as usize, cmd.rcu_broken, false);
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
     arch::apic::enable_x2apic();
@@ -86,8 +89,6 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "clock: tsc {tsc_khz} kHz from {tsc_source}; tick every {} us ({timer_mode:?})",
         irq::TICK_US
     );
-    rcu::set_broken(cmd.rcu_broken);
-    tlb::set_skip_one_target(cmd.tlb_skip);
 
     let hostile_ok = cmd.test != "hostile-hypercalls" || hostile::before_registration(nr_vcpus);
     let status = shared::init(nr_vcpus);

@@ -7,12 +7,12 @@
 //! that far (see [`ready`]).
 
 use core::arch::asm;
-use core::cell::{Cell, UnsafeCell};
+use core::cell::Cell;
 use core::fmt;
-use core::mem::MaybeUninit;
 use core::ptr::{addr_of_mut, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
-use shared_abi::{VcpuRecord, MAX_VCPUS};
+use pvsync_guest::{record, CpuSync};
+use shared_abi::MAX_VCPUS;
 use x86_64::registers::model_specific::GsBase;
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
@@ -24,16 +24,11 @@ pub struct PerCpu {
     /// x2APIC ID, which is also this CPU's index in the shared region.
     id: Cell<u32>,
     preempt_count: Cell<u32>,
-    /// Spinlocks this CPU holds.
-    locks_held: Cell<u32>,
-    /// Nesting of framed shared-record updates on this CPU (see shared::publish).
-    publish_depth: Cell<u32>,
     /// This CPU's TSS (RSP0 changes on every switch to a user task).
     tss: Cell<*mut TaskStateSegment>,
-    /// Where this CPU publishes: its record in the shared region once that exists, `sink`
-    /// before. Publishing then never has to check whether there is a region.
-    record: Cell<*mut VcpuRecord>,
-    sink: UnsafeCell<MaybeUninit<VcpuRecord>>,
+    /// What the synchronization crate keeps per CPU (where the CPU publishes, its lock
+    /// count, its queued-lock nodes).
+    sync: CpuSync,
 }
 
 // SAFETY: a PerCpu is only ever used by the CPU whose GS base points at it (the Cells are
@@ -46,12 +41,8 @@ impl PerCpu {
             self_ptr: Cell::new(core::ptr::null()),
             id: Cell::new(0),
             preempt_count: Cell::new(0),
-            locks_held: Cell::new(0),
-            publish_depth: Cell::new(0),
             tss: Cell::new(core::ptr::null_mut()),
-            record: Cell::new(core::ptr::null_mut()),
-            // All-zero is a valid record (plain integers).
-            sink: UnsafeCell::new(MaybeUninit::zeroed()),
+            sync: CpuSync::new(),
         }
     }
 }
@@ -66,7 +57,7 @@ pub fn init_this_cpu(id: u32) {
     };
     block.self_ptr.set(block);
     block.id.set(id);
-    block.record.set(block.sink.get().cast());
+    block.sync.init(id);
     GsBase::write(VirtAddr::from_ptr(block));
 }
 
@@ -105,18 +96,6 @@ pub fn id() -> u32 {
     this().id()
 }
 
-/// Where the calling CPU publishes its record (its shared-region record, or a private sink
-/// before the region exists).
-#[inline]
-pub fn record() -> *mut VcpuRecord {
-    this().record()
-}
-
-/// Makes `rec` (this CPU's record in the shared region) where it publishes from now on.
-pub fn set_record(rec: *mut VcpuRecord) {
-    this().record.set(rec);
-}
-
 /// Sets the kernel stack used on entry from user mode (TSS.RSP0).
 pub fn set_kernel_stack(top: u64) {
     let tss = this().tss.get();
@@ -129,12 +108,6 @@ pub fn set_kernel_stack(top: u64) {
             VirtAddr::new(top),
         )
     };
-}
-
-/// This CPU's shared-record update nesting counter.
-#[inline]
-pub fn publish_depth() -> &'static Cell<u32> {
-    &this().publish_depth
 }
 
 /// Current preempt-disable depth.
@@ -165,10 +138,10 @@ impl PerCpu {
         self.id.get()
     }
 
-    /// Where this CPU publishes its record (see [`record`]).
+    /// The synchronization crate's state for this CPU.
     #[inline]
-    pub fn record(&self) -> *mut VcpuRecord {
-        self.record.get()
+    pub fn sync(&self) -> &CpuSync {
+        &self.sync
     }
 
     /// See [`preempt_disable`].
@@ -176,7 +149,7 @@ impl PerCpu {
     pub fn preempt_disable(&self) {
         let v = self.preempt_count.get().wrapping_add(1);
         self.preempt_count.set(v);
-        crate::shared::set_preempt_count(self, v);
+        record::set_preempt_count(&self.sync, v);
         // The section's accesses stay after the count that protects them (an interrupt
         // reads it to decide whether it may switch tasks).
         compiler_fence(Ordering::SeqCst);
@@ -192,23 +165,10 @@ impl PerCpu {
             .checked_sub(1)
             .expect("preempt_enable without preempt_disable");
         self.preempt_count.set(v);
-        crate::shared::set_preempt_count(self, v);
+        record::set_preempt_count(&self.sync, v);
         if v == 0 {
             crate::sched::preempt_point(self.id());
         }
-    }
-
-    /// Spinlocks this CPU holds.
-    pub fn locks_held(&self) -> u32 {
-        self.locks_held.get()
-    }
-
-    /// Counts a spinlock taken (+1) or released (-1) and publishes the count.
-    #[inline]
-    pub fn add_locks_held(&self, delta: i32) {
-        let v = self.locks_held.get().wrapping_add_signed(delta);
-        self.locks_held.set(v);
-        crate::shared::set_locks_held(self, v);
     }
 }
 

@@ -75,3 +75,30 @@ pub fn halt_forever() -> ! {
         x86_64::instructions::hlt();
     }
 }
+
+/// Drops every non-global translation from this CPU's TLB (a CR3 reload).
+pub fn flush_tlb_all() {
+    x86_64::instructions::tlb::flush_all();
+}
+
+/// Drops the translations of `pages` 4 KiB pages from `start` (INVLPG each).
+pub fn flush_tlb_pages(start: u64, pages: u64) {
+    for i in 0..pages {
+        x86_64::instructions::tlb::flush(x86_64::VirtAddr::new(start + i * 4096));
+    }
+}
+
+/// A 32-bit `out` to I/O port `port` (pvsync's hypercall ports).
+pub fn port_out(port: u16, value: u32) {
+    // SAFETY: the kernel only writes pvsync hypercall ports through this, which ask the host
+    // to schedule, idle or interrupt vCPUs, or read the region the guest registers; the write
+    // orders all earlier stores before it. An unclaimed port drops the write.
+    unsafe { x86_64::instructions::port::Port::<u32>::new(port).write(value) }
+}
+
+/// A 32-bit `in` from I/O port `port` (a pvsync hypercall's status).
+pub fn port_in(port: u16) -> u32 {
+    // SAFETY: reading a hypercall status port has no side effect on guest memory; an
+    // unclaimed port reads all ones.
+    unsafe { x86_64::instructions::port::Port::<u32>::new(port).read() }
+}

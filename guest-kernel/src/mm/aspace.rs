@@ -1,7 +1,7 @@
 //! User address spaces: a PML4 of their own whose kernel half (the identity map in slot 0)
 //! is shared with the kernel's tables, plus the set of CPUs that may cache its translations.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use pvsync_guest::{AtomicCpuSet, CpuSet};
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::page_table::PageTableEntry;
 use x86_64::structures::paging::{
@@ -22,7 +22,7 @@ pub const USER_END: u64 = 0x0000_8000_0000_0000;
 pub struct AddressSpace {
     pml4: PhysFrame,
     /// CPUs that have this address space loaded, so may hold its translations in their TLB.
-    cpus: AtomicU64,
+    cpus: AtomicCpuSet,
     /// Serialises page-table changes (never taken by interrupt handlers).
     lock: KernelLock<()>,
 }
@@ -40,13 +40,19 @@ impl AddressSpace {
         }
         AddressSpace {
             pml4: f,
-            cpus: AtomicU64::new(0),
+            cpus: AtomicCpuSet::new(),
             lock: SpinLock::kernel(()),
         }
     }
 
-    pub fn cpus(&self) -> u64 {
-        self.cpus.load(Ordering::SeqCst)
+    /// The CPUs that have the space loaded now.
+    pub fn cpus(&self) -> CpuSet {
+        self.cpus.load()
+    }
+
+    /// The set itself, which CPUs join and leave concurrently (for shootdowns).
+    pub fn cpu_set(&self) -> &AtomicCpuSet {
+        &self.cpus
     }
 
     /// A mapper over this space's tables. Callers hold `lock`.
@@ -218,10 +224,10 @@ pub fn switch(
     if same {
         return;
     }
-    let bit = 1u64 << percpu::id();
+    let me = percpu::id();
     let frame = match next {
         Some(n) => {
-            n.cpus.fetch_or(bit, Ordering::SeqCst);
+            n.cpus.insert(me);
             n.pml4
         }
         None => PhysFrame::containing_address(PhysAddr::new(paging::kernel_pml4())),
@@ -231,6 +237,6 @@ pub fn switch(
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
     crate::tlb::note_cr3_reload();
     if let Some(p) = prev {
-        p.cpus.fetch_and(!bit, Ordering::SeqCst);
+        p.cpus.remove(me);
     }
 }

@@ -213,7 +213,7 @@ pub fn preempt_on_interrupt_return() {
     let cpu = percpu::id() as usize;
     if NEED_RESCHED[cpu].load(Ordering::Acquire)
         && percpu::preempt_count() == 0
-        && percpu::publish_depth().get() == 0
+        && !percpu::this().sync().publishing()
     {
         schedule();
     }

@@ -15,7 +15,7 @@ const CS_SPINS: u32 = 500;
 
 static TICKET: SpinLock<u64, TicketLock> = SpinLock::new(TicketLock::new(), 0);
 static MCS: SpinLock<u64, McsLock> = SpinLock::new(McsLock::new(), 0);
-static BROKEN: SpinLock<u64, BrokenLock> = SpinLock::new(BrokenLock, 0);
+static BROKEN: SpinLock<u64, BrokenLock> = SpinLock::new(BrokenLock::new(), 0);
 
 pub fn run(kind: &str, threads: usize, duration_ms: u64) -> bool {
     match kind {
@@ -82,7 +82,11 @@ fn torture<L: RawLock + 'static>(
     let lost = total.saturating_sub(protected);
     let fail = fails.load(Ordering::Relaxed) + lost;
     let imbalance = max / 2 > min;
-    let (yields, halts, kicks) = locks::pv_stats();
+    let locks::PvStats {
+        yields,
+        halts,
+        kicks,
+    } = locks::pv_stats();
     println!(
         "locktorture lock={} Writes: Total: {total} Max/Min: {max}/{min}{} Fail: {fail}",
         L::NAME,

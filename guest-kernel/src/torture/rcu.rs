@@ -161,9 +161,9 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         "RESULT rcutorture reads={} updates={updates} bad_pipe={bad_pipe} freed_seen={freed_seen} gps={} gp_min_us={} gp_avg_us={} gp_max_us={} cbs_peak={}",
         s.reads.load(Relaxed),
         st.gps - before.gps,
-        us(st.gp_min_cycles),
-        us(st.gp_avg_cycles),
-        us(st.gp_max_cycles),
+        us(st.gp_min_ticks),
+        us(st.gp_avg_ticks),
+        us(st.gp_max_ticks),
         st.peak_pending
     );
     bad_pipe == 0 && freed_seen == 0 && updates > 0 && s.reads.load(Relaxed) > 0

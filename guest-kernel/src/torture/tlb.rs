@@ -85,21 +85,19 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         gen += 1;
         let next = pool[gen as usize % POOL];
         frame_write(next, gen);
-        // CPUs that may cache the old translation, and their CR3 reloads so far.
-        let holders = aspace.cpus();
-        let before: Vec<(u32, u64)> = (0..64u32)
-            .filter(|c| holders & (1 << c) != 0)
-            .map(|c| (c, tlb::cr3_reloads(c)))
-            .collect();
+        // CPUs that may cache the old translation, and their flushes so far.
+        let before: Vec<(u32, u64)> = aspace.cpus().iter().map(|c| (c, tlb::flushes(c))).collect();
         let old = aspace
             .update(WATCH_VA, Some((next, false)))
             .expect("remap")
             .expect("was mapped");
-        let reached = tlb::shootdown(&aspace, WATCH_VA, 1);
-        // A holder this shootdown did not reach must at least have reloaded CR3 meanwhile.
+        tlb::shootdown(&aspace, WATCH_VA, 1);
+        // Evidence from each holder, not from the sender's target set: every CPU that may
+        // have cached the old translation has flushed since (served the request, or
+        // reloaded CR3).
         missed += before
             .iter()
-            .filter(|&&(c, n)| reached & (1 << c) == 0 && tlb::cr3_reloads(c) == n)
+            .filter(|&&(c, n)| tlb::flushes(c) == n)
             .count() as u64;
         // Every CPU has dropped the old translation: nobody may read this any more.
         frame_write(old, POISON | (gen - 1));

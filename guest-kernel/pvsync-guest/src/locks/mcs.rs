@@ -1,7 +1,13 @@
 //! MCS queued lock: each waiter spins on its own node; per-CPU nodes per nesting level
 //! (preemption is off while a lock is held or awaited, so a CPU's nodes cannot be reused
 //! under it). The slow path halts the waiter (interrupts on) and has the releaser kick it
-//! with an IPI, which KVM's in-kernel APIC delivers without an exit to the VMM.
+//! with an IPI.
+//!
+//! The halt/kick handshake: the waiter stores `halted` and then re-checks `granted`; the
+//! releaser stores `granted` and then reads `halted` (all four sequentially consistent), so
+//! at least one of them sees the other's store: either the waiter does not halt, or the
+//! releaser kicks. The waiter halts with interrupts masked from its last check, so a kick
+//! that lands in between stays pending and ends the halt at once.
 //!
 //! `holder` follows the lock: the releaser names its successor before it grants it, so
 //! waiters further back name the new holder even before it runs again. Before halting, a
@@ -9,68 +15,112 @@
 //! its predecessor and the holder both run, the lock is on its way and a halt would only add
 //! a kick's latency, so it keeps spinning a few rounds more.
 
+use core::cell::Cell;
+use core::marker::PhantomData;
 use core::ptr::null_mut;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
-use shared_abi::{MAX_VCPUS, NO_VCPU};
+use core::sync::atomic::Ordering::Relaxed as StatRelaxed;
+use shared_abi::NO_VCPU;
 
-use super::{
-    acquired, give_back_turn, pv_yield, released, Pacer, RawLock, SlowPath, PV_HALTS, PV_KICKS,
-};
-use crate::arch::{apic, vectors};
-use crate::{percpu, shared};
+use super::pacer::Pacer;
+use super::slow::SlowPath;
+use super::{give_back_turn, pv_yield, RawLock, PV_HALTS, PV_KICKS};
+use crate::platform::{Ipi, Platform};
+use crate::record::host_preempted;
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, Ordering::*};
 
 /// Queued locks one CPU may hold or wait for at once.
-const LEVELS: usize = 4;
+pub const LEVELS: usize = 4;
 /// Slow-path rounds (of PV_SPIN_US each) a waiter keeps spinning while its predecessor and
 /// the holder both run, before it halts anyway.
 const RUNNING_ROUNDS: u32 = 4;
 
 #[repr(align(64))]
-struct Node {
+pub(crate) struct Node {
     next: AtomicPtr<Node>,
     granted: AtomicBool,
     halted: AtomicBool,
     cpu: AtomicU32,
 }
 
-static NODES: [[Node; LEVELS]; MAX_VCPUS] = [const {
-    [const {
-        Node {
-            next: AtomicPtr::new(null_mut()),
-            granted: AtomicBool::new(false),
-            halted: AtomicBool::new(false),
-            cpu: AtomicU32::new(0),
+impl Node {
+    crate::sync::const_fn! {
+        fn new() -> Self {
+            Node {
+                next: AtomicPtr::new(null_mut()),
+                granted: AtomicBool::new(false),
+                halted: AtomicBool::new(false),
+                cpu: AtomicU32::new(0),
+            }
         }
-    }; LEVELS]
-}; MAX_VCPUS];
-static DEPTH: [AtomicUsize; MAX_VCPUS] = [const { AtomicUsize::new(0) }; MAX_VCPUS];
+    }
+}
 
-pub struct McsLock {
+/// A CPU's queued-lock nodes, used as a stack (innermost lock on top).
+pub(crate) struct McsNodes {
+    depth: Cell<usize>,
+    nodes: [Node; LEVELS],
+}
+
+impl McsNodes {
+    crate::sync::const_fn! {
+        pub(crate) fn new() -> Self {
+            McsNodes {
+                depth: Cell::new(0),
+                nodes: crate::sync::array_of!(LEVELS, Node::new()),
+            }
+        }
+    }
+}
+
+/// An MCS lock.
+pub struct McsLock<P> {
     tail: AtomicPtr<Node>,
     /// The CPU holding the lock (or granted it and not yet running), NO_VCPU when free.
     holder: AtomicU32,
     /// The node of the current holder (for unlock).
     owner_node: AtomicPtr<Node>,
+    /// Negative control: the releaser never kicks a halted successor (a lost wake-up).
+    drops_kicks: bool,
+    _p: PhantomData<fn() -> P>,
 }
 
-impl McsLock {
-    pub const fn new() -> Self {
-        McsLock {
-            tail: AtomicPtr::new(null_mut()),
-            holder: AtomicU32::new(NO_VCPU),
-            owner_node: AtomicPtr::new(null_mut()),
+impl<P: Platform> McsLock<P> {
+    crate::sync::const_fn! {
+        /// An MCS lock.
+        pub fn new() -> Self {
+            Self::with_kicks(false)
+        }
+    }
+
+    crate::sync::const_fn! {
+        /// A broken MCS lock for negative controls: its releaser never kicks a halted
+        /// successor, which then sleeps until some other interrupt comes (or forever).
+        pub fn dropping_kicks() -> Self {
+            Self::with_kicks(true)
+        }
+    }
+
+    crate::sync::const_fn! {
+        fn with_kicks(drops_kicks: bool) -> Self {
+            McsLock {
+                tail: AtomicPtr::new(null_mut()),
+                holder: AtomicU32::new(NO_VCPU),
+                owner_node: AtomicPtr::new(null_mut()),
+                drops_kicks,
+                _p: PhantomData,
+            }
         }
     }
 
     /// Waits until `node`, queued behind CPU `pred`'s node, is granted the lock.
     #[cold]
     fn wait_slow(&self, node: &Node, pred: u32) {
-        let irq_on = x86_64::instructions::interrupts::are_enabled();
-        let mut pacer = Pacer::new();
-        let mut slow = SlowPath::new(self);
+        let irq_on = P::irqs_enabled();
+        let mut pacer = Pacer::<P>::new();
+        let mut slow = SlowPath::<P>::new(self);
         let mut running_rounds = 0;
         while !node.granted.load(Acquire) {
-            core::hint::spin_loop();
+            crate::sync::spin_loop();
             if !pacer.due() {
                 continue;
             }
@@ -81,8 +131,8 @@ impl McsLock {
                 h => h,
             };
             slow.name(holder);
-            let holder_preempted = shared::host_preempted(holder);
-            let pred_preempted = pred != holder && shared::host_preempted(pred);
+            let holder_preempted = host_preempted(holder);
+            let pred_preempted = pred != holder && host_preempted(pred);
             if !holder_preempted && !pred_preempted && running_rounds < RUNNING_ROUNDS {
                 running_rounds += 1;
             } else if irq_on {
@@ -92,54 +142,50 @@ impl McsLock {
             } else {
                 // Cannot halt (the kick could not be taken): give the time to whoever is
                 // preempted, the holder first.
-                pv_yield(if pred_preempted && !holder_preempted {
+                pv_yield::<P>(if pred_preempted && !holder_preempted {
                     pred
                 } else {
                     holder
                 });
             }
-            crate::tlb::serve_requests();
+            P::serve_waiters();
         }
     }
 
-    /// Halts until kicked (or any interrupt, the tick at worst), unless granted meanwhile.
+    /// Halts until kicked (or any interrupt), unless granted meanwhile.
     fn halt(node: &Node) {
         // Announce the halt, then re-check: the releaser sets `granted` before it reads
         // `halted` (both SeqCst), so one of us sees the other.
         node.halted.store(true, SeqCst);
         if !node.granted.load(SeqCst) {
-            PV_HALTS.fetch_add(1, Relaxed);
-            // Interrupts stay off from the re-check to the halt, so a kick that lands in
-            // between stays pending and ends the wait at once.
-            x86_64::instructions::interrupts::disable();
-            if !node.granted.load(SeqCst) {
-                apic::wait_for_interrupt();
-            }
-            x86_64::instructions::interrupts::enable();
+            PV_HALTS.fetch_add(1, StatRelaxed);
+            P::halt_while(&|| !node.granted.load(SeqCst));
         }
         node.halted.store(false, SeqCst);
     }
 }
 
-impl Default for McsLock {
+impl<P: Platform> Default for McsLock<P> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl RawLock for McsLock {
+impl<P: Platform> RawLock for McsLock<P> {
+    type Platform = P;
     const NAME: &'static str = "mcs";
 
     fn lock(&self) {
-        let me = percpu::this();
-        me.preempt_disable();
+        P::preempt_disable();
+        let me = P::cpu();
         let cpu = me.id();
-        let level = DEPTH[cpu as usize].fetch_add(1, Relaxed);
+        let level = me.mcs.depth.get();
         assert!(
             level < LEVELS,
             "more than {LEVELS} queued locks nested on one CPU"
         );
-        let node = &NODES[cpu as usize][level];
+        me.mcs.depth.set(level + 1);
+        let node = &me.mcs.nodes[level];
         node.next.store(null_mut(), Relaxed);
         node.granted.store(false, Relaxed);
         node.halted.store(false, Relaxed);
@@ -151,8 +197,8 @@ impl RawLock for McsLock {
             // our swap follows.
             self.holder.store(cpu, Relaxed);
         } else {
-            // SAFETY: `prev` is a node in the static array, queued ahead of us; its owner
-            // reads `next` only after we store it, and its `cpu` is its CPU for good.
+            // SAFETY: `prev` is a node of a CPU's `'static` block, queued ahead of us; its
+            // owner reads `next` only after we store it, and its `cpu` is its CPU for good.
             let pred = unsafe {
                 let pred = (*prev).cpu.load(Relaxed);
                 (*prev).next.store(node_ptr, Release);
@@ -163,36 +209,37 @@ impl RawLock for McsLock {
             }
         }
         self.owner_node.store(node_ptr, Relaxed);
-        acquired(me);
+        me.add_locks_held(1);
     }
 
     fn release(&self) {
-        let me = self.owner_node.load(Relaxed);
-        let this = percpu::this();
-        let cpu = this.id() as usize;
+        let mine = self.owner_node.load(Relaxed);
+        let me = P::cpu();
         // Nodes are per-CPU stack slots: only the most recent acquisition may be released.
-        let top = DEPTH[cpu]
-            .load(Relaxed)
+        let top = me
+            .mcs
+            .depth
+            .get()
             .checked_sub(1)
             .expect("MCS unlock without lock");
         assert!(
-            core::ptr::eq(me, &NODES[cpu][top]),
-            "MCS locks released out of order on cpu {cpu}"
+            core::ptr::eq(mine, &me.mcs.nodes[top]),
+            "MCS locks released out of order on cpu {}",
+            me.id()
         );
-        released(this);
-        // SAFETY: `me` is our own node (we hold the lock).
-        let node = unsafe { &*me };
+        me.add_locks_held(-1);
+        let node = &me.mcs.nodes[top];
         let mut next = node.next.load(Acquire);
         if next.is_null() {
             // Cleared before the tail: once the lock is free a new owner names itself.
             self.holder.store(NO_VCPU, Relaxed);
             if self
                 .tail
-                .compare_exchange(me, null_mut(), AcqRel, Acquire)
+                .compare_exchange(mine, null_mut(), AcqRel, Acquire)
                 .is_ok()
             {
-                DEPTH[cpu].fetch_sub(1, Relaxed);
-                give_back_turn(this, self as *const Self as u64);
+                me.mcs.depth.set(top);
+                give_back_turn::<P>(self as *const Self as u64);
                 return;
             }
             // A successor swapped the tail but has not linked itself yet.
@@ -201,21 +248,21 @@ impl RawLock for McsLock {
                 if !next.is_null() {
                     break;
                 }
-                core::hint::spin_loop();
+                crate::sync::spin_loop();
             }
         }
-        // SAFETY: `next` is the successor's node in the static array.
+        // SAFETY: `next` is the successor's node, in its CPU's `'static` block.
         let succ = unsafe { &*next };
         let succ_cpu = succ.cpu.load(Relaxed);
         // Hand-off: the successor holds the lock from here on, even before it runs again.
         self.holder.store(succ_cpu, Relaxed);
         succ.granted.store(true, SeqCst);
-        if succ.halted.load(SeqCst) {
-            PV_KICKS.fetch_add(1, Relaxed);
-            apic::send_ipi(succ_cpu, vectors::RESCHEDULE);
+        if succ.halted.load(SeqCst) && !self.drops_kicks {
+            PV_KICKS.fetch_add(1, StatRelaxed);
+            P::send_ipi(succ_cpu, Ipi::Reschedule);
         }
-        DEPTH[cpu].fetch_sub(1, Relaxed);
-        give_back_turn(this, self as *const Self as u64);
+        me.mcs.depth.set(top);
+        give_back_turn::<P>(self as *const Self as u64);
     }
 
     fn holder(&self) -> u32 {

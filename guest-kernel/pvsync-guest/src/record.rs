@@ -1,11 +1,11 @@
 //! The calling CPU's vCPU record, and reads of other CPUs' records.
 //!
 //! Publication rules (ABI v4, docs/abi.md):
-//! - `mode` and the pair `spin_lock`/`spin_holder` are framed by `seq` (`publish`): the
-//!   owner makes `seq` odd, stores, makes it even. Only the outermost update on a CPU moves
-//!   `seq`; an interrupt handler that publishes inside one (handlers only ever publish
-//!   `mode`) finds it odd and leaves it alone. No interrupt masking: `cli`/`popf` are costly
-//!   under virtualization.
+//! - `mode` and the pair `spin_lock`/`spin_holder` are framed by `seq`: the owner makes
+//!   `seq` odd, stores, makes it even. Only the outermost update on a CPU moves `seq`; an
+//!   interrupt handler that publishes inside one (handlers only ever publish `mode`) finds
+//!   it odd and leaves it alone. Interrupts stay enabled: `cli`/`popf` are costly under
+//!   virtualization, and the nesting counter makes a handler's update safe.
 //! - `rcu_nesting`, `preempt_count` and `locks_held` are each one aligned volatile store by
 //!   the owner, outside the frame: they change on hot paths and each means something alone.
 //! - `ipi_wait` is stored (atomically) by the owner and cleared bit by bit, with an atomic
@@ -15,15 +15,15 @@
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
-use shared_abi::{VcpuMode, VcpuRecord};
+use shared_abi::{VcpuMode, VcpuRecord, NO_VCPU};
 
-use super::record_ptr;
-use crate::percpu::{self, PerCpu};
+use crate::cpu::CpuSync;
+use crate::region::{pv_host, record_ptr};
 
-/// Starts publishing into `rec` (this CPU's record in the region), carrying over the
-/// counters published so far into the per-CPU sink.
-pub(super) fn attach(rec: *mut VcpuRecord) {
-    let old = percpu::record();
+/// Starts publishing into `rec` (the CPU's record in the region), carrying over the
+/// counters published so far into its sink.
+pub(crate) fn attach(cpu: &CpuSync, rec: *mut VcpuRecord) {
+    let old = cpu.record();
     // SAFETY: `old` is this CPU's sink and `rec` its record in the live region; this CPU is
     // the only writer of both guest halves; volatile accesses of plain integers.
     unsafe {
@@ -40,18 +40,14 @@ pub(super) fn attach(rec: *mut VcpuRecord) {
             read_volatile(addr_of!((*old).locks_held)),
         );
     }
-    percpu::set_record(rec);
+    cpu.set_record(rec);
 }
 
-/// Updates the calling CPU's record inside a `seq` frame: `f` stores fields through the
-/// raw pointer it gets (only `mode`, `spin_lock` and `spin_holder` need this).
-fn publish(f: impl FnOnce(*mut VcpuRecord)) {
-    publish_at(percpu::record(), f);
-}
-
-/// `publish` for a record pointer the caller already looked up (this CPU's own).
-fn publish_at(rec: *mut VcpuRecord, f: impl FnOnce(*mut VcpuRecord)) {
-    let depth = percpu::publish_depth();
+/// Updates `cpu`'s record (the caller's own) inside a `seq` frame: `f` stores fields
+/// through the raw pointer it gets (only `mode`, `spin_lock` and `spin_holder` need this).
+fn publish(cpu: &CpuSync, f: impl FnOnce(*mut VcpuRecord)) {
+    let rec = cpu.record();
+    let depth = cpu.publish_depth();
     let outer = depth.get() == 0;
     depth.set(depth.get() + 1);
     compiler_fence(Ordering::SeqCst);
@@ -74,25 +70,25 @@ fn publish_at(rec: *mut VcpuRecord, f: impl FnOnce(*mut VcpuRecord)) {
     depth.set(depth.get() - 1);
 }
 
-/// Publishes the calling CPU's execution mode.
+/// Publishes the calling CPU's execution mode (`cpu`: its own block).
 /// Skips the update when the mode is unchanged: an idle CPU woken by its tick then writes
 /// nothing (and is never caught mid-update by a host snapshot while it idles).
-pub fn set_mode(mode: VcpuMode) {
-    let rec = percpu::record();
+pub fn set_mode(cpu: &CpuSync, mode: VcpuMode) {
+    let rec = cpu.record();
     // SAFETY: this CPU is the only writer of its record's guest half; reading it back is a
     // plain volatile load of our own store.
     if unsafe { read_volatile(addr_of!((*rec).mode)) } == mode as u8 {
         return;
     }
-    // SAFETY: `rec` is this CPU's record, handed over by `publish_at`.
-    publish_at(rec, |rec| unsafe {
+    // SAFETY: `rec` is this CPU's record, handed over by `publish`.
+    publish(cpu, |rec| unsafe {
         write_volatile(addr_of_mut!((*rec).mode), mode as u8)
     });
 }
 
-/// What this CPU has published as (lock it spins on, vCPU in the way).
-pub fn own_spin() -> (u64, u32) {
-    let rec = percpu::record();
+/// What the calling CPU has published as (lock it spins on, vCPU in the way).
+pub fn own_spin(cpu: &CpuSync) -> (u64, u32) {
+    let rec = cpu.record();
     // SAFETY: this CPU is the only writer of these fields; volatile reads of our own stores.
     unsafe {
         (
@@ -104,9 +100,9 @@ pub fn own_spin() -> (u64, u32) {
 
 /// Publishes "spinning on `lock`, held by `holder`" (lock 0 and NO_VCPU: not spinning).
 /// One frame: the host never pairs a lock with the holder of another.
-pub fn set_spin(lock: u64, holder: u32) {
+pub fn set_spin(cpu: &CpuSync, lock: u64, holder: u32) {
     // SAFETY: `rec` is this CPU's record, handed over by `publish`.
-    publish(|rec| unsafe {
+    publish(cpu, |rec| unsafe {
         write_volatile(addr_of_mut!((*rec).spin_lock), lock);
         write_volatile(addr_of_mut!((*rec).spin_holder), holder);
     });
@@ -115,9 +111,9 @@ pub fn set_spin(lock: u64, holder: u32) {
 macro_rules! single_store_setter {
     ($(#[$doc:meta])* $name:ident, $field:ident) => {
         $(#[$doc])*
-        /// `cpu` is the calling CPU's block (`percpu::this()`), which the caller has at hand.
+        /// `cpu` is the calling CPU's block.
         #[inline]
-        pub fn $name(cpu: &PerCpu, v: u32) {
+        pub fn $name(cpu: &CpuSync, v: u32) {
             // SAFETY: `cpu.record()` is this CPU's record (or its sink), which only this CPU
             // writes and which lives forever; one aligned 4-byte store, which the host may
             // read alone (ABI v4: outside the seq frame).
@@ -142,7 +138,7 @@ single_store_setter!(
 /// The `ipi_wait` word of `rec`, which the owner stores and acknowledgers clear bit by bit.
 ///
 /// # Safety
-/// `rec` must be a live record (in the region, or this CPU's sink).
+/// `rec` must be a live record (in the region, or a CPU's sink).
 unsafe fn ipi_wait_word(rec: *mut VcpuRecord) -> &'static AtomicU64 {
     // SAFETY: per the contract the record lives forever; the field is 8-byte aligned (the
     // record is 64-byte aligned, the field at offset 32) and the guest only accesses it
@@ -151,18 +147,21 @@ unsafe fn ipi_wait_word(rec: *mut VcpuRecord) -> &'static AtomicU64 {
 }
 
 /// Publishes the set of CPUs the caller waits on for IPI acknowledgements (one atomic
-/// store). Set it before the targets can see the request: an acknowledgement that came
-/// first would have its bit set again here.
+/// store; ABI v4's word names CPUs 0..64). Set it before the targets can see the request:
+/// an acknowledgement that came first would have its bit set again here.
 #[inline]
-pub fn set_ipi_wait(mask: u64) {
+pub fn set_ipi_wait(cpu: &CpuSync, mask: u64) {
     // SAFETY: `record()` is this CPU's record or sink, live forever.
-    unsafe { ipi_wait_word(percpu::record()) }.store(mask, Ordering::Release);
+    unsafe { ipi_wait_word(cpu.record()) }.store(mask, Ordering::Release);
 }
 
 /// CPU `me` acknowledges an IPI of CPU `sender`: clears bit `me` of the sender's
 /// `ipi_wait` (atomic AND: several CPUs acknowledge at once).
 #[inline]
 pub fn ack_ipi_wait(sender: u32, me: u32) {
+    if me >= 64 {
+        return;
+    }
     if let Some(rec) = record_ptr(sender) {
         // SAFETY: a record of the live region.
         unsafe { ipi_wait_word(rec) }.fetch_and(!(1u64 << me), Ordering::SeqCst);
@@ -170,25 +169,22 @@ pub fn ack_ipi_wait(sender: u32, me: u32) {
 }
 
 /// The vCPU that lent the calling vCPU the turn it runs on (`host_lent_by` minus one), if
-/// any: one volatile load of the caller's own record (`cpu` is the caller's block); never
-/// set without a pvsync host.
+/// any: one volatile load of the caller's own record; never set without a pvsync host.
 #[inline]
-pub fn lent_by(cpu: &PerCpu) -> Option<u32> {
+pub fn lent_by(cpu: &CpuSync) -> Option<u32> {
     // SAFETY: the caller's record (or sink) lives forever; the host half is written by the
     // host only, read here with one volatile load of an aligned u32.
     let v = unsafe { read_volatile(addr_of!((*cpu.record()).host_lent_by)) };
     // NO_VCPU is a turn given for a grace period, not lent by anyone.
-    (v != shared_abi::NO_VCPU)
-        .then(|| v.checked_sub(1))
-        .flatten()
+    (v != NO_VCPU).then(|| v.checked_sub(1)).flatten()
 }
 
 /// Whether the host runs this vCPU on a turn it gave because a grace period waits on it
 /// (`host_lent_by == NO_VCPU`, ABI v4): the turn goes back with `YieldTo(self)` once this
 /// CPU has reported its quiescent state.
-pub fn boosted_for_grace_period(cpu: &PerCpu) -> bool {
+pub fn boosted_for_grace_period(cpu: &CpuSync) -> bool {
     // SAFETY: as in `lent_by`: one volatile load of an aligned host-written u32.
-    unsafe { read_volatile(addr_of!((*cpu.record()).host_lent_by)) == shared_abi::NO_VCPU }
+    unsafe { read_volatile(addr_of!((*cpu.record()).host_lent_by)) == NO_VCPU }
 }
 
 /// The lock CPU `cpu` publishes it spins on (0: none, or no such CPU). One aligned field,
@@ -203,7 +199,7 @@ pub fn spinning_on(cpu: u32) -> u64 {
 /// Whether the host says it keeps CPU `cpu` runnable but descheduled (`host_preempted`);
 /// false without a pvsync host, which never writes it.
 pub fn host_preempted(cpu: u32) -> bool {
-    if !super::pv_host() {
+    if !pv_host() {
         return false;
     }
     // SAFETY: a record of the live region; the host half is written by the host only, read
@@ -215,9 +211,8 @@ pub fn host_preempted(cpu: u32) -> bool {
 /// Attempts before a record that keeps changing (or stays odd) is given up on.
 const SNAPSHOT_ATTEMPTS: usize = 1000;
 
-/// A consistent copy of CPU `cpu`'s record (used by self-tests), or None if out of range or
-/// never consistent within the attempts. Fields outside the frame are each as one store
-/// left them.
+/// A consistent copy of CPU `cpu`'s record, or None if out of range or never consistent
+/// within the attempts. Fields outside the frame are each as one store left them.
 pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
     let rec = record_ptr(cpu)?;
     for _ in 0..SNAPSHOT_ATTEMPTS {

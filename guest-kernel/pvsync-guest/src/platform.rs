@@ -1,0 +1,95 @@
+//! What the crate needs from the kernel that uses it.
+//!
+//! A kernel implements [`Platform`] once, on a unit type, and names that type in the crate's
+//! generic types (`TicketLock<MyPlatform>`, `Shootdowns<MyPlatform>`, `Rcu<MyPlatform>`).
+//! Every function is associated (no `self`): a kernel has one platform, and static dispatch
+//! keeps a lock's fast path free of indirect calls.
+
+use crate::cpu::CpuSync;
+
+/// Interrupts the crate sends between CPUs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Ipi {
+    /// Wakes a CPU halted in a lock's slow path, or asks a grace period's holdout for a
+    /// quiescent state (the handler only has to return: a tick-like interruption).
+    Reschedule,
+    /// Asks the target to call [`Shootdowns::serve`](crate::tlb::Shootdowns::serve).
+    TlbShootdown,
+}
+
+/// Sleepers the RCU core wakes (kernel threads and waiters the kernel schedules).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Wake {
+    /// The grace-period thread (every updater waits on it: it should run first).
+    GracePeriodThread,
+    /// Tasks waiting for a grace period to complete.
+    GracePeriodWaiters,
+    /// CPU `cpu`'s callback thread.
+    Callbacks(u32),
+}
+
+/// A range of pages to flush from the calling CPU's TLB.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FlushRange {
+    /// Every non-global translation (a CR3 reload).
+    All,
+    /// `pages` 4 KiB pages from virtual address `start`.
+    Pages {
+        /// First page's address.
+        start: u64,
+        /// Number of pages (at least 1).
+        pages: u64,
+    },
+}
+
+/// The machine as the crate reaches it.
+pub trait Platform: 'static {
+    /// The calling CPU's state (set up with [`CpuSync::init`] before the CPU takes any lock).
+    fn cpu() -> &'static CpuSync;
+
+    /// Disables preemption (nests). The kernel counts it and publishes the count with
+    /// [`record::set_preempt_count`](crate::record::set_preempt_count).
+    fn preempt_disable();
+    /// Re-enables preemption; may switch tasks when the count reaches 0.
+    fn preempt_enable();
+    /// Whether the calling code could be preempted now (preemption count 0): then it is
+    /// in no RCU reader.
+    fn preemptible() -> bool;
+
+    /// Whether interrupts are enabled on the calling CPU.
+    fn irqs_enabled() -> bool;
+    /// Disables interrupts; returns whether they were enabled.
+    fn irqs_save() -> bool;
+    /// Enables interrupts again if `were_enabled`.
+    fn irqs_restore(were_enabled: bool);
+
+    /// With interrupts disabled, checks `still_waiting` and, if it holds, halts until an
+    /// interrupt arrives; an interrupt sent after the check must end the halt (it stays
+    /// pending while interrupts are off: `sti; hlt`, or the host's idle hypercall). Returns
+    /// with interrupts as they were. May return early (any interrupt).
+    fn halt_while(still_waiting: &dyn Fn() -> bool);
+
+    /// Sends `ipi` to CPU `cpu`.
+    fn send_ipi(cpu: u32, ipi: Ipi);
+
+    /// A monotonic clock, in ticks of the platform's choice.
+    fn now() -> u64;
+    /// `us` microseconds in ticks of [`Platform::now`].
+    fn us_to_ticks(us: u64) -> u64;
+
+    /// Flushes `range` from the calling CPU's TLB.
+    fn flush_tlb(range: FlushRange);
+
+    /// A 32-bit write to hypercall port `port` (one VM exit).
+    fn hypercall_out(port: u16, value: u32);
+    /// A 32-bit read from hypercall port `port` (the last call's status).
+    fn hypercall_in(port: u16) -> u32;
+
+    /// Called in each slow round of every busy wait (a lock waiter, a shootdown sender):
+    /// serves what other CPUs may be waiting on from this one, so that two waiters never
+    /// wait on each other. A kernel serves its TLB shootdown requests here.
+    fn serve_waiters() {}
+
+    /// Wakes `who` (RCU's threads and waiters).
+    fn wake(who: Wake);
+}

@@ -1,0 +1,136 @@
+//! The grace-period machine, driven by the kernel's grace-period thread:
+//!
+//! ```text
+//! loop {
+//!     wait until rcu.gp_wanted();
+//!     let mut gp = rcu.gp_begin();
+//!     wait until rcu.gp_poll(&mut gp);   // re-checked whenever the thread is woken
+//!     rcu.gp_end(gp);
+//! }
+//! ```
+
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering::Relaxed;
+
+use super::{header_holdouts, Rcu};
+use crate::cpuset::CpuSet;
+use crate::hypercall;
+use crate::platform::{Ipi, Platform, Wake};
+use crate::sync::Ordering::SeqCst;
+
+/// A grace period in progress.
+pub struct GracePeriod {
+    n: u64,
+    start: u64,
+    /// Each CPU's extended-quiescent-state counter when the grace period began.
+    snap: Vec<u64>,
+    nudge_at: u64,
+    nudged: bool,
+}
+
+impl GracePeriod {
+    /// The grace period's number (what `request_gp` returned to those waiting for it).
+    pub fn number(&self) -> u64 {
+        self.n
+    }
+}
+
+impl<P: Platform> Rcu<P> {
+    /// Starts the grace period the requests ask for (call it on the grace-period thread's
+    /// CPU once [`Rcu::gp_wanted`]).
+    pub fn gp_begin(&self) -> GracePeriod {
+        let n = self.gp_completed.load(SeqCst) + 1;
+        let start = P::now();
+        let me = P::cpu().id();
+        // The set only shrinks while the grace period runs: every CPU first, then each bit
+        // is cleared by the CPU that reports or by this thread when it finds the CPU
+        // quiescent; it is never written whole, so a report is never undone and the host
+        // never sees an empty set with an odd sequence.
+        let mut all = self.online.load();
+        all.insert(me);
+        self.holdouts.store(&all);
+        header_holdouts(|w| {
+            w.store(all.low_word(), SeqCst);
+            0
+        });
+        self.gp_started.store(n, SeqCst);
+        self.publish_state();
+        let snap = self.eqs.iter().map(|e| e.load(SeqCst)).collect();
+        let gp = GracePeriod {
+            n,
+            start,
+            snap,
+            nudge_at: start + P::us_to_ticks(self.nudge_after_us),
+            nudged: false,
+        };
+        // This thread is itself preemptible here: a quiescent state for its own CPU.
+        self.report_qs(me as usize);
+        let first = self.holdouts_of(&gp);
+        self.keep_holdouts(&first, me);
+        if !first.is_empty() {
+            // One exit per grace period that has to wait: the host can run the preempted
+            // holdouts (named in the header, with the sequence published above) at once.
+            hypercall::rcu_wait::<P>(self.gp_seq() as u32);
+        }
+        gp
+    }
+
+    /// Looks at the holdouts again: true once none is left (then call [`Rcu::gp_end`]).
+    /// Once the grace period is overdue it asks its holdouts for a quiescent state with an
+    /// IPI (Linux's RCU does the same with resched_cpu), instead of waiting for their ticks.
+    pub fn gp_poll(&self, gp: &mut GracePeriod) -> bool {
+        let h = self.holdouts_of(gp);
+        self.keep_holdouts(&h, P::cpu().id());
+        if !h.is_empty() && !gp.nudged && P::now() > gp.nudge_at {
+            gp.nudged = true;
+            h.iter().for_each(|c| P::send_ipi(c, Ipi::Reschedule));
+        }
+        h.is_empty()
+    }
+
+    /// Ends the grace period: its waiters and the callback threads with work are woken.
+    pub fn gp_end(&self, gp: GracePeriod) {
+        let took = P::now().wrapping_sub(gp.start);
+        self.gp_completed.store(gp.n, SeqCst);
+        self.gp_min.fetch_min(took, Relaxed);
+        self.gp_max.fetch_max(took, Relaxed);
+        self.gp_total.fetch_add(took, Relaxed);
+        self.publish_state();
+        // Cleared only once the even sequence is out.
+        self.holdouts.store(&CpuSet::new());
+        header_holdouts(|w| {
+            w.store(0, SeqCst);
+            0
+        });
+        P::wake(Wake::GracePeriodWaiters);
+        for c in self.online.load().iter() {
+            if self.queued[c as usize].load(SeqCst) != 0 {
+                P::wake(Wake::Callbacks(c));
+            }
+        }
+    }
+
+    /// Published: the holdouts, and the thread's own CPU until the grace period ends.
+    fn keep_holdouts(&self, holdouts: &CpuSet, me: u32) {
+        let mut keep = *holdouts;
+        keep.insert(me);
+        self.holdouts.retain(&keep);
+        header_holdouts(|w| w.fetch_and(keep.low_word(), SeqCst));
+    }
+
+    /// CPUs grace period `gp` still waits for.
+    fn holdouts_of(&self, gp: &GracePeriod) -> CpuSet {
+        // The negative control counts a report for the previous grace period too.
+        let early = self.faults.early_end.load(Relaxed) as u64;
+        self.online
+            .load()
+            .iter()
+            .filter(|&c| {
+                let c = c as usize;
+                !(gp.snap[c].is_multiple_of(2)
+                    || self.eqs[c].load(SeqCst) != gp.snap[c]
+                    || self.qs_gp[c].load(SeqCst) + early >= gp.n)
+            })
+            .collect()
+    }
+}

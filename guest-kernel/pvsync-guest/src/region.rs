@@ -1,0 +1,173 @@
+//! The shared region (layout in `shared_abi`, contract in docs/abi.md): set-up,
+//! registration with the host, and the header.
+//!
+//! The region is guest memory the host reads (and writes, in the host halves): the crate
+//! only ever touches it through raw pointers with volatile or atomic accesses, never
+//! through references.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use shared_abi::{
+    record_offset, region_size, HostFlags, Hypercall, HypercallStatus, PageHeader, VcpuRecord,
+    NO_VCPU,
+};
+use spin::Once;
+
+use crate::cpu::CpuSync;
+use crate::platform::Platform;
+
+struct Region {
+    base: *mut u8,
+    guest_phys: u64,
+    nr_vcpus: u32,
+    status: HypercallStatus,
+}
+
+// SAFETY: `base` points at memory that lives as long as the kernel and that the crate only
+// accesses with volatile or atomic operations (the rules in docs/abi.md say who writes what).
+unsafe impl Sync for Region {}
+// SAFETY: as above; the pointer is only an address.
+unsafe impl Send for Region {}
+
+static REGION: Once<Region> = Once::new();
+
+/// A pvsync host accepted the region: hypercalls are made from now on.
+static PV_HOST: AtomicBool = AtomicBool::new(false);
+
+/// Whether a pvsync host accepted the shared region (hypercalls are only made then).
+#[inline]
+pub fn pv_host() -> bool {
+    PV_HOST.load(Ordering::Relaxed)
+}
+
+/// Fills the region at `base` for `nr_vcpus` CPUs, registers it with the host (telling it
+/// `guest_phys`) and makes the calling CPU publish into its record. Without a pvsync host
+/// the status says so and the region is still used (unread). Only the first call sets the
+/// region up; later calls return its status.
+///
+/// # Safety
+/// `base` must point at `region_size(nr_vcpus)` bytes, 4 KiB aligned, used by nothing else
+/// for the rest of the kernel's life, at guest-physical address `guest_phys` (below 4 GiB).
+pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -> HypercallStatus {
+    if let Some(r) = REGION.get() {
+        return r.status;
+    }
+    let size = region_size(nr_vcpus as usize);
+    // SAFETY: the caller hands over `size` bytes at `base`; the header and records are
+    // written before the host learns the address.
+    unsafe {
+        core::ptr::write_bytes(base, 0, size);
+        write_volatile(base.cast::<PageHeader>(), PageHeader::new(nr_vcpus));
+        for cpu in 0..nr_vcpus as usize {
+            let rec = base.add(record_offset(cpu)).cast::<VcpuRecord>();
+            write_volatile(addr_of_mut!((*rec).spin_holder), NO_VCPU);
+        }
+    }
+    let status = register::<P>(guest_phys);
+    PV_HOST.store(status == HypercallStatus::Ok, Ordering::Release);
+    let status = REGION
+        .call_once(|| Region {
+            base,
+            guest_phys,
+            nr_vcpus,
+            status,
+        })
+        .status;
+    attach_this_cpu::<P>();
+    status
+}
+
+/// Makes the calling CPU publish into its record of the region (nothing before the region
+/// exists), carrying over what it published so far.
+pub fn attach_this_cpu<P: Platform>() {
+    let cpu = P::cpu();
+    if let Some(rec) = record_ptr(cpu.id()) {
+        crate::record::attach(cpu, rec);
+    }
+}
+
+/// Makes the RegisterSharedRegion hypercall for `guest_phys` and reads back its status.
+pub fn register<P: Platform>(guest_phys: u64) -> HypercallStatus {
+    let Ok(addr) = u32::try_from(guest_phys) else {
+        return HypercallStatus::BadAddress;
+    };
+    let port = Hypercall::RegisterSharedRegion.port();
+    P::hypercall_out(port, addr);
+    HypercallStatus::from_raw(P::hypercall_in(port))
+}
+
+/// Guest-physical address of the region, its vCPU count and registration status.
+pub fn info() -> Option<(u64, u32, HypercallStatus)> {
+    REGION.get().map(|r| (r.guest_phys, r.nr_vcpus, r.status))
+}
+
+/// Whether the host has set ACCEPTED in the header.
+pub fn host_accepted() -> bool {
+    REGION.get().is_some_and(|r| {
+        // SAFETY: the header lies in the region, which lives forever; volatile because the
+        // host writes host_flags.
+        let flags = unsafe { read_volatile(addr_of!((*header(r)).host_flags)) };
+        flags & HostFlags::ACCEPTED != 0
+    })
+}
+
+fn header(r: &Region) -> *mut PageHeader {
+    r.base.cast()
+}
+
+/// CPU `cpu`'s record in the region, if there is a region and such a CPU.
+pub(crate) fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
+    let r = REGION.get()?;
+    // SAFETY: `cpu < nr_vcpus`, so the offset stays inside the region.
+    (cpu < r.nr_vcpus).then(|| unsafe { r.base.add(record_offset(cpu as usize)) }.cast())
+}
+
+/// Publishes the RCU grace-period sequence and callback backlog in the header. Any CPU may
+/// call this. The sequence only moves forward (an atomic max: a CPU preempted between
+/// computing it and storing it must not take it back, or the host would read the grace
+/// period in progress as over); the backlog is one aligned store, a hint.
+pub fn set_rcu_header(gp_seq: u64, pending: u64) {
+    if let Some(r) = REGION.get() {
+        let h = header(r);
+        // SAFETY: the header lies in the live region for the kernel's lifetime; `rcu_gp_seq`
+        // is 8-byte aligned (offset 32 of a 64-byte aligned header) and the guest only
+        // updates it atomically (the host only reads it); the backlog is a single aligned
+        // store.
+        unsafe {
+            AtomicU64::from_ptr(addr_of_mut!((*h).rcu_gp_seq)).fetch_max(gp_seq, Ordering::SeqCst);
+            write_volatile(addr_of_mut!((*h).rcu_callbacks_pending), pending);
+        }
+    }
+}
+
+/// The header's `rcu_gp_holdouts` word (ABI v4 names CPUs 0..64 in it), which CPUs update
+/// concurrently; a private word when there is no region, so callers need not care.
+pub fn rcu_holdouts() -> &'static AtomicU64 {
+    static UNSHARED: AtomicU64 = AtomicU64::new(0);
+    match REGION.get() {
+        // SAFETY: the header lives as long as the kernel, the field is 8-byte aligned (the
+        // header is 64-byte aligned, the field at offset 48), and the guest only ever
+        // accesses it atomically; the host only reads it.
+        Some(r) => unsafe { AtomicU64::from_ptr(addr_of_mut!((*header(r)).rcu_gp_holdouts)) },
+        None => &UNSHARED,
+    }
+}
+
+/// The header's RCU fields as last published (sequence, backlog), for tests.
+pub fn rcu_header() -> Option<(u64, u64)> {
+    REGION.get().map(|r| {
+        let h = header(r);
+        // SAFETY: as above; volatile reads of plain integers.
+        unsafe {
+            (
+                read_volatile(addr_of!((*h).rcu_gp_seq)),
+                read_volatile(addr_of!((*h).rcu_callbacks_pending)),
+            )
+        }
+    })
+}
+
+/// Whether `cpu` publishes into the region (rather than its private sink).
+pub fn attached(cpu: &CpuSync) -> bool {
+    record_ptr(cpu.id()) == Some(cpu.record())
+}

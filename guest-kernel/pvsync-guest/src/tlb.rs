@@ -1,0 +1,235 @@
+//! TLB shootdown. Changing a mapping flushes it locally and sends an IPI to exactly the
+//! other CPUs in the address space's CPU set; each target flushes and clears its bit in the
+//! sender's request; the sender waits for every bit.
+//!
+//! One request slot per sender (a sender waits for its request before making another). While
+//! waiting, a sender publishes whom it waits for (`ipi_wait`, which each target's
+//! acknowledgement shrinks), keeps serving requests aimed at itself (two CPUs shooting each
+//! other down at once cannot deadlock), and past a spin threshold makes a yield hypercall
+//! naming a CPU that still owes an acknowledgement.
+//!
+//! A CPU joining the address space adds itself to the set (a sequentially consistent
+//! read-modify-write) before its first page walk; the sender changes the page table, then a
+//! full fence, then reads the set: either the sender sees the newcomer, or the newcomer's
+//! walk sees the new entry.
+
+use alloc::boxed::Box;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicBool, AtomicU64 as StatU64, Ordering::Relaxed};
+
+use crate::cpuset::{AtomicCpuSet, CpuSet};
+use crate::locks::pacer::Pacer;
+use crate::platform::{FlushRange, Ipi, Platform};
+use crate::record;
+use crate::sync::{fence, AtomicU64, Ordering::SeqCst};
+
+/// Spin this long for acknowledgements before offering the CPU to a laggard.
+const SPIN_THRESHOLD_US: u64 = 50;
+
+struct Request {
+    start: AtomicU64,
+    /// 0 = flush everything.
+    pages: AtomicU64,
+    /// Targets that have not acknowledged yet.
+    pending: AtomicCpuSet,
+}
+
+impl Request {
+    fn range(&self) -> FlushRange {
+        match self.pages.load(SeqCst) {
+            0 => FlushRange::All,
+            pages => FlushRange::Pages {
+                start: self.start.load(SeqCst),
+                pages,
+            },
+        }
+    }
+}
+
+/// Faults a negative control can switch on.
+#[derive(Default)]
+pub struct TlbFaults {
+    /// Leave out one target of every shootdown.
+    pub skip_one_target: AtomicBool,
+    /// Return without waiting for the targets' acknowledgements.
+    pub skip_ack_wait: AtomicBool,
+}
+
+/// The shootdown protocol for CPUs `0..nr_cpus`.
+pub struct Shootdowns<P> {
+    requests: Box<[Request]>,
+    /// `inbox[t]`: the senders with a request for target `t` (set after its `pending`). A
+    /// CPU finds its requests without scanning every slot: `serve` runs in every busy
+    /// wait's slow path, and usually finds nothing.
+    inbox: Box<[AtomicCpuSet]>,
+    /// Flushes each CPU made (served requests, its own shootdowns, whole-TLB flushes the
+    /// kernel reports): evidence a test can check that does not come from any sender.
+    flushes: Box<[StatU64]>,
+    shootdowns: StatU64,
+    yields: StatU64,
+    /// Negative controls.
+    pub faults: TlbFaults,
+    _p: PhantomData<fn() -> P>,
+}
+
+impl<P: Platform> Shootdowns<P> {
+    /// The protocol's state for CPUs `0..nr_cpus`.
+    pub fn new(nr_cpus: usize) -> Self {
+        Shootdowns {
+            requests: (0..nr_cpus)
+                .map(|_| Request {
+                    start: AtomicU64::new(0),
+                    pages: AtomicU64::new(0),
+                    pending: AtomicCpuSet::new(),
+                })
+                .collect(),
+            inbox: (0..nr_cpus).map(|_| AtomicCpuSet::new()).collect(),
+            flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
+            shootdowns: StatU64::new(0),
+            yields: StatU64::new(0),
+            faults: TlbFaults::default(),
+            _p: PhantomData,
+        }
+    }
+
+    /// Shootdowns sent so far.
+    pub fn shootdowns(&self) -> u64 {
+        self.shootdowns.load(Relaxed)
+    }
+
+    /// Yield hypercalls senders made while waiting.
+    pub fn yields(&self) -> u64 {
+        self.yields.load(Relaxed)
+    }
+
+    /// Flushes CPU `cpu` has made so far (0 for a CPU beyond the set).
+    pub fn flushes(&self, cpu: u32) -> u64 {
+        self.flushes.get(cpu as usize).map_or(0, |f| f.load(SeqCst))
+    }
+
+    /// The calling CPU flushed its whole TLB some other way (a CR3 load).
+    pub fn note_full_flush(&self) {
+        self.count_flush(P::cpu().id());
+    }
+
+    fn count_flush(&self, cpu: u32) {
+        if let Some(f) = self.flushes.get(cpu as usize) {
+            f.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// Serves every request aimed at the calling CPU. Safe anywhere (any lock's slow path,
+    /// interrupts on or off): flushing and acknowledging never wait for anything, and take
+    /// no lock.
+    pub fn serve(&self) {
+        let me = P::cpu();
+        let id = me.id();
+        let Some(inbox) = self.inbox.get(id as usize) else {
+            return;
+        };
+        // Nothing announced: the usual case, one load. An announcement racing with this load
+        // comes with an IPI, served in the handler.
+        if inbox.is_empty() {
+            return;
+        }
+        // Interrupts off: a shootdown IPI nesting in here could serve and acknowledge the
+        // request this loop is reading, and this loop would then acknowledge the sender's
+        // next one unflushed.
+        let were = P::irqs_save();
+        let mut give_back = None;
+        // A sender announces after publishing `pending`, so a bit taken here finds its
+        // request; one announced after the take is found next time (or by its IPI).
+        for sender in inbox.take().iter() {
+            let r = &self.requests[sender as usize];
+            if r.pending.contains(id) {
+                P::flush_tlb(r.range());
+                self.count_flush(id);
+                // The sender's published bit first, `pending` last: once `pending` is empty
+                // the sender may publish its next shootdown's set, which a late clear of this
+                // one must never touch.
+                record::ack_ipi_wait(sender, id);
+                r.pending.remove(id);
+                if record::lent_by(me) == Some(sender) {
+                    give_back = Some(sender);
+                }
+            }
+        }
+        P::irqs_restore(were);
+        // A turn the sender lent us (it yielded to us while waiting for this
+        // acknowledgement) goes back to it once every request found here is served (ABI
+        // v4); not while the interrupted code holds a lock: queued, this vCPU would hold up
+        // whoever waits for that lock.
+        if let Some(lender) = give_back.filter(|_| me.locks_held() == 0) {
+            crate::hypercall::yield_to::<P>(lender);
+        }
+    }
+
+    /// Flushes `range` on every CPU in `cpus` (an address space's set, which CPUs join
+    /// concurrently) that may cache it, and returns once all have done so. Returns the
+    /// CPUs it flushed on. Call it after changing the page table.
+    pub fn shootdown(&self, cpus: &AtomicCpuSet, range: FlushRange) -> CpuSet {
+        P::preempt_disable();
+        let me = P::cpu().id();
+        // The page-table change (a plain store) must be visible before the CPU set is read:
+        // a CPU that joins later then walks the new entry. x86 lets a load pass an earlier
+        // store; mfence.
+        fence(SeqCst);
+        let cpus = cpus.load();
+        let mut reached = CpuSet::new();
+        if cpus.contains(me) {
+            P::flush_tlb(range);
+            self.count_flush(me);
+            reached.insert(me);
+        }
+        let mut targets = cpus;
+        targets.remove(me);
+        if self.faults.skip_one_target.load(Relaxed) {
+            if let Some(last) = targets.last_cpu() {
+                targets.remove(last);
+            }
+        }
+        if !targets.is_empty() {
+            self.send_and_wait(me, &targets, range);
+        }
+        P::preempt_enable();
+        reached.union(&targets)
+    }
+
+    fn send_and_wait(&self, me: u32, targets: &CpuSet, range: FlushRange) {
+        let r = &self.requests[me as usize];
+        let cpu = P::cpu();
+        // Published before any target can see the request, so each acknowledgement shrinks
+        // it.
+        record::set_ipi_wait(cpu, targets.low_word());
+        let (start, pages) = match range {
+            FlushRange::All => (0, 0),
+            FlushRange::Pages { start, pages } => (start, pages),
+        };
+        r.start.store(start, SeqCst);
+        r.pages.store(pages, SeqCst);
+        r.pending.store(targets);
+        self.shootdowns.fetch_add(1, Relaxed);
+        for t in targets.iter() {
+            self.inbox[t as usize].insert(me);
+            P::send_ipi(t, Ipi::TlbShootdown);
+        }
+        if self.faults.skip_ack_wait.load(Relaxed) {
+            return;
+        }
+        let mut pacer = Pacer::<P>::every_us(SPIN_THRESHOLD_US);
+        loop {
+            let pending = r.pending.load();
+            let Some(laggard) = pending.first_cpu() else {
+                break;
+            };
+            self.serve();
+            if pacer.due() {
+                self.yields.fetch_add(1, Relaxed);
+                crate::hypercall::yield_to::<P>(laggard);
+            }
+            crate::sync::spin_loop();
+        }
+        // Every target cleared its bit already; this only drops what a hostile scribble left.
+        record::set_ipi_wait(cpu, 0);
+    }
+}

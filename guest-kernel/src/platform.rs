@@ -1,0 +1,133 @@
+//! The kernel as the paravirtual synchronization crate (`pvsync_guest`) sees it: its
+//! [`Platform`] implementation. It sits just above `arch` and `percpu`; the two things it
+//! must reach higher up (waking RCU's threads, serving TLB requests in a busy wait) are
+//! hooks that the `rcu` and `tlb` modules install.
+
+use pvsync_guest::{CpuSync, FlushRange, Ipi, Platform, Wake};
+use spin::Once;
+use x86_64::instructions::interrupts;
+
+use crate::arch::{self, apic, tsc, vectors};
+use crate::percpu;
+
+/// Ranges longer than this are flushed whole (CR3 reload) rather than page by page.
+pub const FULL_FLUSH_PAGES: u64 = 32;
+
+/// The kernel's platform, named in the crate's generic types.
+pub struct Kernel;
+
+static WAKER: Once<fn(Wake)> = Once::new();
+static SERVE_WAITERS: Once<fn()> = Once::new();
+
+/// Installs what `Platform::wake` does (the RCU module's wait queues).
+pub fn set_waker(f: fn(Wake)) {
+    WAKER.call_once(|| f);
+}
+
+/// Installs what a busy wait serves in each slow round (the TLB module's requests).
+pub fn set_serve_waiters(f: fn()) {
+    SERVE_WAITERS.call_once(|| f);
+}
+
+impl Platform for Kernel {
+    #[inline]
+    fn cpu() -> &'static CpuSync {
+        percpu::this().sync()
+    }
+
+    #[inline]
+    fn preempt_disable() {
+        percpu::preempt_disable();
+    }
+
+    #[inline]
+    fn preempt_enable() {
+        percpu::preempt_enable();
+    }
+
+    #[inline]
+    fn preemptible() -> bool {
+        percpu::preempt_count() == 0
+    }
+
+    #[inline]
+    fn irqs_enabled() -> bool {
+        interrupts::are_enabled()
+    }
+
+    #[inline]
+    fn irqs_save() -> bool {
+        let were = interrupts::are_enabled();
+        interrupts::disable();
+        were
+    }
+
+    #[inline]
+    fn irqs_restore(were_enabled: bool) {
+        if were_enabled {
+            interrupts::enable();
+        }
+    }
+
+    fn halt_while(still_waiting: &dyn Fn() -> bool) {
+        // Interrupts stay off from the check to the halt, so a kick that lands in between
+        // stays pending and ends the halt at once.
+        let were = Self::irqs_save();
+        if still_waiting() {
+            // Returns with interrupts enabled.
+            apic::wait_for_interrupt();
+        }
+        if !were {
+            interrupts::disable();
+        }
+    }
+
+    #[inline]
+    fn send_ipi(cpu: u32, ipi: Ipi) {
+        let vector = match ipi {
+            Ipi::Reschedule => vectors::RESCHEDULE,
+            Ipi::TlbShootdown => vectors::TLB_SHOOTDOWN,
+        };
+        apic::send_ipi(cpu, vector);
+    }
+
+    #[inline]
+    fn now() -> u64 {
+        tsc::now()
+    }
+
+    fn us_to_ticks(us: u64) -> u64 {
+        tsc::us_to_cycles(us)
+    }
+
+    fn flush_tlb(range: FlushRange) {
+        match range {
+            FlushRange::Pages { start, pages } if pages <= FULL_FLUSH_PAGES => {
+                arch::flush_tlb_pages(start, pages)
+            }
+            _ => arch::flush_tlb_all(),
+        }
+    }
+
+    #[inline]
+    fn hypercall_out(port: u16, value: u32) {
+        arch::port_out(port, value);
+    }
+
+    fn hypercall_in(port: u16) -> u32 {
+        arch::port_in(port)
+    }
+
+    #[inline]
+    fn serve_waiters() {
+        if let Some(f) = SERVE_WAITERS.get() {
+            f();
+        }
+    }
+
+    fn wake(who: Wake) {
+        if let Some(f) = WAKER.get() {
+            f(who);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The kernel's side of the region shared with the host: allocating it and the calls the
+//! rest of the kernel makes, on the calling CPU, into the synchronization crate's record
+//! publication (`pvsync_guest::record`) and hypercall transport
+//! (`pvsync_guest::hypercall`). The layout is `shared_abi`'s, the contract docs/abi.md.
+
+use pvsync_guest::{hypercall, record, region};
+use shared_abi::{
+    region_size, Hypercall, HypercallStatus, IpiDest, VcpuMode, VcpuRecord, PAGE_SIZE,
+};
+use x86_64::instructions::port::Port;
+
+use crate::percpu;
+use crate::platform::Kernel;
+
+pub use pvsync_guest::region::{host_accepted, info, pv_host, rcu_header};
+
+/// Allocates and fills the region for `nr_vcpus` CPUs and registers it with the host.
+/// Without a pvsync host the status says so and the region is still used (unread).
+/// The calling CPU publishes into its record from now on.
+pub fn init(nr_vcpus: u32) -> HypercallStatus {
+    let size = region_size(nr_vcpus as usize);
+    let base =
+        crate::mm::frame::alloc_contiguous_or_panic((size / PAGE_SIZE) as u64, "the shared region");
+    // SAFETY: freshly allocated, identity-mapped frames (so the guest-physical address is
+    // the pointer) that nothing else uses, for good.
+    unsafe { region::init::<Kernel>(base as *mut u8, base, nr_vcpus) }
+}
+
+/// Makes the calling CPU publish into its record of the region (a no-op before the region
+/// exists), carrying over what it published so far.
+pub fn attach_this_cpu() {
+    region::attach_this_cpu::<Kernel>();
+}
+
+/// Makes the RegisterSharedRegion hypercall for `base` and reads back its status.
+pub fn register(base: u64) -> HypercallStatus {
+    region::register::<Kernel>(base)
+}
+
+/// Reads the last hypercall status with an 8-bit `in` (an ABI violation): the low byte.
+pub fn status_byte() -> u8 {
+    let mut narrow: Port<u8> = Port::new(Hypercall::RegisterSharedRegion.port());
+    // SAFETY: reading the status port has no effect on guest memory.
+    unsafe { narrow.read() }
+}
+
+/// The RegisterSharedRegion hypercall made with an 8-bit write (an ABI violation).
+pub fn register_with_byte_write(base: u8) -> HypercallStatus {
+    let mut narrow: Port<u8> = Port::new(Hypercall::RegisterSharedRegion.port());
+    // SAFETY: a narrow write to the hypercall port only makes the host refuse the call.
+    unsafe { narrow.write(base) };
+    HypercallStatus::from_raw(crate::arch::port_in(Hypercall::RegisterSharedRegion.port()))
+}
+
+/// Publishes the calling CPU's execution mode.
+#[inline]
+pub fn set_mode(mode: VcpuMode) {
+    record::set_mode(percpu::this().sync(), mode);
+}
+
+/// Publishes the set of CPUs the caller waits on for IPI acknowledgements.
+pub fn set_ipi_wait(mask: u64) {
+    record::set_ipi_wait(percpu::this().sync(), mask);
+}
+
+/// CPU `me` acknowledges an IPI of CPU `sender` in the sender's record.
+pub fn ack_ipi_wait(sender: u32, me: u32) {
+    record::ack_ipi_wait(sender, me);
+}
+
+/// A consistent copy of CPU `cpu`'s record (self-tests).
+pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
+    record::snapshot(cpu)
+}
+
+/// Offers this vCPU's time to vCPU `target` (nothing without a pvsync host).
+pub fn yield_to(target: u32) {
+    hypercall::yield_to::<Kernel>(target);
+}
+
+/// Idles through the host for at most `timeout_us`; false without a pvsync host.
+pub fn idle(timeout_us: u32) -> bool {
+    hypercall::idle::<Kernel>(timeout_us)
+}
+
+/// Sends interrupt `vector` through the host; false without a pvsync host.
+pub fn send_ipi(dest: IpiDest, vector: u8) -> bool {
+    hypercall::send_ipi::<Kernel>(dest, vector)
+}
