@@ -76,9 +76,11 @@ impl Platform for Kernel {
         if still_waiting() {
             // Returns with interrupts enabled.
             apic::wait_for_interrupt();
-        }
-        if !were {
-            interrupts::disable();
+            if !were {
+                interrupts::disable();
+            }
+        } else {
+            Self::irqs_restore(were);
         }
     }
 

@@ -173,10 +173,16 @@ impl AtomicCpuSet {
 
     /// A copy of the set (word by word).
     pub fn load(&self) -> CpuSet {
+        self.load_ordered(Ordering::SeqCst)
+    }
+
+    /// A copy of the set, each word loaded with `order` (a caller that has just made a full
+    /// fence needs no more than acquire).
+    pub fn load_ordered(&self, order: Ordering) -> CpuSet {
         let mut s = CpuSet::new();
         s.0.iter_mut()
             .zip(&self.0)
-            .for_each(|(d, w)| *d = w.load(Ordering::SeqCst));
+            .for_each(|(d, w)| *d = w.load(order));
         s
     }
 

@@ -64,6 +64,8 @@
 #![no_std]
 
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod cpu;
 pub mod cpuset;

@@ -21,7 +21,7 @@ use crate::cpuset::{AtomicCpuSet, CpuSet};
 use crate::locks::pacer::Pacer;
 use crate::platform::{FlushRange, Ipi, Platform};
 use crate::record;
-use crate::sync::{fence, AtomicU64, Ordering::SeqCst};
+use crate::sync::{fence, AtomicU64, Ordering::Acquire, Ordering::SeqCst};
 
 /// Spin this long for acknowledgements before offering the CPU to a laggard.
 const SPIN_THRESHOLD_US: u64 = 50;
@@ -53,6 +53,9 @@ pub struct TlbFaults {
     pub skip_one_target: AtomicBool,
     /// Return without waiting for the targets' acknowledgements.
     pub skip_ack_wait: AtomicBool,
+    /// Read the CPU set without the full fence after the page-table change (models only).
+    #[cfg(test)]
+    pub(crate) skip_fence: AtomicBool,
 }
 
 /// The shootdown protocol for CPUs `0..nr_cpus`.
@@ -173,8 +176,15 @@ impl<P: Platform> Shootdowns<P> {
         // The page-table change (a plain store) must be visible before the CPU set is read:
         // a CPU that joins later then walks the new entry. x86 lets a load pass an earlier
         // store; mfence.
-        fence(SeqCst);
-        let cpus = cpus.load();
+        #[cfg(test)]
+        let fenced = !self.faults.skip_fence.load(Relaxed);
+        #[cfg(not(test))]
+        let fenced = true;
+        if fenced {
+            fence(SeqCst);
+        }
+        // The fence orders this read; the read itself is a plain load on x86.
+        let cpus = cpus.load_ordered(Acquire);
         let mut reached = CpuSet::new();
         if cpus.contains(me) {
             P::flush_tlb(range);

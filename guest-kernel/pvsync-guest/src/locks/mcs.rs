@@ -4,7 +4,7 @@
 //! with an IPI.
 //!
 //! The halt/kick handshake: the waiter stores `halted` and then re-checks `granted`; the
-//! releaser stores `granted` and then reads `halted` (all four sequentially consistent), so
+//! releaser stores `granted` and then reads `halted`, each with a full fence between, so
 //! at least one of them sees the other's store: either the waiter does not halt, or the
 //! releaser kicks. The waiter halts with interrupts masked from its last check, so a kick
 //! that lands in between stays pending and ends the halt at once.
@@ -26,13 +26,17 @@ use super::slow::SlowPath;
 use super::{give_back_turn, pv_yield, RawLock, PV_HALTS, PV_KICKS};
 use crate::platform::{Ipi, Platform};
 use crate::record::host_preempted;
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU32, Ordering::*};
+use crate::sync::{fence, AtomicBool, AtomicPtr, AtomicU32, Ordering::*};
 
 /// Queued locks one CPU may hold or wait for at once.
 pub const LEVELS: usize = 4;
 /// Slow-path rounds (of PV_SPIN_US each) a waiter keeps spinning while its predecessor and
 /// the holder both run, before it halts anyway.
+#[cfg(not(test))]
 const RUNNING_ROUNDS: u32 = 4;
+/// Models halt at the first slow round (a smaller state space, the same handshake).
+#[cfg(test)]
+const RUNNING_ROUNDS: u32 = 0;
 
 #[repr(align(64))]
 pub(crate) struct Node {
@@ -155,13 +159,15 @@ impl<P: Platform> McsLock<P> {
     /// Halts until kicked (or any interrupt), unless granted meanwhile.
     fn halt(node: &Node) {
         // Announce the halt, then re-check: the releaser sets `granted` before it reads
-        // `halted` (both SeqCst), so one of us sees the other.
-        node.halted.store(true, SeqCst);
-        if !node.granted.load(SeqCst) {
+        // `halted`, each side with a full fence between its store and its load (Linux's
+        // smp_store_mb), so one of us sees the other.
+        node.halted.store(true, Relaxed);
+        fence(SeqCst);
+        if !node.granted.load(Acquire) {
             PV_HALTS.fetch_add(1, StatRelaxed);
-            P::halt_while(&|| !node.granted.load(SeqCst));
+            P::halt_while(&|| !node.granted.load(Acquire));
         }
-        node.halted.store(false, SeqCst);
+        node.halted.store(false, Relaxed);
     }
 }
 
@@ -256,8 +262,9 @@ impl<P: Platform> RawLock for McsLock<P> {
         let succ_cpu = succ.cpu.load(Relaxed);
         // Hand-off: the successor holds the lock from here on, even before it runs again.
         self.holder.store(succ_cpu, Relaxed);
-        succ.granted.store(true, SeqCst);
-        if succ.halted.load(SeqCst) && !self.drops_kicks {
+        succ.granted.store(true, Release);
+        fence(SeqCst);
+        if succ.halted.load(Relaxed) && !self.drops_kicks {
             PV_KICKS.fetch_add(1, StatRelaxed);
             P::send_ipi(succ_cpu, Ipi::Reschedule);
         }

@@ -36,6 +36,10 @@ pub struct TicketLock<P, const SLOTS: usize = MAX_VCPUS> {
     takers: [AtomicU32; SLOTS],
     /// Take the lock test-and-set style (kernel locks).
     unfair: bool,
+    /// Negative control of the models: release without release ordering (a missing
+    /// fence), so the next holder may not see the critical section's writes.
+    #[cfg(test)]
+    relaxed_release: bool,
     _p: PhantomData<fn() -> P>,
 }
 
@@ -71,9 +75,19 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
                 owner: AtomicU32::new(0),
                 takers: crate::sync::array_of!(SLOTS, AtomicU32::new(0)),
                 unfair,
+                #[cfg(test)]
+                relaxed_release: false,
                 _p: PhantomData,
             }
         }
+    }
+
+    /// The broken variant of the models' negative control (see `relaxed_release`).
+    #[cfg(test)]
+    pub(crate) fn with_relaxed_release(unfair: bool) -> Self {
+        let mut l = Self::with_order(unfair);
+        l.relaxed_release = true;
+        l
     }
 
     fn slot(t: u32) -> usize {
@@ -208,7 +222,15 @@ impl<P: Platform, const SLOTS: usize> RawLock for TicketLock<P, SLOTS> {
 
     fn release(&self) {
         P::cpu().add_locks_held(-1);
-        self.owner.fetch_add(1, Release);
+        #[cfg(test)]
+        let order = if self.relaxed_release {
+            Relaxed
+        } else {
+            Release
+        };
+        #[cfg(not(test))]
+        let order = Release;
+        self.owner.fetch_add(1, order);
         give_back_turn::<P>(self as *const Self as u64);
     }
 
