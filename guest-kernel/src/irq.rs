@@ -1,12 +1,14 @@
 //! Interrupt sources: the per-CPU tick, the reschedule IPI and the ping IPI, each counted
 //! per CPU.
 //!
-//! Below the scheduler and RCU (which read [`TICK_US`] and the ping counts): what the tick
-//! and the reschedule IPI do beyond counting is theirs, reached through two hooks that
-//! `sched` installs (`sched::install_hooks`). Each hook gets whether the interrupted code
-//! was preemptible (user mode, or kernel code with preemption enabled). Default (nothing
-//! installed): the tick only re-arms and counts, the reschedule IPI does nothing (the
-//! interrupt return path is where a reschedule happens).
+//! Below the scheduler, TLB shootdown and RCU (which read [`TICK_US`] and the ping counts):
+//! what the tick and the reschedule IPI do beyond counting is theirs, reached through two
+//! hooks: the tick's, installed by `sched` (`sched::install_hooks`, which passes it on to
+//! RCU), and the reschedule IPI's, installed by `main` for `rcu` (a grace period's nudge to
+//! its holdouts). Each gets whether the interrupted code was preemptible (user mode, or
+//! kernel code with preemption enabled). Default (nothing installed): the tick only re-arms
+//! and counts, the reschedule IPI does nothing more (the interrupt return path is where a
+//! reschedule happens).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use shared_abi::MAX_VCPUS;

@@ -45,6 +45,16 @@ fn install_hooks() {
     panic::install();
     user::install_trap_handlers();
     sched::install_hooks();
+    // RCU runs on the scheduler, so sits above it: the scheduler and the reschedule IPI
+    // report quiescent states through hooks.
+    sched::set_quiescent_hooks(sched::QuiescentHooks {
+        context_switch: rcu::note_context_switch,
+        after_switch: rcu::after_switch,
+        enter_idle: rcu::enter_idle,
+        exit_idle: rcu::exit_idle,
+        tick: rcu::tick,
+    });
+    irq::set_reschedule_hook(rcu::interrupt_qs);
     irq::install_handlers();
     mm::aspace::set_cr3_reload_hook(tlb::note_cr3_reload);
     smp::set_ap_check_hook(selftest::per_cpu_checks);

@@ -267,10 +267,7 @@ struct SourceFile {
 /// The top-level module of a file: `main.rs` -> main, `x.rs` and `x/...` -> x.
 fn top_module(path: &str) -> String {
     let first = path.split('/').next().unwrap_or(path);
-    first
-        .strip_suffix(".rs")
-        .unwrap_or(first)
-        .to_string()
+    first.strip_suffix(".rs").unwrap_or(first).to_string()
 }
 
 /// The module path of a Rust file: `main.rs` -> [], `mm/mod.rs` -> [mm],
@@ -328,8 +325,7 @@ fn defs(files: &[SourceFile]) -> Defs {
             match ident(t.get(i)) {
                 Some("macro_export") => {
                     if let Some(k) = (i..t.len()).find(|&k| {
-                        ident(t.get(k)) == Some("macro_rules")
-                            && is(t.get(k + 1), &Tok::Punct('!'))
+                        ident(t.get(k)) == Some("macro_rules") && is(t.get(k + 1), &Tok::Punct('!'))
                     }) {
                         if let Some(name) = ident(t.get(k + 2)) {
                             d.macros.insert(name.to_string(), m.clone());
@@ -499,7 +495,9 @@ fn file_imports(f: &SourceFile, d: &Defs) -> Vec<Import> {
             continue;
         }
         // A macro by name (`println!`), imported or, in the crate root, in scope.
-        if is(t.get(i + 1), &Tok::Punct('!')) && ident(t.get(i.wrapping_sub(1))) != Some("macro_rules") {
+        if is(t.get(i + 1), &Tok::Punct('!'))
+            && ident(t.get(i.wrapping_sub(1))) != Some("macro_rules")
+        {
             if let Some(m) = d.macros.get(word) {
                 push(line, format!("{word}!"), m.clone());
             }
@@ -659,7 +657,12 @@ fn find_cycle(scc: &BTreeSet<String>, edges: &BTreeMap<String, BTreeSet<String>>
     let mut queue = std::collections::VecDeque::from([start.clone()]);
     let mut seen = BTreeSet::new();
     while let Some(n) = queue.pop_front() {
-        for m in edges.get(&n).into_iter().flatten().filter(|m| scc.contains(*m)) {
+        for m in edges
+            .get(&n)
+            .into_iter()
+            .flatten()
+            .filter(|m| scc.contains(*m))
+        {
             if *m == start {
                 // start -> ... -> n, back through `prev`, then the edge n -> start.
                 let mut chain = vec![n.clone()];
@@ -786,8 +789,7 @@ fn check(files: &[SourceFile], table: &Table) -> Vec<String> {
             .any(|e| e.file == i.file && e.to == i.to)
     };
     for i in &imports {
-        let (Some((lf, nf)), Some((lt, nt))) = (layer_of.get(&i.from), layer_of.get(&i.to))
-        else {
+        let (Some((lf, nf)), Some((lt, nt))) = (layer_of.get(&i.from), layer_of.get(&i.to)) else {
             continue;
         };
         if lt > lf && !excepted(i) {
@@ -821,7 +823,10 @@ fn check(files: &[SourceFile], table: &Table) -> Vec<String> {
     // No cycle between modules (exceptions left out).
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for i in imports.iter().filter(|i| !excepted(i)) {
-        edges.entry(i.from.clone()).or_default().insert(i.to.clone());
+        edges
+            .entry(i.from.clone())
+            .or_default()
+            .insert(i.to.clone());
     }
     for scc in cycles(&edges) {
         let path = find_cycle(&scc, &edges);
@@ -847,6 +852,16 @@ fn check(files: &[SourceFile], table: &Table) -> Vec<String> {
             UnsafeAllow::Module(m) if !d.modules.contains(m) => fail.push(format!(
                 "stale [[unsafe]] entry: no module {m} in guest-kernel/src"
             )),
+            UnsafeAllow::Module(m)
+                if files
+                    .iter()
+                    .filter(|f| top_module(&f.path) == *m)
+                    .all(|f| unsafe_lines(f).is_empty()) =>
+            {
+                fail.push(format!(
+                    "needless [[unsafe]] entry: module {m} has no `unsafe` any more; delete it from layers.toml"
+                ))
+            }
             UnsafeAllow::File { path, .. } if !files.iter().any(|f| &f.path == path) => {
                 fail.push(format!(
                     "stale [[unsafe]] entry: no file guest-kernel/src/{path}"
@@ -970,10 +985,6 @@ why = "tasks"
 name = "main"
 modules = ["main"]
 why = "top"
-
-[[unsafe]]
-module = "arch"
-why = "hardware"
 "#;
 
 fn imports_of(list: &[(&str, &str)], file: &str) -> Vec<(String, String)> {
@@ -1061,7 +1072,10 @@ fn checker_flags_an_upward_import_naming_file_import_and_layers() {
     let kernel = files(&[
         ("main.rs", "mod arch; mod console; mod sched; mod irq;"),
         ("arch/mod.rs", "pub fn go() {}"),
-        ("arch/idt.rs", "fn trap() {\n    crate::sched::preempt();\n}"),
+        (
+            "arch/idt.rs",
+            "fn trap() {\n    crate::sched::preempt();\n}",
+        ),
         ("console.rs", "use crate::arch;"),
         ("sched.rs", "pub fn preempt() {}"),
         ("irq.rs", "use crate::sched;"),
@@ -1104,10 +1118,7 @@ fn checker_flags_a_cycle_within_a_layer() {
         ("arch/mod.rs", ""),
         ("console.rs", ""),
         ("sched.rs", "use crate::irq::tick;"),
-        (
-            "irq.rs",
-            "fn timer() {\n    crate::sched::schedule();\n}",
-        ),
+        ("irq.rs", "fn timer() {\n    crate::sched::schedule();\n}"),
     ]);
     let fail = check(&kernel, &parse_table(TABLE));
     assert_eq!(fail.len(), 1, "{fail:#?}");
@@ -1124,20 +1135,38 @@ fn checker_flags_a_cycle_within_a_layer() {
 fn checker_flags_unsafe_outside_the_allowlist() {
     let kernel = files(&[
         ("main.rs", "mod arch; mod console; mod sched; mod irq;"),
-        ("arch/mod.rs", "pub fn f() { unsafe { core::hint::unreachable_unchecked() } }"),
-        ("console.rs", "// unsafe in a comment\nconst S: &str = \"unsafe\";"),
-        ("sched.rs", "fn g() {\n    let x = unsafe { *(8 as *const u8) };\n}"),
+        (
+            "arch/mod.rs",
+            "pub fn f() { unsafe { core::hint::unreachable_unchecked() } }",
+        ),
+        (
+            "console.rs",
+            "// unsafe in a comment\nconst S: &str = \"unsafe\";",
+        ),
+        (
+            "sched.rs",
+            "fn g() {\n    let x = unsafe { *(8 as *const u8) };\n}",
+        ),
         ("irq.rs", ""),
     ]);
-    let fail = check(&kernel, &parse_table(TABLE));
+    let mut t = parse_table(TABLE);
+    t.unsafe_allow.push(UnsafeAllow::Module("arch".into()));
+    let fail = check(&kernel, &t);
     assert_eq!(fail.len(), 1, "{fail:#?}");
     assert!(
         fail[0].contains("guest-kernel/src/sched.rs:2") && fail[0].contains("unsafe"),
         "{}",
         fail[0]
     );
+    // A module allowed unsafe that has none is a stale entry.
+    let mut t = parse_table(TABLE);
+    t.unsafe_allow.push(UnsafeAllow::Module("console".into()));
+    assert!(check(&kernel, &t)
+        .iter()
+        .any(|f| f.contains("needless [[unsafe]] entry: module console")));
     // Allowed with its exact count; a wrong count fails.
     let mut t = parse_table(TABLE);
+    t.unsafe_allow.push(UnsafeAllow::Module("arch".into()));
     t.unsafe_allow.push(UnsafeAllow::File {
         path: "sched.rs".into(),
         count: 1,
@@ -1154,7 +1183,10 @@ fn checker_flags_unsafe_outside_the_allowlist() {
 #[test]
 fn checker_flags_an_unlisted_module() {
     let kernel = files(&[
-        ("main.rs", "mod arch; mod console; mod sched; mod irq; mod extra;"),
+        (
+            "main.rs",
+            "mod arch; mod console; mod sched; mod irq; mod extra;",
+        ),
         ("arch/mod.rs", ""),
         ("console.rs", ""),
         ("sched.rs", ""),

@@ -4,7 +4,12 @@
 //!
 //! The layers below reach the scheduler only through the hooks [`install_hooks`] installs:
 //! the preemption point of `preempt_enable` (`preempt`), the interrupt return path
-//! (`arch::idt`), the tick and the reschedule IPI (`irq`).
+//! (`arch::idt`) and the tick (`irq`).
+//!
+//! RCU sits above the scheduler (its threads run on it, its waiters sleep in its wait
+//! queues). The scheduler tells it about quiescent states through the hooks of
+//! [`set_quiescent_hooks`] (installed by `main` for `rcu`): a context switch, the end of
+//! one, entering and leaving idle, the tick. Default (nothing installed): nothing.
 
 pub mod task;
 mod wait;
@@ -18,6 +23,7 @@ use x86_64::instructions::interrupts;
 pub use task::{State, Task};
 pub use wait::WaitQueue;
 
+use crate::arch::hook::Hook;
 use crate::arch::{apic, context, idt, vectors};
 use crate::locks::{KernelLock, SpinLock};
 use crate::preempt::{clear_need_resched, need_resched, set_need_resched};
@@ -55,26 +61,57 @@ static SWITCHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPU
 
 /// Hooks the scheduler into the layers below (once, on the BSP, before any CPU enables
 /// interrupts): preemption points and the interrupt return path switch tasks when a
-/// reschedule is due; the tick charges the running task; the tick and the reschedule IPI
-/// report quiescent states to RCU.
+/// reschedule is due; the tick charges the running task.
 pub fn install_hooks() {
     preempt::set_hook(preempt_on_interrupt_return);
     idt::set_interrupt_return_hook(preempt_on_interrupt_return);
     irq::set_tick_hook(on_tick);
-    irq::set_reschedule_hook(on_reschedule);
 }
 
-/// The tick (interrupts off). RCU first: a callback kthread it wakes here is switched to on
-/// this tick's return (`tick` sees it).
+/// What the scheduler reports to the quiescent-state tracker above it (RCU).
+pub struct QuiescentHooks {
+    /// A context switch, under the run-queue lock (interrupts off).
+    pub context_switch: fn(),
+    /// Right after a context switch, the run-queue lock released (interrupts off).
+    pub after_switch: fn(),
+    /// The idle task is about to halt (interrupts off).
+    pub enter_idle: fn(),
+    /// The idle task woke up (interrupts off).
+    pub exit_idle: fn(),
+    /// Every tick, before the scheduler's own accounting, with whether the interrupted code
+    /// was preemptible (interrupts off).
+    pub tick: fn(bool),
+}
+
+static QS_CONTEXT_SWITCH: Hook<fn()> = Hook::new();
+static QS_AFTER_SWITCH: Hook<fn()> = Hook::new();
+static QS_ENTER_IDLE: Hook<fn()> = Hook::new();
+static QS_EXIT_IDLE: Hook<fn()> = Hook::new();
+static QS_TICK: Hook<fn(bool)> = Hook::new();
+
+/// Installs the quiescent-state hooks (once, on the BSP, before any CPU schedules).
+pub fn set_quiescent_hooks(h: QuiescentHooks) {
+    QS_CONTEXT_SWITCH.set(h.context_switch);
+    QS_AFTER_SWITCH.set(h.after_switch);
+    QS_ENTER_IDLE.set(h.enter_idle);
+    QS_EXIT_IDLE.set(h.exit_idle);
+    QS_TICK.set(h.tick);
+}
+
+#[inline]
+fn qs(hook: &Hook<fn()>) {
+    if let Some(f) = hook.get() {
+        f();
+    }
+}
+
+/// The tick (interrupts off). The quiescent-state hook first: a callback kthread RCU wakes
+/// there is switched to on this tick's return (`tick` sees it).
 fn on_tick(preemptible: bool) {
-    crate::rcu::tick(preemptible);
+    if let Some(f) = QS_TICK.get() {
+        f(preemptible);
+    }
     tick();
-}
-
-/// The reschedule IPI (interrupts off): the interrupt return path checks the run queue; a
-/// grace period that sent it wants a quiescent state reported.
-fn on_reschedule(preemptible: bool) {
-    crate::rcu::interrupt_qs(preemptible);
 }
 
 /// Makes the calling context this CPU's first task. `is_idle`: the context will run
@@ -307,7 +344,7 @@ fn switch_in(prev: &Arc<Task>, next: &Arc<Task>) {
     } else {
         VcpuMode::Kernel
     });
-    crate::rcu::note_context_switch();
+    qs(&QS_CONTEXT_SWITCH);
 }
 
 /// Runs right after a switch, on the incoming task's stack: releases the outgoing task.
@@ -315,7 +352,7 @@ fn finish_switch() {
     // Interrupts are off (schedule, or a new task's first instructions).
     let prev = RQ[percpu::id() as usize].lock().prev.take();
     drop(prev);
-    crate::rcu::after_switch();
+    qs(&QS_AFTER_SWITCH);
 }
 
 /// First code of every task created with Task::new (see `arch::context::initial_frame`).
@@ -377,10 +414,10 @@ pub fn idle_loop() -> ! {
             continue;
         }
         crate::shared::set_mode(VcpuMode::Idle);
-        crate::rcu::enter_idle();
+        qs(&QS_ENTER_IDLE);
         // sti; hlt (or the Idle hypercall): no wake-up slips in between.
         crate::arch::apic::wait_for_interrupt();
         interrupts::disable();
-        crate::rcu::exit_idle();
+        qs(&QS_EXIT_IDLE);
     }
 }
