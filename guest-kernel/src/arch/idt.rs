@@ -6,7 +6,7 @@
 //!
 //! | registration | called | installed by | default (nothing installed) |
 //! |---|---|---|---|
-//! | [`register`] (per vector >= 32) | the interrupt | `irq`, `tlb` (via `main`) | [`set_unhandled_interrupt_hook`] |
+//! | [`register`] (per vector >= 32) | the interrupt | `irq`, `tlb` | [`set_unhandled_interrupt_hook`] |
 //! | [`set_unhandled_interrupt_hook`] | a vector nobody registered | `panic` (reports it) | ignored (EOI sent) |
 //! | [`set_user_mode_hooks`] | entry: an interrupt from user mode, before its handler; exit: after it, last thing before `iretq` | `user` (publishes the mode, RCU's extended quiescent state) | nothing |
 //! | [`set_interrupt_return_hook`] | after every interrupt's handler and EOI, before the exit hook | `sched` (preempts when a reschedule is due) | no preemption |
