@@ -3,6 +3,8 @@
 
 use shared_abi::MAX_VCPUS;
 
+use crate::arch::bootmem::{BootMemory, LIMIT};
+
 /// Enabled local APIC IDs, in MADT order.
 pub struct CpuList {
     ids: [u32; MAX_VCPUS],
@@ -37,24 +39,10 @@ impl CpuList {
     }
 }
 
-/// Firmware memory may only be viewed while a `Scope` lives: the boot page tables map it and
-/// the frame allocator, which may later reuse it, does not exist yet.
-struct Scope;
-
-/// Firmware tables must end below this (identity-mapped by the boot tables).
-const LIMIT: u64 = 1 << 32;
-
-fn bytes(_scope: &Scope, paddr: u64, len: usize) -> &[u8] {
-    assert!(
-        paddr
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= LIMIT),
-        "ACPI view out of range"
-    );
-    // SAFETY: [paddr, paddr + len) lies below 4 GiB, identity-mapped by the boot page tables;
-    // the view cannot outlive `_scope`, which lives only inside `cpus_from_madt`, before the
-    // kernel installs its own tables or hands out any frame.
-    unsafe { core::slice::from_raw_parts(paddr as *const u8, len) }
+/// Firmware memory is viewed through the boot tables (`BootMemory`): every view borrows the
+/// token, which `mm::init` consumes before the frame allocator may reuse that memory.
+fn bytes(scope: &BootMemory, paddr: u64, len: usize) -> &[u8] {
+    scope.bytes(paddr, len)
 }
 
 fn checksum_ok(b: &[u8]) -> bool {
@@ -73,7 +61,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 const MAX_TABLE: usize = 1 << 20;
 
 /// A checksummed SDT at `paddr`, or None.
-fn table(scope: &Scope, paddr: u64) -> Option<&[u8]> {
+fn table(scope: &BootMemory, paddr: u64) -> Option<&[u8]> {
     if paddr == 0 || paddr + 36 > LIMIT {
         return None;
     }
@@ -85,7 +73,7 @@ fn table(scope: &Scope, paddr: u64) -> Option<&[u8]> {
     checksum_ok(t).then_some(t)
 }
 
-fn find_rsdp(scope: &Scope, hint: u64) -> Option<u64> {
+fn find_rsdp(scope: &BootMemory, hint: u64) -> Option<u64> {
     if hint != 0 {
         return (hint + 36 <= LIMIT).then_some(hint);
     }
@@ -95,18 +83,18 @@ fn find_rsdp(scope: &Scope, hint: u64) -> Option<u64> {
         .find(|&a| bytes(scope, a, 8) == b"RSD PTR ")
 }
 
-/// Enabled CPUs from the MADT, or None when there is no usable ACPI.
-pub fn cpus_from_madt(rsdp_hint: u64) -> Option<CpuList> {
-    let scope = Scope;
-    let rsdp_addr = find_rsdp(&scope, rsdp_hint)?;
-    let rsdp = bytes(&scope, rsdp_addr, 36);
+/// Enabled CPUs from the MADT (read through the boot tables), or None when there is no
+/// usable ACPI.
+pub fn cpus_from_madt(scope: &BootMemory, rsdp_hint: u64) -> Option<CpuList> {
+    let rsdp_addr = find_rsdp(scope, rsdp_hint)?;
+    let rsdp = bytes(scope, rsdp_addr, 36);
     if &rsdp[..8] != b"RSD PTR " || !checksum_ok(&rsdp[..20]) {
         return None;
     }
     let (root, entry_size) = if rsdp[15] >= 2 && u64_at(rsdp, 24) != 0 {
-        (table(&scope, u64_at(rsdp, 24))?, 8)
+        (table(scope, u64_at(rsdp, 24))?, 8)
     } else {
-        (table(&scope, u32_at(rsdp, 16) as u64)?, 4)
+        (table(scope, u32_at(rsdp, 16) as u64)?, 4)
     };
     let madt = root[36..]
         .chunks_exact(entry_size)
@@ -117,7 +105,7 @@ pub fn cpus_from_madt(rsdp_hint: u64) -> Option<CpuList> {
                 u32_at(e, 0) as u64
             }
         })
-        .filter_map(|a| table(&scope, a))
+        .filter_map(|a| table(scope, a))
         .find(|t| &t[..4] == b"APIC")?;
 
     let mut cpus = CpuList {

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use crate::arch::tsc;
 use crate::locks::{KernelLock, RawLock, SpinLock, TicketLock};
 use crate::mm::aspace::AddressSpace;
-use crate::user::{self, USER_DATA_VA};
+use crate::user::{self, Program, USER_DATA_VA};
 use crate::{println, rcu, sched, tlb, torture};
 
 const ROUNDS: usize = 200;
@@ -42,13 +42,14 @@ fn shootdown(targets: usize) -> u64 {
     let tasks: Vec<_> = (0..targets)
         .map(|i| {
             let cva = USER_DATA_VA + 0x10_0000 + i as u64 * 4096;
-            counters.push(user::map_zeroed(&aspace, cva, true).expect("counter"));
+            user::map_zeroed(&aspace, cva, true).expect("counter");
+            counters.push(cva);
             let cpu = cpus[1 + i % (cpus.len() - 1)];
             user::spawn(
                 cpu,
                 "bench_reader",
                 aspace.clone(),
-                user::user_tlb_reader,
+                Program::TlbReader,
                 USER_DATA_VA,
                 cva,
                 i as u64,
@@ -67,8 +68,8 @@ fn shootdown(targets: usize) -> u64 {
         })
         .collect();
     for &c in &counters {
-        // SAFETY: the counter pages are this benchmark's frames; the stop word is at +16.
-        unsafe { core::ptr::write_volatile((c + 16) as *mut u64, 1) };
+        // The stop word of each counter page is at +16.
+        assert!(aspace.write_u64(c + 16, 1), "counter page unmapped");
     }
     tasks.iter().for_each(|t| {
         sched::join(t);

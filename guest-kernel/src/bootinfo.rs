@@ -3,6 +3,8 @@
 
 use spin::Once;
 
+use crate::arch::bootmem::BootMemory;
+
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 /// Most memory-map entries kept.
 pub const MAX_REGIONS: usize = 64;
@@ -56,30 +58,24 @@ impl BootInfo {
 
 static BOOT_INFO: Once<BootInfo> = Once::new();
 
-/// Reads little-endian integers from a physical address (identity-mapped by the boot tables).
-fn read<T: Copy>(paddr: u64) -> T {
-    // SAFETY: the boot page tables identity-map the first 4 GiB; callers pass addresses that
-    // the PVH start info points at (below 4 GiB), and read_unaligned needs no alignment.
-    unsafe { core::ptr::read_unaligned(paddr as *const T) }
-}
-
-/// Parses and copies the start info at `paddr`. Panics (with a message) on a bad magic or
-/// a missing memory map: the kernel cannot run without them.
-pub fn parse(paddr: u64) -> &'static BootInfo {
+/// Parses and copies the start info at `paddr`, read through the boot tables (`mem`).
+/// Panics (with a message) on a bad magic, a missing memory map, or a pointer beyond the
+/// boot tables' 4 GiB: the kernel cannot run without them.
+pub fn parse(mem: &BootMemory, paddr: u64) -> &'static BootInfo {
     assert!(
         paddr != 0 && paddr < (1 << 32),
         "PVH start info address {paddr:#x} is invalid"
     );
-    let magic: u32 = read(paddr);
+    let magic = mem.read_u32(paddr);
     assert!(
         magic == XEN_HVM_START_MAGIC,
         "bad PVH start info magic {magic:#x}"
     );
-    let version: u32 = read(paddr + 4);
-    let cmdline_paddr: u64 = read(paddr + 24);
-    let rsdp: u64 = read(paddr + 32);
+    let version = mem.read_u32(paddr + 4);
+    let cmdline_paddr = mem.read_u64(paddr + 24);
+    let rsdp = mem.read_u64(paddr + 32);
     let (memmap_paddr, memmap_entries) = if version >= 1 {
-        (read::<u64>(paddr + 40), read::<u32>(paddr + 48))
+        (mem.read_u64(paddr + 40), mem.read_u32(paddr + 48))
     } else {
         (0, 0)
     };
@@ -97,7 +93,7 @@ pub fn parse(paddr: u64) -> &'static BootInfo {
     };
     if cmdline_paddr != 0 {
         loop {
-            let b: u8 = read(cmdline_paddr + info.cmdline_len as u64);
+            let b = mem.read_u8(cmdline_paddr + info.cmdline_len as u64);
             if b == 0 {
                 break;
             }
@@ -117,9 +113,9 @@ pub fn parse(paddr: u64) -> &'static BootInfo {
     for i in 0..(memmap_entries as usize).min(MAX_REGIONS) {
         let e = memmap_paddr + i as u64 * 24;
         info.regions[i] = MemRegion {
-            start: read(e),
-            size: read(e + 8),
-            kind: read(e + 16),
+            start: mem.read_u64(e),
+            size: mem.read_u64(e + 8),
+            kind: mem.read_u32(e + 16),
         };
         info.nregions += 1;
     }

@@ -1,17 +1,14 @@
-//! The serial console (COM1, 16550) shared by all CPUs.
+//! The serial console (COM1, 16550; the port itself is `arch::serial`'s) shared by all
+//! CPUs: whole lines under a kernel lock, and an emergency path past the lock.
 
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 use uart_16550::backend::PioBackend;
 use uart_16550::{Config, Uart16550};
-use x86_64::instructions::port::{Port, PortReadOnly};
 
+use crate::arch::serial;
 use crate::locks::{KernelLock, SpinLock};
 
-const COM1: u16 = 0x3f8;
-/// Line status register and its "transmit holding register empty" bit.
-const COM1_LSR: u16 = COM1 + 5;
-const LSR_THR_EMPTY: u8 = 0x20;
 /// How long a panicking CPU waits for the console lock before writing past it, in TSC
 /// cycles (about 0.1 s; raw cycles, the TSC may not be calibrated yet).
 const EMERGENCY_WAIT_CYCLES: u64 = 300_000_000;
@@ -41,10 +38,8 @@ static PRESENT: AtomicBool = AtomicBool::new(false);
 
 /// Probes and initialises COM1. Without a UART the console discards output.
 pub fn init() {
-    // SAFETY: COM1's eight ports belong to the console for the kernel's whole lifetime.
-    let mut uart = match unsafe { Uart16550::new_port(COM1) } {
-        Ok(u) => u,
-        Err(_) => return,
+    let Some(mut uart) = serial::take_com1() else {
+        return;
     };
     if uart.init(Config::default()).is_ok() {
         CONSOLE.lock_irqsave().uart = Some(uart);
@@ -66,27 +61,11 @@ impl Write for RawSerial {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for b in s.bytes() {
             if b == b'\n' {
-                raw_put(b'\r');
+                serial::raw_put(b'\r');
             }
-            raw_put(b);
+            serial::raw_put(b);
         }
         Ok(())
-    }
-}
-
-fn raw_put(b: u8) {
-    let mut lsr: PortReadOnly<u8> = PortReadOnly::new(COM1_LSR);
-    let mut data: Port<u8> = Port::new(COM1);
-    // SAFETY: COM1 was initialised (PRESENT); polling its line status and writing its data
-    // register only transmits a byte. Bounded: a stuck UART drops the byte.
-    unsafe {
-        for _ in 0..100_000 {
-            if lsr.read() & LSR_THR_EMPTY != 0 {
-                break;
-            }
-            core::hint::spin_loop();
-        }
-        data.write(b);
     }
 }
 

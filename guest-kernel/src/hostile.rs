@@ -4,7 +4,7 @@
 
 use shared_abi::{HypercallStatus as S, PageHeader, ABI_VERSION, PAGE_SIZE};
 
-use crate::mm::frame;
+use crate::mm::frame::StaticFrame;
 use crate::{println, shared};
 
 /// The page that straddles the end of low RAM (0x9fc00 under pvsync).
@@ -26,14 +26,12 @@ fn check(case: &str, got: S, want: S) -> bool {
     ok
 }
 
+/// A page of its own (never freed), zeroed, with `header` at the start.
 fn page_with(header: PageHeader) -> u64 {
-    let p = frame::alloc_contiguous_or_panic(1, "a hostile-test page");
-    // SAFETY: a fresh, identity-mapped frame only this test uses.
-    unsafe {
-        core::ptr::write_bytes(p as *mut u8, 0, PAGE_SIZE);
-        core::ptr::write_volatile(p as *mut PageHeader, header);
-    }
-    p
+    let p = StaticFrame::alloc_or_panic("a hostile-test page");
+    p.zero();
+    p.write(0, header);
+    p.addr()
 }
 
 /// Bad registrations, made before the real one. True if the host refused each correctly.

@@ -1,5 +1,10 @@
 //! pvsync guest kernel: boots by PVH, brings up every CPU, publishes per-vCPU state in the
 //! region shared with the host, and runs what the command line asks for.
+//!
+//! The modules form layers (`guest-kernel/layers.toml`, docs/design.md, checked by
+//! `tests/tests/layers.rs`): a module imports only its own layer and those below. Where a
+//! lower layer calls a higher one, it calls a hook the higher one installs; `main`, at the
+//! top, installs the hooks whose owner cannot (see `install_hooks`).
 #![no_std]
 #![no_main]
 
@@ -11,7 +16,6 @@ mod bench;
 mod bootinfo;
 mod cmdline;
 mod console;
-mod exit;
 mod hostile;
 mod irq;
 mod locks;
@@ -19,6 +23,7 @@ mod mm;
 mod panic;
 mod percpu;
 mod platform;
+mod preempt;
 mod pvwait;
 mod rcu;
 mod rcu_model;
@@ -30,7 +35,30 @@ mod tlb;
 mod torture;
 mod user;
 
+use arch::bootmem::BootMemory;
 use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
+
+/// Installs the hooks through which the lower layers reach the higher ones (fn-pointer
+/// stores only; before the IDT is loaded and before any other CPU runs). The shared
+/// region's IPI and idle paths come later, once a host has accepted the region.
+fn install_hooks() {
+    panic::install();
+    user::install_trap_handlers();
+    sched::install_hooks();
+    // RCU runs on the scheduler, so sits above it: the scheduler and the reschedule IPI
+    // report quiescent states through hooks.
+    sched::set_quiescent_hooks(sched::QuiescentHooks {
+        context_switch: rcu::note_context_switch,
+        after_switch: rcu::after_switch,
+        enter_idle: rcu::enter_idle,
+        exit_idle: rcu::exit_idle,
+        tick: rcu::tick,
+    });
+    irq::set_reschedule_hook(rcu::interrupt_qs);
+    irq::install_handlers();
+    mm::aspace::set_cr3_reload_hook(tlb::note_cr3_reload);
+    smp::set_ap_check_hook(selftest::per_cpu_checks);
+}
 
 /// First Rust code on the bootstrap processor, called by boot.S in long mode.
 #[no_mangle]
@@ -39,7 +67,9 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     // Per-CPU data first: every lock (console, heap, frames) counts itself in it.
     percpu::init_this_cpu(arch::apic::initial_apic_id());
     console::init();
-    let boot = bootinfo::parse(start_info);
+    install_hooks();
+    let boot_memory = BootMemory::take().expect("the boot-memory token is taken once");
+    let boot = bootinfo::parse(&boot_memory, start_info);
     let cmd = cmdline::parse(boot.cmdline());
     println!(
         "pvsync-guest: abi={} mem={}MiB cmdline=\"{}\"",
@@ -49,14 +79,14 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
     if let Some(word) = cmd.unknown {
         println!("FAILURE: unknown command-line word '{word}'");
-        exit::exit(ExitCode::Failure);
+        arch::exit(ExitCode::Failure);
     }
 
     // ACPI is read while the boot tables still map all of the first 4 GiB.
     let cpus = match cmd.smp {
         Some(n) if (1..=MAX_VCPUS).contains(&n) => acpi::CpuList::from_count(n),
         Some(n) => panic!("smp={n} is outside 1..={MAX_VCPUS}"),
-        None => acpi::cpus_from_madt(boot.rsdp).unwrap_or_else(|| {
+        None => acpi::cpus_from_madt(&boot_memory, boot.rsdp).unwrap_or_else(|| {
             println!("no ACPI MADT found; assuming 1 CPU (pass smp=N to override)");
             acpi::CpuList::from_count(1)
         }),
@@ -68,7 +98,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         nr_vcpus - 1
     );
 
-    mm::init(boot);
+    mm::init(boot, boot_memory);
     tlb::init(nr_vcpus as usize, cmd.tlb_skip);
     rcu::init(nr_vcpus as usize, cmd.rcu_broken, false);
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
@@ -82,7 +112,6 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
     arch::pic::remap_and_mask();
     let (tsc_khz, tsc_source) = arch::tsc::calibrate();
-    irq::install_handlers();
     sched::init_this_cpu("main", false);
     let timer_mode = irq::start_tick();
     println!(
@@ -92,6 +121,12 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
 
     let hostile_ok = cmd.test != "hostile-hypercalls" || hostile::before_registration(nr_vcpus);
     let status = shared::init(nr_vcpus);
+    if shared::pv_host() {
+        // IPIs and idle go through the host's hypercalls (docs/scheduling.md); otherwise
+        // the ICR and `sti; hlt`.
+        arch::apic::set_ipi_sender(shared::send_ipi);
+        arch::apic::set_idle_hook(shared::idle);
+    }
     match status {
         HypercallStatus::Ok => {
             let (base, nr, _) = shared::info().expect("region just set up");
@@ -136,9 +171,8 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         }
         "panic" => panic!("deliberate panic requested by test=panic"),
         "fault" => {
-            // SAFETY: deliberately not safe: page 0 is unmapped, so this write must fault
-            // and the exception handler must report it.
-            unsafe { core::ptr::write_volatile(core::ptr::null_mut::<u64>().wrapping_add(1), 1) };
+            // Page 0 is unmapped: the write must fault and the exception be reported.
+            arch::deliberate_fault();
             false
         }
         other => {
@@ -147,7 +181,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         }
     };
     println!("{}", if ok { "SUCCESS" } else { "FAILURE" });
-    exit::exit(if ok {
+    arch::exit(if ok {
         ExitCode::Success
     } else {
         ExitCode::Failure

@@ -167,7 +167,7 @@ impl PerCpu {
         self.preempt_count.set(v);
         record::set_preempt_count(&self.sync, v);
         if v == 0 {
-            crate::sched::preempt_point(self.id());
+            crate::preempt::preempt_point(self.id());
         }
     }
 }

@@ -4,16 +4,16 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 use shared_abi::{HypercallStatus, VcpuMode};
-use x86_64::structures::paging::{Mapper, Page, PageTableFlags as F, Size4KiB, Translate};
-use x86_64::VirtAddr;
 
-use crate::mm::{frame, paging};
+use crate::mm::frame::{self, OwnedFrame};
+use crate::mm::paging;
+use crate::user::Program;
 use crate::{percpu, println, shared, smp};
 
 /// CPUs whose per-CPU checks passed during bring-up.
 static PERCPU_OK: AtomicU64 = AtomicU64::new(0);
 
-/// Run by every CPU as it comes up: GS-based per-CPU data (set up from CPUID's initial APIC
+/// Run by every CPU as it comes up (APs through `smp`'s bring-up hook): GS-based per-CPU data (set up from CPUID's initial APIC
 /// ID) names the CPU its x2APIC says we are (`apic_id`, independent of how the block was set
 /// up) and the CPU's record shows the mode it just published.
 pub fn per_cpu_checks(apic_id: u32) {
@@ -31,25 +31,22 @@ type SelfTest = (&'static str, fn() -> TestResult);
 
 fn frame_alloc() -> TestResult {
     let (_, before) = frame::stats();
-    let a = frame::alloc().ok_or("no frame")?;
-    let b = frame::alloc().ok_or("no second frame")?;
-    if a == b {
+    let a = OwnedFrame::alloc().ok_or("no frame")?;
+    let b = OwnedFrame::alloc().ok_or("no second frame")?;
+    if a.addr() == b.addr() {
         return Err("same frame handed out twice");
     }
-    if a.start_address().as_u64() < 0x10_0000 {
+    if a.addr() < 0x10_0000 {
         return Err("frame below 1 MiB");
     }
-    // SAFETY: `a` came from the allocator and is not used.
-    unsafe { frame::free(a) };
-    let c = frame::alloc().ok_or("no frame after free")?;
-    if c != a {
+    let a_addr = a.addr();
+    drop(a);
+    let c = OwnedFrame::alloc().ok_or("no frame after free")?;
+    if c.addr() != a_addr {
         return Err("freed frame not reused");
     }
-    // SAFETY: both came from the allocator and are not used.
-    unsafe {
-        frame::free(b);
-        frame::free(c);
-    }
+    drop(b);
+    drop(c);
     (frame::stats().1 == before)
         .then_some(())
         .ok_or("frames leaked")
@@ -65,43 +62,7 @@ fn heap() -> TestResult {
 
 fn paging_map_unmap() -> TestResult {
     const VA: u64 = 0x4000_0000_0000; // PML4 slot 128: unused by the identity map
-    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(VA));
-    let frame = frame::alloc().ok_or("no frame")?;
-    // SAFETY: single mapper use on the BSP while APs are idle; the page was unmapped and the
-    // frame is fresh, so no existing reference is affected.
-    let mut mapper = unsafe { paging::active_mapper() };
-    unsafe {
-        mapper.map_to(
-            page,
-            frame,
-            F::PRESENT | F::WRITABLE,
-            &mut frame::GlobalFrames,
-        )
-    }
-    .map_err(|_| "map_to failed")?
-    .flush();
-    // SAFETY: the page was just mapped to `frame`, which is identity-mapped too.
-    let (via_page, via_frame) = unsafe {
-        core::ptr::write_volatile(VA as *mut u64, 0x5eed_cafe);
-        (
-            core::ptr::read_volatile(VA as *const u64),
-            core::ptr::read_volatile(frame.start_address().as_u64() as *const u64),
-        )
-    };
-    if via_page != 0x5eed_cafe || via_frame != 0x5eed_cafe {
-        return Err("write through the new mapping not visible");
-    }
-    let (f, flush) = mapper.unmap(page).map_err(|_| "unmap failed")?;
-    flush.flush();
-    // SAFETY: the frame is no longer mapped at VA and nothing else refers to it.
-    unsafe { frame::free(f) };
-    if mapper.translate_addr(VirtAddr::new(VA)).is_some() {
-        return Err("page still translates after unmap");
-    }
-    if mapper.translate_addr(VirtAddr::new(0)).is_some() {
-        return Err("page 0 is mapped: null dereferences would not fault");
-    }
-    Ok(())
+    paging::check_map_unmap(VA)
 }
 
 fn percpu_data() -> TestResult {
@@ -259,7 +220,7 @@ fn user_mode() -> TestResult {
         cpu,
         "user_selftest",
         aspace.clone(),
-        crate::user::user_selftest,
+        Program::SelfTest,
         crate::user::USER_DATA_VA,
         0,
         0,
@@ -273,7 +234,7 @@ fn user_mode() -> TestResult {
         cpu,
         "user_fault",
         aspace,
-        crate::user::user_tlb_reader,
+        Program::TlbReader,
         crate::user::USER_DATA_VA,
         0,
         1,

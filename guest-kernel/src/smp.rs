@@ -1,10 +1,14 @@
 //! Bringing up application processors with INIT-SIPI-SIPI and the real-mode trampoline.
 //! The same path runs under QEMU/KVM and under the pvsync VMM.
+//!
+//! One hook: [`set_ap_check_hook`], what each AP runs during bring-up once it publishes
+//! `mode=kernel` (installed by `main` with `selftest::per_cpu_checks`; default: nothing).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use shared_abi::{VcpuMode, MAX_VCPUS};
+use core::sync::atomic::{AtomicU64, Ordering};
+use shared_abi::VcpuMode;
 
-use crate::arch::{self, apic, tsc, AP_TRAMPOLINE_ADDR};
+use crate::arch::hook::Hook;
+use crate::arch::{self, ap, apic, tsc, AP_TRAMPOLINE_ADDR};
 use crate::mm::{frame, paging};
 
 const AP_STACK_FRAMES: u64 = 8; // 32 KiB
@@ -16,14 +20,16 @@ const FIRST_SIPI_WAIT_CYCLES: u64 = 200_000_000;
 /// And this long in all before declaring it dead (generous: nested virtualization is slow).
 const ONLINE_TIMEOUT_CYCLES: u64 = 60_000_000_000;
 
-/// Stack tops by APIC ID, read by boot.S (`ap_stack_tops`).
-#[export_name = "ap_stack_tops"]
-static AP_STACK_TOPS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
-/// CR3 the trampoline loads, read by trampoline.S (`ap_boot_cr3`, 32-bit).
-#[export_name = "ap_boot_cr3"]
-static AP_BOOT_CR3: AtomicU32 = AtomicU32::new(0);
-
 static ONLINE_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// Run by each AP during bring-up (see the module docs).
+static AP_CHECK: Hook<fn(u32)> = Hook::new();
+
+/// Installs what each AP runs during bring-up with its APIC ID, after it has published
+/// `mode=kernel` and before it starts its scheduler (before `start_aps`).
+pub fn set_ap_check_hook(f: fn(u32)) {
+    AP_CHECK.set(f);
+}
 
 /// Bit `id` set for every CPU (BSP included) that has finished bring-up.
 pub fn online_mask() -> u64 {
@@ -40,27 +46,13 @@ pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
     let me = apic::id();
     let want: u64 = ids.iter().fold(0, |m, &id| m | 1 << id);
 
-    let code = arch::trampoline_bytes();
-    assert!(
-        code.len() <= frame::FRAME_SIZE as usize,
-        "AP trampoline larger than a page"
-    );
-    // SAFETY: the trampoline page is low memory the frame allocator never hands out, mapped
-    // by the kernel tables, and no AP runs from it yet.
-    unsafe {
-        core::ptr::copy_nonoverlapping(code.as_ptr(), AP_TRAMPOLINE_ADDR as *mut u8, code.len())
-    };
-    AP_BOOT_CR3.store(
-        u32::try_from(paging::kernel_pml4()).expect("PML4 above 4 GiB"),
-        Ordering::Release,
-    );
+    ap::install_trampoline();
+    ap::set_boot_cr3(u32::try_from(paging::kernel_pml4()).expect("PML4 above 4 GiB"));
+    ap::set_entry(ap_main);
 
     for &id in ids.iter().filter(|&&id| id != me) {
         let stack = frame::alloc_contiguous_or_panic(AP_STACK_FRAMES, "an AP stack");
-        AP_STACK_TOPS[id as usize].store(
-            stack + AP_STACK_FRAMES * frame::FRAME_SIZE,
-            Ordering::Release,
-        );
+        ap::set_stack_top(id, stack + AP_STACK_FRAMES * frame::FRAME_SIZE);
     }
     let page = (AP_TRAMPOLINE_ADDR >> 12) as u8;
     let aps = || ids.iter().copied().filter(move |&id| id != me);
@@ -89,9 +81,8 @@ pub fn start_aps(ids: &[u32]) -> Result<(), u64> {
     Ok(())
 }
 
-/// First Rust code on an AP, called by boot.S on the stack from `ap_stack_tops`.
-#[no_mangle]
-extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
+/// An AP's bring-up, entered from `arch::ap` on the stack from `ap_stack_tops`.
+fn ap_main(cpuid_apic_id: u32) -> ! {
     // Per-CPU data first (every lock uses it), publishing into the region at once.
     crate::percpu::init_this_cpu(cpuid_apic_id);
     crate::shared::attach_this_cpu();
@@ -104,7 +95,9 @@ extern "C" fn ap_main(cpuid_apic_id: u32) -> ! {
         "x2APIC ID disagrees with CPUID's initial APIC ID"
     );
     crate::shared::set_mode(VcpuMode::Kernel);
-    crate::selftest::per_cpu_checks(id);
+    if let Some(check) = AP_CHECK.get() {
+        check(id);
+    }
     crate::sched::init_this_cpu("idle", true);
     crate::irq::start_tick();
     crate::println!("cpu {id} online");

@@ -1,20 +1,26 @@
-//! User mode: user tasks running the programs of user.S, the system calls (`int $0x80`),
+//! User mode: user tasks running the programs of user.S, the system calls (`int3`: on the
+//! nested hosts this runs on, SYSCALL and `int $n` other than 3 fault in guest user mode),
 //! and what happens on every crossing between user and kernel mode (the host sees the mode;
 //! RCU sees user mode as an extended quiescent state).
+//!
+//! `arch::idt` reaches this module through the handlers [`install_trap_handlers`] registers:
+//! the crossing hooks, the system-call trap and user exceptions.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use shared_abi::VcpuMode;
 use x86_64::instructions::interrupts;
-use x86_64::structures::paging::{PhysFrame, Size4KiB};
+use x86_64::structures::paging::PhysFrame;
 use x86_64::PhysAddr;
 
-use crate::arch::idt::TrapFrame;
+use crate::arch::idt::{self, TrapFrame};
 use crate::arch::tsc;
-use crate::mm::aspace::{AddressSpace, USER_START};
+use crate::mm::aspace::{AddressSpace, MapZeroedError, USER_START};
 use crate::mm::frame;
 use crate::sched::{self, Task};
 use crate::{println, rcu, shared, tlb};
+
+pub use crate::arch::user::Program;
 
 /// Where user.S is mapped in every user address space.
 pub const USER_CODE_VA: u64 = USER_START;
@@ -36,30 +42,22 @@ pub const ENOMEM: u64 = u64::MAX - 1;
 /// Longest write a task may make at once.
 const WRITE_MAX: usize = 256;
 
-extern "C" {
-    static __user_text_start: u8;
-    static __user_text_end: u8;
-    fn enter_user(rip: u64, rsp: u64, arg0: u64, arg1: u64) -> !;
-    pub fn user_selftest();
-    pub fn user_tlb_reader();
-    pub fn user_churn();
-}
-
-fn user_text() -> (u64, u64) {
-    (
-        core::ptr::addr_of!(__user_text_start) as u64,
-        core::ptr::addr_of!(__user_text_end) as u64,
-    )
+/// Registers the crossing hooks, the system-call trap and the user-exception handler with
+/// `arch::idt` (once, on the BSP, before any user task runs).
+pub fn install_trap_handlers() {
+    idt::set_user_mode_hooks(kernel_entry, kernel_exit);
+    idt::set_syscall_handler(syscall_trap);
+    idt::set_user_exception_handler(user_exception);
 }
 
 /// The user address of a program of user.S.
-pub fn program_va(entry: unsafe extern "C" fn()) -> u64 {
-    USER_CODE_VA + (entry as usize as u64 - user_text().0)
+pub fn program_va(program: Program) -> u64 {
+    USER_CODE_VA + program.offset()
 }
 
 /// Maps user.S's pages (read-only, executable) into `aspace`.
 pub fn map_programs(aspace: &AddressSpace) {
-    let (start, end) = user_text();
+    let (start, end) = crate::arch::user::text();
     for pa in (start..end).step_by(4096) {
         let f = PhysFrame::containing_address(PhysAddr::new(pa));
         aspace
@@ -68,34 +66,27 @@ pub fn map_programs(aspace: &AddressSpace) {
     }
 }
 
-/// A fresh zeroed frame mapped at `va` in `aspace`; returns its physical address.
+/// A fresh zeroed frame mapped at `va` in `aspace`; returns its physical address, or the
+/// system call's error (ENOMEM, EINVAL).
 pub fn map_zeroed(aspace: &AddressSpace, va: u64, writable: bool) -> Result<u64, u64> {
-    let f: PhysFrame<Size4KiB> = frame::alloc().ok_or(ENOMEM)?;
-    let pa = f.start_address().as_u64();
-    // SAFETY: a fresh, identity-mapped frame nobody else uses yet.
-    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, 4096) };
-    match aspace.map(va, f, writable, false) {
-        Ok(()) => Ok(pa),
-        Err(_) => {
-            // SAFETY: the frame was never mapped.
-            unsafe { frame::free(f) };
-            Err(EINVAL)
-        }
-    }
+    aspace.map_zeroed(va, writable).map_err(|e| match e {
+        MapZeroedError::NoMemory => ENOMEM,
+        MapZeroedError::Mapping => EINVAL,
+    })
 }
 
-/// Starts a user task on `cpu` running `entry(arg0, arg1)` in `aspace`, with stack slot
+/// Starts a user task on `cpu` running `program(arg0, arg1)` in `aspace`, with stack slot
 /// `stack_slot`.
 pub fn spawn(
     cpu: u32,
     name: &'static str,
     aspace: Arc<AddressSpace>,
-    entry: unsafe extern "C" fn(),
+    program: Program,
     arg0: u64,
     arg1: u64,
     stack_slot: u64,
 ) -> Arc<Task> {
-    let rip = program_va(entry);
+    let rip = program_va(program);
     let stack_va = USER_STACKS_VA + stack_slot * 2 * 4096;
     map_zeroed(&aspace, stack_va, true).expect("mapping a user stack");
     let t = Task::new(
@@ -104,9 +95,9 @@ pub fn spawn(
         alloc::boxed::Box::new(move || {
             interrupts::disable();
             kernel_exit();
-            // SAFETY: the task's address space is loaded (switch_in) and maps `rip` (user.S)
-            // and the stack page below `stack_va + 4096`; interrupts are off until iretq.
-            unsafe { enter_user(rip, stack_va + 4096, arg0, arg1) }
+            // The task's address space is loaded (switch_in) and maps `rip` (user.S) and the
+            // stack page below `stack_va + 4096`; interrupts stay off until iretq.
+            sched::enter_user(rip, stack_va + 4096, arg0, arg1)
         }),
         Some(aspace),
         false,
@@ -115,20 +106,20 @@ pub fn spawn(
     t
 }
 
-/// On entry to the kernel from user mode.
-pub fn kernel_entry() {
+/// On entry to the kernel from user mode (interrupts off).
+fn kernel_entry() {
     rcu::exit_idle();
     shared::set_mode(VcpuMode::Kernel);
 }
 
 /// Right before returning to user mode (interrupts off).
-pub fn kernel_exit() {
+fn kernel_exit() {
     shared::set_mode(VcpuMode::User);
     rcu::enter_idle();
 }
 
 /// An exception in user mode kills the task, not the kernel.
-pub fn user_exception(frame: &mut TrapFrame) {
+fn user_exception(frame: &mut TrapFrame) {
     kernel_entry();
     let cr2 = x86_64::registers::control::Cr2::read_raw();
     let t = sched::current();
@@ -186,7 +177,9 @@ fn syscall(nr: u64, a0: u64, a1: u64) -> u64 {
         SYS_UNMAP => match page_arg(a0).map(|va| aspace.update(va, None)) {
             Some(Ok(Some(old))) => {
                 tlb::shootdown(&aspace, a0, 1);
-                // SAFETY: unmapped and shot down everywhere: no CPU can reach it any more.
+                // SAFETY: unmapped, and shot down on every CPU that had the address space
+                // loaded: no CPU can reach it any more (mm cannot free it itself: the
+                // shootdown is the TLB layer's, above mm).
                 unsafe { frame::free(old) };
                 0
             }
@@ -204,9 +197,9 @@ fn syscall(nr: u64, a0: u64, a1: u64) -> u64 {
     }
 }
 
-/// `int $0x80` from user mode (interrupts off): number in rax, arguments in rdi and rsi,
-/// result in rax. The user task may be switched out inside (yield, waits).
-pub fn syscall_trap(frame: &mut TrapFrame) {
+/// `int3` from user mode (interrupts off): number in rax, arguments in rdi and rsi, result
+/// in rax. The user task may be switched out inside (yield, waits).
+fn syscall_trap(frame: &mut TrapFrame) {
     kernel_entry();
     interrupts::enable();
     frame.rax = syscall(frame.rax, frame.rdi, frame.rsi);

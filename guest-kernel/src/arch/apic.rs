@@ -1,11 +1,39 @@
 //! The local APIC in x2APIC mode (MSR interface): enable, identify, IPIs, EOI, and the
 //! per-CPU tick (TSC-deadline mode where the CPU has it, else periodic mode calibrated
 //! against the TSC).
+//!
+//! Two hooks let a paravirtual transport above take over (installed by `main` when a pvsync
+//! host accepted the shared region; see docs/scheduling.md):
+//! - [`set_ipi_sender`]: tried first by [`send_ipi`] and [`send_ipi_all_but_self`]; when it
+//!   returns false (or nothing is installed, the default) the ICR is written.
+//! - [`set_idle_hook`]: [`wait_for_interrupt`] calls it, with interrupts enabled, instead of
+//!   `sti; hlt`; nothing installed (the default): `sti; hlt`.
 
 use core::sync::atomic::{AtomicU64, Ordering};
+use shared_abi::IpiDest;
 use x86_64::registers::model_specific::Msr;
 
+use super::hook::Hook;
 use super::tsc;
+
+/// Sends an IPI some other way (true) or declines (false: the ICR is written).
+static IPI_SENDER: Hook<fn(IpiDest, u8) -> bool> = Hook::new();
+/// Idles until an interrupt or `timeout_us` (true), or declines (false: `hlt`).
+static IDLE: Hook<fn(u32) -> bool> = Hook::new();
+
+/// Installs what [`send_ipi`] and [`send_ipi_all_but_self`] try before the ICR: it gets the
+/// destination and the vector, and returns whether it sent the IPI.
+pub fn set_ipi_sender(f: fn(IpiDest, u8) -> bool) {
+    IPI_SENDER.set(f);
+}
+
+/// Installs what [`wait_for_interrupt`] does instead of `sti; hlt`: called with interrupts
+/// enabled and the microseconds until this CPU's next tick; returns whether it waited.
+/// Install it only where it will not decline (a decline costs a `hlt` that an interrupt
+/// arriving in between no longer ends).
+pub fn set_idle_hook(f: fn(u32) -> bool) {
+    IDLE.set(f);
+}
 
 const IA32_APIC_BASE: u32 = 0x1b;
 const IA32_TSC_DEADLINE: u32 = 0x6e0;
@@ -112,8 +140,8 @@ fn ipi_fence() {
 
 /// Sends a fixed interrupt `vector` to CPU `dest`.
 pub fn send_ipi(dest: u32, vector: u8) {
-    if let Ok(id) = u8::try_from(dest) {
-        if crate::shared::send_ipi(shared_abi::IpiDest::Vcpu(id), vector) {
+    if let (Some(send), Ok(id)) = (IPI_SENDER.get(), u8::try_from(dest)) {
+        if send(IpiDest::Vcpu(id), vector) {
             return;
         }
     }
@@ -126,8 +154,10 @@ pub fn send_ipi(dest: u32, vector: u8) {
 
 /// Sends a fixed interrupt `vector` to every CPU but the caller.
 pub fn send_ipi_all_but_self(vector: u8) {
-    if crate::shared::send_ipi(shared_abi::IpiDest::AllButSelf, vector) {
-        return;
+    if let Some(send) = IPI_SENDER.get() {
+        if send(IpiDest::AllButSelf, vector) {
+            return;
+        }
     }
     ipi_fence();
     wrmsr(
@@ -211,18 +241,21 @@ pub fn us_until_tick() -> u32 {
 const TICK_PERIOD_FALLBACK_US: u32 = 4_000;
 
 /// Waits for an interrupt with interrupts disabled on entry and enabled on return, like
-/// `sti; hlt`. Under a pvsync host it asks the host to idle this vCPU instead, so the vCPU
-/// gives its host CPU back. Interrupts are enabled before the hypercall: an interrupt pending
-/// when it returns is then injected on VM entry, where with IF=0 it would need an
-/// interrupt-window exit (which takes seconds on nested hosts). A tick that fires before
-/// the `out` only shortens the wait (the timeout was measured to it); an IPI leaves a host
-/// wake token that ends the wait at once.
+/// `sti; hlt`. With an idle hook (under a pvsync host: the Idle hypercall) the hook waits
+/// instead, so the vCPU gives its host CPU back. Interrupts are enabled before the hook: an
+/// interrupt pending when it returns is then injected on VM entry, where with IF=0 it would
+/// need an interrupt-window exit (which takes seconds on nested hosts). A tick that fires
+/// before the hook's `out` only shortens the wait (the timeout was measured to it); an IPI
+/// leaves a host wake token that ends the wait at once.
 pub fn wait_for_interrupt() {
-    if crate::shared::pv_host() {
-        let timeout = us_until_tick();
-        x86_64::instructions::interrupts::enable();
-        crate::shared::idle(timeout);
-    } else {
-        x86_64::instructions::interrupts::enable_and_hlt();
+    match IDLE.get() {
+        Some(idle) => {
+            let timeout = us_until_tick();
+            x86_64::instructions::interrupts::enable();
+            if !idle(timeout) {
+                x86_64::instructions::hlt();
+            }
+        }
+        None => x86_64::instructions::interrupts::enable_and_hlt(),
     }
 }

@@ -146,7 +146,7 @@ ap_long_mode:
     test %rsp, %rsp
     jz 4f
     xor %ebp, %ebp
-    call ap_main
+    call ap_entry
 4:  cli
     hlt
     jmp 4b

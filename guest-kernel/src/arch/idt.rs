@@ -1,12 +1,25 @@
 //! The IDT (one table, shared by every CPU) pointing at the assembly stubs of traps.S, and
-//! the Rust side of trap handling.
+//! the Rust side of trap handling: dispatch to what the layers above registered.
+//!
+//! This module knows nothing of tasks, user mode or the console. The layers above register
+//! (each a [`Hook`], installed once at boot, before interrupts are enabled):
+//!
+//! | registration | called | installed by | default (nothing installed) |
+//! |---|---|---|---|
+//! | [`register`] (per vector >= 32) | the interrupt | `irq`, `tlb` | [`set_unhandled_interrupt_hook`] |
+//! | [`set_unhandled_interrupt_hook`] | a vector nobody registered | `panic` (reports it) | ignored (EOI sent) |
+//! | [`set_user_mode_hooks`] | entry: an interrupt from user mode, before its handler; exit: after it, last thing before `iretq` | `user` (publishes the mode, RCU's extended quiescent state) | nothing |
+//! | [`set_interrupt_return_hook`] | after every interrupt's handler and EOI, before the exit hook | `sched` (preempts when a reschedule is due) | no preemption |
+//! | [`set_syscall_handler`] | `int3` from user mode (the system-call trap) | `user` | handled as a user exception |
+//! | [`set_user_exception_handler`] | any other exception from user mode but NMI, #DB, #MC | `user` (kills the task) | fatal |
+//! | [`set_fatal_exception_handler`] | every other exception | `panic` (reports, exits with code 2) | exit with code 2, silently |
 
-use core::sync::atomic::{AtomicUsize, Ordering};
 use spin::Once;
 use x86_64::structures::idt::InterruptDescriptorTable;
 use x86_64::VirtAddr;
 
 use super::gdt::DOUBLE_FAULT_IST_INDEX;
+use super::hook::Hook;
 
 /// Bytes between consecutive stubs in traps.S (`.p2align 4`).
 const STUB_STRIDE: u64 = 16;
@@ -46,14 +59,56 @@ pub struct TrapFrame {
 
 static IDT: Once<InterruptDescriptorTable> = Once::new();
 
-/// Handlers for vectors 32..=255 (function pointers as usize; 0 = none).
-static HANDLERS: [AtomicUsize; 256] = [const { AtomicUsize::new(0) }; 256];
+/// Handlers for vectors 32..=255.
+static HANDLERS: [Hook<fn(&mut TrapFrame)>; 256] = [const { Hook::new() }; 256];
+static UNHANDLED: Hook<fn(u8)> = Hook::new();
+static USER_ENTRY: Hook<fn()> = Hook::new();
+static USER_EXIT: Hook<fn()> = Hook::new();
+static INTERRUPT_RETURN: Hook<fn()> = Hook::new();
+static SYSCALL: Hook<fn(&mut TrapFrame)> = Hook::new();
+static USER_EXCEPTION: Hook<fn(&mut TrapFrame)> = Hook::new();
+static FATAL: Hook<fn(&TrapFrame) -> !> = Hook::new();
 
 /// Installs `handler` for interrupt `vector` (>= 32). The handler runs with interrupts off;
 /// EOI is sent after it returns.
 pub fn register(vector: u8, handler: fn(&mut TrapFrame)) {
     assert!(vector >= 32, "vector {vector} is an exception");
-    HANDLERS[vector as usize].store(handler as usize, Ordering::Release);
+    HANDLERS[vector as usize].set(handler);
+}
+
+/// What runs for an interrupt vector nobody registered (interrupts off; EOI follows).
+pub fn set_unhandled_interrupt_hook(f: fn(u8)) {
+    UNHANDLED.set(f);
+}
+
+/// What runs on every crossing between user mode and an interrupt: `entry` before the
+/// interrupt's handler, `exit` right before returning to user mode (interrupts off in both).
+pub fn set_user_mode_hooks(entry: fn(), exit: fn()) {
+    USER_ENTRY.set(entry);
+    USER_EXIT.set(exit);
+}
+
+/// What runs on the way out of every interrupt (after the handler and EOI, interrupts off),
+/// whatever it interrupted: the scheduler switches tasks here.
+pub fn set_interrupt_return_hook(f: fn()) {
+    INTERRUPT_RETURN.set(f);
+}
+
+/// The system-call trap: `int3` from user mode (interrupts off on entry). The handler may
+/// switch tasks; it returns to user mode with interrupts off.
+pub fn set_syscall_handler(f: fn(&mut TrapFrame)) {
+    SYSCALL.set(f);
+}
+
+/// Any other exception from user mode, except NMI, #DB and #MC (interrupts off on entry).
+pub fn set_user_exception_handler(f: fn(&mut TrapFrame)) {
+    USER_EXCEPTION.set(f);
+}
+
+/// An exception the kernel cannot survive (from kernel mode, or one nobody else handles):
+/// report it and stop.
+pub fn set_fatal_exception_handler(f: fn(&TrapFrame) -> !) {
+    FATAL.set(f);
 }
 
 fn stub(vector: u8) -> VirtAddr {
@@ -115,7 +170,8 @@ pub fn load() {
     IDT.call_once(build).load();
 }
 
-fn exception_name(vector: u64) -> &'static str {
+/// A readable name for exception `vector`.
+pub fn exception_name(vector: u64) -> &'static str {
     match vector {
         0 => "#DE divide error",
         1 => "#DB debug",
@@ -150,23 +206,26 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         v => {
             let user = from_user(frame);
             if user {
-                crate::user::kernel_entry();
+                if let Some(entry) = USER_ENTRY.get() {
+                    entry();
+                }
             }
-            let h = HANDLERS[v as usize & 0xff].load(Ordering::Acquire);
-            if h == 0 {
-                crate::println!(
-                    "unexpected interrupt vector {v} on cpu {}",
-                    crate::percpu::CpuLabel
-                );
-            } else {
-                // SAFETY: only `register` stores into HANDLERS, always a fn(&mut TrapFrame).
-                let f = unsafe { core::mem::transmute::<usize, fn(&mut TrapFrame)>(h) };
-                f(frame);
+            match HANDLERS[v as usize & 0xff].get() {
+                Some(handler) => handler(frame),
+                None => {
+                    if let Some(report) = UNHANDLED.get() {
+                        report(v as u8);
+                    }
+                }
             }
             super::apic::eoi();
-            crate::sched::preempt_on_interrupt_return();
+            if let Some(ret) = INTERRUPT_RETURN.get() {
+                ret();
+            }
             if user {
-                crate::user::kernel_exit();
+                if let Some(exit) = USER_EXIT.get() {
+                    exit();
+                }
             }
         }
     }
@@ -179,30 +238,20 @@ pub fn from_user(frame: &TrapFrame) -> bool {
 
 fn exception(frame: &mut TrapFrame) {
     if from_user(frame) && frame.vector == 3 {
-        crate::user::syscall_trap(frame);
-        return;
+        if let Some(syscall) = SYSCALL.get() {
+            syscall(frame);
+            return;
+        }
     }
     // NMI, debug and machine check are not the user task's doing.
     if from_user(frame) && !matches!(frame.vector, 1 | 2 | 18) {
-        crate::user::user_exception(frame);
-        return;
+        if let Some(user_exception) = USER_EXCEPTION.get() {
+            user_exception(frame);
+            return;
+        }
     }
-    fatal_exception(frame)
-}
-
-fn fatal_exception(frame: &TrapFrame) -> ! {
-    let cr2 = x86_64::registers::control::Cr2::read_raw();
-    crate::console::emergency_println(format_args!(
-        "EXCEPTION {} (vector {}) on cpu {}: error={:#x} rip={:#x} cs={:#x} rflags={:#x} rsp={:#x} cr2={:#x}",
-        exception_name(frame.vector),
-        frame.vector,
-        crate::percpu::CpuLabel,
-        frame.error_code,
-        frame.rip,
-        frame.cs,
-        frame.rflags,
-        frame.rsp,
-        cr2,
-    ));
-    crate::exit::exit(shared_abi::ExitCode::Panic)
+    match FATAL.get() {
+        Some(fatal) => fatal(frame),
+        None => super::exit(shared_abi::ExitCode::Panic),
+    }
 }

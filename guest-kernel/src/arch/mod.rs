@@ -1,13 +1,26 @@
-//! x86_64 specifics: boot and trap assembly, descriptor tables, the local APIC, the TSC.
+//! x86_64 specifics: boot and trap assembly, descriptor tables, the local APIC, the TSC,
+//! the serial port and the exit port, user-mode entry and the context switch.
+//!
+//! The floor of the kernel: nothing here imports another kernel module (checked by
+//! `tests/tests/layers.rs`). Where arch must reach the layers above (traps, IPIs through
+//! the host, idle, an AP's first Rust code) it calls a [`hook::Hook`] they install.
 
+pub mod ap;
 pub mod apic;
+pub mod bootmem;
+pub mod context;
 pub mod gdt;
+pub mod hook;
 pub mod idt;
 pub mod pic;
+pub mod serial;
 pub mod tsc;
+pub mod user;
 pub mod vectors;
 
 use core::arch::global_asm;
+use shared_abi::{ExitCode, Hypercall};
+use x86_64::instructions::port::Port;
 
 /// Physical page the AP real-mode trampoline is copied to; SIPI vector = page number.
 pub const AP_TRAMPOLINE_ADDR: u64 = 0x8000;
@@ -37,21 +50,8 @@ global_asm!(
 global_asm!(include_str!("user.S"), options(att_syntax));
 
 extern "C" {
-    static ap_trampoline_start: u8;
-    static ap_trampoline_end: u8;
     static __kernel_start: u8;
     static __kernel_end: u8;
-}
-
-/// The trampoline's bytes, to be copied to [`AP_TRAMPOLINE_ADDR`].
-pub fn trampoline_bytes() -> &'static [u8] {
-    // SAFETY: both symbols are defined in trampoline.S around the trampoline code, in one
-    // section, start before end; the bytes are immutable code for the kernel's lifetime.
-    unsafe {
-        let start = core::ptr::addr_of!(ap_trampoline_start);
-        let end = core::ptr::addr_of!(ap_trampoline_end);
-        core::slice::from_raw_parts(start, end as usize - start as usize)
-    }
 }
 
 /// Physical range [start, end) of the loaded kernel image, .bss included.
@@ -101,4 +101,23 @@ pub fn port_in(port: u16) -> u32 {
     // SAFETY: reading a hypercall status port has no side effect on guest memory; an
     // unclaimed port reads all ones.
     unsafe { x86_64::instructions::port::Port::<u32>::new(port).read() }
+}
+
+/// Leaves the VM: writes `code` to the exit port (pvsync's Exit hypercall, QEMU's
+/// isa-debug-exit). Under a VMM without an exit device the CPU halts instead.
+pub fn exit(code: ExitCode) -> ! {
+    let mut port: Port<u32> = Port::new(Hypercall::Exit.port());
+    // SAFETY: the exit port has no effect on guest memory; the host stops the VM.
+    unsafe { port.write(code as u32) };
+    halt_forever()
+}
+
+/// Writes to address 8, in page 0, which the kernel's page tables leave unmapped (`mm`), so
+/// the write faults and the fatal-exception path must report it (`test=fault`). Returns
+/// only if page 0 is mapped after all.
+pub fn deliberate_fault() {
+    // SAFETY: page 0 holds no Rust object (the kernel image starts at 1 MiB): with the
+    // kernel's tables the write faults; were it mapped (the boot tables), it would only
+    // overwrite the real-mode interrupt table, which nothing uses in long mode.
+    unsafe { core::ptr::write_volatile(core::ptr::null_mut::<u64>().wrapping_add(1), 1) };
 }

@@ -24,8 +24,9 @@ switch_context:
     pop %rbp
     ret
 
-/* A new task's first "return" lands here (16-byte aligned stack). */
+/* A new context's first "return" lands here (16-byte aligned stack), with its entry
+ * function in %r12 (see context.rs: initial_frame). */
 .global task_trampoline
 task_trampoline:
-    call task_entry
+    call *%r12
     ud2

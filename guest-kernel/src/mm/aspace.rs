@@ -1,5 +1,9 @@
 //! User address spaces: a PML4 of their own whose kernel half (the identity map in slot 0)
 //! is shared with the kernel's tables, plus the set of CPUs that may cache its translations.
+//!
+//! Below the TLB-shootdown layer, which uses this set: [`switch`] tells it about every CR3
+//! load through a hook (`set_cr3_reload_hook`, installed by `main` with
+//! `tlb::note_cr3_reload`; default: nothing).
 
 use pvsync_guest::{AtomicCpuSet, CpuSet};
 use x86_64::registers::control::{Cr3, Cr3Flags};
@@ -12,8 +16,26 @@ use x86_64::{PhysAddr, VirtAddr};
 
 use super::frame::{self, GlobalFrames, FRAME_SIZE};
 use super::paging;
+use crate::arch::hook::Hook;
 use crate::locks::{KernelLock, SpinLock};
 use crate::percpu;
+
+/// Told about every CR3 load `switch` makes on the calling CPU.
+static CR3_RELOAD: Hook<fn()> = Hook::new();
+
+/// Installs what [`switch`] calls after each CR3 load (interrupts off, on the switching CPU).
+pub fn set_cr3_reload_hook(f: fn()) {
+    CR3_RELOAD.set(f);
+}
+
+/// Why [`AddressSpace::map_zeroed`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapZeroedError {
+    /// No free frame.
+    NoMemory,
+    /// The page is mapped already (or a page table could not be allocated).
+    Mapping,
+}
 
 /// User virtual addresses live in PML4 slots 1..256 (slot 0 is the kernel's identity map).
 pub const USER_START: u64 = 0x0000_0080_0000_0000;
@@ -101,6 +123,69 @@ impl AddressSpace {
         }
         .map(|f| f.ignore())
         .map_err(|_| "page already mapped or out of memory")
+    }
+
+    /// Maps a fresh zeroed frame at `va` (user access, never executable) and returns its
+    /// physical address. The frame then belongs to the mapping: whoever unmaps it frees it,
+    /// once no CPU can still reach it.
+    pub fn map_zeroed(&self, va: u64, writable: bool) -> Result<u64, MapZeroedError> {
+        let f = frame::alloc().ok_or(MapZeroedError::NoMemory)?;
+        let pa = f.start_address().as_u64();
+        // SAFETY: a fresh, identity-mapped frame nobody else uses yet.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, FRAME_SIZE as usize) };
+        match self.map(va, f, writable, false) {
+            Ok(()) => Ok(pa),
+            Err(_) => {
+                // SAFETY: the frame was never mapped.
+                unsafe { frame::free(f) };
+                Err(MapZeroedError::Mapping)
+            }
+        }
+    }
+
+    /// The physical address behind user address `va` if it is mapped with user access.
+    /// Callers hold `lock`.
+    fn user_pa(&self, va: u64) -> Option<u64> {
+        if !(USER_START..USER_END).contains(&va) {
+            return None;
+        }
+        // SAFETY: the caller holds the lock; read-only use.
+        match unsafe { self.mapper() }.translate(VirtAddr::new(va)) {
+            TranslateResult::Mapped {
+                frame,
+                offset,
+                flags,
+            } if flags.contains(F::USER_ACCESSIBLE) => {
+                Some((frame.start_address() + offset).as_u64())
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads the 8-byte word at user address `va` (8-byte aligned) with one volatile load,
+    /// holding the lock so that the page cannot be unmapped and reused meanwhile. None if it
+    /// is not mapped with user access.
+    pub fn read_u64(&self, va: u64) -> Option<u64> {
+        assert!(va.is_multiple_of(8), "unaligned user word {va:#x}");
+        let _g = self.lock.lock();
+        let pa = self.user_pa(va)?;
+        // SAFETY: user memory (RAM mapped user-accessible in this space, which no Rust object
+        // lives in), identity-mapped, aligned, and kept mapped by the lock.
+        Some(unsafe { core::ptr::read_volatile(pa as *const u64) })
+    }
+
+    /// Writes the 8-byte word at user address `va` (8-byte aligned) with one volatile store,
+    /// holding the lock. False if it is not mapped with user access (read-only pages are
+    /// written too: this is the kernel writing).
+    pub fn write_u64(&self, va: u64, v: u64) -> bool {
+        assert!(va.is_multiple_of(8), "unaligned user word {va:#x}");
+        let _g = self.lock.lock();
+        let Some(pa) = self.user_pa(va) else {
+            return false;
+        };
+        // SAFETY: as in `read_u64`.
+        unsafe { core::ptr::write_volatile(pa as *mut u64, v) };
+        true
     }
 
     /// The leaf entry for `va`, walking this space's tables. Callers hold `lock` while they
@@ -235,7 +320,9 @@ pub fn switch(
     // SAFETY: both table sets map the kernel identically (slot 0 is shared), so the kernel
     // code and stack running now stay mapped.
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
-    crate::tlb::note_cr3_reload();
+    if let Some(reloaded) = CR3_RELOAD.get() {
+        reloaded();
+    }
     if let Some(p) = prev {
         p.cpus.remove(me);
     }

@@ -127,6 +127,78 @@ pub unsafe fn free(frame: PhysFrame) {
     f.in_use -= 1;
 }
 
+/// A frame owned by its holder, freed when dropped. It is never mapped anywhere (it offers
+/// no way to), so dropping it cannot leave a translation to a free frame behind.
+pub struct OwnedFrame(PhysFrame);
+
+impl OwnedFrame {
+    /// One frame, not zeroed.
+    pub fn alloc() -> Option<OwnedFrame> {
+        alloc().map(OwnedFrame)
+    }
+
+    /// Its physical address.
+    pub fn addr(&self) -> u64 {
+        self.0.start_address().as_u64()
+    }
+}
+
+impl Drop for OwnedFrame {
+    fn drop(&mut self) {
+        // SAFETY: the frame came from this allocator and only this value refers to it; it
+        // was never mapped (see the type's docs).
+        unsafe { free(self.0) }
+    }
+}
+
+/// A frame taken for the rest of the kernel's life: never freed, so it may be mapped into
+/// any address space and written through its identity map at any time (what it holds is
+/// nobody's Rust object).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaticFrame(PhysFrame);
+
+impl StaticFrame {
+    /// One frame (not zeroed), from the free list first.
+    pub fn alloc() -> Option<StaticFrame> {
+        alloc().map(StaticFrame)
+    }
+
+    /// One frame (not zeroed) from the bump region, or a panic naming `what`.
+    pub fn alloc_or_panic(what: &str) -> StaticFrame {
+        let at = alloc_contiguous_or_panic(1, what);
+        StaticFrame(PhysFrame::containing_address(PhysAddr::new(at)))
+    }
+
+    pub fn frame(self) -> PhysFrame {
+        self.0
+    }
+
+    /// Its physical address.
+    pub fn addr(self) -> u64 {
+        self.0.start_address().as_u64()
+    }
+
+    /// Zeroes the whole frame.
+    pub fn zero(self) {
+        // SAFETY: a frame of our own that is never freed, identity-mapped; no Rust object
+        // lives in it.
+        unsafe { core::ptr::write_bytes(self.addr() as *mut u8, 0, FRAME_SIZE as usize) }
+    }
+
+    /// Stores `v` at byte `offset` with one volatile write (`offset` aligned for `T`, the
+    /// value inside the frame).
+    pub fn write<T: Copy>(self, offset: usize, v: T) {
+        assert!(
+            offset.is_multiple_of(core::mem::align_of::<T>())
+                && offset + core::mem::size_of::<T>() <= FRAME_SIZE as usize,
+            "write at {offset:#x} outside the frame or unaligned"
+        );
+        // SAFETY: inside a frame of our own that is never freed, identity-mapped, aligned
+        // for T (the frame is page-aligned); no Rust object lives in it.
+        unsafe { core::ptr::write_volatile((self.addr() + offset as u64) as *mut T, v) }
+    }
+}
+
 /// (total usable frames, frames in use).
 pub fn stats() -> (u64, u64) {
     let f = FRAMES.lock();

@@ -6,11 +6,13 @@ pub mod frame;
 pub mod heap;
 pub mod paging;
 
+use crate::arch::bootmem::BootMemory;
 use crate::bootinfo::BootInfo;
 
-/// Brings up frames, heap and kernel page tables, in that order.
-pub fn init(boot: &BootInfo) {
+/// Brings up frames, heap and kernel page tables, in that order. Consumes the boot-memory
+/// token: from here on the boot tables are gone and frames get reused.
+pub fn init(boot: &BootInfo, boot_memory: BootMemory) {
     frame::init(boot.regions(), crate::arch::kernel_image_range());
     heap::init();
-    paging::init(boot.regions());
+    paging::init(boot.regions(), boot_memory);
 }

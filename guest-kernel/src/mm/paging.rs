@@ -5,12 +5,15 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::{
-    Mapper, OffsetPageTable, PageTable, PageTableFlags as F, PhysFrame, Size2MiB, Size4KiB,
+    Mapper, OffsetPageTable, Page, PageTable, PageTableFlags as F, PhysFrame, Size2MiB, Size4KiB,
+    Translate,
 };
 use x86_64::{PhysAddr, VirtAddr};
 
 use super::frame::{self, GlobalFrames, FRAME_SIZE};
+use crate::arch::bootmem::BootMemory;
 use crate::bootinfo::{MemRegion, E820_ACPI, E820_NVS, E820_RAM};
+use crate::locks::{KernelLock, SpinLock};
 
 const HUGE: u64 = 2 * 1024 * 1024;
 const LOW_MEMORY_END: u64 = 0x10_0000;
@@ -23,11 +26,14 @@ pub fn kernel_pml4() -> u64 {
     KERNEL_PML4.load(Ordering::Acquire)
 }
 
+/// Serialises changes to the active kernel tables after `init` (`check_map_unmap`).
+static ACTIVE_TABLES: KernelLock<()> = SpinLock::kernel(());
+
 /// A mapper over the active tables (identity: physical = virtual).
 ///
 /// # Safety
 /// The caller must not create two live mappers over the same tables at once.
-pub unsafe fn active_mapper() -> OffsetPageTable<'static> {
+unsafe fn active_mapper() -> OffsetPageTable<'static> {
     let (l4, _) = Cr3::read();
     // SAFETY: the PML4 is identity-mapped RAM owned by the kernel; exclusivity is the
     // caller's contract.
@@ -59,7 +65,9 @@ fn identity_map(mapper: &mut OffsetPageTable, start: u64, end: u64, flags: F) {
     }
 }
 
-pub fn init(regions: &[MemRegion]) {
+/// Builds the kernel's tables and switches to them. Takes the boot-memory token: no view
+/// through the boot tables may outlive them.
+pub(super) fn init(regions: &[MemRegion], _boot_tables: BootMemory) {
     let l4 = frame::alloc().expect("out of memory for the kernel PML4");
     let l4_addr = l4.start_address().as_u64();
     // SAFETY: a fresh frame, identity-mapped by the boot tables, used by nothing else.
@@ -85,4 +93,45 @@ pub fn init(regions: &[MemRegion]) {
     // SAFETY: the new tables map the kernel image, its stack and heap, and every frame the
     // allocator can hand out exactly as the boot tables did.
     unsafe { Cr3::write(l4, Cr3Flags::empty()) };
+}
+
+/// The self-test of the kernel's tables (`test=selftest`, "paging"): maps a fresh frame at
+/// the unused kernel address `va` in the active tables, checks that a write through the
+/// mapping shows through the frame's identity map, unmaps and frees it, and checks that
+/// neither `va` nor page 0 translates (so null dereferences fault).
+pub fn check_map_unmap(va: u64) -> Result<(), &'static str> {
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
+    let frame = frame::alloc().ok_or("no frame")?;
+    let _g = ACTIVE_TABLES.lock();
+    // SAFETY: the only mapper over the active tables after `init`, under their lock.
+    let mut mapper = unsafe { active_mapper() };
+    // SAFETY: `va` is unmapped (or map_to fails) and the frame is fresh, so no existing
+    // reference is affected.
+    unsafe { mapper.map_to(page, frame, F::PRESENT | F::WRITABLE, &mut GlobalFrames) }
+        .map_err(|_| "map_to failed")?
+        .flush();
+    // SAFETY: the page was just mapped to `frame`, which is identity-mapped too; nobody else
+    // knows either address.
+    let (via_page, via_frame) = unsafe {
+        core::ptr::write_volatile(va as *mut u64, 0x5eed_cafe);
+        (
+            core::ptr::read_volatile(va as *const u64),
+            core::ptr::read_volatile(frame.start_address().as_u64() as *const u64),
+        )
+    };
+    if via_page != 0x5eed_cafe || via_frame != 0x5eed_cafe {
+        return Err("write through the new mapping not visible");
+    }
+    let (f, flush) = mapper.unmap(page).map_err(|_| "unmap failed")?;
+    flush.flush();
+    // SAFETY: the frame is no longer mapped at `va` (flushed on this CPU; the address was
+    // never used anywhere else) and nothing else refers to it.
+    unsafe { frame::free(f) };
+    if mapper.translate_addr(VirtAddr::new(va)).is_some() {
+        return Err("page still translates after unmap");
+    }
+    if mapper.translate_addr(VirtAddr::new(0)).is_some() {
+        return Err("page 0 is mapped: null dereferences would not fault");
+    }
+    Ok(())
 }

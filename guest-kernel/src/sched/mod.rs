@@ -1,6 +1,15 @@
 //! A preemptive per-CPU scheduler: tasks are pinned to a CPU, each CPU round-robins its run
 //! queue, the tick preempts a task whose slice is used up, and an idle task halts when
 //! nothing is ready.
+//!
+//! The layers below reach the scheduler only through the hooks [`install_hooks`] installs:
+//! the preemption point of `preempt_enable` (`preempt`), the interrupt return path
+//! (`arch::idt`) and the tick (`irq`).
+//!
+//! RCU sits above the scheduler (its threads run on it, its waiters sleep in its wait
+//! queues). The scheduler tells it about quiescent states through the hooks of
+//! [`set_quiescent_hooks`] (installed by `main` for `rcu`): a context switch, the end of
+//! one, entering and leaving idle, the tick. Default (nothing installed): nothing.
 
 pub mod task;
 mod wait;
@@ -14,9 +23,11 @@ use x86_64::instructions::interrupts;
 pub use task::{State, Task};
 pub use wait::WaitQueue;
 
-use crate::arch::{apic, vectors};
+use crate::arch::hook::Hook;
+use crate::arch::{apic, context, idt, vectors};
 use crate::locks::{KernelLock, SpinLock};
-use crate::percpu;
+use crate::preempt::{clear_need_resched, need_resched, set_need_resched};
+use crate::{irq, percpu, preempt};
 
 /// Ticks a task may run before it is preempted in favour of another ready task.
 pub const SLICE_TICKS: u64 = 2;
@@ -44,13 +55,63 @@ impl RunQueue {
 /// it.
 static RQ: [KernelLock<RunQueue>; MAX_VCPUS] =
     [const { SpinLock::kernel(RunQueue::new()) }; MAX_VCPUS];
-static NEED_RESCHED: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
 /// A task was woken on this CPU from this CPU: the next tick switches to it.
 static WOKEN_LOCALLY: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
 static SWITCHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 
-extern "C" {
-    fn switch_context(prev_rsp: *mut u64, next_rsp: u64);
+/// Hooks the scheduler into the layers below (once, on the BSP, before any CPU enables
+/// interrupts): preemption points and the interrupt return path switch tasks when a
+/// reschedule is due; the tick charges the running task.
+pub fn install_hooks() {
+    preempt::set_hook(preempt_on_interrupt_return);
+    idt::set_interrupt_return_hook(preempt_on_interrupt_return);
+    irq::set_tick_hook(on_tick);
+}
+
+/// What the scheduler reports to the quiescent-state tracker above it (RCU).
+pub struct QuiescentHooks {
+    /// A context switch, under the run-queue lock (interrupts off).
+    pub context_switch: fn(),
+    /// Right after a context switch, the run-queue lock released (interrupts off).
+    pub after_switch: fn(),
+    /// The idle task is about to halt (interrupts off).
+    pub enter_idle: fn(),
+    /// The idle task woke up (interrupts off).
+    pub exit_idle: fn(),
+    /// Every tick, before the scheduler's own accounting, with whether the interrupted code
+    /// was preemptible (interrupts off).
+    pub tick: fn(bool),
+}
+
+static QS_CONTEXT_SWITCH: Hook<fn()> = Hook::new();
+static QS_AFTER_SWITCH: Hook<fn()> = Hook::new();
+static QS_ENTER_IDLE: Hook<fn()> = Hook::new();
+static QS_EXIT_IDLE: Hook<fn()> = Hook::new();
+static QS_TICK: Hook<fn(bool)> = Hook::new();
+
+/// Installs the quiescent-state hooks (once, on the BSP, before any CPU schedules).
+pub fn set_quiescent_hooks(h: QuiescentHooks) {
+    QS_CONTEXT_SWITCH.set(h.context_switch);
+    QS_AFTER_SWITCH.set(h.after_switch);
+    QS_ENTER_IDLE.set(h.enter_idle);
+    QS_EXIT_IDLE.set(h.exit_idle);
+    QS_TICK.set(h.tick);
+}
+
+#[inline]
+fn qs(hook: &Hook<fn()>) {
+    if let Some(f) = hook.get() {
+        f();
+    }
+}
+
+/// The tick (interrupts off). The quiescent-state hook first: a callback kthread RCU wakes
+/// there is switched to on this tick's return (`tick` sees it).
+fn on_tick(preemptible: bool) {
+    if let Some(f) = QS_TICK.get() {
+        f(preemptible);
+    }
+    tick();
 }
 
 /// Makes the calling context this CPU's first task. `is_idle`: the context will run
@@ -151,7 +212,7 @@ fn enqueue_at(t: Arc<Task>, first: bool) {
         if local && !first && !idle {
             WOKEN_LOCALLY[cpu as usize].store(true, Ordering::Relaxed);
         } else {
-            NEED_RESCHED[cpu as usize].store(true, Ordering::Release);
+            set_need_resched(cpu);
         }
     }
     if !local {
@@ -195,39 +256,27 @@ pub fn yield_now() {
 /// Called from the tick: charge the running task and ask for a reschedule when its slice is
 /// used up (or a task was woken locally since the last tick) and someone else is waiting.
 pub fn tick() {
-    let cpu = percpu::id() as usize;
-    let woken = WOKEN_LOCALLY[cpu].swap(false, Ordering::Relaxed);
-    let rq = RQ[cpu].lock(); // an interrupt handler: interrupts are off
+    let cpu = percpu::id();
+    let woken = WOKEN_LOCALLY[cpu as usize].swap(false, Ordering::Relaxed);
+    let rq = RQ[cpu as usize].lock(); // an interrupt handler: interrupts are off
     if let Some(cur) = rq.current.as_ref() {
         let used = cur.slice_ticks.fetch_add(1, Ordering::Relaxed) + 1;
         if !rq.ready.is_empty() && (cur.is_idle || woken || used >= SLICE_TICKS) {
-            NEED_RESCHED[cpu].store(true, Ordering::Release);
+            set_need_resched(cpu);
         }
     }
 }
 
-/// On the way out of an interrupt: switch if asked to and preemption is enabled. Never in
-/// the middle of a shared-record update (its sequence counter is odd until it ends, and the
-/// update must not interleave with another task's).
-pub fn preempt_on_interrupt_return() {
-    let cpu = percpu::id() as usize;
-    if NEED_RESCHED[cpu].load(Ordering::Acquire)
+/// On the way out of an interrupt, and at a preemption point (`preempt::preempt_point`,
+/// which has checked that interrupts are on): switch if asked to and preemption is enabled.
+/// Never in the middle of a shared-record update (its sequence counter is odd until it
+/// ends, and the update must not interleave with another task's).
+fn preempt_on_interrupt_return() {
+    if need_resched(percpu::id())
         && percpu::preempt_count() == 0
         && !percpu::this().sync().publishing()
     {
         schedule();
-    }
-}
-
-/// From `preempt_enable` when the count drops to 0: switch now if a reschedule is due and
-/// interrupts are on. With interrupts off the caller is the scheduler itself, an interrupt
-/// handler or a section that must not switch; the interrupt return path or the next
-/// `preempt_enable` with interrupts on picks the reschedule up. The flag is tested first:
-/// it is almost always clear, and reading the interrupt flag (`pushf`) is costly in a VM.
-#[inline]
-pub fn preempt_point(cpu: u32) {
-    if NEED_RESCHED[cpu as usize].load(Ordering::Acquire) && interrupts::are_enabled() {
-        preempt_on_interrupt_return();
     }
 }
 
@@ -240,7 +289,7 @@ pub fn schedule() {
     let was_enabled = interrupts::are_enabled();
     interrupts::disable();
     let cpu = percpu::id() as usize;
-    NEED_RESCHED[cpu].store(false, Ordering::Release);
+    clear_need_resched(cpu as u32);
     let (prev_rsp, next_rsp) = {
         // Released before the switch: preemption is per CPU, and the next task starts with
         // it enabled. Its preempt_enable cannot recurse here, interrupts being off.
@@ -264,20 +313,19 @@ pub fn schedule() {
             return;
         }
         switch_in(&prev, &next);
-        let ptrs = (prev.saved_rsp_ptr(), {
-            // SAFETY: `next` is not running (it is ours to start) and only this CPU's
-            // scheduler touches its saved stack pointer, with interrupts off.
-            unsafe { *next.saved_rsp_ptr() }
-        });
+        let ptrs = (prev.saved_rsp_ptr(), next.saved_rsp());
         rq.current = Some(next);
         rq.prev = Some(prev);
         ptrs
     };
     SWITCHES[cpu].fetch_add(1, Ordering::Relaxed);
     // SAFETY: both stack pointers belong to tasks of this CPU: `prev` is the running context
-    // (its slot receives its stack pointer), `next` was saved by an earlier switch or built
-    // by Task::new. The run-queue lock is released and interrupts are off.
-    unsafe { switch_context(prev_rsp, next_rsp) };
+    // (its slot, in the task that the run queue keeps alive as `prev` until the switch is
+    // over, receives its stack pointer); `next` is not running (only this CPU's scheduler
+    // runs it, and it is switching away from `prev`), its stack pointer saved by an earlier
+    // switch or built by Task::new, and its stack lives as long as the task. The run-queue
+    // lock is released and interrupts are off.
+    unsafe { context::switch(prev_rsp, next_rsp) };
     finish_switch();
     if was_enabled {
         interrupts::enable();
@@ -296,7 +344,7 @@ fn switch_in(prev: &Arc<Task>, next: &Arc<Task>) {
     } else {
         VcpuMode::Kernel
     });
-    crate::rcu::note_context_switch();
+    qs(&QS_CONTEXT_SWITCH);
 }
 
 /// Runs right after a switch, on the incoming task's stack: releases the outgoing task.
@@ -304,11 +352,10 @@ fn finish_switch() {
     // Interrupts are off (schedule, or a new task's first instructions).
     let prev = RQ[percpu::id() as usize].lock().prev.take();
     drop(prev);
-    crate::rcu::after_switch();
+    qs(&QS_AFTER_SWITCH);
 }
 
-/// First code of every task created with Task::new.
-#[no_mangle]
+/// First code of every task created with Task::new (see `arch::context::initial_frame`).
 extern "C" fn task_entry() -> ! {
     finish_switch();
     // Not held across exit(), which never returns: the task must be freeable.
@@ -333,6 +380,21 @@ pub fn exit(code: u64) -> ! {
     unreachable!("a dead task was scheduled again")
 }
 
+/// Leaves the calling task for user mode at `rip` with stack `rsp` and arguments `arg0`,
+/// `arg1` (see `arch::user::enter`); the task comes back to the kernel only through traps
+/// (system calls, interrupts, exceptions). Panics if the calling task runs on a stack it
+/// was adopted from (the boot stacks): traps from user mode land on its own kernel stack.
+pub fn enter_user(rip: u64, rsp: u64, arg0: u64, arg1: u64) -> ! {
+    assert!(
+        current().kstack_top().is_some(),
+        "user mode entered from a task without a kernel stack of its own"
+    );
+    // SAFETY: the calling task has its own kernel stack, and `switch_in` pointed TSS.RSP0 at
+    // its top when it switched to the task; the task stays on this CPU (tasks never
+    // migrate), and no other task uses its stack.
+    unsafe { crate::arch::user::enter(rip, rsp, arg0, arg1) }
+}
+
 /// Waits until `t` has exited; returns its exit code.
 pub fn join(t: &Arc<Task>) -> u64 {
     t.joiners.wait_until(|| t.is_done());
@@ -343,19 +405,19 @@ pub fn join(t: &Arc<Task>) -> u64 {
 /// CPU stays `idle` while it handles an interrupt; it becomes `kernel` when it switches to a
 /// task (`switch_in`).
 pub fn idle_loop() -> ! {
-    let cpu = percpu::id() as usize;
+    let cpu = percpu::id();
     loop {
         interrupts::disable();
         // Every wake-up of a task on a CPU whose idle task runs sets it (enqueue_at).
-        if NEED_RESCHED[cpu].load(Ordering::Acquire) {
+        if need_resched(cpu) {
             schedule();
             continue;
         }
         crate::shared::set_mode(VcpuMode::Idle);
-        crate::rcu::enter_idle();
+        qs(&QS_ENTER_IDLE);
         // sti; hlt (or the Idle hypercall): no wake-up slips in between.
         crate::arch::apic::wait_for_interrupt();
         interrupts::disable();
-        crate::rcu::exit_idle();
+        qs(&QS_EXIT_IDLE);
     }
 }

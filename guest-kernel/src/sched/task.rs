@@ -3,9 +3,9 @@
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec;
-use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
+use crate::arch::context;
 use crate::locks::{KernelLock, SpinLock};
 
 /// Bytes of kernel stack per task.
@@ -40,8 +40,9 @@ pub struct Task {
     pub cpu: u32,
     pub is_idle: bool,
     state: AtomicU8,
-    /// Stack pointer while switched out; touched only by `cpu`'s scheduler, interrupts off.
-    saved_rsp: UnsafeCell<u64>,
+    /// Stack pointer while switched out; touched only by `cpu`'s scheduler, interrupts off
+    /// (an atomic for `Sync`: relaxed accesses are plain moves).
+    saved_rsp: AtomicU64,
     /// None for a task adopted from a boot stack.
     kstack: Option<Box<[u64]>>,
     entry: KernelLock<Option<Entry>>,
@@ -54,17 +55,7 @@ pub struct Task {
     pub slice_ticks: AtomicU64,
 }
 
-// SAFETY: `saved_rsp` is only read or written by the scheduler of `cpu`, with interrupts
-// disabled, while the task is not running; every other field is atomic or locked.
-unsafe impl Sync for Task {}
-// SAFETY: as above; the entry closure is Send.
-unsafe impl Send for Task {}
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-extern "C" {
-    fn task_trampoline();
-}
 
 impl Task {
     /// A task that will start by calling `entry` on `cpu`.
@@ -81,10 +72,9 @@ impl Task {
         if !(stack.as_ptr() as usize + top * 8).is_multiple_of(16) {
             top -= 1;
         }
-        // Initial frame popped by switch_context: r15 r14 r13 r12 rbx rbp, then the return
-        // address. The stack top is 16-byte aligned, so task_trampoline starts aligned; the
-        // new task finds itself as its CPU's current task.
-        let frame = [0, 0, 0, 0, 0, 0, task_trampoline as *const () as u64];
+        // The frame the first switch to this stack pops. The stack top is 16-byte aligned,
+        // so task_entry starts aligned; the new task finds itself as its CPU's current task.
+        let frame = context::initial_frame(super::task_entry);
         stack[top - frame.len()..top].copy_from_slice(&frame);
         let rsp = stack.as_ptr() as u64 + ((top - frame.len()) * 8) as u64;
         Arc::new(Task {
@@ -93,7 +83,7 @@ impl Task {
             cpu,
             is_idle,
             state: AtomicU8::new(State::Ready as u8),
-            saved_rsp: UnsafeCell::new(rsp),
+            saved_rsp: AtomicU64::new(rsp),
             kstack: Some(stack),
             entry: SpinLock::kernel(Some(entry)),
             aspace,
@@ -112,7 +102,7 @@ impl Task {
             cpu,
             is_idle,
             state: AtomicU8::new(State::Running as u8),
-            saved_rsp: UnsafeCell::new(0),
+            saved_rsp: AtomicU64::new(0),
             kstack: None,
             entry: SpinLock::kernel(None),
             aspace: None,
@@ -138,8 +128,14 @@ impl Task {
             .is_ok()
     }
 
+    /// Where a switch away from this task saves its stack pointer.
     pub fn saved_rsp_ptr(&self) -> *mut u64 {
-        self.saved_rsp.get()
+        self.saved_rsp.as_ptr()
+    }
+
+    /// The stack pointer this task was switched out with.
+    pub fn saved_rsp(&self) -> u64 {
+        self.saved_rsp.load(Ordering::Relaxed)
     }
 
     /// Top of the kernel stack (what TSS.RSP0 must hold while the task runs user code).

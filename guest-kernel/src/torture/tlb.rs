@@ -10,12 +10,11 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::ptr::{read_volatile, write_volatile};
-use x86_64::structures::paging::PhysFrame;
 
 use crate::arch::tsc;
 use crate::mm::aspace::AddressSpace;
-use crate::user::{self, USER_DATA_VA};
+use crate::mm::frame::StaticFrame;
+use crate::user::{self, Program, USER_DATA_VA};
 use crate::{println, sched, tlb};
 
 const POISON: u64 = 1 << 63;
@@ -25,9 +24,9 @@ const SCRATCH_VA: u64 = USER_DATA_VA + 0x20_0000;
 /// Frames the watched page rotates through.
 const POOL: usize = 16;
 
-fn frame_write(f: PhysFrame, v: u64) {
-    // SAFETY: a frame of this test's pool, identity-mapped; user tasks only read it.
-    unsafe { write_volatile(f.start_address().as_u64() as *mut u64, v) }
+/// Writes `v` into the first word of a frame of the pool (user tasks only read it).
+fn frame_write(f: StaticFrame, v: u64) {
+    f.write(0, v);
 }
 
 pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
@@ -40,26 +39,27 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
     };
     let aspace = Arc::new(AddressSpace::new());
     user::map_programs(&aspace);
-    let pool: Vec<PhysFrame> = (0..POOL)
-        .map(|_| crate::mm::frame::alloc().expect("tlbtorture frame"))
+    let pool: Vec<StaticFrame> = (0..POOL)
+        .map(|_| StaticFrame::alloc().expect("tlbtorture frame"))
         .collect();
     frame_write(pool[0], 0);
     aspace
-        .map(WATCH_VA, pool[0], false, false)
+        .map(WATCH_VA, pool[0].frame(), false, false)
         .expect("map watched page");
 
     let mut counters = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..readers + churners {
         let cva = COUNTERS_VA + i as u64 * 4096;
-        counters.push(user::map_zeroed(&aspace, cva, true).expect("counter page"));
+        user::map_zeroed(&aspace, cva, true).expect("counter page");
+        counters.push(cva);
         let cpu = worker_cpus[i % worker_cpus.len()];
         tasks.push(if i < readers {
             user::spawn(
                 cpu,
                 "tlb_reader",
                 aspace.clone(),
-                user::user_tlb_reader,
+                Program::TlbReader,
                 WATCH_VA,
                 cva,
                 i as u64,
@@ -69,7 +69,7 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
                 cpu,
                 "tlb_churn",
                 aspace.clone(),
-                user::user_churn,
+                Program::Churn,
                 SCRATCH_VA + i as u64 * 4096,
                 cva,
                 i as u64,
@@ -88,9 +88,13 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         // CPUs that may cache the old translation, and their flushes so far.
         let before: Vec<(u32, u64)> = aspace.cpus().iter().map(|c| (c, tlb::flushes(c))).collect();
         let old = aspace
-            .update(WATCH_VA, Some((next, false)))
+            .update(WATCH_VA, Some((next.frame(), false)))
             .expect("remap")
             .expect("was mapped");
+        let old = *pool
+            .iter()
+            .find(|f| f.frame() == old)
+            .expect("the watched page maps a frame of the pool");
         tlb::shootdown(&aspace, WATCH_VA, 1);
         // Evidence from each holder, not from the sender's target set: every CPU that may
         // have cached the old translation has flushed since (served the request, or
@@ -104,14 +108,11 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         sched::yield_now();
     }
     for &c in &counters {
-        // SAFETY: the counter pages are this test's frames; the stop word is at +16.
-        unsafe { write_volatile((c + 16) as *mut u64, 1) };
+        // The stop word of each counter page is at +16.
+        assert!(aspace.write_u64(c + 16, 1), "counter page unmapped");
     }
     let codes: Vec<u64> = tasks.iter().map(sched::join).collect();
-    let read = |c: u64, off: u64| {
-        // SAFETY: as above.
-        unsafe { read_volatile((c + off) as *const u64) }
-    };
+    let read = |c: u64, off: u64| aspace.read_u64(c + off).expect("counter page unmapped");
     let stale: u64 = counters[..readers].iter().map(|&c| read(c, 0)).sum();
     let reads: u64 = counters[..readers].iter().map(|&c| read(c, 8)).sum();
     let churns: u64 = counters[readers..].iter().map(|&c| read(c, 8)).sum();
