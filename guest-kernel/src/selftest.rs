@@ -70,6 +70,8 @@ fn paging_map_unmap() -> TestResult {
     // SAFETY: single mapper use on the BSP while APs are idle; the page was unmapped and the
     // frame is fresh, so no existing reference is affected.
     let mut mapper = unsafe { paging::active_mapper() };
+    // SAFETY: VA is in a PML4 slot nothing else maps and the frame is fresh, so the new
+    // mapping changes the meaning of no memory anyone refers to.
     unsafe {
         mapper.map_to(
             page,
