@@ -20,11 +20,9 @@
 //! ```
 
 mod kvm;
-mod ledger;
 mod pv;
 
 pub use kvm::KvmPolicy;
-pub use ledger::BoostLedger;
 pub use pv::{PvPolicy, PvThresholds};
 
 use crate::shared_region::Snapshot;

@@ -4,11 +4,12 @@
 //! - [`SlotBackend`]: the VMM's own scheduler. `--slots N` host CPU slots; a vCPU thread
 //!   enters KVM_RUN only while it holds one; a slice ends with a kick (signal +
 //!   `immediate_exit`); per-slot run queues, placement (`wake-affine` or `spread`), boosts
-//!   from the policies, charged to the VM's ledger.
+//!   from the policies, charged to the VM's ledger (`ledger`).
 //! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only idling and
 //!   interrupts go through the backend (boosts as priority changes come later).
 
 mod core;
+mod ledger;
 mod linux;
 pub mod metrics;
 pub mod placement;
@@ -19,6 +20,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 pub use self::core::{Core, CoreConfig, Effects, RunState};
+pub use ledger::BoostLedger;
 pub use linux::LinuxBackend;
 pub use metrics::{VcpuMetrics, VmMetrics};
 pub use placement::Placement;
