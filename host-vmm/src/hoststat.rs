@@ -128,12 +128,18 @@ mod tests {
         let tid = unsafe { libc::gettid() };
         let mut t = ThreadStat::open(tid).unwrap();
         let a = t.read().unwrap();
-        let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_add(i * i);
+        // Busy until the kernel's accounting shows it (it may lag by a tick); black_box keeps
+        // the optimizer from folding the loop away in release builds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut b = a;
+        while b.run_ns <= a.run_ns && std::time::Instant::now() < deadline {
+            let mut x = 0u64;
+            for i in 0..100_000u64 {
+                x = x.wrapping_add(std::hint::black_box(i) * i);
+            }
+            std::hint::black_box(x);
+            b = t.read().unwrap();
         }
-        std::hint::black_box(x);
-        let b = t.read().unwrap();
         assert!(b.run_ns > a.run_ns, "CPU time advances: {a:?} -> {b:?}");
     }
 
