@@ -24,7 +24,7 @@ use crate::arch::x86_64::{acpi, boot, cpuid, layout, regs};
 use crate::devices::PioBus;
 use crate::hoststat::{self, SchedStat, ThreadStat};
 use crate::loader::{self, KernelInfo};
-use crate::policy;
+use crate::policy::PolicySpec;
 use crate::sched::{Backend, GuestView, VcpuMetrics, VmMetrics};
 use crate::shared_region::Snapshot;
 use crate::vcpu;
@@ -64,8 +64,6 @@ pub enum VmError {
     Thread(std::io::Error),
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
-    #[error(transparent)]
-    Policy(#[from] policy::PolicyError),
     #[error("vCPU threads did not stop within {grace:?} after the VM ended ({outcome:?})")]
     StuckVcpus { grace: Duration, outcome: Outcome },
 }
@@ -84,8 +82,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub cmdline: String,
     pub timeout: Duration,
-    /// Boost policy (`policy::by_name`: a name or a comma-separated chain).
-    pub policy: String,
+    /// Boost policy (a policy or a chain).
+    pub policy: PolicySpec,
 }
 
 /// How a run ended.
@@ -196,7 +194,7 @@ pub fn build(
     if mem_size > layout::MEM_32BIT_GAP_START {
         return Err(VmError::TooMuchMemory(config.mem_mib));
     }
-    let policy = policy::by_name(&config.policy)?;
+    let policy = config.policy.build();
     let kernel = loader::read_kernel(&config.kernel)?;
     let info = &kernel.info;
     let needed = min_mem_bytes(info, config.vcpus);
@@ -342,7 +340,7 @@ impl BuiltVm {
             monitor,
             started,
             name: config.name.clone(),
-            policy: config.policy.clone(),
+            policy: config.policy.to_string(),
         })
     }
 }
