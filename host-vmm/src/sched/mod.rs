@@ -41,6 +41,12 @@ pub trait GuestView: Send + Sync {
     fn publish_lent_by(&self, index: u32, value: u32);
 }
 
+/// How a backend forces a vCPU thread out of KVM_RUN (the vCPU module's kick signal). Safe
+/// at any time from any thread; once the vCPU thread has left its loop it does nothing.
+pub trait Kick: Send + Sync {
+    fn kick(&self);
+}
+
 /// A VM as a backend knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmHandle {
@@ -60,8 +66,8 @@ pub trait Backend: Send + Sync {
         vcpus: usize,
         view: Weak<dyn GuestView>,
     ) -> VmHandle;
-    /// vCPU `v`'s thread has started (it may be kicked from now on).
-    fn start(&self, v: usize);
+    /// vCPU `v`'s thread has started; `kick` forces it out of KVM_RUN from now on.
+    fn start(&self, v: usize, kick: Box<dyn Kick>);
     /// Blocks until `v` may enter KVM_RUN (or its VM ended).
     fn wait_turn(&self, v: usize);
     /// After a KVM_RUN exit: whether `v` was asked to give up its CPU (then call
@@ -89,17 +95,4 @@ pub trait Backend: Send + Sync {
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)>;
     /// Whether the backend writes the host fields of the shared records itself.
     fn publishes_host_fields(&self) -> bool;
-}
-
-/// Reads a vCPU's CPL the way KVM's directed yield does (`kvm_arch_vcpu_get_cpl`): from the
-/// segment registers, while the vCPU is out of KVM_RUN.
-pub fn read_cpl(fd: &kvm_ioctls::VcpuFd) -> Cpl {
-    const CR0_PE: u64 = 1;
-    match fd.get_sregs() {
-        // Real mode runs at CPL 0; otherwise CPL is SS.DPL.
-        Ok(s) if s.cr0 & CR0_PE == 0 => Cpl::Kernel,
-        Ok(s) if s.ss.dpl == 3 => Cpl::User,
-        Ok(_) => Cpl::Kernel,
-        Err(_) => Cpl::Unknown,
-    }
 }

@@ -12,15 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::signal::SIGRTMIN;
-
 use super::core::{Core, CoreConfig, Effects, RunState};
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::trace::Trace;
-use super::{Backend, GuestView, Nanos, VmHandle};
+use super::{Backend, GuestView, Kick, Nanos, VmHandle};
 use crate::policy::{BoostPolicy, Cpl};
 use crate::shared_region::Snapshot;
-use crate::vcpu::KICK_SIGNAL_OFFSET;
 
 /// Longest interval between two looks of the ticker; it wakes earlier when a slice or a
 /// boost ends sooner.
@@ -48,9 +45,8 @@ struct Thread {
     /// before KVM_RUN but to count the hand-off).
     go: AtomicBool,
     kicked: AtomicBool,
-    /// The vCPU thread, from `start` until `exit`; signals are sent with this lock held, so
-    /// none reaches a thread that has left (and may have been joined).
-    pthread: Mutex<Option<libc::pthread_t>>,
+    /// Kicks the vCPU thread, from `start` until `exit`.
+    kick: Mutex<Option<Box<dyn Kick>>>,
     /// For unpark (a futex wake of exactly this thread).
     handle: Mutex<Option<std::thread::Thread>>,
     /// Its kernel thread id (for affinity), and the host CPU it is bound to (-1: none).
@@ -72,7 +68,7 @@ impl Default for Thread {
         Thread {
             go: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
-            pthread: Mutex::new(None),
+            kick: Mutex::new(None),
             handle: Mutex::new(None),
             tid: AtomicI32::new(0),
             cpu: AtomicI32::new(-1),
@@ -226,11 +222,8 @@ impl SlotBackend {
         }
         for v in fx.kick {
             if let Some(t) = threads.get(v) {
-                let p = t.pthread.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(p) = *p {
-                    // SAFETY: `p` is a vCPU thread that has not passed `exit` (which clears
-                    // it under this lock), so it has not been joined and the id is valid.
-                    unsafe { libc::pthread_kill(p, SIGRTMIN() + KICK_SIGNAL_OFFSET) };
+                if let Some(k) = t.kick.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    k.kick();
                 }
             }
         }
@@ -437,11 +430,11 @@ impl Backend for SlotBackend {
         VmHandle { vm, first }
     }
 
-    fn start(&self, v: usize) {
+    fn start(&self, v: usize, kick: Box<dyn Kick>) {
         if let Some(t) = self.thread(v) {
-            // SAFETY: pthread_self and gettid have no preconditions.
-            let (me, tid) = unsafe { (libc::pthread_self(), libc::gettid()) };
-            *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            *t.kick.lock().unwrap_or_else(|e| e.into_inner()) = Some(kick);
             *t.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
             t.tid.store(tid, Ordering::Relaxed);
         }
@@ -496,7 +489,7 @@ impl Backend for SlotBackend {
 
     fn exit(&self, v: usize) {
         if let Some(t) = self.thread(v) {
-            *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *t.kick.lock().unwrap_or_else(|e| e.into_inner()) = None;
             // No affinity change may reach a thread id the kernel has since reused.
             t.tid.store(0, Ordering::Relaxed);
         }
