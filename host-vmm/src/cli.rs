@@ -248,7 +248,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             match SlotBackend::new(cfg) {
                 Ok(b) => Chosen::Slots(b),
                 Err(e) => {
-                    let _ = writeln!(log, "pvsync: error: starting the slot scheduler: {e}");
+                    let _ = writeln!(log, "pvsync: error: {e}");
                     return EXIT_HOST_ERROR;
                 }
             }
@@ -289,9 +289,15 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
         })
         .collect();
     let result = vm::run_all(vms, chosen.as_backend(), timeout);
-    let trace = match &chosen {
-        Chosen::Slots(b) => b.shutdown(),
-        Chosen::Linux(_) => None,
+    let (trace, sched_failed) = match &chosen {
+        Chosen::Slots(b) => match b.shutdown() {
+            Ok(trace) => (trace, false),
+            Err(e) => {
+                let _ = writeln!(log, "pvsync: error: {e}");
+                (None, true)
+            }
+        },
+        Chosen::Linux(_) => (None, false),
     };
     let reports = match result {
         Ok(r) => r,
@@ -300,7 +306,12 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             return EXIT_HOST_ERROR;
         }
     };
-    finish(&a, &summary, &reports, trace, log)
+    let status = finish(&a, &summary, &reports, trace, log);
+    // A VM that ended before the scheduler failed may have succeeded; the run did not.
+    if sched_failed {
+        return EXIT_HOST_ERROR;
+    }
+    status
 }
 
 /// Prints and writes what the run produced; returns the process exit status.
@@ -430,6 +441,10 @@ fn report_outcome(r: &RunReport, many: bool, log: &mut dyn Write) -> i32 {
                 "pvsync: {who}error: guest crashed on vcpu {vcpu}: {reason}"
             );
             EXIT_GUEST_CRASH
+        }
+        Outcome::SchedulerFault(reason) => {
+            let _ = writeln!(log, "pvsync: {who}error: the scheduler failed: {reason}");
+            EXIT_HOST_ERROR
         }
     }
 }

@@ -31,7 +31,16 @@ use crate::shared_region::Snapshot;
 
 pub use crate::policy::Nanos;
 
-/// What a backend needs from a VM: its shared region, and a place to publish host fields.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error("starting the slot scheduler: {0}")]
+    Start(std::io::Error),
+    #[error("the slot scheduler's ticker failed; every VM was stopped")]
+    TickerFailed,
+}
+
+/// What a backend needs from a VM: its shared region, a place to publish host fields, and a
+/// way to stop it.
 pub trait GuestView: Send + Sync {
     /// None if the guest registered no region; Err if it could not be read.
     fn snapshot(&self) -> Option<Result<Snapshot, ()>>;
@@ -39,6 +48,8 @@ pub trait GuestView: Send + Sync {
     fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64);
     /// Writes vCPU `index`'s `host_lent_by` (the lender's id + 1, or 0).
     fn publish_lent_by(&self, index: u32, value: u32);
+    /// The backend can no longer run the VM: it must stop (`reason` says why).
+    fn backend_failed(&self, reason: &str);
 }
 
 /// How a backend forces a vCPU thread out of KVM_RUN (the vCPU module's kick signal). Safe

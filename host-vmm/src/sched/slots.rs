@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::core::{Core, CoreConfig, Effects, RunState};
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::trace::Trace;
-use super::{Backend, GuestView, Kick, Nanos, VmHandle};
+use super::{Backend, GuestView, Kick, Nanos, SchedError, VmHandle};
 use crate::policy::{BoostPolicy, Cpl};
 use crate::shared_region::Snapshot;
 
@@ -116,12 +116,15 @@ pub struct SlotBackend {
     slot_cpus: Vec<usize>,
     epoch: Instant,
     stop: AtomicBool,
+    /// The ticker failed (a bug): the core, which a panic may have left half-changed, is
+    /// never consulted again, every wait ends, and every VM is told to stop.
+    failed: AtomicBool,
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SlotBackend {
     /// Creates the backend and starts its ticker thread.
-    pub fn new(cfg: CoreConfig) -> std::io::Result<Arc<Self>> {
+    pub fn new(cfg: CoreConfig) -> Result<Arc<Self>, SchedError> {
         let allowed = if cfg.pin_slots {
             allowed_cpus()
         } else {
@@ -143,12 +146,14 @@ impl SlotBackend {
             slot_cpus,
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             ticker: Mutex::new(None),
         });
         let weak = Arc::downgrade(&b);
         let t = std::thread::Builder::new()
             .name("slot-ticker".into())
-            .spawn(move || ticker(weak))?;
+            .spawn(move || ticker(weak))
+            .map_err(SchedError::Start)?;
         *b.ticker.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok(b)
     }
@@ -157,8 +162,22 @@ impl SlotBackend {
         self.epoch.elapsed().as_nanos() as Nanos
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The scheduler's state; None once the backend has failed.
+    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        if self.has_failed() {
+            return None;
+        }
+        Some(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether `t` may enter KVM_RUN: its turn came, or the backend failed (and its VM is
+    /// being stopped).
+    fn may_go(&self, t: &Thread) -> bool {
+        t.go.load(Ordering::Acquire) || self.has_failed()
     }
 
     fn thread(&self, v: usize) -> Option<Arc<Thread>> {
@@ -234,7 +253,9 @@ impl SlotBackend {
     fn with_core(&self, own: Option<usize>, f: impl FnOnce(&mut Core, Nanos, &mut Effects)) {
         let mut fx = Effects::default();
         {
-            let mut g = self.lock();
+            let Some(mut g) = self.lock() else {
+                return;
+            };
             let now = self.now();
             f(&mut g.core, now, &mut fx);
             self.mark(&g.core, &fx);
@@ -276,7 +297,7 @@ impl SlotBackend {
         let Some(t) = self.thread(v) else {
             return;
         };
-        if t.go.load(Ordering::Acquire) {
+        if self.may_go(&t) {
             self.publish_lent(&t);
             return;
         }
@@ -290,32 +311,61 @@ impl SlotBackend {
                 }
                 wait = wait.min(Duration::from_nanos(until.saturating_sub(now)));
             }
-            if t.go.load(Ordering::Acquire) {
+            if self.may_go(&t) {
                 break;
             }
             std::thread::park_timeout(wait);
-            if t.go.load(Ordering::Acquire) {
+            if self.may_go(&t) {
                 break;
             }
             if idle_until.is_none() {
                 // A long wait: look at the core itself (a safety net; `go` is kept in step
                 // with it under the lock).
-                let g = self.lock();
-                self.sync_go(&g.core, v);
+                if let Some(g) = self.lock() {
+                    self.sync_go(&g.core, v);
+                }
             }
         }
         let now = self.now();
-        self.lock().core.entered(v, now);
+        if let Some(mut g) = self.lock() {
+            g.core.entered(v, now);
+        }
         self.publish_lent(&t);
     }
 
-    /// Stops the ticker; returns the trace if one was recorded.
-    pub fn shutdown(&self) -> Option<Trace> {
+    /// Stops the ticker; returns the trace if one was recorded, or the failure.
+    pub fn shutdown(&self) -> Result<Option<Trace>, SchedError> {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        self.lock().core.take_trace()
+        match self.lock() {
+            Some(mut g) => Ok(g.core.take_trace()),
+            None => Err(SchedError::TickerFailed),
+        }
+    }
+
+    /// After the ticker failed: tells every VM to stop, then wakes every vCPU thread (its
+    /// wait ends, see `may_go`, and it finds its VM stopping). The ticker repeats it, for VMs
+    /// added since.
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+        // The views only (never half-changed: `add_vm` pushes them whole). Used and dropped
+        // outside the lock: stopping a VM calls back into the backend, and its last
+        // reference may go.
+        let views: Vec<Arc<dyn GuestView>> = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.views.iter().filter_map(|(w, ..)| w.upgrade()).collect()
+        };
+        for view in views {
+            view.backend_failed("the slot scheduler's ticker failed");
+        }
+        let threads = self.threads.read().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            if let Some(h) = t.handle.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                h.unpark();
+            }
+        }
     }
 
     /// One look; returns how long to sleep until the next. Guest memory is read (policy
@@ -330,7 +380,9 @@ impl SlotBackend {
         // snapshots taken for it), not again a moment later.
         let look = self.now();
         let (views, policy_due): (Vec<Option<LiveView>>, bool) = {
-            let g = self.lock();
+            let Some(g) = self.lock() else {
+                return TICK;
+            };
             let views = g
                 .views
                 .iter()
@@ -348,7 +400,9 @@ impl SlotBackend {
         };
         let mut host_fields = Vec::new();
         {
-            let mut g = self.lock();
+            let Some(mut g) = self.lock() else {
+                return TICK;
+            };
             // Later than `look` (other operations ran while the snapshots were taken): the
             // core's clock never goes back.
             let now = self.now().max(look);
@@ -397,12 +451,17 @@ fn ticker(b: Weak<SlotBackend>) {
             return;
         }
         // Without the ticker no slice would ever end and queued vCPUs would wait forever:
-        // a bug here ends the process with a clear message rather than hanging every VM.
+        // a bug here stops every VM, and `shutdown` reports it, rather than hanging them.
+        if b.has_failed() {
+            b.fail();
+            sleep = TICK;
+            continue;
+        }
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.tick())) {
             Ok(next) => sleep = next,
             Err(_) => {
-                eprintln!("pvsync: error: the slot scheduler's ticker failed; stopping");
-                std::process::exit(crate::cli::EXIT_HOST_ERROR);
+                b.fail();
+                sleep = TICK;
             }
         }
     }
@@ -419,7 +478,8 @@ impl Backend for SlotBackend {
         vcpus: usize,
         view: Weak<dyn GuestView>,
     ) -> VmHandle {
-        let mut g = self.lock();
+        // Also after a failure (the ticker then stops the VM): registering only appends.
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (vm, first) = g.core.add_vm(policy, vcpus);
         g.views.push((view.clone(), first, vcpus));
         let mut threads = self.threads.write().unwrap_or_else(|e| e.into_inner());
@@ -484,7 +544,9 @@ impl Backend for SlotBackend {
     }
 
     fn bad_hypercall(&self, v: usize) {
-        self.lock().core.bad_hypercall(v);
+        if let Some(mut g) = self.lock() {
+            g.core.bad_hypercall(v);
+        }
     }
 
     fn exit(&self, v: usize) {
@@ -501,7 +563,7 @@ impl Backend for SlotBackend {
     }
 
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)> {
-        let g = self.lock();
+        let g = self.lock()?;
         g.core
             .vm_metrics(vm, self.now())
             .map(|(m, v)| (m.clone(), v))
@@ -509,5 +571,76 @@ impl Backend for SlotBackend {
 
     fn publishes_host_fields(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::policy::NoBoost;
+
+    /// A VM whose shared region cannot be read without a panic (a stand-in for a bug in
+    /// the ticker's look).
+    #[derive(Default)]
+    struct BrokenView {
+        stopped: Mutex<Option<String>>,
+    }
+
+    impl GuestView for BrokenView {
+        fn snapshot(&self) -> Option<Result<Snapshot, ()>> {
+            panic!("a bug in the ticker's look (on purpose)");
+        }
+        fn publish_host(&self, _: u32, _: bool, _: u64, _: u64) {}
+        fn publish_lent_by(&self, _: u32, _: u32) {}
+        fn backend_failed(&self, reason: &str) {
+            *self.stopped.lock().unwrap() = Some(reason.to_string());
+        }
+    }
+
+    struct NoKick;
+
+    impl Kick for NoKick {
+        fn kick(&self) {}
+    }
+
+    /// A failing ticker neither ends the process nor leaves a vCPU waiting: the waiting
+    /// vCPU is released, the VM is told to stop, and `shutdown` returns the error.
+    #[test]
+    fn a_failed_ticker_stops_the_vms_and_is_reported() {
+        let b = SlotBackend::new(CoreConfig {
+            slots: 1,
+            pin_slots: false,
+            ..CoreConfig::default()
+        })
+        .unwrap();
+        let view = Arc::new(BrokenView::default());
+        let weak: Weak<dyn GuestView> = Arc::downgrade(&view) as Weak<dyn GuestView>;
+        let h = b.add_vm(Box::new(NoBoost), 2, weak);
+        // vCPU 0 takes the only slot and never gives it up (it cannot be kicked); vCPU 1
+        // waits for a turn on its own thread.
+        b.start(h.first, Box::new(NoKick));
+        b.wait_turn(h.first);
+        let (done, waited) = mpsc::channel();
+        let b1 = Arc::clone(&b);
+        std::thread::spawn(move || {
+            b1.start(h.first + 1, Box::new(NoKick));
+            b1.wait_turn(h.first + 1);
+            let _ = done.send(());
+        });
+        waited
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiting vCPU is released");
+        // A waiter's own recheck may see the failure before the VM is told: wait for that.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while view.stopped.lock().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            view.stopped.lock().unwrap().as_deref(),
+            Some("the slot scheduler's ticker failed")
+        );
+        assert!(matches!(b.shutdown(), Err(SchedError::TickerFailed)));
     }
 }

@@ -96,6 +96,8 @@ pub enum Outcome {
     GuestCrash { vcpu: u8, reason: String },
     /// The VMM failed while running the guest (a vCPU thread died).
     VmmFault { vcpu: u8, reason: String },
+    /// The scheduler backend failed and stopped the VM.
+    SchedulerFault(String),
 }
 
 /// Result of a run.

@@ -206,6 +206,10 @@ impl GuestView for VmShared {
         }
     }
 
+    fn backend_failed(&self, reason: &str) {
+        self.finish(Outcome::SchedulerFault(reason.to_string()));
+    }
+
     fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64) {
         if let Some(reg) = self.registration() {
             hoststat::publish(&self.mem, &reg, index, preempted, preempted_ns);
