@@ -1,9 +1,10 @@
 //! What the host Linux scheduler does to each vCPU thread, from
 //! `/proc/<pid>/task/<tid>/schedstat` (CPU time, run-queue wait, timeslices), sampled by a
-//! monitor thread. The monitor writes the host half of each shared record: the total time the
-//! vCPU was runnable but waiting (`host_preempted_ns`), and `host_preempted` = 1 when it spent
-//! most of the last interval waiting (a sampled estimate: this backend cannot see the exact
-//! moment Linux switches a thread out).
+//! monitor thread; and the writers of the host half of each shared record. Under the Linux
+//! backend the monitor writes it: the total time the vCPU was runnable but waiting
+//! (`host_preempted_ns`), and `host_preempted` = 1 when it spent most of the last interval
+//! waiting (a sampled estimate: that backend cannot see the exact moment Linux switches a
+//! thread out). Under the slot backend the scheduler writes it from its own state.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

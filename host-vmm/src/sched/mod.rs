@@ -5,8 +5,8 @@
 //!   enters KVM_RUN only while it holds one; a slice ends with a kick (signal +
 //!   `immediate_exit`); per-slot run queues, placement (`wake-affine` or `spread`), boosts
 //!   from the policies, charged to the VM's ledger (`ledger`).
-//! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only idling and
-//!   interrupts go through the backend (boosts as priority changes come later).
+//! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only the hypercalls
+//!   go through the backend (idle waits ended by IPIs, and counters); no boosts.
 
 mod core;
 mod ledger;

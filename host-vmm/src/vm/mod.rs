@@ -146,7 +146,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
             flags: 0,
         };
         // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
-        // by `mem`, which outlives the VM: `run` creates `mem` before the VM (so early returns
+        // by `mem`, which outlives the VM: `build` creates `mem` before the VM (so early returns
         // drop the VM first) and VmShared declares `vm` before `mem` (so it drops first
         // there too). The slots do not overlap.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;

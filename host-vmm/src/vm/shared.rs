@@ -1,6 +1,6 @@
 //! What a VM's vCPU threads, its monitor and the scheduler backend share: guest memory, the
-//! devices, the shared-region registration, how the VM ended; and the hypercalls that act on
-//! them.
+//! devices, the shared-region registration, how the VM ended; the hypercalls that act on
+//! them; and what a vCPU thread (`VcpuContext`) and the backend (`GuestView`) ask of the VM.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
