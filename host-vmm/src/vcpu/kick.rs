@@ -47,7 +47,7 @@ extern "C" fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
 
 /// Installs the kick handler once per process; every later call gets the first outcome (a
 /// failed install must fail every VM: an unhandled kick signal would end the process).
-pub fn install_kick_handler() -> Result<(), VcpuError> {
+pub(super) fn install_kick_handler() -> Result<(), VcpuError> {
     static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
     (*RESULT.get_or_init(|| register_signal_handler(kick_signal(), on_kick_signal)))
         .map_err(VcpuError::Signal)
@@ -74,8 +74,8 @@ impl Kicker {
         let t = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = *t {
             // SAFETY: `p` is the vCPU thread, which has not yet cleared it (it does so under
-            // this lock before it returns), so the thread is alive and the id valid; the
-            // signal has a handler (`install_kick_handler` ran before any vCPU thread).
+            // this lock before it returns), so the thread is alive and the id valid. The
+            // signal has a handler: `Vcpu::create` installs it before any vCPU exists.
             unsafe { libc::pthread_kill(p, kick_signal()) };
         }
     }

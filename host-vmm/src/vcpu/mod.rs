@@ -9,7 +9,7 @@ mod run;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};
 
-pub use kick::{install_kick_handler, kick_thread, Kicker};
+pub use kick::{kick_thread, Kicker};
 pub use run::{GuestEnd, VcpuContext};
 
 use crate::arch::x86_64::{cpuid, regs};
@@ -38,8 +38,10 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Creates vCPU `index` of `vm`, with KVM's `supported` CPUID patched for it (its APIC
-    /// ID is its index).
+    /// ID is its index). The kick signal's handler is installed first (once per process), so
+    /// no vCPU thread can be sent a kick it does not handle.
     pub fn create(vm: &VmFd, index: u8, supported: &CpuId) -> Result<Self, VcpuError> {
+        kick::install_kick_handler()?;
         let fd = vm
             .create_vcpu(index as u64)
             .map_err(kvm_op("KVM_CREATE_VCPU"))?;

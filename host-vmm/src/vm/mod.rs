@@ -194,8 +194,6 @@ pub fn build(
             needed_mib: needed.div_ceil(MIB),
         });
     }
-    vcpu::install_kick_handler()?;
-
     // Memory is created before the VM so that, on every early return, the VM (and with it
     // KVM's use of the mapping) goes first.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
