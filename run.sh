@@ -4,7 +4,8 @@
 #
 #   ./run.sh                 build; 4 vCPUs (self-tests) and 64 vCPUs (boot) with the shared region
 #                            dumped; then two 4-vCPU VMs on the host's cores, metrics table + trace
-#   ./run.sh test            install what a fresh machine lacks, then run every test
+#   ./run.sh test            install what a fresh machine lacks; fmt and clippy (host and guest),
+#                            then every test
 #   ./run.sh bench [boot|guest|sched|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x
 #                            overcommit; sched: policies and placements side by side
 #   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests)
@@ -36,6 +37,28 @@ build() {
     # RUSTFLAGS meant for the host must not override the guest's own target flags.
     (cd guest-kernel && env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
         cargo build --release --target-dir ../target/guest)
+}
+
+# The style gates of `./run.sh test`: formatting and clippy (warnings are errors), for the host
+# workspace and for the guest (its own workspace). The first that fails stops the run and says
+# which one failed and how to fix it.
+check_style() {
+    echo "== style: cargo fmt --check and cargo clippy -D warnings (host workspace, then guest)"
+    cargo fmt --all -- --check ||
+        style_failed "host code is not formatted: run 'cargo fmt --all'"
+    cargo clippy --workspace --all-targets -- -D warnings ||
+        style_failed "clippy rejects the host workspace (messages above)"
+    (cd guest-kernel && cargo fmt -- --check) ||
+        style_failed "guest code is not formatted: run '(cd guest-kernel && cargo fmt)'"
+    # As in build(): RUSTFLAGS meant for the host must not override the guest's target flags.
+    (cd guest-kernel && env -u RUSTFLAGS -u CARGO_ENCODED_RUSTFLAGS \
+        cargo clippy --release --target-dir ../target/guest -- -D warnings) ||
+        style_failed "clippy rejects the guest kernel (messages above)"
+}
+
+style_failed() {
+    echo "*** FAILED: $1 ***" >&2
+    exit 1
 }
 
 need_kvm() {
@@ -75,6 +98,7 @@ test)
     else
         echo "*** WARNING: /dev/kvm is missing: KVM and QEMU tests will be SKIPPED ***"
     fi
+    check_style
     cargo test --workspace
     ;;
 bench)

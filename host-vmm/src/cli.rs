@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::devices::prefixed::PrefixedConsole;
-use crate::policy;
+use crate::policy::PolicySpec;
 use crate::report::{self, SchedSummary};
 use crate::scenario::{Scenario, VmSpec, MAX_VMS};
 use crate::sched::trace::Trace;
@@ -90,7 +90,7 @@ pub struct RunArgs {
     pub pin_slots: Option<bool>,
     /// Boost policy: none, kvm, kvm-ipi, pv, or a comma-separated chain [default: pv].
     #[arg(long)]
-    pub policy: Option<String>,
+    pub policy: Option<PolicySpec>,
     /// Print the decoded shared region when the guest stops.
     #[arg(long)]
     pub dump_shared: bool,
@@ -146,7 +146,7 @@ impl Chosen {
 fn vm_configs(
     a: &RunArgs,
     scenario: &Scenario,
-    policy: &str,
+    policy: &PolicySpec,
     timeout: Duration,
 ) -> Result<Vec<VmConfig>, String> {
     let mut specs = scenario.expand();
@@ -175,8 +175,6 @@ fn vm_configs(
             let kernel = v.kernel.or_else(|| a.kernel.clone()).ok_or_else(|| {
                 "no kernel: give --kernel, or kernel= in every --vm or [[vm]]".to_string()
             })?;
-            let policy = v.policy.unwrap_or_else(|| policy.to_string());
-            policy::by_name(&policy).map_err(|e| e.to_string())?;
             Ok(VmConfig {
                 name: v
                     .name
@@ -186,7 +184,7 @@ fn vm_configs(
                 mem_mib: v.mem.unwrap_or(a.mem),
                 cmdline: v.cmdline.unwrap_or_else(|| a.cmdline.clone()),
                 timeout,
-                policy,
+                policy: v.policy.unwrap_or_else(|| policy.clone()),
             })
         })
         .collect()
@@ -206,7 +204,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
         .policy
         .clone()
         .or_else(|| sc.policy.clone())
-        .unwrap_or_else(|| "pv".into());
+        .unwrap_or_default();
     let configs = match vm_configs(&a, &scenario, &policy, timeout) {
         Ok(c) => c,
         Err(e) => return usage(log, e),
@@ -250,7 +248,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             match SlotBackend::new(cfg) {
                 Ok(b) => Chosen::Slots(b),
                 Err(e) => {
-                    let _ = writeln!(log, "pvsync: error: starting the slot scheduler: {e}");
+                    let _ = writeln!(log, "pvsync: error: {e}");
                     return EXIT_HOST_ERROR;
                 }
             }
@@ -291,9 +289,15 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
         })
         .collect();
     let result = vm::run_all(vms, chosen.as_backend(), timeout);
-    let trace = match &chosen {
-        Chosen::Slots(b) => b.shutdown(),
-        Chosen::Linux(_) => None,
+    let (trace, sched_failed) = match &chosen {
+        Chosen::Slots(b) => match b.shutdown() {
+            Ok(trace) => (trace, false),
+            Err(e) => {
+                let _ = writeln!(log, "pvsync: error: {e}");
+                (None, true)
+            }
+        },
+        Chosen::Linux(_) => (None, false),
     };
     let reports = match result {
         Ok(r) => r,
@@ -302,7 +306,12 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             return EXIT_HOST_ERROR;
         }
     };
-    finish(&a, &summary, &reports, trace, log)
+    let status = finish(&a, &summary, &reports, trace, log);
+    // A VM that ended before the scheduler failed may have succeeded; the run did not.
+    if sched_failed {
+        return EXIT_HOST_ERROR;
+    }
+    status
 }
 
 /// Prints and writes what the run produced; returns the process exit status.
@@ -432,6 +441,10 @@ fn report_outcome(r: &RunReport, many: bool, log: &mut dyn Write) -> i32 {
                 "pvsync: {who}error: guest crashed on vcpu {vcpu}: {reason}"
             );
             EXIT_GUEST_CRASH
+        }
+        Outcome::SchedulerFault(reason) => {
+            let _ = writeln!(log, "pvsync: {who}error: the scheduler failed: {reason}");
+            EXIT_HOST_ERROR
         }
     }
 }

@@ -1,9 +1,10 @@
 //! What the host Linux scheduler does to each vCPU thread, from
 //! `/proc/<pid>/task/<tid>/schedstat` (CPU time, run-queue wait, timeslices), sampled by a
-//! monitor thread. The monitor writes the host half of each shared record: the total time the
-//! vCPU was runnable but waiting (`host_preempted_ns`), and `host_preempted` = 1 when it spent
-//! most of the last interval waiting (a sampled estimate: this backend cannot see the exact
-//! moment Linux switches a thread out).
+//! monitor thread; and the writers of the host half of each shared record. Under the Linux
+//! backend the monitor writes it: the total time the vCPU was runnable but waiting
+//! (`host_preempted_ns`), and `host_preempted` = 1 when it spent most of the last interval
+//! waiting (a sampled estimate: that backend cannot see the exact moment Linux switches a
+//! thread out). Under the slot backend the scheduler writes it from its own state.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -128,12 +129,18 @@ mod tests {
         let tid = unsafe { libc::gettid() };
         let mut t = ThreadStat::open(tid).unwrap();
         let a = t.read().unwrap();
-        let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_add(i * i);
+        // Busy until the kernel's accounting shows it (it may lag by a tick); black_box keeps
+        // the optimizer from folding the loop away in release builds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut b = a;
+        while b.run_ns <= a.run_ns && std::time::Instant::now() < deadline {
+            let mut x = 0u64;
+            for i in 0..100_000u64 {
+                x = x.wrapping_add(std::hint::black_box(i) * i);
+            }
+            std::hint::black_box(x);
+            b = t.read().unwrap();
         }
-        std::hint::black_box(x);
-        let b = t.read().unwrap();
         assert!(b.run_ns > a.run_ns, "CPU time advances: {a:?} -> {b:?}");
     }
 

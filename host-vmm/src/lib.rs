@@ -5,8 +5,9 @@
 //! `hypercall` (decode) and `shared_region` (snapshot, validate) -> `policy` (a pure
 //! function of the snapshot and the backend's view of each vCPU: whom to boost) -> `sched`
 //! (the backend: how a vCPU gets CPU time; the VMM's slot scheduler, or the host Linux
-//! scheduler) -> metrics and trace (`cli`). `arch::x86_64` holds everything x86-specific;
-//! `vm` and `vcpu` the lifecycle.
+//! scheduler) -> metrics and trace (`report`, `cli`). `arch::x86_64` holds everything
+//! x86-specific; `vm` the lifecycle; `vcpu` one vCPU (its fd, kick signal, CPL and loop),
+//! which reaches its VM through a trait: `vm` uses `vcpu`, never the reverse.
 
 pub mod arch;
 pub mod cli;

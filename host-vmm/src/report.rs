@@ -27,6 +27,9 @@ fn outcome_json(o: &Outcome) -> serde_json::Value {
         Outcome::VmmFault { vcpu, reason } => {
             serde_json::json!({ "kind": "vmm-fault", "vcpu": vcpu, "reason": reason })
         }
+        Outcome::SchedulerFault(reason) => {
+            serde_json::json!({ "kind": "scheduler-fault", "reason": reason })
+        }
     }
 }
 

@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::policy::{PolicyError, PolicySpec};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error("reading scenario {path}: {source}")]
@@ -58,7 +60,7 @@ pub struct SchedSection {
     pub slots: Option<usize>,
     pub slice_us: Option<u64>,
     pub placement: Option<String>,
-    pub policy: Option<String>,
+    pub policy: Option<PolicySpec>,
     pub timeout: Option<u64>,
 }
 
@@ -72,7 +74,7 @@ pub struct VmSpec {
     pub vcpus: Option<u8>,
     pub mem: Option<u64>,
     pub cmdline: Option<String>,
-    pub policy: Option<String>,
+    pub policy: Option<PolicySpec>,
     /// This many identical VMs (default 1).
     pub count: Option<usize>,
 }
@@ -156,7 +158,7 @@ impl VmSpec {
                     )
                 }
                 "mem" => v.mem = Some(num("mem")?),
-                "policy" => v.policy = Some(value.to_string()),
+                "policy" => v.policy = Some(value.parse().map_err(|e: PolicyError| bad(e.to_string()))?),
                 "count" => v.count = Some(num("count")? as usize),
                 other => {
                     return Err(bad(format!(
@@ -185,6 +187,18 @@ mod tests {
             assert!(e.contains(why), "{spec}: {e}");
         }
         assert_eq!(VmSpec::parse("").unwrap(), VmSpec::default());
+    }
+
+    #[test]
+    fn policies_are_parsed_where_they_are_read() {
+        let v = VmSpec::parse("policy=kvm-ipi,vcpus=2").unwrap();
+        assert_eq!(v.policy, Some("kvm-ipi".parse().unwrap()));
+        let e = VmSpec::parse("policy=fastest").unwrap_err().to_string();
+        assert!(e.contains("unknown boost policy 'fastest'"), "{e}");
+        let s: Scenario = toml::from_str("[sched]\npolicy = \"pv,kvm\"\n").unwrap();
+        assert_eq!(s.sched.policy.unwrap().to_string(), "pv,kvm");
+        let e = toml::from_str::<Scenario>("[[vm]]\npolicy = \"nope\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown boost policy 'nope'"), "{e}");
     }
 
     #[test]

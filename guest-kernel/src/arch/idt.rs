@@ -119,8 +119,8 @@ fn stub(vector: u8) -> VirtAddr {
 
 fn build() -> InterruptDescriptorTable {
     let mut idt = InterruptDescriptorTable::new();
-    // SAFETY (every set_handler_addr below): the address is the traps.S stub for that very
-    // vector, which saves all registers, calls trap_dispatch and returns with iretq.
+    // SAFETY: for every set_handler_addr below, the address is the traps.S stub for that
+    // very vector, which saves all registers, calls trap_dispatch and returns with iretq.
     unsafe {
         macro_rules! exceptions {
             ($($field:ident = $vec:expr),* $(,)?) => {

@@ -20,12 +20,12 @@
 //! ```
 
 mod kvm;
-mod ledger;
 mod pv;
+mod spec;
 
 pub use kvm::KvmPolicy;
-pub use ledger::BoostLedger;
 pub use pv::{PvPolicy, PvThresholds};
+pub use spec::{PolicyKind, PolicySpec};
 
 use crate::shared_region::Snapshot;
 
@@ -254,32 +254,18 @@ pub enum PolicyError {
     Unknown(String),
 }
 
-/// Names accepted by [`by_name`], alone or chained with commas ("pv,kvm").
-pub const POLICY_NAMES: [&str; 4] = ["none", "kvm", "kvm-ipi", "pv"];
+/// Names accepted by [`PolicySpec`] and [`by_name`], alone or chained with commas ("pv,kvm").
+pub const POLICY_NAMES: [&str; 4] = [
+    PolicyKind::ALL[0].name(),
+    PolicyKind::ALL[1].name(),
+    PolicyKind::ALL[2].name(),
+    PolicyKind::ALL[3].name(),
+];
 
-fn one_by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
-    Ok(match name {
-        "none" => Box::new(NoBoost),
-        "kvm" => Box::new(KvmPolicy::new(false)),
-        "kvm-ipi" => Box::new(KvmPolicy::new(true)),
-        "pv" => Box::new(PvPolicy::new(PvThresholds::default())),
-        other => return Err(PolicyError::Unknown(other.to_string())),
-    })
-}
-
-/// The policy called `name`, or the chain "a,b,..." of such policies.
+/// The policy called `name`, or the chain "a,b,..." of such policies (a shorthand for
+/// parsing a [`PolicySpec`] and building it, for tests and benchmarks).
 pub fn by_name(name: &str) -> Result<Box<dyn BoostPolicy>, PolicyError> {
-    if !name.contains(',') {
-        return one_by_name(name);
-    }
-    let parts = name
-        .split(',')
-        .map(|n| one_by_name(n.trim()))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Box::new(Chain {
-        name: name.to_string(),
-        parts,
-    }))
+    Ok(name.parse::<PolicySpec>()?.build())
 }
 
 #[cfg(test)]

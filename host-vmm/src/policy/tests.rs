@@ -468,6 +468,18 @@ fn unknown_policy_names_are_refused() {
 }
 
 #[test]
+fn a_policy_spec_is_parsed_once_and_shown_canonically() {
+    let chain: PolicySpec = " pv , kvm-ipi".parse().unwrap();
+    assert_eq!(chain.to_string(), "pv,kvm-ipi");
+    assert_eq!(chain.build().name(), "pv,kvm-ipi");
+    assert_eq!(PolicySpec::default().to_string(), "pv");
+    for bad in ["", "pv,", "pv,nope", "PV"] {
+        let e = bad.parse::<PolicySpec>().unwrap_err().to_string();
+        assert!(e.contains("unknown boost policy"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
 fn pv_boosts_only_when_the_wait_exceeds_the_cost() {
     let soon = VcpuState {
         expected_wait: 50_000,

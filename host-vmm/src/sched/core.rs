@@ -5,11 +5,12 @@
 
 use std::collections::VecDeque;
 
+use super::ledger::BoostLedger;
 use super::metrics::{LatencyHistogram, VcpuMetrics, VmMetrics};
 use super::placement::{self, Cause, Placement, SlotView};
 use super::trace::{Event, Trace};
 use super::Nanos;
-use crate::policy::{Boost, BoostLedger, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
+use crate::policy::{Boost, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::{Problems, Snapshot};
 
 /// How often the policies' periodic look (`on_tick`) runs.

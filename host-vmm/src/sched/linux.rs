@@ -7,7 +7,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::metrics::{VcpuMetrics, VmMetrics};
-use super::{Backend, GuestView, VmHandle};
+use super::{Backend, GuestView, Kick, VmHandle};
 use crate::policy::{BoostPolicy, Cpl};
 use crate::shared_region::Snapshot;
 
@@ -62,7 +62,7 @@ impl Backend for LinuxBackend {
         VmHandle { vm, first }
     }
 
-    fn start(&self, _: usize) {}
+    fn start(&self, _: usize, _: Box<dyn Kick>) {}
 
     fn wait_turn(&self, _: usize) {}
 

@@ -4,11 +4,12 @@
 //! - [`SlotBackend`]: the VMM's own scheduler. `--slots N` host CPU slots; a vCPU thread
 //!   enters KVM_RUN only while it holds one; a slice ends with a kick (signal +
 //!   `immediate_exit`); per-slot run queues, placement (`wake-affine` or `spread`), boosts
-//!   from the policies, charged to the VM's ledger.
-//! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only idling and
-//!   interrupts go through the backend (boosts as priority changes come later).
+//!   from the policies, charged to the VM's ledger (`ledger`).
+//! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only the hypercalls
+//!   go through the backend (idle waits ended by IPIs, and counters); no boosts.
 
 mod core;
+mod ledger;
 mod linux;
 pub mod metrics;
 pub mod placement;
@@ -19,6 +20,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 pub use self::core::{Core, CoreConfig, Effects, RunState};
+pub use ledger::BoostLedger;
 pub use linux::LinuxBackend;
 pub use metrics::{VcpuMetrics, VmMetrics};
 pub use placement::Placement;
@@ -29,7 +31,16 @@ use crate::shared_region::Snapshot;
 
 pub use crate::policy::Nanos;
 
-/// What a backend needs from a VM: its shared region, and a place to publish host fields.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedError {
+    #[error("starting the slot scheduler: {0}")]
+    Start(std::io::Error),
+    #[error("the slot scheduler's ticker failed; every VM was stopped")]
+    TickerFailed,
+}
+
+/// What a backend needs from a VM: its shared region, a place to publish host fields, and a
+/// way to stop it.
 pub trait GuestView: Send + Sync {
     /// None if the guest registered no region; Err if it could not be read.
     fn snapshot(&self) -> Option<Result<Snapshot, ()>>;
@@ -37,6 +48,14 @@ pub trait GuestView: Send + Sync {
     fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64);
     /// Writes vCPU `index`'s `host_lent_by` (the lender's id + 1, or 0).
     fn publish_lent_by(&self, index: u32, value: u32);
+    /// The backend can no longer run the VM: it must stop (`reason` says why).
+    fn backend_failed(&self, reason: &str);
+}
+
+/// How a backend forces a vCPU thread out of KVM_RUN (the vCPU module's kick signal). Safe
+/// at any time from any thread; once the vCPU thread has left its loop it does nothing.
+pub trait Kick: Send + Sync {
+    fn kick(&self);
 }
 
 /// A VM as a backend knows it.
@@ -58,8 +77,8 @@ pub trait Backend: Send + Sync {
         vcpus: usize,
         view: Weak<dyn GuestView>,
     ) -> VmHandle;
-    /// vCPU `v`'s thread has started (it may be kicked from now on).
-    fn start(&self, v: usize);
+    /// vCPU `v`'s thread has started; `kick` forces it out of KVM_RUN from now on.
+    fn start(&self, v: usize, kick: Box<dyn Kick>);
     /// Blocks until `v` may enter KVM_RUN (or its VM ended).
     fn wait_turn(&self, v: usize);
     /// After a KVM_RUN exit: whether `v` was asked to give up its CPU (then call
@@ -87,17 +106,4 @@ pub trait Backend: Send + Sync {
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)>;
     /// Whether the backend writes the host fields of the shared records itself.
     fn publishes_host_fields(&self) -> bool;
-}
-
-/// Reads a vCPU's CPL the way KVM's directed yield does (`kvm_arch_vcpu_get_cpl`): from the
-/// segment registers, while the vCPU is out of KVM_RUN.
-pub fn read_cpl(fd: &kvm_ioctls::VcpuFd) -> Cpl {
-    const CR0_PE: u64 = 1;
-    match fd.get_sregs() {
-        // Real mode runs at CPL 0; otherwise CPL is SS.DPL.
-        Ok(s) if s.cr0 & CR0_PE == 0 => Cpl::Kernel,
-        Ok(s) if s.ss.dpl == 3 => Cpl::User,
-        Ok(_) => Cpl::Kernel,
-        Err(_) => Cpl::Unknown,
-    }
 }

@@ -12,15 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::signal::SIGRTMIN;
-
 use super::core::{Core, CoreConfig, Effects, RunState};
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::trace::Trace;
-use super::{Backend, GuestView, Nanos, VmHandle};
+use super::{Backend, GuestView, Kick, Nanos, SchedError, VmHandle};
 use crate::policy::{BoostPolicy, Cpl};
 use crate::shared_region::Snapshot;
-use crate::vcpu::KICK_SIGNAL_OFFSET;
 
 /// Longest interval between two looks of the ticker; it wakes earlier when a slice or a
 /// boost ends sooner.
@@ -48,9 +45,8 @@ struct Thread {
     /// before KVM_RUN but to count the hand-off).
     go: AtomicBool,
     kicked: AtomicBool,
-    /// The vCPU thread, from `start` until `exit`; signals are sent with this lock held, so
-    /// none reaches a thread that has left (and may have been joined).
-    pthread: Mutex<Option<libc::pthread_t>>,
+    /// Kicks the vCPU thread, from `start` until `exit`.
+    kick: Mutex<Option<Box<dyn Kick>>>,
     /// For unpark (a futex wake of exactly this thread).
     handle: Mutex<Option<std::thread::Thread>>,
     /// Its kernel thread id (for affinity), and the host CPU it is bound to (-1: none).
@@ -72,7 +68,7 @@ impl Default for Thread {
         Thread {
             go: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
-            pthread: Mutex::new(None),
+            kick: Mutex::new(None),
             handle: Mutex::new(None),
             tid: AtomicI32::new(0),
             cpu: AtomicI32::new(-1),
@@ -120,12 +116,15 @@ pub struct SlotBackend {
     slot_cpus: Vec<usize>,
     epoch: Instant,
     stop: AtomicBool,
+    /// The ticker failed (a bug): the core, which a panic may have left half-changed, is
+    /// never consulted again, every wait ends, and every VM is told to stop.
+    failed: AtomicBool,
     ticker: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SlotBackend {
     /// Creates the backend and starts its ticker thread.
-    pub fn new(cfg: CoreConfig) -> std::io::Result<Arc<Self>> {
+    pub fn new(cfg: CoreConfig) -> Result<Arc<Self>, SchedError> {
         let allowed = if cfg.pin_slots {
             allowed_cpus()
         } else {
@@ -147,12 +146,14 @@ impl SlotBackend {
             slot_cpus,
             epoch: Instant::now(),
             stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             ticker: Mutex::new(None),
         });
         let weak = Arc::downgrade(&b);
         let t = std::thread::Builder::new()
             .name("slot-ticker".into())
-            .spawn(move || ticker(weak))?;
+            .spawn(move || ticker(weak))
+            .map_err(SchedError::Start)?;
         *b.ticker.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
         Ok(b)
     }
@@ -161,8 +162,22 @@ impl SlotBackend {
         self.epoch.elapsed().as_nanos() as Nanos
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// The scheduler's state; None once the backend has failed.
+    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        if self.has_failed() {
+            return None;
+        }
+        Some(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether `t` may enter KVM_RUN: its turn came, or the backend failed (and its VM is
+    /// being stopped).
+    fn may_go(&self, t: &Thread) -> bool {
+        t.go.load(Ordering::Acquire) || self.has_failed()
     }
 
     fn thread(&self, v: usize) -> Option<Arc<Thread>> {
@@ -226,11 +241,8 @@ impl SlotBackend {
         }
         for v in fx.kick {
             if let Some(t) = threads.get(v) {
-                let p = t.pthread.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(p) = *p {
-                    // SAFETY: `p` is a vCPU thread that has not passed `exit` (which clears
-                    // it under this lock), so it has not been joined and the id is valid.
-                    unsafe { libc::pthread_kill(p, SIGRTMIN() + KICK_SIGNAL_OFFSET) };
+                if let Some(k) = t.kick.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    k.kick();
                 }
             }
         }
@@ -241,7 +253,9 @@ impl SlotBackend {
     fn with_core(&self, own: Option<usize>, f: impl FnOnce(&mut Core, Nanos, &mut Effects)) {
         let mut fx = Effects::default();
         {
-            let mut g = self.lock();
+            let Some(mut g) = self.lock() else {
+                return;
+            };
             let now = self.now();
             f(&mut g.core, now, &mut fx);
             self.mark(&g.core, &fx);
@@ -283,7 +297,7 @@ impl SlotBackend {
         let Some(t) = self.thread(v) else {
             return;
         };
-        if t.go.load(Ordering::Acquire) {
+        if self.may_go(&t) {
             self.publish_lent(&t);
             return;
         }
@@ -297,32 +311,61 @@ impl SlotBackend {
                 }
                 wait = wait.min(Duration::from_nanos(until.saturating_sub(now)));
             }
-            if t.go.load(Ordering::Acquire) {
+            if self.may_go(&t) {
                 break;
             }
             std::thread::park_timeout(wait);
-            if t.go.load(Ordering::Acquire) {
+            if self.may_go(&t) {
                 break;
             }
             if idle_until.is_none() {
                 // A long wait: look at the core itself (a safety net; `go` is kept in step
                 // with it under the lock).
-                let g = self.lock();
-                self.sync_go(&g.core, v);
+                if let Some(g) = self.lock() {
+                    self.sync_go(&g.core, v);
+                }
             }
         }
         let now = self.now();
-        self.lock().core.entered(v, now);
+        if let Some(mut g) = self.lock() {
+            g.core.entered(v, now);
+        }
         self.publish_lent(&t);
     }
 
-    /// Stops the ticker; returns the trace if one was recorded.
-    pub fn shutdown(&self) -> Option<Trace> {
+    /// Stops the ticker; returns the trace if one was recorded, or the failure.
+    pub fn shutdown(&self) -> Result<Option<Trace>, SchedError> {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.ticker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
-        self.lock().core.take_trace()
+        match self.lock() {
+            Some(mut g) => Ok(g.core.take_trace()),
+            None => Err(SchedError::TickerFailed),
+        }
+    }
+
+    /// After the ticker failed: tells every VM to stop, then wakes every vCPU thread (its
+    /// wait ends, see `may_go`, and it finds its VM stopping). The ticker repeats it, for VMs
+    /// added since.
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+        // The views only (never half-changed: `add_vm` pushes them whole). Used and dropped
+        // outside the lock: stopping a VM calls back into the backend, and its last
+        // reference may go.
+        let views: Vec<Arc<dyn GuestView>> = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.views.iter().filter_map(|(w, ..)| w.upgrade()).collect()
+        };
+        for view in views {
+            view.backend_failed("the slot scheduler's ticker failed");
+        }
+        let threads = self.threads.read().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            if let Some(h) = t.handle.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                h.unpark();
+            }
+        }
     }
 
     /// One look; returns how long to sleep until the next. Guest memory is read (policy
@@ -337,7 +380,9 @@ impl SlotBackend {
         // snapshots taken for it), not again a moment later.
         let look = self.now();
         let (views, policy_due): (Vec<Option<LiveView>>, bool) = {
-            let g = self.lock();
+            let Some(g) = self.lock() else {
+                return TICK;
+            };
             let views = g
                 .views
                 .iter()
@@ -355,7 +400,9 @@ impl SlotBackend {
         };
         let mut host_fields = Vec::new();
         {
-            let mut g = self.lock();
+            let Some(mut g) = self.lock() else {
+                return TICK;
+            };
             // Later than `look` (other operations ran while the snapshots were taken): the
             // core's clock never goes back.
             let now = self.now().max(look);
@@ -404,12 +451,17 @@ fn ticker(b: Weak<SlotBackend>) {
             return;
         }
         // Without the ticker no slice would ever end and queued vCPUs would wait forever:
-        // a bug here ends the process with a clear message rather than hanging every VM.
+        // a bug here stops every VM, and `shutdown` reports it, rather than hanging them.
+        if b.has_failed() {
+            b.fail();
+            sleep = TICK;
+            continue;
+        }
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.tick())) {
             Ok(next) => sleep = next,
             Err(_) => {
-                eprintln!("pvsync: error: the slot scheduler's ticker failed; stopping");
-                std::process::exit(crate::cli::EXIT_HOST_ERROR);
+                b.fail();
+                sleep = TICK;
             }
         }
     }
@@ -426,7 +478,8 @@ impl Backend for SlotBackend {
         vcpus: usize,
         view: Weak<dyn GuestView>,
     ) -> VmHandle {
-        let mut g = self.lock();
+        // Also after a failure (the ticker then stops the VM): registering only appends.
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (vm, first) = g.core.add_vm(policy, vcpus);
         g.views.push((view.clone(), first, vcpus));
         let mut threads = self.threads.write().unwrap_or_else(|e| e.into_inner());
@@ -437,11 +490,11 @@ impl Backend for SlotBackend {
         VmHandle { vm, first }
     }
 
-    fn start(&self, v: usize) {
+    fn start(&self, v: usize, kick: Box<dyn Kick>) {
         if let Some(t) = self.thread(v) {
-            // SAFETY: pthread_self and gettid have no preconditions.
-            let (me, tid) = unsafe { (libc::pthread_self(), libc::gettid()) };
-            *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = Some(me);
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            *t.kick.lock().unwrap_or_else(|e| e.into_inner()) = Some(kick);
             *t.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
             t.tid.store(tid, Ordering::Relaxed);
         }
@@ -491,12 +544,14 @@ impl Backend for SlotBackend {
     }
 
     fn bad_hypercall(&self, v: usize) {
-        self.lock().core.bad_hypercall(v);
+        if let Some(mut g) = self.lock() {
+            g.core.bad_hypercall(v);
+        }
     }
 
     fn exit(&self, v: usize) {
         if let Some(t) = self.thread(v) {
-            *t.pthread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *t.kick.lock().unwrap_or_else(|e| e.into_inner()) = None;
             // No affinity change may reach a thread id the kernel has since reused.
             t.tid.store(0, Ordering::Relaxed);
         }
@@ -508,7 +563,7 @@ impl Backend for SlotBackend {
     }
 
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)> {
-        let g = self.lock();
+        let g = self.lock()?;
         g.core
             .vm_metrics(vm, self.now())
             .map(|(m, v)| (m.clone(), v))
@@ -518,3 +573,7 @@ impl Backend for SlotBackend {
         true
     }
 }
+
+#[cfg(test)]
+#[path = "slots_tests.rs"]
+mod tests;

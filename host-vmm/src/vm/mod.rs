@@ -6,28 +6,27 @@ use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use shared_abi::MAX_VCPUS;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use shared::VmShared;
 
-use crate::arch::x86_64::{acpi, boot, cpuid, layout, regs};
+use crate::arch::x86_64::{acpi, boot, layout};
 use crate::devices::PioBus;
 use crate::hoststat::{self, SchedStat, ThreadStat};
 use crate::loader::{self, KernelInfo};
-use crate::policy;
+use crate::policy::PolicySpec;
 use crate::sched::{Backend, GuestView, VcpuMetrics, VmMetrics};
 use crate::shared_region::Snapshot;
-use crate::vcpu;
+use crate::vcpu::{self, Vcpu, VcpuContext};
 
 const MIB: u64 = 1 << 20;
 /// Smallest VM: the kernel image, its heap and page tables, and a stack per vCPU.
@@ -62,10 +61,8 @@ pub enum VmError {
     Boot(#[from] boot::BootError),
     #[error("spawning a vCPU thread: {0}")]
     Thread(std::io::Error),
-    #[error("installing the vCPU kick signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
     #[error(transparent)]
-    Policy(#[from] policy::PolicyError),
+    Vcpu(#[from] vcpu::VcpuError),
     #[error("vCPU threads did not stop within {grace:?} after the VM ended ({outcome:?})")]
     StuckVcpus { grace: Duration, outcome: Outcome },
 }
@@ -84,8 +81,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub cmdline: String,
     pub timeout: Duration,
-    /// Boost policy (`policy::by_name`: a name or a comma-separated chain).
-    pub policy: String,
+    /// Boost policy (a policy or a chain).
+    pub policy: PolicySpec,
 }
 
 /// How a run ended.
@@ -99,6 +96,8 @@ pub enum Outcome {
     GuestCrash { vcpu: u8, reason: String },
     /// The VMM failed while running the guest (a vCPU thread died).
     VmmFault { vcpu: u8, reason: String },
+    /// The scheduler backend failed and stopped the VM.
+    SchedulerFault(String),
 }
 
 /// Result of a run.
@@ -134,17 +133,6 @@ pub fn min_mem_bytes(info: &KernelInfo, vcpus: u8) -> u64 {
         .max(MIN_MEM_MIB * MIB)
 }
 
-/// Installs the kick handler once per process; every later call gets the first outcome (a
-/// failed install must fail every VM: an unhandled SIGRTMIN would end the process).
-fn install_kick_handler() -> Result<(), VmError> {
-    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
-    extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        vcpu::on_kick_signal();
-    }
-    (*RESULT.get_or_init(|| register_signal_handler(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET, kick)))
-        .map_err(VmError::Signal)
-}
-
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
@@ -158,7 +146,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
             flags: 0,
         };
         // SAFETY: the region is a live anonymous mapping of exactly `memory_size` bytes owned
-        // by `mem`, which outlives the VM: `run` creates `mem` before the VM (so early returns
+        // by `mem`, which outlives the VM: `build` creates `mem` before the VM (so early returns
         // drop the VM first) and VmShared declares `vm` before `mem` (so it drops first
         // there too). The slots do not overlap.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm_op("KVM_SET_USER_MEMORY_REGION"))?;
@@ -169,7 +157,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 /// A VM that is built but not started: its vCPUs and the state they will share.
 pub struct BuiltVm {
     shared: Arc<VmShared>,
-    vcpu_fds: Vec<VcpuFd>,
+    vcpus: Vec<Vcpu>,
 }
 
 /// A running VM.
@@ -196,7 +184,7 @@ pub fn build(
     if mem_size > layout::MEM_32BIT_GAP_START {
         return Err(VmError::TooMuchMemory(config.mem_mib));
     }
-    let policy = policy::by_name(&config.policy)?;
+    let policy = config.policy.build();
     let kernel = loader::read_kernel(&config.kernel)?;
     let info = &kernel.info;
     let needed = min_mem_bytes(info, config.vcpus);
@@ -206,8 +194,6 @@ pub fn build(
             needed_mib: needed.div_ceil(MIB),
         });
     }
-    install_kick_handler()?;
-
     // Memory is created before the VM so that, on every early return, the VM (and with it
     // KVM's use of the mapping) goes first.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
@@ -230,22 +216,13 @@ pub fn build(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        let fd = vm
-            .create_vcpu(id as u64)
-            .map_err(kvm_op("KVM_CREATE_VCPU"))?;
-        let mut c = supported.clone();
-        cpuid::patch_for_vcpu(&mut c, id as u32);
-        fd.set_cpuid2(&c).map_err(kvm_op("KVM_SET_CPUID2"))?;
+        let v = Vcpu::create(&vm, id, &supported)?;
         if id == 0 {
-            let sregs = fd.get_sregs().map_err(kvm_op("KVM_GET_SREGS"))?;
-            fd.set_sregs(&regs::pvh_sregs(sregs))
-                .map_err(kvm_op("KVM_SET_SREGS"))?;
-            fd.set_regs(&regs::pvh_regs(entry.0, start_info.0))
-                .map_err(kvm_op("KVM_SET_REGS"))?;
+            v.set_pvh_entry(entry.0, start_info.0)?;
         }
-        vcpu_fds.push(fd);
+        vcpus.push(v);
     }
 
     let ram = boot::memory_map(mem_size)
@@ -276,7 +253,7 @@ pub fn build(
             handle,
         }
     });
-    Ok(BuiltVm { shared, vcpu_fds })
+    Ok(BuiltVm { shared, vcpus })
 }
 
 impl BuiltVm {
@@ -284,18 +261,15 @@ impl BuiltVm {
     pub fn start(self, config: &VmConfig) -> Result<RunningVm, VmError> {
         let shared = self.shared;
         let started = Instant::now();
-        let mut threads = Vec::with_capacity(self.vcpu_fds.len());
-        for (i, fd) in self.vcpu_fds.into_iter().enumerate() {
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (i, v) in self.vcpus.into_iter().enumerate() {
             let vm_shared = Arc::clone(&shared);
             let t = std::thread::Builder::new()
                 .name(format!("{}-vcpu{i}", config.name))
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     vm_shared.tids[i].store(unsafe { libc::gettid() }, Ordering::Release);
-                    let vm_ref = Arc::clone(&vm_shared);
-                    let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        vcpu::run(i as u8, fd, vm_ref)
-                    }));
+                    let run = std::panic::catch_unwind(AssertUnwindSafe(|| v.run(&*vm_shared)));
                     if run.is_err() {
                         vm_shared.finish(Outcome::VmmFault {
                             vcpu: i as u8,
@@ -342,7 +316,7 @@ impl BuiltVm {
             monitor,
             started,
             name: config.name.clone(),
-            policy: config.policy.clone(),
+            policy: config.policy.to_string(),
         })
     }
 }
@@ -514,7 +488,7 @@ fn stop_vcpus(threads: Vec<JoinHandle<()>>, outcome: &Outcome) -> Result<(), VmE
             });
         }
         for t in running {
-            let _ = t.kill(SIGRTMIN() + vcpu::KICK_SIGNAL_OFFSET);
+            vcpu::kick_thread(t);
         }
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -1,6 +1,6 @@
 //! What a VM's vCPU threads, its monitor and the scheduler backend share: guest memory, the
-//! devices, the shared-region registration, how the VM ended; and the hypercalls that act on
-//! them.
+//! devices, the shared-region registration, how the VM ended; the hypercalls that act on
+//! them; and what a vCPU thread (`VcpuContext`) and the backend (`GuestView`) ask of the VM.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -18,6 +18,7 @@ use crate::hoststat;
 use crate::hypercall::HypercallHost;
 use crate::sched::{Backend, GuestView, VmHandle};
 use crate::shared_region::{self, Registration, Snapshot};
+use crate::vcpu::{GuestEnd, VcpuContext};
 
 /// Where the local APICs receive MSIs (Intel SDM 11.11.1): destination id in bits 12..20.
 const MSI_ADDRESS_BASE: u32 = 0xfee0_0000;
@@ -49,11 +50,6 @@ pub struct VmShared {
 }
 
 impl VmShared {
-    /// True once the VM is being torn down.
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
     /// Records how the VM ended (the first report wins), wakes the waiter, and releases the
     /// VM's vCPUs from the backend.
     pub fn finish(&self, outcome: Outcome) {
@@ -67,20 +63,11 @@ impl VmShared {
         self.backend.end_vm(self.handle.vm);
     }
 
-    pub fn count_unclaimed_mmio(&self) {
-        self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
-    }
-
     pub fn registration(&self) -> Option<Registration> {
         self.shared_region
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Backend key of vCPU `index`.
-    pub fn key(&self, index: u32) -> usize {
-        self.handle.first + index as usize
     }
 
     fn take_snapshot(&self) -> Option<Snapshot> {
@@ -97,6 +84,38 @@ impl VmShared {
             ..Default::default()
         };
         self.vm.signal_msi(msi).is_ok()
+    }
+}
+
+impl VcpuContext for VmShared {
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    fn key(&self, index: u32) -> usize {
+        self.handle.first + index as usize
+    }
+
+    fn pio(&self) -> &PioBus {
+        &self.pio
+    }
+
+    fn count_unclaimed_mmio(&self) {
+        self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn guest_ended(&self, index: u8, end: GuestEnd) {
+        self.finish(match end {
+            GuestEnd::Exit(code) => Outcome::GuestExit(code),
+            GuestEnd::Crash(reason) => Outcome::GuestCrash {
+                vcpu: index,
+                reason,
+            },
+        });
     }
 }
 
@@ -185,6 +204,10 @@ impl GuestView for VmShared {
         if let Some(reg) = self.registration() {
             hoststat::publish_lent_by(&self.mem, &reg, index, value);
         }
+    }
+
+    fn backend_failed(&self, reason: &str) {
+        self.finish(Outcome::SchedulerFault(reason.to_string()));
     }
 
     fn publish_host(&self, index: u32, preempted: bool, preempted_ns: u64, boosts: u64) {

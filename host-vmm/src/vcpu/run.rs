@@ -1,0 +1,128 @@
+//! One vCPU thread: KVM_RUN while the backend grants it CPU, until the guest exits, crashes,
+//! or the VM is stopped.
+
+use std::time::Duration;
+
+use kvm_bindings::KVM_MP_STATE_RUNNABLE;
+use kvm_ioctls::VcpuExit;
+
+use super::kick::KickTarget;
+use super::Vcpu;
+use crate::devices::PioBus;
+use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
+use crate::sched::Backend;
+
+/// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
+/// outside KVM_RUN and outside the scheduler.
+const AP_WAIT_POLL: Duration = Duration::from_millis(1);
+
+/// How the guest ended, as one vCPU saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// It wrote this code to the exit port.
+    Exit(u32),
+    /// It cannot go on (triple fault, failed entry, ...), for this reason.
+    Crash(String),
+}
+
+/// What a vCPU thread needs from its VM, which implements it (so this module never names
+/// the VM's types): its hypercalls, devices, backend, and whether it is stopping.
+pub trait VcpuContext: HypercallHost {
+    /// True once the VM is being torn down.
+    fn stopping(&self) -> bool;
+    /// The backend that gives the VM's vCPUs CPU time.
+    fn backend(&self) -> &dyn Backend;
+    /// Backend key of vCPU `index`.
+    fn key(&self, index: u32) -> usize;
+    /// Port I/O that is not a hypercall goes here.
+    fn pio(&self) -> &PioBus;
+    /// An MMIO access hit no device.
+    fn count_unclaimed_mmio(&self);
+    /// The guest ended (as vCPU `index` saw it): the VM stops.
+    fn guest_ended(&self, index: u8, end: GuestEnd);
+}
+
+impl Vcpu {
+    /// An application processor waiting for INIT-SIPI-SIPI would block inside KVM_RUN; it
+    /// waits here instead, before the backend knows it as runnable, so it holds and queues
+    /// for no slot (KVM_GET_MP_STATE takes pending INIT/SIPI events).
+    fn wait_for_sipi(&self, vm: &impl VcpuContext) {
+        if self.index == 0 {
+            return;
+        }
+        while !vm.stopping() {
+            match self.fd.get_mp_state() {
+                Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => std::thread::sleep(AP_WAIT_POLL),
+                _ => return,
+            }
+        }
+    }
+
+    /// The vCPU loop, on the vCPU's own thread. Reports how the guest ended through
+    /// `vm.guest_ended`.
+    pub fn run(mut self, vm: &impl VcpuContext) {
+        let index = self.index;
+        let key = vm.key(index as u32);
+        let backend = vm.backend();
+        let kick_target = KickTarget::publish(&mut self.fd);
+        self.wait_for_sipi(vm);
+        backend.start(key, Box::new(kick_target.kicker()));
+        backend.wait_turn(key);
+        let mut hypercalls = VcpuHypercalls::new(index as u32);
+        while !vm.stopping() {
+            if backend.take_kick(key) {
+                self.fd.set_kvm_immediate_exit(0);
+                backend.preempted(key, self.cpl());
+                continue;
+            }
+            let end = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => match hypercalls.handle_out(vm, port, data) {
+                    Some(Action::Exit(code)) => Some(GuestEnd::Exit(code)),
+                    Some(Action::Continue) => None,
+                    None => {
+                        vm.pio().write(port, data);
+                        None
+                    }
+                },
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !hypercalls.handle_in(port, data) {
+                        vm.pio().read(port, data);
+                    }
+                    None
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    vm.count_unclaimed_mmio();
+                    data.fill(0xff);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(..)) => {
+                    vm.count_unclaimed_mmio();
+                    None
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    Some(GuestEnd::Crash("shutdown exit (triple fault)".into()))
+                }
+                Ok(VcpuExit::Hlt) => Some(GuestEnd::Crash(
+                    "HLT exited to userspace despite the in-kernel irqchip".into(),
+                )),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(GuestEnd::Crash(format!(
+                    "VM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+                ))),
+                Ok(VcpuExit::InternalError) => Some(GuestEnd::Crash("KVM internal error".into())),
+                Ok(other) => Some(GuestEnd::Crash(format!("unhandled exit {other:?}"))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
+                Err(e) => Some(GuestEnd::Crash(format!("KVM_RUN failed: {e}"))),
+            };
+            if let Some(end) = end {
+                vm.guest_ended(index, end);
+                break;
+            }
+        }
+        drop(kick_target);
+        self.fd.set_kvm_immediate_exit(0);
+        backend.exit(key);
+    }
+}
