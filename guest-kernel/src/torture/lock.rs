@@ -11,11 +11,12 @@
 //! host accepted the region: without one no yield hypercall is made), an MCS waiter halts
 //! and its releaser kicks it. The suite FAILs when the lock uses a path and it never ran.
 //!
-//! The lock under test runs on [`Torture`], the kernel's platform with two changes that make
-//! the slow paths observable from the CPUs that take part, not from the crate's own
-//! bookkeeping: the MCS kick goes out on a vector of its own ([`KICK_VECTOR`], whose handler
-//! counts kicks received per CPU), and halts and yield hypercalls are counted where the
-//! crate asks the platform for them. The algorithms are the crate's, unchanged.
+//! The lock under test runs on [`Torture`], the kernel's platform with changes that make the
+//! slow paths observable from the CPUs that take part, not from the crate's own bookkeeping:
+//! the MCS kick goes out on a vector of its own ([`KICK_VECTOR`], whose handler counts kicks
+//! received per CPU); halts, kicks sent, yield hypercalls and returned releases are counted
+//! where the crate asks the platform for them; and a halt goes through the lost-kick check
+//! below. The algorithms are the crate's, unchanged.
 //!
 //! # Lost kicks (`lock=mcs-nokick`)
 //!
@@ -27,7 +28,8 @@
 //! `halt_while` returns. A releaser stores `granted` and then reads `halted` (both
 //! sequentially consistent). So once `halt_while` has been called, any grant made before it
 //! returns finds `halted` set, and a correct releaser kicks: a waiter in `halt_while` is owed
-//! a kick for any grant it sees.
+//! a kick for any grant it sees. (Only grants made after it has counted the kicks received
+//! so far are judged: one made just before may have been kicked before that count.)
 //!
 //! [`halt_watched`] (the platform's `halt_while`) halts until a kick has been received on
 //! this CPU (counted by the [`KICK_VECTOR`] handler) or the monitor has pinged it; any other
@@ -37,11 +39,16 @@
 //! at every worker CPU and sends a PING IPI (not a kick) to one halted for more than
 //! [`WAKE_HALTED_AFTER_US`] (`monitor_pings`). A waiter woken by the PING that is not
 //! granted was only waiting long in the queue, and goes back to the crate. One that is
-//! granted has been owed a kick all along; `halted` still set, it waits for it, interrupts
-//! on. None within [`LOST_KICK_US`] of first seeing the grant (a correct releaser kicks
-//! within microseconds of the grant unless the host deschedules it; the longest wait seen
-//! for an owed kick is printed as `kick_wait_max_us`) is a lost kick, counted in
-//! `lost_kicks`, which fails the suite.
+//! granted has been owed a kick all along; `halted` still set, it waits for it, halted
+//! again until the kick or the monitor's next PING (halted, the vCPU takes a pending
+//! interrupt at once; spinning, on this host, only at its next exit). The releaser kicks
+//! inside its release, so the wait lasts until the releaser has returned from the release
+//! (each holder notes its CPU and its count of returned releases in [`HANDOFF`] inside its
+//! critical section; the count moves when the guard re-enables preemption), plus
+//! [`KICK_GRACE_US`]: a releaser the host deschedules between its grant and its kick only
+//! makes the wait longer (the longest wait for an owed kick is printed as
+//! `kick_wait_max_us`). No kick by then is a lost kick (as is a release that has not
+//! returned after [`RELEASE_STUCK_US`]), counted in `lost_kicks`, which fails the suite.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -60,10 +67,18 @@ use crate::{percpu, println, sched};
 const CS_SPINS: u32 = 500;
 /// One critical section in this many is long (30-60 µs, past the 20 µs spin threshold).
 const LONG_CS_EVERY: u64 = 8;
-/// How long a waiter granted while halted waits for the kick it is owed.
-const LOST_KICK_US: u64 = 100_000;
-/// The monitor wakes a worker CPU halted for longer than this (far more than a kick takes).
-const WAKE_HALTED_AFTER_US: u64 = 20_000;
+/// Once the releaser's release has returned, how long its kick may still take to be taken
+/// (it is pending in this CPU's APIC by then, and a halt takes it at once).
+const KICK_GRACE_US: u64 = 20_000;
+/// A granted waiter whose releaser has not even returned from its release after this long
+/// counts the kick as lost too.
+const RELEASE_STUCK_US: u64 = 2_000_000;
+/// The monitor wakes a worker CPU halted for longer than this (a kick usually ends a halt
+/// sooner; the monitor looks only at each of its own ticks). Short, so that the owed-kick
+/// check also runs often in correct runs.
+const WAKE_HALTED_AFTER_US: u64 = 2000;
+/// A worker yields its CPU after this many acquisitions.
+const YIELD_EVERY: u64 = 4;
 /// Past the duration, how many more durations a thread that never had the lock is given
 /// before it counts as starved.
 const STARVATION_GRACE: u64 = 4;
@@ -91,9 +106,16 @@ static LOST_KICKS: AtomicU64 = AtomicU64::new(0);
 static KICK_WAIT_MAX: AtomicU64 = AtomicU64::new(0);
 /// TSC when each CPU's current halt began; 0 while it is not halted.
 static HALTED_SINCE: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+/// Lock releases each CPU has returned from (counted when the guard re-enables preemption,
+/// after the release and its kick).
+static RELEASES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+/// Written by each holder inside its critical section: its CPU and its `RELEASES` count
+/// then, so that the CPU granted the lock next knows whose release to wait for.
+static HANDOFF: AtomicU64 = AtomicU64::new(NO_HANDOFF);
+const NO_HANDOFF: u64 = u64::MAX;
 
-/// The kernel's platform, but with MCS kicks on [`KICK_VECTOR`] and halts and yield
-/// hypercalls counted (module doc).
+/// The kernel's platform, but with MCS kicks on [`KICK_VECTOR`], halts through
+/// [`halt_watched`], and the slow paths counted (module doc).
 pub struct Torture;
 
 impl Platform for Torture {
@@ -104,6 +126,9 @@ impl Platform for Torture {
         Kernel::preempt_disable()
     }
     fn preempt_enable() {
+        // Only a guard of a lock under test re-enables preemption through this platform:
+        // the release (and its kick) is done.
+        RELEASES[percpu::id() as usize].fetch_add(1, SeqCst);
         Kernel::preempt_enable()
     }
     fn preemptible() -> bool {
@@ -171,46 +196,67 @@ fn halt_watched(still_waiting: &dyn Fn() -> bool) {
     HALTS.fetch_add(1, Relaxed);
     let c = percpu::id();
     let kicks = KICKS_RECEIVED[c as usize].load(SeqCst);
-    let pings = crate::irq::pings(c);
     let kicked = || KICKS_RECEIVED[c as usize].load(SeqCst) != kicks;
-    let pinged = || crate::irq::pings(c) != pings;
-    HALTED_SINCE[c as usize].store(tsc::now().max(1), SeqCst);
-    // When this CPU first found the lock granted without a kick.
+    if !still_waiting() {
+        // Granted since the crate looked, maybe kicked before the count above: nothing to
+        // judge (a kick still to come is a stray one for a later halt).
+        return;
+    }
+    // When this CPU first found the lock granted without a kick, whose release granted it
+    // (see HANDOFF), and when that release was first seen to have returned.
     let mut granted_at = None;
-    // Whatever else ends the halt (the tick, the host's idle timeout, another interrupt) is
-    // ignored: the waiter halts again, as if it had not come.
-    while !kicked() && !pinged() {
-        if granted_at.is_none() && !still_waiting() {
-            granted_at = Some(tsc::now());
+    let mut handoff = None;
+    let mut released_at = None;
+    loop {
+        let pings = crate::irq::pings(c);
+        let pinged = || crate::irq::pings(c) != pings;
+        HALTED_SINCE[c as usize].store(tsc::now().max(1), SeqCst);
+        // Whatever else ends the halt (the tick, the host's idle timeout, another
+        // interrupt) is ignored: the waiter halts again, as if it had not come.
+        while !kicked() && !pinged() {
+            if granted_at.is_none() && !still_waiting() {
+                granted_at = Some(tsc::now());
+            }
+            Kernel::halt_while(&|| !kicked() && !pinged());
         }
-        Kernel::halt_while(&|| !kicked() && !pinged());
-    }
-    HALTED_SINCE[c as usize].store(0, SeqCst);
-    if kicked() {
-        if let Some(t) = granted_at {
-            KICK_WAIT_MAX.fetch_max(tsc::now().wrapping_sub(t), Relaxed);
-        }
-        return;
-    }
-    // The monitor woke us. Not granted: a long wait in the queue, nothing owed.
-    if still_waiting() {
-        return;
-    }
-    // Granted, and `halted` stays set until we return: a correct releaser has kicked or is
-    // about to. The handler counts a kick before the load below can see it.
-    let start = granted_at.unwrap_or_else(tsc::now);
-    let limit = tsc::us_to_cycles(LOST_KICK_US);
-    while !kicked() {
-        if tsc::now().wrapping_sub(start) > limit {
-            // A last look: the kick may have been taken between the load and the clock.
-            if !kicked() {
-                LOST_KICKS.fetch_add(1, Relaxed);
+        HALTED_SINCE[c as usize].store(0, SeqCst);
+        if kicked() {
+            if let Some(t) = granted_at {
+                KICK_WAIT_MAX.fetch_max(tsc::now().wrapping_sub(t), Relaxed);
             }
             return;
         }
-        core::hint::spin_loop();
+        // The monitor woke us. Not granted: a long wait in the queue, nothing owed.
+        if still_waiting() {
+            return;
+        }
+        // Granted, and `halted` stays set until we return: a correct releaser has kicked or
+        // is about to (the host may have descheduled it in between). Wait until its release
+        // has returned (the kick is then pending here), and a while more.
+        let now = tsc::now();
+        let start = *granted_at.get_or_insert(now);
+        let h = *handoff.get_or_insert_with(|| HANDOFF.load(SeqCst));
+        let released = match h {
+            NO_HANDOFF => true,
+            h => {
+                let count = RELEASES[(h >> 32) as usize % MAX_VCPUS].load(SeqCst);
+                count & 0xffff_ffff != h & 0xffff_ffff
+            }
+        };
+        if released && released_at.is_none() {
+            released_at = Some(now);
+        }
+        let late = match released_at {
+            Some(t) => now.wrapping_sub(t) > tsc::us_to_cycles(KICK_GRACE_US),
+            None => now.wrapping_sub(start) > tsc::us_to_cycles(RELEASE_STUCK_US),
+        };
+        if late {
+            LOST_KICKS.fetch_add(1, Relaxed);
+            return;
+        }
+        // Halted again, until the kick or the monitor's next PING: a halt takes a pending
+        // interrupt at once (a spinning vCPU may only take it at its next exit).
     }
-    KICK_WAIT_MAX.fetch_max(tsc::now().wrapping_sub(start), Relaxed);
 }
 
 pub fn run(kind: &str, threads: usize, duration_ms: u64) -> bool {
@@ -278,6 +324,11 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
                     if L::TRACKS_HOLDER && lock.raw().holder() != percpu::id() {
                         fails.fetch_add(1, Relaxed);
                     }
+                    let me = percpu::id();
+                    HANDOFF.store(
+                        (me as u64) << 32 | RELEASES[me as usize].load(SeqCst) & 0xffff_ffff,
+                        SeqCst,
+                    );
                     let v = *g;
                     let r = rng.next();
                     if r % LONG_CS_EVERY == 0 {
@@ -292,6 +343,12 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
                     drop(g);
                     n += 1;
                     progress[i].store(n, Relaxed);
+                    if n.is_multiple_of(YIELD_EVERY) {
+                        // The other workers of this CPU get their turn whatever the tick did
+                        // (a thread that waits with interrupts off misses ticks, so it would
+                        // keep its CPU for long).
+                        sched::yield_now();
+                    }
                 }
                 n
             })
