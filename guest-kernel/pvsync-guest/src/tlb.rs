@@ -127,7 +127,9 @@ impl<P: Platform> Shootdowns<P> {
 
     /// Whole-TLB flushes CPU `cpu` reported with [`Shootdowns::note_full_flush`].
     pub fn full_flushes(&self, cpu: u32) -> u64 {
-        self.full_flushes.get(cpu as usize).map_or(0, |f| f.load(SeqCst))
+        self.full_flushes
+            .get(cpu as usize)
+            .map_or(0, |f| f.load(SeqCst))
     }
 
     /// The calling CPU flushed its whole TLB some other way (a CR3 load).
