@@ -331,7 +331,7 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
                     );
                     let v = *g;
                     let r = rng.next();
-                    if r % LONG_CS_EVERY == 0 {
+                    if r.is_multiple_of(LONG_CS_EVERY) {
                         tsc::spin_cycles(tsc::us_to_cycles(30 + (r >> 32) % 31));
                     } else {
                         for _ in 0..CS_SPINS {

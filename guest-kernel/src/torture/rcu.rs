@@ -191,7 +191,9 @@ fn reader(s: &Shared, i: usize, user_beside: bool) {
     let mut n = 0u64;
     while !s.stop.load(Relaxed) {
         let r = rng.next();
-        let long = (r % LONG_READ_EVERY == 0).then(|| tsc::us_to_cycles(50 + (r >> 32) % 151));
+        let long = r
+            .is_multiple_of(LONG_READ_EVERY)
+            .then(|| tsc::us_to_cycles(50 + (r >> 32) % 151));
         read_once(s, long);
         s.long_reads.fetch_add(long.is_some() as u64, Relaxed);
         s.reads.fetch_add(1, Relaxed);
