@@ -109,8 +109,8 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         let holders = aspace.cpus();
         tlb::shootdown(&aspace, WATCH_VA, 1);
         // Evidence from each holder, not from the sender's target set: it flushed this
-        // sender's request or reloaded CR3 since the change. (This task is the only sender
-        // on its CPU; the churners run on the others.)
+        // sender's request or reloaded CR3 since the change. (With more than one CPU this
+        // task is the only sender on its CPU: the churners run on the others.)
         missed += evidence
             .iter()
             .filter(|&&(c, served, reloads)| {
