@@ -15,7 +15,11 @@ pub struct Cmdline<'a> {
     pub smp: Option<usize>,
     pub duration_ms: u64,
     pub rcu_broken: bool,
+    /// `rcu=early`: grace periods end slightly early (negative control).
+    pub rcu_early: bool,
     pub tlb_skip: bool,
+    /// `tlb=noack`: shootdowns do not wait for acknowledgements (negative control).
+    pub tlb_noack: bool,
     /// locktorture's lock: `ticket` (default), `mcs`, or the negative control `broken`.
     pub lock: &'a str,
     /// Worker threads of a torture suite (default: two per CPU).
@@ -30,7 +34,9 @@ pub fn parse(s: &str) -> Cmdline<'_> {
         smp: None,
         duration_ms: 2000,
         rcu_broken: false,
+        rcu_early: false,
         tlb_skip: false,
+        tlb_noack: false,
         lock: "ticket",
         threads: None,
         unknown: None,
@@ -54,6 +60,14 @@ pub fn parse(s: &str) -> Cmdline<'_> {
             }
             Some(("tlb", "skip")) => {
                 c.tlb_skip = true;
+                true
+            }
+            Some(("rcu", "early")) => {
+                c.rcu_early = true;
+                true
+            }
+            Some(("tlb", "noack")) => {
+                c.tlb_noack = true;
                 true
             }
             _ => false,

@@ -4,7 +4,7 @@
 //! The kernel's own data structures use [`KernelLock`] (a ticket lock taken test-and-set
 //! style): a tick cannot preempt a holder, and the host sees holders and waiters.
 
-pub use pvsync_guest::locks::{pv_stats, PvStats, RawLock};
+pub use pvsync_guest::locks::RawLock;
 
 use crate::platform::Kernel;
 
@@ -12,8 +12,6 @@ use crate::platform::Kernel;
 pub type TicketLock = pvsync_guest::locks::TicketLock<Kernel>;
 /// An MCS queued lock whose waiters halt and are kicked.
 pub type McsLock = pvsync_guest::locks::McsLock<Kernel>;
-/// A lock that excludes nothing (negative control).
-pub type BrokenLock = pvsync_guest::locks::BrokenLock<Kernel>;
 /// Data behind a lock of algorithm `L`.
 pub type SpinLock<T, L> = pvsync_guest::locks::SpinLock<T, L>;
 /// The lock kernel data structures use (run queues, wait queues, allocators, console).

@@ -99,8 +99,8 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     mm::init(boot, boot_memory);
-    tlb::init(nr_vcpus as usize, cmd.tlb_skip);
-    rcu::init(nr_vcpus as usize, cmd.rcu_broken, false);
+    tlb::init(nr_vcpus as usize, cmd.tlb_skip, cmd.tlb_noack);
+    rcu::init(nr_vcpus as usize, cmd.rcu_broken, cmd.rcu_early);
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
     arch::apic::enable_x2apic();

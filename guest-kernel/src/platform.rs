@@ -73,14 +73,16 @@ impl Platform for Kernel {
         // Interrupts stay off from the check to the halt, so a kick that lands in between
         // stays pending and ends the halt at once.
         let were = Self::irqs_save();
-        if still_waiting() {
+        let halted = still_waiting();
+        if halted {
             // Returns with interrupts enabled.
             apic::wait_for_interrupt();
-            if !were {
-                interrupts::disable();
-            }
-        } else {
-            Self::irqs_restore(were);
+        }
+        // As they were: off again after a halt, on again when there was no need to halt.
+        if !were {
+            interrupts::disable();
+        } else if !halted {
+            interrupts::enable();
         }
     }
 

@@ -13,12 +13,14 @@ use crate::platform::{self, Kernel};
 
 static TLB: Once<Shootdowns<Kernel>> = Once::new();
 
-/// Sets the protocol up for CPUs `0..nr_cpus` and installs its IPI handler.
-pub fn init(nr_cpus: usize, skip_one_target: bool) {
+/// Sets the protocol up for CPUs `0..nr_cpus` and installs its IPI handler. Negative
+/// controls: `skip_one_target` leaves one target out of every shootdown, `skip_ack_wait`
+/// returns without waiting for the acknowledgements.
+pub fn init(nr_cpus: usize, skip_one_target: bool, skip_ack_wait: bool) {
+    use core::sync::atomic::Ordering::Relaxed;
     let tlb = TLB.call_once(|| Shootdowns::new(nr_cpus));
-    tlb.faults
-        .skip_one_target
-        .store(skip_one_target, core::sync::atomic::Ordering::Relaxed);
+    tlb.faults.skip_one_target.store(skip_one_target, Relaxed);
+    tlb.faults.skip_ack_wait.store(skip_ack_wait, Relaxed);
     idt::register(vectors::TLB_SHOOTDOWN, ipi);
     platform::set_serve_waiters(serve_requests);
 }
@@ -32,9 +34,15 @@ pub fn stats() -> (u64, u64) {
     TLB.get().map_or((0, 0), |t| (t.shootdowns(), t.yields()))
 }
 
-/// Flushes CPU `cpu` has made so far (requests served, its own shootdowns, CR3 loads).
-pub fn flushes(cpu: u32) -> u64 {
-    TLB.get().map_or(0, |t| t.flushes(cpu))
+/// Requests of CPU `sender` that CPU `target` has flushed and acknowledged so far (as
+/// `target` counted them; `target == sender`: the sender's local flushes).
+pub fn served(target: u32, sender: u32) -> u64 {
+    TLB.get().map_or(0, |t| t.served(target, sender))
+}
+
+/// CR3 loads CPU `cpu` has made so far (each drops every non-global translation).
+pub fn full_flushes(cpu: u32) -> u64 {
+    TLB.get().map_or(0, |t| t.full_flushes(cpu))
 }
 
 /// A CR3 load (which drops every non-global translation) on this CPU.

@@ -68,6 +68,11 @@ pub struct Shootdowns<P> {
     /// Flushes each CPU made (served requests, its own shootdowns, whole-TLB flushes the
     /// kernel reports): evidence a test can check that does not come from any sender.
     flushes: Box<[StatU64]>,
+    /// `served[t * nr_cpus + s]`: requests of sender `s` that CPU `t` flushed and
+    /// acknowledged (`s == t`: the sender's own local flushes), counted by `t` itself.
+    served: Box<[StatU64]>,
+    /// Whole-TLB flushes each CPU reported ([`Shootdowns::note_full_flush`]: CR3 loads).
+    full_flushes: Box<[StatU64]>,
     shootdowns: StatU64,
     yields: StatU64,
     /// Negative controls.
@@ -88,6 +93,8 @@ impl<P: Platform> Shootdowns<P> {
                 .collect(),
             inbox: (0..nr_cpus).map(|_| AtomicCpuSet::new()).collect(),
             flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
+            served: (0..nr_cpus * nr_cpus).map(|_| StatU64::new(0)).collect(),
+            full_flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
             shootdowns: StatU64::new(0),
             yields: StatU64::new(0),
             faults: TlbFaults::default(),
@@ -110,14 +117,47 @@ impl<P: Platform> Shootdowns<P> {
         self.flushes.get(cpu as usize).map_or(0, |f| f.load(SeqCst))
     }
 
+    /// Requests of CPU `sender` that CPU `target` has flushed and acknowledged so far
+    /// (`target == sender`: the sender's own local flushes), as `target` counted them: which
+    /// CPU flushed for which sender, whatever range the other senders asked for.
+    pub fn served(&self, target: u32, sender: u32) -> u64 {
+        let n = self.flushes.len();
+        match (target as usize, sender as usize) {
+            (t, s) if t < n && s < n => self.served[t * n + s].load(SeqCst),
+            _ => 0,
+        }
+    }
+
+    /// Whole-TLB flushes CPU `cpu` reported with [`Shootdowns::note_full_flush`].
+    pub fn full_flushes(&self, cpu: u32) -> u64 {
+        self.full_flushes
+            .get(cpu as usize)
+            .map_or(0, |f| f.load(SeqCst))
+    }
+
     /// The calling CPU flushed its whole TLB some other way (a CR3 load).
     pub fn note_full_flush(&self) {
-        self.count_flush(P::cpu().id());
+        let id = P::cpu().id();
+        self.count_flush(id);
+        if let Some(f) = self.full_flushes.get(id as usize) {
+            f.fetch_add(1, SeqCst);
+        }
     }
 
     fn count_flush(&self, cpu: u32) {
         if let Some(f) = self.flushes.get(cpu as usize) {
             f.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// `target` flushed a request of `sender` (counted before it acknowledges).
+    fn count_served(&self, target: u32, sender: u32) {
+        let n = self.flushes.len();
+        self.count_flush(target);
+        if (sender as usize) < n {
+            if let Some(f) = self.served.get(target as usize * n + sender as usize) {
+                f.fetch_add(1, SeqCst);
+            }
         }
     }
 
@@ -146,7 +186,7 @@ impl<P: Platform> Shootdowns<P> {
             let r = &self.requests[sender as usize];
             if r.pending.contains(id) {
                 P::flush_tlb(r.range());
-                self.count_flush(id);
+                self.count_served(id, sender);
                 // The sender's published bit first, `pending` last: once `pending` is empty
                 // the sender may publish its next shootdown's set, which a late clear of this
                 // one must never touch.
@@ -188,7 +228,7 @@ impl<P: Platform> Shootdowns<P> {
         let mut reached = CpuSet::new();
         if cpus.contains(me) {
             P::flush_tlb(range);
-            self.count_flush(me);
+            self.count_served(me, me);
             reached.insert(me);
         }
         let mut targets = cpus;
@@ -233,7 +273,7 @@ impl<P: Platform> Shootdowns<P> {
                 break;
             };
             self.serve();
-            if pacer.due() {
+            if pacer.due() && crate::region::pv_host() {
                 self.yields.fetch_add(1, Relaxed);
                 crate::hypercall::yield_to::<P>(laggard);
             }

@@ -105,3 +105,27 @@ user_churn:
 9:  mov $1, %eax
     int3
     ud2
+
+/* user_spin_yield(deadline_ns, spins): until the clock passes deadline_ns, spin `spins`
+   iterations in user mode and yield; then exit(rounds | 1 << 63). (rcutorture's user task
+   beside the readers of a CPU.) */
+.global user_spin_yield
+user_spin_yield:
+    mov %rdi, %r12
+    mov %rsi, %r13
+    xor %r14d, %r14d
+2:  inc %r14
+    mov %r13, %rcx
+3:  dec %rcx
+    jnz 3b
+    xor %eax, %eax
+    int3
+    mov $6, %eax
+    int3
+    cmp %r12, %rax
+    jb 2b
+    mov %r14, %rdi
+    bts $63, %rdi
+    mov $1, %eax
+    int3
+    ud2

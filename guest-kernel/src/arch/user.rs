@@ -12,6 +12,7 @@ extern "C" {
     fn user_selftest();
     fn user_tlb_reader();
     fn user_churn();
+    fn user_spin_yield();
 }
 
 /// A program of user.S (system calls: see `user.rs`).
@@ -26,6 +27,9 @@ pub enum Program {
     /// `user_churn(scratch_va, counters_va)`: maps, touches and unmaps `scratch_va` until
     /// `counters[2] != 0`, counting rounds in `counters[1]`.
     Churn,
+    /// `user_spin_yield(deadline_ns, spins)`: until the clock passes `deadline_ns`, spins
+    /// `spins` iterations and yields; then exits with its rounds | 1 << 63.
+    SpinYield,
 }
 
 impl Program {
@@ -35,6 +39,7 @@ impl Program {
             Program::SelfTest => user_selftest as *const () as usize,
             Program::TlbReader => user_tlb_reader as *const () as usize,
             Program::Churn => user_churn as *const () as usize,
+            Program::SpinYield => user_spin_yield as *const () as usize,
         } as u64;
         entry - text().0
     }

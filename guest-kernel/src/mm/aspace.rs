@@ -320,10 +320,10 @@ pub fn switch(
     // SAFETY: both table sets map the kernel identically (slot 0 is shared), so the kernel
     // code and stack running now stay mapped.
     unsafe { Cr3::write(frame, Cr3Flags::empty()) };
-    if let Some(reloaded) = CR3_RELOAD.get() {
-        reloaded();
-    }
     if let Some(p) = prev {
         p.cpus.remove(me);
     }
+    // Counted once out of `prev`'s set: whoever reads this CPU's count and then finds it
+    // still in the set knows the count will move again (tlbtorture's evidence).
+    crate::tlb::note_cr3_reload();
 }

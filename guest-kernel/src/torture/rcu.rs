@@ -1,8 +1,26 @@
 //! rcutorture: readers on every CPU look at the current element and record its "pipe" age:
 //! the writer replaces the element, then ages every removed element by one at each grace
 //! period. A reader that sees age >= 2 saw an element a full grace period after its removal:
-//! RCU failed. Removed elements are not reused but quarantined with a `freed` mark, so a
-//! premature "free" is detected without a real use-after-free.
+//! RCU failed (`bad_pipe`). Removed elements are not reused but quarantined with a `freed`
+//! mark once they are PIPE_LEN grace periods old, so a premature "free" is detected without
+//! a real use-after-free (`freed_seen`: only a grace period that does not wait at all gets
+//! there).
+//!
+//! What the readers do, so that grace periods have something to get wrong:
+//! - one read in [`LONG_READ_EVERY`] stays 50-200 µs inside its critical section, and a read
+//!   that finds its element removed (age 1) holds it [`LINGER_US`] more, watching its age: a
+//!   grace period that ends early (`rcu=early`: a quiescent state reported for the previous
+//!   grace period is taken for one of this grace period) then ends under such a reader,
+//!   which sees the age reach 2. A correct grace period waits for the reader, however long
+//!   it holds on;
+//! - between reads they rest. On odd CPUs a user task runs beside the readers: a reader
+//!   yields to it, it spins in user mode (an extended quiescent state) and yields back, so
+//!   the CPU keeps crossing between user and kernel mode between reads. On even CPUs the
+//!   readers block until the suite's main task wakes them (about every [`REST_MS`], out of
+//!   step with the writer: readers woken by each update would always read across the next
+//!   removal on a CPU that the next grace period must wait for, which hides an early end),
+//!   so the CPU goes idle (the other extended quiescent state) between reads; on CPU 0 the
+//!   writer and the main task keep it busy.
 //!
 //! rcuflood: every CPU posts call_rcu callbacks as fast as it can; rcu_barrier must drain
 //! them all (pending back to 0, every callback invoked once).
@@ -13,9 +31,27 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 
 use crate::arch::tsc;
-use crate::{println, rcu, sched};
+use crate::mm::aspace::AddressSpace;
+use crate::sched::WaitQueue;
+use crate::user::Program;
+use crate::{println, rcu, sched, user};
 
 const PIPE_LEN: usize = 10;
+/// One read in this many is long (50-200 µs inside the critical section).
+const LONG_READ_EVERY: u64 = 16;
+/// How long a read that finds its element removed holds it on at most: a grace period that
+/// ends early must end (and the writer age the element) within it to be seen, which takes
+/// some ms when vCPUs wait for host CPUs.
+const LINGER_US: u64 = 50_000;
+/// A reader rests after this many reads.
+const READS_PER_REST: u64 = 8;
+/// Readers of even CPUs rest about this long.
+const REST_MS: u64 = 1;
+/// Iterations of the user task's spin between two yields (some µs in user mode).
+const USER_SPINS: u64 = 20_000;
+
+/// Bit 63 of a user task's exit code: it ran to its deadline (the rest is its rounds).
+const USER_DONE: u64 = 1 << 63;
 
 struct Elem {
     pipe: AtomicU32,
@@ -35,6 +71,15 @@ struct Shared {
     hist: [AtomicU64; PIPE_LEN + 1],
     freed_seen: AtomicU64,
     reads: AtomicU64,
+    long_reads: AtomicU64,
+    /// Reads that found their element removed and held it on.
+    lingers: AtomicU64,
+    /// Rests until the next update (readers of even CPUs).
+    idle_rests: AtomicU64,
+    /// Readers resting on an even CPU wait for it to move (the main task moves it every
+    /// [`REST_MS`], out of step with the writer's updates).
+    rest_epoch: AtomicU64,
+    rest: WaitQueue,
 }
 
 /// Removed elements, aged at each grace period; freed (marked) once they reach PIPE_LEN.
@@ -58,6 +103,82 @@ fn age_all(removed: &mut Removed, graveyard: &mut Vec<*mut Elem>) {
     });
 }
 
+/// A small xorshift generator, one per reader.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// One read: the current element's age, looked at before and after a short or `long` spin;
+/// a read that finds its element removed holds it [`LINGER_US`] more, watching its age.
+fn read_once(s: &Shared, long: Option<u64>) {
+    let g = rcu::read();
+    let p = s.current.load(Acquire);
+    // SAFETY: inside a reader, an element read from `current` is not freed (and is never
+    // deallocated during the test at all).
+    let e = unsafe { &*p };
+    let mut age = e.pipe.load(SeqCst);
+    match long {
+        Some(cycles) => tsc::spin_cycles(cycles),
+        None => {
+            for _ in 0..200 {
+                core::hint::spin_loop();
+            }
+        }
+    }
+    age = age.max(e.pipe.load(SeqCst));
+    if age == 1 {
+        // Removed while we hold it: the grace period the writer waits for must wait for us.
+        s.lingers.fetch_add(1, Relaxed);
+        let start = tsc::now();
+        let linger = tsc::us_to_cycles(LINGER_US);
+        while age < 2 && tsc::now().wrapping_sub(start) < linger {
+            age = age.max(e.pipe.load(SeqCst));
+        }
+        // Once more: this vCPU may have been descheduled past the limit.
+        age = age.max(e.pipe.load(SeqCst));
+    }
+    if e.freed.load(SeqCst) {
+        s.freed_seen.fetch_add(1, Relaxed);
+    }
+    drop(g);
+    s.hist[(age as usize).min(PIPE_LEN)].fetch_add(1, Relaxed);
+}
+
+fn reader(s: &Shared, i: usize, user_beside: bool) {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (i as u64 + 1));
+    let mut n = 0u64;
+    while !s.stop.load(Relaxed) {
+        let r = rng.next();
+        let long = r
+            .is_multiple_of(LONG_READ_EVERY)
+            .then(|| tsc::us_to_cycles(50 + (r >> 32) % 151));
+        read_once(s, long);
+        s.long_reads.fetch_add(long.is_some() as u64, Relaxed);
+        s.reads.fetch_add(1, Relaxed);
+        n += 1;
+        if n.is_multiple_of(READS_PER_REST) {
+            if user_beside {
+                // The user task runs (in user mode) until it yields back.
+                sched::yield_now();
+            } else {
+                // Blocks until the main task's next wake-up (the CPU idles once its readers
+                // all rest).
+                let seen = s.rest_epoch.load(SeqCst);
+                s.idle_rests.fetch_add(1, Relaxed);
+                s.rest
+                    .wait_until(|| s.rest_epoch.load(SeqCst) != seen || s.stop.load(SeqCst));
+            }
+        }
+    }
+}
+
 pub fn run(readers: usize, duration_ms: u64) -> bool {
     let s = Arc::new(Shared {
         current: AtomicPtr::new(new_elem()),
@@ -65,35 +186,48 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         hist: [const { AtomicU64::new(0) }; PIPE_LEN + 1],
         freed_seen: AtomicU64::new(0),
         reads: AtomicU64::new(0),
+        long_reads: AtomicU64::new(0),
+        lingers: AtomicU64::new(0),
+        idle_rests: AtomicU64::new(0),
+        rest_epoch: AtomicU64::new(0),
+        rest: WaitQueue::new(),
     });
     let before = rcu::stats();
+
+    // A user task on each odd CPU that has readers, until the deadline.
+    let deadline_ns = tsc::now_ns() + duration_ms * 1_000_000;
+    let user_cpus: Vec<u32> = {
+        let mut c: Vec<u32> = (0..readers)
+            .map(super::cpu_for)
+            .filter(|c| c % 2 == 1)
+            .collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    };
+    let aspace = Arc::new(AddressSpace::new());
+    user::map_programs(&aspace);
+    let user_tasks: Vec<_> = user_cpus
+        .iter()
+        .enumerate()
+        .map(|(slot, &cpu)| {
+            user::spawn(
+                cpu,
+                "rcu_user",
+                aspace.clone(),
+                Program::SpinYield,
+                deadline_ns,
+                USER_SPINS,
+                slot as u64,
+            )
+        })
+        .collect();
+
     let reader_tasks: Vec<_> = (0..readers)
         .map(|i| {
             let s = s.clone();
-            sched::spawn(super::cpu_for(i), "rcu_reader", move || {
-                while !s.stop.load(Relaxed) {
-                    let g = rcu::read();
-                    let p = s.current.load(Acquire);
-                    // SAFETY: inside a reader, an element read from `current` is not freed
-                    // (and is never deallocated during the test at all).
-                    let e = unsafe { &*p };
-                    let mut age = e.pipe.load(SeqCst);
-                    for _ in 0..2000 {
-                        core::hint::spin_loop();
-                    }
-                    age = age.max(e.pipe.load(SeqCst));
-                    if e.freed.load(SeqCst) {
-                        s.freed_seen.fetch_add(1, Relaxed);
-                    }
-                    drop(g);
-                    s.hist[(age as usize).min(PIPE_LEN)].fetch_add(1, Relaxed);
-                    if s.reads.fetch_add(1, Relaxed) % 64 == 63 {
-                        // Block now and then, outside the reader: the context-switch (and
-                        // idle) quiescent-state paths get exercised too.
-                        sched::yield_now();
-                    }
-                }
-            })
+            let cpu = super::cpu_for(i);
+            sched::spawn(cpu, "rcu_reader", move || reader(&s, i, cpu % 2 == 1))
         })
         .collect();
 
@@ -139,12 +273,21 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         n
     });
 
-    sched::sleep_ms(duration_ms);
-    s.stop.store(true, Relaxed);
+    let end = tsc::now() + tsc::us_to_cycles(duration_ms * 1000);
+    while tsc::now() < end {
+        sched::sleep_ms(REST_MS);
+        s.rest_epoch.fetch_add(1, SeqCst);
+        s.rest.wake_all();
+    }
+    s.stop.store(true, SeqCst);
+    s.rest.wake_all();
     for t in &reader_tasks {
         sched::join(t);
     }
     let updates = sched::join(&writer);
+    let user_codes: Vec<u64> = user_tasks.iter().map(sched::join).collect();
+    let user_rounds: u64 = user_codes.iter().map(|c| c & !USER_DONE).sum();
+    let failed_user = user_codes.iter().filter(|&&c| c & USER_DONE == 0).count();
     let hist: Vec<u64> = s.hist.iter().map(|h| h.load(Relaxed)).collect();
     let freed_seen = s.freed_seen.load(Relaxed);
     let bad_pipe: u64 = hist[2..].iter().sum();
@@ -158,15 +301,19 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
             .join(" ")
     );
     println!(
-        "RESULT rcutorture reads={} updates={updates} bad_pipe={bad_pipe} freed_seen={freed_seen} gps={} gp_min_us={} gp_avg_us={} gp_max_us={} cbs_peak={}",
+        "RESULT rcutorture reads={} long_reads={} lingers={} idle_rests={} user_tasks={} user_rounds={user_rounds} failed_user_tasks={failed_user} updates={updates} bad_pipe={bad_pipe} freed_seen={freed_seen} gps={} gp_min_us={} gp_avg_us={} gp_max_us={} cbs_peak={}",
         s.reads.load(Relaxed),
+        s.long_reads.load(Relaxed),
+        s.lingers.load(Relaxed),
+        s.idle_rests.load(Relaxed),
+        user_tasks.len(),
         st.gps - before.gps,
         us(st.gp_min_ticks),
         us(st.gp_avg_ticks),
         us(st.gp_max_ticks),
         st.peak_pending
     );
-    bad_pipe == 0 && freed_seen == 0 && updates > 0 && s.reads.load(Relaxed) > 0
+    bad_pipe == 0 && freed_seen == 0 && updates > 0 && s.reads.load(Relaxed) > 0 && failed_user == 0
 }
 
 pub fn flood(per_cpu: u64) -> bool {

@@ -3,13 +3,17 @@
 //! translation down and then poisons the old frame (bit 63). A reader that ever reads poison
 //! used a stale TLB entry: the shootdown missed it. Where the hypervisor hides stale
 //! translations (shadow paging applies guest PTE writes at once), the protocol is checked
-//! too: every CPU that had the space loaded must have been reached by the shootdown (or have
-//! reloaded CR3) by the time it returns. Churner tasks meanwhile map and unmap
-//! pages of their own, so shootdowns also come from several CPUs at once, each the target of
-//! the others.
+//! too, from each CPU's own evidence rather than from the sender's target mask: every CPU
+//! that may hold the old translation when the page table changes must, by the time the
+//! shootdown returns, have counted a flush of the writer's request (`tlb::served`) or a CR3
+//! load (`tlb::full_flushes`) made after the change; `missed_flushes` counts those that did
+//! not. Churner tasks meanwhile map and unmap pages of their own, so shootdowns also come
+//! from several CPUs at once, each the target of the others; their page flushes do not
+//! count as evidence for the watched page.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{fence, Ordering::SeqCst};
 
 use crate::arch::tsc;
 use crate::mm::aspace::AddressSpace;
@@ -77,6 +81,7 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         });
     }
 
+    let me = crate::percpu::id();
     let (shootdowns_before, yields_before) = tlb::stats();
     let end = tsc::now() + tsc::us_to_cycles(duration_ms * 1000);
     let mut gen = 0u64;
@@ -85,8 +90,6 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         gen += 1;
         let next = pool[gen as usize % POOL];
         frame_write(next, gen);
-        // CPUs that may cache the old translation, and their flushes so far.
-        let before: Vec<(u32, u64)> = aspace.cpus().iter().map(|c| (c, tlb::flushes(c))).collect();
         let old = aspace
             .update(WATCH_VA, Some((next.frame(), false)))
             .expect("remap")
@@ -95,13 +98,30 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
             .iter()
             .find(|f| f.frame() == old)
             .expect("the watched page maps a frame of the pool");
-        tlb::shootdown(&aspace, WATCH_VA, 1);
-        // Evidence from each holder, not from the sender's target set: every CPU that may
-        // have cached the old translation has flushed since (served the request, or
-        // reloaded CR3).
-        missed += before
+        // The page-table store is visible before the evidence is read (x86 lets a load pass
+        // an earlier store).
+        fence(SeqCst);
+        // Each CPU's evidence so far, then the CPUs that may hold the old translation. Read
+        // in this order, a CPU found in the set either stays there until the shootdown reads
+        // it (and must serve this request) or leaves it, and a CPU counts its CR3 load only
+        // once out of the set (mm::aspace::switch): either way its evidence moves after
+        // this read. A flush before the change proves nothing, so none is counted.
+        let evidence: Vec<(u32, u64, u64)> = cpus
             .iter()
-            .filter(|&&(c, n)| tlb::flushes(c) == n)
+            .map(|&c| (c, tlb::served(c, me), tlb::full_flushes(c)))
+            .collect();
+        let holders = aspace.cpus();
+        tlb::shootdown(&aspace, WATCH_VA, 1);
+        // Evidence from each holder, not from the sender's target set: it flushed this
+        // sender's request or reloaded CR3 since the change. (With more than one CPU this
+        // task is the only sender on its CPU: the churners run on the others.)
+        missed += evidence
+            .iter()
+            .filter(|&&(c, served, reloads)| {
+                holders.contains(c)
+                    && tlb::served(c, me) == served
+                    && tlb::full_flushes(c) == reloads
+            })
             .count() as u64;
         // Every CPU has dropped the old translation: nobody may read this any more.
         frame_write(old, POISON | (gen - 1));

@@ -34,7 +34,7 @@ static PV_KICKS: AtomicU64 = AtomicU64::new(0);
 /// What the locks' slow paths have done so far (all locks, all CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PvStats {
-    /// Yield hypercalls naming the vCPU in the way.
+    /// Yield hypercalls naming the vCPU in the way (none without a pvsync host).
     pub yields: u64,
     /// Halts of queued-lock waiters.
     pub halts: u64,
@@ -94,9 +94,10 @@ fn give_back_turn<P: Platform>(lock: u64) {
     }
 }
 
-/// Offers this vCPU's time to `holder` (not to itself, nor to nobody).
+/// Offers this vCPU's time to `holder` (not to itself, nor to nobody). Counted only when
+/// the hypercall is made (a pvsync host accepted the region).
 fn pv_yield<P: Platform>(holder: u32) {
-    if holder != NO_VCPU && holder != P::cpu().id() {
+    if holder != NO_VCPU && holder != P::cpu().id() && crate::region::pv_host() {
         PV_YIELDS.fetch_add(1, Relaxed);
         crate::hypercall::yield_to::<P>(holder);
     }
