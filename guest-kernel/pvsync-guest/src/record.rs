@@ -3,8 +3,8 @@
 //! Publication rules (ABI v4, docs/abi.md):
 //! - `mode` and the pair `spin_lock`/`spin_holder` are framed by `seq`: the owner makes
 //!   `seq` odd, stores, makes it even. Only the outermost update on a CPU moves `seq`; an
-//!   interrupt handler that publishes inside one (handlers only ever publish `mode`) finds
-//!   it odd and leaves it alone. Interrupts stay enabled: `cli`/`popf` are costly under
+//!   interrupt handler that publishes inside one (its `mode`, or a kernel lock it spins on,
+//!   restored as it found it) finds it odd and leaves it alone. Interrupts stay enabled: `cli`/`popf` are costly under
 //!   virtualization, and the nesting counter makes a handler's update safe.
 //! - `rcu_nesting`, `preempt_count` and `locks_held` are each one aligned volatile store by
 //!   the owner, outside the frame: they change on hot paths and each means something alone.

@@ -137,7 +137,9 @@ impl<P: Platform> McsLock<P> {
             slow.name(holder);
             let holder_preempted = host_preempted(holder);
             let pred_preempted = pred != holder && host_preempted(pred);
-            if !holder_preempted && !pred_preempted && running_rounds < RUNNING_ROUNDS {
+            #[allow(clippy::absurd_extreme_comparisons)] // RUNNING_ROUNDS is 0 in the models
+            let keep_spinning = running_rounds < RUNNING_ROUNDS;
+            if !holder_preempted && !pred_preempted && keep_spinning {
                 running_rounds += 1;
             } else if irq_on {
                 running_rounds = 0;

@@ -64,7 +64,7 @@ fn rcu_model(faults: impl Fn(&Rcu<Model>)) {
     let m = Arc::new(Machine {
         rcu: Rcu::new(3, 0),
         current: AtomicU64::new(0),
-        freed: [const { () }; 2].map(|_| AtomicBool::new(false)),
+        freed: [AtomicBool::new(false), AtomicBool::new(false)],
     });
     faults(&m.rcu);
     m.rcu.start(&CpuSet::first(3), 2);
