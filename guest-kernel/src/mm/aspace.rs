@@ -325,5 +325,7 @@ pub fn switch(
     }
     // Counted once out of `prev`'s set: whoever reads this CPU's count and then finds it
     // still in the set knows the count will move again (tlbtorture's evidence).
-    crate::tlb::note_cr3_reload();
+    if let Some(reloaded) = CR3_RELOAD.get() {
+        reloaded();
+    }
 }
