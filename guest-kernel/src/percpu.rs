@@ -11,7 +11,7 @@ use core::cell::Cell;
 use core::fmt;
 use core::ptr::{addr_of_mut, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
-use pvsync_guest::{record, CpuSync};
+use pvsync_guest::CpuSync;
 use shared_abi::MAX_VCPUS;
 use x86_64::registers::model_specific::GsBase;
 use x86_64::structures::tss::TaskStateSegment;
@@ -149,7 +149,8 @@ impl PerCpu {
     pub fn preempt_disable(&self) {
         let v = self.preempt_count.get().wrapping_add(1);
         self.preempt_count.set(v);
-        record::set_preempt_count(&self.sync, v);
+        // SAFETY: `self` is the calling CPU's block (reached through its GS base).
+        unsafe { self.sync.publish_preempt_count(v) };
         // The section's accesses stay after the count that protects them (an interrupt
         // reads it to decide whether it may switch tasks).
         compiler_fence(Ordering::SeqCst);
@@ -165,7 +166,8 @@ impl PerCpu {
             .checked_sub(1)
             .expect("preempt_enable without preempt_disable");
         self.preempt_count.set(v);
-        record::set_preempt_count(&self.sync, v);
+        // SAFETY: `self` is the calling CPU's block (reached through its GS base).
+        unsafe { self.sync.publish_preempt_count(v) };
         if v == 0 {
             crate::preempt::preempt_point(self.id());
         }

@@ -29,7 +29,10 @@ pub fn set_serve_waiters(f: fn()) {
     SERVE_WAITERS.call_once(|| f);
 }
 
-impl Platform for Kernel {
+// SAFETY: `cpu()` is the block the running CPU's GS base points at, set up by
+// `percpu::init_this_cpu` before it takes a lock; tasks never migrate, so preemption off
+// keeps code on its CPU; the interrupt and halt functions are the x86 instructions they name.
+unsafe impl Platform for Kernel {
     #[inline]
     fn cpu() -> &'static CpuSync {
         percpu::this().sync()

@@ -9,7 +9,6 @@ use shared_abi::{
 };
 use x86_64::instructions::port::Port;
 
-use crate::percpu;
 use crate::platform::Kernel;
 
 pub use pvsync_guest::region::{host_accepted, info, pv_host, rcu_header};
@@ -55,12 +54,12 @@ pub fn register_with_byte_write(base: u8) -> HypercallStatus {
 /// Publishes the calling CPU's execution mode.
 #[inline]
 pub fn set_mode(mode: VcpuMode) {
-    record::set_mode(percpu::this().sync(), mode);
+    record::publish_mode::<Kernel>(mode);
 }
 
 /// Publishes the set of CPUs the caller waits on for IPI acknowledgements.
 pub fn set_ipi_wait(mask: u64) {
-    record::set_ipi_wait(percpu::this().sync(), mask);
+    record::publish_ipi_wait::<Kernel>(mask);
 }
 
 /// CPU `me` acknowledges an IPI of CPU `sender` in the sender's record.

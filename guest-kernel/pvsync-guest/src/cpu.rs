@@ -22,8 +22,10 @@ pub struct CpuSync {
     pub(crate) mcs: McsNodes,
 }
 
-// SAFETY: the cells are only used by the CPU that owns the block (through
-// `Platform::cpu`), and an interrupt handler that changes them restores them before it
+// SAFETY: the cells are only used by the CPU that owns the block: the crate reaches a block
+// only through `Platform::cpu`, whose (unsafe trait's) contract is that it returns the
+// running CPU's own block, and the public writers that take a block are `unsafe fn`s with
+// the same contract. An interrupt handler that changes the cells restores them before it
 // returns; the queued-lock nodes other CPUs reach are atomics.
 unsafe impl Sync for CpuSync {}
 
@@ -60,8 +62,12 @@ impl CpuSync {
     #[inline]
     pub(crate) fn record(&self) -> *mut VcpuRecord {
         let r = self.record.get();
-        debug_assert!(!r.is_null(), "CpuSync used before init");
-        r
+        // Before `init` the block publishes into its own sink.
+        if r.is_null() {
+            self.sink.get().cast()
+        } else {
+            r
+        }
     }
 
     pub(crate) fn set_record(&self, rec: *mut VcpuRecord) {
@@ -83,6 +89,18 @@ impl CpuSync {
     #[inline]
     pub fn locks_held(&self) -> u32 {
         self.locks_held.get()
+    }
+
+    /// Publishes the CPU's preempt-disable depth (one store into its record).
+    ///
+    /// # Safety
+    /// `self` must be the calling CPU's own block (what [`Platform::cpu`] returns on it), and
+    /// the caller must not move to another CPU meanwhile: only its owner writes a record.
+    ///
+    /// [`Platform::cpu`]: crate::Platform::cpu
+    #[inline]
+    pub unsafe fn publish_preempt_count(&self, v: u32) {
+        crate::record::set_preempt_count(self, v);
     }
 
     /// Counts a spinlock taken (+1) or released (-1) and publishes the count.

@@ -27,7 +27,8 @@
 //! struct Fake;
 //! static CPU0: CpuSync = CpuSync::new();
 //!
-//! impl Platform for Fake {
+//! // SAFETY: a single-threaded program: CPU0 is the only CPU, and nothing else runs.
+//! unsafe impl Platform for Fake {
 //!     fn cpu() -> &'static CpuSync { &CPU0 }
 //!     fn preempt_disable() {}
 //!     fn preempt_enable() {}

@@ -43,12 +43,20 @@ pub enum FlushRange {
 }
 
 /// The machine as the crate reaches it.
-pub trait Platform: 'static {
+///
+/// # Safety
+/// The crate's per-CPU state relies on this contract:
+/// - [`Platform::cpu`] returns the running CPU's own [`CpuSync`], initialised with that CPU's
+///   id, and never one that code running concurrently (another CPU) also gets;
+/// - while preemption is disabled ([`Platform::preempt_disable`]) the calling code stays on
+///   its CPU, and nothing else runs there but interrupt handlers, which nest;
+/// - [`Platform::halt_while`] and the interrupt functions do what they say.
+pub unsafe trait Platform: 'static {
     /// The calling CPU's state (set up with [`CpuSync::init`] before the CPU takes any lock).
     fn cpu() -> &'static CpuSync;
 
     /// Disables preemption (nests). The kernel counts it and publishes the count with
-    /// [`record::set_preempt_count`](crate::record::set_preempt_count).
+    /// [`CpuSync::publish_preempt_count`].
     fn preempt_disable();
     /// Re-enables preemption; may switch tasks when the count reaches 0.
     fn preempt_enable();
@@ -63,8 +71,9 @@ pub trait Platform: 'static {
     /// Enables interrupts again if `were_enabled`.
     fn irqs_restore(were_enabled: bool);
 
-    /// With interrupts disabled, checks `still_waiting` and, if it holds, halts until an
-    /// interrupt arrives; an interrupt sent after the check must end the halt (it stays
+    /// Called with interrupts enabled (a halt with them off would let handlers run inside
+    /// the caller's interrupts-off section). With interrupts disabled, checks
+    /// `still_waiting` and, if it holds, halts until an interrupt arrives; an interrupt sent after the check must end the halt (it stays
     /// pending while interrupts are off: `sti; hlt`, or the host's idle hypercall). Returns
     /// with interrupts as they were. May return early (any interrupt).
     fn halt_while(still_waiting: &dyn Fn() -> bool);

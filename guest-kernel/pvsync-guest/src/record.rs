@@ -18,6 +18,7 @@ use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 use shared_abi::{VcpuMode, VcpuRecord, NO_VCPU};
 
 use crate::cpu::CpuSync;
+use crate::platform::Platform;
 use crate::region::{pv_host, record_ptr};
 
 /// Starts publishing into `rec` (the CPU's record in the region), carrying over the
@@ -70,10 +71,15 @@ fn publish(cpu: &CpuSync, f: impl FnOnce(*mut VcpuRecord)) {
     depth.set(depth.get() - 1);
 }
 
+/// Publishes the calling CPU's execution mode.
+pub fn publish_mode<P: Platform>(mode: VcpuMode) {
+    set_mode(P::cpu(), mode);
+}
+
 /// Publishes the calling CPU's execution mode (`cpu`: its own block).
 /// Skips the update when the mode is unchanged: an idle CPU woken by its tick then writes
 /// nothing (and is never caught mid-update by a host snapshot while it idles).
-pub fn set_mode(cpu: &CpuSync, mode: VcpuMode) {
+pub(crate) fn set_mode(cpu: &CpuSync, mode: VcpuMode) {
     let rec = cpu.record();
     // SAFETY: this CPU is the only writer of its record's guest half; reading it back is a
     // plain volatile load of our own store.
@@ -87,7 +93,7 @@ pub fn set_mode(cpu: &CpuSync, mode: VcpuMode) {
 }
 
 /// What the calling CPU has published as (lock it spins on, vCPU in the way).
-pub fn own_spin(cpu: &CpuSync) -> (u64, u32) {
+pub(crate) fn own_spin(cpu: &CpuSync) -> (u64, u32) {
     let rec = cpu.record();
     // SAFETY: this CPU is the only writer of these fields; volatile reads of our own stores.
     unsafe {
@@ -100,7 +106,7 @@ pub fn own_spin(cpu: &CpuSync) -> (u64, u32) {
 
 /// Publishes "spinning on `lock`, held by `holder`" (lock 0 and NO_VCPU: not spinning).
 /// One frame: the host never pairs a lock with the holder of another.
-pub fn set_spin(cpu: &CpuSync, lock: u64, holder: u32) {
+pub(crate) fn set_spin(cpu: &CpuSync, lock: u64, holder: u32) {
     // SAFETY: `rec` is this CPU's record, handed over by `publish`.
     publish(cpu, |rec| unsafe {
         write_volatile(addr_of_mut!((*rec).spin_lock), lock);
@@ -113,7 +119,7 @@ macro_rules! single_store_setter {
         $(#[$doc])*
         /// `cpu` is the calling CPU's block.
         #[inline]
-        pub fn $name(cpu: &CpuSync, v: u32) {
+        pub(crate) fn $name(cpu: &CpuSync, v: u32) {
             // SAFETY: `cpu.record()` is this CPU's record (or its sink), which only this CPU
             // writes and which lives forever; one aligned 4-byte store, which the host may
             // read alone (ABI v4: outside the seq frame).
@@ -146,11 +152,17 @@ unsafe fn ipi_wait_word(rec: *mut VcpuRecord) -> &'static AtomicU64 {
     unsafe { AtomicU64::from_ptr(addr_of_mut!((*rec).ipi_wait)) }
 }
 
+/// Publishes, for the calling CPU, the set of CPUs it waits on for IPI acknowledgements
+/// (`ipi_wait`; see [`Shootdowns`](crate::tlb::Shootdowns), which does this itself).
+pub fn publish_ipi_wait<P: Platform>(mask: u64) {
+    set_ipi_wait(P::cpu(), mask);
+}
+
 /// Publishes the set of CPUs the caller waits on for IPI acknowledgements (one atomic
 /// store; ABI v4's word names CPUs 0..64). Set it before the targets can see the request:
 /// an acknowledgement that came first would have its bit set again here.
 #[inline]
-pub fn set_ipi_wait(cpu: &CpuSync, mask: u64) {
+pub(crate) fn set_ipi_wait(cpu: &CpuSync, mask: u64) {
     // SAFETY: `record()` is this CPU's record or sink, live forever.
     unsafe { ipi_wait_word(cpu.record()) }.store(mask, Ordering::Release);
 }
@@ -224,6 +236,9 @@ pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
             compiler_fence(Ordering::SeqCst);
             let after = read_volatile(addr_of!((*rec).seq));
             if VcpuRecord::seq_consistent(before, after) {
+                // `ipi_wait` is only ever accessed atomically (acknowledgers clear bits of it).
+                let mut copy = copy;
+                copy.ipi_wait = ipi_wait_word(rec).load(Ordering::SeqCst);
                 return Some(copy);
             }
         }

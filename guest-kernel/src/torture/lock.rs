@@ -120,7 +120,9 @@ const NO_HANDOFF: u64 = u64::MAX;
 /// [`halt_watched`], and the slow paths counted (module doc).
 pub struct Torture;
 
-impl Platform for Torture {
+// SAFETY: every function forwards to the kernel's platform (`Kernel`, whose contract holds)
+// but for counting and for the kick's vector; `cpu()` is the kernel's.
+unsafe impl Platform for Torture {
     fn cpu() -> &'static CpuSync {
         Kernel::cpu()
     }

@@ -57,7 +57,7 @@ fn kernel_ticket_lock_excludes() {
 
 #[test]
 fn ticket_lock_without_release_ordering_is_rejected() {
-    assert!(rejects(3, || contend(2, || {
+    assert!(rejects(3, "Causality violation", || contend(2, || {
         TicketLock::<Model, 4>::with_relaxed_release(false)
     })));
 }
@@ -87,5 +87,7 @@ fn mcs_lock_excludes_and_wakes_halted_waiters() {
 fn mcs_lock_that_drops_kicks_is_rejected() {
     // A halted waiter that is granted the lock but never kicked sleeps until nobody is left
     // who could wake it: a lost wake-up.
-    assert!(rejects(2, || mcs_contend(McsLock::dropping_kicks)));
+    assert!(rejects(2, "a halted waiter was never woken", || {
+        mcs_contend(McsLock::dropping_kicks)
+    }));
 }

@@ -20,14 +20,23 @@ fn check(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     b.check(f);
 }
 
-/// Whether the model finds a failing interleaving (a panic in some execution: a failed
-/// assertion, or a deadlock loom detects).
-fn rejects(preemptions: usize, f: impl Fn() + Sync + Send + 'static) -> bool {
-    // The expected failure's panic message is noise here.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(std::boxed::Box::new(|_| {}));
-    let failed =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(preemptions, f))).is_err();
-    std::panic::set_hook(hook);
-    failed
+/// Whether the model finds a failing interleaving, and fails there for the reason the
+/// negative control is about: the panic's message contains `expected` (a panic for any
+/// other reason, a livelock or an unrelated assertion, fails the test instead).
+fn rejects(preemptions: usize, expected: &str, f: impl Fn() + Sync + Send + 'static) -> bool {
+    let Err(payload) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(preemptions, f)))
+    else {
+        return false;
+    };
+    let message = payload
+        .downcast_ref::<std::string::String>()
+        .map(|s| s.as_str())
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    assert!(
+        message.contains(expected),
+        "the model failed, but not for the control's reason ({expected:?}): {message}"
+    );
+    true
 }

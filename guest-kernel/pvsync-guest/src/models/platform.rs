@@ -124,7 +124,9 @@ fn me() -> usize {
 /// The models' platform.
 pub(crate) struct Model;
 
-impl Platform for Model {
+// SAFETY: each loom thread plays one CPU (`become_cpu`) and gets that CPU's block; the
+// model has no preemption (a thread stays its CPU).
+unsafe impl Platform for Model {
     fn cpu() -> &'static CpuSync {
         world().cpus[me()]
     }

@@ -105,16 +105,18 @@ fn shootdown_reaches_or_precedes_a_cpu_joining_midway() {
 
 #[test]
 fn shootdown_that_does_not_wait_for_acks_is_rejected() {
-    assert!(rejects(3, || shootdown_model(false, |t| t
-        .faults
-        .skip_ack_wait
-        .store(true, Relaxed))));
+    assert!(rejects(
+        3,
+        "still caches the old entry",
+        || shootdown_model(false, |t| t.faults.skip_ack_wait.store(true, Relaxed))
+    ));
 }
 
 #[test]
 fn shootdown_without_the_fence_misses_a_joining_cpu() {
-    assert!(rejects(3, || shootdown_model(true, |t| t
-        .faults
-        .skip_fence
-        .store(true, Relaxed))));
+    assert!(rejects(
+        3,
+        "still caches the old entry",
+        || shootdown_model(true, |t| t.faults.skip_fence.store(true, Relaxed))
+    ));
 }
