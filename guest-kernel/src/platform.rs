@@ -73,18 +73,18 @@ unsafe impl Platform for Kernel {
     }
 
     fn halt_while(still_waiting: &dyn Fn() -> bool) {
+        // Never halt with the caller's interrupts off (the contract): halting enables them,
+        // and a handler would run inside the caller's section. The caller spins instead.
+        if !interrupts::are_enabled() {
+            return;
+        }
         // Interrupts stay off from the check to the halt, so a kick that lands in between
         // stays pending and ends the halt at once.
-        let were = Self::irqs_save();
-        let halted = still_waiting();
-        if halted {
+        interrupts::disable();
+        if still_waiting() {
             // Returns with interrupts enabled.
             apic::wait_for_interrupt();
-        }
-        // As they were: off again after a halt, on again when there was no need to halt.
-        if !were {
-            interrupts::disable();
-        } else if !halted {
+        } else {
             interrupts::enable();
         }
     }

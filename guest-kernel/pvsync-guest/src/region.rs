@@ -158,9 +158,10 @@ pub fn rcu_header() -> Option<(u64, u64)> {
     REGION.get().map(|r| {
         let h = header(r);
         // SAFETY: as above; volatile reads of plain integers.
+        // `rcu_gp_seq` is only ever accessed atomically (CPUs raise it with fetch_max).
         unsafe {
             (
-                read_volatile(addr_of!((*h).rcu_gp_seq)),
+                AtomicU64::from_ptr(addr_of_mut!((*h).rcu_gp_seq)).load(Ordering::SeqCst),
                 read_volatile(addr_of!((*h).rcu_callbacks_pending)),
             )
         }

@@ -115,13 +115,18 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         // Evidence from each holder, not from the sender's target set: it flushed this
         // sender's request or reloaded CR3 since the change. (With more than one CPU this
         // task is the only sender on its CPU: the churners run on the others.)
+        // A holder that left the address space meanwhile (the shootdown then skips it) counts
+        // its CR3 load only after leaving: its count is bound to move, so wait for it (a
+        // vCPU preempted in between would otherwise look like a missed flush).
+        let flushed = |c: u32, served: u64, reloads: u64| {
+            tlb::served(c, me) != served
+                || tlb::full_flushes(c) != reloads
+                || (!aspace.cpus().contains(c)
+                    && eventually_within_ms(LEFT_WAIT_MS, || tlb::full_flushes(c) != reloads))
+        };
         missed += evidence
             .iter()
-            .filter(|&&(c, served, reloads)| {
-                holders.contains(c)
-                    && tlb::served(c, me) == served
-                    && tlb::full_flushes(c) == reloads
-            })
+            .filter(|&&(c, served, reloads)| holders.contains(c) && !flushed(c, served, reloads))
             .count() as u64;
         // Every CPU has dropped the old translation: nobody may read this any more.
         frame_write(old, POISON | (gen - 1));
@@ -144,4 +149,19 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         y - yields_before
     );
     stale == 0 && missed == 0 && reads > 0 && gen > 0 && failed_tasks == 0
+}
+
+/// How long a holder that left the address space gets to count its CR3 load.
+const LEFT_WAIT_MS: u64 = 100;
+
+/// Whether `cond` holds within `ms` milliseconds (polled, yielding in between).
+fn eventually_within_ms(ms: u64, cond: impl Fn() -> bool) -> bool {
+    let end = tsc::now() + tsc::us_to_cycles(ms * 1000);
+    while tsc::now() < end {
+        if cond() {
+            return true;
+        }
+        sched::yield_now();
+    }
+    cond()
 }

@@ -46,6 +46,12 @@ impl<P: Platform> Rcu<P> {
         // is cleared by the CPU that reports or by this thread when it finds the CPU
         // quiescent; it is never written whole, so a report is never undone and the host
         // never sees an empty set with an odd sequence.
+        // Started before the set is filled: a CPU reporting for the previous grace period
+        // that reads the old number afterwards would clear its bit in the new set, and the
+        // host would not see a real holdout; this way a late report finds the new number and
+        // puts its bit back (`report_qs`), and a bit set here for a CPU that has already
+        // reported for this one is dropped by the first `keep_holdouts` below.
+        self.gp_started.store(n, SeqCst);
         let mut all = self.online.load();
         all.insert(me);
         self.holdouts.store(&all);
@@ -53,7 +59,6 @@ impl<P: Platform> Rcu<P> {
             w.store(all.low_word(), SeqCst);
             0
         });
-        self.gp_started.store(n, SeqCst);
         self.publish_state();
         let snap = self.eqs.iter().map(|e| e.load(SeqCst)).collect();
         let gp = GracePeriod {

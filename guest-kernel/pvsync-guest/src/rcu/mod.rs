@@ -86,6 +86,8 @@ pub struct Rcu<P: Platform> {
     holdouts: AtomicCpuSet,
     /// CPUs whose context switch made them the last holdout (see `after_switch`).
     last_holdout_at_switch: Box<[AtomicBool]>,
+    /// The grace period for which each CPU last gave back a turn the host lent it for one.
+    gave_back: Box<[AtomicU64]>,
     /// CPUs taking part (set once they run the scheduler).
     online: AtomicCpuSet,
     started: AtomicBool,
@@ -126,6 +128,7 @@ impl<P: Platform> Rcu<P> {
             gp_requested: AtomicU64::new(0),
             holdouts: AtomicCpuSet::new(),
             last_holdout_at_switch: per_cpu(nr_cpus, || AtomicBool::new(false)),
+            gave_back: per_cpu(nr_cpus, || AtomicU64::new(0)),
             online: AtomicCpuSet::new(),
             started: AtomicBool::new(false),
             cbs: per_cpu(nr_cpus, || {
@@ -194,9 +197,13 @@ impl<P: Platform> Rcu<P> {
             }
             // A turn the host gave because the grace period waited on this CPU goes back now
             // that it no longer does (the thread's CPU holds it until the thread has run).
+            // Once per grace period: a host that leaves the field set must not cost an exit
+            // per read-side section.
+            let started = self.gp_started.load(SeqCst);
             if record::boosted_for_grace_period(me)
                 && c as u32 != self.gp_cpu.load(SeqCst)
-                && self.qs_gp[c].load(SeqCst) >= self.gp_started.load(SeqCst)
+                && self.qs_gp[c].load(SeqCst) >= started
+                && self.gave_back[c].swap(started, SeqCst) != started
             {
                 hypercall::yield_to::<P>(c as u32);
             }
