@@ -85,6 +85,9 @@ pub struct McsLock<P> {
     owner_node: AtomicPtr<Node>,
     /// Negative control: the releaser never kicks a halted successor (a lost wake-up).
     drops_kicks: bool,
+    /// Negative control of the models: the halt/kick handshake without its full fences.
+    #[cfg(test)]
+    skip_fences: bool,
     _p: PhantomData<fn() -> P>,
 }
 
@@ -111,9 +114,29 @@ impl<P: Platform> McsLock<P> {
                 holder: AtomicU32::new(NO_VCPU),
                 owner_node: AtomicPtr::new(null_mut()),
                 drops_kicks,
+                #[cfg(test)]
+                skip_fences: false,
                 _p: PhantomData,
             }
         }
+    }
+
+    /// The broken variant of the models' negative control (see `skip_fences`).
+    #[cfg(test)]
+    pub(crate) fn without_fences() -> Self {
+        let mut l = Self::with_kicks(false);
+        l.skip_fences = true;
+        l
+    }
+
+    /// The full fence between a store and a load of the halt/kick handshake.
+    #[inline]
+    fn handshake_fence(&self) {
+        #[cfg(test)]
+        if self.skip_fences {
+            return;
+        }
+        fence(SeqCst);
     }
 
     /// Waits until `node`, queued behind CPU `pred`'s node, is granted the lock.
@@ -143,7 +166,7 @@ impl<P: Platform> McsLock<P> {
                 running_rounds += 1;
             } else if irq_on {
                 running_rounds = 0;
-                Self::halt(node);
+                self.halt(node);
                 pacer.restart();
             } else {
                 // Cannot halt (the kick could not be taken): give the time to whoever is
@@ -159,12 +182,12 @@ impl<P: Platform> McsLock<P> {
     }
 
     /// Halts until kicked (or any interrupt), unless granted meanwhile.
-    fn halt(node: &Node) {
+    fn halt(&self, node: &Node) {
         // Announce the halt, then re-check: the releaser sets `granted` before it reads
         // `halted`, each side with a full fence between its store and its load (Linux's
         // smp_store_mb), so one of us sees the other.
         node.halted.store(true, Relaxed);
-        fence(SeqCst);
+        self.handshake_fence();
         if !node.granted.load(Acquire) {
             PV_HALTS.fetch_add(1, StatRelaxed);
             P::halt_while(&|| !node.granted.load(Acquire));
@@ -265,7 +288,7 @@ impl<P: Platform> RawLock for McsLock<P> {
         // Hand-off: the successor holds the lock from here on, even before it runs again.
         self.holder.store(succ_cpu, Relaxed);
         succ.granted.store(true, Release);
-        fence(SeqCst);
+        self.handshake_fence();
         if succ.halted.load(Relaxed) && !self.drops_kicks {
             PV_KICKS.fetch_add(1, StatRelaxed);
             P::send_ipi(succ_cpu, Ipi::Reschedule);

@@ -91,3 +91,12 @@ fn mcs_lock_that_drops_kicks_is_rejected() {
         mcs_contend(McsLock::dropping_kicks)
     }));
 }
+
+#[test]
+fn mcs_lock_without_the_handshake_fences_is_rejected() {
+    // Store buffering: the waiter's `halted` store and the releaser's `granted` store each
+    // pass the other side's load, the waiter halts and the releaser does not kick.
+    assert!(rejects(2, "a halted waiter was never woken", || {
+        mcs_contend(McsLock::without_fences)
+    }));
+}
