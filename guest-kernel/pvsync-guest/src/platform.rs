@@ -46,8 +46,9 @@ pub enum FlushRange {
 ///
 /// # Safety
 /// The crate's per-CPU state relies on this contract:
-/// - [`Platform::cpu`] returns the running CPU's own [`CpuSync`], initialised with that CPU's
-///   id, and never one that code running concurrently (another CPU) also gets;
+/// - [`Platform::cpu`] returns the running CPU's own [`CpuSync`], initialised
+///   ([`CpuSync::init`]) with that CPU's id, and never one that code running concurrently
+///   (another CPU) also gets;
 /// - while preemption is disabled ([`Platform::preempt_disable`]) the calling code stays on
 ///   its CPU, and nothing else runs there but interrupt handlers, which nest;
 /// - [`Platform::halt_while`] and the interrupt functions do what they say.
