@@ -10,3 +10,11 @@ pub fn exit(code: ExitCode) -> ! {
     unsafe { port.write(code as u32) };
     crate::arch::halt_forever()
 }
+
+/// Prints `FAILURE: <why>` and exits with [`ExitCode::Failure`]: for what the kernel cannot
+/// run as asked (bad boot data, a command line it does not understand, a VM too small for a
+/// suite), reported as a reason rather than a panic.
+pub fn fail(why: core::fmt::Arguments) -> ! {
+    crate::println!("FAILURE: {why}");
+    exit(ExitCode::Failure)
+}

@@ -39,27 +39,16 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     percpu::init_this_cpu(arch::apic::initial_apic_id());
     console::init();
     let boot = bootinfo::parse(start_info);
-    let cmd = cmdline::parse(boot.cmdline());
     println!(
         "pvsync-guest: abi={} mem={}MiB cmdline=\"{}\"",
         ABI_VERSION,
         boot.ram_bytes() >> 20,
         boot.cmdline()
     );
-    if let Some(word) = cmd.unknown {
-        println!("FAILURE: unknown command-line word '{word}'");
-        exit::exit(ExitCode::Failure);
-    }
+    let cmd = cmdline::parse(boot.cmdline());
 
     // ACPI is read while the boot tables still map all of the first 4 GiB.
-    let cpus = match cmd.smp {
-        Some(n) if (1..=MAX_VCPUS).contains(&n) => acpi::CpuList::from_count(n),
-        Some(n) => panic!("smp={n} is outside 1..={MAX_VCPUS}"),
-        None => acpi::cpus_from_madt(boot.rsdp).unwrap_or_else(|| {
-            println!("no ACPI MADT found; assuming 1 CPU (pass smp=N to override)");
-            acpi::CpuList::from_count(1)
-        }),
-    };
+    let cpus = acpi::cpus(cmd.smp, boot.rsdp);
     let nr_vcpus = cpus.ids().iter().max().map_or(1, |&m| m + 1);
     assert!(
         nr_vcpus as usize <= MAX_VCPUS,

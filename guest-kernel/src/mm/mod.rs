@@ -2,14 +2,17 @@
 //! kernel's own identity-mapped page tables.
 
 pub mod aspace;
+pub mod bootmem;
 pub mod frame;
 pub mod heap;
 pub mod paging;
 
 use crate::bootinfo::BootInfo;
 
-/// Brings up frames, heap and kernel page tables, in that order.
+/// Brings up frames, heap and kernel page tables, in that order. Boot data is no longer
+/// readable afterwards (bootmem).
 pub fn init(boot: &BootInfo) {
+    bootmem::retire();
     frame::init(boot.regions(), crate::arch::kernel_image_range());
     heap::init();
     paging::init(boot.regions());
