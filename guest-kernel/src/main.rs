@@ -56,7 +56,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         nr_vcpus - 1
     );
 
-    mm::init(boot);
+    mm::init(boot, cpus.ids().len());
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
     arch::apic::enable_x2apic();

@@ -95,10 +95,31 @@ pub fn spawn(
     arg1: u64,
     stack_slot: u64,
 ) -> Arc<Task> {
+    try_spawn(cpu, name, aspace, entry, arg0, arg1, stack_slot)
+        .unwrap_or_else(|e| panic!("starting user task '{name}': {e}"))
+}
+
+/// Like [`spawn`], but no frame for the user stack or no heap for the kernel stack is an
+/// error, not a panic.
+pub fn try_spawn(
+    cpu: u32,
+    name: &'static str,
+    aspace: Arc<AddressSpace>,
+    entry: unsafe extern "C" fn(),
+    arg0: u64,
+    arg1: u64,
+    stack_slot: u64,
+) -> Result<Arc<Task>, &'static str> {
     let rip = program_va(entry);
     let stack_va = USER_STACKS_VA + stack_slot * 2 * 4096;
-    map_zeroed(&aspace, stack_va, true).expect("mapping a user stack");
-    let t = Task::new(
+    map_zeroed(&aspace, stack_va, true).map_err(|e| {
+        if e == ENOMEM {
+            "no free frame for its user stack"
+        } else {
+            "its user stack slot is taken"
+        }
+    })?;
+    let t = Task::try_new(
         name,
         cpu,
         alloc::boxed::Box::new(move || {
@@ -110,9 +131,10 @@ pub fn spawn(
         }),
         Some(aspace),
         false,
-    );
+    )
+    .map_err(|_| "no kernel heap for its kernel stack")?;
     sched::enqueue(t.clone());
-    t
+    Ok(t)
 }
 
 /// On entry to the kernel from user mode.

@@ -9,11 +9,11 @@ pub mod paging;
 
 use crate::bootinfo::BootInfo;
 
-/// Brings up frames, heap and kernel page tables, in that order. Boot data is no longer
-/// readable afterwards (bootmem).
-pub fn init(boot: &BootInfo) {
+/// Brings up frames, heap (sized for `ncpus` CPUs, see heap::size) and kernel page tables,
+/// in that order. Boot data is no longer readable afterwards (bootmem).
+pub fn init(boot: &BootInfo, ncpus: usize) {
     bootmem::retire();
     frame::init(boot.regions(), crate::arch::kernel_image_range());
-    heap::init();
+    heap::init(ncpus);
     paging::init(boot.regions());
 }

@@ -120,6 +120,29 @@ pub fn spawn(cpu: u32, name: &'static str, f: impl FnOnce() + Send + 'static) ->
     t
 }
 
+/// Like [`spawn_returning`], but an exhausted heap is an error (see [`Task::try_new`]).
+pub fn try_spawn_returning(
+    cpu: u32,
+    name: &'static str,
+    f: impl FnOnce() -> u64 + Send + 'static,
+) -> Result<Arc<Task>, task::OutOfHeap> {
+    try_spawn(cpu, name, move || {
+        let code = f();
+        current().set_exit_code(code);
+    })
+}
+
+/// Like [`spawn`], but an exhausted heap is an error (see [`Task::try_new`]).
+pub fn try_spawn(
+    cpu: u32,
+    name: &'static str,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<Arc<Task>, task::OutOfHeap> {
+    let t = Task::try_new(name, cpu, alloc::boxed::Box::new(f), None, false)?;
+    enqueue(t.clone());
+    Ok(t)
+}
+
 /// Puts a ready task on its CPU's run queue and makes that CPU look at it.
 pub fn enqueue(t: Arc<Task>) {
     enqueue_at(t, false);
@@ -175,15 +198,6 @@ fn wake_at(t: &Arc<Task>, first: bool) -> bool {
         true
     } else {
         false
-    }
-}
-
-/// Yields until `ms` milliseconds have passed (other tasks on this CPU run meanwhile).
-pub fn sleep_ms(ms: u64) {
-    let deadline = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(ms * 1000);
-    while crate::arch::tsc::now() < deadline {
-        yield_now();
-        core::hint::spin_loop();
     }
 }
 

@@ -6,6 +6,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use super::StartGate;
 use crate::locks::{self, BrokenLock, McsLock, RawLock, SpinLock, TicketLock};
 use crate::{println, sched};
 
@@ -34,16 +35,24 @@ fn torture<L: RawLock + 'static>(
     threads: usize,
     duration_ms: u64,
 ) -> bool {
+    if !super::fits("locktorture", threads, 0, 0) {
+        return false;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let in_cs = Arc::new(AtomicU64::new(0));
     let fails = Arc::new(AtomicU64::new(0));
     let start_value = *lock.lock();
-    let workers: Vec<_> = (0..threads)
-        .map(|i| {
+    let gate = StartGate::new(duration_ms);
+    let workers = super::spawn_all(
+        "locktorture",
+        threads,
+        |i| {
             let (stop, in_cs, fails) = (stop.clone(), in_cs.clone(), fails.clone());
-            sched::spawn_returning(super::cpu_for(i), "locktorture", move || {
+            let gate = gate.clone();
+            sched::try_spawn_returning(super::cpu_for(i), "locktorture", move || {
+                let deadline = gate.wait();
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) && !StartGate::expired(deadline) {
                     // Odd threads use the irq-save variant.
                     let mut g = if i % 2 == 1 {
                         lock.lock_irqsave()
@@ -68,10 +77,16 @@ fn torture<L: RawLock + 'static>(
                 }
                 n
             })
-        })
-        .collect();
-    sched::sleep_ms(duration_ms);
-    stop.store(true, Ordering::Relaxed);
+        },
+        || {
+            stop.store(true, Ordering::Relaxed);
+            gate.open();
+        },
+    );
+    let Some(workers) = workers else {
+        return false;
+    };
+    gate.open();
     let counts: Vec<u64> = workers.iter().map(sched::join).collect();
     let total: u64 = counts.iter().sum();
     let (max, min) = (

@@ -12,6 +12,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 
+use super::StartGate;
 use crate::arch::tsc;
 use crate::{println, rcu, sched};
 
@@ -35,6 +36,8 @@ struct Shared {
     hist: [AtomicU64; PIPE_LEN + 1],
     freed_seen: AtomicU64,
     reads: AtomicU64,
+    /// Readers still reading: the writer keeps updating until they are all done.
+    readers_left: AtomicU64,
 }
 
 /// Removed elements, aged at each grace period; freed (marked) once they reach PIPE_LEN.
@@ -58,6 +61,54 @@ fn age_all(removed: &mut Removed, graveyard: &mut Vec<*mut Elem>) {
     });
 }
 
+/// The writer: replaces the current element, waits a grace period (synchronously, or every
+/// fourth time through a callback) and ages what it removed; until its deadline and until
+/// every reader is done. Returns the number of updates.
+fn writer(ws: &Shared, deadline: u64) -> u64 {
+    let running = || {
+        !ws.stop.load(Relaxed)
+            && (!StartGate::expired(deadline) || ws.readers_left.load(SeqCst) > 0)
+    };
+    let mut removed = Removed(Vec::new());
+    let mut graveyard = Vec::new();
+    let mut n = 0u64;
+    let done_by_callback = Arc::new(AtomicU64::new(0));
+    while running() {
+        let old = ws.current.swap(new_elem(), AcqRel);
+        // SAFETY: `old` was the current element; only the writer ages it.
+        unsafe { (*old).pipe.store(1, SeqCst) };
+        removed.0.push(old);
+        if n % 4 == 3 {
+            // The asynchronous path: a callback marks one grace period's passing.
+            let d = done_by_callback.clone();
+            rcu::call(move || {
+                d.fetch_add(1, SeqCst);
+            });
+            let want = n / 4 + 1;
+            while done_by_callback.load(SeqCst) < want && running() {
+                sched::yield_now();
+            }
+            if done_by_callback.load(SeqCst) < want {
+                // Stopped before the grace period ended: nothing may be aged.
+                break;
+            }
+        } else {
+            rcu::synchronize();
+        }
+        age_all(&mut removed, &mut graveyard);
+        n += 1;
+    }
+    // Let the last readers finish before anything is really freed.
+    rcu::synchronize();
+    rcu::barrier();
+    for e in removed.0.into_iter().chain(graveyard) {
+        // SAFETY: no reader can hold `e` after the grace period above; allocated by
+        // new_elem via Box::into_raw.
+        drop(unsafe { Box::from_raw(e) });
+    }
+    n
+}
+
 pub fn run(readers: usize, duration_ms: u64) -> bool {
     let s = Arc::new(Shared {
         current: AtomicPtr::new(new_elem()),
@@ -65,13 +116,22 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         hist: [const { AtomicU64::new(0) }; PIPE_LEN + 1],
         freed_seen: AtomicU64::new(0),
         reads: AtomicU64::new(0),
+        readers_left: AtomicU64::new(readers as u64),
     });
+    // The readers, the writer, its removed elements and callbacks.
+    if !super::fits("rcutorture", readers + 1, 256 * 1024, 0) {
+        return false;
+    }
     let before = rcu::stats();
-    let reader_tasks: Vec<_> = (0..readers)
-        .map(|i| {
-            let s = s.clone();
-            sched::spawn(super::cpu_for(i), "rcu_reader", move || {
-                while !s.stop.load(Relaxed) {
+    let gate = StartGate::new(duration_ms);
+    let reader_tasks = super::spawn_all(
+        "rcutorture",
+        readers,
+        |i| {
+            let (s, gate) = (s.clone(), gate.clone());
+            sched::try_spawn(super::cpu_for(i), "rcu_reader", move || {
+                let deadline = gate.wait();
+                while !s.stop.load(Relaxed) && !StartGate::expired(deadline) {
                     let g = rcu::read();
                     let p = s.current.load(Acquire);
                     // SAFETY: inside a reader, an element read from `current` is not freed
@@ -93,58 +153,45 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
                         sched::yield_now();
                     }
                 }
+                s.readers_left.fetch_sub(1, SeqCst);
             })
-        })
-        .collect();
+        },
+        || {
+            s.stop.store(true, Relaxed);
+            gate.open();
+        },
+    );
+    let Some(reader_tasks) = reader_tasks else {
+        return false;
+    };
 
-    let ws = s.clone();
-    let writer = sched::spawn_returning(super::cpu_for(readers), "rcu_writer", move || {
-        let mut removed = Removed(Vec::new());
-        let mut graveyard = Vec::new();
-        let mut n = 0u64;
-        let done_by_callback = Arc::new(AtomicU64::new(0));
-        while !ws.stop.load(Relaxed) {
-            let old = ws.current.swap(new_elem(), AcqRel);
-            // SAFETY: `old` was the current element; only the writer ages it.
-            unsafe { (*old).pipe.store(1, SeqCst) };
-            removed.0.push(old);
-            if n % 4 == 3 {
-                // The asynchronous path: a callback marks one grace period's passing.
-                let d = done_by_callback.clone();
-                rcu::call(move || {
-                    d.fetch_add(1, SeqCst);
-                });
-                let want = n / 4 + 1;
-                while done_by_callback.load(SeqCst) < want && !ws.stop.load(Relaxed) {
-                    sched::yield_now();
-                }
-                if done_by_callback.load(SeqCst) < want {
-                    // Stopped before the grace period ended: nothing may be aged.
-                    break;
-                }
-            } else {
-                rcu::synchronize();
+    let (ws, wgate) = (s.clone(), gate.clone());
+    let writer = super::spawn_all(
+        "rcutorture",
+        1,
+        |_| {
+            let (ws, wgate) = (ws.clone(), wgate.clone());
+            sched::try_spawn_returning(super::cpu_for(readers), "rcu_writer", move || {
+                writer(&ws, wgate.wait())
+            })
+        },
+        || {
+            s.stop.store(true, Relaxed);
+            gate.open();
+            for t in &reader_tasks {
+                sched::join(t);
             }
-            age_all(&mut removed, &mut graveyard);
-            n += 1;
-        }
-        // Let the last readers finish before anything is really freed.
-        rcu::synchronize();
-        rcu::barrier();
-        for e in removed.0.into_iter().chain(graveyard) {
-            // SAFETY: no reader can hold `e` after the grace period above; allocated by
-            // new_elem via Box::into_raw.
-            drop(unsafe { Box::from_raw(e) });
-        }
-        n
-    });
+        },
+    );
+    let Some(writer) = writer else {
+        return false;
+    };
 
-    sched::sleep_ms(duration_ms);
-    s.stop.store(true, Relaxed);
+    gate.open();
     for t in &reader_tasks {
         sched::join(t);
     }
-    let updates = sched::join(&writer);
+    let updates = sched::join(&writer[0]);
     let hist: Vec<u64> = s.hist.iter().map(|h| h.load(Relaxed)).collect();
     let freed_seen = s.freed_seen.load(Relaxed);
     let bad_pipe: u64 = hist[2..].iter().sum();
@@ -169,14 +216,33 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
     bad_pipe == 0 && freed_seen == 0 && updates > 0 && s.reads.load(Relaxed) > 0
 }
 
+/// Heap one queued callback takes: its boxed closure and its slot in a per-CPU queue (which
+/// grows by doubling), rounded up.
+const CALLBACK_HEAP_BYTES: u64 = 96;
+
+/// Past 8 CPUs each CPU posts fewer callbacks than asked: at most FLOOD_WORK / cpus².
+/// Every `call_rcu` allocates under the one heap lock, whose holders a host with far fewer
+/// cores than vCPUs preempts, so the cost of a callback grows with the CPUs posting: 1000
+/// from each of 64 vCPUs on two host cores took many minutes. 15 each at 64 CPUs.
+const FLOOD_WORK: u64 = 64_000;
+
+/// Every CPU posts `per_cpu` callbacks (fewer on a large VM, see FLOOD_WORK) as fast as it
+/// can; then rcu_barrier must leave none pending, each invoked once.
 pub fn flood(per_cpu: u64) -> bool {
     let cpus = super::cpus();
+    let n = cpus.len() as u64;
+    let per_cpu = per_cpu.min(FLOOD_WORK / (n * n)).max(1);
+    let queued = per_cpu * cpus.len() as u64 * CALLBACK_HEAP_BYTES;
+    if !super::fits("rcuflood", cpus.len(), queued, 0) {
+        return false;
+    }
     let invoked = Arc::new(AtomicU64::new(0));
-    let posters: Vec<_> = cpus
-        .iter()
-        .map(|&c| {
+    let posters = super::spawn_all(
+        "rcuflood",
+        cpus.len(),
+        |k| {
             let inv = invoked.clone();
-            sched::spawn(c, "rcu_flood", move || {
+            sched::try_spawn(cpus[k], "rcu_flood", move || {
                 for _ in 0..per_cpu {
                     let i = inv.clone();
                     rcu::call(move || {
@@ -184,8 +250,12 @@ pub fn flood(per_cpu: u64) -> bool {
                     });
                 }
             })
-        })
-        .collect();
+        },
+        || {},
+    );
+    let Some(posters) = posters else {
+        return false;
+    };
     for t in &posters {
         sched::join(t);
     }

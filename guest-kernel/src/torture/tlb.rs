@@ -15,6 +15,7 @@ use x86_64::structures::paging::PhysFrame;
 
 use crate::arch::tsc;
 use crate::mm::aspace::AddressSpace;
+use crate::sched::Task;
 use crate::user::{self, USER_DATA_VA};
 use crate::{println, sched, tlb};
 
@@ -24,13 +25,68 @@ const COUNTERS_VA: u64 = USER_DATA_VA + 0x10_0000;
 const SCRATCH_VA: u64 = USER_DATA_VA + 0x20_0000;
 /// Frames the watched page rotates through.
 const POOL: usize = 16;
+/// Tasks (readers and churners) the counter pages have room for.
+const MAX_TASKS: usize = ((SCRATCH_VA - COUNTERS_VA) / 4096) as usize;
 
 fn frame_write(f: PhysFrame, v: u64) {
     // SAFETY: a frame of this test's pool, identity-mapped; user tasks only read it.
     unsafe { write_volatile(f.start_address().as_u64() as *mut u64, v) }
 }
 
+/// Starts task `i`: a reader if `i < readers`, else a churner, counting into the page at
+/// user address `cva`.
+fn start(
+    i: usize,
+    readers: usize,
+    cpu: u32,
+    aspace: &Arc<AddressSpace>,
+    cva: u64,
+) -> Result<Arc<Task>, &'static str> {
+    if i < readers {
+        user::try_spawn(
+            cpu,
+            "tlb_reader",
+            aspace.clone(),
+            user::user_tlb_reader,
+            WATCH_VA,
+            cva,
+            i as u64,
+        )
+    } else {
+        user::try_spawn(
+            cpu,
+            "tlb_churn",
+            aspace.clone(),
+            user::user_churn,
+            SCRATCH_VA + i as u64 * 4096,
+            cva,
+            i as u64,
+        )
+    }
+}
+
+/// Tells the tasks counting into `counters` (physical addresses) to exit.
+fn stop(counters: &[u64]) {
+    for &c in counters {
+        // SAFETY: the counter pages are this test's frames; the stop word is at +16.
+        unsafe { write_volatile((c + 16) as *mut u64, 1) };
+    }
+}
+
 pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
+    let ntasks = readers + churners;
+    if ntasks > MAX_TASKS {
+        println!(
+            "FAILURE: tlbtorture runs at most {MAX_TASKS} user tasks; {readers} readers and {churners} churners asked (threads=N gives N/2 readers)"
+        );
+        return false;
+    }
+    // Per task a counter page and a user stack, a churner's scratch page, the pool, and
+    // page tables.
+    let frames = (2 * ntasks + churners + POOL + 16) as u64;
+    if !super::fits("tlbtorture", ntasks, 0, frames) {
+        return false;
+    }
     let cpus = super::cpus();
     // The writer is this task; workers go to the other CPUs when there are any.
     let worker_cpus: Vec<u32> = if cpus.len() > 1 {
@@ -50,31 +106,28 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
 
     let mut counters = Vec::new();
     let mut tasks = Vec::new();
-    for i in 0..readers + churners {
+    for i in 0..ntasks {
         let cva = COUNTERS_VA + i as u64 * 4096;
-        counters.push(user::map_zeroed(&aspace, cva, true).expect("counter page"));
         let cpu = worker_cpus[i % worker_cpus.len()];
-        tasks.push(if i < readers {
-            user::spawn(
-                cpu,
-                "tlb_reader",
-                aspace.clone(),
-                user::user_tlb_reader,
-                WATCH_VA,
-                cva,
-                i as u64,
-            )
-        } else {
-            user::spawn(
-                cpu,
-                "tlb_churn",
-                aspace.clone(),
-                user::user_churn,
-                SCRATCH_VA + i as u64 * 4096,
-                cva,
-                i as u64,
-            )
-        });
+        let started = user::map_zeroed(&aspace, cva, true)
+            .map_err(|_| "no free frame for its counter page")
+            .and_then(|c| {
+                counters.push(c);
+                start(i, readers, cpu, &aspace, cva)
+            });
+        match started {
+            Ok(t) => tasks.push(t),
+            Err(why) => {
+                stop(&counters);
+                tasks.iter().for_each(|t| {
+                    sched::join(t);
+                });
+                println!(
+                    "FAILURE: tlbtorture: task {i} of {ntasks} could not start: {why}; give the VM more memory (--mem)"
+                );
+                return false;
+            }
+        }
     }
 
     let (shootdowns_before, yields_before) = tlb::stats();
@@ -105,10 +158,7 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         frame_write(old, POISON | (gen - 1));
         sched::yield_now();
     }
-    for &c in &counters {
-        // SAFETY: the counter pages are this test's frames; the stop word is at +16.
-        unsafe { write_volatile((c + 16) as *mut u64, 1) };
-    }
+    stop(&counters);
     let codes: Vec<u64> = tasks.iter().map(sched::join).collect();
     let read = |c: u64, off: u64| {
         // SAFETY: as above.
