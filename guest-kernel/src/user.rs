@@ -95,12 +95,14 @@ pub fn spawn(
     arg1: u64,
     stack_slot: u64,
 ) -> Arc<Task> {
-    try_spawn(cpu, name, aspace, entry, arg0, arg1, stack_slot)
+    try_spawn(cpu, name, aspace, entry, arg0, arg1, stack_slot, || {})
         .unwrap_or_else(|e| panic!("starting user task '{name}': {e}"))
 }
 
 /// Like [`spawn`], but no frame for the user stack or no heap for the kernel stack is an
-/// error, not a panic.
+/// error, not a panic; and the task runs `before` in the kernel before it enters user mode
+/// (a suite's start gate).
+#[allow(clippy::too_many_arguments)]
 pub fn try_spawn(
     cpu: u32,
     name: &'static str,
@@ -109,6 +111,7 @@ pub fn try_spawn(
     arg0: u64,
     arg1: u64,
     stack_slot: u64,
+    before: impl FnOnce() + Send + 'static,
 ) -> Result<Arc<Task>, &'static str> {
     let rip = program_va(entry);
     let stack_va = USER_STACKS_VA + stack_slot * 2 * 4096;
@@ -123,6 +126,7 @@ pub fn try_spawn(
         name,
         cpu,
         alloc::boxed::Box::new(move || {
+            before();
             interrupts::disable();
             kernel_exit();
             // SAFETY: the task's address space is loaded (switch_in) and maps `rip` (user.S)

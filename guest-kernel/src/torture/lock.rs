@@ -52,7 +52,8 @@ fn torture<L: RawLock + 'static>(
             sched::try_spawn_returning(super::cpu_for(i), "locktorture", move || {
                 let deadline = gate.wait();
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) && !StartGate::expired(deadline) {
+                // At least once, however late this worker got to run.
+                while n == 0 || !stop.load(Ordering::Relaxed) && !StartGate::expired(deadline) {
                     // Odd threads use the irq-save variant.
                     let mut g = if i % 2 == 1 {
                         lock.lock_irqsave()

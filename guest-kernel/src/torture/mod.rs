@@ -106,22 +106,33 @@ pub fn spawn_all(
 pub struct StartGate {
     open: AtomicBool,
     duration_cycles: u64,
+    /// The controller's CPU: its workers are woken last, so that none of them starts
+    /// spinning there while the controller still wakes the others.
+    home: u32,
     waiters: WaitQueue,
+    waiters_at_home: WaitQueue,
 }
 
 impl StartGate {
+    /// A gate opened by the calling task, for workers that run `duration_ms` each.
     pub fn new(duration_ms: u64) -> Arc<StartGate> {
         Arc::new(StartGate {
             open: AtomicBool::new(false),
             duration_cycles: tsc::us_to_cycles(duration_ms.saturating_mul(1000)),
+            home: crate::percpu::id(),
             waiters: WaitQueue::new(),
+            waiters_at_home: WaitQueue::new(),
         })
     }
 
     /// Blocks until the gate opens; returns this worker's TSC deadline.
     pub fn wait(&self) -> u64 {
-        self.waiters
-            .wait_until(|| self.open.load(Ordering::Acquire));
+        let q = if crate::percpu::id() == self.home {
+            &self.waiters_at_home
+        } else {
+            &self.waiters
+        };
+        q.wait_until(|| self.open.load(Ordering::Acquire));
         tsc::now().saturating_add(self.duration_cycles)
     }
 
@@ -134,5 +145,6 @@ impl StartGate {
     pub fn open(&self) {
         self.open.store(true, Ordering::Release);
         self.waiters.wake_all();
+        self.waiters_at_home.wake_all();
     }
 }

@@ -73,7 +73,8 @@ fn writer(ws: &Shared, deadline: u64) -> u64 {
     let mut graveyard = Vec::new();
     let mut n = 0u64;
     let done_by_callback = Arc::new(AtomicU64::new(0));
-    while running() {
+    // At least one update, however late the writer got to run.
+    while n == 0 || running() {
         let old = ws.current.swap(new_elem(), AcqRel);
         // SAFETY: `old` was the current element; only the writer ages it.
         unsafe { (*old).pipe.store(1, SeqCst) };
@@ -131,7 +132,10 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
             let (s, gate) = (s.clone(), gate.clone());
             sched::try_spawn(super::cpu_for(i), "rcu_reader", move || {
                 let deadline = gate.wait();
-                while !s.stop.load(Relaxed) && !StartGate::expired(deadline) {
+                // At least one read, however late this reader got to run.
+                let mut mine = 0u64;
+                while mine == 0 || !s.stop.load(Relaxed) && !StartGate::expired(deadline) {
+                    mine += 1;
                     let g = rcu::read();
                     let p = s.current.load(Acquire);
                     // SAFETY: inside a reader, an element read from `current` is not freed

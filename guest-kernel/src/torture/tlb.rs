@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 use core::ptr::{read_volatile, write_volatile};
 use x86_64::structures::paging::PhysFrame;
 
+use super::StartGate;
 use crate::arch::tsc;
 use crate::mm::aspace::AddressSpace;
 use crate::sched::Task;
@@ -41,7 +42,12 @@ fn start(
     cpu: u32,
     aspace: &Arc<AddressSpace>,
     cva: u64,
+    gate: &Arc<StartGate>,
 ) -> Result<Arc<Task>, &'static str> {
+    let gate = gate.clone();
+    let before = move || {
+        gate.wait();
+    };
     if i < readers {
         user::try_spawn(
             cpu,
@@ -51,6 +57,7 @@ fn start(
             WATCH_VA,
             cva,
             i as u64,
+            before,
         )
     } else {
         user::try_spawn(
@@ -61,6 +68,7 @@ fn start(
             SCRATCH_VA + i as u64 * 4096,
             cva,
             i as u64,
+            before,
         )
     }
 }
@@ -104,6 +112,9 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         .map(WATCH_VA, pool[0], false, false)
         .expect("map watched page");
 
+    // Started tasks wait in the kernel until all exist: user readers spinning on every other
+    // CPU would leave this (spawning) vCPU little host time.
+    let gate = StartGate::new(duration_ms);
     let mut counters = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..ntasks {
@@ -113,12 +124,13 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
             .map_err(|_| "no free frame for its counter page")
             .and_then(|c| {
                 counters.push(c);
-                start(i, readers, cpu, &aspace, cva)
+                start(i, readers, cpu, &aspace, cva, &gate)
             });
         match started {
             Ok(t) => tasks.push(t),
             Err(why) => {
                 stop(&counters);
+                gate.open();
                 tasks.iter().for_each(|t| {
                     sched::join(t);
                 });
@@ -130,11 +142,13 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         }
     }
 
+    gate.open();
     let (shootdowns_before, yields_before) = tlb::stats();
     let end = tsc::now() + tsc::us_to_cycles(duration_ms * 1000);
     let mut gen = 0u64;
     let mut missed = 0u64;
-    while tsc::now() < end {
+    // At least one remap, however long this vCPU was kept off the CPU.
+    while gen == 0 || tsc::now() < end {
         gen += 1;
         let next = pool[gen as usize % POOL];
         frame_write(next, gen);
