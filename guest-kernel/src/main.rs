@@ -70,27 +70,16 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     install_hooks();
     let boot_memory = BootMemory::take().expect("the boot-memory token is taken once");
     let boot = bootinfo::parse(&boot_memory, start_info);
-    let cmd = cmdline::parse(boot.cmdline());
     println!(
         "pvsync-guest: abi={} mem={}MiB cmdline=\"{}\"",
         ABI_VERSION,
         boot.ram_bytes() >> 20,
         boot.cmdline()
     );
-    if let Some(word) = cmd.unknown {
-        println!("FAILURE: unknown command-line word '{word}'");
-        arch::exit(ExitCode::Failure);
-    }
+    let cmd = cmdline::parse(boot.cmdline());
 
     // ACPI is read while the boot tables still map all of the first 4 GiB.
-    let cpus = match cmd.smp {
-        Some(n) if (1..=MAX_VCPUS).contains(&n) => acpi::CpuList::from_count(n),
-        Some(n) => panic!("smp={n} is outside 1..={MAX_VCPUS}"),
-        None => acpi::cpus_from_madt(&boot_memory, boot.rsdp).unwrap_or_else(|| {
-            println!("no ACPI MADT found; assuming 1 CPU (pass smp=N to override)");
-            acpi::CpuList::from_count(1)
-        }),
-    };
+    let cpus = acpi::cpus(&boot_memory, cmd.smp, boot.rsdp);
     let nr_vcpus = cpus.ids().iter().max().map_or(1, |&m| m + 1);
     assert!(
         nr_vcpus as usize <= MAX_VCPUS,
@@ -98,7 +87,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         nr_vcpus - 1
     );
 
-    mm::init(boot, boot_memory);
+    mm::init(boot, boot_memory, cpus.ids().len());
     tlb::init(nr_vcpus as usize, cmd.tlb_skip, cmd.tlb_noack);
     rcu::init(nr_vcpus as usize, cmd.rcu_broken, cmd.rcu_early);
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);

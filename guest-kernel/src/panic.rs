@@ -1,5 +1,6 @@
 //! What the kernel reports when something goes wrong: panics and fatal exceptions (message
-//! on the console's emergency path, then exit code 2), and interrupts nobody handles.
+//! on the console's emergency path, then exit code 2), interrupts nobody handles, and what
+//! the kernel cannot run as asked ([`fail`]: `FAILURE: <why>`, exit code 1).
 //!
 //! `arch::idt` reaches the last two through the hooks [`install`] sets.
 
@@ -15,6 +16,14 @@ use crate::percpu::CpuLabel;
 pub fn install() {
     idt::set_fatal_exception_handler(fatal_exception);
     idt::set_unhandled_interrupt_hook(unexpected_interrupt);
+}
+
+/// Prints `FAILURE: <why>` and exits with [`ExitCode::Failure`]: for what the kernel cannot
+/// run as asked (bad boot data, a command line it does not understand, a VM too small for a
+/// suite), reported as a reason rather than a panic.
+pub fn fail(why: core::fmt::Arguments) -> ! {
+    crate::println!("FAILURE: {why}");
+    crate::arch::exit(ExitCode::Failure)
 }
 
 #[panic_handler]

@@ -55,6 +55,18 @@ fn record(cpu: u32) -> Option<VcpuRecord> {
     shared::snapshot(cpu)
 }
 
+/// A consistent copy of `cpu`'s record, retried: a vCPU of an overcommitted VM (64 on two
+/// host cores) can be kept off the CPU in the middle of an update for longer than one
+/// snapshot's attempts.
+fn settled_record(cpu: u32) -> Option<VcpuRecord> {
+    let mut rec = None;
+    eventually(|| {
+        rec = record(cpu);
+        rec.is_some()
+    });
+    rec
+}
+
 /// Whether `cpu` publishes "spinning on `lock`, held by `holder`".
 fn names(cpu: u32, lock: u64, holder: u32) -> bool {
     record(cpu).is_some_and(|r| r.spin_lock == lock && r.spin_holder == holder)
@@ -116,13 +128,19 @@ fn ticket_holder_follows() -> Verdict {
     if !eventually(|| f.b.load(SeqCst)) {
         verdict = Verdict::Fail("the next ticket's CPU never got the lock");
     }
-    if matches!(verdict, Verdict::Pass) && !names(z, lock, y) {
+    if matches!(verdict, Verdict::Pass)
+        && !settled_record(z).is_some_and(|r| r.spin_lock == lock && r.spin_holder == y)
+    {
         verdict = Verdict::Fail("a waiter stopped naming the holder");
     }
     f.done.store(true, SeqCst);
     sched::join(&ty);
     sched::join(&tz);
-    if matches!(verdict, Verdict::Pass) && record(z).map(|r| r.spin_lock) != Some(0) {
+    // On this lock: what Z's CPU runs after the task (waking its joiner, going idle) may wait
+    // on a kernel lock for a moment, and publish that.
+    // (No consistent record counts as still waiting.)
+    let still_waits = settled_record(z).is_none_or(|r| r.spin_lock == lock);
+    if matches!(verdict, Verdict::Pass) && still_waits {
         verdict = Verdict::Fail("a CPU that got the lock still publishes a wait");
     }
     verdict

@@ -104,20 +104,27 @@ fn other_cpus() -> impl Iterator<Item = u32> {
 /// overcommitted VM can be kept off the CPU for long stretches. Only a lost event exceeds it.
 const EVENTUALLY_US: u64 = 10_000_000;
 
+/// Every CPU ticks while it runs a task (idle CPUs other than the boot CPU stop their tick):
+/// a task on each other CPU waits for its CPU's tick to advance, this one for its own.
 fn timer_ticks() -> TestResult {
-    let online = smp::online_mask();
-    let cpus: Vec<u32> = (0..64u32).filter(|c| online & (1 << c) != 0).collect();
-    let before: Vec<u64> = cpus.iter().map(|&c| crate::irq::ticks(c)).collect();
-    let deadline = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(EVENTUALLY_US);
-    while cpus
-        .iter()
-        .zip(&before)
-        .any(|(&c, &b)| crate::irq::ticks(c) == b)
-    {
-        if crate::arch::tsc::now() > deadline {
-            return Err("a CPU's tick never advanced");
+    let until_tick = |cpu: u32| {
+        let before = crate::irq::ticks(cpu);
+        let deadline = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(EVENTUALLY_US);
+        while crate::irq::ticks(cpu) == before {
+            if crate::arch::tsc::now() > deadline {
+                return 1;
+            }
+            core::hint::spin_loop();
         }
-        crate::sched::yield_now();
+        0
+    };
+    let probes: Vec<_> = other_cpus()
+        .map(|c| crate::sched::spawn_returning(c, "tick_probe", move || until_tick(c)))
+        .collect();
+    let mine = until_tick(percpu::id());
+    let failed = mine + probes.iter().map(crate::sched::join).sum::<u64>();
+    if failed != 0 {
+        return Err("a CPU's tick never advanced while it ran a task");
     }
     Ok(())
 }

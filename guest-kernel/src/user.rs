@@ -76,7 +76,7 @@ pub fn map_zeroed(aspace: &AddressSpace, va: u64, writable: bool) -> Result<u64,
 }
 
 /// Starts a user task on `cpu` running `program(arg0, arg1)` in `aspace`, with stack slot
-/// `stack_slot`.
+/// `stack_slot`. Panics if there is no room for it; see [`try_spawn`].
 pub fn spawn(
     cpu: u32,
     name: &'static str,
@@ -86,13 +86,38 @@ pub fn spawn(
     arg1: u64,
     stack_slot: u64,
 ) -> Arc<Task> {
+    try_spawn(cpu, name, aspace, program, arg0, arg1, stack_slot, || {})
+        .unwrap_or_else(|e| panic!("starting user task '{name}': {e}"))
+}
+
+/// Like [`spawn`], but no frame for the user stack or no heap for the kernel stack is an
+/// error, not a panic; and the task runs `before` in the kernel before it enters user mode
+/// (a suite's start gate).
+#[allow(clippy::too_many_arguments)]
+pub fn try_spawn(
+    cpu: u32,
+    name: &'static str,
+    aspace: Arc<AddressSpace>,
+    program: Program,
+    arg0: u64,
+    arg1: u64,
+    stack_slot: u64,
+    before: impl FnOnce() + Send + 'static,
+) -> Result<Arc<Task>, &'static str> {
     let rip = program_va(program);
     let stack_va = USER_STACKS_VA + stack_slot * 2 * 4096;
-    map_zeroed(&aspace, stack_va, true).expect("mapping a user stack");
-    let t = Task::new(
+    map_zeroed(&aspace, stack_va, true).map_err(|e| {
+        if e == ENOMEM {
+            "no free frame for its user stack"
+        } else {
+            "its user stack slot is taken"
+        }
+    })?;
+    let t = Task::try_new(
         name,
         cpu,
         alloc::boxed::Box::new(move || {
+            before();
             interrupts::disable();
             kernel_exit();
             // The task's address space is loaded (switch_in) and maps `rip` (user.S) and the
@@ -101,9 +126,10 @@ pub fn spawn(
         }),
         Some(aspace),
         false,
-    );
+    )
+    .map_err(|_| "no kernel heap for its kernel stack")?;
     sched::enqueue(t.clone());
-    t
+    Ok(t)
 }
 
 /// On entry to the kernel from user mode (interrupts off).

@@ -171,6 +171,8 @@ pub fn send_ipi_all_but_self(vector: u8) {
 static APIC_TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
 /// Tick period in TSC cycles (TSC-deadline mode).
 static TICK_CYCLES: AtomicU64 = AtomicU64::new(0);
+/// Tick period in microseconds (periodic mode restarts with it).
+static TICK_PERIOD_US: AtomicU64 = AtomicU64::new(0);
 
 /// How the tick is driven.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +195,7 @@ fn calibrate_apic_timer() -> u64 {
 /// Starts this CPU's periodic tick on `vector` every `period_us` microseconds. The BSP
 /// calls it first (it calibrates); APs reuse the calibration.
 pub fn start_tick(vector: u8, period_us: u64) -> TimerMode {
+    TICK_PERIOD_US.store(period_us, Ordering::Relaxed);
     if has_tsc_deadline() {
         let cycles = tsc::us_to_cycles(period_us).max(1);
         TICK_CYCLES.store(cycles, Ordering::Relaxed);
@@ -209,6 +212,27 @@ pub fn start_tick(vector: u8, period_us: u64) -> TimerMode {
         wrmsr(X2APIC_LVT_TIMER, LVT_TIMER_PERIODIC | vector as u64);
         wrmsr(X2APIC_TIMER_INITIAL, (per_ms * period_us / 1000).max(1));
         TimerMode::Periodic
+    }
+}
+
+/// Stops this CPU's tick (an idle CPU with nothing to time: see sched::idle_loop). A tick
+/// already pending is still delivered; `resume_tick` starts it again.
+pub fn stop_tick() {
+    if TICK_CYCLES.load(Ordering::Relaxed) != 0 {
+        wrmsr(IA32_TSC_DEADLINE, 0);
+    } else {
+        wrmsr(X2APIC_TIMER_INITIAL, 0);
+    }
+}
+
+/// Restarts this CPU's tick after `stop_tick`, a full period from now.
+pub fn resume_tick() {
+    if TICK_CYCLES.load(Ordering::Relaxed) != 0 {
+        rearm_tick();
+    } else {
+        let per_ms = APIC_TICKS_PER_MS.load(Ordering::Relaxed);
+        let period_us = TICK_PERIOD_US.load(Ordering::Relaxed);
+        wrmsr(X2APIC_TIMER_INITIAL, (per_ms * period_us / 1000).max(1));
     }
 }
 
@@ -248,9 +272,19 @@ const TICK_PERIOD_FALLBACK_US: u32 = 4_000;
 /// before the hook's `out` only shortens the wait (the timeout was measured to it); an IPI
 /// leaves a host wake token that ends the wait at once.
 pub fn wait_for_interrupt() {
+    wait(us_until_tick);
+}
+
+/// `wait_for_interrupt` for a CPU whose tick is stopped (`stop_tick`): the idle hook (the
+/// Idle hypercall) then names no deadline (0; the host still bounds the wait).
+pub fn wait_for_interrupt_tickless() {
+    wait(|| 0);
+}
+
+fn wait(timeout_us: impl FnOnce() -> u32) {
     match IDLE.get() {
         Some(idle) => {
-            let timeout = us_until_tick();
+            let timeout = timeout_us();
             x86_64::instructions::interrupts::enable();
             if !idle(timeout) {
                 x86_64::instructions::hlt();

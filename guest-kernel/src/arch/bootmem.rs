@@ -6,8 +6,13 @@
 //! tables map less, and the frame allocator may reuse the memory. Hence a token: there is
 //! one [`BootMemory`], every view borrows it, and `mm::init`, which installs the kernel's
 //! tables and starts the allocator, takes it by value, so no view outlives the boot tables.
+//!
+//! The parsers of `pvsync-boot-parse` (start info, command line, memory map, ACPI tables)
+//! read through the token's [`PhysRead`] implementation, which copies bytes out and refuses,
+//! rather than panics on, what the boot tables do not map.
 
 use core::sync::atomic::{AtomicBool, Ordering};
+use pvsync_boot_parse::{OutOfRange, PhysRead};
 
 /// Boot views must end below this (what boot.S maps).
 pub const LIMIT: u64 = 1 << 32;
@@ -39,19 +44,21 @@ impl BootMemory {
         // out any frame, so the memory stays mapped and unchanged while the view lives.
         unsafe { core::slice::from_raw_parts(paddr as *const u8, len) }
     }
+}
 
-    /// A little-endian u8 at `paddr`.
-    pub fn read_u8(&self, paddr: u64) -> u8 {
-        self.bytes(paddr, 1)[0]
-    }
-
-    /// A little-endian u32 at `paddr` (any alignment).
-    pub fn read_u32(&self, paddr: u64) -> u32 {
-        u32::from_le_bytes(self.bytes(paddr, 4).try_into().expect("4 bytes"))
-    }
-
-    /// A little-endian u64 at `paddr` (any alignment).
-    pub fn read_u64(&self, paddr: u64) -> u64 {
-        u64::from_le_bytes(self.bytes(paddr, 8).try_into().expect("8 bytes"))
+impl PhysRead for BootMemory {
+    /// Copies `[paddr, paddr + buf.len())` out; a range starting at address 0
+    /// (never a table, and not a valid pointer) or one reaching past [`LIMIT`] is refused.
+    fn read(&self, paddr: u64, buf: &mut [u8]) -> Result<(), OutOfRange> {
+        let err = OutOfRange {
+            paddr,
+            len: buf.len(),
+        };
+        let end = paddr.checked_add(buf.len() as u64).ok_or(err)?;
+        if paddr == 0 || end > LIMIT {
+            return Err(err);
+        }
+        buf.copy_from_slice(self.bytes(paddr, buf.len()));
+        Ok(())
     }
 }

@@ -92,12 +92,29 @@ impl Frames {
         }
         self.bump(1)
     }
+
+    /// The longest run of frames `bump` can still hand out in one piece.
+    fn largest_run(&self) -> u64 {
+        (self.cursor..self.nranges)
+            .map(|i| {
+                let (start, end) = self.ranges[i];
+                let from = if i == self.cursor { self.next } else { start };
+                end.saturating_sub(from) / FRAME_SIZE
+            })
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// One frame, not zeroed.
 pub fn alloc() -> Option<PhysFrame> {
     let at = FRAMES.lock().alloc_one()?;
     Some(PhysFrame::containing_address(PhysAddr::new(at)))
+}
+
+/// The most contiguous frames `alloc_contiguous` can return now.
+pub fn largest_run() -> u64 {
+    FRAMES.lock().largest_run()
 }
 
 /// `n` contiguous frames (not zeroed), as a physical start address.

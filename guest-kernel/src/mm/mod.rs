@@ -9,10 +9,11 @@ pub mod paging;
 use crate::arch::bootmem::BootMemory;
 use crate::bootinfo::BootInfo;
 
-/// Brings up frames, heap and kernel page tables, in that order. Consumes the boot-memory
-/// token: from here on the boot tables are gone and frames get reused.
-pub fn init(boot: &BootInfo, boot_memory: BootMemory) {
+/// Brings up frames, heap (sized for `ncpus` CPUs, see heap::size) and kernel page tables,
+/// in that order. Consumes the boot-memory token: from here on the boot tables are gone and
+/// frames get reused.
+pub fn init(boot: &BootInfo, boot_memory: BootMemory, ncpus: usize) {
     frame::init(boot.regions(), crate::arch::kernel_image_range());
-    heap::init();
+    heap::init(ncpus);
     paging::init(boot.regions(), boot_memory);
 }

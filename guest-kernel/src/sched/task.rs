@@ -2,7 +2,8 @@
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
-use alloc::vec;
+use alloc::vec::Vec;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use crate::arch::context;
@@ -10,6 +11,14 @@ use crate::locks::{KernelLock, SpinLock};
 
 /// Bytes of kernel stack per task.
 pub const KSTACK_SIZE: usize = 32 * 1024;
+/// Heap a task takes (defined by the heap, which is sized by it): the kernel stack plus the
+/// task itself, its entry closure and its run-queue slot.
+pub use crate::mm::heap::TASK_HEAP_BYTES;
+const _: () = assert!(KSTACK_SIZE as u64 + 1024 <= TASK_HEAP_BYTES);
+
+/// The heap had no room for a task's kernel stack.
+#[derive(Clone, Copy, Debug)]
+pub struct OutOfHeap;
 
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +53,7 @@ pub struct Task {
     /// (an atomic for `Sync`: relaxed accesses are plain moves).
     saved_rsp: AtomicU64,
     /// None for a task adopted from a boot stack.
-    kstack: Option<Box<[u64]>>,
+    kstack: Option<Box<[MaybeUninit<u64>]>>,
     entry: KernelLock<Option<Entry>>,
     /// The user address space, for user tasks.
     pub aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
@@ -58,7 +67,8 @@ pub struct Task {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Task {
-    /// A task that will start by calling `entry` on `cpu`.
+    /// A task that will start by calling `entry` on `cpu`. Panics if the heap has no room
+    /// for its stack; see [`Task::try_new`].
     pub fn new(
         name: &'static str,
         cpu: u32,
@@ -66,7 +76,29 @@ impl Task {
         aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
         is_idle: bool,
     ) -> Arc<Task> {
-        let mut stack = vec![0u64; KSTACK_SIZE / 8].into_boxed_slice();
+        Self::try_new(name, cpu, entry, aspace, is_idle).unwrap_or_else(|OutOfHeap| {
+            let (size, free) = crate::mm::heap::stats();
+            panic!("no heap for the kernel stack of task '{name}' ({free} of {size} bytes free)")
+        })
+    }
+
+    /// Like [`Task::new`], but an exhausted heap is an error, not a panic: the stack, the
+    /// one big allocation, is reserved fallibly first.
+    pub fn try_new(
+        name: &'static str,
+        cpu: u32,
+        entry: Entry,
+        aspace: Option<Arc<crate::mm::aspace::AddressSpace>>,
+        is_idle: bool,
+    ) -> Result<Arc<Task>, OutOfHeap> {
+        // Not zeroed: only the initial frame is written, so a new task touches just the
+        // stack pages it uses (the first touch of a page is costly under shadow paging).
+        let mut stack = Vec::new();
+        stack
+            .try_reserve_exact(KSTACK_SIZE / 8)
+            .map_err(|_| OutOfHeap)?;
+        stack.resize(KSTACK_SIZE / 8, MaybeUninit::<u64>::uninit());
+        let mut stack = stack.into_boxed_slice();
         // The heap guarantees 8-byte alignment only: round the top down to 16.
         let mut top = stack.len();
         if !(stack.as_ptr() as usize + top * 8).is_multiple_of(16) {
@@ -75,9 +107,11 @@ impl Task {
         // The frame the first switch to this stack pops. The stack top is 16-byte aligned,
         // so task_entry starts aligned; the new task finds itself as its CPU's current task.
         let frame = context::initial_frame(super::task_entry);
-        stack[top - frame.len()..top].copy_from_slice(&frame);
+        for (slot, v) in stack[top - frame.len()..top].iter_mut().zip(frame) {
+            slot.write(v);
+        }
         let rsp = stack.as_ptr() as u64 + ((top - frame.len()) * 8) as u64;
-        Arc::new(Task {
+        Ok(Arc::new(Task {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
             cpu,
@@ -91,7 +125,7 @@ impl Task {
             exit_code: AtomicU64::new(0),
             joiners: crate::sched::WaitQueue::new(),
             slice_ticks: AtomicU64::new(0),
-        })
+        }))
     }
 
     /// The context the CPU is already running (its boot stack), as a task.

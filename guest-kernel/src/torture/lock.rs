@@ -1,7 +1,8 @@
 //! locktorture: writer threads take one lock in a loop. Inside, each checks that it is alone
 //! (an `in_cs` counter) and increments a plain, non-atomic counter that the lock protects; a
 //! lost update shows a broken lock too. A thread that never got the lock (starvation) fails
-//! the suite; the run goes on past its duration (up to [`STARVATION_GRACE`] durations more)
+//! the suite; the run goes on past its duration (up to [`STARVATION_GRACE`] durations more,
+//! at least [`STARVATION_GRACE_MIN_MS`])
 //! until every thread had the lock once, so that a vCPU the host barely ran is not taken for
 //! a starved thread.
 //!
@@ -60,6 +61,7 @@ use pvsync_guest::locks::{RawLock, SpinLock};
 use pvsync_guest::{CpuSync, FlushRange, Ipi, Platform, Wake};
 use shared_abi::{Hypercall, MAX_VCPUS};
 
+use super::StartGate;
 use crate::arch::idt::{self, TrapFrame};
 use crate::arch::{apic, tsc, vectors};
 use crate::platform::Kernel;
@@ -83,6 +85,11 @@ const YIELD_EVERY: u64 = 4;
 /// Past the duration, how many more durations a thread that never had the lock is given
 /// before it counts as starved.
 const STARVATION_GRACE: u64 = 4;
+/// ... and at least this long: with 64 vCPUs on a few host CPUs every hand-off of a fair
+/// lock waits for one particular vCPU to be scheduled, so 128 threads take seconds to all
+/// get the lock once, whatever the duration. Only a run in which some thread has not had the
+/// lock yet waits that long.
+const STARVATION_GRACE_MIN_MS: u64 = 60_000;
 /// The vector MCS kicks use in this suite. No other code uses it (arch/vectors.rs lists the
 /// kernel's), so each interrupt counted on it is one kick.
 pub const KICK_VECTOR: u8 = 0xe0;
@@ -289,6 +296,9 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
     threads: usize,
     duration_ms: u64,
 ) -> bool {
+    if !super::fits("locktorture", threads, 0, 0) {
+        return false;
+    }
     idt::register(KICK_VECTOR, kick_received);
     // Workers on every CPU but this one (the monitor's), when there are others.
     let all = super::cpus();
@@ -298,14 +308,22 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
     let stop = Arc::new(AtomicBool::new(false));
     let in_cs = Arc::new(AtomicU64::new(0));
     let fails = Arc::new(AtomicU64::new(0));
+    // Workers that have had the lock at least once.
+    let started = Arc::new(AtomicU64::new(0));
     let progress: Arc<Vec<AtomicU64>> = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect());
     let start_value = *lock.lock();
-    let workers: Vec<_> = (0..threads)
-        .map(|i| {
+    let gate = StartGate::new();
+    let workers = super::spawn_all(
+        "locktorture",
+        threads,
+        |i| {
             let (stop, in_cs, fails) = (stop.clone(), in_cs.clone(), fails.clone());
-            let progress = progress.clone();
+            let (progress, started) = (progress.clone(), started.clone());
+            let gate = gate.clone();
             let cpu = worker_cpus[i % worker_cpus.len()];
-            sched::spawn_returning(cpu, "locktorture", move || {
+            sched::try_spawn_returning(cpu, "locktorture", move || {
+                // Blocked until every worker exists; the monitor below decides when to stop.
+                gate.wait();
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
                 let mut n = 0u64;
                 while !stop.load(Relaxed) {
@@ -342,24 +360,39 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
                     drop(g);
                     n += 1;
                     progress[i].store(n, Relaxed);
-                    if n.is_multiple_of(YIELD_EVERY) {
+                    if n == 1 {
+                        started.fetch_add(1, Relaxed);
+                    }
+                    if n.is_multiple_of(YIELD_EVERY) || started.load(Relaxed) < threads as u64 {
                         // The other workers of this CPU get their turn whatever the tick did
                         // (a thread that waits with interrupts off misses ticks, so it would
-                        // keep its CPU for long).
+                        // keep its CPU for long); after every acquisition until every worker
+                        // has had the lock once: at 64 vCPUs one trip through the queue of
+                        // 128 waiters takes seconds, and a worker that kept its CPU for
+                        // YIELD_EVERY of them would starve the others there.
                         sched::yield_now();
                     }
                 }
                 n
             })
-        })
-        .collect();
+        },
+        || {
+            stop.store(true, Relaxed);
+            gate.open();
+        },
+    );
+    let Some(workers) = workers else {
+        return false;
+    };
+    gate.open();
     let wake_after = tsc::us_to_cycles(WAKE_HALTED_AFTER_US);
     let mut ran = 0;
     let mut pinged = [0u64; MAX_VCPUS];
     let mut pings = 0u64;
     let start = tsc::now();
     let end = start + tsc::us_to_cycles(duration_ms * 1000);
-    let give_up = end + tsc::us_to_cycles(STARVATION_GRACE * duration_ms * 1000);
+    let grace_ms = (STARVATION_GRACE * duration_ms).max(STARVATION_GRACE_MIN_MS);
+    let give_up = end + tsc::us_to_cycles(grace_ms * 1000);
     // The monitor, until every worker has finished (a lost kick may strike after `stop`).
     loop {
         let now = tsc::now();

@@ -30,8 +30,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering::*};
 
+use super::StartGate;
 use crate::arch::tsc;
 use crate::mm::aspace::AddressSpace;
+use crate::sched::task::OutOfHeap;
 use crate::sched::WaitQueue;
 use crate::user::Program;
 use crate::{println, rcu, sched, user};
@@ -154,7 +156,8 @@ fn read_once(s: &Shared, long: Option<u64>) {
 fn reader(s: &Shared, i: usize, user_beside: bool) {
     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ (i as u64 + 1));
     let mut n = 0u64;
-    while !s.stop.load(Relaxed) {
+    // At least one read, however late this reader got to run.
+    while n == 0 || !s.stop.load(Relaxed) {
         let r = rng.next();
         let long = r
             .is_multiple_of(LONG_READ_EVERY)
@@ -179,6 +182,51 @@ fn reader(s: &Shared, i: usize, user_beside: bool) {
     }
 }
 
+/// The writer: replaces the current element, waits a grace period (synchronously, or every
+/// fourth time through a callback) and ages what it removed, until the main task says stop.
+/// Returns the number of updates.
+fn writer(ws: &Shared) -> u64 {
+    let mut removed = Removed(Vec::new());
+    let mut graveyard = Vec::new();
+    let mut n = 0u64;
+    let done_by_callback = Arc::new(AtomicU64::new(0));
+    // At least one update, however late the writer got to run.
+    while n == 0 || !ws.stop.load(Relaxed) {
+        let old = ws.current.swap(new_elem(), AcqRel);
+        // SAFETY: `old` was the current element; only the writer ages it.
+        unsafe { (*old).pipe.store(1, SeqCst) };
+        removed.0.push(old);
+        if n % 4 == 3 {
+            // The asynchronous path: a callback marks one grace period's passing.
+            let d = done_by_callback.clone();
+            rcu::call(move || {
+                d.fetch_add(1, SeqCst);
+            });
+            let want = n / 4 + 1;
+            while done_by_callback.load(SeqCst) < want && !ws.stop.load(Relaxed) {
+                sched::yield_now();
+            }
+            if done_by_callback.load(SeqCst) < want {
+                // Stopped before the grace period ended: nothing may be aged.
+                break;
+            }
+        } else {
+            rcu::synchronize();
+        }
+        age_all(&mut removed, &mut graveyard);
+        n += 1;
+    }
+    // Let the last readers finish before anything is really freed.
+    rcu::synchronize();
+    rcu::barrier();
+    for e in removed.0.into_iter().chain(graveyard) {
+        // SAFETY: no reader can hold `e` after the grace period above; allocated by
+        // new_elem via Box::into_raw.
+        drop(unsafe { Box::from_raw(e) });
+    }
+    n
+}
+
 pub fn run(readers: usize, duration_ms: u64) -> bool {
     let s = Arc::new(Shared {
         current: AtomicPtr::new(new_elem()),
@@ -192,10 +240,7 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         rest_epoch: AtomicU64::new(0),
         rest: WaitQueue::new(),
     });
-    let before = rcu::stats();
-
     // A user task on each odd CPU that has readers, until the deadline.
-    let deadline_ns = tsc::now_ns() + duration_ms * 1_000_000;
     let user_cpus: Vec<u32> = {
         let mut c: Vec<u32> = (0..readers)
             .map(super::cpu_for)
@@ -205,74 +250,99 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
         c.dedup();
         c
     };
+    // The readers, the writer, the user tasks (a user stack each and page tables), the
+    // writer's removed elements and callbacks.
+    let threads = readers + 1 + user_cpus.len();
+    if !super::fits(
+        "rcutorture",
+        threads,
+        256 * 1024,
+        2 * user_cpus.len() as u64 + 16,
+    ) {
+        return false;
+    }
+    let before = rcu::stats();
+
+    // Everything started waits at the gate until all exist (user tasks in the kernel, before
+    // they enter user mode).
+    let gate = StartGate::new();
+    let stop_all = || {
+        s.stop.store(true, SeqCst);
+        gate.open();
+        s.rest.wake_all();
+    };
+    let reader_tasks = super::spawn_all(
+        "rcutorture",
+        readers,
+        |i| {
+            let (s, gate) = (s.clone(), gate.clone());
+            let cpu = super::cpu_for(i);
+            sched::try_spawn(cpu, "rcu_reader", move || {
+                gate.wait();
+                reader(&s, i, cpu % 2 == 1)
+            })
+        },
+        stop_all,
+    );
+    let Some(reader_tasks) = reader_tasks else {
+        return false;
+    };
+    let join_readers = || {
+        stop_all();
+        for t in &reader_tasks {
+            sched::join(t);
+        }
+    };
+
+    let writer = super::spawn_all(
+        "rcutorture",
+        1,
+        |_| {
+            let (ws, wgate) = (s.clone(), gate.clone());
+            sched::try_spawn_returning(super::cpu_for(readers), "rcu_writer", move || {
+                wgate.wait();
+                writer(&ws)
+            })
+        },
+        join_readers,
+    );
+    let Some(writer) = writer else {
+        return false;
+    };
+
+    // The user tasks' deadline: they are the last to start, just before the gate opens.
+    let deadline_ns = tsc::now_ns() + duration_ms * 1_000_000;
     let aspace = Arc::new(AddressSpace::new());
     user::map_programs(&aspace);
-    let user_tasks: Vec<_> = user_cpus
-        .iter()
-        .enumerate()
-        .map(|(slot, &cpu)| {
-            user::spawn(
-                cpu,
+    let user_tasks = super::spawn_all(
+        "rcutorture",
+        user_cpus.len(),
+        |slot| {
+            let gate = gate.clone();
+            user::try_spawn(
+                user_cpus[slot],
                 "rcu_user",
                 aspace.clone(),
                 Program::SpinYield,
                 deadline_ns,
                 USER_SPINS,
                 slot as u64,
+                move || {
+                    gate.wait();
+                },
             )
-        })
-        .collect();
+            .map_err(|_| OutOfHeap)
+        },
+        || {
+            join_readers();
+            sched::join(&writer[0]);
+        },
+    );
+    let Some(user_tasks) = user_tasks else {
+        return false;
+    };
 
-    let reader_tasks: Vec<_> = (0..readers)
-        .map(|i| {
-            let s = s.clone();
-            let cpu = super::cpu_for(i);
-            sched::spawn(cpu, "rcu_reader", move || reader(&s, i, cpu % 2 == 1))
-        })
-        .collect();
-
-    let ws = s.clone();
-    let writer = sched::spawn_returning(super::cpu_for(readers), "rcu_writer", move || {
-        let mut removed = Removed(Vec::new());
-        let mut graveyard = Vec::new();
-        let mut n = 0u64;
-        let done_by_callback = Arc::new(AtomicU64::new(0));
-        while !ws.stop.load(Relaxed) {
-            let old = ws.current.swap(new_elem(), AcqRel);
-            // SAFETY: `old` was the current element; only the writer ages it.
-            unsafe { (*old).pipe.store(1, SeqCst) };
-            removed.0.push(old);
-            if n % 4 == 3 {
-                // The asynchronous path: a callback marks one grace period's passing.
-                let d = done_by_callback.clone();
-                rcu::call(move || {
-                    d.fetch_add(1, SeqCst);
-                });
-                let want = n / 4 + 1;
-                while done_by_callback.load(SeqCst) < want && !ws.stop.load(Relaxed) {
-                    sched::yield_now();
-                }
-                if done_by_callback.load(SeqCst) < want {
-                    // Stopped before the grace period ended: nothing may be aged.
-                    break;
-                }
-            } else {
-                rcu::synchronize();
-            }
-            age_all(&mut removed, &mut graveyard);
-            n += 1;
-        }
-        // Let the last readers finish before anything is really freed.
-        rcu::synchronize();
-        rcu::barrier();
-        for e in removed.0.into_iter().chain(graveyard) {
-            // SAFETY: no reader can hold `e` after the grace period above; allocated by
-            // new_elem via Box::into_raw.
-            drop(unsafe { Box::from_raw(e) });
-        }
-        n
-    });
-
+    gate.open();
     let end = tsc::now() + tsc::us_to_cycles(duration_ms * 1000);
     while tsc::now() < end {
         sched::sleep_ms(REST_MS);
@@ -284,7 +354,7 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
     for t in &reader_tasks {
         sched::join(t);
     }
-    let updates = sched::join(&writer);
+    let updates = sched::join(&writer[0]);
     let user_codes: Vec<u64> = user_tasks.iter().map(sched::join).collect();
     let user_rounds: u64 = user_codes.iter().map(|c| c & !USER_DONE).sum();
     let failed_user = user_codes.iter().filter(|&&c| c & USER_DONE == 0).count();
@@ -316,14 +386,33 @@ pub fn run(readers: usize, duration_ms: u64) -> bool {
     bad_pipe == 0 && freed_seen == 0 && updates > 0 && s.reads.load(Relaxed) > 0 && failed_user == 0
 }
 
+/// Heap one queued callback takes: its boxed closure and its slot in a per-CPU queue (which
+/// grows by doubling), rounded up.
+const CALLBACK_HEAP_BYTES: u64 = 96;
+
+/// Past 8 CPUs each CPU posts fewer callbacks than asked: at most FLOOD_WORK / cpus².
+/// Every `call_rcu` allocates under the one heap lock, whose holders a host with far fewer
+/// cores than vCPUs preempts, so the cost of a callback grows with the CPUs posting: 1000
+/// from each of 64 vCPUs on two host cores took many minutes. 15 each at 64 CPUs.
+const FLOOD_WORK: u64 = 64_000;
+
+/// Every CPU posts `per_cpu` callbacks (fewer on a large VM, see FLOOD_WORK) as fast as it
+/// can; then rcu_barrier must leave none pending, each invoked once.
 pub fn flood(per_cpu: u64) -> bool {
     let cpus = super::cpus();
+    let n = cpus.len() as u64;
+    let per_cpu = per_cpu.min(FLOOD_WORK / (n * n)).max(1);
+    let queued = per_cpu * cpus.len() as u64 * CALLBACK_HEAP_BYTES;
+    if !super::fits("rcuflood", cpus.len(), queued, 0) {
+        return false;
+    }
     let invoked = Arc::new(AtomicU64::new(0));
-    let posters: Vec<_> = cpus
-        .iter()
-        .map(|&c| {
+    let posters = super::spawn_all(
+        "rcuflood",
+        cpus.len(),
+        |k| {
             let inv = invoked.clone();
-            sched::spawn(c, "rcu_flood", move || {
+            sched::try_spawn(cpus[k], "rcu_flood", move || {
                 for _ in 0..per_cpu {
                     let i = inv.clone();
                     rcu::call(move || {
@@ -331,8 +420,12 @@ pub fn flood(per_cpu: u64) -> bool {
                     });
                 }
             })
-        })
-        .collect();
+        },
+        || {},
+    );
+    let Some(posters) = posters else {
+        return false;
+    };
     for t in &posters {
         sched::join(t);
     }

@@ -15,9 +15,11 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{fence, Ordering::SeqCst};
 
+use super::StartGate;
 use crate::arch::tsc;
 use crate::mm::aspace::AddressSpace;
 use crate::mm::frame::StaticFrame;
+use crate::sched::Task;
 use crate::user::{self, Program, USER_DATA_VA};
 use crate::{println, sched, tlb};
 
@@ -27,13 +29,76 @@ const COUNTERS_VA: u64 = USER_DATA_VA + 0x10_0000;
 const SCRATCH_VA: u64 = USER_DATA_VA + 0x20_0000;
 /// Frames the watched page rotates through.
 const POOL: usize = 16;
+/// Tasks (readers and churners) the counter pages have room for.
+const MAX_TASKS: usize = ((SCRATCH_VA - COUNTERS_VA) / 4096) as usize;
 
 /// Writes `v` into the first word of a frame of the pool (user tasks only read it).
 fn frame_write(f: StaticFrame, v: u64) {
     f.write(0, v);
 }
 
+/// Starts task `i`: a reader if `i < readers`, else a churner, counting into the page at
+/// user address `cva`.
+fn start(
+    i: usize,
+    readers: usize,
+    cpu: u32,
+    aspace: &Arc<AddressSpace>,
+    cva: u64,
+    gate: &Arc<StartGate>,
+) -> Result<Arc<Task>, &'static str> {
+    let gate = gate.clone();
+    let before = move || {
+        gate.wait();
+    };
+    if i < readers {
+        user::try_spawn(
+            cpu,
+            "tlb_reader",
+            aspace.clone(),
+            Program::TlbReader,
+            WATCH_VA,
+            cva,
+            i as u64,
+            before,
+        )
+    } else {
+        user::try_spawn(
+            cpu,
+            "tlb_churn",
+            aspace.clone(),
+            Program::Churn,
+            SCRATCH_VA + i as u64 * 4096,
+            cva,
+            i as u64,
+            before,
+        )
+    }
+}
+
+/// Tells the tasks counting into the pages at `counters` (user addresses in `aspace`) to
+/// exit.
+fn stop(aspace: &AddressSpace, counters: &[u64]) {
+    for &c in counters {
+        // The stop word of each counter page is at +16.
+        assert!(aspace.write_u64(c + 16, 1), "counter page unmapped");
+    }
+}
+
 pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
+    let ntasks = readers + churners;
+    if ntasks > MAX_TASKS {
+        println!(
+            "FAILURE: tlbtorture runs at most {MAX_TASKS} user tasks; {readers} readers and {churners} churners asked (threads=N gives N/2 readers)"
+        );
+        return false;
+    }
+    // Per task a counter page and a user stack, a churner's scratch page, the pool, and
+    // page tables.
+    let frames = (2 * ntasks + churners + POOL + 16) as u64;
+    if !super::fits("tlbtorture", ntasks, 0, frames) {
+        return false;
+    }
     let cpus = super::cpus();
     // The writer is this task; workers go to the other CPUs when there are any.
     let worker_cpus: Vec<u32> = if cpus.len() > 1 {
@@ -51,42 +116,44 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         .map(WATCH_VA, pool[0].frame(), false, false)
         .expect("map watched page");
 
+    // Started tasks wait in the kernel until all exist: user readers spinning on every other
+    // CPU would leave this (spawning) vCPU little host time.
+    let gate = StartGate::new();
     let mut counters = Vec::new();
     let mut tasks = Vec::new();
-    for i in 0..readers + churners {
+    for i in 0..ntasks {
         let cva = COUNTERS_VA + i as u64 * 4096;
-        user::map_zeroed(&aspace, cva, true).expect("counter page");
-        counters.push(cva);
         let cpu = worker_cpus[i % worker_cpus.len()];
-        tasks.push(if i < readers {
-            user::spawn(
-                cpu,
-                "tlb_reader",
-                aspace.clone(),
-                Program::TlbReader,
-                WATCH_VA,
-                cva,
-                i as u64,
-            )
-        } else {
-            user::spawn(
-                cpu,
-                "tlb_churn",
-                aspace.clone(),
-                Program::Churn,
-                SCRATCH_VA + i as u64 * 4096,
-                cva,
-                i as u64,
-            )
-        });
+        let started = user::map_zeroed(&aspace, cva, true)
+            .map_err(|_| "no free frame for its counter page")
+            .and_then(|_| {
+                counters.push(cva);
+                start(i, readers, cpu, &aspace, cva, &gate)
+            });
+        match started {
+            Ok(t) => tasks.push(t),
+            Err(why) => {
+                stop(&aspace, &counters);
+                gate.open();
+                tasks.iter().for_each(|t| {
+                    sched::join(t);
+                });
+                println!(
+                    "FAILURE: tlbtorture: task {i} of {ntasks} could not start: {why}; give the VM more memory (--mem)"
+                );
+                return false;
+            }
+        }
     }
 
+    gate.open();
     let me = crate::percpu::id();
     let (shootdowns_before, yields_before) = tlb::stats();
     let end = tsc::now() + tsc::us_to_cycles(duration_ms * 1000);
     let mut gen = 0u64;
     let mut missed = 0u64;
-    while tsc::now() < end {
+    // At least one remap, however long this vCPU was kept off the CPU.
+    while gen == 0 || tsc::now() < end {
         gen += 1;
         let next = pool[gen as usize % POOL];
         frame_write(next, gen);
@@ -132,10 +199,7 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         frame_write(old, POISON | (gen - 1));
         sched::yield_now();
     }
-    for &c in &counters {
-        // The stop word of each counter page is at +16.
-        assert!(aspace.write_u64(c + 16, 1), "counter page unmapped");
-    }
+    stop(&aspace, &counters);
     let codes: Vec<u64> = tasks.iter().map(sched::join).collect();
     let read = |c: u64, off: u64| aspace.read_u64(c + off).expect("counter page unmapped");
     let stale: u64 = counters[..readers].iter().map(|&c| read(c, 0)).sum();

@@ -1,0 +1,216 @@
+//! Every torture suite at the largest supported vCPU count (`shared_abi::MAX_VCPUS`, the
+//! documented `--vcpus` maximum) with modest memory, under pvsync and under stock QEMU/KVM:
+//! the kernel sizes its heap from RAM and CPU count, so the default two threads per CPU fit.
+//! And a VM too small for what a suite asks fails with the reason, not an allocation panic.
+//!
+//! 64 vCPUs on a CI machine's two cores is 32x overcommit, so the suites run briefly
+//! (`duration=300`, or PVSYNC_TORTURE_MS) and one VM at a time: two such VMs at once would
+//! only slow each other down.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use pvsync_tests::{
+    field, pvsync_guest_command, qemu_guest, require_kvm, run_with_limit, Output, QemuMachine,
+    RUN_LIMIT,
+};
+use shared_abi::{ExitCode, MAX_VCPUS};
+
+const VCPUS: u32 = MAX_VCPUS as u32;
+/// MiB of guest RAM: modest on purpose.
+const MEM_MIB: u32 = 256;
+
+/// One 64-vCPU VM at a time.
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+fn duration() -> String {
+    std::env::var("PVSYNC_TORTURE_MS").unwrap_or_else(|_| "300".into())
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Host {
+    Pvsync,
+    Qemu,
+}
+
+fn run(host: Host, mem_mib: u32, cmdline: &str) -> Output {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let start = Instant::now();
+    let out = match host {
+        Host::Pvsync => run_with_limit(pvsync_guest_command(VCPUS, mem_mib, cmdline), RUN_LIMIT),
+        Host::Qemu => qemu_guest(QemuMachine::Microvm, VCPUS, mem_mib, cmdline),
+    };
+    eprintln!(
+        "{host:?} {VCPUS} vCPUs {mem_mib} MiB '{cmdline}': {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    out
+}
+
+fn exited(out: &Output, host: Host, code: ExitCode) -> bool {
+    match host {
+        Host::Pvsync => out.status == Some(code as i32),
+        Host::Qemu => out.status == Some(code.qemu_status()),
+    }
+}
+
+/// Runs `cmdline` at the maximum vCPU count; checks every CPU came up, the suite passed and
+/// nothing panicked; returns the `RESULT <suite>` line.
+fn suite(host: Host, cmdline: &str, suite: &str) -> String {
+    let cmdline = format!("{cmdline} duration={}", duration());
+    let out = run(host, MEM_MIB, &cmdline);
+    out.check(
+        !out.timed_out && !out.all().contains("panicked") && !out.stdout.contains("PANIC"),
+        "hang or panic",
+    );
+    let boot = out
+        .line("RESULT boot")
+        .unwrap_or_else(|| panic!("no RESULT boot line:\n{}", out.all()));
+    let n = VCPUS.to_string();
+    assert_eq!(field(boot, "cpus"), Some(n.as_str()), "{boot}");
+    assert_eq!(field(boot, "online"), Some(n.as_str()), "{boot}");
+    out.check(
+        exited(&out, host, ExitCode::Success),
+        &format!("{cmdline}: expected exit for SUCCESS"),
+    );
+    out.check(
+        out.stdout.lines().any(|l| l == "SUCCESS"),
+        &format!("{cmdline}: expected SUCCESS"),
+    );
+    out.line(&format!("RESULT {suite}"))
+        .unwrap_or_else(|| panic!("no RESULT {suite} line"))
+        .to_owned()
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+fn locktorture(host: Host) {
+    let r = suite(host, "test=locktorture", "locktorture");
+    assert_eq!(num(&r, "threads"), 2 * VCPUS as u64, "two per CPU: {r}");
+    assert_eq!(num(&r, "fail"), 0, "{r}");
+    assert!(num(&r, "total") > 0, "{r}");
+}
+
+fn rcutorture(host: Host) {
+    let r = suite(host, "test=rcutorture", "rcutorture");
+    assert_eq!(num(&r, "bad_pipe"), 0, "{r}");
+    assert_eq!(num(&r, "freed_seen"), 0, "{r}");
+    assert!(num(&r, "gps") > 0 && num(&r, "updates") > 0, "{r}");
+}
+
+fn rcuflood(host: Host) {
+    let r = suite(host, "test=rcuflood", "rcuflood");
+    assert!(num(&r, "posted") > 0, "{r}");
+    assert_eq!(num(&r, "posted"), num(&r, "invoked"), "{r}");
+    assert_eq!(num(&r, "pending_after_barrier"), 0, "{r}");
+}
+
+fn tlbtorture(host: Host) {
+    let r = suite(host, "test=tlbtorture", "tlbtorture");
+    assert_eq!(num(&r, "readers"), VCPUS as u64, "{r}");
+    assert_eq!(num(&r, "stale"), 0, "{r}");
+    assert_eq!(num(&r, "missed_flushes"), 0, "{r}");
+    assert_eq!(num(&r, "failed_tasks"), 0, "{r}");
+    assert!(num(&r, "reads") > 0 && num(&r, "shootdowns") > 0, "{r}");
+}
+
+/// Not a torture suite, but cheap at this size: the self-tests (allocators, per-CPU data,
+/// every CPU's tick and IPIs, preemption, RCU, user mode) and the waiters' published names.
+fn selftest(host: Host) {
+    let r = suite(host, "test=selftest", "selftest");
+    assert_eq!(num(&r, "failed"), 0, "{r}");
+    assert_eq!(
+        num(&r, "passed"),
+        pvsync_tests::SELFTESTS.len() as u64,
+        "{r}"
+    );
+}
+
+fn pvwait(host: Host) {
+    let r = suite(host, "test=pvwait", "pvwait");
+    assert_eq!(num(&r, "failed"), 0, "{r}");
+    assert_eq!(num(&r, "passed"), 4, "{r}");
+}
+
+macro_rules! on_both {
+    ($($name:ident => $body:expr;)*) => {
+        mod pvsync {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if require_kvm(concat!("max_vcpus::pvsync::", stringify!($name))) {
+                        let f: fn(Host) = $body;
+                        f(Host::Pvsync);
+                    }
+                }
+            )*
+        }
+        mod qemu {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if require_kvm(concat!("max_vcpus::qemu::", stringify!($name))) {
+                        let f: fn(Host) = $body;
+                        f(Host::Qemu);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both! {
+    locktorture_passes => locktorture;
+    rcutorture_passes => rcutorture;
+    rcuflood_drains => rcuflood;
+    tlbtorture_passes => tlbtorture;
+    selftests_pass => selftest;
+    waiters_name_whom_they_wait_for => pvwait;
+}
+
+/// More threads than the memory has room for: the suite says what it needs and what there
+/// is, and the guest exits with a failure, not an allocation panic.
+#[test]
+fn a_suite_too_big_for_the_memory_fails_with_the_reason() {
+    if !require_kvm("a_suite_too_big_for_the_memory_fails_with_the_reason") {
+        return;
+    }
+    let out = run(
+        Host::Pvsync,
+        64,
+        "test=locktorture threads=2048 duration=100",
+    );
+    out.check(!out.timed_out, "hang");
+    out.check(
+        !out.stdout.contains("PANIC") && !out.all().contains("memory allocation"),
+        "an allocation panic instead of a clear failure",
+    );
+    out.check(
+        exited(&out, Host::Pvsync, ExitCode::Failure),
+        "a failure exit (1)",
+    );
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("FAILURE: locktorture with 2048 threads needs ~"))
+        .unwrap_or_else(|| panic!("no clear FAILURE line:\n{}", out.stdout));
+    assert!(
+        line.contains("KiB of kernel heap, only ")
+            && line.ends_with("available; give the VM more memory (--mem)"),
+        "{line}"
+    );
+    // 2048 threads x 32 KiB stacks: the need is at least 64 MiB, more than the VM has.
+    let need: u64 = line
+        .split('~')
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no need in {line}"));
+    assert!(need >= 2048 * 32, "{line}");
+}
