@@ -303,3 +303,46 @@ pub fn qemu_command(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str)
 pub fn qemu_guest(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Output {
     run_with_limit(qemu_command(machine, smp, mem_mib, cmdline), RUN_LIMIT)
 }
+
+/// Declares host-specific integration tests: every test of `both` under `mod pvsync` (our
+/// VMM) and `mod qemu` (QEMU/KVM), every test of `pvsync` under `mod pvsync` only. Each body
+/// is a `fn(Host)`; the calling file defines `Host` with `Pvsync` and `Qemu` variants. A test
+/// runs only where KVM exists ([`require_kvm`], which fails it instead when KVM is required).
+#[macro_export]
+macro_rules! host_tests {
+    (both { $($name:ident => $body:expr;)* } pvsync { $($pname:ident => $pbody:expr;)* }) => {
+        mod pvsync {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::require_kvm(concat!(module_path!(), "::", stringify!($name))) {
+                        let f: fn(Host) = $body;
+                        f(Host::Pvsync);
+                    }
+                }
+            )*
+            $(
+                #[test]
+                fn $pname() {
+                    if $crate::require_kvm(concat!(module_path!(), "::", stringify!($pname))) {
+                        let f: fn(Host) = $pbody;
+                        f(Host::Pvsync);
+                    }
+                }
+            )*
+        }
+        mod qemu {
+            use super::*;
+            $(
+                #[test]
+                fn $name() {
+                    if $crate::require_kvm(concat!(module_path!(), "::", stringify!($name))) {
+                        let f: fn(Host) = $body;
+                        f(Host::Qemu);
+                    }
+                }
+            )*
+        }
+    };
+}

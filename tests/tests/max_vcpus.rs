@@ -136,42 +136,16 @@ fn pvwait(host: Host) {
     assert_eq!(num(&r, "passed"), 4, "{r}");
 }
 
-macro_rules! on_both {
-    ($($name:ident => $body:expr;)*) => {
-        mod pvsync {
-            use super::*;
-            $(
-                #[test]
-                fn $name() {
-                    if require_kvm(concat!("max_vcpus::pvsync::", stringify!($name))) {
-                        let f: fn(Host) = $body;
-                        f(Host::Pvsync);
-                    }
-                }
-            )*
-        }
-        mod qemu {
-            use super::*;
-            $(
-                #[test]
-                fn $name() {
-                    if require_kvm(concat!("max_vcpus::qemu::", stringify!($name))) {
-                        let f: fn(Host) = $body;
-                        f(Host::Qemu);
-                    }
-                }
-            )*
-        }
-    };
-}
-
-on_both! {
-    locktorture_passes => locktorture;
-    rcutorture_passes => rcutorture;
-    rcuflood_drains => rcuflood;
-    tlbtorture_passes => tlbtorture;
-    selftests_pass => selftest;
-    waiters_name_whom_they_wait_for => pvwait;
+pvsync_tests::host_tests! {
+    both {
+        locktorture_passes => locktorture;
+        rcutorture_passes => rcutorture;
+        rcuflood_drains => rcuflood;
+        tlbtorture_passes => tlbtorture;
+        selftests_pass => selftest;
+        waiters_name_whom_they_wait_for => pvwait;
+    }
+    pvsync {}
 }
 
 /// More threads than the memory has room for: the suite says what it needs and what there

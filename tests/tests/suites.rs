@@ -4,7 +4,7 @@
 //! (FAILURE, exit 1) by its own detector, whose counter the test reads from the RESULT line.
 //! Duration per run: PVSYNC_TORTURE_MS (default 1000; longer runs find rarer bugs).
 
-use pvsync_tests::{field, pvsync_guest, qemu_guest, require_kvm, Output, QemuMachine};
+use pvsync_tests::{field, pvsync_guest, qemu_guest, Output, QemuMachine};
 use shared_abi::ExitCode;
 
 /// vCPUs per VM: twice the host cores of CI machines (2), i.e. overcommitted.
@@ -194,48 +194,7 @@ fn rcu_model(host: Host) {
     );
 }
 
-/// Tests run under both hosts, then tests run under pvsync only (the later negative
-/// controls: the fault switches are the guest's, so one host suffices, and the test time
-/// stays short).
-macro_rules! suites {
-    (both { $($name:ident => $body:expr;)* } pvsync { $($pname:ident => $pbody:expr;)* }) => {
-        mod pvsync {
-            use super::*;
-            $(
-                #[test]
-                fn $name() {
-                    if require_kvm(concat!("pvsync::", stringify!($name))) {
-                        let f: fn(Host) = $body;
-                        f(Host::Pvsync);
-                    }
-                }
-            )*
-            $(
-                #[test]
-                fn $pname() {
-                    if require_kvm(concat!("pvsync::", stringify!($pname))) {
-                        let f: fn(Host) = $pbody;
-                        f(Host::Pvsync);
-                    }
-                }
-            )*
-        }
-        mod qemu {
-            use super::*;
-            $(
-                #[test]
-                fn $name() {
-                    if require_kvm(concat!("qemu::", stringify!($name))) {
-                        let f: fn(Host) = $body;
-                        f(Host::Qemu);
-                    }
-                }
-            )*
-        }
-    };
-}
-
-suites! {
+pvsync_tests::host_tests! {
     both {
         locktorture_ticket => |h| locktorture(h, "ticket");
         locktorture_mcs => |h| locktorture(h, "mcs");
