@@ -171,6 +171,14 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The number after `key=` in a `RESULT` line; panics, naming the key and the line, if there
+/// is none.
+pub fn num(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
 /// Runs `cmd` to completion, killing it after `limit` (the test's own watchdog, on top of
 /// any timeout the program has).
 pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Output {

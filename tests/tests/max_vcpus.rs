@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use pvsync_tests::{
-    field, pvsync_guest_command, qemu_guest, require_kvm, run_with_limit, Output, QemuMachine,
+    field, num, pvsync_guest_command, qemu_guest, require_kvm, run_with_limit, Output, QemuMachine,
     RUN_LIMIT,
 };
 use shared_abi::{ExitCode, MAX_VCPUS};
@@ -80,12 +80,6 @@ fn suite(host: Host, cmdline: &str, suite: &str) -> String {
     out.line(&format!("RESULT {suite}"))
         .unwrap_or_else(|| panic!("no RESULT {suite} line"))
         .to_owned()
-}
-
-fn num(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 fn locktorture(host: Host) {

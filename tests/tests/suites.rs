@@ -4,7 +4,7 @@
 //! (FAILURE, exit 1) by its own detector, whose counter the test reads from the RESULT line.
 //! Duration per run: PVSYNC_TORTURE_MS (default 1000; longer runs find rarer bugs).
 
-use pvsync_tests::{field, pvsync_guest, qemu_guest, Output, QemuMachine};
+use pvsync_tests::{num, pvsync_guest, qemu_guest, Output, QemuMachine};
 use shared_abi::ExitCode;
 
 /// vCPUs per VM: twice the host cores of CI machines (2), i.e. overcommitted.
@@ -62,12 +62,6 @@ fn suite(host: Host, cmdline: &str, suite: &str, must_pass: bool) -> String {
     out.line(&format!("RESULT {suite}"))
         .unwrap_or_else(|| panic!("no RESULT {suite} line"))
         .to_owned()
-}
-
-fn num(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 /// The lock's paravirtual slow paths ran (counted at the platform boundary, module doc of

@@ -465,16 +465,9 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
         lost_kicks == 0,
         "a waiter granted while halted was never kicked",
     );
-    // The paravirtual paths the lock uses must have run.
-    let pv_host = crate::shared::pv_host();
-    let queued = kind.starts_with("mcs");
-    if kind == "ticket" || queued {
-        // Ticket waiters, and MCS waiters with interrupts off, yield to the vCPU in their way.
-        require(!pv_host || yields > 0, "no yield hypercall was made");
-    }
-    if queued {
-        require(halts > 0, "no MCS waiter halted");
-        require(kicks > 0, "no halted MCS waiter was kicked");
-    }
+    // That the paravirtual paths ran (pv_yields, pv_halts, pv_kicks above) is required by
+    // the suite's tests (tests/tests/suites.rs), which make contention certain. Not here: the
+    // scheduler benchmarks run this suite as a workload, and with both vCPUs stacked on one
+    // host CPU a waiter may never reach its slow path.
     ok
 }
