@@ -36,7 +36,8 @@ fn page_with(header: PageHeader) -> u64 {
 
 /// Bad registrations, made before the real one. True if the host refused each correctly.
 pub fn before_registration(nr_vcpus: u32) -> bool {
-    let good = PageHeader::new(nr_vcpus);
+    // Without event rings: the region is one page (or two), like the pages below.
+    let good = PageHeader::new(nr_vcpus, 0);
     let mut ok = true;
     let zero = page_with(PageHeader::default());
     ok &= check("misaligned", shared::register(zero + 8), S::BadAddress);
@@ -62,6 +63,14 @@ pub fn before_registration(nr_vcpus: u32) -> bool {
         "geometry",
         shared::register(page_with(PageHeader {
             region_size: 1 << 30,
+            ..good
+        })),
+        S::BadGeometry,
+    );
+    ok &= check(
+        "ring-entries",
+        shared::register(page_with(PageHeader {
+            event_ring_entries: 100,
             ..good
         })),
         S::BadGeometry,
@@ -122,12 +131,12 @@ fn next(x: &mut u64) -> u64 {
 /// shared region with noise and make random hypercalls (never Exit). Returns the hypercalls
 /// made.
 fn flood_one(seed: u64, end: u64) -> u64 {
-    use shared_abi::{region_size, Hypercall, IpiDest, IpiRequest};
+    use shared_abi::{Hypercall, IpiDest, IpiRequest};
     use x86_64::instructions::port::Port;
     let Some((base, nr, _)) = shared::info() else {
         return 0;
     };
-    let words = region_size(nr as usize) / 8;
+    let words = pvsync_guest::region::size(nr) / 8;
     let mut x = seed | 1;
     let mut calls = 0;
     while crate::arch::tsc::now() < end {

@@ -4,9 +4,7 @@
 //! (`pvsync_guest::hypercall`). The layout is `shared_abi`'s, the contract docs/abi.md.
 
 use pvsync_guest::{hypercall, record, region};
-use shared_abi::{
-    region_size, Hypercall, HypercallStatus, IpiDest, VcpuMode, VcpuRecord, PAGE_SIZE,
-};
+use shared_abi::{Hypercall, HypercallStatus, IpiDest, VcpuMode, VcpuRecord, PAGE_SIZE};
 use x86_64::instructions::port::Port;
 
 use crate::platform::Kernel;
@@ -17,7 +15,7 @@ pub use pvsync_guest::region::{host_accepted, info, pv_host, rcu_header};
 /// Without a pvsync host the status says so and the region is still used (unread).
 /// The calling CPU publishes into its record from now on.
 pub fn init(nr_vcpus: u32) -> HypercallStatus {
-    let size = region_size(nr_vcpus as usize);
+    let size = region::size(nr_vcpus);
     let base =
         crate::mm::frame::alloc_contiguous_or_panic((size / PAGE_SIZE) as u64, "the shared region");
     // SAFETY: freshly allocated, identity-mapped frames (so the guest-physical address is

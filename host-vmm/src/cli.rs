@@ -185,6 +185,7 @@ fn vm_configs(
                 cmdline: v.cmdline.unwrap_or_else(|| a.cmdline.clone()),
                 timeout,
                 policy: v.policy.unwrap_or_else(|| policy.clone()),
+                guest_events: a.trace.is_some(),
             })
         })
         .collect()
@@ -253,12 +254,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
                 }
             }
         }
-        "linux" => {
-            if a.trace.is_some() {
-                return usage(log, "--trace needs the slot backend");
-            }
-            Chosen::Linux(Arc::new(LinuxBackend::new()))
-        }
+        "linux" => Chosen::Linux(Arc::new(LinuxBackend::new())),
         other => {
             return usage(
                 log,
@@ -288,6 +284,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             (c, out)
         })
         .collect();
+    let run_start = std::time::Instant::now();
     let result = vm::run_all(vms, chosen.as_backend(), timeout);
     let (trace, sched_failed) = match &chosen {
         Chosen::Slots(b) => match b.shutdown() {
@@ -306,7 +303,7 @@ fn run(a: RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
             return EXIT_HOST_ERROR;
         }
     };
-    let status = finish(&a, &summary, &reports, trace, log);
+    let status = finish(&a, &summary, &reports, trace, run_start, log);
     // A VM that ended before the scheduler failed may have succeeded; the run did not.
     if sched_failed {
         return EXIT_HOST_ERROR;
@@ -320,6 +317,7 @@ fn finish(
     summary: &SchedSummary,
     reports: &[RunReport],
     trace: Option<Trace>,
+    run_start: std::time::Instant,
     log: &mut dyn Write,
 ) -> i32 {
     let mut status = 0;
@@ -349,21 +347,27 @@ fn finish(
             status = EXIT_HOST_ERROR;
         }
     }
-    if let (Some(path), Some(trace)) = (&a.trace, trace) {
-        let names: Vec<String> = reports.iter().map(|r| r.name.clone()).collect();
+    if let Some(path) = &a.trace {
+        let timeline = crate::trace::of_run(run_start, trace.as_ref(), reports);
+        let settings = serde_json::json!({
+            "backend": summary.backend,
+            "vms": reports.iter().map(|r| serde_json::json!({
+                "name": r.name, "vcpus": r.yields_to.len(), "policy": r.policy,
+            })).collect::<Vec<_>>(),
+        });
         let written = std::fs::File::create(path).and_then(|f| {
             let mut w = std::io::BufWriter::new(f);
-            trace.write(&mut w, &names)?;
+            crate::trace::json::write(&timeline, settings, &mut w)?;
             w.flush()
         });
         match written {
             Ok(()) => {
+                let spans = timeline.spans().count();
                 let _ = writeln!(
                     log,
-                    "pvsync: trace: {} events to {} ({} dropped)",
-                    trace.len(),
+                    "pvsync: trace: {spans} spans to {} (lost: {:?})",
                     path.display(),
-                    trace.dropped
+                    timeline.losses
                 );
             }
             Err(e) => {

@@ -12,6 +12,7 @@
 pub mod arch;
 pub mod cli;
 pub mod devices;
+pub mod guest_events;
 pub mod hoststat;
 pub mod hypercall;
 pub mod loader;
@@ -20,5 +21,6 @@ pub mod report;
 pub mod scenario;
 pub mod sched;
 pub mod shared_region;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;

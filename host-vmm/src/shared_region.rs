@@ -10,8 +10,8 @@ use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 
 use shared_abi::{
-    record_offset, region_size, HostFlags, HypercallStatus, PageHeader, VcpuMode, VcpuRecord,
-    ABI_VERSION, HEADER_SIZE, NO_VCPU, PAGE_MAGIC, PAGE_SIZE, RECORD_SIZE,
+    record_offset, region_size, valid_event_ring_entries, HostFlags, HypercallStatus, PageHeader,
+    VcpuMode, VcpuRecord, ABI_VERSION, HEADER_SIZE, NO_VCPU, PAGE_MAGIC, PAGE_SIZE, RECORD_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -24,6 +24,8 @@ pub struct Registration {
     pub gpa: u64,
     pub nr_vcpus: u32,
     pub size: u64,
+    /// Entries of each vCPU's event ring (0: the guest keeps none).
+    pub event_ring_entries: u32,
 }
 
 /// Checks a registration request for `gpa` from a VM with `vm_vcpus` vCPUs whose kernel
@@ -52,7 +54,10 @@ pub fn validate(
     if h.nr_vcpus != vm_vcpus {
         return Err(HypercallStatus::BadVcpuCount);
     }
-    let size = region_size(h.nr_vcpus as usize) as u64;
+    if !valid_event_ring_entries(h.event_ring_entries) {
+        return Err(HypercallStatus::BadGeometry);
+    }
+    let size = region_size(h.nr_vcpus as usize, h.event_ring_entries) as u64;
     if h.region_size as u64 != size
         || h.record_size as usize != RECORD_SIZE
         || h.records_offset as usize != HEADER_SIZE
@@ -76,16 +81,23 @@ pub fn validate(
         gpa,
         nr_vcpus: h.nr_vcpus,
         size,
+        event_ring_entries: h.event_ring_entries,
     })
 }
 
-/// Tells the guest its region is read: sets ACCEPTED in the header's host flags.
+/// Tells the guest its region is read: sets ACCEPTED in the header's host flags, and
+/// EVENTS if the host wants guest events (`events`) and the region has rings for them.
 pub fn mark_accepted(
     mem: &GuestMemoryMmap,
     reg: &Registration,
+    events: bool,
 ) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut flags = HostFlags::ACCEPTED;
+    if events && reg.event_ring_entries > 0 {
+        flags |= HostFlags::EVENTS;
+    }
     mem.store(
-        HostFlags::ACCEPTED,
+        flags,
         GuestAddress(reg.gpa + offset_of!(PageHeader, host_flags) as u64),
         Ordering::Release,
     )
@@ -208,11 +220,12 @@ impl Snapshot {
     pub fn render(&self) -> String {
         let r = &self.registration;
         let mut s = format!(
-            "shared region gpa={:#x} size={} abi={} vcpus={} host_flags={:#x} rcu_gp_seq={} rcu_callbacks_pending={} invalid_records={}\n",
+            "shared region gpa={:#x} size={} abi={} vcpus={} event_ring_entries={} host_flags={:#x} rcu_gp_seq={} rcu_callbacks_pending={} invalid_records={}\n",
             r.gpa,
             r.size,
             self.header.abi_version,
             r.nr_vcpus,
+            r.event_ring_entries,
             self.header.host_flags,
             self.header.rcu_gp_seq,
             self.header.rcu_callbacks_pending,
@@ -284,6 +297,8 @@ mod tests {
             .unwrap();
         mem.write_obj(h.records_offset, GuestAddress(gpa + 24))
             .unwrap();
+        mem.write_obj(h.event_ring_entries, GuestAddress(gpa + 56))
+            .unwrap();
     }
 
     const KERNEL: Range<u64> = 0x10_0000..0x20_0000;
@@ -297,25 +312,51 @@ mod tests {
     #[test]
     fn accepts_a_good_region_and_marks_it() {
         let m = mem();
-        write_header(&m, 0x40_0000, PageHeader::new(4));
+        write_header(&m, 0x40_0000, PageHeader::new(4, 0));
         let reg = check_reg(&m, 0x40_0000, 4).unwrap();
         assert_eq!(
             reg,
             Registration {
                 gpa: 0x40_0000,
                 nr_vcpus: 4,
-                size: 4096
+                size: 4096,
+                event_ring_entries: 0,
             }
         );
-        mark_accepted(&m, &reg).unwrap();
+        mark_accepted(&m, &reg, true).unwrap();
+        let flags: u32 = m.read_obj(GuestAddress(0x40_0000 + 28)).unwrap();
+        assert_eq!(flags, HostFlags::ACCEPTED, "no rings: no events asked for");
+    }
+
+    #[test]
+    fn rings_grow_the_region_and_events_are_asked_for_only_when_tracing() {
+        let m = mem();
+        write_header(&m, 0x40_0000, PageHeader::new(4, 128));
+        let reg = check_reg(&m, 0x40_0000, 4).unwrap();
+        assert_eq!((reg.size, reg.event_ring_entries), (16384, 128));
+        mark_accepted(&m, &reg, false).unwrap();
         let flags: u32 = m.read_obj(GuestAddress(0x40_0000 + 28)).unwrap();
         assert_eq!(flags, HostFlags::ACCEPTED);
+        mark_accepted(&m, &reg, true).unwrap();
+        let flags: u32 = m.read_obj(GuestAddress(0x40_0000 + 28)).unwrap();
+        assert_eq!(flags, HostFlags::ACCEPTED | HostFlags::EVENTS);
+
+        for bad in [100, 8192] {
+            let mut h = PageHeader::new(4, 128);
+            h.event_ring_entries = bad;
+            write_header(&m, 0x48_0000, h);
+            assert_eq!(
+                check_reg(&m, 0x48_0000, 4),
+                Err(HypercallStatus::BadGeometry),
+                "{bad} entries"
+            );
+        }
     }
 
     #[test]
     fn refuses_each_kind_of_bad_registration() {
         let m = mem();
-        write_header(&m, 0x40_0000, PageHeader::new(4));
+        write_header(&m, 0x40_0000, PageHeader::new(4, 0));
         assert_eq!(
             check_reg(&m, 0x40_0010, 4),
             Err(HypercallStatus::BadAddress)
@@ -335,7 +376,7 @@ mod tests {
             "zeroed page"
         );
 
-        let mut h = PageHeader::new(4);
+        let mut h = PageHeader::new(4, 0);
         h.abi_version = ABI_VERSION + 1;
         write_header(&m, 0x41_0000, h);
         assert_eq!(
@@ -343,7 +384,7 @@ mod tests {
             Err(HypercallStatus::VersionMismatch)
         );
 
-        let mut h = PageHeader::new(4);
+        let mut h = PageHeader::new(4, 0);
         h.region_size = 1 << 30;
         write_header(&m, 0x42_0000, h);
         assert_eq!(
@@ -351,7 +392,7 @@ mod tests {
             Err(HypercallStatus::BadGeometry)
         );
 
-        write_header(&m, 0x1f_f000, PageHeader::new(4));
+        write_header(&m, 0x1f_f000, PageHeader::new(4, 0));
         assert_eq!(
             check_reg(&m, 0x1f_f000, 4),
             Err(HypercallStatus::OverlapsKernel)
@@ -359,12 +400,12 @@ mod tests {
 
         // A region whose second page would be past the end of RAM.
         let last = (16 * MIB - 4096) as u64;
-        write_header(&m, last, PageHeader::new(64));
+        write_header(&m, last, PageHeader::new(64, 0));
         assert_eq!(check_reg(&m, last, 64), Err(HypercallStatus::BadAddress));
 
         // Mapped memory that is not RAM: the legacy hole, and a page crossing into it.
         for gpa in [0xe_0000, 0x9_f000] {
-            write_header(&m, gpa, PageHeader::new(4));
+            write_header(&m, gpa, PageHeader::new(4, 0));
             assert_eq!(
                 check_reg(&m, gpa, 4),
                 Err(HypercallStatus::BadAddress),
@@ -373,15 +414,15 @@ mod tests {
         }
 
         // Fields this version defines as zero.
-        write_header(&m, 0x43_0000, PageHeader::new(4));
+        write_header(&m, 0x43_0000, PageHeader::new(4, 0));
         m.write_obj(1u32, GuestAddress(0x43_0000 + 28)).unwrap();
         assert_eq!(
             check_reg(&m, 0x43_0000, 4),
             Err(HypercallStatus::BadGeometry),
             "host_flags"
         );
-        write_header(&m, 0x44_0000, PageHeader::new(4));
-        m.write_obj(1u64, GuestAddress(0x44_0000 + 56)).unwrap();
+        write_header(&m, 0x44_0000, PageHeader::new(4, 0));
+        m.write_obj(1u32, GuestAddress(0x44_0000 + 60)).unwrap();
         assert_eq!(
             check_reg(&m, 0x44_0000, 4),
             Err(HypercallStatus::BadGeometry),
@@ -392,7 +433,7 @@ mod tests {
     #[test]
     fn odd_sequence_reads_as_torn_and_garbage_is_flagged() {
         let m = mem();
-        write_header(&m, 0x40_0000, PageHeader::new(2));
+        write_header(&m, 0x40_0000, PageHeader::new(2, 0));
         let reg = check_reg(&m, 0x40_0000, 2).unwrap();
         let r0 = 0x40_0000 + record_offset(0) as u64;
         m.write_obj(3u32, GuestAddress(r0)).unwrap(); // odd: a write in progress forever

@@ -11,22 +11,24 @@
 //!
 //! ```
 //! use shared_abi::{region_size, record_offset, HEADER_SIZE, RECORD_SIZE};
-//! // Four vCPUs fit in one 4 KiB page; 64 vCPUs need two.
-//! assert_eq!(region_size(4), 4096);
-//! assert_eq!(region_size(64), 8192);
+//! // Without event rings, four vCPUs fit in one 4 KiB page; 64 vCPUs need two.
+//! assert_eq!(region_size(4, 0), 4096);
+//! assert_eq!(region_size(64, 0), 8192);
 //! assert_eq!(record_offset(0), HEADER_SIZE);
 //! assert_eq!(record_offset(3), HEADER_SIZE + 3 * RECORD_SIZE);
 //! ```
 #![no_std]
 
+mod events;
 mod hypercall;
 mod page;
 
+pub use events::*;
 pub use hypercall::*;
 pub use page::*;
 
 /// Version of this ABI. Bumped on any change of layout or meaning; never tied to semver.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Name of the ELF note in which the guest embeds [`ABI_VERSION`] (namesz = 7, NUL included).
 pub const ELF_NOTE_NAME: &[u8; 7] = b"PVSYNC\0";

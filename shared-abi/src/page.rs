@@ -1,4 +1,5 @@
-//! The shared region: a 64-byte header followed by one 64-byte record per vCPU.
+//! The shared region: a 64-byte header, one 64-byte record per vCPU, then (ABI v5) one
+//! event ring per vCPU (`events.rs`).
 //!
 //! Record `i` belongs to the vCPU whose x2APIC ID is `i` (the VMM numbers vCPUs so that
 //! KVM vCPU id = APIC ID). Only that vCPU writes the guest half of its record; only the host
@@ -16,9 +17,10 @@ pub const HEADER_SIZE: usize = 64;
 /// Size of one [`VcpuRecord`]: one cache line.
 pub const RECORD_SIZE: usize = 64;
 
-/// Byte size of the whole shared region for `nr_vcpus` records, rounded up to whole pages.
-pub const fn region_size(nr_vcpus: usize) -> usize {
-    let bytes = HEADER_SIZE + nr_vcpus * RECORD_SIZE;
+/// Byte size of the whole shared region for `nr_vcpus` records and event rings of
+/// `event_ring_entries` entries each, rounded up to whole pages.
+pub const fn region_size(nr_vcpus: usize, event_ring_entries: u32) -> usize {
+    let bytes = crate::event_ring_offset(nr_vcpus, event_ring_entries, nr_vcpus);
     bytes.div_ceil(PAGE_SIZE) * PAGE_SIZE
 }
 
@@ -38,7 +40,7 @@ pub struct PageHeader {
     pub abi_version: u32,
     /// Number of records that follow; must equal the VM's vCPU count. Guest.
     pub nr_vcpus: u32,
-    /// Bytes of the region, `region_size(nr_vcpus)`. Guest.
+    /// Bytes of the region, `region_size(nr_vcpus, event_ring_entries)`. Guest.
     pub region_size: u32,
     /// [`RECORD_SIZE`]; lets a later version grow records. Guest.
     pub record_size: u32,
@@ -54,24 +56,29 @@ pub struct PageHeader {
     /// Bit i: the grace period in progress still waits for a quiescent state from vCPU i
     /// (0 when none is in progress). Guest (the grace-period kthread, one aligned store).
     pub rcu_gp_holdouts: u64,
+    /// Entries of each vCPU's event ring: 0 (no rings) or a power of two up to
+    /// [`crate::MAX_EVENT_RING_ENTRIES`]. Guest (ABI v5).
+    pub event_ring_entries: u32,
     /// Zero; reserved for later versions.
-    pub reserved: u64,
+    pub reserved: u32,
 }
 
 impl PageHeader {
-    /// The header a guest with `nr_vcpus` vCPUs writes before registering.
-    pub const fn new(nr_vcpus: u32) -> Self {
+    /// The header a guest with `nr_vcpus` vCPUs and event rings of `event_ring_entries`
+    /// entries writes before registering.
+    pub const fn new(nr_vcpus: u32, event_ring_entries: u32) -> Self {
         PageHeader {
             magic: PAGE_MAGIC,
             abi_version: crate::ABI_VERSION,
             nr_vcpus,
-            region_size: region_size(nr_vcpus as usize) as u32,
+            region_size: region_size(nr_vcpus as usize, event_ring_entries) as u32,
             record_size: RECORD_SIZE as u32,
             records_offset: HEADER_SIZE as u32,
             host_flags: 0,
             rcu_gp_seq: 0,
             rcu_callbacks_pending: 0,
             rcu_gp_holdouts: 0,
+            event_ring_entries,
             reserved: 0,
         }
     }
@@ -91,6 +98,9 @@ pub struct HostFlags;
 impl HostFlags {
     /// The host accepted the registration and reads the region.
     pub const ACCEPTED: u32 = 1 << 0;
+    /// The host wants guest events (it traces): the guest writes its event rings (ABI v5).
+    /// Set together with `ACCEPTED`, and only if the header has rings.
+    pub const EVENTS: u32 = 1 << 1;
 }
 
 /// What a vCPU is executing, as far as its guest knows.
@@ -203,7 +213,8 @@ const _: () = {
     assert!(offset_of!(PageHeader, rcu_gp_seq) == 32);
     assert!(offset_of!(PageHeader, rcu_callbacks_pending) == 40);
     assert!(offset_of!(PageHeader, rcu_gp_holdouts) == 48);
-    assert!(offset_of!(PageHeader, reserved) == 56);
+    assert!(offset_of!(PageHeader, event_ring_entries) == 56);
+    assert!(offset_of!(PageHeader, reserved) == 60);
 
     assert!(size_of::<VcpuRecord>() == RECORD_SIZE);
     assert!(offset_of!(VcpuRecord, seq) == 0);
@@ -221,7 +232,9 @@ const _: () = {
     assert!(offset_of!(VcpuRecord, host_boosts) == 52);
     assert!(offset_of!(VcpuRecord, host_preempted_ns) == 56);
 
-    assert!(region_size(crate::MAX_VCPUS) <= 2 * PAGE_SIZE);
+    assert!(region_size(crate::MAX_VCPUS, 0) <= 2 * PAGE_SIZE);
+    // The largest region (every vCPU, the biggest rings) still has a u32 size.
+    assert!(region_size(crate::MAX_VCPUS, crate::MAX_EVENT_RING_ENTRIES) < u32::MAX as usize);
 };
 
 #[cfg(test)]
@@ -235,10 +248,13 @@ mod tests {
 
     #[test]
     fn region_rounds_to_pages() {
-        assert_eq!(region_size(1), PAGE_SIZE);
-        assert_eq!(region_size(63), PAGE_SIZE);
+        assert_eq!(region_size(1, 0), PAGE_SIZE);
+        assert_eq!(region_size(63, 0), PAGE_SIZE);
         // 64 bytes of header + 64 records spill 64 bytes into a second page.
-        assert_eq!(region_size(64), 2 * PAGE_SIZE);
+        assert_eq!(region_size(64, 0), 2 * PAGE_SIZE);
+        // One vCPU with a 128-entry ring: 64 + 64 + 64 + 128 * 24 bytes.
+        assert_eq!(region_size(1, 128), PAGE_SIZE);
+        assert_eq!(region_size(2, 128), 2 * PAGE_SIZE);
         assert_eq!(
             record_offset(63) + RECORD_SIZE,
             HEADER_SIZE + 64 * RECORD_SIZE
@@ -247,7 +263,7 @@ mod tests {
 
     #[test]
     fn header_round_trips_through_bytes() {
-        let h = PageHeader::new(8);
+        let h = PageHeader::new(8, 0);
         // SAFETY: PageHeader is plain integers of HEADER_SIZE bytes, so viewing it as bytes is
         // sound for the lifetime of `h`.
         let bytes: &[u8; HEADER_SIZE] = unsafe { &*(&h as *const PageHeader).cast() };

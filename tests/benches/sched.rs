@@ -330,7 +330,7 @@ fn synthetic(n: u32) -> (Vec<VcpuState>, Snapshot) {
             }
         })
         .collect();
-    let mut header = PageHeader::new(n);
+    let mut header = PageHeader::new(n, 0);
     header.rcu_gp_seq = 7;
     header.rcu_callbacks_pending = 5000;
     let records = (0..n)
@@ -355,6 +355,7 @@ fn synthetic(n: u32) -> (Vec<VcpuState>, Snapshot) {
             gpa: 0x10_0000,
             nr_vcpus: n,
             size: 8192,
+            event_ring_entries: 0,
         },
         header,
         records,

@@ -133,6 +133,7 @@ fn host_refuses_every_bad_registration() {
         "version",
         "vcpu-count",
         "geometry",
+        "ring-entries",
         "overlaps-kernel",
         "crosses-ram-end",
         "byte-write",

@@ -10,7 +10,9 @@
 //! - [`locks`]: ticket and MCS locks whose slow paths name the vCPU in the way and yield to
 //!   it, or halt until kicked;
 //! - [`tlb`]: the TLB-shootdown request/acknowledge protocol;
-//! - [`rcu`]: readers, quiescent states, grace periods and callbacks.
+//! - [`rcu`]: readers, quiescent states, grace periods and callbacks;
+//! - [`events`]: what the primitives were doing (spins, shootdown waits, grace periods,
+//!   mode changes), appended to per-CPU rings the host drains when it traces.
 //!
 //! The crate reaches the machine only through [`Platform`], which the kernel implements.
 //! Without a pvsync host every primitive still works: the region is not read, and no
@@ -70,6 +72,7 @@ extern crate std;
 
 pub mod cpu;
 pub mod cpuset;
+pub mod events;
 pub mod hypercall;
 pub mod locks;
 pub mod platform;

@@ -73,23 +73,27 @@ fn publish(cpu: &CpuSync, f: impl FnOnce(*mut VcpuRecord)) {
 
 /// Publishes the calling CPU's execution mode.
 pub fn publish_mode<P: Platform>(mode: VcpuMode) {
-    set_mode(P::cpu(), mode);
+    if set_mode(P::cpu(), mode) {
+        crate::events::emit::<P>(shared_abi::EventKind::Mode, mode as u32, 0);
+    }
 }
 
 /// Publishes the calling CPU's execution mode (`cpu`: its own block).
 /// Skips the update when the mode is unchanged: an idle CPU woken by its tick then writes
-/// nothing (and is never caught mid-update by a host snapshot while it idles).
-pub(crate) fn set_mode(cpu: &CpuSync, mode: VcpuMode) {
+/// nothing (and is never caught mid-update by a host snapshot while it idles). True if the
+/// mode changed.
+pub(crate) fn set_mode(cpu: &CpuSync, mode: VcpuMode) -> bool {
     let rec = cpu.record();
     // SAFETY: this CPU is the only writer of its record's guest half; reading it back is a
     // plain volatile load of our own store.
     if unsafe { read_volatile(addr_of!((*rec).mode)) } == mode as u8 {
-        return;
+        return false;
     }
     // SAFETY: `rec` is this CPU's record, handed over by `publish`.
     publish(cpu, |rec| unsafe {
         write_volatile(addr_of_mut!((*rec).mode), mode as u8)
     });
+    true
 }
 
 /// What the calling CPU has published as (lock it spins on, vCPU in the way).

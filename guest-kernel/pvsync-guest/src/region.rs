@@ -8,8 +8,8 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_abi::{
-    record_offset, region_size, HostFlags, Hypercall, HypercallStatus, PageHeader, VcpuRecord,
-    NO_VCPU,
+    event_ring_offset, record_offset, region_size, HostFlags, Hypercall, HypercallStatus,
+    PageHeader, VcpuRecord, NO_VCPU,
 };
 use spin::Once;
 
@@ -40,24 +40,32 @@ pub fn pv_host() -> bool {
     PV_HOST.load(Ordering::Relaxed)
 }
 
+/// Bytes of the region for `nr_vcpus` CPUs (records and event rings), whole pages: what
+/// [`init`] needs at `base`.
+pub const fn size(nr_vcpus: u32) -> usize {
+    region_size(nr_vcpus as usize, crate::events::RING_ENTRIES)
+}
+
 /// Fills the region at `base` for `nr_vcpus` CPUs, registers it with the host (telling it
 /// `guest_phys`) and makes the calling CPU publish into its record. Without a pvsync host
 /// the status says so and the region is still used (unread). Only the first call sets the
 /// region up; later calls return its status.
 ///
 /// # Safety
-/// `base` must point at `region_size(nr_vcpus)` bytes, 4 KiB aligned, used by nothing else
+/// `base` must point at [`size`]`(nr_vcpus)` bytes, 4 KiB aligned, used by nothing else
 /// for the rest of the kernel's life, at guest-physical address `guest_phys` (below 4 GiB).
 pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -> HypercallStatus {
     if let Some(r) = REGION.get() {
         return r.status;
     }
-    let size = region_size(nr_vcpus as usize);
-    // SAFETY: the caller hands over `size` bytes at `base`; the header and records are
-    // written before the host learns the address.
+    // SAFETY: the caller hands over `size(nr_vcpus)` bytes at `base`; the header and records
+    // are written before the host learns the address.
     unsafe {
-        core::ptr::write_bytes(base, 0, size);
-        write_volatile(base.cast::<PageHeader>(), PageHeader::new(nr_vcpus));
+        core::ptr::write_bytes(base, 0, size(nr_vcpus));
+        write_volatile(
+            base.cast::<PageHeader>(),
+            PageHeader::new(nr_vcpus, crate::events::RING_ENTRIES),
+        );
         for cpu in 0..nr_vcpus as usize {
             let rec = base.add(record_offset(cpu)).cast::<VcpuRecord>();
             write_volatile(addr_of_mut!((*rec).spin_holder), NO_VCPU);
@@ -65,6 +73,12 @@ pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -
     }
     let status = register::<P>(guest_phys);
     PV_HOST.store(status == HypercallStatus::Ok, Ordering::Release);
+    // SAFETY: the header lies in the region the caller handed over; volatile because the
+    // host writes host_flags (before the status `in` returned).
+    let flags = unsafe { read_volatile(addr_of!((*base.cast::<PageHeader>()).host_flags)) };
+    if status == HypercallStatus::Ok && flags & HostFlags::EVENTS != 0 {
+        crate::events::enable();
+    }
     let status = REGION
         .call_once(|| Region {
             base,
@@ -120,6 +134,18 @@ pub(crate) fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
     let r = REGION.get()?;
     // SAFETY: `cpu < nr_vcpus`, so the offset stays inside the region.
     (cpu < r.nr_vcpus).then(|| unsafe { r.base.add(record_offset(cpu as usize)) }.cast())
+}
+
+/// CPU `cpu`'s event ring (header pointer, entries), if there is a region and such a CPU.
+pub(crate) fn event_ring(cpu: u32) -> Option<(crate::events::RingPtr, u32)> {
+    let r = REGION.get()?;
+    let entries = crate::events::RING_ENTRIES;
+    (cpu < r.nr_vcpus).then(|| {
+        let at = event_ring_offset(r.nr_vcpus as usize, entries, cpu as usize);
+        // SAFETY: `cpu < nr_vcpus`, so the ring lies inside the region (`size`).
+        let ring = unsafe { r.base.add(at) };
+        (ring.cast(), entries)
+    })
 }
 
 /// Publishes the RCU grace-period sequence and callback backlog in the header. Any CPU may

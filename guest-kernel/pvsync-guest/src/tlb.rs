@@ -17,7 +17,10 @@ use alloc::boxed::Box;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicBool, AtomicU64 as StatU64, Ordering::Relaxed};
 
+use shared_abi::EventKind;
+
 use crate::cpuset::{AtomicCpuSet, CpuSet};
+use crate::events;
 use crate::locks::pacer::Pacer;
 use crate::platform::{FlushRange, Ipi, Platform};
 use crate::record;
@@ -251,6 +254,7 @@ impl<P: Platform> Shootdowns<P> {
         // Published before any target can see the request, so each acknowledgement shrinks
         // it.
         record::set_ipi_wait(cpu, targets.low_word());
+        events::emit::<P>(EventKind::IpiWait, targets.len() as u32, targets.low_word());
         let (start, pages) = match range {
             FlushRange::All => (0, 0),
             FlushRange::Pages { start, pages } => (start, pages),
@@ -281,5 +285,6 @@ impl<P: Platform> Shootdowns<P> {
         }
         // Every target cleared its bit already; this only drops what a hostile scribble left.
         record::set_ipi_wait(cpu, 0);
+        events::emit::<P>(EventKind::IpiWaitEnd, 0, 0);
     }
 }

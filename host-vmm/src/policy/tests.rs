@@ -22,7 +22,7 @@ fn record(mode: VcpuMode) -> VcpuRecord {
 
 fn snapshot(records: Vec<VcpuRecord>, gp_seq: u64, pending: u64) -> Snapshot {
     let n = records.len() as u32;
-    let mut header = PageHeader::new(n);
+    let mut header = PageHeader::new(n, 0);
     header.rcu_gp_seq = gp_seq;
     header.rcu_callbacks_pending = pending;
     Snapshot {
@@ -30,6 +30,7 @@ fn snapshot(records: Vec<VcpuRecord>, gp_seq: u64, pending: u64) -> Snapshot {
             gpa: 0x10_0000,
             nr_vcpus: n,
             size: 4096,
+            event_ring_entries: 0,
         },
         header,
         records: records

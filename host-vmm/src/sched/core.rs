@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use super::ledger::BoostLedger;
 use super::metrics::{LatencyHistogram, VcpuMetrics, VmMetrics};
 use super::placement::{self, Cause, Placement, SlotView};
-use super::trace::{Event, Trace};
+use super::trace::{Event, Trace, Waited};
 use super::Nanos;
 use crate::policy::{Boost, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::{Problems, Snapshot};
@@ -158,7 +158,8 @@ impl Core {
     pub fn new(cfg: CoreConfig) -> Self {
         let slots = (0..cfg.slots.max(1)).map(|_| Slot::default()).collect();
         let ledger = BoostLedger::new(0, cfg.boost_budget, cfg.max_debt);
-        let trace = cfg.trace.then(Trace::default);
+        // The backend that owns the clock sets the real epoch when it hands the trace out.
+        let trace = cfg.trace.then(|| Trace::new(std::time::Instant::now()));
         Core {
             cfg,
             slots,
@@ -300,8 +301,8 @@ impl Core {
             RunState::Running { slot } => {
                 c.metrics.run_ns += spent;
                 c.lent_by = None;
-                let boosted = c.boost.take().is_some();
-                if boosted {
+                let boost = c.boost.take();
+                if boost.is_some() {
                     // The budget was charged when the boost was granted; settle the rest.
                     if spent > c.boost_budget {
                         self.ledger.borrowed(c.vm, spent - c.boost_budget);
@@ -319,7 +320,7 @@ impl Core {
                         vcpu: c.index,
                         start: c.since,
                         dur: spent,
-                        boosted,
+                        boost: boost.map(|b| b.name()),
                     });
                 }
                 self.slots[slot].running = None;
@@ -328,8 +329,28 @@ impl Core {
             RunState::Queued { slot } => {
                 c.metrics.wait_ns += spent;
                 self.slots[slot].queue.retain(|&q| q != v);
+                if let Some(t) = &mut self.trace {
+                    t.push(Event::Wait {
+                        vm: c.vm,
+                        vcpu: c.index,
+                        how: Waited::Queued { slot },
+                        start: c.since,
+                        dur: spent,
+                    });
+                }
             }
-            RunState::Idle { .. } => c.metrics.idle_ns += spent,
+            RunState::Idle { .. } => {
+                c.metrics.idle_ns += spent;
+                if let Some(t) = &mut self.trace {
+                    t.push(Event::Wait {
+                        vm: c.vm,
+                        vcpu: c.index,
+                        how: Waited::Idle,
+                        start: c.since,
+                        dur: spent,
+                    });
+                }
+            }
             RunState::NotStarted | RunState::Gone => {}
         }
         c.state = state;

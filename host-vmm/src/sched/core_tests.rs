@@ -480,7 +480,7 @@ fn a_lender_keeps_its_place_and_gets_its_turn_back_first() {
 fn rcu_snapshot(n: u32, seq: u64, holdouts: u64) -> Snapshot {
     use crate::shared_region::{check, RecordView, Registration};
     use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
-    let mut header = PageHeader::new(n);
+    let mut header = PageHeader::new(n, 0);
     header.rcu_gp_seq = seq;
     header.rcu_gp_holdouts = holdouts;
     let records = (0..n)
@@ -502,6 +502,7 @@ fn rcu_snapshot(n: u32, seq: u64, holdouts: u64) -> Snapshot {
             gpa: 0x10_0000,
             nr_vcpus: n,
             size: 4096,
+            event_ring_entries: 0,
         },
         header,
         records,

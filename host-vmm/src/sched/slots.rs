@@ -340,7 +340,10 @@ impl SlotBackend {
             let _ = t.join();
         }
         match self.lock() {
-            Some(mut g) => Ok(g.core.take_trace()),
+            Some(mut g) => Ok(g.core.take_trace().map(|mut t| {
+                t.epoch = self.epoch;
+                t
+            })),
             None => Err(SchedError::TickerFailed),
         }
     }

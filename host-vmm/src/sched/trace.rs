@@ -1,23 +1,40 @@
-//! Slot occupancy and boosts as a Chrome trace (JSON array format; chrome://tracing and
-//! Perfetto open it): one row per slot, a span per vCPU turn, an instant event per boost.
+//! What the slot scheduler did, for the trace (`crate::trace` draws it): each vCPU's turns
+//! (which slot, boosted or not), its waits (queued, idle) and each boost.
 
-use std::io::Write;
+use std::time::Instant;
 
 use super::Nanos;
 
 /// Cap on recorded events, so a long run cannot exhaust memory.
 pub const MAX_EVENTS: usize = 1 << 20;
 
+/// How a vCPU that did not run spent a span of time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// Runnable, queued on `slot`.
+    Queued { slot: usize },
+    /// In the Idle hypercall (halted until a timeout or an interrupt).
+    Idle,
+}
+
 #[derive(Clone, Debug)]
 pub enum Event {
-    /// `vcpu` of `vm` held `slot` from `start` for `dur`.
+    /// `vcpu` of `vm` held `slot` from `start` for `dur`; `boost` names why it was boosted.
     Turn {
         slot: usize,
         vm: usize,
         vcpu: u32,
         start: Nanos,
         dur: Nanos,
-        boosted: bool,
+        boost: Option<&'static str>,
+    },
+    /// `vcpu` of `vm` waited from `start` for `dur`.
+    Wait {
+        vm: usize,
+        vcpu: u32,
+        how: Waited,
+        start: Nanos,
+        dur: Nanos,
     },
     /// `vcpu` of `vm` was boosted onto `slot` at `at`.
     Boost {
@@ -29,13 +46,24 @@ pub enum Event {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Trace {
     events: Vec<Event>,
     pub dropped: u64,
+    /// The instant the scheduler's times count from.
+    pub epoch: Instant,
 }
 
 impl Trace {
+    /// An empty trace whose times count from `epoch`.
+    pub fn new(epoch: Instant) -> Self {
+        Trace {
+            events: Vec::new(),
+            dropped: 0,
+            epoch,
+        }
+    }
+
     pub fn push(&mut self, e: Event) {
         if self.events.len() < MAX_EVENTS {
             self.events.push(e);
@@ -44,53 +72,15 @@ impl Trace {
         }
     }
 
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
     pub fn len(&self) -> usize {
         self.events.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
-    }
-
-    /// Writes the trace; `vm_names` label the vCPUs.
-    pub fn write(&self, out: &mut dyn Write, vm_names: &[String]) -> std::io::Result<()> {
-        let name = |vm: usize, vcpu: u32| {
-            let vm = vm_names.get(vm).map_or("vm", String::as_str);
-            format!("{vm}/vcpu{vcpu}")
-        };
-        let us = |ns: Nanos| ns as f64 / 1000.0;
-        writeln!(out, "[")?;
-        let mut first = true;
-        for e in &self.events {
-            let v = match e {
-                Event::Turn {
-                    slot,
-                    vm,
-                    vcpu,
-                    start,
-                    dur,
-                    boosted,
-                } => serde_json::json!({
-                    "name": name(*vm, *vcpu), "cat": if *boosted { "boosted" } else { "turn" },
-                    "ph": "X", "pid": 0, "tid": slot, "ts": us(*start), "dur": us(*dur),
-                }),
-                Event::Boost {
-                    slot,
-                    vm,
-                    vcpu,
-                    at,
-                    reason,
-                } => serde_json::json!({
-                    "name": format!("boost {} ({reason})", name(*vm, *vcpu)), "cat": "boost",
-                    "ph": "i", "s": "t", "pid": 0, "tid": slot, "ts": us(*at),
-                }),
-            };
-            if !first {
-                writeln!(out, ",")?;
-            }
-            first = false;
-            write!(out, "{v}")?;
-        }
-        writeln!(out, "\n]")
     }
 }

@@ -1,20 +1,24 @@
 //! One vCPU thread: KVM_RUN while the backend grants it CPU, until the guest exits, crashes,
 //! or the VM is stopped.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use kvm_bindings::KVM_MP_STATE_RUNNABLE;
+use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuExit;
 
 use super::kick::KickTarget;
 use super::Vcpu;
 use crate::devices::PioBus;
+use crate::guest_events::{EventLog, Traced, TracedEvent, TscSync};
 use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
 use crate::sched::Backend;
 
 /// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
 /// outside KVM_RUN and outside the scheduler.
 const AP_WAIT_POLL: Duration = Duration::from_millis(1);
+
+/// The time stamp counter MSR (Intel SDM vol. 4, table 2-2).
+const MSR_IA32_TSC: u32 = 0x10;
 
 /// How the guest ended, as one vCPU saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +44,23 @@ pub trait VcpuContext: HypercallHost {
     fn count_unclaimed_mmio(&self);
     /// The guest ended (as vCPU `index` saw it): the VM stops.
     fn guest_ended(&self, index: u8, end: GuestEnd);
+    /// Whether the guest writes events for the host to drain (the host asked for them and
+    /// the guest's region has rings).
+    fn traces_events(&self) -> bool;
+    /// An empty log, capped at this vCPU's share of the VM's events.
+    fn new_event_log(&self) -> EventLog;
+    /// Copies vCPU `index`'s new events into `log`; `sync` reads the clock pair that places
+    /// them in time (called only when there are events).
+    fn drain_events(
+        &self,
+        index: u8,
+        log: &mut EventLog,
+        sync: &mut dyn FnMut() -> Option<TscSync>,
+    );
+    /// vCPU `index`'s RCU read-side nesting, as its record says (0 when not tracing).
+    fn rcu_nesting(&self, index: u8) -> u32;
+    /// vCPU `index`'s thread leaves: its events.
+    fn events_done(&self, index: u8, log: EventLog);
 }
 
 impl Vcpu {
@@ -69,10 +90,24 @@ impl Vcpu {
         backend.start(key, Box::new(kick_target.kicker()));
         backend.wait_turn(key);
         let mut hypercalls = VcpuHypercalls::new(index as u32);
+        let mut events = vm.new_event_log();
+        let mut tsc = TscClock::default();
         while !vm.stopping() {
             if backend.take_kick(key) {
                 self.fd.set_kvm_immediate_exit(0);
+                let tracing = vm.traces_events();
+                let nesting = if tracing { vm.rcu_nesting(index) } else { 0 };
+                let off = Instant::now();
                 backend.preempted(key, self.cpl());
+                if nesting > 0 {
+                    events.push(TracedEvent {
+                        at: off,
+                        what: Traced::ReaderPreempted {
+                            nesting,
+                            dur: off.elapsed(),
+                        },
+                    });
+                }
                 continue;
             }
             let end = match self.fd.run() {
@@ -116,13 +151,48 @@ impl Vcpu {
                 }
                 Err(e) => Some(GuestEnd::Crash(format!("KVM_RUN failed: {e}"))),
             };
+            if vm.traces_events() {
+                vm.drain_events(index, &mut events, &mut || tsc.sync(&self.fd));
+            }
             if let Some(end) = end {
                 vm.guest_ended(index, end);
                 break;
             }
         }
+        if vm.traces_events() {
+            vm.drain_events(index, &mut events, &mut || tsc.sync(&self.fd));
+        }
+        vm.events_done(index, events);
         drop(kick_target);
         self.fd.set_kvm_immediate_exit(0);
         backend.exit(key);
+    }
+}
+
+/// Reads the guest's time stamp counter (KVM_GET_MSRS) with the host clock, from the vCPU's
+/// own thread while it is out of KVM_RUN; the counter's rate is asked once.
+#[derive(Default)]
+struct TscClock {
+    khz: Option<u32>,
+}
+
+impl TscClock {
+    fn sync(&mut self, fd: &kvm_ioctls::VcpuFd) -> Option<TscSync> {
+        let khz = match self.khz {
+            Some(k) => k,
+            None => *self.khz.insert(fd.get_tsc_khz().ok().filter(|&k| k > 0)?),
+        };
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        }])
+        .ok()?;
+        let read = fd.get_msrs(&mut msrs).ok()?;
+        let host = Instant::now();
+        (read == 1).then(|| TscSync {
+            guest_tsc: msrs.as_slice()[0].data,
+            host,
+            tsc_khz: khz,
+        })
     }
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ pub use shared::VmShared;
 
 use crate::arch::x86_64::{acpi, boot, layout};
 use crate::devices::PioBus;
+use crate::guest_events::EventLog;
 use crate::hoststat::{self, SchedStat, ThreadStat};
 use crate::loader::{self, KernelInfo};
 use crate::policy::PolicySpec;
@@ -83,6 +84,8 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Boost policy (a policy or a chain).
     pub policy: PolicySpec,
+    /// Ask the guest for its events (ABI v5 event rings), for the trace.
+    pub guest_events: bool,
 }
 
 /// How a run ended.
@@ -119,6 +122,8 @@ pub struct RunReport {
     pub sched: Option<(VmMetrics, Vec<VcpuMetrics>)>,
     /// SendIpi hypercalls KVM could not deliver.
     pub failed_ipis: u64,
+    /// Each vCPU's guest events (empty logs unless `VmConfig::guest_events`).
+    pub guest_events: Vec<EventLog>,
 }
 
 /// Memory the kernel needs: its image, then room for heap, page tables and vCPU stacks.
@@ -249,6 +254,9 @@ pub fn build(
             yields_to: (0..n).map(|_| AtomicU64::new(0)).collect(),
             tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
             failed_ipis: AtomicU64::new(0),
+            events_wanted: config.guest_events,
+            event_region: OnceLock::new(),
+            event_logs: Mutex::new(vec![EventLog::default(); n as usize]),
             backend,
             handle,
         }
@@ -346,6 +354,8 @@ impl RunningVm {
             .collect();
         let unclaimed_io =
             shared.pio.unclaimed_accesses() + shared.unclaimed_mmio.load(Ordering::Relaxed);
+        let guest_events =
+            std::mem::take(&mut *shared.event_logs.lock().unwrap_or_else(|e| e.into_inner()));
         Ok(RunReport {
             name: self.name,
             policy: self.policy,
@@ -357,6 +367,7 @@ impl RunningVm {
             vcpu_stats,
             sched: shared.backend.report(shared.handle.vm),
             failed_ipis: shared.failed_ipis.load(Ordering::Relaxed),
+            guest_events,
         })
     }
 }

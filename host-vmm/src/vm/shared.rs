@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::kvm_msi;
@@ -14,6 +14,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::Outcome;
 use crate::devices::PioBus;
+use crate::guest_events::{self, EventLog, TscSync, MAX_EVENTS_PER_VM};
 use crate::hoststat;
 use crate::hypercall::HypercallHost;
 use crate::sched::{Backend, GuestView, VmHandle};
@@ -45,6 +46,13 @@ pub struct VmShared {
     pub(super) tids: Vec<AtomicI32>,
     /// KVM_SIGNAL_MSI failures (SendIpi hypercalls that could not be delivered).
     pub(super) failed_ipis: AtomicU64,
+    /// The host asks for guest events (it traces).
+    pub(super) events_wanted: bool,
+    /// The region, once the guest registered one with event rings and events were asked
+    /// for: what vCPU threads drain (set once, read without a lock on every exit).
+    pub(super) event_region: OnceLock<Registration>,
+    /// Each vCPU thread's events, handed over when it leaves.
+    pub(super) event_logs: Mutex<Vec<EventLog>>,
     pub backend: Arc<dyn Backend>,
     pub handle: VmHandle,
 }
@@ -108,6 +116,40 @@ impl VcpuContext for VmShared {
         self.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn traces_events(&self) -> bool {
+        self.event_region.get().is_some()
+    }
+
+    fn new_event_log(&self) -> EventLog {
+        EventLog::with_cap(MAX_EVENTS_PER_VM / self.nr_vcpus.max(1) as usize)
+    }
+
+    fn drain_events(
+        &self,
+        index: u8,
+        log: &mut EventLog,
+        sync: &mut dyn FnMut() -> Option<TscSync>,
+    ) {
+        if let Some(reg) = self.event_region.get() {
+            // Guest memory the VM owns for its whole life: a failed copy is a bug of ours,
+            // not the guest's; the events are lost, the run goes on.
+            let _ = guest_events::drain(&self.mem, reg, index as u32, log, sync);
+        }
+    }
+
+    fn rcu_nesting(&self, index: u8) -> u32 {
+        self.event_region.get().map_or(0, |reg| {
+            guest_events::rcu_nesting(&self.mem, reg, index as u32)
+        })
+    }
+
+    fn events_done(&self, index: u8, log: EventLog) {
+        let mut logs = self.event_logs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = logs.get_mut(index as usize) {
+            *slot = log;
+        }
+    }
+
     fn guest_ended(&self, index: u8, end: GuestEnd) {
         self.finish(match end {
             GuestEnd::Exit(code) => Outcome::GuestExit(code),
@@ -134,8 +176,11 @@ impl HypercallHost for VmShared {
             &self.ram,
         ) {
             Ok(reg) => {
-                if shared_region::mark_accepted(&self.mem, &reg).is_err() {
+                if shared_region::mark_accepted(&self.mem, &reg, self.events_wanted).is_err() {
                     return HypercallStatus::BadAddress;
+                }
+                if self.events_wanted && reg.event_ring_entries > 0 {
+                    let _ = self.event_region.set(reg.clone());
                 }
                 *slot = Some(reg);
                 HypercallStatus::Ok

@@ -285,6 +285,11 @@ impl<P: Platform> RawLock for McsLock<P> {
         // SAFETY: `next` is the successor's node, in its CPU's `'static` block.
         let succ = unsafe { &*next };
         let succ_cpu = succ.cpu.load(Relaxed);
+        crate::events::emit::<P>(
+            shared_abi::EventKind::LockRelease,
+            succ_cpu,
+            self as *const Self as u64,
+        );
         // Hand-off: the successor holds the lock from here on, even before it runs again.
         self.holder.store(succ_cpu, Relaxed);
         succ.granted.store(true, Release);

@@ -1,9 +1,10 @@
 //! What a waiter in the slow path publishes: it names the vCPU in its way and republishes
 //! only when that changes; dropping it publishes what was there before.
 
-use shared_abi::NO_VCPU;
+use shared_abi::{EventKind, NO_VCPU};
 
 use super::pv_yield;
+use crate::events;
 use crate::platform::Platform;
 use crate::record;
 
@@ -50,6 +51,7 @@ impl<P: Platform> SlowPath<P> {
                 self.outer = record::own_spin(cpu);
             }
             record::set_spin(cpu, self.lock, holder);
+            events::emit::<P>(EventKind::LockSpin, holder, self.lock);
             self.named = Some(holder);
         }
     }
@@ -58,7 +60,12 @@ impl<P: Platform> SlowPath<P> {
 impl<P: Platform> Drop for SlowPath<P> {
     fn drop(&mut self) {
         if self.named.is_some() {
-            record::set_spin(P::cpu(), self.outer.0, self.outer.1);
+            let (lock, holder) = self.outer;
+            record::set_spin(P::cpu(), lock, holder);
+            match lock {
+                0 => events::emit::<P>(EventKind::LockSpinEnd, 0, 0),
+                _ => events::emit::<P>(EventKind::LockSpin, holder, lock),
+            }
         }
     }
 }

@@ -14,7 +14,7 @@
 //! preempted holder; only the waiters' order is given up.
 
 use core::marker::PhantomData;
-use shared_abi::{MAX_VCPUS, NO_VCPU};
+use shared_abi::{EventKind, MAX_VCPUS, NO_VCPU};
 
 use super::pacer::Pacer;
 use super::slow::SlowPath;
@@ -230,7 +230,11 @@ impl<P: Platform, const SLOTS: usize> RawLock for TicketLock<P, SLOTS> {
         };
         #[cfg(not(test))]
         let order = Release;
-        self.owner.fetch_add(1, order);
+        let served = self.owner.fetch_add(1, order);
+        // Traced only: whether someone took a ticket after ours (a waiter) costs a load.
+        if crate::events::on() && self.next.load(Relaxed) != served.wrapping_add(1) {
+            crate::events::emit::<P>(EventKind::LockRelease, NO_VCPU, self as *const Self as u64);
+        }
         give_back_turn::<P>(self as *const Self as u64);
     }
 

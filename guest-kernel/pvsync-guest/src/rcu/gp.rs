@@ -11,9 +11,11 @@
 
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
+use shared_abi::EventKind;
 
 use super::{header_holdouts, Rcu};
 use crate::cpuset::CpuSet;
+use crate::events;
 use crate::hypercall;
 use crate::platform::{Ipi, Platform, Wake};
 use crate::sync::Ordering::SeqCst;
@@ -72,6 +74,8 @@ impl<P: Platform> Rcu<P> {
         self.report_qs(me as usize);
         let first = self.holdouts_of(&gp);
         self.keep_holdouts(&first, me);
+        let seq = self.gp_seq() as u32;
+        events::emit::<P>(EventKind::GpStart, seq, first.low_word());
         if !first.is_empty() {
             // One exit per grace period that has to wait: the host can run the preempted
             // holdouts (named in the header, with the sequence published above) at once.
@@ -95,6 +99,7 @@ impl<P: Platform> Rcu<P> {
 
     /// Ends the grace period: its waiters and the callback threads with work are woken.
     pub fn gp_end(&self, gp: GracePeriod) {
+        events::emit::<P>(EventKind::GpEnd, self.gp_seq() as u32, 0);
         let took = P::now().wrapping_sub(gp.start);
         self.gp_completed.store(gp.n, SeqCst);
         self.gp_min.fetch_min(took, Relaxed);

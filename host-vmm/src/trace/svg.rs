@@ -1,0 +1,140 @@
+//! A [`Timeline`] drawn as an SVG: one lane per track that has something in the window, a
+//! time axis, spans as bars coloured by category and marks as ticks. Small enough to put
+//! in docs; Perfetto is the tool for exploring.
+
+use std::fmt::Write as _;
+
+use super::Timeline;
+
+const LABEL_W: f64 = 190.0;
+const LANE_H: f64 = 16.0;
+const AXIS_H: f64 = 28.0;
+
+/// Fill colour of a span or mark category.
+fn colour(cat: &str) -> &'static str {
+    match cat {
+        "running" => "#4c9a2a",
+        "boosted" => "#e08a00",
+        "queued" => "#d0d0d0",
+        "idle" => "#a8c8e8",
+        "lock-spin" => "#d62728",
+        "lock-held" => "#9467bd",
+        "ipi-wait" => "#ff7f0e",
+        "grace-period" => "#1f77b4",
+        "rcu-reader-preempted" => "#8c564b",
+        "mode-user" => "#2ca02c",
+        "mode-kernel" => "#17becf",
+        "mode-idle" => "#e7e7e7",
+        "boost" => "#e08a00",
+        "grace-period-wait" => "#1f77b4",
+        "lock-release" => "#9467bd",
+        _ => "#7f7f7f",
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Draws the part of `t` between `from` and `to` (ns from the trace's epoch), `width`
+/// pixels wide, under `title`.
+pub fn render(t: &Timeline, from: u64, to: u64, width: f64, title: &str) -> String {
+    let to = to.max(from + 1);
+    let plot_w = (width - LABEL_W - 10.0).max(100.0);
+    let x = |ns: u64| LABEL_W + (ns.clamp(from, to) - from) as f64 * plot_w / (to - from) as f64;
+    let mut lanes = String::new();
+    let mut y = AXIS_H + 18.0;
+    for p in &t.processes {
+        let visible: Vec<_> = p
+            .tracks
+            .iter()
+            .filter(|tr| {
+                tr.spans
+                    .iter()
+                    .any(|s| s.start < to && s.start + s.dur > from)
+                    || tr.marks.iter().any(|m| (from..to).contains(&m.at))
+            })
+            .collect();
+        if visible.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            lanes,
+            r#"<text x="4" y="{:.1}" font-weight="bold">{}</text>"#,
+            y + 11.0,
+            escape(&p.name)
+        );
+        y += LANE_H;
+        for tr in visible {
+            let _ = writeln!(
+                lanes,
+                r#"<text x="14" y="{:.1}">{}</text>"#,
+                y + 11.0,
+                escape(&tr.name)
+            );
+            for s in tr
+                .spans
+                .iter()
+                .filter(|s| s.start < to && s.start + s.dur > from)
+            {
+                let (x0, x1) = (x(s.start), x(s.start + s.dur));
+                let _ = writeln!(
+                    lanes,
+                    r#"<rect x="{x0:.2}" y="{:.1}" width="{:.2}" height="{:.1}" fill="{}"><title>{}</title></rect>"#,
+                    y + 2.0,
+                    (x1 - x0).max(0.5),
+                    LANE_H - 4.0,
+                    colour(s.cat),
+                    escape(&s.name)
+                );
+            }
+            for m in tr.marks.iter().filter(|m| (from..to).contains(&m.at)) {
+                let xm = x(m.at);
+                let _ = writeln!(
+                    lanes,
+                    r#"<path d="M{xm:.2} {:.1} l-3 -5 h6 z" fill="{}"><title>{}</title></path>"#,
+                    y + LANE_H - 1.0,
+                    colour(m.cat),
+                    escape(&m.name)
+                );
+            }
+            y += LANE_H;
+        }
+    }
+    let height = y + 10.0;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">
+<rect width="100%" height="100%" fill="white"/>
+<text x="4" y="14" font-size="13" font-weight="bold">{}</text>
+"#,
+        escape(title)
+    );
+    // Axis: about ten ticks at a round step.
+    let span_ns = (to - from) as f64;
+    let raw = span_ns / 10.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag)
+        .max(1.0);
+    let mut tick = 0.0;
+    while tick <= span_ns {
+        let xt = LABEL_W + tick * plot_w / span_ns;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{xt:.1}" y1="{AXIS_H}" x2="{xt:.1}" y2="{:.1}" stroke="#eee"/><text x="{xt:.1}" y="{:.1}" text-anchor="middle">{:.1} ms</text>"##,
+            height - 10.0,
+            AXIS_H - 4.0,
+            (from as f64 + tick) / 1e6
+        );
+        tick += step;
+    }
+    svg.push_str(&lanes);
+    svg.push_str("</svg>\n");
+    svg
+}
