@@ -43,6 +43,36 @@ pub struct Cli {
 pub enum Command {
     /// Boot a PVH guest kernel and run it until it exits.
     Run(RunArgs),
+    /// Draw (part of) a trace written by `run --trace` as an SVG timeline.
+    Timeline(TimelineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TimelineArgs {
+    /// Trace JSON written by `pvsync run --trace`.
+    pub trace: PathBuf,
+    /// SVG file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Start of the window, in milliseconds from the trace's start [default: 0].
+    #[arg(long, value_name = "MS")]
+    pub from_ms: Option<f64>,
+    /// End of the window, in milliseconds [default: the trace's end].
+    #[arg(long, value_name = "MS")]
+    pub to_ms: Option<f64>,
+    /// Only tracks whose name contains one of these (comma-separated), e.g.
+    /// "state,shootdown,mode".
+    #[arg(long, value_delimiter = ',')]
+    pub tracks: Vec<String>,
+    /// Only processes whose name contains this (e.g. a VM's name, or "slots").
+    #[arg(long, value_delimiter = ',')]
+    pub processes: Vec<String>,
+    /// Title over the drawing.
+    #[arg(long, default_value = "")]
+    pub title: String,
+    /// Width in pixels.
+    #[arg(long, default_value_t = 1400, value_parser = clap::value_parser!(u32).range(400..=20_000))]
+    pub width: u32,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +148,40 @@ where
     };
     match cli.command {
         Command::Run(a) => run(a, console, log),
+        Command::Timeline(a) => timeline(a, log),
+    }
+}
+
+/// `pvsync timeline`: reads a trace, keeps the tracks asked for, draws the window.
+fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
+    let text = match std::fs::read_to_string(&a.trace) {
+        Ok(t) => t,
+        Err(e) => return usage(log, format!("reading {}: {e}", a.trace.display())),
+    };
+    let mut t = match crate::trace::json::read(&text) {
+        Ok(t) => t,
+        Err(e) => return usage(log, format!("{}: {e}", a.trace.display())),
+    };
+    let keep = |name: &str, filters: &[String]| {
+        filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+    };
+    t.processes.retain(|p| keep(&p.name, &a.processes));
+    for p in &mut t.processes {
+        p.tracks.retain(|tr| keep(&tr.name, &a.tracks));
+    }
+    let ms = |m: f64| (m.max(0.0) * 1e6) as u64;
+    let from = a.from_ms.map_or(0, ms);
+    let to = a.to_ms.map_or_else(|| t.end(), ms);
+    if to <= from {
+        return usage(log, "--to-ms must be after --from-ms");
+    }
+    let svg = crate::trace::svg::render(&t, from, to, a.width as f64, &a.title);
+    match std::fs::write(&a.out, svg) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(log, "pvsync: error: writing {}: {e}", a.out.display());
+            EXIT_HOST_ERROR
+        }
     }
 }
 

@@ -110,6 +110,7 @@ fn check(e: &GuestEvent, nr_vcpus: u32) -> Option<EventKind> {
         && match kind {
             EventKind::LockSpin | EventKind::LockRelease => vcpu_ok(e.a) && e.b != 0,
             EventKind::IpiWait => e.a <= nr_vcpus && mask_ok(e.b),
+            EventKind::IpiAck => e.a < nr_vcpus && e.b == 0,
             EventKind::GpStart | EventKind::GpWait => mask_ok(e.b),
             EventKind::Mode => VcpuMode::from_raw(e.a.try_into().unwrap_or(u8::MAX)).is_some(),
             EventKind::LockSpinEnd | EventKind::IpiWaitEnd | EventKind::GpEnd => true,

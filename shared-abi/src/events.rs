@@ -112,6 +112,8 @@ pub enum EventKind {
     GpEnd = 8,
     /// It entered mode `a` (a [`crate::VcpuMode`]).
     Mode = 9,
+    /// It acknowledged vCPU `a`'s IPI (flushed for its shootdown).
+    IpiAck = 10,
 }
 
 impl EventKind {
@@ -127,6 +129,7 @@ impl EventKind {
             7 => EventKind::GpWait,
             8 => EventKind::GpEnd,
             9 => EventKind::Mode,
+            10 => EventKind::IpiAck,
             _ => return None,
         })
     }

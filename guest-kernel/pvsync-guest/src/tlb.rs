@@ -195,6 +195,7 @@ impl<P: Platform> Shootdowns<P> {
                 // one must never touch.
                 record::ack_ipi_wait(sender, id);
                 r.pending.remove(id);
+                events::emit::<P>(EventKind::IpiAck, sender, 0);
                 if record::lent_by(me) == Some(sender) {
                     give_back = Some(sender);
                 }

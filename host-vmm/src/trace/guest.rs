@@ -123,6 +123,15 @@ pub(super) fn add_vcpu(p: &mut Process, v: usize, log: &EventLog, epoch: Instant
                 });
             }
             EventKind::IpiWaitEnd => b.close(&mut ipi, at),
+            EventKind::IpiAck => b.marks.push((
+                SHOOTDOWN,
+                Mark {
+                    at,
+                    name: format!("acknowledges vcpu{a}'s shootdown"),
+                    cat: "ipi-ack",
+                    args: args([("sender", format!("vcpu{a}").into())]),
+                },
+            )),
             EventKind::GpStart => {
                 b.close(&mut gp, at);
                 gp = Some(Open {

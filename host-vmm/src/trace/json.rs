@@ -61,3 +61,98 @@ pub fn write(t: &Timeline, other: serde_json::Value, out: &mut dyn Write) -> std
     let other = json!({ "losses": t.losses, "run": other });
     writeln!(out, "\"displayTimeUnit\": \"ns\", \"otherData\": {other}}}")
 }
+
+/// Reads a trace this module wrote back into a [`Timeline`] (processes and tracks from the
+/// name metadata, spans and marks from "X" and "i" events; other events are skipped).
+pub fn read(text: &str) -> Result<Timeline, String> {
+    use super::{Mark, Process, Span, Track};
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let events = v
+        .get("traceEvents")
+        .and_then(|e| e.as_array())
+        .ok_or("no traceEvents array")?;
+    let mut t = Timeline::default();
+    let ns = |e: &serde_json::Value, k: &str| {
+        e.get(k)
+            .and_then(|x| x.as_f64())
+            .map(|us| (us.max(0.0) * 1000.0) as u64)
+    };
+    let text_of = |e: &serde_json::Value, k: &str| {
+        e.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let cat_of = |e: &serde_json::Value| -> &'static str {
+        // Categories are a closed set: keep the known ones for colouring.
+        let c = e.get("cat").and_then(|c| c.as_str()).unwrap_or_default();
+        super::CATEGORIES
+            .iter()
+            .find(|(k, _)| *k == c)
+            .map_or("other", |(k, _)| k)
+    };
+    for e in events {
+        let pid = e.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+        let tid = e.get("tid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
+        let proc_idx = match t.processes.iter().position(|p| p.pid == pid) {
+            Some(i) => i,
+            None => {
+                t.processes.push(Process {
+                    pid,
+                    ..Process::default()
+                });
+                t.processes.len() - 1
+            }
+        };
+        let p = &mut t.processes[proc_idx];
+        let ph = e.get("ph").and_then(|p| p.as_str()).unwrap_or_default();
+        let name = e
+            .get("args")
+            .and_then(|a| a.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_string();
+        match (ph, text_of(e, "name").as_str()) {
+            ("M", "process_name") => p.name = name,
+            ("M", "thread_name") => track(p, tid).name = name,
+            ("X", _) => {
+                let (Some(start), Some(dur)) = (ns(e, "ts"), ns(e, "dur")) else {
+                    continue;
+                };
+                let args = e.get("args").and_then(|a| a.as_object()).cloned();
+                track(p, tid).spans.push(Span {
+                    start,
+                    dur,
+                    name: text_of(e, "name"),
+                    cat: cat_of(e),
+                    args: args.unwrap_or_default(),
+                });
+            }
+            ("i", _) => {
+                let Some(at) = ns(e, "ts") else { continue };
+                let args = e.get("args").and_then(|a| a.as_object()).cloned();
+                track(p, tid).marks.push(Mark {
+                    at,
+                    name: text_of(e, "name"),
+                    cat: cat_of(e),
+                    args: args.unwrap_or_default(),
+                });
+            }
+            _ => {}
+        }
+    }
+    fn track(p: &mut Process, tid: u32) -> &mut Track {
+        let i = match p.tracks.iter().position(|t| t.tid == tid) {
+            Some(i) => i,
+            None => {
+                p.tracks.push(Track {
+                    tid,
+                    ..Track::default()
+                });
+                p.tracks.len() - 1
+            }
+        };
+        &mut p.tracks[i]
+    }
+    Ok(t)
+}

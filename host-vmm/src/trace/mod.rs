@@ -33,6 +33,26 @@ pub(crate) const SHOOTDOWN: usize = 3;
 pub(crate) const RCU: usize = 4;
 pub(crate) const MODE: usize = 5;
 
+/// Every span and mark category, with its colour in the SVG.
+pub const CATEGORIES: [(&str, &str); 16] = [
+    ("running", "#4c9a2a"),
+    ("boosted", "#e08a00"),
+    ("queued", "#d0d0d0"),
+    ("idle", "#a8c8e8"),
+    ("lock-spin", "#d62728"),
+    ("lock-held", "#9467bd"),
+    ("ipi-wait", "#ff7f0e"),
+    ("grace-period", "#1f77b4"),
+    ("rcu-reader-preempted", "#8c564b"),
+    ("mode-user", "#2ca02c"),
+    ("mode-kernel", "#17becf"),
+    ("mode-idle", "#e7e7e7"),
+    ("boost", "#e08a00"),
+    ("grace-period-wait", "#1f77b4"),
+    ("lock-release", "#9467bd"),
+    ("ipi-ack", "#ff7f0e"),
+];
+
 /// Process id of the slots; VM `i` is `VM_PID_BASE + i`.
 pub const SLOTS_PID: u32 = 1;
 pub const VM_PID_BASE: u32 = 10;

@@ -12,24 +12,10 @@ const AXIS_H: f64 = 28.0;
 
 /// Fill colour of a span or mark category.
 fn colour(cat: &str) -> &'static str {
-    match cat {
-        "running" => "#4c9a2a",
-        "boosted" => "#e08a00",
-        "queued" => "#d0d0d0",
-        "idle" => "#a8c8e8",
-        "lock-spin" => "#d62728",
-        "lock-held" => "#9467bd",
-        "ipi-wait" => "#ff7f0e",
-        "grace-period" => "#1f77b4",
-        "rcu-reader-preempted" => "#8c564b",
-        "mode-user" => "#2ca02c",
-        "mode-kernel" => "#17becf",
-        "mode-idle" => "#e7e7e7",
-        "boost" => "#e08a00",
-        "grace-period-wait" => "#1f77b4",
-        "lock-release" => "#9467bd",
-        _ => "#7f7f7f",
-    }
+    super::CATEGORIES
+        .iter()
+        .find(|(c, _)| *c == cat)
+        .map_or("#7f7f7f", |(_, col)| col)
 }
 
 fn escape(s: &str) -> String {
