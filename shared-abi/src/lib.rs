@@ -19,9 +19,11 @@
 //! ```
 #![no_std]
 
+mod guest_tests;
 mod hypercall;
 mod page;
 
+pub use guest_tests::*;
 pub use hypercall::*;
 pub use page::*;
 
