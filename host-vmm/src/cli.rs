@@ -183,10 +183,14 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
+    let mut console = console;
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
-            let _ = write!(log, "{}", e.render());
+            // --help and --version are answers, not errors: stdout, status 0.
+            let out: &mut dyn Write = if e.use_stderr() { log } else { &mut console };
+            let _ = write!(out, "{}", e.render());
+            let _ = out.flush();
             return e.exit_code();
         }
     };
