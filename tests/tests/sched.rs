@@ -297,7 +297,7 @@ fn scenario_file_runs_vms_with_their_own_status() {
         "per-VM outcome lines",
     );
     out.check(
-        out.stderr.contains("placement wake-affine") && out.stderr.contains("policy kvm-ipi"),
+        out.stderr.contains("placement=wake-affine") && out.stderr.contains("policy=kvm-ipi"),
         "scenario settings applied",
     );
 }
