@@ -512,3 +512,26 @@ fn run_sh_usage() {
         }
     }
 }
+
+/// `./run.sh qemu` exits with pvsync's status for the guest's outcome: its `qemu_status`
+/// maps QEMU's `(code << 1) | 1` the way `guest_exit_status` maps the code.
+#[test]
+fn run_sh_maps_qemu_statuses_to_pvsyncs() {
+    use shared_abi::ExitCode;
+    let run_sh = workspace_root().join("run.sh");
+    for code in [ExitCode::Success, ExitCode::Failure, ExitCode::Panic] {
+        let script = format!(
+            "source <(sed -n '/^qemu_status()/,/^}}/p' '{}'); qemu_status {}",
+            run_sh.display(),
+            code.qemu_status()
+        );
+        let mut c = Command::new("bash");
+        c.args(["-c", &script]);
+        let out = run_with_limit(c, RUN_LIMIT);
+        let want = host_vmm::cli::guest_exit_status(code as u32);
+        out.check(
+            out.stdout.trim() == want.to_string(),
+            &format!("{code:?}: status {want}"),
+        );
+    }
+}
