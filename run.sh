@@ -8,7 +8,9 @@
 #                            then every test
 #   ./run.sh bench [boot|guest|sched|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x
 #                            overcommit; sched: policies and placements side by side
-#   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests)
+#   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests); exits
+#                            with pvsync's status for the guest's outcome (0, 1, 3, 125)
+#   ./run.sh help            this usage (also -h, --help)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -59,6 +61,33 @@ check_style() {
 style_failed() {
     echo "*** FAILED: $1 ***" >&2
     exit 1
+}
+
+usage() {
+    cat <<'USAGE'
+usage: ./run.sh [COMMAND]
+  main (default)               build; boot 4 vCPUs (self-tests) and 64 vCPUs (boot) with the
+                               shared region dumped; then two VMs on the slot scheduler
+  test                         fmt and clippy (host and guest), then every test
+  bench [boot|guest|sched|all] benchmarks (default boot)
+  qemu [QEMU ARGS]             boot the guest under stock QEMU/KVM; exits with pvsync's status
+                               for the guest's outcome (0 success, 1 failure, 3 panic)
+  help, -h, --help             this usage
+USAGE
+}
+
+# QEMU's isa-debug-exit status is (code << 1) | 1; pvsync's statuses are the table in
+# `pvsync --help`: guest code 0 -> 0, 2 (panic) -> 3, any other -> 1; a QEMU that exits
+# without the device (status 0: triple fault with -no-reboot) is a crash, 125.
+qemu_status() {
+    local s=$1
+    if (( s == 0 )); then echo 125; return; fi
+    if (( s % 2 == 0 )); then echo "$s"; return; fi # QEMU's own error
+    case $(( s >> 1 )) in
+    0) echo 0 ;;
+    2) echo 3 ;;
+    *) echo 1 ;;
+    esac
 }
 
 need_kvm() {
@@ -119,14 +148,20 @@ qemu)
     need_kvm
     ensure_qemu
     shift
+    status=0
     qemu-system-x86_64 -accel kvm -cpu qemu64,+x2apic -machine microvm -nographic -nodefaults \
         -no-reboot -serial stdio -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
         -smp 4 -m 128 -kernel "$GUEST" -append "test=selftest" "$@" || status=$?
-    # isa-debug-exit: status = (code << 1) | 1, so 1 means the guest reported success.
-    echo "qemu exit status ${status:-0} (1 = guest success)"
+    mapped=$(qemu_status "$status")
+    echo "qemu exit status $status (isa-debug-exit: (code << 1) | 1); pvsync status $mapped"
+    exit "$mapped"
+    ;;
+help | -h | --help)
+    usage
     ;;
 *)
-    echo "usage: ./run.sh [main | test | bench [boot|guest|all] | qemu [QEMU ARGS]]" >&2
+    echo "run.sh: unknown command '$cmd'" >&2
+    usage >&2
     exit 2
     ;;
 esac

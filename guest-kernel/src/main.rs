@@ -142,7 +142,14 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     rcu::start(cpus.ids());
 
     let threads = cmd.threads.unwrap_or(2 * cpus.ids().len());
+    // shared_abi::GUEST_TESTS is the list the host's `--help` prints: a name not on it is
+    // refused with the list, and the match below has one arm per name on it.
+    let known = shared_abi::guest_test(cmd.test).is_some();
     let ok = match cmd.test {
+        other if !known => {
+            println!("unknown test '{other}' (known: {})", TestNames);
+            false
+        }
         "boot" => true,
         "selftest" => selftest::run_all(),
         "hostile-hypercalls" => hostile_ok & hostile::after_registration(),
@@ -165,7 +172,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
             false
         }
         other => {
-            println!("unknown test '{other}'");
+            println!("test '{other}' is in shared_abi::GUEST_TESTS but has no arm here");
             false
         }
     };
@@ -175,4 +182,19 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     } else {
         ExitCode::Failure
     })
+}
+
+/// The names of `shared_abi::GUEST_TESTS`, comma-separated.
+struct TestNames;
+
+impl core::fmt::Display for TestNames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, (name, _)) in shared_abi::GUEST_TESTS.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(name)?;
+        }
+        Ok(())
+    }
 }

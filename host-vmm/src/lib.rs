@@ -5,7 +5,8 @@
 //! `hypercall` (decode) and `shared_region` (snapshot, validate) -> `policy` (a pure
 //! function of the snapshot and the backend's view of each vCPU: whom to boost) -> `sched`
 //! (the backend: how a vCPU gets CPU time; the VMM's slot scheduler, or the host Linux
-//! scheduler) -> metrics and trace (`report`, `cli`). `arch::x86_64` holds everything
+//! scheduler) -> metrics and trace (`results`, `report`, `outputs`). `cli` holds the flags
+//! and exit statuses, `plan` checks what to run, `launch` runs it. `arch::x86_64` holds everything
 //! x86-specific; `vm` the lifecycle; `vcpu` one vCPU (its fd, kick signal, CPL and loop),
 //! which reaches its VM through a trait: `vm` uses `vcpu`, never the reverse.
 
@@ -13,14 +14,20 @@ pub mod arch;
 pub mod cli;
 pub mod devices;
 pub mod guest_events;
+pub mod hostinfo;
 pub mod hoststat;
 pub mod hypercall;
+pub mod launch;
 pub mod loader;
+pub mod outputs;
+pub mod plan;
 pub mod policy;
 pub mod report;
+pub mod results;
 pub mod scenario;
 pub mod sched;
 pub mod shared_region;
+pub mod signals;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

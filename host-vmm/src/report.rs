@@ -1,149 +1,15 @@
-//! The end-of-run report: a table for people (stderr) and JSON for programs (`--metrics`).
+//! The end-of-run table for people (stderr). It uses the metrics JSON's names (`results.rs`,
+//! docs/metrics.md): a VM line of `name=value` pairs, then one row per vCPU under the JSON
+//! field names, durations in ms (`_ms` where the JSON has `_ns`), and the boost reasons
+//! abbreviated with a legend.
 
 use std::fmt::Write as _;
 
-use crate::hoststat::SchedStat;
 use crate::policy::BoostReason;
-use crate::sched::metrics::LatencyHistogram;
-use crate::sched::VcpuMetrics;
-use crate::vm::{Outcome, RunReport};
+use crate::results::{latencies, vcpu_view, RunSettings};
+use crate::vm::RunReport;
 
-/// How the run was scheduled, for the report header.
-#[derive(Clone, Debug)]
-pub struct SchedSummary {
-    pub backend: String,
-    pub slots: Option<usize>,
-    pub slice_us: Option<u64>,
-    pub placement: Option<String>,
-}
-
-fn outcome_json(o: &Outcome) -> serde_json::Value {
-    match o {
-        Outcome::GuestExit(code) => serde_json::json!({ "kind": "guest-exit", "code": code }),
-        Outcome::Timeout(t) => serde_json::json!({ "kind": "timeout", "seconds": t.as_secs() }),
-        Outcome::GuestCrash { vcpu, reason } => {
-            serde_json::json!({ "kind": "guest-crash", "vcpu": vcpu, "reason": reason })
-        }
-        Outcome::VmmFault { vcpu, reason } => {
-            serde_json::json!({ "kind": "vmm-fault", "vcpu": vcpu, "reason": reason })
-        }
-        Outcome::SchedulerFault(reason) => {
-            serde_json::json!({ "kind": "scheduler-fault", "reason": reason })
-        }
-    }
-}
-
-fn boosts_json(m: &VcpuMetrics) -> serde_json::Value {
-    let mut o = serde_json::Map::new();
-    for (i, r) in BoostReason::ALL.iter().enumerate() {
-        o.insert(r.name().to_string(), m.boosts[i].into());
-    }
-    o.into()
-}
-
-/// vCPU `i` of a report: what the host thread got, what the backend counted, and its run and
-/// runnable-wait time (the scheduler's own under the slot backend, the thread's schedstat
-/// under the Linux backend).
-fn vcpu_view(r: &RunReport, i: usize) -> (SchedStat, VcpuMetrics, u64, u64) {
-    let host = r.vcpu_stats.get(i).copied().unwrap_or_default();
-    let m = r
-        .sched
-        .as_ref()
-        .and_then(|(_, v)| v.get(i))
-        .cloned()
-        .unwrap_or_default();
-    let (run, wait) = if m.dispatches > 0 {
-        (m.run_ns, m.wait_ns)
-    } else {
-        (host.run_ns, host.wait_ns)
-    };
-    (host, m, run, wait)
-}
-
-fn vm_json(r: &RunReport) -> serde_json::Value {
-    let n = r.yields_to.len();
-    let vcpus: Vec<serde_json::Value> = (0..n)
-        .map(|i| {
-            let (host, m, run, wait) = vcpu_view(r, i);
-            serde_json::json!({
-                "vcpu": i,
-                "run_ns": run,
-                "runnable_wait_ns": wait,
-                "idle_ns": m.idle_ns,
-                "preemptions": m.preemptions,
-                "yields": m.yields,
-                "yields_target_running": m.yields_target_running,
-                "yield_to_hypercalls_naming_it": r.yields_to[i],
-                "halts": m.halts,
-                "ipis_sent": m.ipis_sent,
-                "ipis_received": m.ipis_received,
-                "bad_hypercalls": m.bad_hypercalls,
-                "invalid_records": m.invalid_records,
-                "boosts": boosts_json(&m),
-                "boosts_refused": m.boosts_refused,
-                "user_mode_boosts": m.user_mode_boosts,
-                "dispatches": m.dispatches,
-                "handoff_ns": m.handoff_ns,
-                "kicks": m.kicks,
-                "kick_latency_ns": m.kick_latency_ns,
-                "rcu_waits": m.rcu_waits,
-                "turns_given_back": m.turns_given_back,
-                "host_thread": {
-                    "run_ns": host.run_ns, "wait_ns": host.wait_ns, "timeslices": host.slices,
-                },
-            })
-        })
-        .collect();
-    let vm = r.sched.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
-    let (handoffs, kicks) = latencies(r);
-    serde_json::json!({
-        "name": r.name,
-        "handoff_latency": latency_json(&handoffs),
-        "kick_latency": latency_json(&kicks),
-        "policy": r.policy,
-        "outcome": outcome_json(&r.outcome),
-        "elapsed_ns": r.elapsed.as_nanos() as u64,
-        "unclaimed_io": r.unclaimed_io,
-        "failed_ipis": r.failed_ipis,
-        "invalid_shared_records": r.shared.as_ref().map(|s| s.invalid_records()),
-        "invalid_page_events": vm.invalid_page_events,
-        "torn_record_reads": vm.torn_records,
-        "stacking_samples": vm.samples,
-        "stacking_fraction": vm.stacking_fraction(),
-        "max_boost_debt_ns": vm.max_debt_ns,
-        "rcu_words_ignored": vm.rcu_words_ignored,
-        "vcpus": vcpus,
-    })
-}
-
-/// Every hand-off and every kick of a VM's vCPUs.
-fn latencies(r: &RunReport) -> (LatencyHistogram, LatencyHistogram) {
-    let mut h = LatencyHistogram::default();
-    let mut k = LatencyHistogram::default();
-    for m in r.sched.iter().flat_map(|(_, v)| v.iter()) {
-        h.merge(&m.handoff_hist);
-        k.merge(&m.kick_hist);
-    }
-    (h, k)
-}
-
-/// Median and 99th percentile (to within 12.5 %), and the count.
-fn latency_json(h: &LatencyHistogram) -> serde_json::Value {
-    serde_json::json!({ "count": h.count(), "median": h.quantile(0.5), "p99": h.quantile(0.99) })
-}
-
-/// The run as JSON: how it was scheduled, then per VM its outcome and per-vCPU counters.
-pub fn json(summary: &SchedSummary, reports: &[RunReport]) -> serde_json::Value {
-    serde_json::json!({
-        "backend": summary.backend,
-        "slots": summary.slots,
-        "slice_us": summary.slice_us,
-        "placement": summary.placement,
-        "vms": reports.iter().map(vm_json).collect::<Vec<_>>(),
-    })
-}
-
-/// Short column names for the boost reasons.
+/// Short column names for the boost reasons (the legend gives the JSON names).
 fn reason_short(r: BoostReason) -> &'static str {
     match r {
         BoostReason::DirectedYield => "dy",
@@ -156,36 +22,47 @@ fn reason_short(r: BoostReason) -> &'static str {
     }
 }
 
-/// Per VM a header line, then one row per vCPU.
-pub fn table(summary: &SchedSummary, reports: &[RunReport]) -> String {
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// The settings line, then per VM a line of totals and one row per vCPU, then the legend.
+pub fn table(settings: &RunSettings, reports: &[RunReport]) -> String {
     let mut s = String::new();
-    let _ = write!(s, "backend {}", summary.backend);
-    if let (Some(n), Some(us), Some(p)) = (summary.slots, summary.slice_us, &summary.placement) {
-        let _ = write!(s, ": {n} slots, {us} us slice, placement {p}");
+    let _ = write!(s, "backend={}", settings.backend);
+    if let (Some(n), Some(us), Some(p)) = (settings.slots, settings.slice_us, &settings.placement) {
+        let _ = write!(s, " slots={n} slice_us={us} placement={p}");
     }
     s.push('\n');
     for r in reports {
         let vm = r.sched.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
-        let (h, k) = latencies(r);
+        let ((_, h), (_, k)) = latencies(r);
         let _ = writeln!(
             s,
-            "vm {} policy {}: stacking {:.1}% of {} samples, invalid page events {}, torn reads {}, max boost debt {:.1} ms, hand-off median/p99 {:.1}/{:.1} us, kick {:.1}/{:.1} us",
+            "vm name={} policy={} elapsed_ms={:.1} stacking_fraction={:.3} stacking_samples={} invalid_page_events={} torn_record_reads={} boost_debt_max_ms={:.1} handoff_latency_p50_ms={:.3} handoff_latency_p99_ms={:.3} kick_latency_p50_ms={:.3} kick_latency_p99_ms={:.3}",
             r.name,
             r.policy,
-            vm.stacking_fraction() * 100.0,
+            ms(r.elapsed.as_nanos() as u64),
+            vm.stacking_fraction(),
             vm.samples,
             vm.invalid_page_events,
             vm.torn_records,
-            vm.max_debt_ns as f64 / 1e6,
-            h.quantile(0.5) as f64 / 1e3,
-            h.quantile(0.99) as f64 / 1e3,
-            k.quantile(0.5) as f64 / 1e3,
-            k.quantile(0.99) as f64 / 1e3,
+            ms(vm.max_debt_ns),
+            ms(h.quantile(0.5)),
+            ms(h.quantile(0.99)),
+            ms(k.quantile(0.5)),
+            ms(k.quantile(0.99)),
         );
         let _ = write!(
             s,
-            "{:>5} {:>10} {:>12} {:>8} {:>7} {:>7} {:>7}",
-            "vcpu", "run ms", "runnable ms", "preempt", "yields", "halts", "ipis-in"
+            "{:>5} {:>12} {:>22} {:>11} {:>6} {:>6} {:>13}",
+            "vcpu",
+            "run_total_ms",
+            "runnable_wait_total_ms",
+            "preemptions",
+            "yields",
+            "halts",
+            "ipis_received"
         );
         for r in BoostReason::ALL {
             let _ = write!(s, " {:>8}", reason_short(r));
@@ -195,10 +72,10 @@ pub fn table(summary: &SchedSummary, reports: &[RunReport]) -> String {
             let (_, m, run, wait) = vcpu_view(r, i);
             let _ = write!(
                 s,
-                "{:>5} {:>10.1} {:>12.1} {:>8} {:>7} {:>7} {:>7}",
+                "{:>5} {:>12.1} {:>22.1} {:>11} {:>6} {:>6} {:>13}",
                 i,
-                run as f64 / 1e6,
-                wait as f64 / 1e6,
+                ms(run),
+                ms(wait),
                 m.preemptions,
                 m.yields,
                 m.halts,
@@ -210,5 +87,14 @@ pub fn table(summary: &SchedSummary, reports: &[RunReport]) -> String {
             s.push('\n');
         }
     }
+    let legend: Vec<String> = BoostReason::ALL
+        .iter()
+        .map(|&r| format!("{}=boosts.{}", reason_short(r), r.name()))
+        .collect();
+    let _ = writeln!(
+        s,
+        "(columns are the metrics JSON's fields, _ms for its _ns; {})",
+        legend.join(" ")
+    );
     s
 }

@@ -104,26 +104,32 @@ impl Scenario {
         Ok(s)
     }
 
-    /// One spec per VM (`count` expanded, capped at [`MAX_VMS`] + 1 so the caller can
-    /// refuse).
+    /// One spec per VM (`count` expanded, see [`VmSpec::expand`]), capped at [`MAX_VMS`] + 1
+    /// so the caller can refuse.
     pub fn expand(&self) -> Vec<VmSpec> {
-        let mut out = Vec::new();
-        for v in &self.vms {
-            for _ in 0..v.count.unwrap_or(1).min(MAX_VMS + 1) {
-                if out.len() > MAX_VMS {
-                    return out;
-                }
-                out.push(VmSpec {
-                    count: None,
-                    ..v.clone()
-                });
-            }
-        }
+        let mut out: Vec<VmSpec> = self.vms.iter().flat_map(VmSpec::expand).collect();
+        out.truncate(MAX_VMS + 1);
         out
     }
 }
 
 impl VmSpec {
+    /// `count` copies of this spec (at most [`MAX_VMS`] + 1, so the caller can refuse; none
+    /// for `count=0`, which the caller refuses), each with `count` cleared; a named spec
+    /// with a count gives `name-0`, `name-1`, ...
+    pub fn expand(&self) -> Vec<VmSpec> {
+        let Some(count) = self.count else {
+            return vec![self.clone()];
+        };
+        (0..count.min(MAX_VMS + 1))
+            .map(|i| VmSpec {
+                count: None,
+                name: self.name.as_ref().map(|n| format!("{n}-{i}")),
+                ..self.clone()
+            })
+            .collect()
+    }
+
     /// Parses `key=value,...`; `cmdline=` must come last and takes the rest of the text
     /// (kernel command lines contain spaces and `=`).
     pub fn parse(spec: &str) -> Result<Self, ScenarioError> {
@@ -133,10 +139,16 @@ impl VmSpec {
         };
         let mut v = VmSpec::default();
         let mut rest = spec;
+        let mut seen: Vec<&str> = Vec::new();
         while !rest.is_empty() {
             let (key, after) = rest
                 .split_once('=')
                 .ok_or_else(|| bad(format!("'{rest}' is not key=value")))?;
+            // A repeated key is a typo or a pasted spec; neither should silently win.
+            if seen.contains(&key) {
+                return Err(bad(format!("key '{key}' is given twice")));
+            }
+            seen.push(key);
             if key == "cmdline" {
                 v.cmdline = Some(after.to_string());
                 break;
@@ -182,6 +194,7 @@ mod tests {
             ("vcpus=four", "not a number"),
             ("vcpus=300", "out of range"),
             ("color=red", "unknown key"),
+            ("vcpus=2,mem=64,vcpus=4", "key 'vcpus' is given twice"),
         ] {
             let e = VmSpec::parse(spec).unwrap_err().to_string();
             assert!(e.contains(why), "{spec}: {e}");
@@ -206,5 +219,15 @@ mod tests {
         assert!(toml::from_str::<Scenario>("[[vm]]\nvcpu = 4\n").is_err());
         let s: Scenario = toml::from_str("[[vm]]\ncount = 1000000\n").unwrap();
         assert_eq!(s.expand().len(), MAX_VMS + 1);
+    }
+
+    #[test]
+    fn counted_specs_get_numbered_names() {
+        let v = VmSpec::parse("name=db,count=3,vcpus=2").unwrap();
+        let names: Vec<_> = v.expand().into_iter().map(|s| s.name.unwrap()).collect();
+        assert_eq!(names, ["db-0", "db-1", "db-2"]);
+        assert!(VmSpec::parse("count=0").unwrap().expand().is_empty());
+        let plain = VmSpec::parse("name=x").unwrap();
+        assert_eq!(plain.expand(), vec![plain.clone()]);
     }
 }

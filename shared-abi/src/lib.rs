@@ -20,10 +20,12 @@
 #![no_std]
 
 mod events;
+mod guest_tests;
 mod hypercall;
 mod page;
 
 pub use events::*;
+pub use guest_tests::*;
 pub use hypercall::*;
 pub use page::*;
 

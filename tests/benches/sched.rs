@@ -112,11 +112,11 @@ fn costs(reps: usize, fl: &floors::Floors) {
         ("lock_contended", "ticket lock, 1 thread per vCPU"),
         ("sync_rcu_max", "synchronize_rcu (max)"),
     ];
-    const HOST: [(&str, &str, &str); 4] = [
-        ("handoff_latency", "median", "slot hand-off, median"),
-        ("handoff_latency", "p99", "slot hand-off, p99"),
-        ("kick_latency", "median", "kick, median"),
-        ("kick_latency", "p99", "kick, p99"),
+    const HOST: [(&str, &str); 4] = [
+        ("handoff_latency_p50_ns", "slot hand-off, median"),
+        ("handoff_latency_p99_ns", "slot hand-off, p99"),
+        ("kick_latency_p50_ns", "kick, median"),
+        ("kick_latency_p99_ns", "kick, p99"),
     ];
     let mut cells = vec![vec![Vec::new(); GUEST.len() + HOST.len()]; configs.len()];
     for _ in 0..reps {
@@ -128,8 +128,8 @@ fn costs(reps: usize, fl: &floors::Floors) {
             for (i, (k, _)) in GUEST.iter().enumerate() {
                 cells[c][i].push(num(&out, "RESULT bench", k) / khz * 1000.0);
             }
-            for (i, (k, q, _)) in HOST.iter().enumerate() {
-                let ns = m["vms"][0][k][q].as_f64().unwrap_or(0.0);
+            for (i, (k, _)) in HOST.iter().enumerate() {
+                let ns = m["vms"][0][k].as_f64().unwrap_or(0.0);
                 cells[c][GUEST.len() + i].push(ns / 1000.0);
             }
         }
@@ -149,7 +149,7 @@ fn costs(reps: usize, fl: &floors::Floors) {
                 .collect()
         })
         .collect();
-    for (i, (_, _, label)) in HOST.iter().enumerate() {
+    for (i, (_, label)) in HOST.iter().enumerate() {
         row(label, &host[i], "");
     }
     // A bound slot hands off to a thread woken on its own CPU; a kick is a signal that ends
@@ -281,7 +281,7 @@ fn stacking(reps: usize) {
                 let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
                 stack[s][i].push(100.0 * (f(0) + f(1)) / 2.0);
                 let h = |v: usize| {
-                    m["vms"][v]["handoff_latency"]["median"]
+                    m["vms"][v]["handoff_latency_p50_ns"]
                         .as_f64()
                         .unwrap_or(0.0)
                 };

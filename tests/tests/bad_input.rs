@@ -1,14 +1,13 @@
 //! Bad input to the VMM and failing guests: each must give a clear message and a non-zero
-//! exit, never a host panic or a hang.
+//! exit, never a host panic or a hang. A kernel image that cannot be read or is not a PVH
+//! image of this ABI is the operator's input: a usage error (2) naming `--kernel` and the
+//! file, found before any guest starts.
 
 use std::path::PathBuf;
 
+use host_vmm::cli::{EXIT_GUEST_FAILURE, EXIT_GUEST_PANIC, EXIT_TIMEOUT, EXIT_USAGE};
 use pvsync_tests::{guest_kernel, pvsync, pvsync_bin, pvsync_guest, require_kvm, Output};
-use shared_abi::{ExitCode, ABI_VERSION, ELF_NOTE_NAME};
-
-const EXIT_USAGE: i32 = 2;
-const EXIT_HOST_ERROR: i32 = 70;
-const EXIT_TIMEOUT: i32 = 124;
+use shared_abi::{ABI_VERSION, ELF_NOTE_NAME};
 
 fn no_host_panic(out: &Output) {
     out.check(!out.timed_out, "VMM hung");
@@ -39,11 +38,14 @@ fn run_kernel(kernel: &std::path::Path, mem_mib: &str) -> Output {
 }
 
 fn refused(out: &Output, message: &str) {
+    refused_naming(out, "--kernel ", message);
+}
+
+fn refused_naming(out: &Output, flag: &str, message: &str) {
     no_host_panic(out);
-    out.check(
-        out.status == Some(EXIT_HOST_ERROR),
-        "host error exit status",
-    );
+    out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+    out.check(out.stderr.contains(flag), "names the flag");
+    out.check(out.stdout.is_empty(), "no guest started");
     out.check(
         out.stderr.contains(message),
         &format!("message should contain {message:?}"),
@@ -117,7 +119,7 @@ fn mismatched_abi_version_is_refused() {
 #[test]
 fn too_little_memory_is_refused() {
     let out = run_kernel(guest_kernel(), "4");
-    refused(&out, "--mem 4 MiB is too small for this kernel");
+    refused_naming(&out, "--mem ", "--mem 4 MiB is too small for kernel");
 }
 
 #[test]
@@ -148,10 +150,7 @@ fn guest_panic_exits_non_zero_with_its_message() {
     }
     let out = pvsync_guest(2, 64, "test=panic");
     no_host_panic(&out);
-    out.check(
-        out.status == Some(ExitCode::Panic as i32),
-        "panic exit code",
-    );
+    out.check(out.status == Some(EXIT_GUEST_PANIC), "panic exit status");
     out.check(
         out.stdout
             .contains("PANIC on cpu 0: panicked at src/main.rs"),
@@ -172,8 +171,8 @@ fn guest_page_fault_is_reported() {
     let out = pvsync_guest(2, 64, "test=fault");
     no_host_panic(&out);
     out.check(
-        out.status == Some(ExitCode::Panic as i32),
-        "exception exit code",
+        out.status == Some(EXIT_GUEST_PANIC),
+        "exception exit status",
     );
     out.check(
         out.stdout
@@ -194,8 +193,8 @@ fn unknown_guest_command_line_fails() {
     let out = pvsync_guest(1, 64, "test=boot frobnicate");
     no_host_panic(&out);
     out.check(
-        out.status == Some(ExitCode::Failure as i32),
-        "failure exit code",
+        out.status == Some(EXIT_GUEST_FAILURE),
+        "failure exit status",
     );
     out.check(
         out.stdout

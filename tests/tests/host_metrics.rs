@@ -1,6 +1,7 @@
 //! What the host scheduler did to each vCPU reaches both the guest (host fields of the shared
 //! records) and the user (`--metrics FILE` JSON, a table on stderr).
 
+use host_vmm::cli::EXIT_USAGE;
 use pvsync_tests::{field, guest_kernel, pvsync, require_kvm};
 
 const VCPUS: usize = 4;
@@ -31,7 +32,8 @@ fn metrics_json_and_host_fields_report_runnable_wait() {
     out.check(out.status == Some(0), "locktorture passes");
     let all: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    assert_eq!(all["backend"], "slots");
+    assert_eq!(all["schema_version"], 1);
+    assert_eq!(all["settings"]["backend"], "slots");
     let m = &all["vms"][0];
     assert_eq!(m["outcome"]["kind"], "guest-exit");
     assert_eq!(m["invalid_shared_records"], 0);
@@ -39,11 +41,14 @@ fn metrics_json_and_host_fields_report_runnable_wait() {
     let vcpus = m["vcpus"].as_array().unwrap();
     assert_eq!(vcpus.len(), VCPUS);
     for v in vcpus {
-        assert!(v["run_ns"].as_u64().unwrap() > 0, "every vCPU ran: {v}");
+        assert!(
+            v["run_total_ns"].as_u64().unwrap() > 0,
+            "every vCPU ran: {v}"
+        );
     }
     let waited: u64 = vcpus
         .iter()
-        .map(|v| v["runnable_wait_ns"].as_u64().unwrap())
+        .map(|v| v["runnable_wait_total_ns"].as_u64().unwrap())
         .sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if VCPUS > cores {
@@ -66,29 +71,29 @@ fn metrics_json_and_host_fields_report_runnable_wait() {
         );
     }
     out.check(
-        out.stderr.contains("runnable ms"),
+        out.stderr.contains("runnable_wait_total_ms"),
         "metrics table on stderr",
     );
 }
 
+/// Found before the guest starts: a usage error naming the flag and the path, and no guest
+/// output at all.
 #[test]
-fn unwritable_metrics_path_is_a_clear_error() {
-    if !require_kvm("unwritable_metrics_path_is_a_clear_error") {
-        return;
-    }
+fn unwritable_metrics_path_is_refused_before_the_run() {
     let k = guest_kernel().to_str().unwrap().to_owned();
-    let out = pvsync(&[
-        "run",
-        "--kernel",
-        &k,
-        "--metrics",
-        "/nonexistent/dir/m.json",
-    ]);
-    out.check(out.status == Some(70), "host error status");
-    out.check(
-        out.stderr
-            .contains("writing metrics to /nonexistent/dir/m.json"),
-        "names the path",
-    );
-    out.check(!out.stderr.contains("panicked"), "no panic");
+    for (flag, path) in [
+        ("--metrics", "/nonexistent/dir/m.json"),
+        ("--trace", "/nonexistent/dir/t.json"),
+        ("--results", "/proc/pvsync-results"),
+    ] {
+        let out = pvsync(&["run", "--kernel", &k, flag, path]);
+        out.check(out.status == Some(EXIT_USAGE), "usage error status");
+        out.check(
+            out.stderr
+                .contains(&format!("{flag} {path}: cannot create it")),
+            "names the flag and the path",
+        );
+        out.check(out.stdout.is_empty(), "no guest output: nothing ran");
+        out.check(!out.stderr.contains("panicked"), "no panic");
+    }
 }

@@ -49,7 +49,7 @@ fn run(host: Host, mem_mib: u32, cmdline: &str) -> Output {
 
 fn exited(out: &Output, host: Host, code: ExitCode) -> bool {
     match host {
-        Host::Pvsync => out.status == Some(code as i32),
+        Host::Pvsync => out.status == Some(host_vmm::cli::guest_exit_status(code as u32)),
         Host::Qemu => out.status == Some(code.qemu_status()),
     }
 }

@@ -4,10 +4,9 @@
 
 use std::path::PathBuf;
 
+use host_vmm::cli::{EXIT_GUEST_PANIC, EXIT_USAGE};
 use pvsync_tests::{guest_kernel, pvsync, require_kvm, Output};
 use serde_json::Value;
-
-const EXIT_USAGE: i32 = 2;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pvsync-sched-{}", std::process::id()));
@@ -213,7 +212,7 @@ fn hostile_guest_beside_a_normal_one() {
         normal["invalid_page_events"].as_u64().unwrap() == 0,
         "the normal VM's page stays valid",
     );
-    let (h, n) = (sum(&m, 0, "run_ns"), sum(&m, 1, "run_ns"));
+    let (h, n) = (sum(&m, 0, "run_total_ns"), sum(&m, 1, "run_total_ns"));
     out.check(
         3 * n >= h + n,
         &format!("normal VM kept its share: {n} of {} ns", h + n),
@@ -286,7 +285,10 @@ fn scenario_file_runs_vms_with_their_own_status() {
     )
     .unwrap();
     let out = pvsync(&["run", "--scenario", path.to_str().unwrap()]);
-    out.check(out.status == Some(2), "the panicking VM's status (2)");
+    out.check(
+        out.status == Some(EXIT_GUEST_PANIC),
+        "the panicking VM's status",
+    );
     out.check(out.stdout.contains("[good] SUCCESS"), "the good VM passed");
     out.check(out.stdout.contains("[bad] "), "the bad VM's console");
     out.check(
@@ -295,7 +297,7 @@ fn scenario_file_runs_vms_with_their_own_status() {
         "per-VM outcome lines",
     );
     out.check(
-        out.stderr.contains("placement wake-affine") && out.stderr.contains("policy kvm-ipi"),
+        out.stderr.contains("placement=wake-affine") && out.stderr.contains("policy=kvm-ipi"),
         "scenario settings applied",
     );
 }
@@ -319,7 +321,7 @@ fn linux_backend_runs_the_selftests() {
         ],
     );
     out.check(out.status == Some(0), "selftests pass");
-    assert_eq!(m["backend"], "linux");
+    assert_eq!(m["settings"]["backend"], "linux");
     out.check(
         sum(&m, 0, "halts") > 0,
         "idle vCPUs used the Idle hypercall",

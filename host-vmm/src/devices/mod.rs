@@ -1,5 +1,6 @@
 //! Port-I/O devices: the serial console, and a count of accesses nobody claims.
 
+pub mod capture;
 pub mod prefixed;
 pub mod serial;
 

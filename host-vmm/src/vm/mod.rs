@@ -32,6 +32,10 @@ use crate::vcpu::{self, Vcpu, VcpuContext};
 const MIB: u64 = 1 << 20;
 /// Smallest VM: the kernel image, its heap and page tables, and a stack per vCPU.
 pub const MIN_MEM_MIB: u64 = 16;
+/// Largest VM: guest RAM must end below the 32-bit MMIO gap.
+pub const MAX_MEM_MIB: u64 = layout::MEM_32BIT_GAP_START / MIB;
+/// How often a waiting run checks for SIGINT/SIGTERM.
+const INTERRUPT_POLL: Duration = Duration::from_millis(20);
 /// How long stopping may take before vCPU threads are reported stuck.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -101,6 +105,8 @@ pub enum Outcome {
     VmmFault { vcpu: u8, reason: String },
     /// The scheduler backend failed and stopped the VM.
     SchedulerFault(String),
+    /// The VMM was asked to stop (SIGINT or SIGTERM) before the guest ended.
+    Interrupted,
 }
 
 /// Result of a run.
@@ -109,6 +115,7 @@ pub struct RunReport {
     pub name: String,
     pub policy: String,
     pub outcome: Outcome,
+    /// From this VM's start to its own end (its outcome), not to the end of the whole run.
     pub elapsed: Duration,
     /// The shared region at the end of the run, if the guest registered one.
     pub shared: Option<Snapshot>,
@@ -249,6 +256,7 @@ pub fn build(
             shared_region: Mutex::new(None),
             outcome: Mutex::new(None),
             outcome_cv: Condvar::new(),
+            ended: OnceLock::new(),
             stop: AtomicBool::new(false),
             unclaimed_mmio: AtomicU64::new(0),
             yields_to: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -330,10 +338,10 @@ impl BuiltVm {
 }
 
 impl RunningVm {
-    /// Waits until the guest ends or `deadline` passes (then it is stopped as timed out
-    /// after `timeout`).
-    pub fn wait(&self, deadline: Instant, timeout: Duration) -> Outcome {
-        wait_for_outcome(&self.shared, deadline, timeout)
+    /// Waits until the guest ends, `deadline` passes (then it is stopped as timed out after
+    /// `timeout`) or `interrupt` is set (then it is stopped as interrupted).
+    pub fn wait(&self, deadline: Instant, timeout: Duration, interrupt: &AtomicBool) -> Outcome {
+        wait_for_outcome(&self.shared, deadline, timeout, interrupt)
     }
 
     /// Stops the vCPU threads and gathers the report.
@@ -343,7 +351,10 @@ impl RunningVm {
         stop_vcpus(self.threads, &outcome)?;
         let vcpu_stats = self.monitor.join().unwrap_or_default();
         shared.pio.flush();
-        let elapsed = self.started.elapsed();
+        let elapsed = match shared.ended.get() {
+            Some(end) => end.saturating_duration_since(self.started),
+            None => self.started.elapsed(),
+        };
         let snapshot = shared
             .registration()
             .and_then(|reg| Snapshot::take(&shared.mem, &reg).ok());
@@ -372,13 +383,15 @@ impl RunningVm {
     }
 }
 
-/// Runs every VM in `vms` on `backend` at once until each has ended or `timeout` passed;
-/// one report per VM, in order. A VM that cannot be built fails the whole run before any
-/// guest starts.
+/// Runs every VM in `vms` on `backend` at once until each has ended, `timeout` passed or
+/// `interrupt` is set (SIGINT/SIGTERM: the guests still running are stopped as
+/// `Outcome::Interrupted`); one report per VM, in order. A VM that cannot be built fails
+/// the whole run before any guest starts.
 pub fn run_all(
     vms: Vec<(VmConfig, Box<dyn Write + Send>)>,
     backend: Arc<dyn Backend>,
     timeout: Duration,
+    interrupt: &AtomicBool,
 ) -> Result<Vec<RunReport>, VmError> {
     let mut built = Vec::with_capacity(vms.len());
     for (config, console) in vms {
@@ -401,7 +414,10 @@ pub fn run_all(
         }
     }
     let deadline = Instant::now() + timeout;
-    let outcomes: Vec<Outcome> = running.iter().map(|r| r.wait(deadline, timeout)).collect();
+    let outcomes: Vec<Outcome> = running
+        .iter()
+        .map(|r| r.wait(deadline, timeout, interrupt))
+        .collect();
     running
         .into_iter()
         .zip(outcomes)
@@ -456,26 +472,39 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
         .collect()
 }
 
-fn wait_for_outcome(vm: &VmShared, deadline: Instant, timeout: Duration) -> Outcome {
+fn wait_for_outcome(
+    vm: &VmShared,
+    deadline: Instant,
+    timeout: Duration,
+    interrupt: &AtomicBool,
+) -> Outcome {
     let mut o = vm.outcome.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if let Some(outcome) = o.clone() {
             return outcome;
         }
         let now = Instant::now();
-        if now >= deadline {
+        let stop_as = if interrupt.load(Ordering::Relaxed) {
+            Some(Outcome::Interrupted)
+        } else {
+            (now >= deadline).then_some(Outcome::Timeout(timeout))
+        };
+        if let Some(stop_as) = stop_as {
             drop(o);
-            vm.finish(Outcome::Timeout(timeout));
+            vm.finish(stop_as.clone());
+            // The guest may have ended just before: the first outcome recorded wins.
             return vm
                 .outcome
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
-                .unwrap_or(Outcome::Timeout(timeout));
+                .unwrap_or(stop_as);
         }
+        // Wake up now and then to see the interrupt flag (a signal handler cannot notify).
+        let nap = (deadline - now).min(INTERRUPT_POLL);
         o = vm
             .outcome_cv
-            .wait_timeout(o, deadline - now)
+            .wait_timeout(o, nap)
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }

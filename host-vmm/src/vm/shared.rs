@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
@@ -38,6 +38,8 @@ pub struct VmShared {
     pub(super) shared_region: Mutex<Option<Registration>>,
     pub(super) outcome: Mutex<Option<Outcome>>,
     pub(super) outcome_cv: Condvar,
+    /// When the outcome was recorded: the VM's own end, for its elapsed time.
+    pub(super) ended: OnceLock<Instant>,
     pub(super) stop: AtomicBool,
     pub(super) unclaimed_mmio: AtomicU64,
     /// YieldTo hypercalls naming each vCPU.
@@ -64,6 +66,7 @@ impl VmShared {
         let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if o.is_none() {
             *o = Some(outcome);
+            let _ = self.ended.set(Instant::now());
         }
         self.stop.store(true, Ordering::Release);
         self.outcome_cv.notify_all();

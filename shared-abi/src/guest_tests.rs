@@ -1,0 +1,72 @@
+//! The guest's tests (`test=NAME` on its command line) with one line each: the one list the
+//! guest's dispatcher accepts and the VMM's `pvsync run --help` prints.
+
+/// `(name, what it does)`, in the order `--help` lists them.
+pub const GUEST_TESTS: &[(&str, &str)] = &[
+    (
+        "boot",
+        "bring up every CPU and the shared region (the default)",
+    ),
+    (
+        "selftest",
+        "allocators, paging, per-CPU data, shared records, timer, IPIs, preemption, RCU, user mode",
+    ),
+    (
+        "hostile-hypercalls",
+        "every kind of bad registration; checks the host refuses each",
+    ),
+    (
+        "hostile-page",
+        "scribble over the shared region and flood random hypercalls for duration=MS",
+    ),
+    (
+        "locktorture",
+        "spinlock torture (lock=ticket|mcs; controls lock=broken|mcs-nokick must fail)",
+    ),
+    (
+        "rcutorture",
+        "RCU torture (controls rcu=broken|early must fail)",
+    ),
+    ("rcuflood", "every CPU floods call_rcu, then rcu_barrier"),
+    ("rcu-model", "x86-TSO model of the RCU grace-period request"),
+    (
+        "tlbtorture",
+        "TLB shootdown torture (controls tlb=skip|noack must fail)",
+    ),
+    (
+        "pvwait",
+        "waiters name the CPU in their way; ipi_wait shrinks as acknowledgements arrive",
+    ),
+    (
+        "bench",
+        "IPI, shootdown, lock and synchronize_rcu latencies in TSC cycles",
+    ),
+    ("panic", "failure probe: panics (exit code 2)"),
+    ("fault", "failure probe: a page fault (exit code 2)"),
+    (
+        "hang",
+        "failure probe: halts forever (the host's timeout stops it)",
+    ),
+];
+
+/// The one-line description of test `name`, if the guest has such a test.
+pub fn guest_test(name: &str) -> Option<&'static str> {
+    GUEST_TESTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, what)| *what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_found() {
+        for (i, (n, what)) in GUEST_TESTS.iter().enumerate() {
+            assert_eq!(guest_test(n), Some(*what));
+            assert!(GUEST_TESTS[..i].iter().all(|(m, _)| m != n), "{n} twice");
+        }
+        assert_eq!(guest_test("nope"), None);
+    }
+}
