@@ -126,6 +126,14 @@ pub struct TimelineArgs {
     /// End of the window, in milliseconds [default: the trace's end].
     #[arg(long, value_name = "MS")]
     pub to_ms: Option<f64>,
+    /// Centre the window on the longest span of this category (e.g. "ipi-wait",
+    /// "grace-period", "lock-spin"), with --margin-ms on each side; overrides --from-ms and
+    /// --to-ms.
+    #[arg(long, value_name = "CATEGORY")]
+    pub focus: Option<String>,
+    /// Room on each side of the --focus span.
+    #[arg(long, value_name = "MS", default_value_t = 2.0)]
+    pub margin_ms: f64,
     /// Only tracks whose name contains one of these (comma-separated), e.g.
     /// "state,shootdown,mode".
     #[arg(long, value_delimiter = ',')]
@@ -240,6 +248,21 @@ fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
         Ok(t) => t,
         Err(e) => return launch::usage(log, format!("{}: {e}", a.trace.display())),
     };
+    let ms = |m: f64| (m.max(0.0) * 1e6) as u64;
+    let (mut from, mut to) = (a.from_ms.map_or(0, ms), a.to_ms.map_or_else(|| t.end(), ms));
+    if let Some(cat) = &a.focus {
+        // Chosen before the track filter applies: any track's span may be the focus.
+        let Some(s) = t
+            .spans()
+            .map(|(_, _, s)| s)
+            .filter(|s| s.cat == cat.as_str())
+            .max_by_key(|s| s.dur)
+        else {
+            return launch::usage(log, format!("--focus {cat}: no span of that category"));
+        };
+        let margin = ms(a.margin_ms);
+        (from, to) = (s.start.saturating_sub(margin), s.start + s.dur + margin);
+    }
     let keep = |name: &str, filters: &[String]| {
         filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
     };
@@ -247,9 +270,6 @@ fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
     for p in &mut t.processes {
         p.tracks.retain(|tr| keep(&tr.name, &a.tracks));
     }
-    let ms = |m: f64| (m.max(0.0) * 1e6) as u64;
-    let from = a.from_ms.map_or(0, ms);
-    let to = a.to_ms.map_or_else(|| t.end(), ms);
     if to <= from {
         return launch::usage(log, "--to-ms must be after --from-ms");
     }

@@ -349,10 +349,6 @@ fn bad_scheduler_flags_are_usage_errors() {
             "unknown field `vcpu`",
         ),
         (vec!["--scenario", "/nonexistent.toml"], "reading scenario"),
-        (
-            vec!["--backend", "linux", "--trace", "/tmp/x"],
-            "needs the slot backend",
-        ),
     ] {
         let mut all = vec!["run", "--kernel", &k];
         all.extend_from_slice(&args);

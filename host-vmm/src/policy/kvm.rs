@@ -4,7 +4,7 @@
 //! and an interrupt is pending: the 2021 upstream fix), and a candidate that is itself
 //! spinning every other time it is considered (dy_eligible).
 
-use super::{Boost, BoostPolicy, BoostReason, Cpl, Input};
+use super::{Boost, BoostPolicy, BoostReason, Cpl, Input, VcpuState};
 
 #[derive(Debug)]
 pub struct KvmPolicy {
@@ -46,9 +46,12 @@ impl BoostPolicy for KvmPolicy {
         }
     }
 
-    fn on_spin(&mut self, input: &Input, spinner: u32, _named: Option<u32>) -> Option<Boost> {
+    fn on_spin(&mut self, input: &Input, spinner: u32, named: Option<u32>) -> Option<Boost> {
         let n = input.vcpus.len();
-        if n == 0 {
+        // KVM_HC_SCHED_YIELD to a vCPU that runs does nothing: what the spinner waits for is
+        // about to happen.
+        let named_runs = named.and_then(|v| input.vcpus.get(v as usize));
+        if n == 0 || named_runs.is_some_and(VcpuState::runs) {
             return None;
         }
         let start = self.last_boosted.map_or(0, |l| (l as usize + 1) % n);

@@ -60,6 +60,11 @@ pub struct VcpuState {
 }
 
 impl VcpuState {
+    /// Whether it runs now (neither preempted nor blocked).
+    pub const fn runs(&self) -> bool {
+        !self.preempted && !self.blocked
+    }
+
     /// A running vCPU (not a candidate).
     pub const fn running() -> Self {
         VcpuState {

@@ -774,10 +774,10 @@ impl Core {
                 return;
             }
             if self.is_running(n) {
-                // What it waits for is about to happen (as KVM_HC_SCHED_YIELD does, no yield
-                // to a vCPU that runs): keep spinning on this slot.
+                // Whether the spinner keeps spinning (KVM_HC_SCHED_YIELD never yields to a
+                // vCPU that runs) or someone else is in its way (a vCPU it waits on that is
+                // queued) is the policy's call.
                 self.vcpus[v].metrics.yields_target_running += 1;
-                return;
             }
         }
         let states = self.policy_states(vm, now);

@@ -32,6 +32,7 @@ pub fn render(t: &Timeline, from: u64, to: u64, width: f64, title: &str) -> Stri
     let plot_w = (width - LABEL_W - 10.0).max(100.0);
     let x = |ns: u64| LABEL_W + (ns.clamp(from, to) - from) as f64 * plot_w / (to - from) as f64;
     let mut lanes = String::new();
+    let mut shown: Vec<&str> = Vec::new();
     let mut y = AXIS_H + 18.0;
     for p in &t.processes {
         let visible: Vec<_> = p
@@ -66,6 +67,9 @@ pub fn render(t: &Timeline, from: u64, to: u64, width: f64, title: &str) -> Stri
                 .iter()
                 .filter(|s| s.start < to && s.start + s.dur > from)
             {
+                if !shown.contains(&s.cat) {
+                    shown.push(s.cat);
+                }
                 let (x0, x1) = (x(s.start), x(s.start + s.dur));
                 let _ = writeln!(
                     lanes,
@@ -90,6 +94,24 @@ pub fn render(t: &Timeline, from: u64, to: u64, width: f64, title: &str) -> Stri
             y += LANE_H;
         }
     }
+    // Legend: every category drawn, in the order of the colour table.
+    y += 8.0;
+    let mut lx = 4.0;
+    for (cat, col) in super::CATEGORIES.iter().filter(|(c, _)| shown.contains(c)) {
+        if lx + 130.0 > width {
+            lx = 4.0;
+            y += LANE_H;
+        }
+        let _ = writeln!(
+            lanes,
+            r#"<rect x="{lx:.0}" y="{:.1}" width="12" height="10" fill="{col}"/><text x="{:.0}" y="{:.1}">{cat}</text>"#,
+            y + 2.0,
+            lx + 16.0,
+            y + 11.0
+        );
+        lx += 22.0 + 7.0 * cat.len() as f64;
+    }
+    y += LANE_H;
     let height = y + 10.0;
     let mut svg = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">
