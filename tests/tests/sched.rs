@@ -219,53 +219,6 @@ fn hostile_guest_beside_a_normal_one() {
     );
 }
 
-/// `--trace` writes a Chrome trace: slot turns as complete events, boosts as instants.
-#[test]
-fn trace_shows_slot_turns_and_boosts() {
-    if !require_kvm("trace_shows_slot_turns_and_boosts") {
-        return;
-    }
-    let path = scratch("chrome-trace.json");
-    let (out, m) = run_metrics(
-        "trace",
-        &[
-            "--vcpus",
-            "4",
-            "--cmdline",
-            "test=tlbtorture duration=800",
-            "--trace",
-            path.to_str().unwrap(),
-        ],
-    );
-    out.check(out.status == Some(0), "guest passes");
-    let events: Vec<Value> =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let turns = events.iter().filter(|e| e["ph"] == "X").count();
-    let boosts = events.iter().filter(|e| e["cat"] == "boost").count() as u64;
-    out.check(turns > 0, "slot turns traced");
-    let counted: u64 = [
-        "directed-yield",
-        "user-mode-with-interrupt",
-        "named-by-spinner",
-        "lock-holder",
-        "ipi-ack-owed",
-        "rcu-reader",
-    ]
-    .iter()
-    .map(|r| sum(&m, 0, r))
-    .sum();
-    out.check(
-        boosts == counted,
-        &format!("one instant per boost: {boosts} vs {counted}"),
-    );
-    out.check(
-        events
-            .iter()
-            .all(|e| e["tid"].as_u64().is_some_and(|t| t < 2)),
-        "rows are the 2 slots",
-    );
-}
-
 /// A scenario file runs several VMs; each keeps its own exit status and the process reports
 /// the first failure.
 #[test]
