@@ -103,6 +103,11 @@ unsafe impl Platform for Kernel {
         tsc::now()
     }
 
+    #[inline]
+    fn tsc() -> u64 {
+        tsc::now()
+    }
+
     fn us_to_ticks(us: u64) -> u64 {
         tsc::us_to_cycles(us)
     }

@@ -205,10 +205,13 @@ pub struct RunArgs {
     /// fields as JSON (schema: docs/metrics.md).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
-    /// Write slot occupancy and boosts as a Chrome trace (chrome://tracing, Perfetto).
+    /// Write what the host and the guests did as trace-event JSON (Perfetto,
+    /// chrome://tracing): slot turns, vCPU states and boosts, and the guests' events (lock
+    /// spins and holds, shootdown waits, grace periods, mode changes); docs/tracing.md.
+    /// The guests write events only in a traced run.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
-    /// Write metrics.json, trace.json (slot backend), console.log and <vm>.console.log
+    /// Write metrics.json, trace.json (a traced run), console.log and <vm>.console.log
     /// into DIR (created if missing).
     #[arg(long, value_name = "DIR")]
     pub results: Option<PathBuf>,
@@ -248,6 +251,7 @@ fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
         Ok(t) => t,
         Err(e) => return launch::usage(log, format!("{}: {e}", a.trace.display())),
     };
+    // `as` saturates: a huge or NaN value cannot overflow (NaN becomes 0).
     let ms = |m: f64| (m.max(0.0) * 1e6) as u64;
     let (mut from, mut to) = (a.from_ms.map_or(0, ms), a.to_ms.map_or_else(|| t.end(), ms));
     if let Some(cat) = &a.focus {
@@ -261,7 +265,8 @@ fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
             return launch::usage(log, format!("--focus {cat}: no span of that category"));
         };
         let margin = ms(a.margin_ms);
-        (from, to) = (s.start.saturating_sub(margin), s.start + s.dur + margin);
+        let end = s.start.saturating_add(s.dur).saturating_add(margin);
+        (from, to) = (s.start.saturating_sub(margin), end);
     }
     let keep = |name: &str, filters: &[String]| {
         filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))

@@ -8,7 +8,7 @@
 //! KVM_RUN, so no lock is shared with other vCPUs or VMs.
 
 use std::mem::offset_of;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use shared_abi::{
@@ -22,6 +22,20 @@ use crate::shared_region::Registration;
 /// Events kept per VM at most (split between its vCPUs), so a long run or a guest that
 /// emits without pause cannot exhaust host memory.
 pub const MAX_EVENTS_PER_VM: usize = 1 << 20;
+
+/// Events kept by the whole process at most, whatever the number of VMs (each event also
+/// becomes a span or mark when the trace is written).
+pub const MAX_EVENTS_PER_PROCESS: usize = 1 << 21;
+
+/// What is left of [`MAX_EVENTS_PER_PROCESS`].
+static PROCESS_BUDGET: AtomicUsize = AtomicUsize::new(MAX_EVENTS_PER_PROCESS);
+
+/// Takes one event from the process's budget; false once it is spent.
+fn take_from_budget() -> bool {
+    PROCESS_BUDGET
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
 
 /// The guest's time stamp counter and the host's clock at one moment (read by the vCPU
 /// thread while the vCPU is out of KVM_RUN), with the counter's rate.
@@ -73,8 +87,10 @@ pub struct EventLog {
     pub invalid: u64,
     /// Drains that found a ring whose head was more than a ring ahead (or behind): skipped.
     pub corrupt_rings: u64,
-    /// Events not kept because the log was at its cap.
+    /// Events not kept because the log (or the process) was at its cap.
     pub capped: u64,
+    /// Drains whose clock pair could not be read: their events are placed at the drain.
+    pub clock_failures: u64,
     /// Events consumed from the ring so far (the host's own count, not the guest's word).
     consumed: u64,
     /// Time of the previous drain: no event of this drain happened before it.
@@ -91,13 +107,24 @@ impl EventLog {
         }
     }
 
-    /// Appends an event the host saw itself.
+    /// Appends an event (one the host saw itself, or a checked guest event).
     pub fn push(&mut self, e: TracedEvent) {
-        if self.events.len() < self.cap {
-            self.events.push(e);
-        } else {
+        if self.full() || !take_from_budget() {
             self.capped += 1;
+        } else {
+            self.events.push(e);
         }
+    }
+
+    /// Whether the log keeps no more events.
+    fn full(&self) -> bool {
+        self.events.len() >= self.cap
+    }
+
+    /// The events in time order (the vCPU thread sorts them when it hands the log over:
+    /// events the host saw itself are added when their span ends).
+    pub fn sort(&mut self) {
+        self.events.sort_by_key(|e| e.at);
     }
 }
 
@@ -120,7 +147,8 @@ fn check(e: &GuestEvent, nr_vcpus: u32) -> Option<EventKind> {
 
 /// Copies the events vCPU `vcpu` wrote since the last drain into `log` and tells the guest
 /// they are consumed. `sync` is called (once, and only if there is something to read) for
-/// the clock pair that places them on the host's timeline.
+/// the clock pair that places them on the host's timeline; without one, they are placed at
+/// the drain. A guest cannot make this loop longer than its ring, nor stall it.
 pub fn drain(
     mem: &GuestMemoryMmap,
     reg: &Registration,
@@ -137,28 +165,48 @@ pub fn drain(
         GuestAddress(ring + offset_of!(EventRingHeader, head) as u64),
         Ordering::Acquire,
     )?;
+    let tail_at = GuestAddress(ring + offset_of!(EventRingHeader, tail) as u64);
     let fresh = head.wrapping_sub(log.consumed);
     if fresh == 0 {
+        // Nothing new; a `tail` the guest scribbled (a ring that looks full forever) is put
+        // back to what the host consumed.
+        let tail: u64 = mem.load(tail_at, Ordering::Relaxed)?;
+        if tail != log.consumed {
+            mem.store(log.consumed, tail_at, Ordering::Release)?;
+        }
         return Ok(());
     }
-    let tail_at = GuestAddress(ring + offset_of!(EventRingHeader, tail) as u64);
     if fresh > entries as u64 {
         // The guest scribbled its head: start again from where it says it is.
         log.corrupt_rings += 1;
         log.consumed = head;
         return mem.store(head, tail_at, Ordering::Release);
     }
-    let Some(clock) = sync() else {
-        // No clock now: leave the events for the next drain.
-        return Ok(());
-    };
+    if log.full() {
+        // Nothing more is kept: consume without copying.
+        log.capped += fresh;
+        log.consumed = head;
+        return mem.store(head, tail_at, Ordering::Release);
+    }
+    let clock = sync().unwrap_or_else(|| {
+        log.clock_failures += 1;
+        // Placed at the drain: a guest TSC of 0 is never behind an event.
+        TscSync {
+            guest_tsc: 0,
+            host: Instant::now(),
+            tsc_khz: 1,
+        }
+    });
     let floor = log.last_drain.unwrap_or_else(|| {
         let a_second_before = clock.host.checked_sub(Duration::from_secs(1));
         a_second_before.unwrap_or(clock.host)
     });
     let entries_at = ring + EVENT_RING_HEADER_SIZE as u64;
     let mut buf = [0u8; EVENT_SIZE];
-    for i in log.consumed..head {
+    // `fresh` steps from the host's own count, so a head that wrapped past 2^64 still
+    // yields its (at most `entries`) events.
+    let from = log.consumed;
+    for i in (0..fresh).map(|k| from.wrapping_add(k)) {
         let at = entries_at + (i % entries as u64) * EVENT_SIZE as u64;
         mem.read_slice(&mut buf, GuestAddress(at))?;
         let e = GuestEvent::from_bytes(&buf);
@@ -219,15 +267,15 @@ mod tests {
             + event_ring_offset(reg.nr_vcpus as usize, reg.event_ring_entries, vcpu as usize)
                 as u64;
         for (i, e) in events.iter().enumerate() {
-            let at =
-                ring + 64 + ((from + i as u64) % reg.event_ring_entries as u64) * EVENT_SIZE as u64;
+            let slot = from.wrapping_add(i as u64) % reg.event_ring_entries as u64;
+            let at = ring + 64 + slot * EVENT_SIZE as u64;
             m.write_obj(e.tsc, GuestAddress(at)).unwrap();
             m.write_obj(e.kind, GuestAddress(at + 8)).unwrap();
             m.write_obj(e.reserved, GuestAddress(at + 10)).unwrap();
             m.write_obj(e.a, GuestAddress(at + 12)).unwrap();
             m.write_obj(e.b, GuestAddress(at + 16)).unwrap();
         }
-        m.write_obj(from + events.len() as u64, GuestAddress(ring))
+        m.write_obj(from.wrapping_add(events.len() as u64), GuestAddress(ring))
             .unwrap();
     }
 
@@ -289,6 +337,15 @@ mod tests {
         let mut no_clock = || -> Option<TscSync> { panic!("clock read for an empty ring") };
         drain(&m, &reg, 2, &mut log, &mut no_clock).unwrap();
         assert_eq!(log.events.len(), 2);
+        // A tail the guest scribbled (the ring would look full forever) is put back.
+        m.write_obj(0u64, GuestAddress(ring + 16)).unwrap();
+        drain(&m, &reg, 2, &mut log, &mut no_clock).unwrap();
+        assert_eq!(m.read_obj::<u64>(GuestAddress(ring + 16)).unwrap(), 4);
+        // Without a clock, events are kept and placed at the drain.
+        emit(&m, &reg, 2, 4, &[ev(1, EventKind::GpEnd, 0, 0)]);
+        let mut failing = || None;
+        drain(&m, &reg, 2, &mut log, &mut failing).unwrap();
+        assert_eq!((log.events.len(), log.clock_failures), (3, 1));
     }
 
     #[test]
@@ -311,6 +368,24 @@ mod tests {
         emit(&m, &reg, 1, 1_000_000, &five);
         drain(&m, &reg, 1, &mut log, &mut sync).unwrap();
         assert_eq!((log.events.len(), log.capped), (3, 2));
+        // A head that wrapped past 2^64 still yields its events.
+        let mut log = EventLog::with_cap(100);
+        let ring = GPA + event_ring_offset(2, 8, 0) as u64;
+        m.write_obj(u64::MAX - 1, GuestAddress(ring)).unwrap();
+        drain(&m, &reg, 0, &mut log, &mut sync).unwrap();
+        assert_eq!(
+            log.corrupt_rings, 1,
+            "first sight of a far head: resynchronised"
+        );
+        emit(
+            &m,
+            &reg,
+            0,
+            u64::MAX - 1,
+            &[ev(0, EventKind::GpEnd, 1, 0); 3],
+        );
+        drain(&m, &reg, 0, &mut log, &mut sync).unwrap();
+        assert_eq!(log.events.len(), 3);
         // Out-of-range vCPUs and rings that do not exist read as nothing.
         drain(&m, &reg, 7, &mut log, &mut sync).unwrap();
         assert_eq!(rcu_nesting(&m, &reg, 7), 0);

@@ -132,6 +132,7 @@ fn plan(a: &RunArgs, scenario: Option<(&Path, &Scenario)>) -> Result<Plan, Launc
         placement: slotted.then(|| placement.name().to_string()),
         pin_slots: slotted.then(|| a.pin_slots.unwrap_or(true)),
         timeout_s,
+        tracing: a.trace.is_some() || a.results.is_some(),
         vms,
     };
     Ok(Plan {
@@ -163,6 +164,11 @@ pub(crate) fn usage(log: &mut dyn Write, e: impl std::fmt::Display) -> i32 {
 
 /// Runs `pvsync run`; returns the process exit status.
 pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> i32 {
+    // Only a run has guests to stop and results to save; without the handler Ctrl-C still
+    // ends it, only without its results.
+    if let Err(e) = crate::signals::install() {
+        let _ = writeln!(log, "pvsync: warning: {e}");
+    }
     let scenario = match &a.scenario {
         Some(p) => match Scenario::load(p) {
             Ok(s) => Some((p.as_path(), s)),
@@ -209,9 +215,13 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
     };
 
     let (vms, seen) = consoles(&p.settings.vms, console, logs);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        let _ = writeln!(log, "pvsync: interrupted before the guests started");
+        return EXIT_INTERRUPTED;
+    }
     let run_start = Instant::now();
     let result = vm::run_all(vms, chosen.as_backend(), p.timeout, &INTERRUPTED);
-    let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+    let signalled = INTERRUPTED.load(Ordering::SeqCst);
     let (trace, sched_failed) = match &chosen {
         Chosen::Slots(b) => match b.shutdown() {
             Ok(trace) => (trace, false),
@@ -226,7 +236,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         Ok(r) => r,
         Err(e) => {
             let _ = writeln!(log, "pvsync: error: {e}");
-            return if interrupted {
+            return if signalled {
                 EXIT_INTERRUPTED
             } else {
                 EXIT_HOST_ERROR
@@ -243,7 +253,8 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         outputs: &outputs,
         reports: &reports,
         seen: &seen,
-        interrupted,
+        // A signal that came after every guest had ended interrupted nothing.
+        interrupted: reports.iter().any(|r| r.outcome == Outcome::Interrupted),
         run_start,
     };
     end.finish(trace, sched_failed, log)

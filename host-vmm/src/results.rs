@@ -27,6 +27,10 @@ pub struct RunSettings {
     pub placement: Option<String>,
     pub pin_slots: Option<bool>,
     pub timeout_s: u64,
+    /// The run wrote a trace: the guests wrote events and the scheduler kept its own, which
+    /// costs (a TSC read per guest event), so figures of traced runs are not comparable with
+    /// untraced ones.
+    pub tracing: bool,
     pub vms: Vec<VmConfig>,
 }
 
@@ -242,6 +246,7 @@ fn settings_json(s: &RunSettings) -> Value {
         "slice_us": s.slice_us,
         "placement": s.placement,
         "pin_slots": s.pin_slots,
+        "tracing": s.tracing,
         "timeout_s": s.timeout_s,
         "vms": vms,
     })

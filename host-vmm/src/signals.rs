@@ -24,7 +24,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// Installs the handler for SIGINT and SIGTERM (the process's, so call it from `main`).
+/// Installs the handler for SIGINT and SIGTERM (the process's: `pvsync run` installs it).
 pub fn install() -> Result<(), SignalError> {
     for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
         // SAFETY: an all-zero sigaction is a valid value (empty mask, no flags) that is

@@ -32,6 +32,9 @@ pub const EVENT_SIZE: usize = 24;
 pub const EVENT_RING_HEADER_SIZE: usize = 64;
 /// Largest `event_ring_entries` a host accepts (a power of two, like every valid value).
 pub const MAX_EVENT_RING_ENTRIES: u32 = 4096;
+/// Smallest non-zero `event_ring_entries`: with 8 or more (a power of two), a ring's size is
+/// a multiple of 64 bytes, so every ring header is 64-byte aligned.
+pub const MIN_EVENT_RING_ENTRIES: u32 = 8;
 
 /// Offset, from the region's start, of vCPU 0's event ring: right after the records.
 pub const fn event_rings_offset(nr_vcpus: usize) -> usize {
@@ -51,10 +54,13 @@ pub const fn event_ring_offset(nr_vcpus: usize, entries: u32, vcpu: usize) -> us
     event_rings_offset(nr_vcpus) + vcpu * event_ring_size(entries)
 }
 
-/// Whether a header's `event_ring_entries` is one a host accepts: 0 or a power of two up
-/// to [`MAX_EVENT_RING_ENTRIES`].
+/// Whether a header's `event_ring_entries` is one a host accepts: 0, or a power of two from
+/// [`MIN_EVENT_RING_ENTRIES`] to [`MAX_EVENT_RING_ENTRIES`].
 pub const fn valid_event_ring_entries(entries: u32) -> bool {
-    entries == 0 || (entries.is_power_of_two() && entries <= MAX_EVENT_RING_ENTRIES)
+    entries == 0
+        || (entries.is_power_of_two()
+            && entries >= MIN_EVENT_RING_ENTRIES
+            && entries <= MAX_EVENT_RING_ENTRIES)
 }
 
 /// Head of one vCPU's event ring.
@@ -158,9 +164,9 @@ const _: () = {
     assert!(offset_of!(GuestEvent, reserved) == 10);
     assert!(offset_of!(GuestEvent, a) == 12);
     assert!(offset_of!(GuestEvent, b) == 16);
-    // Ring headers stay 8-byte aligned (head and tail are accessed atomically).
+    // Ring headers stay 64-byte aligned (head and tail are accessed atomically).
     assert!(event_rings_offset(1) % 64 == 0);
-    assert!(event_ring_size(1) % 8 == 0);
+    assert!(event_ring_size(MIN_EVENT_RING_ENTRIES) % 64 == 0);
 };
 
 #[cfg(test)]
@@ -173,6 +179,10 @@ mod tests {
         assert!(valid_event_ring_entries(128));
         assert!(valid_event_ring_entries(MAX_EVENT_RING_ENTRIES));
         assert!(!valid_event_ring_entries(100), "not a power of two");
+        assert!(
+            !valid_event_ring_entries(4),
+            "rings would not stay 64-byte aligned"
+        );
         assert!(!valid_event_ring_entries(2 * MAX_EVENT_RING_ENTRIES));
     }
 

@@ -25,6 +25,9 @@ fn traced(tag: &str, extra: &[&str], cmdline: &str) -> (Output, Value, Value) {
         &k,
         "--vcpus",
         "4",
+        // 2x overcommitted on any host: vCPUs queue, so there are queued spans and boosts.
+        "--slots",
+        "2",
         "--timeout",
         "120",
         "--cmdline",
@@ -172,17 +175,16 @@ fn tlbtorture_trace_shows_shootdown_waits_acks_and_user_mode() {
         "each boost on its slot and on its vCPU",
     );
     if lossless(&t) {
-        out.check(waits == shootdowns, "one shootdown wait per shootdown");
+        // The guest counts the shootdowns of its timed window; the trace has every one (a
+        // few more come before the window opens and after it closes).
+        out.check(waits >= shootdowns, "a shootdown wait per shootdown");
         out.check(acks >= shootdowns, "every shootdown was acknowledged");
         out.check(
             boosts as u64 == metric_boosts(&m),
             "one boost mark per boost the scheduler counted",
         );
     } else {
-        out.check(
-            waits <= shootdowns && waits > 0,
-            "shootdown waits, some lost",
-        );
+        out.check(waits > 0, "shootdown waits, some lost");
     }
 }
 
@@ -198,9 +200,10 @@ fn rcutorture_trace_shows_grace_periods_and_preempted_readers() {
     let gps = num(result, "gps") as usize;
     let spans = count(&c, "X", "grace-period");
     if lossless(&t) {
-        out.check(spans == gps, "one grace-period span per grace period");
+        // As for shootdowns: the guest counts those of its timed window.
+        out.check(spans >= gps, "a grace-period span per grace period");
     } else {
-        out.check(spans > 0 && spans <= gps, "grace periods, some lost");
+        out.check(spans > 0, "grace periods, some lost");
     }
     // Each grace period names its holdouts at the start.
     for e in events(&t).iter().filter(|e| e["cat"] == "grace-period") {

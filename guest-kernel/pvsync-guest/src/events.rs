@@ -9,28 +9,17 @@
 //! handler's event cannot interleave with the code's on the same ring.
 
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use shared_abi::{EventKind, EventRingHeader, GuestEvent};
+use core::sync::atomic::{AtomicU64, Ordering};
+use shared_abi::{EventKind, GuestEvent};
 
 use crate::platform::Platform;
 use crate::region;
 
-/// Entries of each CPU's ring. The host drains a vCPU's ring whenever the vCPU exits (every
-/// hypercall, every end of a turn), and events mark slow paths, so a turn rarely holds more.
-pub const RING_ENTRIES: u32 = 128;
-
-/// The host wants events.
-static ON: AtomicBool = AtomicBool::new(false);
-
-/// Turns events on (the host asked for them at registration).
-pub(crate) fn enable() {
-    ON.store(true, Ordering::Release);
-}
-
-/// Whether the host asked for events.
+/// Whether the host asked for events (a site whose arguments cost something to compute
+/// tests this first).
 #[inline]
 pub fn on() -> bool {
-    ON.load(Ordering::Relaxed)
+    region::events_on()
 }
 
 /// Appends an event to the calling CPU's ring, if events are on.
@@ -48,7 +37,8 @@ fn emit_on<P: Platform>(kind: EventKind, a: u32, b: u64) {
     // reading `head` and storing it would write the same entry.
     let irqs = P::irqs_save();
     if let Some((ring, entries)) = region::event_ring(P::cpu().id()) {
-        // SAFETY: `ring` is this CPU's ring in the live region, 64-byte aligned, followed by
+        // SAFETY: `ring` is this CPU's ring in the live region, 64-byte aligned (the ABI's
+        // ring size is a multiple of 64 bytes), followed by
         // `entries` events; only this CPU writes `head`, `dropped` and the entries, and only
         // atomically (`head`) or volatile (the rest); the host only writes `tail`.
         unsafe {
@@ -82,6 +72,3 @@ fn emit_on<P: Platform>(kind: EventKind, a: u32, b: u64) {
     }
     P::irqs_restore(irqs);
 }
-
-/// Header of CPU `cpu`'s ring, as a raw pointer into the region (for `region`).
-pub(crate) type RingPtr = *mut EventRingHeader;

@@ -20,11 +20,6 @@ pub fn yield_to<P: Platform>(target: u32) {
 /// now waits on the vCPUs in the header's `rcu_gp_holdouts` (RcuWait, ABI v4); nothing
 /// without a pvsync host.
 pub fn rcu_wait<P: Platform>(gp_seq_low: u32) {
-    crate::events::emit::<P>(
-        shared_abi::EventKind::GpWait,
-        gp_seq_low,
-        crate::region::rcu_holdouts().load(core::sync::atomic::Ordering::Relaxed),
-    );
     if pv_host() {
         P::hypercall_out(Hypercall::RcuWait.port(), gp_seq_low);
     }

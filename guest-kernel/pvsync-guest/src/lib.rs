@@ -41,6 +41,7 @@
 //!     fn halt_while(_: &dyn Fn() -> bool) {}
 //!     fn send_ipi(_: u32, _: Ipi) {}
 //!     fn now() -> u64 { 0 }
+//!     fn tsc() -> u64 { 0 }
 //!     fn us_to_ticks(us: u64) -> u64 { us }
 //!     fn flush_tlb(_: FlushRange) {}
 //!     fn hypercall_out(_: u16, _: u32) {}

@@ -87,11 +87,9 @@ pub unsafe trait Platform: 'static {
     /// `us` microseconds in ticks of [`Platform::now`].
     fn us_to_ticks(us: u64) -> u64;
 
-    /// The time stamp counter, which stamps [`events`](crate::events) (the host maps it to
-    /// its own clock). The default is [`Platform::now`]: override it if that is not the TSC.
-    fn tsc() -> u64 {
-        Self::now()
-    }
+    /// The time stamp counter, which stamps [`events`](crate::events): the host maps it to
+    /// its own clock (a platform whose [`Platform::now`] is the TSC returns the same).
+    fn tsc() -> u64;
 
     /// Flushes `range` from the calling CPU's TLB.
     fn flush_tlb(range: FlushRange);

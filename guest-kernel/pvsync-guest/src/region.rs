@@ -8,8 +8,8 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_abi::{
-    event_ring_offset, record_offset, region_size, HostFlags, Hypercall, HypercallStatus,
-    PageHeader, VcpuRecord, NO_VCPU,
+    event_ring_offset, record_offset, region_size, EventRingHeader, HostFlags, Hypercall,
+    HypercallStatus, PageHeader, VcpuRecord, NO_VCPU,
 };
 use spin::Once;
 
@@ -40,10 +40,24 @@ pub fn pv_host() -> bool {
     PV_HOST.load(Ordering::Relaxed)
 }
 
+/// Entries of each CPU's event ring. The host drains a vCPU's ring whenever the vCPU exits
+/// (every hypercall, every end of a turn), and events mark slow paths, so a turn rarely
+/// holds more.
+pub const EVENT_RING_ENTRIES: u32 = 128;
+
+/// The host asked for events (`HostFlags::EVENTS`) when it accepted the region.
+static EVENTS_ON: AtomicBool = AtomicBool::new(false);
+
+/// Whether the host asked for [`events`](crate::events).
+#[inline]
+pub fn events_on() -> bool {
+    EVENTS_ON.load(Ordering::Relaxed)
+}
+
 /// Bytes of the region for `nr_vcpus` CPUs (records and event rings), whole pages: what
 /// [`init`] needs at `base`.
 pub const fn size(nr_vcpus: u32) -> usize {
-    region_size(nr_vcpus as usize, crate::events::RING_ENTRIES)
+    region_size(nr_vcpus as usize, EVENT_RING_ENTRIES)
 }
 
 /// Fills the region at `base` for `nr_vcpus` CPUs, registers it with the host (telling it
@@ -64,7 +78,7 @@ pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -
         core::ptr::write_bytes(base, 0, size(nr_vcpus));
         write_volatile(
             base.cast::<PageHeader>(),
-            PageHeader::new(nr_vcpus, crate::events::RING_ENTRIES),
+            PageHeader::new(nr_vcpus, EVENT_RING_ENTRIES),
         );
         for cpu in 0..nr_vcpus as usize {
             let rec = base.add(record_offset(cpu)).cast::<VcpuRecord>();
@@ -77,7 +91,7 @@ pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -
     // host writes host_flags (before the status `in` returned).
     let flags = unsafe { read_volatile(addr_of!((*base.cast::<PageHeader>()).host_flags)) };
     if status == HypercallStatus::Ok && flags & HostFlags::EVENTS != 0 {
-        crate::events::enable();
+        EVENTS_ON.store(true, Ordering::Release);
     }
     let status = REGION
         .call_once(|| Region {
@@ -137,9 +151,9 @@ pub(crate) fn record_ptr(cpu: u32) -> Option<*mut VcpuRecord> {
 }
 
 /// CPU `cpu`'s event ring (header pointer, entries), if there is a region and such a CPU.
-pub(crate) fn event_ring(cpu: u32) -> Option<(crate::events::RingPtr, u32)> {
+pub(crate) fn event_ring(cpu: u32) -> Option<(*mut EventRingHeader, u32)> {
     let r = REGION.get()?;
-    let entries = crate::events::RING_ENTRIES;
+    let entries = EVENT_RING_ENTRIES;
     (cpu < r.nr_vcpus).then(|| {
         let at = event_ring_offset(r.nr_vcpus as usize, entries, cpu as usize);
         // SAFETY: `cpu < nr_vcpus`, so the ring lies inside the region (`size`).

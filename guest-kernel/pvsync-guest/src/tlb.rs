@@ -255,7 +255,9 @@ impl<P: Platform> Shootdowns<P> {
         // Published before any target can see the request, so each acknowledgement shrinks
         // it.
         record::set_ipi_wait(cpu, targets.low_word());
-        events::emit::<P>(EventKind::IpiWait, targets.len() as u32, targets.low_word());
+        if events::on() {
+            events::emit::<P>(EventKind::IpiWait, targets.len() as u32, targets.low_word());
+        }
         let (start, pages) = match range {
             FlushRange::All => (0, 0),
             FlushRange::Pages { start, pages } => (start, pages),
@@ -269,6 +271,7 @@ impl<P: Platform> Shootdowns<P> {
             P::send_ipi(t, Ipi::TlbShootdown);
         }
         if self.faults.skip_ack_wait.load(Relaxed) {
+            events::emit::<P>(EventKind::IpiWaitEnd, 0, 0);
             return;
         }
         let mut pacer = Pacer::<P>::every_us(SPIN_THRESHOLD_US);

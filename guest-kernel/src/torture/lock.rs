@@ -170,6 +170,9 @@ unsafe impl Platform for Torture {
     fn now() -> u64 {
         Kernel::now()
     }
+    fn tsc() -> u64 {
+        Kernel::tsc()
+    }
     fn us_to_ticks(us: u64) -> u64 {
         Kernel::us_to_ticks(us)
     }

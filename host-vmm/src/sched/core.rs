@@ -763,6 +763,11 @@ impl Core {
             self.end_turn(v, slot, None, now, fx);
             return;
         }
+        if named == Some(index) {
+            // Naming itself (a turn given back whose host field was already stale): there is
+            // nobody to run in its place.
+            return;
+        }
         if let Some(n) = named.and_then(|n| self.local(vm, n)) {
             self.vcpus[n].metrics.named_by_yields += 1;
             if self.vcpus[v].lent_by == Some(n) {

@@ -359,6 +359,50 @@ fn a_directed_yield_swaps_turns_and_a_running_target_is_not_yielded_to() {
     assert_eq!(m[3].boosts[2], 1, "named-by-spinner");
 }
 
+/// A spinner that names a running vCPU: under `pv` the host boosts a queued vCPU its record
+/// says still owes it an IPI acknowledgement; KVM's policies (a `KVM_HC_SCHED_YIELD` to a
+/// running vCPU) and `none` leave it spinning.
+#[test]
+fn naming_a_running_vcpu_boosts_a_queued_laggard_only_under_pv() {
+    for (name, boosted) in [
+        ("pv", true),
+        ("kvm", false),
+        ("kvm-ipi", false),
+        ("none", false),
+    ] {
+        let mut c = core(2, Placement::Spread);
+        c.add_vm(policy::by_name(name).unwrap(), 4);
+        let mut fx = start_all(&mut c, 4);
+        assert_eq!(running(&c), vec![Some(0), Some(1)]);
+        // 0 waits for acknowledgements from 1 (running) and 3 (queued behind 1).
+        let mut snap = rcu_snapshot(4, 0, 0);
+        snap.records[0].record.ipi_wait = 0b1010;
+        c.spin_yield(0, Some(1), Some(&snap), MS, &mut fx);
+        let (_, m) = c.vm_metrics(0, MS).unwrap();
+        assert_eq!(m[0].yields_target_running, 1, "{name}");
+        assert_eq!(c.is_running(3), boosted, "{name}: the queued laggard runs");
+        assert_eq!(
+            c.is_running(0),
+            !boosted,
+            "{name}: the spinner keeps its slot"
+        );
+        if boosted {
+            assert_eq!(m[3].boosts.iter().sum::<u64>(), 1, "{name}: one boost");
+        }
+    }
+}
+
+#[test]
+fn naming_itself_does_nothing() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(policy::by_name("pv").unwrap(), 4);
+    let mut fx = start_all(&mut c, 4);
+    let mut snap = rcu_snapshot(4, 0, 0);
+    snap.records[0].record.ipi_wait = 0b1000;
+    c.spin_yield(0, Some(0), Some(&snap), MS, &mut fx);
+    assert_eq!(running(&c), vec![Some(0), Some(1)]);
+}
+
 /// 2 VMs x 4 vCPUs on 4 slots; each vCPU alternates short runs and short idles and wakes a
 /// sibling with an IPI (a lock hand-off). Returns VM 0's stacking fraction.
 fn stacking(placement: Placement) -> f64 {

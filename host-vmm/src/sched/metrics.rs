@@ -15,7 +15,8 @@ pub struct VcpuMetrics {
     pub preemptions: u64,
     /// YieldTo hypercalls this vCPU made (it was spinning).
     pub yields: u64,
-    /// YieldTo hypercalls it made whose named vCPU was running (it kept its slot).
+    /// YieldTo hypercalls it made whose named vCPU was running (it kept its slot, unless
+    /// the policy boosted another vCPU in its way).
     pub yields_target_running: u64,
     /// YieldTo hypercalls naming this vCPU.
     pub named_by_yields: u64,

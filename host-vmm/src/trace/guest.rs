@@ -59,12 +59,12 @@ impl Builder {
 
 /// Adds vCPU `v`'s events (`log`) to its VM's process `p`; times count from `epoch`.
 pub(super) fn add_vcpu(p: &mut Process, v: usize, log: &EventLog, epoch: Instant) {
-    let mut events = log.events.clone();
-    events.sort_by_key(|e| e.at);
+    // In time order: the vCPU thread sorted the log when it handed it over.
+    let events = &log.events;
     let mut b = Builder::default();
     let (mut spin, mut ipi, mut mode, mut gp) = (None, None, None, None);
     let mut last = 0;
-    for e in &events {
+    for e in events {
         let at = since(epoch, e.at);
         last = at;
         let (kind, a, x) = match e.what {
@@ -80,7 +80,7 @@ pub(super) fn add_vcpu(p: &mut Process, v: usize, log: &EventLog, epoch: Instant
                         args: args([("nesting", nesting.into())]),
                     },
                 ));
-                last = at + dur.as_nanos() as u64;
+                last = at.saturating_add(dur.as_nanos() as u64);
                 continue;
             }
         };
@@ -184,7 +184,7 @@ pub(super) fn add_vcpu(p: &mut Process, v: usize, log: &EventLog, epoch: Instant
         } else {
             vcpu_tid(v, track)
         };
-        if let Some(t) = p.tracks.iter_mut().find(|t| t.tid == tid) {
+        if let Some(t) = super::track_mut(p, tid) {
             t.spans.push(span);
         }
     }
@@ -194,7 +194,7 @@ pub(super) fn add_vcpu(p: &mut Process, v: usize, log: &EventLog, epoch: Instant
         } else {
             vcpu_tid(v, track)
         };
-        if let Some(t) = p.tracks.iter_mut().find(|t| t.tid == tid) {
+        if let Some(t) = super::track_mut(p, tid) {
             t.marks.push(mark);
         }
     }
@@ -209,12 +209,12 @@ pub(super) fn add_lock_holds(p: &mut Process, nr_vcpus: usize) {
     type Waits = Vec<(usize, u64, u64)>;
     let mut locks: HashMap<String, (Waits, Vec<(usize, u64)>)> = HashMap::new();
     for v in 0..nr_vcpus {
-        let find = |kind| p.tracks.iter().find(|t| t.tid == vcpu_tid(v, kind));
+        let find = |kind| p.tracks.get(vcpu_tid(v, kind) as usize);
         if let Some(t) = find(LOCK_WAIT) {
             for s in &t.spans {
                 if let Some(l) = s.args.get("lock").and_then(|l| l.as_str()) {
                     let e = locks.entry(l.to_string()).or_default();
-                    e.0.push((v, s.start, s.start + s.dur));
+                    e.0.push((v, s.start, s.start.saturating_add(s.dur)));
                 }
             }
         }
@@ -271,12 +271,21 @@ pub(super) fn add_lock_holds(p: &mut Process, nr_vcpus: usize) {
             ));
         }
     }
+    // Spans on one track must nest or follow each other (the trace-event format): a hold
+    // that would start inside an earlier one and end after it starts where that one ends.
+    holds.sort_by_key(|(h, s)| (*h, s.start + s.dur));
+    for i in 1..holds.len() {
+        let (prev_h, prev_start) = (holds[i - 1].0, holds[i - 1].1.start);
+        let prev_end = prev_start + holds[i - 1].1.dur;
+        let (h, s) = &mut holds[i];
+        if *h == prev_h && prev_start < s.start && s.start < prev_end {
+            let end = s.start + s.dur;
+            s.start = prev_end;
+            s.dur = end - prev_end;
+        }
+    }
     for (h, span) in holds {
-        if let Some(t) = p
-            .tracks
-            .iter_mut()
-            .find(|t| t.tid == vcpu_tid(h, LOCK_HELD))
-        {
+        if let Some(t) = super::track_mut(p, vcpu_tid(h, LOCK_HELD)) {
             t.spans.push(span);
         }
     }

@@ -2,6 +2,7 @@
 //! chrome://tracing open: name metadata for every process and track, a complete event
 //! ("X") per span and an instant ("i") per mark; times in microseconds.
 
+use std::collections::HashMap;
 use std::io::Write;
 
 use serde_json::json;
@@ -91,20 +92,29 @@ pub fn read(text: &str) -> Result<Timeline, String> {
             .find(|(k, _)| *k == c)
             .map_or("other", |(k, _)| k)
     };
+    // Indexes, so that a file with many processes and tracks reads in linear time.
+    let mut procs: HashMap<u32, usize> = HashMap::new();
+    let mut tracks: HashMap<(u32, u32), usize> = HashMap::new();
     for e in events {
         let pid = e.get("pid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
         let tid = e.get("tid").and_then(|p| p.as_u64()).unwrap_or(0) as u32;
-        let proc_idx = match t.processes.iter().position(|p| p.pid == pid) {
-            Some(i) => i,
-            None => {
-                t.processes.push(Process {
-                    pid,
-                    ..Process::default()
-                });
-                t.processes.len() - 1
-            }
-        };
+        let proc_idx = *procs.entry(pid).or_insert_with(|| {
+            t.processes.push(Process {
+                pid,
+                ..Process::default()
+            });
+            t.processes.len() - 1
+        });
         let p = &mut t.processes[proc_idx];
+        let mut track = |p: &mut Process| -> usize {
+            *tracks.entry((pid, tid)).or_insert_with(|| {
+                p.tracks.push(Track {
+                    tid,
+                    ..Track::default()
+                });
+                p.tracks.len() - 1
+            })
+        };
         let ph = e.get("ph").and_then(|p| p.as_str()).unwrap_or_default();
         let name = e
             .get("args")
@@ -114,13 +124,17 @@ pub fn read(text: &str) -> Result<Timeline, String> {
             .to_string();
         match (ph, text_of(e, "name").as_str()) {
             ("M", "process_name") => p.name = name,
-            ("M", "thread_name") => track(p, tid).name = name,
+            ("M", "thread_name") => {
+                let i = track(p);
+                p.tracks[i].name = name;
+            }
             ("X", _) => {
                 let (Some(start), Some(dur)) = (ns(e, "ts"), ns(e, "dur")) else {
                     continue;
                 };
                 let args = e.get("args").and_then(|a| a.as_object()).cloned();
-                track(p, tid).spans.push(Span {
+                let i = track(p);
+                p.tracks[i].spans.push(Span {
                     start,
                     dur,
                     name: text_of(e, "name"),
@@ -131,7 +145,8 @@ pub fn read(text: &str) -> Result<Timeline, String> {
             ("i", _) => {
                 let Some(at) = ns(e, "ts") else { continue };
                 let args = e.get("args").and_then(|a| a.as_object()).cloned();
-                track(p, tid).marks.push(Mark {
+                let i = track(p);
+                p.tracks[i].marks.push(Mark {
                     at,
                     name: text_of(e, "name"),
                     cat: cat_of(e),
@@ -140,19 +155,6 @@ pub fn read(text: &str) -> Result<Timeline, String> {
             }
             _ => {}
         }
-    }
-    fn track(p: &mut Process, tid: u32) -> &mut Track {
-        let i = match p.tracks.iter().position(|t| t.tid == tid) {
-            Some(i) => i,
-            None => {
-                p.tracks.push(Track {
-                    tid,
-                    ..Track::default()
-                });
-                p.tracks.len() - 1
-            }
-        };
-        &mut p.tracks[i]
     }
     Ok(t)
 }

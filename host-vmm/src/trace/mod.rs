@@ -34,7 +34,7 @@ pub(crate) const RCU: usize = 4;
 pub(crate) const MODE: usize = 5;
 
 /// Every span and mark category, with its colour in the SVG.
-pub const CATEGORIES: [(&str, &str); 16] = [
+pub const CATEGORIES: [(&str, &str); 17] = [
     ("running", "#4c9a2a"),
     ("boosted", "#e08a00"),
     ("queued", "#d0d0d0"),
@@ -51,6 +51,7 @@ pub const CATEGORIES: [(&str, &str); 16] = [
     ("grace-period-wait", "#1f77b4"),
     ("lock-release", "#9467bd"),
     ("ipi-ack", "#ff7f0e"),
+    ("mode-offline", "#ffffff"),
 ];
 
 /// Process id of the slots; VM `i` is `VM_PID_BASE + i`.
@@ -173,9 +174,13 @@ impl Timeline {
         }
         for (i, vm) in vms.iter().enumerate() {
             for (v, log) in vm.logs.iter().enumerate() {
-                t.losses.guest_dropped += log.guest_dropped;
-                t.losses.guest_invalid += log.invalid + log.corrupt_rings;
-                t.losses.guest_capped += log.capped;
+                // Saturating: `guest_dropped` is the guest's own word.
+                let l = &mut t.losses;
+                l.guest_dropped = l.guest_dropped.saturating_add(log.guest_dropped);
+                l.guest_invalid = l
+                    .guest_invalid
+                    .saturating_add(log.invalid.saturating_add(log.corrupt_rings));
+                l.guest_capped = l.guest_capped.saturating_add(log.capped);
                 guest::add_vcpu(&mut vm_procs[i], v, log, epoch);
             }
             guest::add_lock_holds(&mut vm_procs[i], vm.nr_vcpus);
@@ -201,7 +206,7 @@ impl Timeline {
 
     /// The end of the last span or mark.
     pub fn end(&self) -> u64 {
-        let spans = self.spans().map(|(_, _, s)| s.start + s.dur);
+        let spans = self.spans().map(|(_, _, s)| s.start.saturating_add(s.dur));
         let marks = self
             .processes
             .iter()
@@ -346,9 +351,13 @@ pub(crate) fn vcpu_track(
     vcpu: u32,
     kind: usize,
 ) -> Option<&mut Track> {
-    let p = procs.get_mut(vm)?;
-    let tid = vcpu_tid(vcpu as usize, kind);
-    p.tracks.iter_mut().find(|t| t.tid == tid)
+    track_mut(procs.get_mut(vm)?, vcpu_tid(vcpu as usize, kind))
+}
+
+/// Track `tid` of a VM's process: its tracks are made in tid order (`vm_process`), so the
+/// tid is the index.
+pub(crate) fn track_mut(p: &mut Process, tid: u32) -> Option<&mut Track> {
+    p.tracks.get_mut(tid as usize).filter(|t| t.tid == tid)
 }
 
 #[allow(clippy::too_many_arguments)]

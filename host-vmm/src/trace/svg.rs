@@ -41,7 +41,7 @@ pub fn render(t: &Timeline, from: u64, to: u64, width: f64, title: &str) -> Stri
             .filter(|tr| {
                 tr.spans
                     .iter()
-                    .any(|s| s.start < to && s.start + s.dur > from)
+                    .any(|s| s.start < to && s.start.saturating_add(s.dur) > from)
                     || tr.marks.iter().any(|m| (from..to).contains(&m.at))
             })
             .collect();
@@ -65,12 +65,12 @@ pub fn render(t: &Timeline, from: u64, to: u64, width: f64, title: &str) -> Stri
             for s in tr
                 .spans
                 .iter()
-                .filter(|s| s.start < to && s.start + s.dur > from)
+                .filter(|s| s.start < to && s.start.saturating_add(s.dur) > from)
             {
                 if !shown.contains(&s.cat) {
                     shown.push(s.cat);
                 }
-                let (x0, x1) = (x(s.start), x(s.start + s.dur));
+                let (x0, x1) = (x(s.start), x(s.start.saturating_add(s.dur)));
                 let _ = writeln!(
                     lanes,
                     r#"<rect x="{x0:.2}" y="{:.1}" width="{:.2}" height="{:.1}" fill="{}"><title>{}</title></rect>"#,

@@ -174,10 +174,22 @@ impl Vcpu {
 #[derive(Default)]
 struct TscClock {
     khz: Option<u32>,
+    /// A read failed: KVM cannot give the counter here, so it is not asked again (the
+    /// drain then places events at the time it runs).
+    failed: bool,
 }
 
 impl TscClock {
     fn sync(&mut self, fd: &kvm_ioctls::VcpuFd) -> Option<TscSync> {
+        if self.failed {
+            return None;
+        }
+        let s = self.read(fd);
+        self.failed = s.is_none();
+        s
+    }
+
+    fn read(&mut self, fd: &kvm_ioctls::VcpuFd) -> Option<TscSync> {
         let khz = match self.khz {
             Some(k) => k,
             None => *self.khz.insert(fd.get_tsc_khz().ok().filter(|&k| k > 0)?),

@@ -146,7 +146,8 @@ impl VcpuContext for VmShared {
         })
     }
 
-    fn events_done(&self, index: u8, log: EventLog) {
+    fn events_done(&self, index: u8, mut log: EventLog) {
+        log.sort();
         let mut logs = self.event_logs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = logs.get_mut(index as usize) {
             *slot = log;

@@ -285,14 +285,14 @@ impl<P: Platform> RawLock for McsLock<P> {
         // SAFETY: `next` is the successor's node, in its CPU's `'static` block.
         let succ = unsafe { &*next };
         let succ_cpu = succ.cpu.load(Relaxed);
+        // Hand-off: the successor holds the lock from here on, even before it runs again.
+        self.holder.store(succ_cpu, Relaxed);
+        succ.granted.store(true, Release);
         crate::events::emit::<P>(
             shared_abi::EventKind::LockRelease,
             succ_cpu,
             self as *const Self as u64,
         );
-        // Hand-off: the successor holds the lock from here on, even before it runs again.
-        self.holder.store(succ_cpu, Relaxed);
-        succ.granted.store(true, Release);
         self.handshake_fence();
         if succ.halted.load(Relaxed) && !self.drops_kicks {
             PV_KICKS.fetch_add(1, StatRelaxed);

@@ -204,6 +204,10 @@ unsafe impl Platform for Model {
         w.clock.get()
     }
 
+    fn tsc() -> u64 {
+        Self::now()
+    }
+
     fn us_to_ticks(_us: u64) -> u64 {
         0
     }

@@ -16,7 +16,6 @@ use shared_abi::EventKind;
 use super::{header_holdouts, Rcu};
 use crate::cpuset::CpuSet;
 use crate::events;
-use crate::hypercall;
 use crate::platform::{Ipi, Platform, Wake};
 use crate::sync::Ordering::SeqCst;
 
@@ -79,7 +78,7 @@ impl<P: Platform> Rcu<P> {
         if !first.is_empty() {
             // One exit per grace period that has to wait: the host can run the preempted
             // holdouts (named in the header, with the sequence published above) at once.
-            hypercall::rcu_wait::<P>(self.gp_seq() as u32);
+            self.tell_host_waiting();
         }
         gp
     }

@@ -27,11 +27,13 @@ use alloc::collections::VecDeque;
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicBool as FaultBool, AtomicU64 as StatU64, Ordering::Relaxed};
 
+use shared_abi::EventKind;
+
 use crate::cpuset::{AtomicCpuSet, CpuSet};
 use crate::locks::{SpinLock, TicketLock};
 use crate::platform::{Platform, Wake};
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
-use crate::{hypercall, record, region};
+use crate::{events, hypercall, record, region};
 
 /// A callback queued by `call`.
 pub type Callback = Box<dyn FnOnce() + Send>;
@@ -319,7 +321,7 @@ impl<P: Platform> Rcu<P> {
         let c = Self::me();
         if preemptible && self.nesting[c].load(SeqCst) == 0 && self.report_qs(c) {
             // The thread is woken below anyway; the host hears of it now.
-            hypercall::rcu_wait::<P>(self.gp_seq() as u32);
+            self.tell_host_waiting();
         }
         // A grace period in progress (the thread rechecks its holdouts) or one requested by
         // call since the last tick.
@@ -332,6 +334,17 @@ impl<P: Platform> Rcu<P> {
     }
 
     /// The header's `rcu_gp_seq`: `2 * completed`, plus one while a grace period runs.
+    /// The grace period in progress now waits on the holdouts in the header: the host may
+    /// boost the preempted ones (RcuWait).
+    fn tell_host_waiting(&self) {
+        let seq = self.gp_seq() as u32;
+        if events::on() {
+            let holdouts = region::rcu_holdouts().load(Relaxed);
+            events::emit::<P>(EventKind::GpWait, seq, holdouts);
+        }
+        hypercall::rcu_wait::<P>(seq);
+    }
+
     fn gp_seq(&self) -> u64 {
         let completed = self.gp_completed.load(SeqCst);
         2 * completed + (self.gp_started.load(SeqCst) > completed) as u64
