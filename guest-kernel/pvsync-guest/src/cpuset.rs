@@ -32,18 +32,21 @@ impl CpuSet {
     }
 
     /// Adds `cpu`.
+    #[inline]
     pub fn insert(&mut self, cpu: u32) {
         let (w, b) = word_bit(cpu);
         self.0[w] |= b;
     }
 
     /// Removes `cpu`.
+    #[inline]
     pub fn remove(&mut self, cpu: u32) {
         let (w, b) = word_bit(cpu);
         self.0[w] &= !b;
     }
 
     /// Whether `cpu` is in the set.
+    #[inline]
     pub fn contains(&self, cpu: u32) -> bool {
         (cpu as usize) < MAX_VCPUS && {
             let (w, b) = word_bit(cpu);
@@ -52,16 +55,19 @@ impl CpuSet {
     }
 
     /// Whether the set is empty.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|&w| w == 0)
     }
 
     /// Number of CPUs in the set.
+    #[inline]
     pub fn len(&self) -> usize {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
 
     /// The lowest CPU in the set (one bit scan per word up to the first non-empty one).
+    #[inline]
     pub fn first_cpu(&self) -> Option<u32> {
         let (i, w) = self.0.iter().enumerate().find(|(_, &w)| w != 0)?;
         Some((i * 64) as u32 + w.trailing_zeros())
@@ -105,6 +111,7 @@ impl CpuSet {
 
     /// The first 64 CPUs as a mask: what ABI v4's 64-bit words (`ipi_wait`,
     /// `rcu_gp_holdouts`) can name.
+    #[inline]
     pub fn low_word(&self) -> u64 {
         self.0[0]
     }
@@ -156,12 +163,14 @@ impl AtomicCpuSet {
 
     /// Adds `cpu` (sequentially consistent: a CPU joining an address space orders its join
     /// before its first page-table walk).
+    #[inline]
     pub fn insert(&self, cpu: u32) {
         let (w, b) = word_bit(cpu);
         self.0[w].fetch_or(b, Ordering::SeqCst);
     }
 
     /// Removes `cpu`; returns whether it was there.
+    #[inline]
     pub fn remove(&self, cpu: u32) -> bool {
         let (w, b) = word_bit(cpu);
         self.0[w].fetch_and(!b, Ordering::SeqCst) & b != 0
@@ -169,6 +178,7 @@ impl AtomicCpuSet {
 
     /// Removes `cpu`, then reads the whole set: at least one of several CPUs that remove
     /// the last members at once sees the set without all of them (sequentially consistent).
+    #[inline]
     pub fn remove_then_load(&self, cpu: u32) -> CpuSet {
         let (w, b) = word_bit(cpu);
         let left = self.0[w].fetch_and(!b, Ordering::SeqCst) & !b;
@@ -186,23 +196,27 @@ impl AtomicCpuSet {
     }
 
     /// Whether `cpu` is in the set now.
+    #[inline]
     pub fn contains(&self, cpu: u32) -> bool {
         let (w, b) = word_bit(cpu);
         self.0[w].load(Ordering::SeqCst) & b != 0
     }
 
     /// Whether the set is empty now (one load per word; the usual test of a mailbox).
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|w| w.load(Ordering::SeqCst) == 0)
     }
 
     /// A copy of the set (word by word).
+    #[inline]
     pub fn load(&self) -> CpuSet {
         self.load_ordered(Ordering::SeqCst)
     }
 
     /// A copy of the set, each word loaded with `order` (a caller that has just made a full
     /// fence needs no more than acquire).
+    #[inline]
     pub fn load_ordered(&self, order: Ordering) -> CpuSet {
         let mut s = CpuSet::new();
         s.0.iter_mut()
@@ -212,6 +226,7 @@ impl AtomicCpuSet {
     }
 
     /// Replaces the set (word by word).
+    #[inline]
     pub fn store(&self, set: &CpuSet) {
         self.0
             .iter()
@@ -220,6 +235,7 @@ impl AtomicCpuSet {
     }
 
     /// Empties the set and returns what it held (word by word).
+    #[inline]
     pub fn take(&self) -> CpuSet {
         let mut s = CpuSet::new();
         s.0.iter_mut()

@@ -72,6 +72,7 @@ fn publish(cpu: &CpuSync, f: impl FnOnce(*mut VcpuRecord)) {
 }
 
 /// Publishes the calling CPU's execution mode.
+#[inline]
 pub fn publish_mode<P: Platform>(mode: VcpuMode) {
     if set_mode(P::cpu(), mode) {
         crate::events::emit::<P>(shared_abi::EventKind::Mode, mode as u32, 0);
