@@ -25,8 +25,8 @@ draw() { # name, title, then pvsync timeline arguments
 
 # 1. IPI receivers in user mode: a TLB shootdown waits for user-mode readers.
 for policy in kvm pv; do
-    run "ipi-$policy" --vcpus 4 --slots 2 --policy "$policy" --cmdline "test=tlbtorture duration=1000"
-    draw "ipi-$policy" "tlbtorture, 4 vCPUs on 2 slots, policy $policy: the longest shootdown wait" \
+    run "ipi-$policy" --vcpus 4 --slots 2 --slice-us 20000 --policy "$policy" --cmdline "test=tlbtorture duration=1000"
+    draw "ipi-$policy" "tlbtorture, 4 vCPUs on 2 slots, 20 ms slices, policy $policy: the longest shootdown wait" \
         --focus ipi-wait --margin-ms 1 --processes VM --tracks state,shootdown,mode
 done
 
@@ -41,8 +41,8 @@ done
 
 # 3. RCU-reader preemption: a grace period waits for preempted readers.
 for policy in none pv; do
-    run "rcu-$policy" --vcpus 4 --slots 2 --policy "$policy" --cmdline "test=rcutorture duration=2000"
-    draw "rcu-$policy" "rcutorture, 4 vCPUs on 2 slots, policy $policy: the longest grace period" \
+    run "rcu-$policy" --vcpus 4 --slots 2 --slice-us 20000 --policy "$policy" --cmdline "test=rcutorture duration=2000"
+    draw "rcu-$policy" "rcutorture, 4 vCPUs on 2 slots, 20 ms slices, policy $policy: the longest grace period" \
         --focus grace-period --margin-ms 1 --processes VM --tracks "grace periods",state,rcu
 done
 echo "traces in $OUT, timelines in docs/traces"
