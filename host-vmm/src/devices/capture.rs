@@ -103,20 +103,7 @@ impl Write for Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A writer the test can read back.
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::test_buf::Buf;
 
     #[test]
     fn passes_everything_on_and_keeps_result_lines_across_writes() {

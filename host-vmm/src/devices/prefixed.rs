@@ -44,20 +44,7 @@ impl Write for PrefixedConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A sink the test can read back.
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::test_buf::Buf;
 
     #[test]
     fn every_line_gets_its_prefix_even_across_writes() {

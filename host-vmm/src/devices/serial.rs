@@ -91,20 +91,7 @@ impl SerialConsole {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, d: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(d);
-            Ok(d.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::test_buf::Buf as Sink;
 
     #[test]
     fn writes_whole_lines_and_the_tail_on_exit() {
