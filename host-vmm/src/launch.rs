@@ -367,7 +367,7 @@ impl End<'_> {
                     for p in paths {
                         let _ = writeln!(
                             log,
-                            "pvsync: trace: {} spans to {} (lost: {:?})",
+                            "pvsync: trace: {} spans to {} ({})",
                             timeline.spans().count(),
                             p.display(),
                             timeline.losses

@@ -106,6 +106,20 @@ pub struct Losses {
     pub guest_capped: u64,
 }
 
+impl std::fmt::Display for Losses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Losses::default() {
+            return write!(f, "nothing lost");
+        }
+        write!(
+            f,
+            "lost: {} scheduler events over the cap; guest events: {} dropped by the guest, {} \
+             refused, {} over the cap",
+            self.sched_dropped, self.guest_dropped, self.guest_invalid, self.guest_capped
+        )
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Timeline {
     pub processes: Vec<Process>,
