@@ -4,6 +4,9 @@
 //! - `smp=N`: use CPUs 0..N instead of the ACPI MADT (1..=the kernel's CPU limit).
 //! - `duration=MS`: how long a torture suite runs (default 2000, at most a day).
 //! - `threads=N`: a torture suite's worker count (default: two per CPU).
+//! - `work=N`: how much a workload does (blocks, records, transactions, rounds: each
+//!   workload says; 1..=10^9), so that runs under different schedules do the same work.
+//! - `seed=N`: a workload's random seed (default 1).
 //! - `lock=ticket|mcs|mcs-nokick|broken`: locktorture's lock (`broken` and `mcs-nokick`, whose
 //!   releasers never kick a halted waiter, are negative controls).
 //! - Negative controls: `rcu=broken` (synchronize_rcu returns at once), `rcu=early` (grace
@@ -22,6 +25,10 @@ pub const DEFAULT_DURATION_MS: u64 = 2000;
 pub const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
 /// Most `threads=` believed (each thread costs a kernel stack; the kernel checks the rest).
 pub const MAX_THREADS: usize = 1 << 16;
+/// Most `work=` believed.
+pub const MAX_WORK: u64 = 1_000_000_000;
+/// Default `seed=`.
+pub const DEFAULT_SEED: u64 = 1;
 /// locktorture's locks.
 pub const LOCKS: [&str; 4] = ["ticket", "mcs", "mcs-nokick", "broken"];
 
@@ -41,6 +48,10 @@ pub struct Cmdline<'a> {
     pub lock: &'a str,
     /// Worker threads of a torture suite (default: two per CPU).
     pub threads: Option<usize>,
+    /// A workload's fixed amount of work (its default if None).
+    pub work: Option<u64>,
+    /// A workload's random seed.
+    pub seed: u64,
 }
 
 impl Default for Cmdline<'_> {
@@ -55,6 +66,8 @@ impl Default for Cmdline<'_> {
             tlb_noack: false,
             lock: "ticket",
             threads: None,
+            work: None,
+            seed: DEFAULT_SEED,
         }
     }
 }
@@ -118,7 +131,7 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
         };
         let known = matches!(
             key,
-            "test" | "smp" | "duration" | "threads" | "lock" | "rcu" | "tlb"
+            "test" | "smp" | "duration" | "threads" | "lock" | "rcu" | "tlb" | "work" | "seed"
         );
         if !known {
             return Err(CmdlineError::UnknownWord(word));
@@ -131,6 +144,8 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
             "smp" => c.smp = Some(number(word, v, 1, max_cpus as u64)? as usize),
             "duration" => c.duration_ms = number(word, v, 1, MAX_DURATION_MS)?,
             "threads" => c.threads = Some(number(word, v, 1, MAX_THREADS as u64)? as usize),
+            "work" => c.work = Some(number(word, v, 1, MAX_WORK)?),
+            "seed" => c.seed = number(word, v, 0, u64::MAX)?,
             "lock" if LOCKS.contains(&v) => c.lock = v,
             "lock" => {
                 return Err(CmdlineError::UnknownValue {
@@ -186,8 +201,28 @@ mod tests {
                 tlb_noack: false,
                 lock: "mcs",
                 threads: Some(16),
+                work: None,
+                seed: DEFAULT_SEED,
             }
         );
+    }
+
+    #[test]
+    fn work_and_seed_are_checked_numbers() {
+        let c = parse("test=postmark work=5000 seed=42", 64).unwrap();
+        assert_eq!((c.work, c.seed), (Some(5000), 42));
+        assert!(matches!(
+            parse("work=0", 64),
+            Err(CmdlineError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            parse("work=1000000001", 64),
+            Err(CmdlineError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            parse("seed=-1", 64),
+            Err(CmdlineError::BadNumber(_))
+        ));
     }
 
     #[test]
