@@ -8,6 +8,9 @@
 #                            then every test
 #   ./run.sh bench [boot|guest|sched|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x
 #                            overcommit; sched: policies and placements side by side
+#   ./run.sh study [ARGS]    the study (pbzip2, cpu-bound, ebizzy, postmark under each policy and
+#                            placement): results/study-*/report.md; ARGS go to `pvsync study`
+#                            (e.g. --quick, --reps 5, rcu)
 #   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests); exits
 #                            with pvsync's status for the guest's outcome (0, 1, 3, 125)
 #   ./run.sh help            this usage (also -h, --help)
@@ -70,6 +73,8 @@ usage: ./run.sh [COMMAND]
                                shared region dumped; then two VMs on the slot scheduler
   test                         fmt and clippy (host and guest), then every test
   bench [boot|guest|sched|all] benchmarks (default boot)
+  study [STUDY ARGS]           the study (docs/study.md): results/study-<time>/report.md;
+                               e.g. --quick (a few minutes), --reps 5, or experiments: ipi rcu
   qemu [QEMU ARGS]             boot the guest under stock QEMU/KVM; exits with pvsync's status
                                for the guest's outcome (0 success, 1 failure, 3 panic)
   help, -h, --help             this usage
@@ -142,6 +147,12 @@ bench)
     all) for b in boot guest sched; do cargo bench -p pvsync-tests --bench "$b" || exit; done ;;
     *) echo "unknown benchmark '$what' (known: boot, guest, sched, all)" >&2; exit 2 ;;
     esac
+    ;;
+study)
+    build
+    need_kvm
+    shift
+    "$VMM" study --kernel "$GUEST" "$@"
     ;;
 qemu)
     build

@@ -111,6 +111,9 @@ pub enum Command {
     Run(RunArgs),
     /// Draw (part of) a trace written by `run --trace` as an SVG timeline.
     Timeline(TimelineArgs),
+    /// Run the study: the three problems and their fixes on workloads, repeated, written
+    /// up as a results folder with plots and report.md (docs/study.md).
+    Study(crate::study::StudyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +241,7 @@ where
     match cli.command {
         Command::Run(a) => launch::run(&a, console, log),
         Command::Timeline(a) => timeline(a, log),
+        Command::Study(a) => crate::study::run(a, log),
     }
 }
 

@@ -28,6 +28,7 @@ pub mod scenario;
 pub mod sched;
 pub mod shared_region;
 pub mod signals;
+pub mod study;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

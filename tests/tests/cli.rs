@@ -507,7 +507,7 @@ fn run_sh_usage() {
             &format!("run.sh {args:?}: status {status}"),
         );
         let usage = out.all();
-        for cmd in ["test", "bench", "qemu", "help"] {
+        for cmd in ["test", "bench", "study", "qemu", "help"] {
             out.check(usage.contains(cmd), &format!("usage lists {cmd}"));
         }
     }

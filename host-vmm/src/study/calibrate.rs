@@ -1,0 +1,161 @@
+//! What this host does to the study's numbers, measured at the start of each run: what a
+//! guest kernel-mode operation and a user-mode loop cost (guest kernel code is emulated by
+//! the nested KVM on our machines, user code is not), a hypercall's round trip, and what a
+//! thread wake-up costs on the host.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::experiments::{Config, VmPlan};
+use super::runner::Runner;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Figures in microseconds (or a ratio), by name; a figure that could not be measured
+    /// is absent.
+    pub figures: BTreeMap<String, f64>,
+    /// What went wrong, if anything.
+    pub notes: Vec<String>,
+}
+
+/// A 1-vCPU run of `cmdline` on one slot, for calibration.
+fn probe(id: &str, cmdline: &str) -> Config {
+    Config {
+        id: format!("calibration/{id}"),
+        experiment: "calibration",
+        label: id.to_string(),
+        backend: "slots",
+        cpus: 1,
+        slice_us: 3000,
+        placement: "spread",
+        policy: "none",
+        overcommit: 1,
+        vms: vec![VmPlan {
+            name: "vm".into(),
+            vcpus: 1,
+            cmdline: cmdline.to_string(),
+        }],
+        ideal: None,
+    }
+}
+
+/// Measures everything; what fails is noted, not fatal.
+pub fn measure(r: &Runner) -> Calibration {
+    let mut c = Calibration::default();
+    match r.run(&probe("bench", "test=bench"), "bench", 0, 1) {
+        Ok(s) if s.status == 0 => {
+            let khz = s.values.get("tsc_khz").copied().unwrap_or(0.0);
+            if khz > 0.0 {
+                let us = |cycles: f64| cycles * 1000.0 / khz;
+                for (name, field) in [
+                    ("guest_kernel_preempt_pair_us", "preempt_pair"),
+                    ("guest_kernel_lock_unlock_us", "lock_uncontended"),
+                    ("guest_hypercall_round_trip_us", "hc_yield_rtt"),
+                    ("guest_clock_read_us", "clock_overhead"),
+                ] {
+                    if let Some(v) = s.values.get(field) {
+                        c.figures.insert(name.into(), us(*v));
+                    }
+                }
+            }
+        }
+        Ok(s) => c
+            .notes
+            .push(format!("test=bench ended with status {}", s.status)),
+        Err(e) => c.notes.push(format!("test=bench: {e}")),
+    }
+    match r.run(
+        &probe("cpu-bound", "test=cpu-bound work=100"),
+        "cpu-bound",
+        0,
+        1,
+    ) {
+        Ok(s) if s.status == 0 => {
+            let rounds = s.values.get("rounds").copied().unwrap_or(0.0);
+            let us = s.values.get("elapsed_us").copied().unwrap_or(0.0);
+            if rounds > 0.0 {
+                c.figures.insert("guest_user_round_us".into(), us / rounds);
+            }
+        }
+        Ok(s) => c
+            .notes
+            .push(format!("test=cpu-bound ended with status {}", s.status)),
+        Err(e) => c.notes.push(format!("test=cpu-bound: {e}")),
+    }
+    let (same, other) = (wake_us(true), wake_us(false));
+    c.figures.insert("host_wake_same_cpu_us".into(), same);
+    c.figures.insert("host_wake_other_cpu_us".into(), other);
+    if let (Some(k), Some(u)) = (
+        c.figures.get("guest_kernel_lock_unlock_us"),
+        c.figures.get("guest_user_round_us"),
+    ) {
+        // How much slower kernel work runs than user work here, per the two loops.
+        c.figures.insert("kernel_over_user".into(), k / u.max(1e-9));
+    }
+    c
+}
+
+/// Pins the calling thread to host CPU `cpu` (best effort).
+fn pin(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes inside it for cpu <
+    // CPU_SETSIZE (checked), and sched_setaffinity only reads the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu < libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+/// Median time for a thread to run after another unparks it, in microseconds: both on one
+/// host CPU, or on two.
+fn wake_us(same_cpu: bool) -> f64 {
+    const ROUNDS: usize = 200;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let target_cpu = if same_cpu || cores < 2 { 0 } else { 1 };
+    let woke = Arc::new(AtomicBool::new(false));
+    let w = Arc::clone(&woke);
+    let stamp = Arc::new(std::sync::Mutex::new(Vec::with_capacity(ROUNDS)));
+    let st = Arc::clone(&stamp);
+    let sleeper = std::thread::spawn(move || {
+        pin(target_cpu);
+        for _ in 0..ROUNDS {
+            while !w.swap(false, Ordering::AcqRel) {
+                std::thread::park();
+            }
+            st.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Instant::now());
+        }
+    });
+    pin(0);
+    let mut samples = Vec::with_capacity(ROUNDS);
+    for i in 0..ROUNDS {
+        std::thread::sleep(Duration::from_micros(200));
+        let t0 = Instant::now();
+        woke.store(true, Ordering::Release);
+        sleeper.thread().unpark();
+        while stamp.lock().unwrap_or_else(|e| e.into_inner()).len() <= i {
+            std::thread::yield_now();
+        }
+        let t1 = stamp.lock().unwrap_or_else(|e| e.into_inner())[i];
+        samples.push(t1.saturating_duration_since(t0).as_secs_f64() * 1e6);
+    }
+    let _ = sleeper.join();
+    // Unpin this thread again: the study goes on from here.
+    // SAFETY: as in `pin`; the set names every CPU the host has.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in 0..cores.min(libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
