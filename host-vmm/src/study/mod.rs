@@ -22,8 +22,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{EXIT_GUEST_FAILURE, EXIT_HOST_ERROR, EXIT_OK, EXIT_USAGE};
+use std::sync::atomic::Ordering;
+
+use crate::cli::{EXIT_GUEST_FAILURE, EXIT_HOST_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
 use crate::hostinfo::HostInfo;
+use crate::signals::INTERRUPTED;
 use calibrate::Calibration;
 use experiments::{Experiment, Scale};
 use runner::Runner;
@@ -184,10 +187,16 @@ pub fn run(a: StudyArgs, log: &mut dyn Write) -> i32 {
         experiments: exps.iter().map(|e| e.name.to_string()).collect(),
         started_unix: started,
     };
+    // Ctrl-C stops the study between runs (the run in progress, which gets the signal
+    // too, stops its guests and writes its metrics); what ran is still written up.
+    if let Err(e) = crate::signals::install() {
+        let _ = writeln!(log, "pvsync: warning: {e}");
+    }
     let _ = writeln!(log, "pvsync study: calibrating this host");
     let calibration = calibrate::measure(&runner);
     let samples = run_all(&runner, &exps, a.reps as usize, log);
     let failed = samples.iter().filter(|s| s.status != 0).count();
+    let interrupted = INTERRUPTED.load(Ordering::SeqCst);
     let data = StudyData {
         info,
         calibration,
@@ -203,7 +212,9 @@ pub fn run(a: StudyArgs, log: &mut dyn Write) -> i32 {
         data.samples.len(),
         dir.join("report.md").display()
     );
-    if failed > 0 {
+    if interrupted {
+        EXIT_INTERRUPTED
+    } else if failed > 0 {
         EXIT_GUEST_FAILURE
     } else {
         EXIT_OK
@@ -221,8 +232,14 @@ fn run_all(r: &Runner, exps: &[Experiment], reps: usize, log: &mut dyn Write) ->
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut samples = Vec::with_capacity(plan.len() * reps);
-    for rep in 0..reps {
+    'all: for rep in 0..reps {
         for c in &plan {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                bar.suspend(|| {
+                    let _ = writeln!(log, "pvsync study: interrupted; writing up what ran");
+                });
+                break 'all;
+            }
             bar.set_message(format!("{} #{rep}", c.id));
             let seed = rep as u64 + 1;
             match r.run(c, c.workload(), rep, seed) {

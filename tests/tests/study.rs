@@ -1,0 +1,136 @@
+//! `pvsync study`: a CI-sized `--quick` run writes every output, the outputs parse and agree
+//! with each other (CSV and JSON rows, the report's figures and the data, `--render` gives the
+//! same report), and the direction that holds on any machine: with 20 ms slices `pv` lowers
+//! the longest grace period against `none` under the same overcommit. Usage mistakes are
+//! refused. No timing thresholds: every comparison is between runs of the same study.
+
+use std::path::PathBuf;
+
+use pvsync_tests::{guest_kernel, pvsync, require_kvm, run_with_limit, Output};
+use serde_json::Value;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pvsync-study-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `pvsync study ARGS` with the test guest, into `dir`.
+fn study(dir: &PathBuf, args: &[&str]) -> Output {
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    let mut c = std::process::Command::new(pvsync_tests::pvsync_bin());
+    c.args(["study", "--kernel", &k, "--out", dir.to_str().unwrap()])
+        .args(args);
+    run_with_limit(c, std::time::Duration::from_secs(1200))
+}
+
+fn read_json(p: PathBuf) -> Value {
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Median of a configuration's passing repeats of `figure`, from samples.json.
+fn median(samples: &[Value], config: &str, figure: &str) -> Option<f64> {
+    let mut v: Vec<f64> = samples
+        .iter()
+        .filter(|s| s["config"] == config && s["status"] == 0)
+        .filter_map(|s| s["values"][figure].as_f64())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| {
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    })
+}
+
+#[test]
+fn a_quick_rcu_study_writes_consistent_outputs_and_pv_shortens_the_longest_grace_period() {
+    if !require_kvm(
+        "a_quick_rcu_study_writes_consistent_outputs_and_pv_shortens_the_longest_grace_period",
+    ) {
+        return;
+    }
+    let dir = scratch("rcu");
+    let out = study(&dir, &["rcu", "--quick", "--reps", "3"]);
+    out.check(out.status == Some(0), "every run of the study passed");
+    for f in ["report.md", "samples.json", "samples.csv", "study.json"] {
+        out.check(dir.join(f).is_file(), &format!("{f} written"));
+    }
+    let samples = read_json(dir.join("samples.json"));
+    let samples = samples.as_array().expect("samples.json is an array");
+    // 1:1 and 2x under each of four policies, three repeats each.
+    out.check(
+        samples.len() == 5 * 3,
+        "one sample per configuration and repeat",
+    );
+    // The CSV has the same rows, in the same order, with the same figures.
+    let csv = std::fs::read_to_string(dir.join("samples.csv")).unwrap();
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    out.check(rows.len() == samples.len(), "as many CSV rows as samples");
+    let col = |name: &str| head.iter().position(|h| *h == name).unwrap();
+    for (row, s) in rows.iter().zip(samples) {
+        out.check(row[col("config")] == s["config"], "same configuration");
+        let gp = row[col("gp_max_us")].parse::<f64>().ok();
+        out.check(gp == s["values"]["gp_max_us"].as_f64(), "same gp_max_us");
+    }
+    // The report shows the data's medians.
+    let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    for config in ["rcu/1:1", "rcu/2x none", "rcu/2x pv"] {
+        let m = median(samples, config, "gp_max_us").expect("a median");
+        let label = config.trim_start_matches("rcu/");
+        let cell = format!("| {label} | 3/3 | {:.3}", m / 1000.0);
+        out.check(report.contains(&cell), &format!("report row {cell}"));
+    }
+    let plots: Vec<_> = std::fs::read_dir(dir.join("plots")).unwrap().collect();
+    out.check(plots.len() >= 6, "a plot per figure");
+    // --render rebuilds the same report from the folder.
+    std::fs::remove_file(dir.join("report.md")).unwrap();
+    let again = pvsync(&["study", "--render", dir.to_str().unwrap()]);
+    again.check(again.status == Some(0), "--render works");
+    let rendered = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    again.check(rendered == report, "--render gives the same report");
+    // The direction that holds on any machine with 20 ms slices.
+    let none = median(samples, "rcu/2x none", "gp_max_us").unwrap();
+    let pv = median(samples, "rcu/2x pv", "gp_max_us").unwrap();
+    out.check(
+        pv < none,
+        &format!("pv's longest grace period ({pv} us) is shorter than none's ({none} us)"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn study_mistakes_are_usage_errors() {
+    if !require_kvm("study_mistakes_are_usage_errors") {
+        return;
+    }
+    let dir = scratch("usage");
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    let nothing = dir.join("nothing");
+    for (args, says) in [
+        (
+            vec!["study", "--kernel", &k, "nope"],
+            "unknown experiment 'nope'",
+        ),
+        (vec!["study", "rcu"], "needs --kernel"),
+        (vec!["study", "--kernel", "/nonexistent"], "not a file"),
+        (
+            vec!["study", "--render", nothing.to_str().unwrap()],
+            "study.json",
+        ),
+        (vec!["study", "--kernel", &k, "--reps", "0"], "--reps"),
+    ] {
+        let out = pvsync(&args);
+        out.check(out.status == Some(2), &format!("{args:?} is a usage error"));
+        out.check(
+            out.stderr.contains(says),
+            &format!("{args:?} says {says:?}"),
+        );
+    }
+}
