@@ -4,7 +4,7 @@
 //! the longest grace period against `none` under the same overcommit. Usage mistakes are
 //! refused. No timing thresholds: every comparison is between runs of the same study.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pvsync_tests::{guest_kernel, pvsync, require_kvm, run_with_limit, Output};
 use serde_json::Value;
@@ -16,7 +16,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// `pvsync study ARGS` with the test guest, into `dir`.
-fn study(dir: &PathBuf, args: &[&str]) -> Output {
+fn study(dir: &Path, args: &[&str]) -> Output {
     let k = guest_kernel().to_str().unwrap().to_owned();
     let mut c = std::process::Command::new(pvsync_tests::pvsync_bin());
     c.args(["study", "--kernel", &k, "--out", dir.to_str().unwrap()])
