@@ -62,9 +62,9 @@ fn a_quick_rcu_study_writes_consistent_outputs_and_pv_shortens_the_longest_grace
     }
     let samples = read_json(dir.join("samples.json"));
     let samples = samples.as_array().expect("samples.json is an array");
-    // 1:1 and 2x under each of four policies, three repeats each.
+    // 1:1, 2x under each of four policies and 2x under Linux, three repeats each.
     out.check(
-        samples.len() == 5 * 3,
+        samples.len() == 6 * 3,
         "one sample per configuration and repeat",
     );
     // The CSV has the same rows, in the same order, with the same figures.

@@ -99,6 +99,16 @@ pub fn select(s: Scale, names: &[String]) -> Result<Vec<Experiment>, String> {
         .collect())
 }
 
+/// The same run with the vCPU threads under the host's Linux scheduler (the policies do not
+/// act there yet: it is the stock host as a reference).
+fn on_linux(mut c: Config) -> Config {
+    c.backend = "linux";
+    c.placement = "host";
+    c.label = format!("{} linux", c.label.split(' ').next().unwrap_or(""));
+    c.id = format!("{}/{}", c.experiment, c.label);
+    c
+}
+
 fn one_vm(vcpus: usize, cmdline: String) -> Vec<VmPlan> {
     vec![VmPlan {
         name: "vm".into(),
@@ -168,6 +178,7 @@ fn ipi(s: Scale) -> Experiment {
             ));
         }
     }
+    configs.push(on_linux(configs[1].clone()));
     Experiment {
         name: "ipi",
         title: "IPI receivers in user mode (pbzip2)",
@@ -313,6 +324,7 @@ fn rcu(s: Scale) -> Experiment {
             Some(base.clone()),
         ));
     }
+    configs.push(on_linux(configs[1].clone()));
     let src = "KVM Forum 2021, Postmark under overcommit";
     Experiment {
         name: "rcu",
