@@ -41,6 +41,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "bench",
         "IPI, shootdown, lock and synchronize_rcu latencies in TSC cycles",
     ),
+    (
+        "ebizzy",
+        "workload: threads allocate, search and free records under bucket spinlocks (work=N operations, seed=N)",
+    ),
     ("panic", "failure probe: panics (exit code 2)"),
     ("fault", "failure probe: a page fault (exit code 2)"),
     (
