@@ -45,6 +45,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "ebizzy",
         "workload: threads allocate, search and free records under bucket spinlocks (work=N operations, seed=N)",
     ),
+    (
+        "postmark",
+        "workload: transactions on an RCU-protected RAM file system (work=N transactions, seed=N)",
+    ),
     ("panic", "failure probe: panics (exit code 2)"),
     ("fault", "failure probe: a page fault (exit code 2)"),
     (

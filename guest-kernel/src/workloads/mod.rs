@@ -9,6 +9,8 @@
 
 pub mod ebizzy;
 mod hist;
+pub mod postmark;
+mod ramfs;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
