@@ -49,6 +49,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "postmark",
         "workload: transactions on an RCU-protected RAM file system (work=N transactions, seed=N)",
     ),
+    (
+        "cpu-bound",
+        "workload: one user task per CPU spinning work=N rounds in user mode",
+    ),
     ("panic", "failure probe: panics (exit code 2)"),
     ("fault", "failure probe: a page fault (exit code 2)"),
     (
