@@ -47,7 +47,7 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
     ),
     (
         "postmark",
-        "workload: transactions on an RCU-protected RAM file system (work=N transactions, seed=N)",
+        "workload: transactions on an RCU-protected RAM file system (work=N transactions, seed=N; control model=skip-delete must fail)",
     ),
     (
         "cpu-bound",

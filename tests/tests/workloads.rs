@@ -140,3 +140,29 @@ fn cpu_bound_does_its_work() {
     assert_eq!(num(&r, "threads"), u64::from(VCPUS), "one per CPU: {r}");
     assert_eq!(num(&r, "rounds"), 1001, "{r}");
 }
+
+/// The negative control: a model that misses one delete must be caught (FAILURE, exit 1).
+#[test]
+fn postmark_catches_a_model_that_misses_a_delete() {
+    if !require_kvm("postmark_catches_a_model_that_misses_a_delete") {
+        return;
+    }
+    let out = pvsync_guest(VCPUS, 128, "test=postmark work=300 model=skip-delete");
+    out.check(
+        !out.timed_out && !out.all().contains("panicked") && !out.stdout.contains("PANIC"),
+        "hang or panic",
+    );
+    out.check(
+        out.status == Some(host_vmm::cli::guest_exit_status(ExitCode::Failure as u32)),
+        "expected failure",
+    );
+    out.check(
+        out.stdout.lines().any(|l| l == "FAILURE"),
+        "expected FAILURE",
+    );
+    let r = out
+        .line("RESULT postmark ")
+        .expect("a RESULT postmark line");
+    assert_eq!(num(r, "model_ok"), 0, "{r}");
+    assert_eq!(num(r, "transactions"), 300, "{r}");
+}

@@ -11,6 +11,8 @@
 //! pending at once and the most bytes of nodes they held. Self-check: every read matched
 //! the model, and after the run (and an `rcu_barrier`) the files present are exactly the
 //! models' files with their lengths and checksums, and no callback or byte is left pending.
+//! Negative control: `model=skip-delete` leaves worker 0's first delete out of its model;
+//! the self-check must then fail (`model_ok=0`).
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -54,8 +56,10 @@ fn new_file(rng: &mut Rng) -> Box<[u64]> {
     payload(rng, words)
 }
 
-fn worker(s: &Shared, seed: u64, i: usize, transactions: u64) -> u64 {
+fn worker(s: &Shared, seed: u64, i: usize, transactions: u64, skip_delete: bool) -> u64 {
     let mut rng = Rng::new(seed, i);
+    // The negative control: worker 0's first delete is left out of its model.
+    let mut skip_delete = skip_delete && i == 0;
     let mut model: Model = vec![None; FILES_PER_WORKER as usize];
     let mut bad = 0u64;
     for _ in 0..transactions {
@@ -93,6 +97,9 @@ fn worker(s: &Shared, seed: u64, i: usize, transactions: u64) -> u64 {
             }
             Some(_) => {
                 bad += u64::from(!s.fs.delete(id));
+                if core::mem::take(&mut skip_delete) {
+                    continue;
+                }
                 *slot = None;
             }
         }
@@ -120,7 +127,7 @@ fn check_files(fs: &RamFs, models: &[Option<Model>]) -> (bool, u64) {
     (ok && expected == files.len(), files.len() as u64)
 }
 
-pub fn run(threads: Option<usize>, work: Option<u64>, seed: u64) -> bool {
+pub fn run(threads: Option<usize>, work: Option<u64>, seed: u64, skip_delete: bool) -> bool {
     let t = super::threads(threads);
     let work = work.unwrap_or(DEFAULT_WORK);
     // Every file at its largest, and as many nodes again waiting for grace periods.
@@ -136,7 +143,7 @@ pub fn run(threads: Option<usize>, work: Option<u64>, seed: u64) -> bool {
     let ws = s.clone();
     let before = rcu::reset_gp_extremes();
     let Some((done, cycles)) = super::run_workers("postmark", t, move |i| {
-        worker(&ws, seed, i, super::share(work, t, i))
+        worker(&ws, seed, i, super::share(work, t, i), skip_delete)
     }) else {
         return false;
     };
