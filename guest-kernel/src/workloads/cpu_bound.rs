@@ -14,7 +14,7 @@ use crate::user::{self, Program};
 use crate::{println, sched};
 
 /// Rounds when `work=` is not given (about 2 s with 4 vCPUs on the emulating host).
-pub const DEFAULT_WORK: u64 = 100_000;
+pub const DEFAULT_WORK: u64 = 60_000;
 /// Iterations of the user loop per round (tens of microseconds natively).
 const SPINS_PER_ROUND: u64 = 100_000;
 
