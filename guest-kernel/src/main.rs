@@ -34,6 +34,7 @@ mod smp;
 mod tlb;
 mod torture;
 mod user;
+mod workloads;
 
 use arch::bootmem::BootMemory;
 use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
@@ -161,6 +162,11 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "pvwait" => pvwait::run(),
         "bench" => bench::run(),
         "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
+        "ebizzy" => workloads::ebizzy::run(cmd.threads, cmd.work, cmd.seed),
+        "postmark" => {
+            workloads::postmark::run(cmd.threads, cmd.work, cmd.seed, cmd.model_skip_delete)
+        }
+        "cpu-bound" => workloads::cpu_bound::run(cmd.threads, cmd.work),
         "hang" => {
             println!("hanging on purpose (test=hang)");
             arch::halt_forever()

@@ -12,6 +12,8 @@ use spin::Once;
 
 pub use pvsync_guest::rcu::Stats;
 
+use crate::arch::tsc;
+use crate::locks::{KernelLock, SpinLock};
 use crate::platform::{self, Kernel};
 use crate::sched::{self, WaitQueue};
 
@@ -25,6 +27,54 @@ struct State {
 }
 
 static STATE: Once<State> = Once::new();
+
+/// The grace-period thread's own account of the grace periods it ran, in TSC cycles: how
+/// long each took from its start to its end, and how long the thread ran to drive it (the
+/// start, every look at the holdouts, the end; not the time it slept in between), so that a
+/// workload can report CPU time per grace period. `min`/`max` cover the grace periods since
+/// the last [`reset_gp_extremes`]; the sums run from boot.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GpAccount {
+    pub gps: u64,
+    pub total_cycles: u64,
+    pub busy_cycles: u64,
+    pub min_cycles: u64,
+    pub max_cycles: u64,
+}
+
+/// Taken once per grace period by its thread, and by a workload at its start and its end.
+static GP_ACCOUNT: KernelLock<GpAccount> = SpinLock::kernel(GpAccount {
+    gps: 0,
+    total_cycles: 0,
+    busy_cycles: 0,
+    min_cycles: u64::MAX,
+    max_cycles: 0,
+});
+
+/// The account so far (`min_cycles` is 0 while no grace period ended since the reset).
+pub fn gp_account() -> GpAccount {
+    let mut a = *GP_ACCOUNT.lock_irqsave();
+    if a.min_cycles == u64::MAX {
+        a.min_cycles = 0;
+    }
+    a
+}
+
+/// Starts a new window for `min_cycles`/`max_cycles`; returns the account at that moment.
+pub fn reset_gp_extremes() -> GpAccount {
+    let mut a = GP_ACCOUNT.lock_irqsave();
+    a.min_cycles = u64::MAX;
+    a.max_cycles = 0;
+    *a
+}
+
+/// Runs `f`, adding the TSC cycles it took to `busy`.
+fn timed<R>(busy: &mut u64, f: impl FnOnce() -> R) -> R {
+    let t0 = tsc::now();
+    let r = f();
+    *busy += tsc::now().wrapping_sub(t0);
+    r
+}
 
 /// Sets RCU up for CPUs `0..nr_cpus`. Negative controls: `no_wait` makes `synchronize`
 /// return at once; `early_end` ends grace periods slightly early.
@@ -157,9 +207,19 @@ fn gp_thread() {
     let s = state();
     loop {
         s.gp_thread.wait_until(|| s.rcu.gp_wanted());
-        let mut gp = s.rcu.gp_begin();
-        s.gp_thread.wait_until(|| s.rcu.gp_poll(&mut gp));
-        s.rcu.gp_end(gp);
+        let start = tsc::now();
+        let mut busy = 0;
+        let mut gp = timed(&mut busy, || s.rcu.gp_begin());
+        s.gp_thread
+            .wait_until(|| timed(&mut busy, || s.rcu.gp_poll(&mut gp)));
+        timed(&mut busy, || s.rcu.gp_end(gp));
+        let took = tsc::now().wrapping_sub(start);
+        let mut a = GP_ACCOUNT.lock_irqsave();
+        a.gps += 1;
+        a.total_cycles += took;
+        a.busy_cycles += busy;
+        a.min_cycles = a.min_cycles.min(took);
+        a.max_cycles = a.max_cycles.max(took);
     }
 }
 

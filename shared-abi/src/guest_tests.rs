@@ -41,6 +41,18 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "bench",
         "IPI, shootdown, lock and synchronize_rcu latencies in TSC cycles",
     ),
+    (
+        "ebizzy",
+        "workload: threads allocate, search and free records under bucket spinlocks (work=N operations, seed=N)",
+    ),
+    (
+        "postmark",
+        "workload: transactions on an RCU-protected RAM file system (work=N transactions, seed=N; control model=skip-delete must fail)",
+    ),
+    (
+        "cpu-bound",
+        "workload: one user task per CPU spinning work=N rounds in user mode",
+    ),
     ("panic", "failure probe: panics (exit code 2)"),
     ("fault", "failure probe: a page fault (exit code 2)"),
     (

@@ -11,7 +11,8 @@
 //!   releasers never kick a halted waiter, are negative controls).
 //! - Negative controls: `rcu=broken` (synchronize_rcu returns at once), `rcu=early` (grace
 //!   periods end slightly early), `tlb=skip` (shootdowns leave one target out), `tlb=noack`
-//!   (shootdowns do not wait for acknowledgements).
+//!   (shootdowns do not wait for acknowledgements), `model=skip-delete` (postmark's model
+//!   misses one delete, so its self-check must fail).
 //!
 //! Every word must be understood: an unknown key, an unknown value, a number that does not
 //! parse or is out of range is an error, never ignored.
@@ -52,6 +53,8 @@ pub struct Cmdline<'a> {
     pub work: Option<u64>,
     /// A workload's random seed.
     pub seed: u64,
+    /// `model=skip-delete`: postmark's model misses one delete (negative control).
+    pub model_skip_delete: bool,
 }
 
 impl Default for Cmdline<'_> {
@@ -68,6 +71,7 @@ impl Default for Cmdline<'_> {
             threads: None,
             work: None,
             seed: DEFAULT_SEED,
+            model_skip_delete: false,
         }
     }
 }
@@ -131,7 +135,16 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
         };
         let known = matches!(
             key,
-            "test" | "smp" | "duration" | "threads" | "lock" | "rcu" | "tlb" | "work" | "seed"
+            "test"
+                | "smp"
+                | "duration"
+                | "threads"
+                | "lock"
+                | "rcu"
+                | "tlb"
+                | "work"
+                | "seed"
+                | "model"
         );
         if !known {
             return Err(CmdlineError::UnknownWord(word));
@@ -157,13 +170,14 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
             "rcu" if v == "early" => c.rcu_early = true,
             "tlb" if v == "skip" => c.tlb_skip = true,
             "tlb" if v == "noack" => c.tlb_noack = true,
+            "model" if v == "skip-delete" => c.model_skip_delete = true,
             _ => {
                 return Err(CmdlineError::UnknownValue {
                     word,
-                    expected: if key == "rcu" {
-                        "rcu=broken or rcu=early"
-                    } else {
-                        "tlb=skip or tlb=noack"
+                    expected: match key {
+                        "rcu" => "rcu=broken or rcu=early",
+                        "tlb" => "tlb=skip or tlb=noack",
+                        _ => "model=skip-delete",
                     },
                 })
             }
@@ -203,6 +217,7 @@ mod tests {
                 threads: Some(16),
                 work: None,
                 seed: DEFAULT_SEED,
+                model_skip_delete: false,
             }
         );
     }
@@ -231,6 +246,14 @@ mod tests {
         assert_eq!(
             (c.lock, c.rcu_early, c.tlb_noack, c.rcu_broken, c.tlb_skip),
             ("mcs-nokick", true, true, false, false)
+        );
+        assert!(parse("model=skip-delete", 64).unwrap().model_skip_delete);
+        assert_eq!(
+            parse("model=skip-create", 64),
+            Err(CmdlineError::UnknownValue {
+                word: "model=skip-create",
+                expected: "model=skip-delete"
+            })
         );
     }
 

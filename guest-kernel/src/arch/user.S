@@ -129,3 +129,20 @@ user_spin_yield:
     mov $1, %eax
     int3
     ud2
+
+/* user_spin_rounds(rounds, spins): `rounds` times, spin `spins` (>= 1) iterations, with no
+   system call at all; then exit(rounds done). (cpu-bound's worker.) */
+.global user_spin_rounds
+user_spin_rounds:
+    xor %r14d, %r14d
+1:  cmp %rdi, %r14
+    jae 3f
+    mov %rsi, %rcx
+2:  dec %rcx
+    jnz 2b
+    inc %r14
+    jmp 1b
+3:  mov %r14, %rdi
+    mov $1, %eax
+    int3
+    ud2

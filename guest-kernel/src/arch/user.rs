@@ -13,6 +13,7 @@ extern "C" {
     fn user_tlb_reader();
     fn user_churn();
     fn user_spin_yield();
+    fn user_spin_rounds();
 }
 
 /// A program of user.S (system calls: see `user.rs`).
@@ -30,6 +31,9 @@ pub enum Program {
     /// `user_spin_yield(deadline_ns, spins)`: until the clock passes `deadline_ns`, spins
     /// `spins` iterations and yields; then exits with its rounds | 1 << 63.
     SpinYield,
+    /// `user_spin_rounds(rounds, spins)`: `rounds` times spins `spins` (>= 1) iterations,
+    /// without a system call; then exits with the rounds done.
+    SpinRounds,
 }
 
 impl Program {
@@ -40,6 +44,7 @@ impl Program {
             Program::TlbReader => user_tlb_reader as *const () as usize,
             Program::Churn => user_churn as *const () as usize,
             Program::SpinYield => user_spin_yield as *const () as usize,
+            Program::SpinRounds => user_spin_rounds as *const () as usize,
         } as u64;
         entry - text().0
     }
