@@ -69,7 +69,7 @@ pub fn measure(r: &Runner) -> Calibration {
         Err(e) => c.notes.push(format!("test=bench: {e}")),
     }
     match r.run(
-        &probe("cpu-bound", "test=cpu-bound work=100"),
+        &probe("cpu-bound", "test=cpu-bound work=2000"),
         "cpu-bound",
         0,
         1,
@@ -89,13 +89,6 @@ pub fn measure(r: &Runner) -> Calibration {
     let (same, other) = (wake_us(true), wake_us(false));
     c.figures.insert("host_wake_same_cpu_us".into(), same);
     c.figures.insert("host_wake_other_cpu_us".into(), other);
-    if let (Some(k), Some(u)) = (
-        c.figures.get("guest_kernel_lock_unlock_us"),
-        c.figures.get("guest_user_round_us"),
-    ) {
-        // How much slower kernel work runs than user work here, per the two loops.
-        c.figures.insert("kernel_over_user".into(), k / u.max(1e-9));
-    }
     c
 }
 

@@ -198,8 +198,10 @@ fn ipi(s: Scale) -> Experiment {
 /// Experiment 2, vCPU stacking: 1, 2 and 3 VMs of 4 vCPUs on 4 slots, every vCPU busy,
 /// wake-affine vs spread; then ebizzy's throughput under both.
 fn stacking(s: Scale) -> Experiment {
-    let rounds = if s.quick { 200 } else { 2000 };
-    let records = if s.quick { 2000 } else { 20_000 };
+    // cpu-bound: rounds of a user-mode loop; ebizzy: lock-protected operations. The full
+    // sizes take about 1-2 s at 1:1 with 4 vCPUs on this host.
+    let rounds = if s.quick { 20_000 } else { 60_000 };
+    let records = if s.quick { 1000 } else { 3000 };
     let mut configs = Vec::new();
     for vms in 1..=3 {
         for placement in ["wake-affine", "spread"] {
@@ -296,7 +298,8 @@ fn stacking(s: Scale) -> Experiment {
 /// Experiment 3, RCU-reader preemption: postmark at 1:1, then 2x overcommitted under each
 /// policy.
 fn rcu(s: Scale) -> Experiment {
-    let work = if s.quick { 2000 } else { 20_000 };
+    // Transactions: the full size takes about 2 s at 1:1 with 4 vCPUs on this host.
+    let work = if s.quick { 500 } else { 2000 };
     let slice = 20_000;
     let cmd = format!("test=postmark work={work}");
     let base = "rcu/1:1".to_string();
