@@ -167,6 +167,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
             workloads::postmark::run(cmd.threads, cmd.work, cmd.seed, cmd.model_skip_delete)
         }
         "cpu-bound" => workloads::cpu_bound::run(cmd.threads, cmd.work),
+        "calibrate" => workloads::calibrate::run(),
         "hang" => {
             println!("hanging on purpose (test=hang)");
             arch::halt_forever()

@@ -28,6 +28,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "RCU torture (controls rcu=broken|early must fail)",
     ),
     ("rcuflood", "every CPU floods call_rcu, then rcu_barrier"),
+    (
+        "calibrate",
+        "the same loop in kernel and in user mode: what kernel mode costs on this host",
+    ),
     ("rcu-model", "x86-TSO model of the RCU grace-period request"),
     (
         "tlbtorture",

@@ -7,6 +7,7 @@
 //! host cycles per instruction), so the per-operation kernel work is small and the defaults
 //! of `work=` are sized for a run of about 1-3 s with 4 vCPUs there.
 
+pub mod calibrate;
 pub mod cpu_bound;
 pub mod ebizzy;
 mod hist;
