@@ -21,6 +21,7 @@ mod irq;
 mod locks;
 mod mm;
 mod panic;
+mod pbzip2;
 mod percpu;
 mod platform;
 mod preempt;
@@ -161,6 +162,12 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "pvwait" => pvwait::run(),
         "bench" => bench::run(),
         "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
+        "pbzip2" => pbzip2::run(
+            cmd.threads.unwrap_or(cpus.ids().len()),
+            cmd.work.unwrap_or(pbzip2::DEFAULT_WORK),
+            pbzip2::BLOCK_BYTES,
+            cmd.seed,
+        ),
         "hang" => {
             println!("hanging on purpose (test=hang)");
             arch::halt_forever()

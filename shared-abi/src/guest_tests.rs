@@ -41,6 +41,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "bench",
         "IPI, shootdown, lock and synchronize_rcu latencies in TSC cycles",
     ),
+    (
+        "pbzip2",
+        "user-mode workers compress work=N blocks (LZSS, round-trip checked) while the kernel maps and unmaps their buffers; shootdown latency",
+    ),
     ("panic", "failure probe: panics (exit code 2)"),
     ("fault", "failure probe: a page fault (exit code 2)"),
     (
