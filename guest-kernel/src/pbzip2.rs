@@ -37,7 +37,7 @@ use crate::{println, sched, tlb};
 pub const BLOCK_BYTES: usize = 32 * 1024;
 /// Blocks when `work=` is not given: about 1-3 s with 4 vCPUs at 1:1 on the nested hosts
 /// this runs on.
-pub const DEFAULT_WORK: u64 = 160;
+pub const DEFAULT_WORK: u64 = 40;
 /// Most workers the layout has room for (4 MiB of user space each).
 const MAX_WORKERS: usize = 64;
 

@@ -49,6 +49,16 @@ pub const fn max_compressed(len: usize) -> usize {
     len + len / 8 + 8
 }
 
+// The layout holds together: a window fits the largest block's input and output, the
+// decompression buffer the largest block, the stack below it; stacks are 16-byte aligned.
+const _: () = {
+    assert!(window_pages(MAX_BLOCK_BYTES) * PAGE <= WINDOW_OFFSETS[1] - WINDOW_OFFSETS[0]);
+    assert!(WINDOW_OFFSETS[1] + window_pages(MAX_BLOCK_BYTES) * PAGE <= WORKER_STRIDE);
+    assert!(MAX_BLOCK_BYTES as u64 <= WINDOW_OFFSETS[0] - SCRATCH_OFFSET);
+    assert!(STACK_OFFSET + STACK_BYTES <= SCRATCH_OFFSET);
+    assert!(stack_top(0) % 16 == 0 && WORKER_STRIDE % 16 == 0);
+};
+
 /// Start of worker `w`'s region.
 pub const fn worker_base(w: u64) -> u64 {
     REGION + w * WORKER_STRIDE
@@ -221,13 +231,5 @@ mod tests {
         let mut dec = vec![0u8; 4096];
         let back = decompress(&comp[..n], &mut dec);
         assert!(back != Some(4096) || dec != input);
-    }
-
-    #[test]
-    fn windows_fit_the_layout() {
-        assert!(window_pages(MAX_BLOCK_BYTES) * PAGE <= WINDOW_OFFSETS[1] - WINDOW_OFFSETS[0]);
-        assert!(MAX_BLOCK_BYTES as u64 <= WINDOW_OFFSETS[0] - SCRATCH_OFFSET);
-        assert!(STACK_OFFSET + STACK_BYTES <= SCRATCH_OFFSET);
-        assert_eq!(stack_top(0) % 16, 0);
     }
 }
