@@ -21,6 +21,7 @@ mod irq;
 mod locks;
 mod mm;
 mod panic;
+mod pbzip2;
 mod percpu;
 mod platform;
 mod preempt;
@@ -168,6 +169,12 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         }
         "cpu-bound" => workloads::cpu_bound::run(cmd.threads, cmd.work),
         "calibrate" => workloads::calibrate::run(),
+        "pbzip2" => pbzip2::run(
+            cmd.threads.unwrap_or(cpus.ids().len()),
+            cmd.work.unwrap_or(pbzip2::DEFAULT_WORK),
+            pbzip2::BLOCK_BYTES,
+            cmd.seed,
+        ),
         "hang" => {
             println!("hanging on purpose (test=hang)");
             arch::halt_forever()

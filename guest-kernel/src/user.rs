@@ -13,6 +13,7 @@ use x86_64::instructions::interrupts;
 use x86_64::structures::paging::PhysFrame;
 use x86_64::PhysAddr;
 
+use crate::arch::hook::Hook;
 use crate::arch::idt::{self, TrapFrame};
 use crate::arch::tsc;
 use crate::mm::aspace::{AddressSpace, MapZeroedError, USER_START};
@@ -39,8 +40,20 @@ pub const SYS_TIME: u64 = 6;
 /// Error results (as u64): bad argument, no memory.
 pub const EINVAL: u64 = u64::MAX;
 pub const ENOMEM: u64 = u64::MAX - 1;
+/// System calls from this number on go to the workload's handler
+/// ([`set_workload_syscall`]; `pvsync_user::sys` numbers them).
+pub const SYS_WORKLOAD_FIRST: u64 = pvsync_user::sys::SYS_WORKLOAD_FIRST;
 /// Longest write a task may make at once.
 const WRITE_MAX: usize = 256;
+
+/// The running workload's system calls (`nr >= SYS_WORKLOAD_FIRST`): `f(nr, a0, a1)`,
+/// called like the others (interrupts on, in the calling task). Default: EINVAL.
+static WORKLOAD_SYSCALL: Hook<fn(u64, u64, u64) -> u64> = Hook::new();
+
+/// Installs the handler of the workload's own system calls (before its tasks start).
+pub fn set_workload_syscall(f: fn(u64, u64, u64) -> u64) {
+    WORKLOAD_SYSCALL.set(f);
+}
 
 /// Registers the crossing hooks, the system-call trap and the user-exception handler with
 /// `arch::idt` (once, on the BSP, before any user task runs).
@@ -113,6 +126,30 @@ pub fn try_spawn(
             "its user stack slot is taken"
         }
     })?;
+    try_spawn_at(
+        cpu,
+        name,
+        aspace,
+        rip,
+        stack_va + 4096,
+        (arg0, arg1),
+        before,
+    )
+}
+
+/// Starts a user task on `cpu` entering user mode at `rip` with stack pointer `rsp` and
+/// `args` in rdi and rsi, after running `before` in the kernel. The caller has mapped the
+/// code at `rip` (user.S's pages, or the user image where it is linked) and the stack below
+/// `rsp` in `aspace`.
+pub fn try_spawn_at(
+    cpu: u32,
+    name: &'static str,
+    aspace: Arc<AddressSpace>,
+    rip: u64,
+    rsp: u64,
+    args: (u64, u64),
+    before: impl FnOnce() + Send + 'static,
+) -> Result<Arc<Task>, &'static str> {
     let t = Task::try_new(
         name,
         cpu,
@@ -120,9 +157,9 @@ pub fn try_spawn(
             before();
             interrupts::disable();
             kernel_exit();
-            // The task's address space is loaded (switch_in) and maps `rip` (user.S) and the
-            // stack page below `stack_va + 4096`; interrupts stay off until iretq.
-            sched::enter_user(rip, stack_va + 4096, arg0, arg1)
+            // The task's address space is loaded (switch_in) and maps `rip` and the stack
+            // below `rsp` (the caller's contract); interrupts stay off until iretq.
+            sched::enter_user(rip, rsp, args.0, args.1)
         }),
         Some(aspace),
         false,
@@ -219,6 +256,10 @@ fn syscall(nr: u64, a0: u64, a1: u64) -> u64 {
             _ => EINVAL,
         },
         SYS_TIME => tsc::now_ns().max(1),
+        nr if nr >= SYS_WORKLOAD_FIRST => {
+            drop((me, aspace));
+            WORKLOAD_SYSCALL.get().map_or(EINVAL, |f| f(nr, a0, a1))
+        }
         _ => EINVAL,
     }
 }

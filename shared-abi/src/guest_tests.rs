@@ -57,6 +57,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "cpu-bound",
         "workload: one user task per CPU spinning work=N rounds in user mode",
     ),
+    (
+        "pbzip2",
+        "user-mode workers compress work=N blocks (LZSS, round-trip checked) while the kernel maps and unmaps their buffers; shootdown latency",
+    ),
     ("panic", "failure probe: panics (exit code 2)"),
     ("fault", "failure probe: a page fault (exit code 2)"),
     (

@@ -51,6 +51,7 @@ hook_fn_types!(
     fn(u32),
     fn(u32) -> bool,
     fn(u32) -> !,
+    fn(u64, u64, u64) -> u64,
     fn(shared_abi::IpiDest, u8) -> bool,
     fn(&mut super::idt::TrapFrame),
     fn(&super::idt::TrapFrame) -> !,

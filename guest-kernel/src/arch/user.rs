@@ -8,6 +8,8 @@
 extern "C" {
     static __user_text_start: u8;
     static __user_text_end: u8;
+    static __user_image_start: u8;
+    static __user_image_end: u8;
     fn enter_user(rip: u64, rsp: u64, arg0: u64, arg1: u64) -> !;
     fn user_selftest();
     fn user_tlb_reader();
@@ -56,6 +58,17 @@ pub fn text() -> (u64, u64) {
     (
         core::ptr::addr_of!(__user_text_start) as u64,
         core::ptr::addr_of!(__user_text_end) as u64,
+    )
+}
+
+/// Physical (= linked) range [start, end) of the whole user image (linker.ld): `.user_text`
+/// and the Rust user programs' code and read-only data, page-aligned, which user mode may
+/// read and execute where they are linked.
+pub fn image() -> (u64, u64) {
+    // Linker-script symbols: only their addresses are taken.
+    (
+        core::ptr::addr_of!(__user_image_start) as u64,
+        core::ptr::addr_of!(__user_image_end) as u64,
     )
 }
 

@@ -125,6 +125,53 @@ impl AddressSpace {
         .map_err(|_| "page already mapped or out of memory")
     }
 
+    /// Maps `frames` at consecutive pages from `va` (user access, never executable), under
+    /// one lock hold. No flush needed: the pages were not mapped. On an error the pages
+    /// mapped so far stay mapped.
+    pub fn map_range(
+        &self,
+        va: u64,
+        frames: &[PhysFrame],
+        writable: bool,
+    ) -> Result<(), &'static str> {
+        let _g = self.lock.lock();
+        let mut flags = F::PRESENT | F::USER_ACCESSIBLE | F::NO_EXECUTE;
+        if writable {
+            flags |= F::WRITABLE;
+        }
+        for (i, &f) in frames.iter().enumerate() {
+            let page = Self::page(va + i as u64 * FRAME_SIZE);
+            // SAFETY: under the lock; mapping a previously unmapped user page changes no live
+            // translation.
+            unsafe { self.mapper().map_to(page, f, flags, &mut GlobalFrames) }
+                .map(|fl| fl.ignore())
+                .map_err(|_| "page already mapped or out of memory")?;
+        }
+        Ok(())
+    }
+
+    /// Unmaps `pages` consecutive pages from `va` under one lock hold and appends their
+    /// frames to `out`. The caller must shoot the range down on `cpus()` before reusing
+    /// them. Stops at the first page that is not mapped (an error).
+    pub fn unmap_range(
+        &self,
+        va: u64,
+        pages: u64,
+        out: &mut alloc::vec::Vec<PhysFrame>,
+    ) -> Result<(), &'static str> {
+        let _g = self.lock.lock();
+        for i in 0..pages {
+            let page = Self::page(va + i * FRAME_SIZE);
+            // SAFETY: under the lock; the caller flushes TLBs before the frames are reused.
+            let (f, fl) = unsafe { self.mapper() }
+                .unmap(page)
+                .map_err(|_| "page not mapped")?;
+            fl.ignore();
+            out.push(f);
+        }
+        Ok(())
+    }
+
     /// Maps a fresh zeroed frame at `va` (user access, never executable) and returns its
     /// physical address. The frame then belongs to the mapping: whoever unmaps it frees it,
     /// once no CPU can still reach it.

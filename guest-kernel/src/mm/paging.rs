@@ -93,6 +93,46 @@ pub(super) fn init(regions: &[MemRegion], _boot_tables: BootMemory) {
     // SAFETY: the new tables map the kernel image, its stack and heap, and every frame the
     // allocator can hand out exactly as the boot tables did.
     unsafe { Cr3::write(l4, Cr3Flags::empty()) };
+    let (start, end) = crate::arch::user::image();
+    expose_user_image(start, end);
+}
+
+/// Makes the user image (`arch::user::image()`: the pages of the user programs' code and
+/// read-only data, linker.ld) readable and executable by user mode at the addresses it is
+/// linked at, and read-only for everyone: its identity-map entries get USER and lose
+/// WRITABLE, and the entries above them get USER (which grants nothing by itself: every
+/// other leaf stays supervisor-only). User address spaces share slot 0 of the kernel PML4,
+/// so this holds in all of them. Called once by `init` on the boot CPU, before any other
+/// CPU or address space exists. Panics if the image is not mapped with 4 KiB pages.
+fn expose_user_image(start: u64, end: u64) {
+    let l4 = KERNEL_PML4.load(Ordering::Acquire) as *mut PageTable;
+    for va in (start..end).step_by(FRAME_SIZE as usize) {
+        let v = VirtAddr::new(va);
+        let mut table = l4;
+        for index in [v.p4_index(), v.p3_index(), v.p2_index()] {
+            // SAFETY: the kernel's tables, identity-mapped; only this CPU runs and nothing
+            // else walks or changes them yet.
+            let e = unsafe { &mut (&mut *table)[index] };
+            assert!(
+                e.flags().contains(F::PRESENT) && !e.flags().contains(F::HUGE_PAGE),
+                "user image at {va:#x} is not mapped with 4 KiB pages"
+            );
+            let (addr, flags) = (e.addr(), e.flags());
+            e.set_addr(addr, flags | F::USER_ACCESSIBLE);
+            table = addr.as_u64() as *mut PageTable;
+        }
+        // SAFETY: as above.
+        let e = unsafe { &mut (&mut *table)[v.p1_index()] };
+        assert!(
+            e.flags().contains(F::PRESENT),
+            "user image page {va:#x} not mapped"
+        );
+        e.set_addr(PhysAddr::new(va), F::PRESENT | F::USER_ACCESSIBLE);
+    }
+    // Drop the old translations (only this CPU ran with them).
+    let (frame, flags) = Cr3::read();
+    // SAFETY: reloading the current tables changes no mapping but the ones just made.
+    unsafe { Cr3::write(frame, flags) };
 }
 
 /// The self-test of the kernel's tables (`test=selftest`, "paging"): maps a fresh frame at
