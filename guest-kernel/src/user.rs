@@ -27,8 +27,12 @@ pub use crate::arch::user::Program;
 pub const USER_CODE_VA: u64 = USER_START;
 /// User stacks: one page each, a guard page apart, from here.
 pub const USER_STACKS_VA: u64 = USER_START + 0x1000_0000;
-/// Free for programs' own pages.
+/// Free for programs' own pages (the generic map, unmap and protect calls reach these).
 pub const USER_DATA_VA: u64 = USER_START + 0x2000_0000;
+/// From here up, workloads' own windows, which only their own system calls change (a user
+/// program that could unmap a window would hand the workload's frames to the allocator
+/// while the workload still maps them).
+pub const USER_WORKLOAD_VA: u64 = USER_START + 0x4000_0000;
 
 pub const SYS_YIELD: u64 = 0;
 pub const SYS_EXIT: u64 = 1;
@@ -204,8 +208,7 @@ fn copy_from_user(aspace: &AddressSpace, va: u64, len: u64) -> Option<Vec<u8>> {
 }
 
 fn page_arg(va: u64) -> Option<u64> {
-    (va.is_multiple_of(4096) && (USER_DATA_VA..crate::mm::aspace::USER_END).contains(&va))
-        .then_some(va)
+    (va.is_multiple_of(4096) && (USER_DATA_VA..USER_WORKLOAD_VA).contains(&va)).then_some(va)
 }
 
 fn syscall(nr: u64, a0: u64, a1: u64) -> u64 {

@@ -107,7 +107,8 @@ fn pin(cpu: usize) {
 }
 
 /// Median time for a thread to run after another unparks it, in microseconds: both on one
-/// host CPU, or on two.
+/// host CPU, or on two. Only the two threads it makes are pinned: the caller's affinity, which
+/// every later run inherits, is left alone.
 fn wake_us(same_cpu: bool) -> f64 {
     const ROUNDS: usize = 200;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -127,29 +128,27 @@ fn wake_us(same_cpu: bool) -> f64 {
                 .push(Instant::now());
         }
     });
-    pin(0);
-    let mut samples = Vec::with_capacity(ROUNDS);
-    for i in 0..ROUNDS {
-        std::thread::sleep(Duration::from_micros(200));
-        let t0 = Instant::now();
-        woke.store(true, Ordering::Release);
-        sleeper.thread().unpark();
-        while stamp.lock().unwrap_or_else(|e| e.into_inner()).len() <= i {
-            std::thread::yield_now();
+    let sleeper_thread = sleeper.thread().clone();
+    let waker = std::thread::spawn(move || {
+        pin(0);
+        let mut samples = Vec::with_capacity(ROUNDS);
+        for i in 0..ROUNDS {
+            std::thread::sleep(Duration::from_micros(200));
+            let t0 = Instant::now();
+            woke.store(true, Ordering::Release);
+            sleeper_thread.unpark();
+            let t1 = loop {
+                if let Some(t) = stamp.lock().unwrap_or_else(|e| e.into_inner()).get(i) {
+                    break *t;
+                }
+                std::thread::yield_now();
+            };
+            samples.push(t1.saturating_duration_since(t0).as_secs_f64() * 1e6);
         }
-        let t1 = stamp.lock().unwrap_or_else(|e| e.into_inner())[i];
-        samples.push(t1.saturating_duration_since(t0).as_secs_f64() * 1e6);
-    }
+        samples
+    });
+    let mut samples = waker.join().unwrap_or_default();
     let _ = sleeper.join();
-    // Unpin this thread again: the study goes on from here.
-    // SAFETY: as in `pin`; the set names every CPU the host has.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for c in 0..cores.min(libc::CPU_SETSIZE as usize) {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
     samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
 }

@@ -104,13 +104,17 @@ fn git_revision() -> String {
 
 /// Writes `data` into `dir` (study.json, samples.json, samples.csv), then plots and report.
 fn write_all(dir: &Path, data: &StudyData) -> Result<(), String> {
-    let exps = data.experiments()?;
     std::fs::write(dir.join("study.json"), pretty(data)?).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("samples.json"), pretty(&data.samples)?).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("samples.csv"), sample::csv(&data.samples))
         .map_err(|e| e.to_string())?;
-    report::write(dir, &data.info, &exps, &data.samples, &data.calibration)?;
-    Ok(())
+    write_report(dir, data)
+}
+
+/// The plots and report.md of `data` (the data files are left as they are).
+fn write_report(dir: &Path, data: &StudyData) -> Result<(), String> {
+    let exps = data.experiments()?;
+    report::write(dir, &data.info, &exps, &data.samples, &data.calibration).map(|_| ())
 }
 
 fn pretty<T: Serialize>(v: &T) -> Result<String, String> {
@@ -271,7 +275,7 @@ fn render(dir: &Path, log: &mut dyn Write) -> i32 {
             return EXIT_USAGE;
         }
     };
-    match write_all(dir, &data) {
+    match write_report(dir, &data) {
         Ok(()) => {
             let _ = writeln!(
                 log,

@@ -36,6 +36,7 @@ pub fn bars(
         .iter()
         .map(|(_, s)| s.max)
         .chain(references.iter().map(|r| r.value))
+        .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max)
         .max(f64::MIN_POSITIVE)
         * 1.15;

@@ -112,7 +112,7 @@ pub fn write(
     let _ = writeln!(
         md,
         "Run on {} host cores, Linux {}, KVM flavour `{}`{}; pvsync {} at git revision `{}`; \
-         {} repeats per configuration, configurations interleaved, seeds = repeat number{}.\n",
+         {} repeats per configuration, configurations interleaved, seed = repeat number + 1{}.\n",
         info.cores,
         info.kernel_release,
         info.kvm_flavour,
@@ -136,19 +136,50 @@ pub fn write(
     );
     calibration_section(&mut md, calibration);
     for e in experiments {
-        experiment_section(&mut md, dir, e, samples)?;
+        experiment_section(&mut md, dir, e, samples, calibration, info.cores)?;
     }
     std::fs::write(dir.join("report.md"), &md).map_err(|e| e.to_string())?;
     Ok(md)
+}
+
+/// A kernel loop this many times slower than the same user loop: kernel code is emulated.
+const EMULATED: f64 = 10.0;
+
+/// Kernel-mode time over user-mode time of the calibration loop.
+fn emulation(c: &Calibration) -> Option<f64> {
+    c.figures
+        .get("guest_kernel_over_user")
+        .copied()
+        .filter(|r| r.is_finite())
+}
+
+/// How an experiment's dependence on the host reads, given the calibration.
+fn depends(c: &Calibration, why: &str) -> String {
+    match emulation(c) {
+        Some(r) if r > EMULATED => {
+            format!("*Depends on the host* (kernel code ran {r:.0}x slower here): {why}")
+        }
+        _ => format!("(Guest kernel code ran at hardware speed here; {why})"),
+    }
 }
 
 fn calibration_section(md: &mut String, c: &Calibration) {
     let _ = writeln!(md, "## This host\n");
     let _ = writeln!(
         md,
-        "Guest kernel code is emulated by the nested KVM on our machines while guest user code \
-         runs natively; a conclusion marked *depends on the host* would likely differ under \
-         hardware KVM.\n"
+        "{}; a conclusion marked *depends on the host* would likely differ where guest kernel \
+         code runs at hardware speed.\n",
+        match emulation(c) {
+            Some(r) if r > EMULATED => format!(
+                "The same loop ran {r:.0}x slower in guest kernel mode than in guest user mode: \
+                 this host emulates guest kernel code"
+            ),
+            Some(r) => format!(
+                "The same loop ran {r:.1}x as long in guest kernel mode as in user mode: guest \
+                 kernel code runs at hardware speed here"
+            ),
+            None => "Whether this host emulates guest kernel code was not measured".into(),
+        }
     );
     let _ = writeln!(
         md,
@@ -168,6 +199,8 @@ fn experiment_section(
     dir: &Path,
     e: &Experiment,
     samples: &[Sample],
+    cal: &Calibration,
+    host_cores: usize,
 ) -> Result<(), String> {
     let _ = writeln!(md, "## {}\n", e.title);
     let figs = figures_of(e);
@@ -206,7 +239,7 @@ fn experiment_section(
     for p in &e.published {
         let _ = writeln!(md, "- Published: {}", published_line(p));
     }
-    let _ = writeln!(md, "\n{}\n", sentence(e, samples));
+    let _ = writeln!(md, "\n{}\n", sentence(e, samples, cal, host_cores));
     for (file, title, rows, refs) in plot_specs(e, samples) {
         if rows.is_empty() {
             continue;
@@ -253,18 +286,23 @@ fn plot_specs(e: &Experiment, samples: &[Sample]) -> Vec<PlotSpec> {
                 label: "ideal (1:1)".into(),
                 value: 1.0,
             });
-            let key = f.name.split(',').next().unwrap_or("").to_lowercase();
-            for p in e.published.iter().filter(|p| {
-                p.unit == "x" && key.split(' ').all(|w| p.what.to_lowercase().contains(w))
-            }) {
+            for p in e
+                .published
+                .iter()
+                .filter(|p| p.unit == "x" && p.field == f.field)
+            {
                 refs.push(Reference {
                     label: format!("published {}x", p.value),
                     value: p.value,
                 });
             }
         }
-        if e.name == "stacking" && f.field == "stacking_fraction" {
-            for p in &e.published {
+        if !f.ratio {
+            for p in e
+                .published
+                .iter()
+                .filter(|p| p.unit == "%" && p.field == f.field)
+            {
                 refs.push(Reference {
                     label: format!("published: {} {}%", p.what, p.value),
                     value: p.value,
@@ -283,7 +321,7 @@ fn plot_specs(e: &Experiment, samples: &[Sample]) -> Vec<PlotSpec> {
 }
 
 /// What the experiment shows on this run, in a sentence or two (from the data).
-fn sentence(e: &Experiment, samples: &[Sample]) -> String {
+fn sentence(e: &Experiment, samples: &[Sample], cal: &Calibration, host_cores: usize) -> String {
     let ratio = |id: &str, fig: &str| {
         let c = e.configs.iter().find(|c| c.id == id)?;
         stats::ratio(samples, id, c.ideal.as_deref()?, fig).map(|s| s.median)
@@ -305,10 +343,10 @@ fn sentence(e: &Experiment, samples: &[Sample]) -> String {
                     x(r("none"))
                 );
             }
-            s.push_str(
-                "*Depends on the host*: an acknowledgement needs the receiver's kernel to run \
-                 the IPI handler, emulated here.",
-            );
+            s.push_str(&depends(
+                cal,
+                "an acknowledgement needs the receiver's kernel to run the IPI handler",
+            ));
             s
         }
         "stacking" => {
@@ -318,10 +356,13 @@ fn sentence(e: &Experiment, samples: &[Sample]) -> String {
             };
             format!(
                 "**What this run shows:** with `wake-affine` placement {} / {} / {} of the samples \
-                 had two or more siblings of a VM on one slot (1 / 2 / 3 VMs; published 5.6 / \
-                 43.1 / 45.9%); `spread` keeps it at {} / {} / {}. ebizzy does {} records/s per VM \
-                 under `wake-affine` and {} under `spread`. Stacking itself does not depend on \
-                 the host (it is the placement's doing); ebizzy's throughput does.",
+                 had two or more siblings of a VM on one slot (1 / 2 / 3 VMs of 4 vCPUs on {} \
+                 slots, on {} host cores; published 5.6 / 43.1 / 45.9%); `spread` keeps it at {} \
+                 / {} / {}. ebizzy does {} records/s per VM under `wake-affine` and {} under \
+                 `spread`. Stacking itself does not depend on the host (it is the placement's \
+                 doing); ebizzy's throughput does.",
+                e.configs.first().map_or(0, |c| c.cpus),
+                host_cores,
                 pct("stacking/1 VM wake-affine"),
                 pct("stacking/2 VM wake-affine"),
                 pct("stacking/3 VM wake-affine"),
@@ -337,14 +378,14 @@ fn sentence(e: &Experiment, samples: &[Sample]) -> String {
         "rcu" => format!(
             "**What this run shows:** at 2x overcommit the longest grace period is {} of 1:1 \
              without boosting (published 26.37x) and {} with `pv`; the average {} and {} \
-             (published 2.18x); CPU per grace period {} and {} (published 2.9x). *Depends on \
-             the host*: grace periods wait for emulated kernel code on every vCPU.",
+             (published 2.18x); CPU per grace period {} and {} (published 2.9x). {}",
             x(ratio("rcu/2x none", "gp_max_us")),
             x(ratio("rcu/2x pv", "gp_max_us")),
             x(ratio("rcu/2x none", "gp_avg_us")),
             x(ratio("rcu/2x pv", "gp_avg_us")),
             x(ratio("rcu/2x none", "gp_cpu_us")),
             x(ratio("rcu/2x pv", "gp_cpu_us")),
+            depends(cal, "grace periods wait for kernel code on every vCPU"),
         ),
         _ => String::new(),
     }

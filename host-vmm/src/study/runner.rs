@@ -1,6 +1,7 @@
 //! Runs one configuration once: `pvsync run` as a child process (this same binary), its
 //! console to a log file, its metrics JSON read back into a [`Sample`].
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,22 +99,52 @@ impl Runner {
             move |source| RunError::Io { path, source }
         };
         std::fs::create_dir_all(self.dir.join("runs")).map_err(io(&self.dir))?;
+        // A reused folder's metrics must never pass for this run's.
+        match std::fs::remove_file(&metrics) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&metrics)(e)),
+            _ => {}
+        }
         let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
         let err = log.try_clone().map_err(io(&log_path))?;
-        let mut child = Command::new(&self.exe)
-            .args(self.args(c, seed, &metrics))
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(self.args(c, seed, &metrics))
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| RunError::Spawn {
-                exe: self.exe.clone(),
-                source,
-            })?;
+            .stderr(err);
+        // SAFETY: runs in the child between fork and exec, where only async-signal-safe
+        // calls are allowed: prctl is one (a system call). The child then gets SIGTERM if
+        // the study dies, so no run outlives it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
+            exe: self.exe.clone(),
+            source,
+        })?;
         let deadline = Instant::now() + Duration::from_secs(self.timeout_s) + GRACE;
+        let mut forwarded = false;
         let status = loop {
-            if let Some(s) = child.try_wait().map_err(io(&self.exe))? {
+            let polled = match child.try_wait() {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(io(&self.exe)(e));
+                }
+            };
+            if let Some(s) = polled {
                 break s;
+            }
+            let interrupted = crate::signals::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+            if interrupted && !forwarded {
+                // A signal sent to the study alone: the run stops its guests and reports.
+                forwarded = true;
+                // SAFETY: kill takes a pid and a signal number; the child is ours and not
+                // yet reaped (try_wait just said so), so the pid names it.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -156,10 +187,10 @@ pub fn figures(
         e.0 += v;
         e.1 += 1;
     };
-    let mut elapsed: f64 = 0.0;
+    let mut elapsed: Option<f64> = None;
     for vm in vms {
         if let Some(ns) = vm["elapsed_ns"].as_f64() {
-            elapsed = elapsed.max(ns / 1e6);
+            elapsed = Some(elapsed.unwrap_or(0.0).max(ns / 1e6));
         }
         if let Some(f) = vm["stacking_fraction"].as_f64() {
             add("stacking_fraction", f);
@@ -177,7 +208,9 @@ pub fn figures(
         .into_iter()
         .map(|(k, (sum, n))| (k, sum / n as f64))
         .collect();
-    out.insert("elapsed_ms".into(), elapsed);
+    if let Some(e) = elapsed {
+        out.insert("elapsed_ms".into(), e);
+    }
     Ok(out)
 }
 

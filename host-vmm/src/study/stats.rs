@@ -12,9 +12,9 @@ pub struct Stat {
 }
 
 impl Stat {
-    /// Over `values` (None if empty; NaNs are ignored).
+    /// Over `values` (None if empty; values that are not finite are ignored).
     pub fn of(values: &[f64]) -> Option<Stat> {
-        let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
             return None;
         }
@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn median_and_range() {
-        let s = Stat::of(&[3.0, 1.0, 2.0, f64::NAN]).unwrap();
+        let s = Stat::of(&[3.0, 1.0, 2.0, f64::NAN, f64::INFINITY]).unwrap();
         assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
         assert_eq!(Stat::of(&[4.0, 1.0]).unwrap().median, 2.5);
         assert_eq!(Stat::of(&[]), None);
