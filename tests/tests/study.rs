@@ -91,6 +91,14 @@ fn a_quick_study_writes_consistent_outputs_and_shows_the_robust_directions() {
         let cell = format!("| {label} | 3/3 | {:.3}", m / 1000.0);
         out.check(report.contains(&cell), &format!("report row {cell}"));
     }
+    out.check(
+        report.contains("VMs of 4 vCPUs on 4 slots"),
+        "the stacking sentence names its slots",
+    );
+    out.check(
+        report.contains("published 26.37x"),
+        "the rcu sentence names the published figure",
+    );
     let plots: Vec<_> = std::fs::read_dir(dir.join("plots")).unwrap().collect();
     out.check(plots.len() >= 6, "a plot per figure");
     // --render rebuilds the same report from the folder.

@@ -361,11 +361,11 @@ fn sentence(e: &Experiment, samples: &[Sample], cal: &Calibration, host_cores: u
                  / {} / {}. ebizzy does {} records/s per VM under `wake-affine` and {} under \
                  `spread`. Stacking itself does not depend on the host (it is the placement's \
                  doing); ebizzy's throughput does.",
-                e.configs.first().map_or(0, |c| c.cpus),
-                host_cores,
                 pct("stacking/1 VM wake-affine"),
                 pct("stacking/2 VM wake-affine"),
                 pct("stacking/3 VM wake-affine"),
+                e.configs.first().map_or(0, |c| c.cpus),
+                host_cores,
                 pct("stacking/1 VM spread"),
                 pct("stacking/2 VM spread"),
                 pct("stacking/3 VM spread"),
