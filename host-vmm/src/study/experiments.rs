@@ -146,6 +146,47 @@ fn config(
     }
 }
 
+/// The same work (`cmdline`) at 1:1 (as many vCPUs as host cores, on as many slots: the
+/// ideal), then with `overs` times as many vCPUs under each policy, and 2x overcommitted
+/// under the host's Linux scheduler.
+fn overcommitted(
+    experiment: &'static str,
+    cores: usize,
+    slice: u64,
+    cmdline: &str,
+    overs: &[usize],
+) -> Vec<Config> {
+    let base = format!("{experiment}/1:1");
+    let mut configs = vec![config(
+        experiment,
+        "1:1".into(),
+        cores,
+        slice,
+        "spread",
+        "none",
+        1,
+        one_vm(cores, cmdline.to_string()),
+        None,
+    )];
+    for &over in overs {
+        for policy in POLICIES {
+            configs.push(config(
+                experiment,
+                format!("{over}x {policy}"),
+                cores,
+                slice,
+                "spread",
+                policy,
+                over,
+                one_vm(over * cores, cmdline.to_string()),
+                Some(base.clone()),
+            ));
+        }
+    }
+    configs.push(on_linux(configs[1].clone()));
+    configs
+}
+
 /// Experiment 1, IPI receivers in user mode: pbzip2 at 1:1, then 2x and 4x overcommitted
 /// under each policy. 20 ms slices: a preempted receiver then waits long enough to matter,
 /// as a vCPU waits for a host scheduler tick.
@@ -153,35 +194,13 @@ fn ipi(s: Scale) -> Experiment {
     // 32 KiB blocks: the full size takes about 2 s at 1:1 on this host.
     let work = if s.quick { 12 } else { 48 };
     let slice = 20_000;
-    let cmd = format!("test=pbzip2 work={work}");
-    let base = "ipi/1:1".to_string();
-    let mut configs = vec![config(
+    let configs = overcommitted(
         "ipi",
-        "1:1".into(),
         s.cores,
         slice,
-        "spread",
-        "none",
-        1,
-        one_vm(s.cores, cmd.clone()),
-        None,
-    )];
-    for over in [2, 4] {
-        for policy in POLICIES {
-            configs.push(config(
-                "ipi",
-                format!("{over}x {policy}"),
-                s.cores,
-                slice,
-                "spread",
-                policy,
-                over,
-                one_vm(over * s.cores, cmd.clone()),
-                Some(base.clone()),
-            ));
-        }
-    }
-    configs.push(on_linux(configs[1].clone()));
+        &format!("test=pbzip2 work={work}"),
+        &[2, 4],
+    );
     Experiment {
         name: "ipi",
         title: "IPI receivers in user mode (pbzip2)",
@@ -309,33 +328,13 @@ fn rcu(s: Scale) -> Experiment {
     // Transactions: the full size takes about 2 s at 1:1 with 4 vCPUs on this host.
     let work = if s.quick { 500 } else { 2000 };
     let slice = 20_000;
-    let cmd = format!("test=postmark work={work}");
-    let base = "rcu/1:1".to_string();
-    let mut configs = vec![config(
+    let configs = overcommitted(
         "rcu",
-        "1:1".into(),
         s.cores,
         slice,
-        "spread",
-        "none",
-        1,
-        one_vm(s.cores, cmd.clone()),
-        None,
-    )];
-    for policy in POLICIES {
-        configs.push(config(
-            "rcu",
-            format!("2x {policy}"),
-            s.cores,
-            slice,
-            "spread",
-            policy,
-            2,
-            one_vm(2 * s.cores, cmd.clone()),
-            Some(base.clone()),
-        ));
-    }
-    configs.push(on_linux(configs[1].clone()));
+        &format!("test=postmark work={work}"),
+        &[2],
+    );
     let src = "KVM Forum 2021, Postmark under overcommit";
     Experiment {
         name: "rcu",
