@@ -95,16 +95,16 @@ impl Vcpu {
         while !vm.stopping() {
             if backend.take_kick(key) {
                 self.fd.set_kvm_immediate_exit(0);
-                let tracing = vm.traces_events();
-                let nesting = if tracing { vm.rcu_nesting(index) } else { 0 };
-                let off = Instant::now();
+                // Traced runs only: a reader taken off its CPU inside its read section.
+                let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
+                let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
                 backend.preempted(key, self.cpl());
-                if nesting > 0 {
+                if let Some((nesting, at)) = off {
                     events.push(TracedEvent {
-                        at: off,
+                        at,
                         what: Traced::ReaderPreempted {
                             nesting,
-                            dur: off.elapsed(),
+                            dur: at.elapsed(),
                         },
                     });
                 }
