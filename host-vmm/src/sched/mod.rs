@@ -13,6 +13,7 @@ mod ledger;
 mod linux;
 pub mod metrics;
 pub mod placement;
+pub mod rtboost;
 mod slots;
 pub mod trace;
 
