@@ -99,6 +99,10 @@ pub trait Backend: Send + Sync {
     fn rcu_wait(&self, v: usize, seq: u32, shared: Option<&Snapshot>);
     /// `v` made a hypercall with bad arguments.
     fn bad_hypercall(&self, v: usize);
+    /// The host scheduler kept `v`'s thread runnable but off a CPU for most of the last
+    /// look (`preempted`), as the VM's monitor reads it; a backend that schedules vCPUs
+    /// itself knows better and ignores it.
+    fn observe(&self, _v: usize, _preempted: bool) {}
     /// `v`'s thread leaves for good.
     fn exit(&self, v: usize);
     /// The VM ended: its vCPUs leave, threads waiting in the backend return.

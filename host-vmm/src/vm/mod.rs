@@ -448,8 +448,9 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
                 .wait_ns
                 .saturating_sub(last[i].wait_ns.max(base.wait_ns));
             last[i] = now;
+            let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL);
+            vm.backend.observe(vm.key(i as u32), preempted);
             if let Some(reg) = reg.as_ref().filter(|_| !vm.backend.publishes_host_fields()) {
-                let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL);
                 hoststat::publish(
                     &vm.mem,
                     reg,
