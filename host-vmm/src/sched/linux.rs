@@ -51,6 +51,8 @@ struct State {
     vcpus: Vec<Vcpu>,
     vms: Vec<Vm>,
     ledger: BoostLedger,
+    /// When the ledger last settled (repaid with time, forgave the common debt).
+    settled: Nanos,
     /// Said once: boosts need CAP_SYS_NICE.
     warned: bool,
 }
@@ -61,6 +63,7 @@ impl Default for State {
             vcpus: Vec::new(),
             vms: Vec::new(),
             ledger: BoostLedger::new(0, BOOST_BUDGET, MAX_DEBT),
+            settled: 0,
             warned: false,
         }
     }
@@ -108,9 +111,22 @@ impl LinuxBackend {
             .collect()
     }
 
+    /// Settles the ledger at `now`, as the slot scheduler does: between VMs only relative
+    /// debt counts; a VM alone repays at the rate of time.
+    fn settle(s: &mut State, now: Nanos) {
+        let elapsed = now.saturating_sub(s.settled);
+        s.settled = now;
+        if s.vms.len() > 1 {
+            s.ledger.forgive_common(0..s.vms.len());
+        } else {
+            s.ledger.repaid(0, elapsed);
+        }
+    }
+
     /// Boosts VM-local vCPUs `boosts` of `vm` through the host scheduler, as the ledger
     /// allows.
     fn apply(&self, s: &mut State, vm: usize, boosts: &[Boost]) {
+        Self::settle(s, self.now());
         for b in boosts {
             let Some(key) =
                 (b.vcpu < s.vms[vm].len as u32).then(|| s.vms[vm].first + b.vcpu as usize)
