@@ -13,7 +13,7 @@ use super::ledger::BoostLedger;
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::rtboost::{Outcome, RtBooster};
 use super::{Backend, GuestView, Kick, Nanos, VmHandle};
-use crate::policy::{Boost, BoostPolicy, Costs, Cpl, Input, VcpuState};
+use crate::policy::{Boost, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::Snapshot;
 
 /// Run time one boost lends (the ledger's budget), ns: about a host scheduler tick.
@@ -123,10 +123,12 @@ impl LinuxBackend {
         }
     }
 
-    /// Boosts VM-local vCPUs `boosts` of `vm` through the host scheduler, as the ledger
-    /// allows.
-    fn apply(&self, s: &mut State, vm: usize, boosts: &[Boost]) {
+    /// Charges the ledger for VM-local vCPUs `boosts` of `vm` as it allows; returns what to
+    /// raise (key, thread, budget, reason). The raising itself happens in `raise`, with the
+    /// state unlocked: a raised thread may preempt the caller at once.
+    fn grant(&self, s: &mut State, vm: usize, boosts: &[Boost]) -> Vec<Grant> {
         Self::settle(s, self.now());
+        let mut out = Vec::new();
         for b in boosts {
             let Some(key) =
                 (b.vcpu < s.vms[vm].len as u32).then(|| s.vms[vm].first + b.vcpu as usize)
@@ -141,16 +143,44 @@ impl LinuxBackend {
                 s.vcpus[key].metrics.boosts_refused += 1;
                 continue;
             };
-            match self
-                .booster
-                .boost(tid, std::time::Duration::from_nanos(budget))
-            {
-                Outcome::Boosted | Outcome::Extended => {
-                    s.ledger.borrowed(vm, budget);
-                    s.vcpus[key].metrics.count_boost(b.reason);
-                }
+            // Charged now, so that concurrent requests cannot pass the cap together; given
+            // back below if no boost is made.
+            s.ledger.borrowed(vm, budget);
+            out.push(Grant {
+                vm,
+                key,
+                tid,
+                budget,
+                reason: b.reason,
+            });
+        }
+        out
+    }
+
+    /// Raises the threads `grants` names through the host scheduler, then accounts for it.
+    fn raise(&self, grants: Vec<Grant>) {
+        if grants.is_empty() {
+            return;
+        }
+        let outcomes: Vec<Outcome> = grants
+            .iter()
+            .map(|g| {
+                self.booster
+                    .boost(g.tid, Duration::from_nanos(g.budget))
+            })
+            .collect();
+        let mut s = self.lock();
+        for (g, o) in grants.iter().zip(outcomes) {
+            if o == Outcome::Boosted {
+                s.vcpus[g.key].metrics.count_boost(g.reason);
+                continue;
+            }
+            s.ledger.repaid(g.vm, g.budget);
+            match o {
+                // Running on an earlier boost: nothing new was lent.
+                Outcome::AlreadyBoosted | Outcome::Boosted => {}
                 Outcome::NotPermitted => {
-                    s.vcpus[key].metrics.boosts_refused += 1;
+                    s.vcpus[g.key].metrics.boosts_refused += 1;
                     if !std::mem::replace(&mut s.warned, true) {
                         eprintln!(
                             "pvsync: warning: the Linux backend cannot raise vCPU threads \
@@ -158,10 +188,19 @@ impl LinuxBackend {
                         );
                     }
                 }
-                Outcome::Failed(_) => s.vcpus[key].metrics.boosts_refused += 1,
+                Outcome::Failed(_) => s.vcpus[g.key].metrics.boosts_refused += 1,
             }
         }
     }
+}
+
+/// A boost the ledger granted, to be made.
+struct Grant {
+    vm: usize,
+    key: usize,
+    tid: libc::pid_t,
+    budget: Nanos,
+    reason: BoostReason,
 }
 
 impl Backend for LinuxBackend {
@@ -208,7 +247,7 @@ impl Backend for LinuxBackend {
 
     fn spin_yield(&self, v: usize, named: Option<u32>, shared: Option<&Snapshot>) {
         let now = self.now();
-        {
+        let grants = {
             let mut s = self.lock();
             let Some(c) = s.vcpus.get_mut(v) else {
                 return;
@@ -228,10 +267,12 @@ impl Backend for LinuxBackend {
             };
             let me = (v - first) as u32;
             let decision = s.vms[vm].policy.on_spin(&input, me, named);
-            if let Some(b) = decision {
-                self.apply(&mut s, vm, &[b]);
+            match decision {
+                Some(b) => self.grant(&mut s, vm, &[b]),
+                None => Vec::new(),
             }
-        }
+        };
+        self.raise(grants);
         // The boosted thread runs at a real-time priority now; the spinner offers its CPU.
         std::thread::yield_now();
     }
@@ -310,7 +351,9 @@ impl Backend for LinuxBackend {
             costs: COSTS,
         };
         let boosts = s.vms[vm].policy.on_rcu_wait(&input);
-        self.apply(&mut s, vm, &boosts);
+        let grants = self.grant(&mut s, vm, &boosts);
+        drop(s);
+        self.raise(grants);
     }
 
     fn observe(&self, v: usize, preempted: bool) {
