@@ -107,13 +107,16 @@ fn plan(a: &RunArgs, scenario: Option<(&Path, &Scenario)>) -> Result<Plan, Launc
             name: backend,
         });
     }
+    let slotted = backend == "slots";
     let placement = match pick(a.placement.clone(), sc.placement, "--placement") {
-        None => Placement::default(),
+        // The slot scheduler spreads by default; under the Linux backend the default is the
+        // host's own placement.
+        None if slotted => Placement::default(),
+        None => Placement::WakeAffine,
         Some((name, what)) => {
             Placement::by_name(&name).ok_or(LaunchError::Placement { what, name })?
         }
     };
-    let slotted = backend == "slots";
     let timeout = Duration::from_secs(timeout_s);
     let defaults = Defaults {
         kernel: a.kernel.as_deref(),
@@ -129,7 +132,7 @@ fn plan(a: &RunArgs, scenario: Option<(&Path, &Scenario)>) -> Result<Plan, Launc
         backend,
         slots: slotted.then(|| slots.map_or(host_cpus, |n| n as usize)),
         slice_us: slotted.then_some(slice_us),
-        placement: slotted.then(|| placement.name().to_string()),
+        placement: Some(placement.name().to_string()),
         pin_slots: slotted.then(|| a.pin_slots.unwrap_or(true)),
         timeout_s,
         tracing: a.trace.is_some() || a.results.is_some(),
@@ -211,7 +214,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
             }
         }
     } else {
-        Chosen::Linux(Arc::new(LinuxBackend::new()))
+        Chosen::Linux(Arc::new(LinuxBackend::new(p.placement)))
     };
 
     let (vms, seen) = consoles(&p.settings.vms, console, logs);

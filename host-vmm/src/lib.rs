@@ -26,6 +26,7 @@ pub mod report;
 pub mod results;
 pub mod scenario;
 pub mod sched;
+pub mod taskstat;
 pub mod shared_region;
 pub mod signals;
 pub mod study;

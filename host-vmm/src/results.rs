@@ -160,6 +160,15 @@ fn vcpu_json(r: &RunReport, i: usize) -> Value {
         "kicks": m.kicks,
         "rcu_waits": m.rcu_waits,
         "turns_given_back": m.turns_given_back,
+        "host_priority": {
+            "raised": m.host_priority.raised,
+            "expired": m.host_priority.expired,
+            "restored": m.host_priority.restored,
+            "restore_failures": m.host_priority.restore_failures,
+            "samples_raised": m.host_priority.samples_raised,
+            "samples_unaccounted": m.host_priority.samples_unaccounted,
+            "raised_at_exit": m.host_priority.raised_at_exit,
+        },
         "host_thread": {
             "run_total_ns": host.run_ns,
             "wait_total_ns": host.wait_ns,

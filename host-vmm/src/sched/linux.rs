@@ -1,16 +1,26 @@
 //! The Linux backend: the host scheduler runs every vCPU thread as it likes. What KVM cannot
 //! do inside KVM_RUN goes through here: the Idle hypercall (a timed wait ended by an IPI),
-//! the counters, and the boosts. A spinner's YieldTo and a grace period's RcuWait ask the
-//! VM's policy whom to boost, as under the slot backend; the boost is the host scheduler's
-//! own: the chosen vCPU's thread runs `SCHED_FIFO` for the ledger's budget (`rtboost`),
-//! and the spinner yields its CPU. Whether a vCPU is preempted comes from the host
-//! (`observe`: the monitor's reading of the thread's schedstat wait).
+//! the counters, placement and the boosts.
+//!
+//! - **Boosts.** A spinner's YieldTo and a grace period's RcuWait ask the VM's policy whom
+//!   to boost, as under the slot backend, and the ledger charges it the same way. The boost
+//!   is the host scheduler's own: the chosen vCPU's thread runs `SCHED_FIFO` for the
+//!   ledger's budget (`rtboost`, restored by a timer even if the thread never exits), and
+//!   the spinner yields its CPU.
+//! - **Preempted or not** comes from the host: the VM's monitor reads each thread's state
+//!   and run-queue wait from `/proc` (`observe`), as KVM's `preempted` flag would say.
+//! - **Placement.** `spread` pins each vCPU thread to a host CPU so that two of one VM share
+//!   none while another is free, re-evaluated as vCPU threads start and leave;
+//!   `wake-affine` leaves the host's placement alone. Stacking is sampled from the CPUs the
+//!   host really ran the threads on (`sampled`).
 
 use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::ledger::BoostLedger;
 use super::metrics::{VcpuMetrics, VmMetrics};
+use super::metrics::HostPriority;
+use super::placement::{spread_pins, Placement};
 use super::rtboost::{Outcome, RtBooster};
 use super::{Backend, GuestView, Kick, Nanos, VmHandle};
 use crate::policy::{Boost, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
@@ -38,6 +48,8 @@ struct Vcpu {
     gone: bool,
     /// The host kept its thread runnable but off a CPU for most of the last look.
     preempted: bool,
+    /// The host CPU `spread` pinned it to (an index into the host CPU list).
+    pinned: Option<usize>,
     metrics: VcpuMetrics,
 }
 
@@ -45,6 +57,7 @@ struct Vm {
     first: usize,
     len: usize,
     policy: Box<dyn BoostPolicy>,
+    metrics: VmMetrics,
 }
 
 struct State {
@@ -69,18 +82,33 @@ impl Default for State {
     }
 }
 
-#[derive(Default)]
 pub struct LinuxBackend {
     state: Mutex<State>,
     /// One for all: idle waits are slow paths.
     wake: Condvar,
     booster: RtBooster,
     epoch: std::sync::OnceLock<Instant>,
+    placement: Placement,
+    /// The host CPUs this process may run on (`spread` pins within them).
+    host_cpus: Vec<usize>,
+}
+
+impl Default for LinuxBackend {
+    fn default() -> Self {
+        Self::new(Placement::WakeAffine)
+    }
 }
 
 impl LinuxBackend {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(placement: Placement) -> Self {
+        LinuxBackend {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+            booster: RtBooster::new(),
+            epoch: std::sync::OnceLock::new(),
+            placement,
+            host_cpus: allowed_cpus(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -123,6 +151,45 @@ impl LinuxBackend {
         }
     }
 
+    /// Under `spread`, pins every live vCPU thread to the CPU `spread_pins` gives it now;
+    /// only threads whose CPU changed move.
+    fn repin(&self, s: &mut State) {
+        if self.placement != Placement::Spread {
+            return;
+        }
+        let live: Vec<Vec<bool>> = s
+            .vms
+            .iter()
+            .map(|m| {
+                s.vcpus[m.first..m.first + m.len]
+                    .iter()
+                    .map(|c| c.tid != 0 && !c.gone)
+                    .collect()
+            })
+            .collect();
+        let current: Vec<Vec<Option<usize>>> = s
+            .vms
+            .iter()
+            .map(|m| {
+                s.vcpus[m.first..m.first + m.len]
+                    .iter()
+                    .map(|c| c.pinned)
+                    .collect()
+            })
+            .collect();
+        let pins = spread_pins(&live, &current, self.host_cpus.len());
+        for (m, vm_pins) in s.vms.iter().zip(pins) {
+            for (c, pin) in s.vcpus[m.first..m.first + m.len].iter_mut().zip(vm_pins) {
+                if pin.is_some() && pin != c.pinned {
+                    let cpu = self.host_cpus[pin.unwrap_or(0)];
+                    if pin_thread(c.tid, cpu).is_ok() {
+                        c.pinned = pin;
+                    }
+                }
+            }
+        }
+    }
+
     /// Charges the ledger for VM-local vCPUs `boosts` of `vm` as it allows; returns what to
     /// raise (key, thread, budget, reason). The raising itself happens in `raise`, with the
     /// state unlocked: a raised thread may preempt the caller at once.
@@ -146,6 +213,9 @@ impl LinuxBackend {
             // Charged now, so that concurrent requests cannot pass the cap together; given
             // back below if no boost is made.
             s.ledger.borrowed(vm, budget);
+            let debt = s.ledger.debt(vm);
+            let m = &mut s.vms[vm].metrics;
+            m.max_debt_ns = m.max_debt_ns.max(debt);
             out.push(Grant {
                 vm,
                 key,
@@ -221,6 +291,7 @@ impl Backend for LinuxBackend {
             first,
             len: vcpus,
             policy,
+            metrics: VmMetrics::default(),
         });
         s.ledger.add_vm();
         s.vcpus.extend((0..vcpus).map(|_| Vcpu {
@@ -231,9 +302,11 @@ impl Backend for LinuxBackend {
     }
 
     fn start(&self, v: usize, _: Box<dyn Kick>) {
-        if let Some(c) = self.lock().vcpus.get_mut(v) {
+        let mut s = self.lock();
+        if let Some(c) = s.vcpus.get_mut(v) {
             // SAFETY: gettid has no preconditions; this runs on vCPU v's own thread.
             c.tid = unsafe { libc::gettid() };
+            self.repin(&mut s);
         }
     }
 
@@ -357,8 +430,45 @@ impl Backend for LinuxBackend {
     }
 
     fn observe(&self, v: usize, preempted: bool) {
-        if let Some(c) = self.lock().vcpus.get_mut(v) {
+        let tid = {
+            let mut s = self.lock();
+            let Some(c) = s.vcpus.get_mut(v) else {
+                return;
+            };
             c.preempted = preempted;
+            c.tid
+        };
+        // Whether the host runs the thread real-time now, and whether a boost says so.
+        let Some(a) = (tid != 0).then(|| self.booster.audit(tid)).flatten() else {
+            return;
+        };
+        if let Some(c) = self.lock().vcpus.get_mut(v) {
+            let p = &mut c.metrics.host_priority;
+            match (a.real_time, a.boosted) {
+                (true, true) => p.samples_raised += 1,
+                (true, false) => p.samples_unaccounted += 1,
+                _ => {}
+            }
+        }
+    }
+
+    fn sampled(&self, vm: usize, stacked: bool, interval_ns: u64) {
+        let mut s = self.lock();
+        let Some((first, len)) = s.vms.get(vm).map(|m| (m.first, m.len)) else {
+            return;
+        };
+        // Sampled while the VM is live: every vCPU thread has started here (before that it
+        // sets itself up, unplaced) and not all have left.
+        let vcpus = &s.vcpus[first..first + len];
+        if vcpus.iter().any(|c| c.tid == 0) || vcpus.iter().all(|c| c.gone) {
+            return;
+        }
+        if let Some(m) = s.vms.get_mut(vm) {
+            m.metrics.samples += 1;
+            m.metrics.sampled_ns += interval_ns;
+            if stacked {
+                m.metrics.stacked_ns += interval_ns;
+            }
         }
     }
 
@@ -369,11 +479,18 @@ impl Backend for LinuxBackend {
     }
 
     fn exit(&self, v: usize) {
-        if let Some(c) = self.lock().vcpus.get_mut(v) {
+        let mut s = self.lock();
+        if let Some(c) = s.vcpus.get_mut(v) {
             c.gone = true;
-            // Whatever the budget said: a thread that leaves gives its priority back.
-            self.booster.restore(c.tid);
+            if c.tid != 0 {
+                // Whatever the budget said: a thread that leaves gives its priority back,
+                // and is seen to.
+                self.booster.restore(c.tid);
+                c.metrics.host_priority.raised_at_exit = real_time(c.tid);
+            }
+            self.repin(&mut s);
         }
+        drop(s);
         self.wake.notify_all();
     }
 
@@ -387,7 +504,9 @@ impl Backend for LinuxBackend {
                     self.booster.restore(c.tid);
                 }
             }
+            self.repin(&mut s);
         }
+        drop(s);
         self.wake.notify_all();
     }
 
@@ -396,12 +515,67 @@ impl Backend for LinuxBackend {
         let (first, len) = s.vms.get(vm).map(|m| (m.first, m.len))?;
         let vcpus = s.vcpus[first..first + len]
             .iter()
-            .map(|c| c.metrics.clone())
+            .map(|c| {
+                let mut m = c.metrics.clone();
+                let t = self.booster.thread_counts(c.tid);
+                m.host_priority = HostPriority {
+                    raised: t.raised,
+                    expired: t.expired,
+                    restored: t.restored,
+                    restore_failures: t.restore_failures,
+                    ..m.host_priority
+                };
+                m
+            })
             .collect();
-        Some((VmMetrics::default(), vcpus))
+        Some((s.vms[vm].metrics.clone(), vcpus))
     }
 
     fn publishes_host_fields(&self) -> bool {
         false
     }
+}
+
+/// The host CPUs this process may run on, in order (any number: no CPU limit is built in).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain bits; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into `set`.
+    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } == 0;
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
+        .filter(|&cpu| ok && unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (0..n).collect()
+    } else {
+        cpus
+    }
+}
+
+/// Pins thread `tid` to host CPU `cpu`.
+fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in `allowed_cpus`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `cpu` was checked to lie inside the set.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads `set`, which lives across the call; a tid that names no
+    // thread is refused with ESRCH.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether thread `tid` runs under a real-time policy now.
+fn real_time(tid: libc::pid_t) -> bool {
+    matches!(
+        super::rtboost::current(tid),
+        Some((libc::SCHED_FIFO | libc::SCHED_RR, _))
+    )
 }

@@ -49,6 +49,28 @@ pub struct VcpuMetrics {
     pub rcu_waits: u64,
     /// Lent turns it gave back early (YieldTo naming its lender).
     pub turns_given_back: u64,
+    /// Under the Linux backend: the real-time boosts of its thread, as the host shows them.
+    pub host_priority: HostPriority,
+}
+
+/// The real-time boosts of a vCPU thread under the Linux backend, each read back from the
+/// host kernel rather than taken from the VMM's intent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostPriority {
+    /// Boosts made: the thread read back `SCHED_FIFO`.
+    pub raised: u64,
+    /// Boosts ended by the timer when the budget ran out (the thread had not exited).
+    pub expired: u64,
+    /// Restores after which the thread read back its own policy, and those after which it
+    /// did not.
+    pub restored: u64,
+    pub restore_failures: u64,
+    /// Monitor looks that found the thread real-time with a boost live, and real-time with
+    /// none (a boost that outlived its bookkeeping: must stay 0).
+    pub samples_raised: u64,
+    pub samples_unaccounted: u64,
+    /// The thread was still real-time when it left the VM.
+    pub raised_at_exit: bool,
 }
 
 impl VcpuMetrics {

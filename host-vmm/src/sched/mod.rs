@@ -103,6 +103,11 @@ pub trait Backend: Send + Sync {
     /// look (`preempted`), as the VM's monitor reads it; a backend that schedules vCPUs
     /// itself knows better and ignores it.
     fn observe(&self, _v: usize, _preempted: bool) {}
+    /// The VM's monitor looked at all of VM `vm`'s vCPU threads, `interval_ns` after its
+    /// previous look: `stacked` if two runnable siblings were on one host CPU (from
+    /// `/proc`, where the host really ran them). A backend that places vCPUs itself
+    /// samples its own stacking and ignores it.
+    fn sampled(&self, _vm: usize, _stacked: bool, _interval_ns: u64) {}
     /// `v`'s thread leaves for good.
     fn exit(&self, v: usize);
     /// The VM ended: its vCPUs leave, threads waiting in the backend return.

@@ -160,3 +160,94 @@ mod tests {
         );
     }
 }
+
+/// Host CPUs for the live vCPU threads of each VM under the Linux backend with `spread`
+/// (`live[vm][vcpu]`, and the CPU each is pinned to now in `current`): siblings go to
+/// different CPUs while the VM has no more live vCPUs than there are CPUs. A vCPU keeps its
+/// CPU unless a sibling kept it first; any other goes to the least loaded CPU its VM does
+/// not use yet (ties to the lowest index). Returns an index into the host CPU list per
+/// vCPU, None for a vCPU that is not live. A thread moves only when it must: one that
+/// leaves frees its CPU without reshuffling the rest.
+pub fn spread_pins(
+    live: &[Vec<bool>],
+    current: &[Vec<Option<usize>>],
+    cpus: usize,
+) -> Vec<Vec<Option<usize>>> {
+    let mut load = vec![0usize; cpus];
+    let mut used = vec![vec![false; cpus]; live.len()];
+    let mut out: Vec<Vec<Option<usize>>> = live.iter().map(|vm| vec![None; vm.len()]).collect();
+    // Pass 1: vCPUs keep their CPU where no sibling kept it already.
+    for (vm, alive) in live.iter().enumerate() {
+        for (v, &a) in alive.iter().enumerate() {
+            let keep = current
+                .get(vm)
+                .and_then(|c| c.get(v).copied().flatten())
+                .filter(|&c| a && c < cpus && !used[vm][c]);
+            if let Some(c) = keep {
+                used[vm][c] = true;
+                load[c] += 1;
+                out[vm][v] = Some(c);
+            }
+        }
+    }
+    // Pass 2: the others, to the least loaded CPU their VM does not use yet.
+    for (vm, alive) in live.iter().enumerate() {
+        for (v, &a) in alive.iter().enumerate() {
+            if !a || out[vm][v].is_some() {
+                continue;
+            }
+            let free = used[vm].iter().any(|u| !u);
+            let Some(c) = (0..cpus)
+                .filter(|&c| !free || !used[vm][c])
+                .min_by_key(|&c| (load[c], c))
+            else {
+                continue;
+            };
+            used[vm][c] = true;
+            load[c] += 1;
+            out[vm][v] = Some(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod spread_pins_tests {
+    use super::spread_pins;
+
+    /// From scratch: nobody pinned yet.
+    fn fresh(live: &[Vec<bool>], cpus: usize) -> Vec<Vec<Option<usize>>> {
+        let none: Vec<Vec<Option<usize>>> = live.iter().map(|v| vec![None; v.len()]).collect();
+        spread_pins(live, &none, cpus)
+    }
+
+    #[test]
+    fn siblings_get_different_cpus_while_there_are_enough() {
+        // 2 VMs x 2 vCPUs on 2 CPUs: each CPU runs one vCPU of each VM.
+        let p = fresh(&[vec![true; 2], vec![true; 2]], 2);
+        assert_eq!(p, vec![vec![Some(0), Some(1)], vec![Some(0), Some(1)]]);
+        // A VM with more vCPUs than CPUs shares, evenly.
+        let p = fresh(&[vec![true; 5]], 2);
+        assert_eq!(p[0], vec![Some(0), Some(1), Some(0), Some(1), Some(0)]);
+        // Past 64 CPUs nothing changes: no CPU limit is built in.
+        let p = fresh(&[vec![true; 100]], 100);
+        assert!(p[0].iter().enumerate().all(|(i, c)| *c == Some(i)));
+        assert_eq!(fresh(&[vec![true]], 0), vec![vec![None]]);
+    }
+
+    #[test]
+    fn threads_keep_their_cpu_unless_a_sibling_holds_it() {
+        let now = vec![vec![Some(0), Some(1)], vec![Some(0), Some(1)]];
+        // VM 0's vCPU 0 leaves: nobody else moves.
+        let p = spread_pins(&[vec![false, true], vec![true, true]], &now, 2);
+        assert_eq!(p, vec![vec![None, Some(1)], vec![Some(0), Some(1)]]);
+        // Two siblings pinned to one CPU (as a host could leave them): one moves to the CPU
+        // its VM does not use.
+        let stacked = vec![vec![Some(0), Some(0)]];
+        let p = spread_pins(&[vec![true, true]], &stacked, 2);
+        assert_eq!(p, vec![vec![Some(0), Some(1)]]);
+        // A pin outside the CPU list (the host lost CPUs) is dropped, not kept.
+        let p = spread_pins(&[vec![true]], &[vec![Some(7)]], 2);
+        assert_eq!(p, vec![vec![Some(0)]]);
+    }
+}

@@ -46,6 +46,15 @@ pub enum Outcome {
     Failed(i32),
 }
 
+/// A look at a thread's scheduling ([`RtBooster::audit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// It runs `SCHED_FIFO` or `SCHED_RR`.
+    pub real_time: bool,
+    /// A boost of the booster is live for it.
+    pub boosted: bool,
+}
+
 /// A thread's scheduling before its boost.
 #[derive(Clone, Copy, Debug)]
 struct Saved {
@@ -54,9 +63,23 @@ struct Saved {
     until: Instant,
 }
 
+/// What the boosts of one thread did, each step read back from the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadCounts {
+    /// Boosts made (the thread read back `SCHED_FIFO` at [`BOOST_PRIORITY`]).
+    pub raised: u64,
+    /// Boosts the timer ended because the budget was over.
+    pub expired: u64,
+    /// Restores after which the thread read back its own policy and priority.
+    pub restored: u64,
+    /// Restores after which it did not (it must never happen).
+    pub restore_failures: u64,
+}
+
 #[derive(Default)]
 struct State {
     boosted: BTreeMap<libc::pid_t, Saved>,
+    counts: BTreeMap<libc::pid_t, ThreadCounts>,
     /// A boost was refused for lack of privilege (then none is tried again).
     denied: bool,
     /// Boosts made, and boosts ended by the timer (the budget ran out).
@@ -108,13 +131,31 @@ fn restore_due(s: &mut State, now: Instant, all: bool) -> u64 {
         .filter(|(_, b)| all || b.until <= now)
         .map(|(&t, _)| t)
         .collect();
-    for t in &due {
-        if let Some(b) = s.boosted.remove(t) {
-            // A thread that is gone by now needs nothing back.
-            let _ = set(*t, b.policy, b.priority);
+    for &t in &due {
+        give_back(s, t);
+        if !all {
+            s.counts.entry(t).or_default().expired += 1;
         }
     }
     due.len() as u64
+}
+
+/// Ends thread `t`'s boost, if it has one, and checks it took: the thread reads back the
+/// policy and priority it had before.
+fn give_back(s: &mut State, t: libc::pid_t) {
+    let Some(b) = s.boosted.remove(&t) else {
+        return;
+    };
+    // A thread that is gone by now needs nothing back (and reads back nothing).
+    if set(t, b.policy, b.priority) == Err(libc::ESRCH) {
+        return;
+    }
+    let c = s.counts.entry(t).or_default();
+    if current(t) == Some((b.policy, b.priority)) {
+        c.restored += 1;
+    } else {
+        c.restore_failures += 1;
+    }
 }
 
 /// Raises threads for bounded budgets; see the module documentation.
@@ -184,6 +225,9 @@ impl RtBooster {
         match set(tid, libc::SCHED_FIFO, BOOST_PRIORITY) {
             Ok(()) => {
                 s.made += 1;
+                if current(tid) == Some((libc::SCHED_FIFO, BOOST_PRIORITY)) {
+                    s.counts.entry(tid).or_default().raised += 1;
+                }
                 Outcome::Boosted
             }
             Err(e) => {
@@ -200,10 +244,29 @@ impl RtBooster {
 
     /// Ends `tid`'s boost now, if it has one.
     pub fn restore(&self, tid: libc::pid_t) {
-        let mut s = self.shared.lock();
-        if let Some(b) = s.boosted.remove(&tid) {
-            let _ = set(tid, b.policy, b.priority);
-        }
+        give_back(&mut self.shared.lock(), tid);
+    }
+
+    /// What the boosts of `tid` did so far.
+    pub fn thread_counts(&self, tid: libc::pid_t) -> ThreadCounts {
+        self.shared
+            .lock()
+            .counts
+            .get(&tid)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Looks at `tid` as the host runs it now: whether it is real-time, and whether a boost
+    /// of this booster accounts for that. Under the booster's lock, so no boost starts or
+    /// ends in between. None if the thread is gone.
+    pub fn audit(&self, tid: libc::pid_t) -> Option<Audit> {
+        let s = self.shared.lock();
+        let (policy, _) = current(tid)?;
+        Some(Audit {
+            real_time: policy == libc::SCHED_FIFO || policy == libc::SCHED_RR,
+            boosted: s.boosted.contains_key(&tid),
+        })
     }
 
     /// Whether `tid` is boosted now.

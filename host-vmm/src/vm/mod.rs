@@ -27,6 +27,7 @@ use crate::loader::{self, KernelInfo};
 use crate::policy::PolicySpec;
 use crate::sched::{Backend, GuestView, VcpuMetrics, VmMetrics};
 use crate::shared_region::Snapshot;
+use crate::taskstat::{self, TaskStatFile};
 use crate::vcpu::{self, Vcpu, VcpuContext};
 
 const MIB: u64 = 1 << 20;
@@ -432,14 +433,20 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
     let mut files: Vec<Option<ThreadStat>> = (0..n).map(|_| None).collect();
     let mut first: Vec<Option<SchedStat>> = vec![None; n];
     let mut last: Vec<SchedStat> = vec![SchedStat::default(); n];
+    let mut tasks: Vec<Option<TaskStatFile>> = (0..n).map(|_| None).collect();
+    let mut looked = Instant::now();
     while !vm.stopping() {
         std::thread::sleep(hoststat::INTERVAL);
         let reg = vm.registration();
+        let mut seen = Vec::with_capacity(n);
         for i in 0..n {
             if files[i].is_none() {
                 let tid = vm.tids[i].load(Ordering::Acquire);
                 files[i] = (tid != 0).then(|| ThreadStat::open(tid).ok()).flatten();
+                tasks[i] = (tid != 0).then(|| TaskStatFile::open(tid).ok()).flatten();
             }
+            let task = tasks[i].as_mut().and_then(TaskStatFile::read);
+            seen.extend(task);
             let Some(now) = files[i].as_mut().and_then(ThreadStat::read) else {
                 continue;
             };
@@ -448,7 +455,10 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
                 .wait_ns
                 .saturating_sub(last[i].wait_ns.max(base.wait_ns));
             last[i] = now;
-            let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL);
+            // Preempted, as KVM's flag would say: runnable now (not asleep in an idle wait)
+            // and kept waiting for a CPU most of the last interval.
+            let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL)
+                && task.is_none_or(|t| t.runnable());
             vm.backend.observe(vm.key(i as u32), preempted);
             if let Some(reg) = reg.as_ref().filter(|_| !vm.backend.publishes_host_fields()) {
                 hoststat::publish(
@@ -460,6 +470,11 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
                 );
             }
         }
+        let at = Instant::now();
+        let interval = at.duration_since(looked).as_nanos() as u64;
+        looked = at;
+        vm.backend
+            .sampled(vm.handle.vm, taskstat::stacked(&seen), interval);
     }
     (0..n)
         .map(|i| match first[i] {
