@@ -191,3 +191,49 @@ pub fn flood(cpus: &[u32], duration_ms: u64) -> bool {
     println!("RESULT hostile-page hypercalls={calls}");
     calls > 0
 }
+
+/// `test=hostile-hold`: odd CPUs spin with interrupts off for `duration_ms` and never leave
+/// the guest (no exit reaches the VMM), while even CPUs name them in YieldTo hypercalls as
+/// fast as they can. A host that boosts the holders for being named must take each boost
+/// back on its own: the holders never give it a chance. Passes if both sides ran.
+pub fn hold(cpus: &[u32], duration_ms: u64) -> bool {
+    use shared_abi::Hypercall;
+    use x86_64::instructions::port::Port;
+    let end = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(duration_ms * 1000);
+    let holders: alloc::vec::Vec<u32> = cpus.iter().copied().filter(|c| c % 2 == 1).collect();
+    let tasks: alloc::vec::Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            let holders = holders.clone();
+            crate::sched::spawn_returning(cpu, "hostile-hold", move || {
+                if cpu % 2 == 1 {
+                    x86_64::instructions::interrupts::without_interrupts(|| {
+                        while crate::arch::tsc::now() < end {
+                            core::hint::spin_loop();
+                        }
+                    });
+                    return 0;
+                }
+                let mut calls = 0;
+                let mut p: Port<u32> = Port::new(Hypercall::YieldTo.port());
+                while crate::arch::tsc::now() < end {
+                    for &h in &holders {
+                        // SAFETY: a YieldTo only asks the host to run vCPU `h`.
+                        unsafe {
+                            p.write(h);
+                            let _: u32 = p.read();
+                        }
+                        calls += 1;
+                    }
+                }
+                calls
+            })
+        })
+        .collect();
+    let calls: u64 = tasks.iter().map(crate::sched::join).sum();
+    println!(
+        "RESULT hostile-hold yields={calls} holders={}",
+        holders.len()
+    );
+    calls > 0 && !holders.is_empty()
+}

@@ -20,6 +20,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "scribble over the shared region and flood random hypercalls for duration=MS",
     ),
     (
+        "hostile-hold",
+        "odd CPUs spin with interrupts off, never exiting, for duration=MS while even CPUs name them in YieldTo",
+    ),
+    (
         "locktorture",
         "spinlock torture (lock=ticket|mcs; controls lock=broken|mcs-nokick must fail)",
     ),

@@ -17,6 +17,17 @@ use crate::sched::Backend;
 /// outside KVM_RUN and outside the scheduler.
 const AP_WAIT_POLL: Duration = Duration::from_millis(1);
 
+/// Failure injection for the tests of the VMM's error paths: `PVSYNC_INJECT=vcpu-panic:MS`
+/// makes vCPU 0's thread panic MS ms after it starts (the VM ends with a VMM fault).
+pub const INJECT_ENV: &str = "PVSYNC_INJECT";
+
+/// When vCPU `index`'s thread is to panic, if `INJECT_ENV` asks for it.
+fn injected_panic(index: u8) -> Option<Instant> {
+    let v = std::env::var(INJECT_ENV).ok()?;
+    let ms: u64 = v.strip_prefix("vcpu-panic:")?.parse().ok()?;
+    (index == 0).then(|| Instant::now() + Duration::from_millis(ms))
+}
+
 /// The time stamp counter MSR (Intel SDM vol. 4, table 2-2).
 const MSR_IA32_TSC: u32 = 0x10;
 
@@ -92,7 +103,11 @@ impl Vcpu {
         let mut hypercalls = VcpuHypercalls::new(index as u32);
         let mut events = vm.new_event_log();
         let mut tsc = TscClock::default();
+        let panic_at = injected_panic(index);
         while !vm.stopping() {
+            if panic_at.is_some_and(|at| Instant::now() >= at) {
+                panic!("vCPU {index}: failure injected by {INJECT_ENV}");
+            }
             if backend.take_kick(key) {
                 self.fd.set_kvm_immediate_exit(0);
                 // Traced runs only: a reader taken off its CPU inside its read section.
