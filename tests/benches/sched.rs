@@ -9,8 +9,9 @@
 //!    median and 99th percentile, and as multiples of the floors; with slots bound to host
 //!    CPUs (the default) and not.
 //! 2. The three problems, each reproduced and fixed: shootdowns to user-mode receivers
-//!    (tlbtorture remaps), sibling stacking on 2 VMs x 4 vCPUs (wake-affine vs spread), and
-//!    RCU grace periods with preempted readers (rcutorture).
+//!    (tlbtorture remaps), sibling stacking (wake-affine vs spread), and RCU grace periods
+//!    with preempted readers (rcutorture); each under the slot backend and under the Linux
+//!    backend (the host scheduler runs the vCPU threads; boosts are bounded `SCHED_FIFO`).
 //! 3. Boost decision latency: each policy's `on_spin` and `on_tick` on a 64-vCPU VM, in
 //!    process.
 //!
@@ -188,75 +189,126 @@ const SETUPS: [(&str, &str, &str); 4] = [
     ("8 vCPUs, 20 ms slices", "8", "20000"),
 ];
 
-/// Part 2: the three problems, per policy.
+/// The same vCPU counts under the Linux backend (no slots, no slice: the host's own
+/// scheduler time-slices the threads; boosts raise a thread to `SCHED_FIFO`).
+const LINUX_SETUPS: [(&str, &str); 3] = [
+    ("2 vCPUs (1:1)", "2"),
+    ("4 vCPUs", "4"),
+    ("8 vCPUs", "8"),
+];
+
+/// Per set-up, per policy, the samples of one measure.
+type Table = Vec<Vec<Vec<f64>>>;
+
+/// The measures of part 2 for one backend's set-ups.
+struct Problems {
+    remaps: Table,
+    yields: Table,
+    gp_avg: Table,
+    gp_max: Table,
+}
+
+impl Problems {
+    fn new(setups: usize, policies: usize) -> Self {
+        let t = || vec![vec![Vec::new(); policies]; setups];
+        Problems {
+            remaps: t(),
+            yields: t(),
+            gp_avg: t(),
+            gp_max: t(),
+        }
+    }
+
+    /// One run of each problem with `base` arguments, into set-up `s`, policy `i`.
+    fn measure(&mut self, s: usize, i: usize, base: &[&str]) {
+        let mut a = base.to_vec();
+        a.extend(["--cmdline", "test=tlbtorture duration=2000"]);
+        let (out, _) = run(&a);
+        let r = "RESULT tlbtorture";
+        self.remaps[s][i].push(num(&out, r, "remaps") / 2.0);
+        self.yields[s][i].push(num(&out, r, "yields") / num(&out, r, "shootdowns").max(1.0));
+        let mut a = base.to_vec();
+        a.extend(["--cmdline", "test=rcutorture duration=2000"]);
+        let (out, _) = run(&a);
+        self.gp_avg[s][i].push(num(&out, "RESULT rcutorture", "gp_avg_us") / 1000.0);
+        self.gp_max[s][i].push(num(&out, "RESULT rcutorture", "gp_max_us") / 1000.0);
+    }
+}
+
+fn medians(v: &[Vec<f64>]) -> Vec<f64> {
+    v.iter().map(|x| median(x.clone())).collect()
+}
+
+/// Rows of `table` for set-ups `labels`, then each set-up against the same policy's 1:1 run
+/// (set-up 0).
+fn table_with_ratios(table: &Table, labels: &[&str], policies: &[String], title: &str, unit: &str) {
+    header(title, policies);
+    for (s, label) in labels.iter().enumerate() {
+        row(label, &medians(&table[s]), unit);
+    }
+    header(&format!("{title} / the 1:1 run"), policies);
+    let base = medians(&table[0]);
+    for (s, label) in labels.iter().enumerate().skip(1) {
+        let v: Vec<f64> = medians(&table[s])
+            .iter()
+            .zip(&base)
+            .map(|(c, b)| if *b == 0.0 { 0.0 } else { c / b })
+            .collect();
+        row(label, &v, "x");
+    }
+}
+
+/// Part 2: the three problems, per policy, under the slot backend and the Linux backend,
+/// interleaved.
 fn problems(reps: usize) {
     let policies: Vec<String> = POLICY_NAMES.iter().map(|s| s.to_string()).collect();
     let np = policies.len();
-    let mut remaps = vec![vec![Vec::new(); np]; SETUPS.len()];
-    let mut yields = vec![vec![Vec::new(); np]; SETUPS.len()];
-    let mut gp_avg = vec![vec![Vec::new(); np]; SETUPS.len()];
-    let mut gp_max = vec![vec![Vec::new(); np]; SETUPS.len()];
+    let mut slots = Problems::new(SETUPS.len(), np);
+    let mut linux = Problems::new(LINUX_SETUPS.len(), np);
     for _ in 0..reps {
         for (s, (_, vcpus, slice)) in SETUPS.iter().enumerate() {
             for (i, p) in policies.iter().enumerate() {
-                let base = ["--vcpus", vcpus, "--slice-us", slice, "--policy", p];
-                let mut a = base.to_vec();
-                a.extend(["--cmdline", "test=tlbtorture duration=2000"]);
-                let (out, _) = run(&a);
-                let r = "RESULT tlbtorture";
-                remaps[s][i].push(num(&out, r, "remaps") / 2.0);
-                yields[s][i].push(num(&out, r, "yields") / num(&out, r, "shootdowns").max(1.0));
-                let mut a = base.to_vec();
-                a.extend(["--cmdline", "test=rcutorture duration=2000"]);
-                let (out, _) = run(&a);
-                gp_avg[s][i].push(num(&out, "RESULT rcutorture", "gp_avg_us") / 1000.0);
-                gp_max[s][i].push(num(&out, "RESULT rcutorture", "gp_max_us") / 1000.0);
+                slots.measure(s, i, &["--vcpus", vcpus, "--slice-us", slice, "--policy", p]);
+            }
+        }
+        for (s, (_, vcpus)) in LINUX_SETUPS.iter().enumerate() {
+            for (i, p) in policies.iter().enumerate() {
+                linux.measure(s, i, &["--vcpus", vcpus, "--backend", "linux", "--policy", p]);
             }
         }
     }
-    let med = |v: &[Vec<f64>]| v.iter().map(|x| median(x.clone())).collect::<Vec<_>>();
-    // Each set-up against the same policy's 1:1 run (set-up 0).
-    let ratios = |table: &[Vec<Vec<f64>>], title: &str| {
-        header(title, &policies);
-        let base = med(&table[0]);
-        for (s, (label, ..)) in SETUPS.iter().enumerate().skip(1) {
-            let v: Vec<f64> = med(&table[s])
-                .iter()
-                .zip(&base)
-                .map(|(c, b)| if *b == 0.0 { 0.0 } else { c / b })
-                .collect();
-            row(label, &v, "x");
+    let slot_labels: Vec<&str> = SETUPS.iter().map(|s| s.0).collect();
+    let linux_labels: Vec<&str> = LINUX_SETUPS.iter().map(|s| s.0).collect();
+    for (backend, t, labels) in [
+        ("slot backend, 2 slots", &slots, &slot_labels),
+        ("Linux backend, 2 host cores", &linux, &linux_labels),
+    ] {
+        println!(
+            "\n2a. Shootdown IPIs to user-mode receivers: tlbtorture, {backend}, median of {reps}"
+        );
+        table_with_ratios(
+            &t.remaps,
+            labels,
+            &policies,
+            "remaps per second (higher is better)",
+            "",
+        );
+        header("YieldTo hypercalls per shootdown", &policies);
+        for (s, label) in labels.iter().enumerate() {
+            row(label, &medians(&t.yields[s]), "");
         }
-    };
-    println!(
-        "\n2a. Shootdown IPIs to user-mode receivers: tlbtorture on 2 slots, median of {reps}"
-    );
-    header("remaps per second (higher is better)", &policies);
-    for (s, (label, ..)) in SETUPS.iter().enumerate() {
-        row(label, &med(&remaps[s]), "");
+        println!(
+            "\n2c. RCU grace periods with preempted readers: rcutorture, {backend}, median of {reps}"
+        );
+        table_with_ratios(&t.gp_avg, labels, &policies, "grace period average, ms", "");
+        table_with_ratios(&t.gp_max, labels, &policies, "grace period max, ms", "");
     }
-    ratios(&remaps, "remaps per second / the 1:1 run");
-    header("YieldTo hypercalls per shootdown", &policies);
-    for (s, (label, ..)) in SETUPS.iter().enumerate() {
-        row(label, &med(&yields[s]), "");
-    }
-    println!(
-        "\n2c. RCU grace periods with preempted readers: rcutorture on 2 slots, median of {reps}"
-    );
-    header("grace period average, ms", &policies);
-    for (s, (label, ..)) in SETUPS.iter().enumerate() {
-        row(label, &med(&gp_avg[s]), "");
-    }
-    ratios(&gp_avg, "grace period average / the 1:1 run");
-    header("grace period max, ms", &policies);
-    for (s, (label, ..)) in SETUPS.iter().enumerate() {
-        row(label, &med(&gp_max[s]), "");
-    }
-    ratios(&gp_max, "grace period max / the 1:1 run");
 }
 
 /// Part 2b: sibling stacking and lock throughput, wake-affine against spread: 2 VMs x 4
-/// vCPUs on 4 slots (more slots than host cores), and 2 VMs x 2 vCPUs on the 2 real cores.
+/// vCPUs on 4 slots (more slots than host cores), 2 VMs x 2 vCPUs on the 2 real cores, and
+/// the same under the Linux backend (stacking sampled from the CPUs the host ran each
+/// thread on).
 fn stacking(reps: usize) {
     let placements = ["wake-affine", "spread"];
     let setups = [
@@ -270,6 +322,11 @@ fn stacking(reps: usize) {
             "2",
             "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000",
         ),
+        (
+            "2 VMs x 2 vCPUs, Linux backend",
+            "linux",
+            "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000",
+        ),
     ];
     let mut stack = vec![vec![Vec::new(); 2]; setups.len()];
     let mut ops = vec![vec![Vec::new(); 2]; setups.len()];
@@ -277,7 +334,21 @@ fn stacking(reps: usize) {
     for _ in 0..reps {
         for (s, (_, slots, vm)) in setups.iter().enumerate() {
             for (i, p) in placements.iter().enumerate() {
-                let (out, m) = run(&["--slots", slots, "--placement", p, "--vm", vm, "--vm", vm]);
+                let host = if *slots == "linux" {
+                    ["--backend", "linux"]
+                } else {
+                    ["--slots", slots]
+                };
+                let (out, m) = run(&[
+                    host[0],
+                    host[1],
+                    "--placement",
+                    p,
+                    "--vm",
+                    vm,
+                    "--vm",
+                    vm,
+                ]);
                 let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
                 stack[s][i].push(100.0 * (f(0) + f(1)) / 2.0);
                 let h = |v: usize| {
