@@ -54,7 +54,7 @@ impl TaskStat {
 /// An open `stat` file of one thread of this process.
 pub struct TaskStatFile {
     file: File,
-    buf: String,
+    buf: Vec<u8>,
 }
 
 impl TaskStatFile {
@@ -62,15 +62,16 @@ impl TaskStatFile {
         let path = format!("/proc/{}/task/{tid}/stat", std::process::id());
         Ok(TaskStatFile {
             file: File::open(path)?,
-            buf: String::with_capacity(512),
+            buf: Vec::with_capacity(512),
         })
     }
 
     pub fn read(&mut self) -> Option<TaskStat> {
         self.buf.clear();
         self.file.seek(SeekFrom::Start(0)).ok()?;
-        self.file.read_to_string(&mut self.buf).ok()?;
-        TaskStat::parse(&self.buf)
+        self.file.read_to_end(&mut self.buf).ok()?;
+        // The name may hold any bytes; the fields after it are ASCII.
+        TaskStat::parse(&String::from_utf8_lossy(&self.buf))
     }
 }
 
@@ -93,7 +94,7 @@ mod tests {
 
     /// A real line (Linux 6.18), with a command name that holds ") (" to confuse a parser.
     const LINE: &str = "4242 (vm-vcpu1 ) (x) R 4200 4200 100 34816 4200 4194368 12 0 0 0 \
-        91 7 0 0 20 0 9 0 123456 1000000 500 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 \
+        91 7 0 0 -2 0 9 0 123456 1000000 500 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 \
         -1 1 1 1 0 0 0 0 0 0 0 0 0 0 0";
 
     #[test]
@@ -114,14 +115,21 @@ mod tests {
     }
 
     #[test]
-    fn reads_this_thread_as_running_here() {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        let t = TaskStatFile::open(tid).unwrap().read().unwrap();
-        assert!(t.runnable(), "{t:?}");
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-        assert!(t.cpu < cpus.max(1024), "{t:?}");
-        assert_eq!(t.policy, libc::SCHED_OTHER as u32);
+    fn reads_this_thread_as_running_where_it_is_pinned() {
+        let cpus = crate::sched::affinity::allowed_cpus().unwrap();
+        let last = *cpus.last().unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            crate::sched::affinity::pin_thread(tid, last).unwrap();
+            let t = TaskStatFile::open(tid).unwrap().read().unwrap();
+            assert!(t.runnable(), "{t:?}");
+            assert_eq!(t.cpu as usize, last, "{t:?}");
+            assert_eq!(t.policy, libc::SCHED_OTHER as u32);
+            assert!(!t.real_time());
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`LinuxBackend`]: the host Linux scheduler runs every vCPU thread; only the hypercalls
 //!   go through the backend (idle waits ended by IPIs, and counters); no boosts.
 
+pub mod affinity;
 mod core;
 mod ledger;
 mod linux;

@@ -1,26 +1,35 @@
 //! A bounded boost of a host thread under the Linux scheduler: the thread runs `SCHED_FIFO`
 //! at a low real-time priority for at most its budget, then gets its own policy back.
 //!
-//! The restore does not depend on the boosted thread: a timer thread (itself `SCHED_FIFO`
-//! one priority higher, so a boosted thread spinning on the same CPU cannot keep it from
-//! running) restores every boost whose budget is over, so a vCPU that never leaves
-//! `KVM_RUN` cannot keep its priority. `restore` ends a boost early (the vCPU exited, or
-//! gave its turn back), and dropping the booster restores everything it raised.
+//! What bounds it, whatever the boosted thread (a vCPU in `KVM_RUN`, driven by a guest)
+//! does:
+//! - **A timer thread** (itself `SCHED_FIFO` one priority higher, so a boosted thread
+//!   spinning on its CPU cannot keep it from running) restores every boost whose budget is
+//!   over. If the timer cannot run real-time, no boost is made at all.
+//! - **A cool-down:** a thread whose boost ended may not be raised again for as long as that
+//!   boost lasted, so no stream of requests keeps a thread real-time more than half the time.
+//! - **A cap** on boosts live at once (one CPU fewer than the host has, at least one), so
+//!   boosted threads never hold every CPU.
+//! - **Retirement:** a thread that leaves is restored and never raised again, even by a
+//!   request already on its way.
 //!
-//! The table of boosts is behind a priority-inheriting lock. A boost is made with the lock
-//! held (a thread is never raised without its entry), and the raised thread can preempt the
-//! ordinary thread that raised it at once. With a plain lock, the timer would then wait for
-//! a thread that the boosted ones keep off every CPU, and the boosts would last until the
-//! kernel's real-time throttling (0.95 s here): measured before this lock, with two vCPU
-//! threads raised on the two cores. With priority inheritance the holder runs at the timer's
-//! priority until it lets go. The timer sleeps with `park_timeout`, which needs no lock.
+//! The table is behind a priority-inheriting lock (a PI futex). A boost is made with the
+//! lock held, so a thread is never raised without its entry, and the raised thread can
+//! preempt the ordinary thread that raised it at once. With a plain lock the timer would then
+//! wait for a thread the boosted ones keep off every CPU, and the boosts would last until the
+//! kernel's real-time throttling (0.95 s here; measured before this lock, with two vCPU
+//! threads raised on the two cores). With priority inheritance the holder runs at the
+//! timer's priority until it lets go. The timer is woken before a thread is raised and
+//! sleeps with `park_timeout`, which needs no lock; the table is allocated when threads
+//! register, so neither the timer nor a boost allocates (an allocator's lock does not
+//! inherit priority).
 //!
-//! Without the privilege to raise a thread (no `CAP_SYS_NICE`), `boost` says so once with
-//! [`Outcome::NotPermitted`] and the caller falls back to what needs no privilege (the
-//! spinner's `sched_yield`).
+//! Without the privilege to raise a thread (no `CAP_SYS_NICE`, or no real-time budget for
+//! this process), `boost` says [`Outcome::NotPermitted`] and the caller falls back to what
+//! needs no privilege.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -37,30 +46,18 @@ const TIMER_PRIORITY: i32 = BOOST_PRIORITY + 1;
 pub enum Outcome {
     /// The thread runs `SCHED_FIFO` until the budget ends (or `restore`).
     Boosted,
-    /// It was boosted already; its budget is left as it was (a boost is never extended, so
-    /// no chain of requests keeps a thread raised).
+    /// It is boosted already; its budget is left as it was (a boost is never extended).
     AlreadyBoosted,
-    /// This process may not raise threads (no `CAP_SYS_NICE`).
+    /// Its last boost ended too recently (the cool-down).
+    CoolingDown,
+    /// As many boosts as allowed are live.
+    Busy,
+    /// It runs real-time on its own (the operator's choice): it is left alone.
+    AlreadyRealTime,
+    /// This process may not raise threads, or could not make its timer real-time.
     NotPermitted,
-    /// The kernel refused for another reason (the thread is gone): errno.
+    /// The thread is not registered, has left, or the kernel refused: errno.
     Failed(i32),
-}
-
-/// A look at a thread's scheduling ([`RtBooster::audit`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Audit {
-    /// It runs `SCHED_FIFO` or `SCHED_RR`.
-    pub real_time: bool,
-    /// A boost of the booster is live for it.
-    pub boosted: bool,
-}
-
-/// A thread's scheduling before its boost.
-#[derive(Clone, Copy, Debug)]
-struct Saved {
-    policy: libc::c_int,
-    priority: libc::c_int,
-    until: Instant,
 }
 
 /// What the boosts of one thread did, each step read back from the kernel.
@@ -76,20 +73,50 @@ pub struct ThreadCounts {
     pub restore_failures: u64,
 }
 
-#[derive(Default)]
+/// A look at a thread's scheduling ([`RtBooster::audit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Audit {
+    /// It runs `SCHED_FIFO` or `SCHED_RR`.
+    pub real_time: bool,
+    /// A boost of the booster is live for it.
+    pub boosted: bool,
+}
+
+/// A live boost: the thread's scheduling before it, and its budget.
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    policy: libc::c_int,
+    priority: libc::c_int,
+    since: Instant,
+    until: Instant,
+}
+
+/// One registered thread.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    tid: libc::pid_t,
+    live: Option<Live>,
+    /// No new boost before this.
+    cool_until: Option<Instant>,
+    /// It left: never raised again.
+    retired: bool,
+    counts: ThreadCounts,
+}
+
 struct State {
-    boosted: BTreeMap<libc::pid_t, Saved>,
-    counts: BTreeMap<libc::pid_t, ThreadCounts>,
-    /// A boost was refused for lack of privilege (then none is tried again).
-    denied: bool,
-    /// Boosts made, and boosts ended by the timer (the budget ran out).
-    made: u64,
-    expired: u64,
+    slots: Vec<Slot>,
+    /// Boosts live now, and the most allowed at once.
+    live: usize,
+    max_live: usize,
+    /// Why no boost can be made (EPERM: no privilege), if so.
+    refused: Option<i32>,
 }
 
 struct Shared {
     state: PriorityInheritingLock<State>,
     stop: AtomicBool,
+    /// The timer thread runs (a dead timer means no boost may be made).
+    timer_alive: AtomicBool,
 }
 
 impl Shared {
@@ -98,13 +125,29 @@ impl Shared {
     }
 }
 
+/// Whether `tid` is a thread of this process (the kernel's scheduling calls take any tid
+/// of the pid namespace; a boost must never touch another process's thread).
+fn ours(tid: libc::pid_t) -> bool {
+    // SAFETY: tgkill with signal 0 sends nothing; it checks that `tid` is a thread of the
+    // thread group `getpid()`.
+    tid > 0
+        && unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                libc::getpid() as libc::c_long,
+                tid as libc::c_long,
+                0 as libc::c_long,
+            )
+        } == 0
+}
+
 /// Sets thread `tid`'s policy and priority; the errno on failure.
 fn set(tid: libc::pid_t, policy: libc::c_int, priority: libc::c_int) -> Result<(), i32> {
     let param = libc::sched_param {
         sched_priority: priority,
     };
-    // SAFETY: sched_setscheduler reads `param`, which outlives the call; a tid that names no
-    // thread of ours is refused with ESRCH, never acted on.
+    // SAFETY: sched_setscheduler only reads `param`, which outlives the call. The callers
+    // name a thread of this process (`ours`) or 0 (the caller itself).
     if unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0 {
         Ok(())
     } else {
@@ -114,7 +157,7 @@ fn set(tid: libc::pid_t, policy: libc::c_int, priority: libc::c_int) -> Result<(
 
 /// Thread `tid`'s policy and priority.
 pub fn current(tid: libc::pid_t) -> Option<(libc::c_int, libc::c_int)> {
-    // SAFETY: sched_getscheduler takes a tid and returns -1 for one that is not a thread.
+    // SAFETY: sched_getscheduler only reads the thread's policy; -1 for no such thread.
     let policy = unsafe { libc::sched_getscheduler(tid) };
     let mut param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_getparam writes into `param`, which lives across the call.
@@ -122,68 +165,83 @@ pub fn current(tid: libc::pid_t) -> Option<(libc::c_int, libc::c_int)> {
     (policy >= 0 && ok).then_some((policy, param.sched_priority))
 }
 
-/// Gives back their own scheduling to the threads whose budget ended by `now` (all if
-/// `all`); returns how many.
-fn restore_due(s: &mut State, now: Instant, all: bool) -> u64 {
-    let due: Vec<libc::pid_t> = s
-        .boosted
-        .iter()
-        .filter(|(_, b)| all || b.until <= now)
-        .map(|(&t, _)| t)
-        .collect();
-    for &t in &due {
-        give_back(s, t);
-        if !all {
-            s.counts.entry(t).or_default().expired += 1;
-        }
-    }
-    due.len() as u64
+fn is_real_time(policy: libc::c_int) -> bool {
+    policy == libc::SCHED_FIFO || policy == libc::SCHED_RR
 }
 
-/// Ends thread `t`'s boost, if it has one, and checks it took: the thread reads back the
-/// policy and priority it had before.
-fn give_back(s: &mut State, t: libc::pid_t) {
-    let Some(b) = s.boosted.remove(&t) else {
-        return;
-    };
-    // A thread that is gone by now needs nothing back (and reads back nothing).
-    if set(t, b.policy, b.priority) == Err(libc::ESRCH) {
-        return;
+/// Ends slot `i`'s boost, if live, and checks it took: the thread reads back the policy and
+/// priority it had before. Starts its cool-down. Returns the budget left.
+fn give_back(s: &mut State, i: usize, now: Instant) -> Option<Duration> {
+    let slot = &mut s.slots[i];
+    let live = slot.live.take()?;
+    s.live -= 1;
+    let used = now.saturating_duration_since(live.since);
+    slot.cool_until = now.checked_add(used);
+    // A thread that is gone needs nothing back (and its tid may name another thread now).
+    if ours(slot.tid) && set(slot.tid, live.policy, live.priority).is_ok() {
+        if current(slot.tid) == Some((live.policy, live.priority)) {
+            slot.counts.restored += 1;
+        } else {
+            slot.counts.restore_failures += 1;
+        }
     }
-    let c = s.counts.entry(t).or_default();
-    if current(t) == Some((b.policy, b.priority)) {
-        c.restored += 1;
-    } else {
-        c.restore_failures += 1;
+    Some(live.until.saturating_duration_since(now))
+}
+
+/// Gives back their own scheduling to the threads whose budget ended by `now` (all if
+/// `all`); returns the earliest budget still running.
+fn restore_due(s: &mut State, now: Instant, all: bool) -> Option<Instant> {
+    let mut next: Option<Instant> = None;
+    for i in 0..s.slots.len() {
+        let Some(live) = s.slots[i].live else {
+            continue;
+        };
+        if all || live.until <= now {
+            give_back(s, i, now);
+            if !all {
+                s.slots[i].counts.expired += 1;
+            }
+        } else {
+            next = Some(next.map_or(live.until, |n| n.min(live.until)));
+        }
     }
+    next
 }
 
 /// Raises threads for bounded budgets; see the module documentation.
 pub struct RtBooster {
     shared: Arc<Shared>,
     timer: Mutex<Option<JoinHandle<()>>>,
-    /// The timer thread, to wake it (none if it could not be spawned: then nothing is
-    /// raised).
+    /// The timer thread, to wake it.
     waker: Option<Thread>,
 }
 
-impl Default for RtBooster {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl RtBooster {
-    pub fn new() -> Self {
+    /// A booster that lets at most `max_live` boosts run at once (at least one).
+    pub fn new(max_live: usize) -> Self {
         let shared = Arc::new(Shared {
-            state: PriorityInheritingLock::new(State::default()),
+            state: PriorityInheritingLock::new(State {
+                slots: Vec::new(),
+                live: 0,
+                max_live: max_live.max(1),
+                refused: None,
+            }),
             stop: AtomicBool::new(false),
+            timer_alive: AtomicBool::new(true),
         });
+        let (told, hear) = mpsc::channel();
         let s = Arc::clone(&shared);
         let timer = std::thread::Builder::new()
             .name("rt-boost-timer".into())
-            .spawn(move || timer(&s))
+            .spawn(move || timer(&s, told))
             .ok();
+        // The timer reports whether it runs real-time before any boost can be made.
+        let refused = match (&timer, hear.recv()) {
+            (Some(_), Ok(Ok(()))) => None,
+            (Some(_), Ok(Err(e))) => Some(e),
+            _ => Some(libc::EAGAIN),
+        };
+        shared.lock().refused = refused;
         let waker = timer.as_ref().map(|t| t.thread().clone());
         RtBooster {
             shared,
@@ -192,48 +250,89 @@ impl RtBooster {
         }
     }
 
+    /// Makes thread `tid` (of this process) known, so that it can be boosted. Allocates;
+    /// the boosts themselves do not.
+    pub fn register(&self, tid: libc::pid_t) {
+        let mut s = self.shared.lock();
+        if tid > 0 && !s.slots.iter().any(|t| t.tid == tid && !t.retired) {
+            s.slots.push(Slot {
+                tid,
+                live: None,
+                cool_until: None,
+                retired: false,
+                counts: ThreadCounts::default(),
+            });
+        }
+    }
+
+    fn slot_of(s: &State, tid: libc::pid_t) -> Option<usize> {
+        s.slots.iter().rposition(|t| t.tid == tid)
+    }
+
     /// Runs thread `tid` `SCHED_FIFO` for at most `budget`.
     pub fn boost(&self, tid: libc::pid_t, budget: Duration) -> Outcome {
-        let Some(waker) = &self.waker else {
-            // No timer, no bounded boost: none is made.
-            return Outcome::Failed(libc::EAGAIN);
-        };
-        let until = Instant::now() + budget;
-        let mut s = self.shared.lock();
-        if s.denied {
+        let (Some(waker), true) = (&self.waker, self.shared.timer_alive.load(Ordering::Acquire))
+        else {
             return Outcome::NotPermitted;
+        };
+        let now = Instant::now();
+        let Some(until) = now.checked_add(budget) else {
+            return Outcome::Failed(libc::EINVAL);
+        };
+        let mut s = self.shared.lock();
+        if let Some(e) = s.refused {
+            return if e == libc::EPERM {
+                Outcome::NotPermitted
+            } else {
+                Outcome::Failed(e)
+            };
         }
-        if s.boosted.contains_key(&tid) {
+        let Some(i) = Self::slot_of(&s, tid).filter(|_| tid > 0) else {
+            return Outcome::Failed(libc::ENOENT);
+        };
+        let slot = s.slots[i];
+        if slot.retired || !ours(tid) {
+            return Outcome::Failed(libc::ESRCH);
+        }
+        if slot.live.is_some() {
             return Outcome::AlreadyBoosted;
+        }
+        if slot.cool_until.is_some_and(|c| now < c) {
+            return Outcome::CoolingDown;
+        }
+        if s.live >= s.max_live {
+            return Outcome::Busy;
         }
         let Some((policy, priority)) = current(tid) else {
             return Outcome::Failed(libc::ESRCH);
         };
+        if is_real_time(policy) {
+            return Outcome::AlreadyRealTime;
+        }
         // The entry exists before the thread is raised, and the lock is held across both:
         // the timer sees every raised thread. The timer is woken first: the raised thread may
         // preempt this one right after the raise, and the timer must not wait for this one
         // to run again. It waits for the lock instead, lending this thread its priority.
-        s.boosted.insert(
-            tid,
-            Saved {
-                policy,
-                priority,
-                until,
-            },
-        );
+        s.slots[i].live = Some(Live {
+            policy,
+            priority,
+            since: now,
+            until,
+        });
+        s.live += 1;
         waker.unpark();
         match set(tid, libc::SCHED_FIFO, BOOST_PRIORITY) {
             Ok(()) => {
-                s.made += 1;
                 if current(tid) == Some((libc::SCHED_FIFO, BOOST_PRIORITY)) {
-                    s.counts.entry(tid).or_default().raised += 1;
+                    s.slots[i].counts.raised += 1;
                 }
                 Outcome::Boosted
             }
             Err(e) => {
-                s.boosted.remove(&tid);
+                s.slots[i].live = None;
+                s.live -= 1;
                 if e == libc::EPERM {
-                    s.denied = true;
+                    s.refused = Some(e);
                     Outcome::NotPermitted
                 } else {
                     Outcome::Failed(e)
@@ -242,19 +341,32 @@ impl RtBooster {
         }
     }
 
-    /// Ends `tid`'s boost now, if it has one.
-    pub fn restore(&self, tid: libc::pid_t) {
-        give_back(&mut self.shared.lock(), tid);
+    /// Ends `tid`'s boost now, if it has one; the budget it had left.
+    pub fn restore(&self, tid: libc::pid_t) -> Option<Duration> {
+        let mut s = self.shared.lock();
+        let i = Self::slot_of(&s, tid)?;
+        give_back(&mut s, i, Instant::now())
+    }
+
+    /// `tid` leaves: its boost ends now and it is never raised again.
+    pub fn retire(&self, tid: libc::pid_t) {
+        let mut s = self.shared.lock();
+        if let Some(i) = Self::slot_of(&s, tid) {
+            give_back(&mut s, i, Instant::now());
+            s.slots[i].retired = true;
+        }
+    }
+
+    /// Whether `tid` is boosted now.
+    pub fn is_boosted(&self, tid: libc::pid_t) -> bool {
+        let s = self.shared.lock();
+        Self::slot_of(&s, tid).is_some_and(|i| s.slots[i].live.is_some())
     }
 
     /// What the boosts of `tid` did so far.
     pub fn thread_counts(&self, tid: libc::pid_t) -> ThreadCounts {
-        self.shared
-            .lock()
-            .counts
-            .get(&tid)
-            .copied()
-            .unwrap_or_default()
+        let s = self.shared.lock();
+        Self::slot_of(&s, tid).map_or_else(ThreadCounts::default, |i| s.slots[i].counts)
     }
 
     /// Looks at `tid` as the host runs it now: whether it is real-time, and whether a boost
@@ -262,27 +374,19 @@ impl RtBooster {
     /// ends in between. None if the thread is gone.
     pub fn audit(&self, tid: libc::pid_t) -> Option<Audit> {
         let s = self.shared.lock();
+        if !ours(tid) {
+            return None;
+        }
         let (policy, _) = current(tid)?;
         Some(Audit {
-            real_time: policy == libc::SCHED_FIFO || policy == libc::SCHED_RR,
-            boosted: s.boosted.contains_key(&tid),
+            real_time: is_real_time(policy),
+            boosted: Self::slot_of(&s, tid).is_some_and(|i| s.slots[i].live.is_some()),
         })
     }
 
-    /// Whether `tid` is boosted now.
-    pub fn is_boosted(&self, tid: libc::pid_t) -> bool {
-        self.shared.lock().boosted.contains_key(&tid)
-    }
-
-    /// Boosts made so far, and those the timer ended (their budget ran out).
-    pub fn counts(&self) -> (u64, u64) {
-        let s = self.shared.lock();
-        (s.made, s.expired)
-    }
-
-    /// Whether boosting was refused for lack of privilege.
-    pub fn denied(&self) -> bool {
-        self.shared.lock().denied
+    /// Why no boost can be made, if so: EPERM when this process may not raise threads.
+    pub fn refused(&self) -> Option<i32> {
+        self.shared.lock().refused
     }
 }
 
@@ -299,19 +403,27 @@ impl Drop for RtBooster {
     }
 }
 
-/// The timer thread: sleeps until the earliest budget ends, restores what is due.
-fn timer(shared: &Shared) {
+/// Marks the timer dead when its thread ends, however it ends.
+struct Alive<'a>(&'a AtomicBool);
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The timer thread: makes itself real-time (and says whether it could), then sleeps until
+/// the earliest budget ends and restores what is due.
+fn timer(shared: &Shared, told: mpsc::Sender<Result<(), i32>>) {
+    let _alive = Alive(&shared.timer_alive);
     // Above every boosted thread, so that one spinning on this CPU cannot starve the restore.
-    // SAFETY: gettid has no preconditions.
-    let me = unsafe { libc::gettid() };
-    let _ = set(me, libc::SCHED_FIFO, TIMER_PRIORITY);
+    let raised = set(0, libc::SCHED_FIFO, TIMER_PRIORITY);
+    let _ = told.send(raised);
+    if raised.is_err() {
+        return;
+    }
     while !shared.stop.load(Ordering::Acquire) {
-        let next = {
-            let mut s = shared.lock();
-            let expired = restore_due(&mut s, Instant::now(), false);
-            s.expired += expired;
-            s.boosted.values().map(|b| b.until).min()
-        };
+        let next = restore_due(&mut shared.lock(), Instant::now(), false);
         // A boost made after the look above unparks this thread, so the park returns at
         // once (the token is kept) and the next look sees it.
         match next {
@@ -328,7 +440,7 @@ mod tests {
 
     /// A thread that spins (or, if `!spin`, sleeps in short naps) until told to stop; its
     /// tid.
-    fn spinner(spin: bool) -> (Arc<AtomicBool>, Arc<AtomicI32>, JoinHandle<()>) {
+    fn spinner(spin: bool) -> (Arc<AtomicBool>, libc::pid_t, JoinHandle<()>) {
         let stop = Arc::new(AtomicBool::new(false));
         let tid = Arc::new(AtomicI32::new(0));
         let (s, t) = (Arc::clone(&stop), Arc::clone(&tid));
@@ -346,65 +458,112 @@ mod tests {
         while tid.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
-        (stop, tid, h)
+        (stop, tid.load(Ordering::Acquire), h)
+    }
+
+    /// A booster, or None (said loudly) where this process may not raise threads.
+    fn booster(max_live: usize) -> Option<RtBooster> {
+        let b = RtBooster::new(max_live);
+        if b.refused().is_some() {
+            eprintln!("*** rtboost: this process may not run threads real-time: not tested ***");
+            return None;
+        }
+        Some(b)
+    }
+
+    fn wait_until_restored(b: &RtBooster, tid: libc::pid_t) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.is_boosted(tid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[test]
     fn a_boost_ends_with_its_budget_even_if_the_thread_never_yields() {
-        let b = RtBooster::new();
+        let Some(b) = booster(1) else { return };
         let (stop, tid, h) = spinner(true);
-        let tid = tid.load(Ordering::Acquire);
         let before = current(tid).unwrap();
+        assert_eq!(b.boost(tid, Duration::from_millis(30)), Outcome::Failed(libc::ENOENT));
+        b.register(tid);
         // A spinning real-time thread may keep this one off its CPU past a short budget, so
         // what is checked is the end state, not the moment in between.
-        match b.boost(tid, Duration::from_millis(30)) {
-            Outcome::NotPermitted => {
-                // No CAP_SYS_NICE here: nothing was changed, and the booster says so.
-                assert_eq!(current(tid).unwrap(), before);
-                assert!(b.denied());
-            }
-            o => {
-                assert_eq!(o, Outcome::Boosted);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while b.is_boosted(tid) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                assert_eq!(current(tid).unwrap(), before, "the timer gave it back");
-                assert_eq!(b.counts(), (1, 1));
-            }
-        }
+        assert_eq!(b.boost(tid, Duration::from_millis(30)), Outcome::Boosted);
+        wait_until_restored(&b, tid);
+        assert_eq!(current(tid).unwrap(), before, "the timer gave it back");
+        let c = b.thread_counts(tid);
+        assert_eq!((c.raised, c.expired, c.restored, c.restore_failures), (1, 1, 1, 0));
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
     }
 
     #[test]
-    fn restore_and_drop_give_the_thread_its_own_scheduling_back() {
-        let b = RtBooster::new();
+    fn no_stream_of_requests_keeps_a_thread_up() {
+        let Some(b) = booster(1) else { return };
         let (stop, tid, h) = spinner(false);
-        let tid = tid.load(Ordering::Acquire);
-        let before = current(tid).unwrap();
-        if b.boost(tid, Duration::from_secs(60)) == Outcome::Boosted {
-            assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, BOOST_PRIORITY));
-            assert_eq!(
-                b.boost(tid, Duration::from_millis(1)),
-                Outcome::AlreadyBoosted
-            );
-            b.restore(tid);
-            assert_eq!(current(tid).unwrap(), before, "restore");
-            assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
-            drop(b);
-            assert_eq!(current(tid).unwrap(), before, "drop");
+        b.register(tid);
+        assert_eq!(b.boost(tid, Duration::from_millis(200)), Outcome::Boosted);
+        // Not extended, and no second boost at once: the cap is one.
+        assert_eq!(b.boost(tid, Duration::from_secs(1)), Outcome::AlreadyBoosted);
+        let (stop2, other, h2) = spinner(false);
+        b.register(other);
+        assert_eq!(b.boost(other, Duration::from_millis(1)), Outcome::Busy);
+        wait_until_restored(&b, tid);
+        // It ran its budget: it sits out as long before the next boost.
+        assert_eq!(b.boost(tid, Duration::from_millis(200)), Outcome::CoolingDown);
+        // A boost given back early cools down only as long as it ran.
+        assert_eq!(b.boost(other, Duration::from_secs(60)), Outcome::Boosted);
+        assert!(b.restore(other).unwrap() > Duration::from_secs(50));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(b.boost(other, Duration::from_secs(60)), Outcome::Boosted);
+        drop(b);
+        for (s, h) in [(stop, h), (stop2, h2)] {
+            s.store(true, Ordering::Relaxed);
+            h.join().unwrap();
         }
+    }
+
+    #[test]
+    fn restore_retire_and_drop_give_the_thread_its_own_scheduling_back() {
+        let Some(b) = booster(1) else { return };
+        let (stop, tid, h) = spinner(false);
+        let before = current(tid).unwrap();
+        b.register(tid);
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
+        assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, BOOST_PRIORITY));
+        assert!(b.restore(tid).is_some());
+        assert_eq!(current(tid).unwrap(), before, "restore");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
+        drop(b);
+        assert_eq!(current(tid).unwrap(), before, "drop");
+        // Retired: restored, and a request still on its way is refused.
+        let b = booster(1).unwrap();
+        b.register(tid);
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
+        b.retire(tid);
+        assert_eq!(current(tid).unwrap(), before, "retire");
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Failed(libc::ESRCH));
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
     }
 
     #[test]
-    fn a_thread_that_does_not_exist_is_refused() {
-        let b = RtBooster::new();
-        assert!(matches!(
-            b.boost(i32::MAX, Duration::from_millis(1)),
-            Outcome::Failed(_) | Outcome::NotPermitted
-        ));
+    fn only_threads_of_this_process_and_not_real_time_ones() {
+        let Some(b) = booster(2) else { return };
+        // 0 and negative tids would mean the caller or nothing; pid 1 is another process.
+        for tid in [0, -1, 1] {
+            b.register(tid);
+            assert!(matches!(b.boost(tid, Duration::from_millis(1)), Outcome::Failed(_)));
+        }
+        assert_eq!(current(0).map(|p| p.0), Some(libc::SCHED_OTHER), "the caller untouched");
+        // A thread the operator runs real-time is left as it is.
+        let (stop, tid, h) = spinner(false);
+        set(tid, libc::SCHED_FIFO, 3).unwrap();
+        b.register(tid);
+        assert_eq!(b.boost(tid, Duration::from_secs(1)), Outcome::AlreadyRealTime);
+        assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, 3));
+        set(tid, libc::SCHED_OTHER, 0).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap();
     }
 }

@@ -25,7 +25,9 @@ pub const INJECT_ENV: &str = "PVSYNC_INJECT";
 fn injected_panic(index: u8) -> Option<Instant> {
     let v = std::env::var(INJECT_ENV).ok()?;
     let ms: u64 = v.strip_prefix("vcpu-panic:")?.parse().ok()?;
-    (index == 0).then(|| Instant::now() + Duration::from_millis(ms))
+    (index == 0)
+        .then(|| Instant::now().checked_add(Duration::from_millis(ms)))
+        .flatten()
 }
 
 /// The time stamp counter MSR (Intel SDM vol. 4, table 2-2).

@@ -437,13 +437,19 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
     let mut looked = Instant::now();
     while !vm.stopping() {
         std::thread::sleep(hoststat::INTERVAL);
+        // The real interval: the monitor itself may be kept off a CPU (by boosted threads).
+        let at = Instant::now();
+        let interval = at.duration_since(looked);
+        looked = at;
         let reg = vm.registration();
         let mut seen = Vec::with_capacity(n);
         for i in 0..n {
-            if files[i].is_none() {
-                let tid = vm.tids[i].load(Ordering::Acquire);
-                files[i] = (tid != 0).then(|| ThreadStat::open(tid).ok()).flatten();
-                tasks[i] = (tid != 0).then(|| TaskStatFile::open(tid).ok()).flatten();
+            let tid = vm.tids[i].load(Ordering::Acquire);
+            if files[i].is_none() && tid != 0 {
+                files[i] = ThreadStat::open(tid).ok();
+            }
+            if tasks[i].is_none() && tid != 0 {
+                tasks[i] = TaskStatFile::open(tid).ok();
             }
             let task = tasks[i].as_mut().and_then(TaskStatFile::read);
             seen.extend(task);
@@ -457,8 +463,8 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
             last[i] = now;
             // Preempted, as KVM's flag would say: runnable now (not asleep in an idle wait)
             // and kept waiting for a CPU most of the last interval.
-            let preempted = hoststat::mostly_waiting(waited, hoststat::INTERVAL)
-                && task.is_none_or(|t| t.runnable());
+            let preempted =
+                hoststat::mostly_waiting(waited, interval) && task.is_none_or(|t| t.runnable());
             vm.backend.observe(vm.key(i as u32), preempted);
             if let Some(reg) = reg.as_ref().filter(|_| !vm.backend.publishes_host_fields()) {
                 hoststat::publish(
@@ -470,11 +476,11 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
                 );
             }
         }
-        let at = Instant::now();
-        let interval = at.duration_since(looked).as_nanos() as u64;
-        looked = at;
+        // A look stands for the time since the previous one, but no more than two periods:
+        // a late look (the monitor kept waiting) says little about the time it missed.
+        let weight = interval.min(2 * hoststat::INTERVAL).as_nanos() as u64;
         vm.backend
-            .sampled(vm.handle.vm, taskstat::stacked(&seen), interval);
+            .sampled(vm.handle.vm, taskstat::stacked(&seen), weight);
     }
     (0..n)
         .map(|i| match first[i] {

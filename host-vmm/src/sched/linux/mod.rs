@@ -2,28 +2,32 @@
 //! do inside KVM_RUN goes through here: the Idle hypercall (a timed wait ended by an IPI),
 //! the counters, placement and the boosts.
 //!
-//! - **Boosts.** A spinner's YieldTo and a grace period's RcuWait ask the VM's policy whom
-//!   to boost, as under the slot backend, and the ledger charges it the same way. The boost
-//!   is the host scheduler's own: the chosen vCPU's thread runs `SCHED_FIFO` for the
-//!   ledger's budget (`rtboost`, restored by a timer even if the thread never exits), and
-//!   the spinner yields its CPU.
+//! - **Boosts** (`boost.rs`). A spinner's YieldTo and a grace period's RcuWait ask the VM's
+//!   policy whom to boost, as under the slot backend, and the ledger charges it the same
+//!   way. The boost is the host scheduler's own: the chosen vCPU's thread runs `SCHED_FIFO`
+//!   for the ledger's budget (`rtboost`: restored by a timer even if the thread never
+//!   exits), and the spinner yields its CPU. The boosted vCPU's record says who lent it the
+//!   CPU, and it gives it back (YieldTo naming the lender) once it no longer holds the
+//!   lender up.
 //! - **Preempted or not** comes from the host: the VM's monitor reads each thread's state
 //!   and run-queue wait from `/proc` (`observe`), as KVM's `preempted` flag would say.
-//! - **Placement.** `spread` pins each vCPU thread to a host CPU so that two of one VM share
-//!   none while another is free, re-evaluated as vCPU threads start and leave;
+//! - **Placement** (`place.rs`). `spread` pins each vCPU thread to a host CPU so that two of
+//!   one VM share none while another is free, re-evaluated as vCPU threads start and leave;
 //!   `wake-affine` leaves the host's placement alone. Stacking is sampled from the CPUs the
 //!   host really ran the threads on (`sampled`).
+
+mod boost;
+mod place;
 
 use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::ledger::BoostLedger;
-use super::metrics::{VcpuMetrics, VmMetrics};
-use super::metrics::HostPriority;
-use super::placement::{spread_pins, Placement};
-use super::rtboost::{Outcome, RtBooster};
+use super::metrics::{HostPriority, VcpuMetrics, VmMetrics};
+use super::placement::Placement;
+use super::rtboost::RtBooster;
 use super::{Backend, GuestView, Kick, Nanos, VmHandle};
-use crate::policy::{Boost, BoostPolicy, BoostReason, Costs, Cpl, Input, VcpuState};
+use crate::policy::{BoostPolicy, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::Snapshot;
 
 /// Run time one boost lends (the ledger's budget), ns: about a host scheduler tick.
@@ -36,6 +40,25 @@ const COSTS: Costs = Costs {
     boost_ns: 50_000,
     slice_ns: 4_000_000,
 };
+
+/// Who lent a boosted vCPU the CPU, as its record says (`host_lent_by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lent {
+    /// A spinner (VM-local id) named it: it gives back with `YieldTo(lender)`.
+    By(u32),
+    /// A grace period waits on it: it gives back with `YieldTo(itself)`.
+    GracePeriod,
+}
+
+impl Lent {
+    /// The record's value.
+    fn value(self) -> u32 {
+        match self {
+            Lent::By(l) => l + 1,
+            Lent::GracePeriod => shared_abi::NO_VCPU,
+        }
+    }
+}
 
 #[derive(Default)]
 struct Vcpu {
@@ -50,6 +73,8 @@ struct Vcpu {
     preempted: bool,
     /// The host CPU `spread` pinned it to (an index into the host CPU list).
     pinned: Option<usize>,
+    /// Published in its record while a boost lasts.
+    lent: Option<Lent>,
     metrics: VcpuMetrics,
 }
 
@@ -57,7 +82,17 @@ struct Vm {
     first: usize,
     len: usize,
     policy: Box<dyn BoostPolicy>,
+    guest: Weak<dyn GuestView>,
     metrics: VmMetrics,
+}
+
+impl Vm {
+    /// Writes vCPU `index`'s `host_lent_by`, if the VM is still there.
+    fn publish_lent(&self, index: usize, lent: Option<Lent>) {
+        if let Some(g) = self.guest.upgrade() {
+            g.publish_lent_by(index as u32, lent.map_or(0, Lent::value));
+        }
+    }
 }
 
 struct State {
@@ -66,8 +101,9 @@ struct State {
     ledger: BoostLedger,
     /// When the ledger last settled (repaid with time, forgave the common debt).
     settled: Nanos,
-    /// Said once: boosts need CAP_SYS_NICE.
-    warned: bool,
+    /// Said once: boosts need a privilege this process lacks; a pin failed.
+    warned_privilege: bool,
+    warned_pin: bool,
 }
 
 impl Default for State {
@@ -77,7 +113,8 @@ impl Default for State {
             vms: Vec::new(),
             ledger: BoostLedger::new(0, BOOST_BUDGET, MAX_DEBT),
             settled: 0,
-            warned: false,
+            warned_privilege: false,
+            warned_pin: false,
         }
     }
 }
@@ -87,7 +124,7 @@ pub struct LinuxBackend {
     /// One for all: idle waits are slow paths.
     wake: Condvar,
     booster: RtBooster,
-    epoch: std::sync::OnceLock<Instant>,
+    epoch: Instant,
     placement: Placement,
     /// The host CPUs this process may run on (`spread` pins within them).
     host_cpus: Vec<usize>,
@@ -101,13 +138,19 @@ impl Default for LinuxBackend {
 
 impl LinuxBackend {
     pub fn new(placement: Placement) -> Self {
+        let host_cpus = super::affinity::allowed_cpus().unwrap_or_else(|| {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (0..n).collect()
+        });
         LinuxBackend {
             state: Mutex::default(),
             wake: Condvar::new(),
-            booster: RtBooster::new(),
-            epoch: std::sync::OnceLock::new(),
+            // Boosted threads never hold every CPU: the timer, the monitors and the host
+            // keep one.
+            booster: RtBooster::new(host_cpus.len().saturating_sub(1)),
+            epoch: Instant::now(),
             placement,
-            host_cpus: allowed_cpus(),
+            host_cpus,
         }
     }
 
@@ -116,7 +159,7 @@ impl LinuxBackend {
     }
 
     fn now(&self) -> Nanos {
-        self.epoch.get_or_init(Instant::now).elapsed().as_nanos() as Nanos
+        self.epoch.elapsed().as_nanos() as Nanos
     }
 
     /// What the policy of VM `vm` is told about its vCPUs.
@@ -139,138 +182,20 @@ impl LinuxBackend {
             .collect()
     }
 
-    /// Settles the ledger at `now`, as the slot scheduler does: between VMs only relative
-    /// debt counts; a VM alone repays at the rate of time.
-    fn settle(s: &mut State, now: Nanos) {
-        let elapsed = now.saturating_sub(s.settled);
-        s.settled = now;
-        if s.vms.len() > 1 {
-            s.ledger.forgive_common(0..s.vms.len());
-        } else {
-            s.ledger.repaid(0, elapsed);
-        }
+    /// VM `vm`'s first vCPU key and count, if there is such a VM.
+    fn span(s: &State, vm: usize) -> Option<(usize, usize)> {
+        s.vms.get(vm).map(|m| (m.first, m.len))
     }
 
-    /// Under `spread`, pins every live vCPU thread to the CPU `spread_pins` gives it now;
-    /// only threads whose CPU changed move.
-    fn repin(&self, s: &mut State) {
-        if self.placement != Placement::Spread {
-            return;
-        }
-        let live: Vec<Vec<bool>> = s
-            .vms
-            .iter()
-            .map(|m| {
-                s.vcpus[m.first..m.first + m.len]
-                    .iter()
-                    .map(|c| c.tid != 0 && !c.gone)
-                    .collect()
-            })
-            .collect();
-        let current: Vec<Vec<Option<usize>>> = s
-            .vms
-            .iter()
-            .map(|m| {
-                s.vcpus[m.first..m.first + m.len]
-                    .iter()
-                    .map(|c| c.pinned)
-                    .collect()
-            })
-            .collect();
-        let pins = spread_pins(&live, &current, self.host_cpus.len());
-        for (m, vm_pins) in s.vms.iter().zip(pins) {
-            for (c, pin) in s.vcpus[m.first..m.first + m.len].iter_mut().zip(vm_pins) {
-                if pin.is_some() && pin != c.pinned {
-                    let cpu = self.host_cpus[pin.unwrap_or(0)];
-                    if pin_thread(c.tid, cpu).is_ok() {
-                        c.pinned = pin;
-                    }
-                }
-            }
+    /// A vCPU thread leaves: its boost ends, it is never raised again, and whether the host
+    /// still runs it real-time is read back.
+    fn leave(&self, c: &mut Vcpu) {
+        c.gone = true;
+        if c.tid != 0 {
+            self.booster.retire(c.tid);
+            c.metrics.host_priority.raised_at_exit = place::real_time(c.tid);
         }
     }
-
-    /// Charges the ledger for VM-local vCPUs `boosts` of `vm` as it allows; returns what to
-    /// raise (key, thread, budget, reason). The raising itself happens in `raise`, with the
-    /// state unlocked: a raised thread may preempt the caller at once.
-    fn grant(&self, s: &mut State, vm: usize, boosts: &[Boost]) -> Vec<Grant> {
-        Self::settle(s, self.now());
-        let mut out = Vec::new();
-        for b in boosts {
-            let Some(key) =
-                (b.vcpu < s.vms[vm].len as u32).then(|| s.vms[vm].first + b.vcpu as usize)
-            else {
-                continue;
-            };
-            let tid = s.vcpus[key].tid;
-            if tid == 0 || s.vcpus[key].gone {
-                continue;
-            }
-            let Some(budget) = s.ledger.grant(vm) else {
-                s.vcpus[key].metrics.boosts_refused += 1;
-                continue;
-            };
-            // Charged now, so that concurrent requests cannot pass the cap together; given
-            // back below if no boost is made.
-            s.ledger.borrowed(vm, budget);
-            let debt = s.ledger.debt(vm);
-            let m = &mut s.vms[vm].metrics;
-            m.max_debt_ns = m.max_debt_ns.max(debt);
-            out.push(Grant {
-                vm,
-                key,
-                tid,
-                budget,
-                reason: b.reason,
-            });
-        }
-        out
-    }
-
-    /// Raises the threads `grants` names through the host scheduler, then accounts for it.
-    fn raise(&self, grants: Vec<Grant>) {
-        if grants.is_empty() {
-            return;
-        }
-        let outcomes: Vec<Outcome> = grants
-            .iter()
-            .map(|g| {
-                self.booster
-                    .boost(g.tid, Duration::from_nanos(g.budget))
-            })
-            .collect();
-        let mut s = self.lock();
-        for (g, o) in grants.iter().zip(outcomes) {
-            if o == Outcome::Boosted {
-                s.vcpus[g.key].metrics.count_boost(g.reason);
-                continue;
-            }
-            s.ledger.repaid(g.vm, g.budget);
-            match o {
-                // Running on an earlier boost: nothing new was lent.
-                Outcome::AlreadyBoosted | Outcome::Boosted => {}
-                Outcome::NotPermitted => {
-                    s.vcpus[g.key].metrics.boosts_refused += 1;
-                    if !std::mem::replace(&mut s.warned, true) {
-                        eprintln!(
-                            "pvsync: warning: the Linux backend cannot raise vCPU threads \
-                             (no CAP_SYS_NICE): boosts fall back to the spinner's sched_yield"
-                        );
-                    }
-                }
-                Outcome::Failed(_) => s.vcpus[g.key].metrics.boosts_refused += 1,
-            }
-        }
-    }
-}
-
-/// A boost the ledger granted, to be made.
-struct Grant {
-    vm: usize,
-    key: usize,
-    tid: libc::pid_t,
-    budget: Nanos,
-    reason: BoostReason,
 }
 
 impl Backend for LinuxBackend {
@@ -282,7 +207,7 @@ impl Backend for LinuxBackend {
         &self,
         policy: Box<dyn BoostPolicy>,
         vcpus: usize,
-        _: Weak<dyn GuestView>,
+        guest: Weak<dyn GuestView>,
     ) -> VmHandle {
         let mut s = self.lock();
         let vm = s.vms.len();
@@ -291,6 +216,7 @@ impl Backend for LinuxBackend {
             first,
             len: vcpus,
             policy,
+            guest,
             metrics: VmMetrics::default(),
         });
         s.ledger.add_vm();
@@ -306,6 +232,7 @@ impl Backend for LinuxBackend {
         if let Some(c) = s.vcpus.get_mut(v) {
             // SAFETY: gettid has no preconditions; this runs on vCPU v's own thread.
             c.tid = unsafe { libc::gettid() };
+            self.booster.register(c.tid);
             self.repin(&mut s);
         }
     }
@@ -327,9 +254,22 @@ impl Backend for LinuxBackend {
             };
             c.metrics.yields += 1;
             let vm = c.vm;
-            let (first, len) = (s.vms[vm].first, s.vms[vm].len);
+            let Some((first, len)) = Self::span(&s, vm) else {
+                return;
+            };
+            let me = (v - first) as u32;
             if let Some(n) = named.filter(|&n| (n as usize) < len) {
                 s.vcpus[first + n as usize].metrics.named_by_yields += 1;
+            }
+            if self.gives_back(&mut s, v, me, named, now) {
+                drop(s);
+                // The lender (or whoever the host picks) runs now.
+                std::thread::yield_now();
+                return;
+            }
+            if named == Some(me) {
+                // Naming itself with nothing lent (a stale field): nobody to run instead.
+                return;
             }
             let states = Self::states(&s, vm);
             let input = Input {
@@ -338,10 +278,8 @@ impl Backend for LinuxBackend {
                 shared,
                 costs: COSTS,
             };
-            let me = (v - first) as u32;
-            let decision = s.vms[vm].policy.on_spin(&input, me, named);
-            match decision {
-                Some(b) => self.grant(&mut s, vm, &[b]),
+            match s.vms[vm].policy.on_spin(&input, me, named) {
+                Some(b) => self.grant(&mut s, vm, &[b], Lent::By(me), now),
                 None => Vec::new(),
             }
         };
@@ -389,7 +327,7 @@ impl Backend for LinuxBackend {
         };
         c.metrics.ipis_sent += 1;
         let vm = c.vm;
-        let Some((first, len)) = s.vms.get(vm).map(|m| (m.first, m.len)) else {
+        let Some((first, len)) = Self::span(&s, vm) else {
             return;
         };
         if (to as usize) < len {
@@ -424,7 +362,7 @@ impl Backend for LinuxBackend {
             costs: COSTS,
         };
         let boosts = s.vms[vm].policy.on_rcu_wait(&input);
-        let grants = self.grant(&mut s, vm, &boosts);
+        let grants = self.grant(&mut s, vm, &boosts, Lent::GracePeriod, now);
         drop(s);
         self.raise(grants);
     }
@@ -442,19 +380,27 @@ impl Backend for LinuxBackend {
         let Some(a) = (tid != 0).then(|| self.booster.audit(tid)).flatten() else {
             return;
         };
-        if let Some(c) = self.lock().vcpus.get_mut(v) {
-            let p = &mut c.metrics.host_priority;
-            match (a.real_time, a.boosted) {
-                (true, true) => p.samples_raised += 1,
-                (true, false) => p.samples_unaccounted += 1,
-                _ => {}
-            }
+        let mut s = self.lock();
+        let Some(c) = s.vcpus.get_mut(v) else {
+            return;
+        };
+        let p = &mut c.metrics.host_priority;
+        match (a.real_time, a.boosted) {
+            (true, true) => p.samples_raised += 1,
+            (true, false) => p.samples_unaccounted += 1,
+            _ => {}
+        }
+        // A boost the timer ended: the record no longer names a lender.
+        if !a.boosted && c.lent.take().is_some() {
+            let vm = c.vm;
+            let index = v - s.vms[vm].first;
+            s.vms[vm].publish_lent(index, None);
         }
     }
 
     fn sampled(&self, vm: usize, stacked: bool, interval_ns: u64) {
         let mut s = self.lock();
-        let Some((first, len)) = s.vms.get(vm).map(|m| (m.first, m.len)) else {
+        let Some((first, len)) = Self::span(&s, vm) else {
             return;
         };
         // Sampled while the VM is live: every vCPU thread has started here (before that it
@@ -463,12 +409,11 @@ impl Backend for LinuxBackend {
         if vcpus.iter().any(|c| c.tid == 0) || vcpus.iter().all(|c| c.gone) {
             return;
         }
-        if let Some(m) = s.vms.get_mut(vm) {
-            m.metrics.samples += 1;
-            m.metrics.sampled_ns += interval_ns;
-            if stacked {
-                m.metrics.stacked_ns += interval_ns;
-            }
+        let m = &mut s.vms[vm].metrics;
+        m.samples += 1;
+        m.sampled_ns += interval_ns;
+        if stacked {
+            m.stacked_ns += interval_ns;
         }
     }
 
@@ -481,13 +426,7 @@ impl Backend for LinuxBackend {
     fn exit(&self, v: usize) {
         let mut s = self.lock();
         if let Some(c) = s.vcpus.get_mut(v) {
-            c.gone = true;
-            if c.tid != 0 {
-                // Whatever the budget said: a thread that leaves gives its priority back,
-                // and is seen to.
-                self.booster.restore(c.tid);
-                c.metrics.host_priority.raised_at_exit = real_time(c.tid);
-            }
+            self.leave(c);
             self.repin(&mut s);
         }
         drop(s);
@@ -496,13 +435,9 @@ impl Backend for LinuxBackend {
 
     fn end_vm(&self, vm: usize) {
         let mut s = self.lock();
-        if let Some(m) = s.vms.get(vm) {
-            let (first, len) = (m.first, m.len);
+        if let Some((first, len)) = Self::span(&s, vm) {
             for c in &mut s.vcpus[first..first + len] {
-                c.gone = true;
-                if c.tid != 0 {
-                    self.booster.restore(c.tid);
-                }
+                self.leave(c);
             }
             self.repin(&mut s);
         }
@@ -512,7 +447,7 @@ impl Backend for LinuxBackend {
 
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)> {
         let s = self.lock();
-        let (first, len) = s.vms.get(vm).map(|m| (m.first, m.len))?;
+        let (first, len) = Self::span(&s, vm)?;
         let vcpus = s.vcpus[first..first + len]
             .iter()
             .map(|c| {
@@ -534,48 +469,4 @@ impl Backend for LinuxBackend {
     fn publishes_host_fields(&self) -> bool {
         false
     }
-}
-
-/// The host CPUs this process may run on, in order (any number: no CPU limit is built in).
-fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is plain bits; all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into `set`.
-    let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } == 0;
-    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
-        .filter(|&cpu| ok && unsafe { libc::CPU_ISSET(cpu, &set) })
-        .collect();
-    if cpus.is_empty() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (0..n).collect()
-    } else {
-        cpus
-    }
-}
-
-/// Pins thread `tid` to host CPU `cpu`.
-fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
-    // SAFETY: as in `allowed_cpus`.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: `cpu` was checked to lie inside the set.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: sched_setaffinity reads `set`, which lives across the call; a tid that names no
-    // thread is refused with ESRCH.
-    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Whether thread `tid` runs under a real-time policy now.
-fn real_time(tid: libc::pid_t) -> bool {
-    matches!(
-        super::rtboost::current(tid),
-        Some((libc::SCHED_FIFO | libc::SCHED_RR, _))
-    )
 }
