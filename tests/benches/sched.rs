@@ -191,11 +191,8 @@ const SETUPS: [(&str, &str, &str); 4] = [
 
 /// The same vCPU counts under the Linux backend (no slots, no slice: the host's own
 /// scheduler time-slices the threads; boosts raise a thread to `SCHED_FIFO`).
-const LINUX_SETUPS: [(&str, &str); 3] = [
-    ("2 vCPUs (1:1)", "2"),
-    ("4 vCPUs", "4"),
-    ("8 vCPUs", "8"),
-];
+const LINUX_SETUPS: [(&str, &str); 3] =
+    [("2 vCPUs (1:1)", "2"), ("4 vCPUs", "4"), ("8 vCPUs", "8")];
 
 /// Per set-up, per policy, the samples of one measure.
 type Table = Vec<Vec<Vec<f64>>>;
@@ -268,12 +265,20 @@ fn problems(reps: usize) {
     for _ in 0..reps {
         for (s, (_, vcpus, slice)) in SETUPS.iter().enumerate() {
             for (i, p) in policies.iter().enumerate() {
-                slots.measure(s, i, &["--vcpus", vcpus, "--slice-us", slice, "--policy", p]);
+                slots.measure(
+                    s,
+                    i,
+                    &["--vcpus", vcpus, "--slice-us", slice, "--policy", p],
+                );
             }
         }
         for (s, (_, vcpus)) in LINUX_SETUPS.iter().enumerate() {
             for (i, p) in policies.iter().enumerate() {
-                linux.measure(s, i, &["--vcpus", vcpus, "--backend", "linux", "--policy", p]);
+                linux.measure(
+                    s,
+                    i,
+                    &["--vcpus", vcpus, "--backend", "linux", "--policy", p],
+                );
             }
         }
     }
@@ -339,16 +344,7 @@ fn stacking(reps: usize) {
                 } else {
                     ["--slots", slots]
                 };
-                let (out, m) = run(&[
-                    host[0],
-                    host[1],
-                    "--placement",
-                    p,
-                    "--vm",
-                    vm,
-                    "--vm",
-                    vm,
-                ]);
+                let (out, m) = run(&[host[0], host[1], "--placement", p, "--vm", vm, "--vm", vm]);
                 let f = |v: usize| m["vms"][v]["stacking_fraction"].as_f64().unwrap();
                 stack[s][i].push(100.0 * (f(0) + f(1)) / 2.0);
                 let h = |v: usize| {

@@ -13,7 +13,8 @@ use serde_json::Value;
 
 /// Runs pvsync under the Linux backend with `args`; returns the output and the metrics.
 fn linux_run(name: &str, args: &[&str], env: Option<(&str, &str)>) -> (Output, Value) {
-    let path = std::env::temp_dir().join(format!("pvsync-linux-{name}-{}.json", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("pvsync-linux-{name}-{}.json", std::process::id()));
     let k = guest_kernel().to_str().unwrap().to_owned();
     let mut cmd = Command::new(pvsync_bin());
     cmd.args(["run", "--kernel", &k, "--mem", "128", "--backend", "linux"])
@@ -75,7 +76,11 @@ fn all_given_back(name: &str, m: &Value) -> u64 {
     let mut raised = 0;
     for vm in 0..m["vms"].as_array().unwrap().len() {
         for v in vcpus(m, vm) {
-            assert_eq!(boosts(v), prio(v, "raised"), "{name}: counted = raised: {v}");
+            assert_eq!(
+                boosts(v),
+                prio(v, "raised"),
+                "{name}: counted = raised: {v}"
+            );
             assert_eq!(prio(v, "restored"), prio(v, "raised"), "{name}: {v}");
             assert_eq!(prio(v, "restore_failures"), 0, "{name}: {v}");
             assert_eq!(prio(v, "samples_unaccounted"), 0, "{name}: {v}");
@@ -91,7 +96,9 @@ fn all_given_back(name: &str, m: &Value) -> u64 {
 
 #[test]
 fn boosts_raise_the_thread_and_give_it_back() {
-    if !require_kvm("boosts_raise_the_thread_and_give_it_back") || !may_raise("boosts_raise_the_thread_and_give_it_back") {
+    if !require_kvm("boosts_raise_the_thread_and_give_it_back")
+        || !may_raise("boosts_raise_the_thread_and_give_it_back")
+    {
         return;
     }
     // Four vCPUs on this host's cores: readers get preempted and grace periods wait.
@@ -110,9 +117,16 @@ fn boosts_raise_the_thread_and_give_it_back() {
     out.check(out.status == Some(0), "rcutorture passes");
     assert_eq!(m["settings"]["backend"], "linux");
     let raised = all_given_back("rcu", &m);
-    assert!(raised > 0, "the pv policy boosted no thread:\n{}", out.all());
+    assert!(
+        raised > 0,
+        "the pv policy boosted no thread:\n{}",
+        out.all()
+    );
     // The ledger charged them: the VM owed boost time at some point.
-    assert!(m["vms"][0]["boost_debt_max_ns"].as_u64().unwrap() > 0, "{m}");
+    assert!(
+        m["vms"][0]["boost_debt_max_ns"].as_u64().unwrap() > 0,
+        "{m}"
+    );
 
     // The `none` policy boosts nothing, and nothing is raised.
     let (out, m) = linux_run(
@@ -133,7 +147,9 @@ fn boosts_raise_the_thread_and_give_it_back() {
 
 #[test]
 fn a_guest_that_never_exits_cannot_keep_a_raised_priority() {
-    if !require_kvm("a_guest_that_never_exits_cannot_keep_a_raised_priority") || !may_raise("a_guest_that_never_exits_cannot_keep_a_raised_priority") {
+    if !require_kvm("a_guest_that_never_exits_cannot_keep_a_raised_priority")
+        || !may_raise("a_guest_that_never_exits_cannot_keep_a_raised_priority")
+    {
         return;
     }
     // Odd vCPUs spin with interrupts off and never exit to the VMM while the even ones name
@@ -205,7 +221,9 @@ fn spread_keeps_siblings_on_different_host_cpus() {
 
 #[test]
 fn every_exit_path_gives_the_priority_back() {
-    if !require_kvm("every_exit_path_gives_the_priority_back") || !may_raise("every_exit_path_gives_the_priority_back") {
+    if !require_kvm("every_exit_path_gives_the_priority_back")
+        || !may_raise("every_exit_path_gives_the_priority_back")
+    {
         return;
     }
     let args = |cmdline: &'static str, timeout: &'static str| {
@@ -225,7 +243,11 @@ fn every_exit_path_gives_the_priority_back() {
     out.check(out.status == Some(0), "guest exit");
     let mut raised = all_given_back("exit", &m);
     // The timeout stops a guest that holds on.
-    let (out, m) = linux_run("timeout", &args("test=hostile-hold duration=60000", "3"), None);
+    let (out, m) = linux_run(
+        "timeout",
+        &args("test=hostile-hold duration=60000", "3"),
+        None,
+    );
     out.check(out.status == Some(EXIT_TIMEOUT), "the timeout stops it");
     assert_eq!(m["vms"][0]["outcome"]["kind"], "timeout", "{m}");
     raised += all_given_back("timeout", &m);
@@ -236,7 +258,10 @@ fn every_exit_path_gives_the_priority_back() {
         &args("test=hostile-hold duration=60000", "60"),
         Some(("PVSYNC_INJECT", "vcpu-panic:2000")),
     );
-    out.check(out.status == Some(EXIT_HOST_ERROR), "a VMM fault ends the run");
+    out.check(
+        out.status == Some(EXIT_HOST_ERROR),
+        "a VMM fault ends the run",
+    );
     assert_eq!(m["vms"][0]["outcome"]["kind"], "vmm-fault", "{m}");
     raised += all_given_back("fault", &m);
     // SIGTERM.
@@ -264,7 +289,11 @@ fn every_exit_path_gives_the_priority_back() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(EXIT_INTERRUPTED), "SIGTERM ends the run");
+    assert_eq!(
+        status.code(),
+        Some(EXIT_INTERRUPTED),
+        "SIGTERM ends the run"
+    );
     let m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);
     assert_eq!(m["vms"][0]["outcome"]["kind"], "interrupted", "{m}");
@@ -297,7 +326,10 @@ fn without_cap_sys_nice_it_says_so_once_and_still_runs() {
         .args(["--metrics", path.to_str().unwrap()])
         .args(["--vm", VM, "--vm", VM]);
     let out = run_with_limit(cmd, Duration::from_secs(120));
-    out.check(out.status == Some(0), "the run passes without the privilege");
+    out.check(
+        out.status == Some(0),
+        "the run passes without the privilege",
+    );
     let warned = out.stderr.matches("no CAP_SYS_NICE").count();
     let m: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);

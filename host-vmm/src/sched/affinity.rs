@@ -9,46 +9,57 @@ const MAX_CPUS: usize = 1 << 20;
 
 /// The host CPUs this process may run on, in order; None if the kernel would not say.
 pub fn allowed_cpus() -> Option<Vec<usize>> {
-    let mut words = 1024 / WORD_BITS;
-    while words * WORD_BITS <= MAX_CPUS {
-        let mut mask = vec![0u64; words];
-        // SAFETY: sched_getaffinity writes at most `size` bytes into `mask`, which has them.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_sched_getaffinity,
-                0 as libc::c_long,
-                std::mem::size_of_val(mask.as_slice()),
-                mask.as_mut_ptr(),
-            )
-        };
-        if n > 0 {
-            let cpus = (0..words * WORD_BITS)
-                .filter(|&c| mask[c / WORD_BITS] & (1 << (c % WORD_BITS)) != 0)
-                .collect::<Vec<_>>();
-            return (!cpus.is_empty()).then_some(cpus);
-        }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return None;
-        }
-        words *= 2;
-    }
-    None
+    let mut mask = vec![0u64; mask_words()];
+    get_mask(0, &mut mask).ok()?;
+    let cpus: Vec<usize> = (0..mask.len() * WORD_BITS)
+        .filter(|&c| mask[c / WORD_BITS] & (1 << (c % WORD_BITS)) != 0)
+        .collect();
+    (!cpus.is_empty()).then_some(cpus)
 }
 
-/// Pins thread `tid` (of this process) to host CPU `cpu`.
-pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
-    if tid <= 0 || cpu >= MAX_CPUS {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+/// Words in the kernel's CPU mask (found once, by asking for this process's): every mask
+/// passed to the kernel has this size, so that one thread's mask can be saved and put back.
+pub fn mask_words() -> usize {
+    static WORDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WORDS.get_or_init(|| {
+        let mut words = 1024 / WORD_BITS;
+        while words * WORD_BITS <= MAX_CPUS {
+            let mut mask = vec![0u64; words];
+            if get_mask(0, &mut mask).is_ok() {
+                return words;
+            }
+            words *= 2;
+        }
+        1024 / WORD_BITS
+    })
+}
+
+/// Reads thread `tid`'s CPU mask into `mask`.
+pub fn get_mask(tid: libc::pid_t, mask: &mut [u64]) -> std::io::Result<()> {
+    // SAFETY: sched_getaffinity writes at most `size` bytes into `mask`, which has them.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            tid as libc::c_long,
+            std::mem::size_of_val(mask),
+            mask.as_mut_ptr(),
+        )
+    };
+    if n > 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    let mut mask = vec![0u64; (cpu / WORD_BITS + 1).max(1024 / WORD_BITS)];
-    mask[cpu / WORD_BITS] |= 1 << (cpu % WORD_BITS);
-    // SAFETY: sched_setaffinity reads `size` bytes of `mask`, which has them; the caller
-    // names a thread of this process.
+}
+
+/// Sets thread `tid`'s CPU mask (the caller names a thread of this process).
+pub fn set_mask(tid: libc::pid_t, mask: &[u64]) -> std::io::Result<()> {
+    // SAFETY: sched_setaffinity reads `size` bytes of `mask`, which has them.
     let r = unsafe {
         libc::syscall(
             libc::SYS_sched_setaffinity,
             tid as libc::c_long,
-            std::mem::size_of_val(mask.as_slice()),
+            std::mem::size_of_val(mask),
             mask.as_ptr(),
         )
     };
@@ -57,6 +68,27 @@ pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// `mask` holding CPU `cpu` alone (false if `cpu` does not fit).
+pub fn only(mask: &mut [u64], cpu: usize) -> bool {
+    mask.fill(0);
+    match mask.get_mut(cpu / WORD_BITS) {
+        Some(w) => {
+            *w = 1 << (cpu % WORD_BITS);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Pins thread `tid` (of this process) to host CPU `cpu`.
+pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+    let mut mask = vec![0u64; mask_words()];
+    if tid <= 0 || !only(&mut mask, cpu) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    set_mask(tid, &mask)
 }
 
 #[cfg(test)]

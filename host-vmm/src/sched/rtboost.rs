@@ -36,6 +36,8 @@ use std::time::{Duration, Instant};
 
 use priority_inheriting_lock::{PriorityInheritingLock, PriorityInheritingLockGuard};
 
+use super::affinity;
+
 /// Real-time priority of a boosted thread: the lowest, above every `SCHED_OTHER` thread.
 pub const BOOST_PRIORITY: i32 = 1;
 /// Real-time priority of the timer thread: above every boosted thread.
@@ -92,10 +94,13 @@ struct Live {
 }
 
 /// One registered thread.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Slot {
     tid: libc::pid_t,
     live: Option<Live>,
+    /// Its CPU mask before a boost moved it (sized when it registered), and whether one did.
+    home: Vec<u64>,
+    moved: bool,
     /// No new boost before this.
     cool_until: Option<Instant>,
     /// It left: never raised again.
@@ -105,6 +110,8 @@ struct Slot {
 
 struct State {
     slots: Vec<Slot>,
+    /// A CPU mask to build a move in (sized once).
+    scratch: Vec<u64>,
     /// Boosts live now, and the most allowed at once.
     live: usize,
     max_live: usize,
@@ -177,7 +184,12 @@ fn give_back(s: &mut State, i: usize, now: Instant) -> Option<Duration> {
     s.live -= 1;
     let used = now.saturating_duration_since(live.since);
     slot.cool_until = now.checked_add(used);
+    let moved = std::mem::take(&mut slot.moved);
     // A thread that is gone needs nothing back (and its tid may name another thread now).
+    if moved && ours(slot.tid) {
+        // Back where it may run (a failure leaves it on the CPU it was lent, still runnable).
+        let _ = affinity::set_mask(slot.tid, &slot.home);
+    }
     if ours(slot.tid) && set(slot.tid, live.policy, live.priority).is_ok() {
         if current(slot.tid) == Some((live.policy, live.priority)) {
             slot.counts.restored += 1;
@@ -222,6 +234,7 @@ impl RtBooster {
         let shared = Arc::new(Shared {
             state: PriorityInheritingLock::new(State {
                 slots: Vec::new(),
+                scratch: vec![0; affinity::mask_words()],
                 live: 0,
                 max_live: max_live.max(1),
                 refused: None,
@@ -258,6 +271,8 @@ impl RtBooster {
             s.slots.push(Slot {
                 tid,
                 live: None,
+                home: vec![0; affinity::mask_words()],
+                moved: false,
                 cool_until: None,
                 retired: false,
                 counts: ThreadCounts::default(),
@@ -269,8 +284,10 @@ impl RtBooster {
         s.slots.iter().rposition(|t| t.tid == tid)
     }
 
-    /// Runs thread `tid` `SCHED_FIFO` for at most `budget`.
-    pub fn boost(&self, tid: libc::pid_t, budget: Duration) -> Outcome {
+    /// Runs thread `tid` `SCHED_FIFO` for at most `budget`; on host CPU `onto` if given (the
+    /// caller's CPU, lent as in a directed yield: the thread's own mask comes back with its
+    /// scheduling).
+    pub fn boost(&self, tid: libc::pid_t, budget: Duration, onto: Option<usize>) -> Outcome {
         let (Some(waker), true) = (&self.waker, self.shared.timer_alive.load(Ordering::Acquire))
         else {
             return Outcome::NotPermitted;
@@ -290,7 +307,7 @@ impl RtBooster {
         let Some(i) = Self::slot_of(&s, tid).filter(|_| tid > 0) else {
             return Outcome::Failed(libc::ENOENT);
         };
-        let slot = s.slots[i];
+        let slot = &s.slots[i];
         if slot.retired || !ours(tid) {
             return Outcome::Failed(libc::ESRCH);
         }
@@ -321,6 +338,15 @@ impl RtBooster {
         });
         s.live += 1;
         waker.unpark();
+        if let Some(cpu) = onto {
+            // Moved first, so that the raise wakes it where it is to run. Without the move
+            // (a CPU it may not use) it is raised where it is.
+            let State { slots, scratch, .. } = &mut *s;
+            let slot = &mut slots[i];
+            slot.moved = affinity::get_mask(tid, &mut slot.home).is_ok()
+                && affinity::only(scratch, cpu)
+                && affinity::set_mask(tid, scratch).is_ok();
+        }
         match set(tid, libc::SCHED_FIFO, BOOST_PRIORITY) {
             Ok(()) => {
                 if current(tid) == Some((libc::SCHED_FIFO, BOOST_PRIORITY)) {
@@ -329,6 +355,9 @@ impl RtBooster {
                 Outcome::Boosted
             }
             Err(e) => {
+                if std::mem::take(&mut s.slots[i].moved) {
+                    let _ = affinity::set_mask(tid, &s.slots[i].home);
+                }
                 s.slots[i].live = None;
                 s.live -= 1;
                 if e == libc::EPERM {
@@ -483,15 +512,24 @@ mod tests {
         let Some(b) = booster(1) else { return };
         let (stop, tid, h) = spinner(true);
         let before = current(tid).unwrap();
-        assert_eq!(b.boost(tid, Duration::from_millis(30)), Outcome::Failed(libc::ENOENT));
+        assert_eq!(
+            b.boost(tid, Duration::from_millis(30), None),
+            Outcome::Failed(libc::ENOENT)
+        );
         b.register(tid);
         // A spinning real-time thread may keep this one off its CPU past a short budget, so
         // what is checked is the end state, not the moment in between.
-        assert_eq!(b.boost(tid, Duration::from_millis(30)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(tid, Duration::from_millis(30), None),
+            Outcome::Boosted
+        );
         wait_until_restored(&b, tid);
         assert_eq!(current(tid).unwrap(), before, "the timer gave it back");
         let c = b.thread_counts(tid);
-        assert_eq!((c.raised, c.expired, c.restored, c.restore_failures), (1, 1, 1, 0));
+        assert_eq!(
+            (c.raised, c.expired, c.restored, c.restore_failures),
+            (1, 1, 1, 0)
+        );
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
     }
@@ -501,20 +539,38 @@ mod tests {
         let Some(b) = booster(1) else { return };
         let (stop, tid, h) = spinner(false);
         b.register(tid);
-        assert_eq!(b.boost(tid, Duration::from_millis(200)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(tid, Duration::from_millis(200), None),
+            Outcome::Boosted
+        );
         // Not extended, and no second boost at once: the cap is one.
-        assert_eq!(b.boost(tid, Duration::from_secs(1)), Outcome::AlreadyBoosted);
+        assert_eq!(
+            b.boost(tid, Duration::from_secs(1), None),
+            Outcome::AlreadyBoosted
+        );
         let (stop2, other, h2) = spinner(false);
         b.register(other);
-        assert_eq!(b.boost(other, Duration::from_millis(1)), Outcome::Busy);
+        assert_eq!(
+            b.boost(other, Duration::from_millis(1), None),
+            Outcome::Busy
+        );
         wait_until_restored(&b, tid);
         // It ran its budget: it sits out as long before the next boost.
-        assert_eq!(b.boost(tid, Duration::from_millis(200)), Outcome::CoolingDown);
+        assert_eq!(
+            b.boost(tid, Duration::from_millis(200), None),
+            Outcome::CoolingDown
+        );
         // A boost given back early cools down only as long as it ran.
-        assert_eq!(b.boost(other, Duration::from_secs(60)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(other, Duration::from_secs(60), None),
+            Outcome::Boosted
+        );
         assert!(b.restore(other).unwrap() > Duration::from_secs(50));
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(b.boost(other, Duration::from_secs(60)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(other, Duration::from_secs(60), None),
+            Outcome::Boosted
+        );
         drop(b);
         for (s, h) in [(stop, h), (stop2, h2)] {
             s.store(true, Ordering::Relaxed);
@@ -528,21 +584,33 @@ mod tests {
         let (stop, tid, h) = spinner(false);
         let before = current(tid).unwrap();
         b.register(tid);
-        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(tid, Duration::from_secs(60), None),
+            Outcome::Boosted
+        );
         assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, BOOST_PRIORITY));
         assert!(b.restore(tid).is_some());
         assert_eq!(current(tid).unwrap(), before, "restore");
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(tid, Duration::from_secs(60), None),
+            Outcome::Boosted
+        );
         drop(b);
         assert_eq!(current(tid).unwrap(), before, "drop");
         // Retired: restored, and a request still on its way is refused.
         let b = booster(1).unwrap();
         b.register(tid);
-        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
+        assert_eq!(
+            b.boost(tid, Duration::from_secs(60), None),
+            Outcome::Boosted
+        );
         b.retire(tid);
         assert_eq!(current(tid).unwrap(), before, "retire");
-        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Failed(libc::ESRCH));
+        assert_eq!(
+            b.boost(tid, Duration::from_secs(60), None),
+            Outcome::Failed(libc::ESRCH)
+        );
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
     }
@@ -553,14 +621,24 @@ mod tests {
         // 0 and negative tids would mean the caller or nothing; pid 1 is another process.
         for tid in [0, -1, 1] {
             b.register(tid);
-            assert!(matches!(b.boost(tid, Duration::from_millis(1)), Outcome::Failed(_)));
+            assert!(matches!(
+                b.boost(tid, Duration::from_millis(1), None),
+                Outcome::Failed(_)
+            ));
         }
-        assert_eq!(current(0).map(|p| p.0), Some(libc::SCHED_OTHER), "the caller untouched");
+        assert_eq!(
+            current(0).map(|p| p.0),
+            Some(libc::SCHED_OTHER),
+            "the caller untouched"
+        );
         // A thread the operator runs real-time is left as it is.
         let (stop, tid, h) = spinner(false);
         set(tid, libc::SCHED_FIFO, 3).unwrap();
         b.register(tid);
-        assert_eq!(b.boost(tid, Duration::from_secs(1)), Outcome::AlreadyRealTime);
+        assert_eq!(
+            b.boost(tid, Duration::from_secs(1), None),
+            Outcome::AlreadyRealTime
+        );
         assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, 3));
         set(tid, libc::SCHED_OTHER, 0).unwrap();
         stop.store(true, Ordering::Relaxed);

@@ -66,13 +66,18 @@ impl LinuxBackend {
                 continue;
             };
             let (tid, gone) = (s.vcpus[key].tid, s.vcpus[key].gone);
-            if tid == 0 || gone {
+            // Lent already: it runs on an earlier boost.
+            if tid == 0 || gone || s.vcpus[key].lent.is_some() {
                 continue;
             }
             let Some(budget) = s.ledger.grant(vm) else {
                 s.vcpus[key].metrics.boosts_refused += 1;
                 continue;
             };
+            // The record names the lender before the thread is raised: raised, it may run
+            // and stop holding the lender up at once, and must know to give the CPU back.
+            s.vcpus[key].lent = Some(lent);
+            s.vms[vm].publish_lent(b.vcpu as usize, Some(lent));
             out.push(Grant {
                 vm,
                 key,
@@ -91,12 +96,26 @@ impl LinuxBackend {
         if grants.is_empty() {
             return;
         }
+        // The caller lends its own CPU (this thread is the spinner's, or the vCPU's that
+        // told of a grace period's holdouts, which waits for them), as a directed yield
+        // would: the boosted thread preempts it rather than whatever runs elsewhere.
+        // SAFETY: sched_getcpu has no preconditions.
+        let here = usize::try_from(unsafe { libc::sched_getcpu() }).ok();
         let outcomes: Vec<Outcome> = grants
             .iter()
-            .map(|g| self.booster.boost(g.tid, Duration::from_nanos(g.budget)))
+            .map(|g| {
+                self.booster
+                    .boost(g.tid, Duration::from_nanos(g.budget), here)
+            })
             .collect();
         let mut s = self.lock();
         for (g, o) in grants.iter().zip(outcomes) {
+            if o != Outcome::Boosted && s.vcpus[g.key].lent == Some(g.lent) {
+                // Nothing lent after all.
+                s.vcpus[g.key].lent = None;
+                let index = g.key - s.vms[g.vm].first;
+                s.vms[g.vm].publish_lent(index, None);
+            }
             match o {
                 Outcome::Boosted => {
                     // Booked only now: a grant that made no boost costs nothing.
@@ -104,11 +123,7 @@ impl LinuxBackend {
                     let debt = s.ledger.debt(g.vm);
                     let m = &mut s.vms[g.vm].metrics;
                     m.max_debt_ns = m.max_debt_ns.max(debt);
-                    let c = &mut s.vcpus[g.key];
-                    c.metrics.count_boost(g.reason);
-                    c.lent = Some(g.lent);
-                    let index = g.key - s.vms[g.vm].first;
-                    s.vms[g.vm].publish_lent(index, Some(g.lent));
+                    s.vcpus[g.key].metrics.count_boost(g.reason);
                 }
                 // Running on an earlier boost: nothing new was lent.
                 Outcome::AlreadyBoosted => {}

@@ -17,7 +17,12 @@ impl LinuxBackend {
         let spans: Vec<(usize, usize)> = s.vms.iter().map(|m| (m.first, m.len)).collect();
         let live: Vec<Vec<bool>> = spans
             .iter()
-            .map(|&(f, n)| s.vcpus[f..f + n].iter().map(|c| c.tid != 0 && !c.gone).collect())
+            .map(|&(f, n)| {
+                s.vcpus[f..f + n]
+                    .iter()
+                    .map(|c| c.tid != 0 && !c.gone)
+                    .collect()
+            })
             .collect();
         let current: Vec<Vec<Option<usize>>> = spans
             .iter()
