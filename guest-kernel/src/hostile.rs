@@ -197,8 +197,6 @@ pub fn flood(cpus: &[u32], duration_ms: u64) -> bool {
 /// fast as they can. A host that boosts the holders for being named must take each boost
 /// back on its own: the holders never give it a chance. Passes if both sides ran.
 pub fn hold(cpus: &[u32], duration_ms: u64) -> bool {
-    use shared_abi::Hypercall;
-    use x86_64::instructions::port::Port;
     let end = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(duration_ms * 1000);
     let holders: alloc::vec::Vec<u32> = cpus.iter().copied().filter(|c| c % 2 == 1).collect();
     let tasks: alloc::vec::Vec<_> = cpus
@@ -215,14 +213,9 @@ pub fn hold(cpus: &[u32], duration_ms: u64) -> bool {
                     return 0;
                 }
                 let mut calls = 0;
-                let mut p: Port<u32> = Port::new(Hypercall::YieldTo.port());
                 while crate::arch::tsc::now() < end {
                     for &h in &holders {
-                        // SAFETY: a YieldTo only asks the host to run vCPU `h`.
-                        unsafe {
-                            p.write(h);
-                            let _: u32 = p.read();
-                        }
+                        crate::shared::yield_to(h);
                         calls += 1;
                     }
                 }
