@@ -16,8 +16,9 @@ fn linux_run(name: &str, args: &[&str], env: Option<(&str, &str)>) -> (Output, V
     let path =
         std::env::temp_dir().join(format!("pvsync-linux-{name}-{}.json", std::process::id()));
     let k = guest_kernel().to_str().unwrap().to_owned();
-    let mut cmd = Command::new(pvsync_bin());
-    cmd.args(["run", "--kernel", &k, "--mem", "128", "--backend", "linux"])
+    let mut cmd = on_cpus(2);
+    cmd.arg(pvsync_bin())
+        .args(["run", "--kernel", &k, "--mem", "128", "--backend", "linux"])
         .args(["--metrics", path.to_str().unwrap()])
         .args(args);
     if let Some((k, v)) = env {
@@ -30,6 +31,16 @@ fn linux_run(name: &str, args: &[&str], env: Option<(&str, &str)>) -> (Output, V
         .unwrap_or_else(|| panic!("{name}: no metrics:\n{}", out.all()));
     let _ = std::fs::remove_file(&path);
     (out, m)
+}
+
+/// A command that runs what follows on at most `n` of the CPUs this process may use: four
+/// vCPUs are overcommitted (and get preempted) on any host.
+fn on_cpus(n: usize) -> Command {
+    let cpus = host_vmm::sched::affinity::allowed_cpus().expect("allowed CPUs");
+    let list: Vec<String> = cpus.iter().take(n).map(|c| c.to_string()).collect();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &list.join(",")]);
+    cmd
 }
 
 /// Whether this process may run a thread real-time at priority 2 (the boost timer's); if
@@ -190,7 +201,16 @@ fn spread_keeps_siblings_on_different_host_cpus() {
     let vm = "vcpus=2,cmdline=test=locktorture lock=mcs duration=1000";
     let (out, m) = linux_run(
         "spread",
-        &["--placement", "spread", "--vm", vm, "--vm", vm],
+        &[
+            "--placement",
+            "spread",
+            "--policy",
+            "pv",
+            "--vm",
+            vm,
+            "--vm",
+            vm,
+        ],
         None,
     );
     out.check(out.status == Some(0), "both VMs pass");
@@ -204,9 +224,8 @@ fn spread_keeps_siblings_on_different_host_cpus() {
     // The same sampling must see it.
     let k = guest_kernel().to_str().unwrap().to_owned();
     let path = std::env::temp_dir().join(format!("pvsync-linux-one-{}.json", std::process::id()));
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", "0"])
-        .arg(pvsync_bin())
+    let mut cmd = on_cpus(1);
+    cmd.arg(pvsync_bin())
         .args(["run", "--kernel", &k, "--mem", "128", "--backend", "linux"])
         .args(["--placement", "wake-affine", "--vm", vm, "--vm", vm])
         .args(["--metrics", path.to_str().unwrap()]);
@@ -308,9 +327,13 @@ fn without_cap_sys_nice_it_says_so_once_and_still_runs() {
         return;
     }
     let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: geteuid has no preconditions.
-    if !setpriv.exists() || unsafe { libc::geteuid() } != 0 {
-        eprintln!("*** without_cap_sys_nice: needs root and /usr/bin/setpriv to drop the capability: NOT RUN ***");
+    let root = unsafe { libc::geteuid() } == 0;
+    if !setpriv.exists() || !root || cores < 2 {
+        eprintln!(
+            "*** without_cap_sys_nice: needs root, /usr/bin/setpriv and two CPUs: NOT RUN ***"
+        );
         return;
     }
     // Two VMs of two vCPUs on this host's cores: overcommitted (the policy wants boosts),
@@ -318,8 +341,11 @@ fn without_cap_sys_nice_it_says_so_once_and_still_runs() {
     const VM: &str = "vcpus=2,cmdline=test=rcutorture duration=1500";
     let k = guest_kernel().to_str().unwrap().to_owned();
     let path = std::env::temp_dir().join(format!("pvsync-linux-nocap-{}.json", std::process::id()));
-    let mut cmd = Command::new(setpriv);
-    cmd.args(["--inh-caps=-sys_nice", "--bounding-set=-sys_nice"])
+    // No capability, and no real-time budget either (root's RLIMIT_RTPRIO may allow some).
+    let mut cmd = on_cpus(2);
+    cmd.args(["prlimit", "--rtprio=0:0", "--"])
+        .arg(setpriv)
+        .args(["--inh-caps=-sys_nice", "--bounding-set=-sys_nice"])
         .arg(pvsync_bin())
         .args(["run", "--kernel", &k, "--mem", "128", "--backend", "linux"])
         .args(["--policy", "pv", "--placement", "spread"])

@@ -9,7 +9,9 @@
 //! - **A cool-down:** a thread whose boost ended may not be raised again for as long as that
 //!   boost lasted, so no stream of requests keeps a thread real-time more than half the time.
 //! - **A cap** on boosts live at once (one CPU fewer than the host has, at least one), so
-//!   boosted threads never hold every CPU.
+//!   boosted threads never hold every CPU, and an allowance of boost time shared by all
+//!   threads that refills at half the rate of time per boost allowed: however a guest
+//!   spreads its requests over threads, boosts hold at most half of those CPUs over time.
 //! - **Retirement:** a thread that leaves is restored and never raised again, even by a
 //!   request already on its way.
 //!
@@ -42,6 +44,8 @@ use super::affinity;
 pub const BOOST_PRIORITY: i32 = 1;
 /// Real-time priority of the timer thread: above every boosted thread.
 const TIMER_PRIORITY: i32 = BOOST_PRIORITY + 1;
+/// Boost time saved up at most, per boost allowed at once.
+const CREDIT_CAP_PER_BOOST: Duration = Duration::from_millis(40);
 
 /// What a boost request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,8 +114,17 @@ struct Slot {
 
 struct State {
     slots: Vec<Slot>,
-    /// A CPU mask to build a move in (sized once).
+    /// A CPU mask to build a move in, and the CPUs this process may use (sized once).
     scratch: Vec<u64>,
+    allowed: Vec<u64>,
+    /// Boost time all threads together may still take, ns, refilled at half the rate of
+    /// time per boost allowed at once: whichever threads a guest gets named, boosted threads
+    /// hold at most half of `max_live` CPUs over time. A boost may start while it is
+    /// positive and takes its whole budget (it may go below zero by one budget). Last
+    /// refilled at `refilled`.
+    credit: i64,
+    credit_cap: i64,
+    refilled: Instant,
     /// Boosts live now, and the most allowed at once.
     live: usize,
     max_live: usize,
@@ -172,8 +185,23 @@ pub fn current(tid: libc::pid_t) -> Option<(libc::c_int, libc::c_int)> {
     (policy >= 0 && ok).then_some((policy, param.sched_priority))
 }
 
+/// `d` in ns, saturated.
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
 fn is_real_time(policy: libc::c_int) -> bool {
-    policy == libc::SCHED_FIFO || policy == libc::SCHED_RR
+    let p = policy & !libc::SCHED_RESET_ON_FORK;
+    p == libc::SCHED_FIFO || p == libc::SCHED_RR
+}
+
+/// A policy a boost may lift and put back: the ordinary ones. Real-time and deadline
+/// threads are the operator's, and left alone.
+fn boostable(policy: libc::c_int) -> bool {
+    matches!(
+        policy & !libc::SCHED_RESET_ON_FORK,
+        libc::SCHED_OTHER | libc::SCHED_BATCH | libc::SCHED_IDLE
+    )
 }
 
 /// Ends slot `i`'s boost, if live, and checks it took: the thread reads back the policy and
@@ -185,19 +213,38 @@ fn give_back(s: &mut State, i: usize, now: Instant) -> Option<Duration> {
     let used = now.saturating_duration_since(live.since);
     slot.cool_until = now.checked_add(used);
     let moved = std::mem::take(&mut slot.moved);
+    // Unused boost time goes back to the common allowance.
+    let left = live.until.saturating_duration_since(now);
+    s.credit = (s.credit + nanos(left)).min(s.credit_cap);
+    let slot = &mut s.slots[i];
     // A thread that is gone needs nothing back (and its tid may name another thread now).
-    if moved && ours(slot.tid) {
-        // Back where it may run (a failure leaves it on the CPU it was lent, still runnable).
-        let _ = affinity::set_mask(slot.tid, &slot.home);
+    if !ours(slot.tid) {
+        return Some(left);
     }
-    if ours(slot.tid) && set(slot.tid, live.policy, live.priority).is_ok() {
-        if current(slot.tid) == Some((live.policy, live.priority)) {
-            slot.counts.restored += 1;
-        } else {
-            slot.counts.restore_failures += 1;
-        }
+    // Its policy first (it must not run real-time anywhere else), then its CPUs: its own
+    // mask, or if the kernel no longer takes that one (a CPU gone, a cpuset changed), any
+    // CPU this process may use.
+    let policy = live.policy & !libc::SCHED_RESET_ON_FORK;
+    let back = set(slot.tid, live.policy, live.priority)
+        .or_else(|_| set(slot.tid, libc::SCHED_OTHER, 0))
+        .is_ok()
+        && current(slot.tid).is_some_and(|(p, prio)| {
+            (p & !libc::SCHED_RESET_ON_FORK, prio) == (policy, live.priority)
+        });
+    let tid = slot.tid;
+    if moved
+        && affinity::set_mask(tid, &s.slots[i].home).is_err()
+        && affinity::set_mask(tid, &s.allowed).is_err()
+    {
+        s.slots[i].counts.restore_failures += 1;
     }
-    Some(live.until.saturating_duration_since(now))
+    let slot = &mut s.slots[i];
+    if back {
+        slot.counts.restored += 1;
+    } else {
+        slot.counts.restore_failures += 1;
+    }
+    Some(left)
 }
 
 /// Gives back their own scheduling to the threads whose budget ended by `now` (all if
@@ -231,12 +278,19 @@ pub struct RtBooster {
 impl RtBooster {
     /// A booster that lets at most `max_live` boosts run at once (at least one).
     pub fn new(max_live: usize) -> Self {
+        let max_live = max_live.max(1);
+        let mut allowed = vec![0; affinity::mask_words()];
+        let _ = affinity::get_mask(0, &mut allowed);
         let shared = Arc::new(Shared {
             state: PriorityInheritingLock::new(State {
                 slots: Vec::new(),
                 scratch: vec![0; affinity::mask_words()],
+                allowed,
+                credit: nanos(CREDIT_CAP_PER_BOOST) * max_live as i64,
+                credit_cap: nanos(CREDIT_CAP_PER_BOOST) * max_live as i64,
+                refilled: Instant::now(),
                 live: 0,
-                max_live: max_live.max(1),
+                max_live,
                 refused: None,
             }),
             stop: AtomicBool::new(false),
@@ -266,17 +320,90 @@ impl RtBooster {
     /// Makes thread `tid` (of this process) known, so that it can be boosted. Allocates;
     /// the boosts themselves do not.
     pub fn register(&self, tid: libc::pid_t) {
+        if tid <= 0 {
+            return;
+        }
+        // Built before the lock is taken: nothing allocates under it.
+        let mut slot = Some(Slot {
+            tid,
+            live: None,
+            home: vec![0; affinity::mask_words()],
+            moved: false,
+            cool_until: None,
+            retired: false,
+            counts: ThreadCounts::default(),
+        });
+        let mut spare: Vec<Slot> = Vec::new();
+        loop {
+            let mut s = self.shared.lock();
+            if s.slots.iter().any(|t| t.tid == tid && !t.retired) {
+                return;
+            }
+            // A tid the kernel gave again: the old slot's counts are reported no more.
+            if let Some(i) = s.slots.iter().position(|t| t.tid == tid) {
+                s.slots[i] = slot.take().expect("set until used");
+                return;
+            }
+            if s.slots.len() < s.slots.capacity() {
+                s.slots.push(slot.take().expect("set until used"));
+                return;
+            }
+            if spare.capacity() > s.slots.len() {
+                // Swapped, not copied: the old table is freed after the lock is released.
+                spare.append(&mut s.slots);
+                std::mem::swap(&mut spare, &mut s.slots);
+                s.slots.push(slot.take().expect("set until used"));
+                drop(s);
+                return;
+            }
+            let want = 2 * s.slots.len() + 8;
+            drop(s);
+            spare = Vec::with_capacity(want);
+        }
+    }
+
+    /// `tid`'s own CPU is `cpu` now (placement moved it). A boost that lent it another CPU
+    /// puts it back there when it ends; otherwise it moves now. Under the booster's lock,
+    /// so a boost's saved mask never goes stale.
+    pub fn rehome(&self, tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
+        let mut mask = vec![0; affinity::mask_words()];
+        if !affinity::only(&mut mask, cpu) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let mut s = self.shared.lock();
-        if tid > 0 && !s.slots.iter().any(|t| t.tid == tid && !t.retired) {
-            s.slots.push(Slot {
-                tid,
-                live: None,
-                home: vec![0; affinity::mask_words()],
-                moved: false,
-                cool_until: None,
-                retired: false,
-                counts: ThreadCounts::default(),
+        if let Some(i) = Self::slot_of(&s, tid) {
+            if s.slots[i].moved {
+                s.slots[i].home.copy_from_slice(&mask);
+                return Ok(());
+            }
+        }
+        if !ours(tid) {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        affinity::set_mask(tid, &mask)
+    }
+
+    /// Why a boost of `tid` would be refused now, if it would (cheap, and changes nothing):
+    /// lets a caller skip the work around a boost that cannot happen.
+    pub fn would_refuse(&self, tid: libc::pid_t) -> Option<Outcome> {
+        let s = self.shared.lock();
+        if let Some(e) = s.refused {
+            return Some(if e == libc::EPERM {
+                Outcome::NotPermitted
+            } else {
+                Outcome::Failed(e)
             });
+        }
+        let i = Self::slot_of(&s, tid)?;
+        let slot = &s.slots[i];
+        if slot.live.is_some() {
+            Some(Outcome::AlreadyBoosted)
+        } else if slot.cool_until.is_some_and(|c| Instant::now() < c) {
+            Some(Outcome::CoolingDown)
+        } else if s.live >= s.max_live {
+            Some(Outcome::Busy)
+        } else {
+            None
         }
     }
 
@@ -320,12 +447,20 @@ impl RtBooster {
         if s.live >= s.max_live {
             return Outcome::Busy;
         }
+        let elapsed = now.saturating_duration_since(s.refilled);
+        s.refilled = now;
+        let refill = nanos(elapsed).saturating_mul(s.max_live as i64) / 2;
+        s.credit = s.credit.saturating_add(refill).min(s.credit_cap);
+        if s.credit <= 0 {
+            return Outcome::Busy;
+        }
         let Some((policy, priority)) = current(tid) else {
             return Outcome::Failed(libc::ESRCH);
         };
-        if is_real_time(policy) {
+        if !boostable(policy) {
             return Outcome::AlreadyRealTime;
         }
+        s.credit = s.credit.saturating_sub(nanos(budget));
         // The entry exists before the thread is raised, and the lock is held across both:
         // the timer sees every raised thread. The timer is woken first: the raised thread may
         // preempt this one right after the raise, and the timer must not wait for this one
@@ -360,6 +495,7 @@ impl RtBooster {
                 }
                 s.slots[i].live = None;
                 s.live -= 1;
+                s.credit = s.credit.saturating_add(nanos(budget));
                 if e == libc::EPERM {
                     s.refused = Some(e);
                     Outcome::NotPermitted
@@ -377,13 +513,14 @@ impl RtBooster {
         give_back(&mut s, i, Instant::now())
     }
 
-    /// `tid` leaves: its boost ends now and it is never raised again.
-    pub fn retire(&self, tid: libc::pid_t) {
+    /// `tid` leaves: its boost ends now and it is never raised again; the budget it had
+    /// left, if it was boosted.
+    pub fn retire(&self, tid: libc::pid_t) -> Option<Duration> {
         let mut s = self.shared.lock();
-        if let Some(i) = Self::slot_of(&s, tid) {
-            give_back(&mut s, i, Instant::now());
-            s.slots[i].retired = true;
-        }
+        let i = Self::slot_of(&s, tid)?;
+        let left = give_back(&mut s, i, Instant::now());
+        s.slots[i].retired = true;
+        left
     }
 
     /// Whether `tid` is boosted now.
@@ -538,41 +675,34 @@ mod tests {
     fn no_stream_of_requests_keeps_a_thread_up() {
         let Some(b) = booster(1) else { return };
         let (stop, tid, h) = spinner(false);
-        b.register(tid);
-        assert_eq!(
-            b.boost(tid, Duration::from_millis(200), None),
-            Outcome::Boosted
-        );
-        // Not extended, and no second boost at once: the cap is one.
-        assert_eq!(
-            b.boost(tid, Duration::from_secs(1), None),
-            Outcome::AlreadyBoosted
-        );
         let (stop2, other, h2) = spinner(false);
+        b.register(tid);
         b.register(other);
-        assert_eq!(
-            b.boost(other, Duration::from_millis(1), None),
-            Outcome::Busy
-        );
+        let boost = |t, ms| b.boost(t, Duration::from_millis(ms), None);
+        assert_eq!(boost(tid, 20), Outcome::Boosted);
+        // Not extended, and no second boost at once: the cap is one.
+        assert_eq!(boost(tid, 1000), Outcome::AlreadyBoosted);
+        assert_eq!(boost(other, 1), Outcome::Busy);
         wait_until_restored(&b, tid);
         // It ran its budget: it sits out as long before the next boost.
-        assert_eq!(
-            b.boost(tid, Duration::from_millis(200), None),
-            Outcome::CoolingDown
-        );
-        // A boost given back early cools down only as long as it ran.
-        assert_eq!(
-            b.boost(other, Duration::from_secs(60), None),
-            Outcome::Boosted
-        );
+        assert_eq!(boost(tid, 20), Outcome::CoolingDown);
+        // A boost given back early cools down only as long as it ran, and its unused budget
+        // returns to the allowance.
+        assert_eq!(boost(other, 60_000), Outcome::Boosted);
         assert!(b.restore(other).unwrap() > Duration::from_secs(50));
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(
-            b.boost(other, Duration::from_secs(60), None),
-            Outcome::Boosted
-        );
+        assert_eq!(boost(other, 20), Outcome::Boosted);
+        b.restore(other);
+        std::thread::sleep(Duration::from_millis(20));
+        // A boost that runs a long budget out spends the allowance all threads share:
+        // another thread, never boosted, must wait for it to refill.
+        assert_eq!(boost(other, 300), Outcome::Boosted);
+        wait_until_restored(&b, other);
+        let (stop3, third, h3) = spinner(false);
+        b.register(third);
+        assert_eq!(boost(third, 1), Outcome::Busy);
         drop(b);
-        for (s, h) in [(stop, h), (stop2, h2)] {
+        for (s, h) in [(stop, h), (stop2, h2), (stop3, h3)] {
             s.store(true, Ordering::Relaxed);
             h.join().unwrap();
         }
@@ -633,13 +763,13 @@ mod tests {
         );
         // A thread the operator runs real-time is left as it is.
         let (stop, tid, h) = spinner(false);
-        set(tid, libc::SCHED_FIFO, 3).unwrap();
+        set(tid, libc::SCHED_FIFO, 2).unwrap();
         b.register(tid);
         assert_eq!(
             b.boost(tid, Duration::from_secs(1), None),
             Outcome::AlreadyRealTime
         );
-        assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, 3));
+        assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, 2));
         set(tid, libc::SCHED_OTHER, 0).unwrap();
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();

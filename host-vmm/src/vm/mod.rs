@@ -454,6 +454,10 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
             let task = tasks[i].as_mut().and_then(TaskStatFile::read);
             seen.extend(task);
             let Some(now) = files[i].as_mut().and_then(ThreadStat::read) else {
+                // No wait figures: not known to be preempted, still looked at.
+                if tid != 0 {
+                    vm.backend.observe(vm.key(i as u32), false);
+                }
                 continue;
             };
             let base = *first[i].get_or_insert(now);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::{Lent, LinuxBackend, State};
 use crate::policy::{Boost, BoostReason};
+use crate::sched::placement::Placement;
 use crate::sched::rtboost::Outcome;
 use crate::sched::Nanos;
 
@@ -15,7 +16,10 @@ pub(super) struct Grant {
     tid: libc::pid_t,
     budget: Nanos,
     reason: BoostReason,
-    lent: Lent,
+    /// Which grant of the vCPU this is (`Vcpu::grants`).
+    number: u64,
+    /// The host CPU to lend it, if any.
+    onto: Option<usize>,
 }
 
 impl LinuxBackend {
@@ -52,12 +56,18 @@ impl LinuxBackend {
     pub(super) fn grant(
         &self,
         s: &mut State,
-        vm: usize,
+        caller: usize,
         boosts: &[Boost],
         lent: Lent,
         now: Nanos,
     ) -> Vec<Grant> {
         Self::settle(s, now);
+        let vm = s.vcpus[caller].vm;
+        // The caller lends its own CPU (this thread is the spinner's, or the vCPU's that
+        // told of a grace period's holdouts, which waits for them), as a directed yield
+        // would: the boosted thread preempts it rather than whatever runs elsewhere.
+        // SAFETY: sched_getcpu has no preconditions.
+        let here = usize::try_from(unsafe { libc::sched_getcpu() }).ok();
         let mut out = Vec::new();
         for b in boosts {
             let Some(key) =
@@ -65,84 +75,113 @@ impl LinuxBackend {
             else {
                 continue;
             };
+            self.drop_stale_lent(s, key);
             let (tid, gone) = (s.vcpus[key].tid, s.vcpus[key].gone);
-            // Lent already: it runs on an earlier boost.
+            // Lent already: it runs on an earlier boost (or one is on its way).
             if tid == 0 || gone || s.vcpus[key].lent.is_some() {
+                continue;
+            }
+            // A boost that cannot happen now (privilege, cool-down, the cap) is not
+            // announced to the guest at all.
+            if let Some(why) = self.booster.would_refuse(tid) {
+                self.refused(s, key, why);
                 continue;
             }
             let Some(budget) = s.ledger.grant(vm) else {
                 s.vcpus[key].metrics.boosts_refused += 1;
                 continue;
             };
+            // Booked now, so that grants made together cannot pass the cap; repaid in
+            // `raise` if no boost is made.
+            s.ledger.borrowed(vm, budget);
+            let debt = s.ledger.debt(vm);
+            let m = &mut s.vms[vm].metrics;
+            m.max_debt_ns = m.max_debt_ns.max(debt);
             // The record names the lender before the thread is raised: raised, it may run
             // and stop holding the lender up at once, and must know to give the CPU back.
-            s.vcpus[key].lent = Some(lent);
+            let c = &mut s.vcpus[key];
+            c.grants += 1;
+            c.lent = Some(lent);
+            c.lent_grant = c.grants;
+            c.pending = true;
+            let number = c.grants;
             s.vms[vm].publish_lent(b.vcpu as usize, Some(lent));
+            // The caller's CPU is lent to one boost, never to the caller itself, and not
+            // under `spread` (siblings would share it).
+            let onto = (out.is_empty() && key != caller && self.placement != Placement::Spread)
+                .then_some(here)
+                .flatten();
             out.push(Grant {
                 vm,
                 key,
                 tid,
                 budget,
                 reason: b.reason,
-                lent,
+                number,
+                onto,
             });
         }
         out
     }
 
-    /// Raises the threads `grants` names through the host scheduler, then books them: the
-    /// debt of the boosts made, the refusals, and the lender in the boosted vCPU's record.
+    /// A boost of `key` refused for `why`: counted, and said once if for lack of privilege.
+    fn refused(&self, s: &mut State, key: usize, why: Outcome) {
+        if why == Outcome::AlreadyBoosted {
+            return;
+        }
+        s.vcpus[key].metrics.boosts_refused += 1;
+        if why == Outcome::NotPermitted && !std::mem::replace(&mut s.warned_privilege, true) {
+            eprintln!(
+                "pvsync: warning: the Linux backend cannot raise vCPU threads (no \
+                 CAP_SYS_NICE, or no real-time budget: RLIMIT_RTPRIO below 2 or \
+                 sched_rt_runtime_us 0): boosts fall back to the spinner's sched_yield; \
+                 placement still applies"
+            );
+        }
+    }
+
+    /// Raises the threads `grants` names through the host scheduler, then books them: a
+    /// grant that made no boost is repaid and its lender taken back from the record.
     pub(super) fn raise(&self, grants: Vec<Grant>) {
         if grants.is_empty() {
             return;
         }
-        // The caller lends its own CPU (this thread is the spinner's, or the vCPU's that
-        // told of a grace period's holdouts, which waits for them), as a directed yield
-        // would: the boosted thread preempts it rather than whatever runs elsewhere.
-        // SAFETY: sched_getcpu has no preconditions.
-        let here = usize::try_from(unsafe { libc::sched_getcpu() }).ok();
         let outcomes: Vec<Outcome> = grants
             .iter()
             .map(|g| {
                 self.booster
-                    .boost(g.tid, Duration::from_nanos(g.budget), here)
+                    .boost(g.tid, Duration::from_nanos(g.budget), g.onto)
             })
             .collect();
         let mut s = self.lock();
         for (g, o) in grants.iter().zip(outcomes) {
-            if o != Outcome::Boosted && s.vcpus[g.key].lent == Some(g.lent) {
-                // Nothing lent after all.
+            let c = &mut s.vcpus[g.key];
+            // Still this grant's: the vCPU did not give the CPU back (or leave) before the
+            // raise landed.
+            let current = c.lent_grant == g.number && c.lent.is_some() && !c.gone;
+            if c.lent_grant == g.number {
+                c.pending = false;
+            }
+            let made = o == Outcome::Boosted;
+            if made && !current {
+                // Given back (or left) already: the boost ends at once.
+                if let Some(left) = self.booster.restore(g.tid) {
+                    s.ledger.repaid(g.vm, left.as_nanos() as Nanos);
+                }
+                s.vcpus[g.key].metrics.count_boost(g.reason);
+                continue;
+            }
+            if made {
+                s.vcpus[g.key].metrics.count_boost(g.reason);
+                continue;
+            }
+            s.ledger.repaid(g.vm, g.budget);
+            if current {
                 s.vcpus[g.key].lent = None;
                 let index = g.key - s.vms[g.vm].first;
                 s.vms[g.vm].publish_lent(index, None);
             }
-            match o {
-                Outcome::Boosted => {
-                    // Booked only now: a grant that made no boost costs nothing.
-                    s.ledger.borrowed(g.vm, g.budget);
-                    let debt = s.ledger.debt(g.vm);
-                    let m = &mut s.vms[g.vm].metrics;
-                    m.max_debt_ns = m.max_debt_ns.max(debt);
-                    s.vcpus[g.key].metrics.count_boost(g.reason);
-                }
-                // Running on an earlier boost: nothing new was lent.
-                Outcome::AlreadyBoosted => {}
-                Outcome::CoolingDown | Outcome::Busy | Outcome::AlreadyRealTime => {
-                    s.vcpus[g.key].metrics.boosts_refused += 1;
-                }
-                Outcome::NotPermitted => {
-                    s.vcpus[g.key].metrics.boosts_refused += 1;
-                    if !std::mem::replace(&mut s.warned_privilege, true) {
-                        eprintln!(
-                            "pvsync: warning: the Linux backend cannot raise vCPU threads (no \
-                             CAP_SYS_NICE, or no real-time budget: RLIMIT_RTPRIO below 2 or \
-                             sched_rt_runtime_us 0): boosts fall back to the spinner's \
-                             sched_yield; placement still applies"
-                        );
-                    }
-                }
-                Outcome::Failed(_) => s.vcpus[g.key].metrics.boosts_refused += 1,
-            }
+            self.refused(&mut s, g.key, o);
         }
     }
 
@@ -168,8 +207,13 @@ impl LinuxBackend {
         }
         c.lent = None;
         let vm = c.vm;
-        let left = self.booster.restore(c.tid);
-        if left.is_some() {
+        // A grant still on its way is ended by `raise` when it lands.
+        let left = if c.pending {
+            None
+        } else {
+            self.booster.restore(c.tid)
+        };
+        if left.is_some() || c.pending {
             c.metrics.turns_given_back += 1;
         }
         s.vms[vm].publish_lent(me as usize, None);

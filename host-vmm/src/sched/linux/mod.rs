@@ -73,8 +73,13 @@ struct Vcpu {
     preempted: bool,
     /// The host CPU `spread` pinned it to (an index into the host CPU list).
     pinned: Option<usize>,
-    /// Published in its record while a boost lasts.
+    /// Published in its record while a boost lasts (from its grant on).
     lent: Option<Lent>,
+    /// Grants made to it so far: the one `lent` belongs to is `lent_grant`.
+    grants: u64,
+    lent_grant: u64,
+    /// A grant of it is between the ledger and the raise.
+    pending: bool,
     metrics: VcpuMetrics,
 }
 
@@ -187,14 +192,40 @@ impl LinuxBackend {
         s.vms.get(vm).map(|m| (m.first, m.len))
     }
 
-    /// A vCPU thread leaves: its boost ends, it is never raised again, and whether the host
-    /// still runs it real-time is read back.
-    fn leave(&self, c: &mut Vcpu) {
-        c.gone = true;
-        if c.tid != 0 {
-            self.booster.retire(c.tid);
-            c.metrics.host_priority.raised_at_exit = place::real_time(c.tid);
+    /// VM-local vCPU `v` leaves: its boost ends (the budget left is repaid), it is never
+    /// raised again, its record names no lender, and whether the host still runs it
+    /// real-time is read back.
+    fn leave(&self, s: &mut State, v: usize) {
+        let c = &mut s.vcpus[v];
+        if c.gone {
+            return;
         }
+        c.gone = true;
+        let (vm, tid) = (c.vm, c.tid);
+        if c.lent.take().is_some() {
+            let index = v - s.vms[vm].first;
+            s.vms[vm].publish_lent(index, None);
+        }
+        if tid == 0 {
+            return;
+        }
+        if let Some(left) = self.booster.retire(tid) {
+            s.ledger.repaid(vm, left.as_nanos() as Nanos);
+        }
+        s.vcpus[v].metrics.host_priority.raised_at_exit = place::real_time(tid);
+    }
+
+    /// `v`'s record names a lender but no boost is live or on its way (the timer ended it):
+    /// it names none any more.
+    fn drop_stale_lent(&self, s: &mut State, v: usize) {
+        let c = &s.vcpus[v];
+        if c.lent.is_none() || c.pending || c.tid == 0 || self.booster.is_boosted(c.tid) {
+            return;
+        }
+        let vm = c.vm;
+        s.vcpus[v].lent = None;
+        let index = v - s.vms[vm].first;
+        s.vms[vm].publish_lent(index, None);
     }
 }
 
@@ -279,7 +310,7 @@ impl Backend for LinuxBackend {
                 costs: COSTS,
             };
             match s.vms[vm].policy.on_spin(&input, me, named) {
-                Some(b) => self.grant(&mut s, vm, &[b], Lent::By(me), now),
+                Some(b) => self.grant(&mut s, v, &[b], Lent::By(me), now),
                 None => Vec::new(),
             }
         };
@@ -362,7 +393,7 @@ impl Backend for LinuxBackend {
             costs: COSTS,
         };
         let boosts = s.vms[vm].policy.on_rcu_wait(&input);
-        let grants = self.grant(&mut s, vm, &boosts, Lent::GracePeriod, now);
+        let grants = self.grant(&mut s, v, &boosts, Lent::GracePeriod, now);
         drop(s);
         self.raise(grants);
     }
@@ -391,11 +422,7 @@ impl Backend for LinuxBackend {
             _ => {}
         }
         // A boost the timer ended: the record no longer names a lender.
-        if !a.boosted && c.lent.take().is_some() {
-            let vm = c.vm;
-            let index = v - s.vms[vm].first;
-            s.vms[vm].publish_lent(index, None);
-        }
+        self.drop_stale_lent(&mut s, v);
     }
 
     fn sampled(&self, vm: usize, stacked: bool, interval_ns: u64) {
@@ -425,8 +452,8 @@ impl Backend for LinuxBackend {
 
     fn exit(&self, v: usize) {
         let mut s = self.lock();
-        if let Some(c) = s.vcpus.get_mut(v) {
-            self.leave(c);
+        if v < s.vcpus.len() {
+            self.leave(&mut s, v);
             self.repin(&mut s);
         }
         drop(s);
@@ -436,8 +463,8 @@ impl Backend for LinuxBackend {
     fn end_vm(&self, vm: usize) {
         let mut s = self.lock();
         if let Some((first, len)) = Self::span(&s, vm) {
-            for c in &mut s.vcpus[first..first + len] {
-                self.leave(c);
+            for v in first..first + len {
+                self.leave(&mut s, v);
             }
             self.repin(&mut s);
         }

@@ -2,7 +2,6 @@
 //! host CPU while another is free; `wake-affine` leaves the host's own placement.
 
 use super::{LinuxBackend, State};
-use crate::sched::affinity::pin_thread;
 use crate::sched::placement::{spread_pins, Placement};
 use crate::sched::rtboost;
 
@@ -35,7 +34,9 @@ impl LinuxBackend {
                 let Some(p) = pin.filter(|_| pin != c.pinned) else {
                     continue;
                 };
-                match pin_thread(c.tid, self.host_cpus[p]) {
+                // Through the booster: a boost that lent the thread another CPU must put it
+                // back on this one.
+                match self.booster.rehome(c.tid, self.host_cpus[p]) {
                     Ok(()) => c.pinned = pin,
                     Err(e) => failed = Some(e),
                 }
