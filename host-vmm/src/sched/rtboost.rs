@@ -38,8 +38,6 @@ use std::time::{Duration, Instant};
 
 use priority_inheriting_lock::{PriorityInheritingLock, PriorityInheritingLockGuard};
 
-use super::affinity;
-
 /// Real-time priority of a boosted thread: the lowest, above every `SCHED_OTHER` thread.
 pub const BOOST_PRIORITY: i32 = 1;
 /// Real-time priority of the timer thread: above every boosted thread.
@@ -102,9 +100,6 @@ struct Live {
 struct Slot {
     tid: libc::pid_t,
     live: Option<Live>,
-    /// Its CPU mask before a boost moved it (sized when it registered), and whether one did.
-    home: Vec<u64>,
-    moved: bool,
     /// No new boost before this.
     cool_until: Option<Instant>,
     /// It left: never raised again.
@@ -114,9 +109,6 @@ struct Slot {
 
 struct State {
     slots: Vec<Slot>,
-    /// A CPU mask to build a move in, and the CPUs this process may use (sized once).
-    scratch: Vec<u64>,
-    allowed: Vec<u64>,
     /// Boost time all threads together may still take, ns, refilled at half the rate of
     /// time per boost allowed at once: whichever threads a guest gets named, boosted threads
     /// hold at most half of `max_live` CPUs over time. A boost may start while it is
@@ -212,7 +204,6 @@ fn give_back(s: &mut State, i: usize, now: Instant) -> Option<Duration> {
     s.live -= 1;
     let used = now.saturating_duration_since(live.since);
     slot.cool_until = now.checked_add(used);
-    let moved = std::mem::take(&mut slot.moved);
     // Unused boost time goes back to the common allowance.
     let left = live.until.saturating_duration_since(now);
     s.credit = (s.credit + nanos(left)).min(s.credit_cap);
@@ -221,9 +212,6 @@ fn give_back(s: &mut State, i: usize, now: Instant) -> Option<Duration> {
     if !ours(slot.tid) {
         return Some(left);
     }
-    // Its policy first (it must not run real-time anywhere else), then its CPUs: its own
-    // mask, or if the kernel no longer takes that one (a CPU gone, a cpuset changed), any
-    // CPU this process may use.
     let policy = live.policy & !libc::SCHED_RESET_ON_FORK;
     let back = set(slot.tid, live.policy, live.priority)
         .or_else(|_| set(slot.tid, libc::SCHED_OTHER, 0))
@@ -231,14 +219,6 @@ fn give_back(s: &mut State, i: usize, now: Instant) -> Option<Duration> {
         && current(slot.tid).is_some_and(|(p, prio)| {
             (p & !libc::SCHED_RESET_ON_FORK, prio) == (policy, live.priority)
         });
-    let tid = slot.tid;
-    if moved
-        && affinity::set_mask(tid, &s.slots[i].home).is_err()
-        && affinity::set_mask(tid, &s.allowed).is_err()
-    {
-        s.slots[i].counts.restore_failures += 1;
-    }
-    let slot = &mut s.slots[i];
     if back {
         slot.counts.restored += 1;
     } else {
@@ -279,13 +259,9 @@ impl RtBooster {
     /// A booster that lets at most `max_live` boosts run at once (at least one).
     pub fn new(max_live: usize) -> Self {
         let max_live = max_live.max(1);
-        let mut allowed = vec![0; affinity::mask_words()];
-        let _ = affinity::get_mask(0, &mut allowed);
         let shared = Arc::new(Shared {
             state: PriorityInheritingLock::new(State {
                 slots: Vec::new(),
-                scratch: vec![0; affinity::mask_words()],
-                allowed,
                 credit: nanos(CREDIT_CAP_PER_BOOST) * max_live as i64,
                 credit_cap: nanos(CREDIT_CAP_PER_BOOST) * max_live as i64,
                 refilled: Instant::now(),
@@ -327,8 +303,6 @@ impl RtBooster {
         let mut slot = Some(Slot {
             tid,
             live: None,
-            home: vec![0; affinity::mask_words()],
-            moved: false,
             cool_until: None,
             retired: false,
             counts: ThreadCounts::default(),
@@ -362,27 +336,6 @@ impl RtBooster {
         }
     }
 
-    /// `tid`'s own CPU is `cpu` now (placement moved it). A boost that lent it another CPU
-    /// puts it back there when it ends; otherwise it moves now. Under the booster's lock,
-    /// so a boost's saved mask never goes stale.
-    pub fn rehome(&self, tid: libc::pid_t, cpu: usize) -> std::io::Result<()> {
-        let mut mask = vec![0; affinity::mask_words()];
-        if !affinity::only(&mut mask, cpu) {
-            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let mut s = self.shared.lock();
-        if let Some(i) = Self::slot_of(&s, tid) {
-            if s.slots[i].moved {
-                s.slots[i].home.copy_from_slice(&mask);
-                return Ok(());
-            }
-        }
-        if !ours(tid) {
-            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-        }
-        affinity::set_mask(tid, &mask)
-    }
-
     /// Why a boost of `tid` would be refused now, if it would (cheap, and changes nothing):
     /// lets a caller skip the work around a boost that cannot happen.
     pub fn would_refuse(&self, tid: libc::pid_t) -> Option<Outcome> {
@@ -411,10 +364,9 @@ impl RtBooster {
         s.slots.iter().rposition(|t| t.tid == tid)
     }
 
-    /// Runs thread `tid` `SCHED_FIFO` for at most `budget`; on host CPU `onto` if given (the
-    /// caller's CPU, lent as in a directed yield: the thread's own mask comes back with its
-    /// scheduling).
-    pub fn boost(&self, tid: libc::pid_t, budget: Duration, onto: Option<usize>) -> Outcome {
+    /// Runs thread `tid` `SCHED_FIFO` for at most `budget`, where it is (a boost does not
+    /// move a thread: measured here, moving vCPU threads costs more than the boost wins).
+    pub fn boost(&self, tid: libc::pid_t, budget: Duration) -> Outcome {
         let (Some(waker), true) = (&self.waker, self.shared.timer_alive.load(Ordering::Acquire))
         else {
             return Outcome::NotPermitted;
@@ -473,15 +425,6 @@ impl RtBooster {
         });
         s.live += 1;
         waker.unpark();
-        if let Some(cpu) = onto {
-            // Moved first, so that the raise wakes it where it is to run. Without the move
-            // (a CPU it may not use) it is raised where it is.
-            let State { slots, scratch, .. } = &mut *s;
-            let slot = &mut slots[i];
-            slot.moved = affinity::get_mask(tid, &mut slot.home).is_ok()
-                && affinity::only(scratch, cpu)
-                && affinity::set_mask(tid, scratch).is_ok();
-        }
         match set(tid, libc::SCHED_FIFO, BOOST_PRIORITY) {
             Ok(()) => {
                 if current(tid) == Some((libc::SCHED_FIFO, BOOST_PRIORITY)) {
@@ -490,9 +433,6 @@ impl RtBooster {
                 Outcome::Boosted
             }
             Err(e) => {
-                if std::mem::take(&mut s.slots[i].moved) {
-                    let _ = affinity::set_mask(tid, &s.slots[i].home);
-                }
                 s.slots[i].live = None;
                 s.live -= 1;
                 s.credit = s.credit.saturating_add(nanos(budget));
@@ -650,16 +590,13 @@ mod tests {
         let (stop, tid, h) = spinner(true);
         let before = current(tid).unwrap();
         assert_eq!(
-            b.boost(tid, Duration::from_millis(30), None),
+            b.boost(tid, Duration::from_millis(30)),
             Outcome::Failed(libc::ENOENT)
         );
         b.register(tid);
         // A spinning real-time thread may keep this one off its CPU past a short budget, so
         // what is checked is the end state, not the moment in between.
-        assert_eq!(
-            b.boost(tid, Duration::from_millis(30), None),
-            Outcome::Boosted
-        );
+        assert_eq!(b.boost(tid, Duration::from_millis(30)), Outcome::Boosted);
         wait_until_restored(&b, tid);
         assert_eq!(current(tid).unwrap(), before, "the timer gave it back");
         let c = b.thread_counts(tid);
@@ -678,7 +615,7 @@ mod tests {
         let (stop2, other, h2) = spinner(false);
         b.register(tid);
         b.register(other);
-        let boost = |t, ms| b.boost(t, Duration::from_millis(ms), None);
+        let boost = |t, ms| b.boost(t, Duration::from_millis(ms));
         assert_eq!(boost(tid, 20), Outcome::Boosted);
         // Not extended, and no second boost at once: the cap is one.
         assert_eq!(boost(tid, 1000), Outcome::AlreadyBoosted);
@@ -714,31 +651,22 @@ mod tests {
         let (stop, tid, h) = spinner(false);
         let before = current(tid).unwrap();
         b.register(tid);
-        assert_eq!(
-            b.boost(tid, Duration::from_secs(60), None),
-            Outcome::Boosted
-        );
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
         assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, BOOST_PRIORITY));
         assert!(b.restore(tid).is_some());
         assert_eq!(current(tid).unwrap(), before, "restore");
         std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(
-            b.boost(tid, Duration::from_secs(60), None),
-            Outcome::Boosted
-        );
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
         drop(b);
         assert_eq!(current(tid).unwrap(), before, "drop");
         // Retired: restored, and a request still on its way is refused.
         let b = booster(1).unwrap();
         b.register(tid);
-        assert_eq!(
-            b.boost(tid, Duration::from_secs(60), None),
-            Outcome::Boosted
-        );
+        assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
         b.retire(tid);
         assert_eq!(current(tid).unwrap(), before, "retire");
         assert_eq!(
-            b.boost(tid, Duration::from_secs(60), None),
+            b.boost(tid, Duration::from_secs(60)),
             Outcome::Failed(libc::ESRCH)
         );
         stop.store(true, Ordering::Relaxed);
@@ -752,7 +680,7 @@ mod tests {
         for tid in [0, -1, 1] {
             b.register(tid);
             assert!(matches!(
-                b.boost(tid, Duration::from_millis(1), None),
+                b.boost(tid, Duration::from_millis(1)),
                 Outcome::Failed(_)
             ));
         }
@@ -766,7 +694,7 @@ mod tests {
         set(tid, libc::SCHED_FIFO, 2).unwrap();
         b.register(tid);
         assert_eq!(
-            b.boost(tid, Duration::from_secs(1), None),
+            b.boost(tid, Duration::from_secs(1)),
             Outcome::AlreadyRealTime
         );
         assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, 2));

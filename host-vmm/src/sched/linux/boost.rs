@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use super::{Lent, LinuxBackend, State};
 use crate::policy::{Boost, BoostReason};
-use crate::sched::placement::Placement;
 use crate::sched::rtboost::Outcome;
 use crate::sched::Nanos;
 
@@ -18,8 +17,6 @@ pub(super) struct Grant {
     reason: BoostReason,
     /// Which grant of the vCPU this is (`Vcpu::grants`).
     number: u64,
-    /// The host CPU to lend it, if any.
-    onto: Option<usize>,
 }
 
 impl LinuxBackend {
@@ -50,9 +47,9 @@ impl LinuxBackend {
         }
     }
 
-    /// Which of VM-local vCPUs `boosts` of `vm` the ledger allows (lent by `lent`); returns
-    /// what to raise. The raise itself happens in `raise`, with the state unlocked: a raised
-    /// thread may preempt the caller at once.
+    /// Which of VM-local vCPUs `boosts` (asked for by vCPU `caller`) the ledger allows (lent
+    /// by `lent`); returns what to raise. The raise itself happens in `raise`, with the state
+    /// unlocked: a raised thread may preempt the caller at once.
     pub(super) fn grant(
         &self,
         s: &mut State,
@@ -63,11 +60,6 @@ impl LinuxBackend {
     ) -> Vec<Grant> {
         Self::settle(s, now);
         let vm = s.vcpus[caller].vm;
-        // The caller lends its own CPU (this thread is the spinner's, or the vCPU's that
-        // told of a grace period's holdouts, which waits for them), as a directed yield
-        // would: the boosted thread preempts it rather than whatever runs elsewhere.
-        // SAFETY: sched_getcpu has no preconditions.
-        let here = usize::try_from(unsafe { libc::sched_getcpu() }).ok();
         let mut out = Vec::new();
         for b in boosts {
             let Some(key) =
@@ -106,11 +98,6 @@ impl LinuxBackend {
             c.pending = true;
             let number = c.grants;
             s.vms[vm].publish_lent(b.vcpu as usize, Some(lent));
-            // The caller's CPU is lent to one boost, never to the caller itself, and not
-            // under `spread` (siblings would share it).
-            let onto = (out.is_empty() && key != caller && self.placement != Placement::Spread)
-                .then_some(here)
-                .flatten();
             out.push(Grant {
                 vm,
                 key,
@@ -118,7 +105,6 @@ impl LinuxBackend {
                 budget,
                 reason: b.reason,
                 number,
-                onto,
             });
         }
         out
@@ -148,10 +134,7 @@ impl LinuxBackend {
         }
         let outcomes: Vec<Outcome> = grants
             .iter()
-            .map(|g| {
-                self.booster
-                    .boost(g.tid, Duration::from_nanos(g.budget), g.onto)
-            })
+            .map(|g| self.booster.boost(g.tid, Duration::from_nanos(g.budget)))
             .collect();
         let mut s = self.lock();
         for (g, o) in grants.iter().zip(outcomes) {

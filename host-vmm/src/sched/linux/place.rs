@@ -2,6 +2,7 @@
 //! host CPU while another is free; `wake-affine` leaves the host's own placement.
 
 use super::{LinuxBackend, State};
+use crate::sched::affinity::pin_thread;
 use crate::sched::placement::{spread_pins, Placement};
 use crate::sched::rtboost;
 
@@ -34,9 +35,7 @@ impl LinuxBackend {
                 let Some(p) = pin.filter(|_| pin != c.pinned) else {
                     continue;
                 };
-                // Through the booster: a boost that lent the thread another CPU must put it
-                // back on this one.
-                match self.booster.rehome(c.tid, self.host_cpus[p]) {
+                match pin_thread(c.tid, self.host_cpus[p]) {
                     Ok(()) => c.pinned = pin,
                     Err(e) => failed = Some(e),
                 }
