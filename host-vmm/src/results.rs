@@ -168,6 +168,7 @@ fn vcpu_json(r: &RunReport, i: usize) -> Value {
             "samples_raised": m.host_priority.samples_raised,
             "samples_unaccounted": m.host_priority.samples_unaccounted,
             "raised_at_exit": m.host_priority.raised_at_exit,
+            "max_overrun_ns": m.host_priority.max_overrun_ns,
         },
         "host_thread": {
             "run_total_ns": host.run_ns,

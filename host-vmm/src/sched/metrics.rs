@@ -71,6 +71,8 @@ pub struct HostPriority {
     pub samples_unaccounted: u64,
     /// The thread was still real-time when it left the VM.
     pub raised_at_exit: bool,
+    /// The most one of its boosts ran past its budget before the timer ended it, ns.
+    pub max_overrun_ns: u64,
 }
 
 impl VcpuMetrics {

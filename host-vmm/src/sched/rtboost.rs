@@ -75,6 +75,8 @@ pub struct ThreadCounts {
     pub restored: u64,
     /// Restores after which it did not (it must never happen).
     pub restore_failures: u64,
+    /// The most a boost ran past its budget before the timer ended it.
+    pub max_overrun: Duration,
 }
 
 /// A look at a thread's scheduling ([`RtBooster::audit`]).
@@ -182,7 +184,8 @@ fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
-fn is_real_time(policy: libc::c_int) -> bool {
+/// A real-time policy (`SCHED_FIFO`, `SCHED_RR`), whatever its reset-on-fork flag.
+pub fn is_real_time(policy: libc::c_int) -> bool {
     let p = policy & !libc::SCHED_RESET_ON_FORK;
     p == libc::SCHED_FIFO || p == libc::SCHED_RR
 }
@@ -238,7 +241,9 @@ fn restore_due(s: &mut State, now: Instant, all: bool) -> Option<Instant> {
         if all || live.until <= now {
             give_back(s, i, now);
             if !all {
-                s.slots[i].counts.expired += 1;
+                let c = &mut s.slots[i].counts;
+                c.expired += 1;
+                c.max_overrun = c.max_overrun.max(now.saturating_duration_since(live.until));
             }
         } else {
             next = Some(next.map_or(live.until, |n| n.min(live.until)));
@@ -256,9 +261,8 @@ pub struct RtBooster {
 }
 
 impl RtBooster {
-    /// A booster that lets at most `max_live` boosts run at once (at least one).
+    /// A booster that lets at most `max_live` boosts run at once (0: none at all).
     pub fn new(max_live: usize) -> Self {
-        let max_live = max_live.max(1);
         let shared = Arc::new(Shared {
             state: PriorityInheritingLock::new(State {
                 slots: Vec::new(),
@@ -353,7 +357,8 @@ impl RtBooster {
             Some(Outcome::AlreadyBoosted)
         } else if slot.cool_until.is_some_and(|c| Instant::now() < c) {
             Some(Outcome::CoolingDown)
-        } else if s.live >= s.max_live {
+        } else if s.live >= s.max_live || s.credit <= 0 {
+            // (The allowance as last refilled: a boost may still find it refilled enough.)
             Some(Outcome::Busy)
         } else {
             None
@@ -371,11 +376,12 @@ impl RtBooster {
         else {
             return Outcome::NotPermitted;
         };
+        let mut s = self.shared.lock();
+        // Read under the lock: the wait for it is not refilled twice.
         let now = Instant::now();
         let Some(until) = now.checked_add(budget) else {
             return Outcome::Failed(libc::EINVAL);
         };
-        let mut s = self.shared.lock();
         if let Some(e) = s.refused {
             return if e == libc::EPERM {
                 Outcome::NotPermitted
@@ -425,9 +431,15 @@ impl RtBooster {
         });
         s.live += 1;
         waker.unpark();
-        match set(tid, libc::SCHED_FIFO, BOOST_PRIORITY) {
+        // Reset on fork: nothing the boosted thread creates inherits the boost.
+        match set(
+            tid,
+            libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+            BOOST_PRIORITY,
+        ) {
             Ok(()) => {
-                if current(tid) == Some((libc::SCHED_FIFO, BOOST_PRIORITY)) {
+                let seen = current(tid).map(|(p, prio)| (p & !libc::SCHED_RESET_ON_FORK, prio));
+                if seen == Some((libc::SCHED_FIFO, BOOST_PRIORITY)) {
                     s.slots[i].counts.raised += 1;
                 }
                 Outcome::Boosted
@@ -437,7 +449,8 @@ impl RtBooster {
                 s.live -= 1;
                 s.credit = s.credit.saturating_add(nanos(budget));
                 if e == libc::EPERM {
-                    s.refused = Some(e);
+                    // This thread (its cgroup's real-time budget, a limit): the next may be
+                    // allowed. Only the timer's own refusal turns boosting off.
                     Outcome::NotPermitted
                 } else {
                     Outcome::Failed(e)
@@ -616,13 +629,20 @@ mod tests {
         b.register(tid);
         b.register(other);
         let boost = |t, ms| b.boost(t, Duration::from_millis(ms));
-        assert_eq!(boost(tid, 20), Outcome::Boosted);
+        assert_eq!(boost(tid, 40), Outcome::Boosted);
         // Not extended, and no second boost at once: the cap is one.
         assert_eq!(boost(tid, 1000), Outcome::AlreadyBoosted);
         assert_eq!(boost(other, 1), Outcome::Busy);
-        wait_until_restored(&b, tid);
-        // It ran its budget: it sits out as long before the next boost.
-        assert_eq!(boost(tid, 20), Outcome::CoolingDown);
+        b.restore(tid);
+        // It ran its budget: it sits out as long before the next boost. (A booster of its
+        // own: its allowance is whole.)
+        let c = booster(1).unwrap();
+        c.register(tid);
+        assert_eq!(c.boost(tid, Duration::from_millis(300)), Outcome::Boosted);
+        wait_until_restored(&c, tid);
+        assert_eq!(c.would_refuse(tid), Some(Outcome::CoolingDown));
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
         // A boost given back early cools down only as long as it ran, and its unused budget
         // returns to the allowance.
         assert_eq!(boost(other, 60_000), Outcome::Boosted);
@@ -652,7 +672,11 @@ mod tests {
         let before = current(tid).unwrap();
         b.register(tid);
         assert_eq!(b.boost(tid, Duration::from_secs(60)), Outcome::Boosted);
-        assert_eq!(current(tid).unwrap(), (libc::SCHED_FIFO, BOOST_PRIORITY));
+        assert_eq!(
+            current(tid).unwrap(),
+            (libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, BOOST_PRIORITY),
+            "raised, and its children would not be"
+        );
         assert!(b.restore(tid).is_some());
         assert_eq!(current(tid).unwrap(), before, "restore");
         std::thread::sleep(Duration::from_millis(5));

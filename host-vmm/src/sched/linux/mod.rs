@@ -63,8 +63,9 @@ impl Lent {
 #[derive(Default)]
 struct Vcpu {
     vm: usize,
-    /// Its host thread (0 until it starts).
+    /// Its host thread (0 until it starts), and when it started here (placed).
     tid: libc::pid_t,
+    started: Option<Instant>,
     /// An IPI arrived: the next (or current) idle ends.
     wake_token: bool,
     idle: bool,
@@ -151,7 +152,7 @@ impl LinuxBackend {
             state: Mutex::default(),
             wake: Condvar::new(),
             // Boosted threads never hold every CPU: the timer, the monitors and the host
-            // keep one.
+            // keep one (on a one-CPU host nothing is boosted).
             booster: RtBooster::new(host_cpus.len().saturating_sub(1)),
             epoch: Instant::now(),
             placement,
@@ -263,6 +264,7 @@ impl Backend for LinuxBackend {
         if let Some(c) = s.vcpus.get_mut(v) {
             // SAFETY: gettid has no preconditions; this runs on vCPU v's own thread.
             c.tid = unsafe { libc::gettid() };
+            c.started = Some(Instant::now());
             self.booster.register(c.tid);
             self.repin(&mut s);
         }
@@ -430,10 +432,13 @@ impl Backend for LinuxBackend {
         let Some((first, len)) = Self::span(&s, vm) else {
             return;
         };
-        // Sampled while the VM is live: every vCPU thread has started here (before that it
-        // sets itself up, unplaced) and not all have left.
+        // Sampled while the VM is live: every vCPU thread started here (before that it sets
+        // itself up, unplaced) at least a whole look ago, so the look saw them placed, and
+        // not all have left.
         let vcpus = &s.vcpus[first..first + len];
-        if vcpus.iter().any(|c| c.tid == 0) || vcpus.iter().all(|c| c.gone) {
+        let look = Duration::from_nanos(interval_ns);
+        let placed = |c: &Vcpu| c.started.is_some_and(|t| t.elapsed() > look);
+        if !vcpus.iter().all(placed) || vcpus.iter().all(|c| c.gone) {
             return;
         }
         let m = &mut s.vms[vm].metrics;
@@ -485,6 +490,7 @@ impl Backend for LinuxBackend {
                     expired: t.expired,
                     restored: t.restored,
                     restore_failures: t.restore_failures,
+                    max_overrun_ns: t.max_overrun.as_nanos() as u64,
                     ..m.host_priority
                 };
                 m

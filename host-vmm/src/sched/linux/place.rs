@@ -51,8 +51,5 @@ impl LinuxBackend {
 
 /// Whether thread `tid` runs under a real-time policy now.
 pub(super) fn real_time(tid: libc::pid_t) -> bool {
-    matches!(
-        rtboost::current(tid),
-        Some((libc::SCHED_FIFO | libc::SCHED_RR, _))
-    )
+    rtboost::current(tid).is_some_and(|(p, _)| rtboost::is_real_time(p))
 }
