@@ -304,13 +304,15 @@ impl RtBooster {
             return;
         }
         // Built before the lock is taken: nothing allocates under it.
-        let mut slot = Some(Slot {
+        let slot = Slot {
             tid,
             live: None,
             cool_until: None,
             retired: false,
             counts: ThreadCounts::default(),
-        });
+        };
+        // A larger table, allocated with the lock released when the table is full; the old
+        // one is freed after the lock is released (it is dropped last).
         let mut spare: Vec<Slot> = Vec::new();
         loop {
             let mut s = self.shared.lock();
@@ -319,24 +321,21 @@ impl RtBooster {
             }
             // A tid the kernel gave again: the old slot's counts are reported no more.
             if let Some(i) = s.slots.iter().position(|t| t.tid == tid) {
-                s.slots[i] = slot.take().expect("set until used");
+                s.slots[i] = slot;
                 return;
             }
-            if s.slots.len() < s.slots.capacity() {
-                s.slots.push(slot.take().expect("set until used"));
-                return;
-            }
-            if spare.capacity() > s.slots.len() {
-                // Swapped, not copied: the old table is freed after the lock is released.
+            if s.slots.len() == s.slots.capacity() {
+                if spare.capacity() <= s.slots.len() {
+                    let want = 2 * s.slots.len() + 8;
+                    drop(s);
+                    spare = Vec::with_capacity(want);
+                    continue;
+                }
                 spare.append(&mut s.slots);
                 std::mem::swap(&mut spare, &mut s.slots);
-                s.slots.push(slot.take().expect("set until used"));
-                drop(s);
-                return;
             }
-            let want = 2 * s.slots.len() + 8;
-            drop(s);
-            spare = Vec::with_capacity(want);
+            s.slots.push(slot);
+            return;
         }
     }
 

@@ -136,12 +136,6 @@ pub struct LinuxBackend {
     host_cpus: Vec<usize>,
 }
 
-impl Default for LinuxBackend {
-    fn default() -> Self {
-        Self::new(Placement::WakeAffine)
-    }
-}
-
 impl LinuxBackend {
     pub fn new(placement: Placement) -> Self {
         let host_cpus = super::affinity::allowed_cpus().unwrap_or_else(|| {
