@@ -247,9 +247,11 @@ where
 
 /// `pvsync timeline`: reads a trace, keeps the tracks asked for, draws the window.
 fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
-    let text = match std::fs::read_to_string(&a.trace) {
+    // A trace holds at most 2^21 guest events and the slots' turns: well under this.
+    const MAX_TRACE_BYTES: u64 = 1 << 30;
+    let text = match crate::files::read_text(&a.trace, MAX_TRACE_BYTES) {
         Ok(t) => t,
-        Err(e) => return launch::usage(log, format!("reading {}: {e}", a.trace.display())),
+        Err(e) => return launch::usage(log, e),
     };
     let mut t = match crate::trace::json::read(&text) {
         Ok(t) => t,

@@ -13,6 +13,7 @@
 pub mod arch;
 pub mod cli;
 pub mod devices;
+pub mod files;
 pub mod guest_events;
 pub mod hostinfo;
 pub mod hoststat;

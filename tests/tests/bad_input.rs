@@ -238,3 +238,47 @@ fn non_regular_kernel_files_are_refused() {
         refused(&out, &format!("kernel image {path} is not a regular file"));
     }
 }
+
+#[test]
+fn non_regular_or_huge_operator_files_are_refused() {
+    // Every file the operator names is read only if it is a regular file of bounded size:
+    // /dev/zero would never end, a directory cannot be read.
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    for path in ["/dev/zero", "/tmp"] {
+        let out = pvsync(&["run", "--kernel", &k, "--scenario", path]);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+        out.check(
+            out.stderr
+                .contains(&format!("{path} is not a regular file")),
+            "says why",
+        );
+        let out = pvsync(&["timeline", path, "--out", "/tmp/pvsync-never.svg"]);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+        out.check(
+            out.stderr
+                .contains(&format!("{path} is not a regular file")),
+            "says why",
+        );
+    }
+    // A scenario past its bound (1 MiB) is refused, not parsed.
+    let big = scratch("big.toml", &vec![b'#'; (1 << 20) + 1]);
+    let out = pvsync(&["run", "--scenario", big.to_str().unwrap()]);
+    no_host_panic(&out);
+    out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+    out.check(
+        out.stderr.contains("is larger than 1048576 bytes"),
+        "says why",
+    );
+    // A study directory whose data file is a device.
+    let dir = std::env::temp_dir().join(format!("pvsync-render-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("study.json"));
+    std::os::unix::fs::symlink("/dev/zero", dir.join("study.json")).unwrap();
+    let out = pvsync(&["study", "--render", dir.to_str().unwrap()]);
+    no_host_panic(&out);
+    out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+    out.check(out.stderr.contains("is not a regular file"), "says why");
+    let _ = std::fs::remove_dir_all(&dir);
+}

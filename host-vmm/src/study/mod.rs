@@ -265,7 +265,9 @@ fn run_all(r: &Runner, exps: &[Experiment], reps: usize, log: &mut dyn Write) ->
 /// `--render DIR`: plots and report from `DIR/study.json`.
 fn render(dir: &Path, log: &mut dyn Write) -> i32 {
     let path = dir.join("study.json");
-    let data: StudyData = match std::fs::read_to_string(&path)
+    // A study's samples are a few thousand lines.
+    const MAX_STUDY_BYTES: u64 = 64 << 20;
+    let data: StudyData = match crate::files::read_text(&path, MAX_STUDY_BYTES)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
     {
