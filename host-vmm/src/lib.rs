@@ -23,6 +23,7 @@ pub mod loader;
 pub mod outputs;
 pub mod plan;
 pub mod policy;
+pub mod printable;
 pub mod report;
 pub mod results;
 pub mod scenario;

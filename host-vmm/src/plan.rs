@@ -12,6 +12,7 @@ use shared_abi::MAX_VCPUS;
 
 use crate::loader::{self, KernelInfo, LoaderError};
 use crate::policy::PolicySpec;
+use crate::printable::printable;
 use crate::scenario::{Scenario, ScenarioError, VmSpec, MAX_VMS};
 use crate::vm::{self, VmConfig, MAX_MEM_MIB};
 
@@ -70,8 +71,13 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::Flags => f.write_str("the flags"),
-            Origin::VmFlag(spec) => write!(f, "--vm '{spec}'"),
-            Origin::Scenario(path, n) => write!(f, "scenario {}, [[vm]] #{n}", path.display()),
+            // Escaped: operator text must not reach the terminal with control characters.
+            Origin::VmFlag(spec) => write!(f, "--vm '{}'", printable(spec)),
+            Origin::Scenario(path, n) => write!(
+                f,
+                "scenario {}, [[vm]] #{n}",
+                printable(&path.display().to_string())
+            ),
         }
     }
 }
@@ -160,7 +166,7 @@ fn check_name(origin: &Origin, name: &str) -> Result<String, PlanError> {
     } else {
         Err(PlanError::BadName {
             origin: origin.clone(),
-            name: name.to_string(),
+            name: printable(name),
         })
     }
 }

@@ -130,9 +130,10 @@ impl VmSpec {
     /// Parses `key=value,...`; `cmdline=` must come last and takes the rest of the text
     /// (kernel command lines contain spaces and `=`).
     pub fn parse(spec: &str) -> Result<Self, ScenarioError> {
+        // Escaped: a control character in the spec must not reach the terminal as one.
         let bad = |why: String| ScenarioError::BadSpec {
-            spec: spec.to_string(),
-            why,
+            spec: crate::printable::printable(spec),
+            why: crate::printable::printable(&why),
         };
         let mut v = VmSpec::default();
         let mut rest = spec;

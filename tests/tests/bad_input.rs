@@ -282,3 +282,20 @@ fn non_regular_or_huge_operator_files_are_refused() {
     out.check(out.stderr.contains("is not a regular file"), "says why");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn operator_text_reaches_the_terminal_escaped() {
+    // A control character in a name or a spec is refused, and the message shows it escaped:
+    // nothing an operator (or a script fed untrusted names) types can forge console output.
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    for spec in ["name=a\u{1b}[2Jb", "name=x\ny", "vcpus=\u{7}"] {
+        let out = pvsync(&["run", "--kernel", &k, "--vm", spec]);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+        out.check(
+            !out.stderr.contains('\u{1b}') && !out.stderr.contains('\u{7}'),
+            "no raw control character in the message",
+        );
+        out.check(out.stderr.lines().count() == 1, "one line");
+    }
+}
