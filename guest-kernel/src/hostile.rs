@@ -230,3 +230,17 @@ pub fn hold(cpus: &[u32], duration_ms: u64) -> bool {
     );
     calls > 0 && !holders.is_empty()
 }
+
+/// `test=console-flood`: prints lines as fast as the serial port takes them for
+/// `duration_ms`. The host must neither block on its own output nor let this VM's printing
+/// hold up another VM.
+pub fn console_flood(duration_ms: u64) -> bool {
+    let end = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(duration_ms * 1000);
+    let mut lines = 0u64;
+    while crate::arch::tsc::now() < end {
+        println!("console-flood {lines:>12} the quick brown fox jumps over the lazy dog");
+        lines += 1;
+    }
+    println!("RESULT console-flood lines={lines}");
+    lines > 0
+}

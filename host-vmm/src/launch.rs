@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{self, RunArgs, EXIT_HOST_ERROR, EXIT_INTERRUPTED, EXIT_USAGE};
 use crate::devices::capture::{Capture, Captured};
+use crate::devices::console_writer::{self, ConsoleWriter};
 use crate::devices::prefixed::PrefixedConsole;
 use crate::hostinfo::HostInfo;
 use crate::outputs::{ConsoleLogs, OutputError, Outputs};
@@ -217,6 +218,8 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         Chosen::Linux(Arc::new(LinuxBackend::new(p.placement)))
     };
 
+    // Guests write to a buffer a thread drains: a stdout that stops reading cannot stop them.
+    let console = Box::new(ConsoleWriter::new(console, console_writer::CAPACITY));
     let (vms, seen) = consoles(&p.settings.vms, console, logs);
     if INTERRUPTED.load(Ordering::SeqCst) {
         let _ = writeln!(log, "pvsync: interrupted before the guests started");

@@ -24,6 +24,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "odd CPUs spin with interrupts off, never exiting, for duration=MS while even CPUs name them in YieldTo",
     ),
     (
+        "console-flood",
+        "prints lines as fast as the serial port takes them for duration=MS",
+    ),
+    (
         "locktorture",
         "spinlock torture (lock=ticket|mcs; controls lock=broken|mcs-nokick must fail)",
     ),
