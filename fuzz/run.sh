@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs the fuzz targets with libFuzzer through cargo-fuzz (nightly, for the targets only;
 # the project builds on stable). Usage: fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
-# The corpus of each target lives in fuzz/corpus/TARGET and is kept in the repository.
+# The corpus of each target lives in fuzz/corpus/TARGET; the repository keeps them,
+# minimised (`cargo +nightly fuzz cmin TARGET corpus/TARGET`), as fuzz/corpus.tar.gz.
 set -euo pipefail
 cd "$(dirname "$0")"
+[ -d corpus ] || tar xzf corpus.tar.gz
 secs=${1:-60}
 shift || true
 if ! rustup toolchain list | grep -q '^nightly'; then
