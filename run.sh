@@ -71,7 +71,9 @@ usage() {
 usage: ./run.sh [COMMAND]
   main (default)               build; boot 4 vCPUs (self-tests) and 64 vCPUs (boot) with the
                                shared region dumped; then two VMs on the slot scheduler
-  test                         fmt and clippy (host and guest), then every test
+  test                         fmt and clippy (host and guest), every test, then every fuzz
+                               target for 10 s
+  fuzz [SECONDS] [TARGET..]    the fuzz targets (fuzz/, nightly cargo-fuzz), 60 s each
   bench [boot|guest|sched|all] benchmarks (default boot)
   study [STUDY ARGS]           the study (docs/study.md): results/study-<time>/report.md;
                                e.g. --quick (a few minutes), --reps 5, or experiments: ipi rcu
@@ -134,6 +136,15 @@ test)
     fi
     check_style
     cargo test --workspace
+    # Every fuzz target for a few seconds (nightly and cargo-fuzz for these only; where they
+    # cannot be installed the script says so loudly and the rest stands).
+    fuzz_status=0
+    fuzz/run.sh 10 || fuzz_status=$?
+    [ "$fuzz_status" -eq 0 ] || [ "$fuzz_status" -eq 3 ] || exit 1
+    ;;
+fuzz)
+    shift
+    fuzz/run.sh "$@"
     ;;
 bench)
     need_kvm

@@ -3,22 +3,37 @@
 # the project builds on stable). Usage: fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
 # The corpus of each target lives in fuzz/corpus/TARGET; the repository keeps them,
 # minimised (`cargo +nightly fuzz cmin TARGET corpus/TARGET`), as fuzz/corpus.tar.gz.
-set -euo pipefail
+# Exit status: 0 if every target ran clean, 1 if one found a crash (its input is under
+# fuzz/artifacts/TARGET), 3 if the tools could not be installed (said loudly).
+set -uo pipefail
 cd "$(dirname "$0")"
 [ -d corpus ] || tar xzf corpus.tar.gz
 secs=${1:-60}
 shift || true
 if ! rustup toolchain list | grep -q '^nightly'; then
-    rustup toolchain install nightly --profile minimal
+    rustup toolchain install nightly --profile minimal ||
+        { echo "*** fuzz: cannot install a nightly toolchain: fuzz targets NOT RUN ***"; exit 3; }
 fi
 if ! command -v cargo-fuzz >/dev/null; then
-    cargo install cargo-fuzz --locked
+    cargo install cargo-fuzz --locked ||
+        { echo "*** fuzz: cannot install cargo-fuzz: fuzz targets NOT RUN ***"; exit 3; }
 fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
+failed=0
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
-    echo "== $t: ${secs}s"
-    cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -print_final_stats=1 2>&1 |
-        grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|Done|==[0-9]+== ERROR|SUMMARY)' || true
+    log=$(mktemp)
+    cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$secs" -print_final_stats=1 >"$log" 2>&1
+    status=$?
+    runs=$(grep -m1 '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+    if [ $status -eq 0 ]; then
+        echo "fuzz $t: ${runs:-?} executions in ${secs} s, no crash"
+    else
+        echo "*** fuzz $t FAILED (status $status):"
+        grep -E '==[0-9]+== ERROR|^SUMMARY|panicked|artifact_prefix|Test unit written' "$log" | head -20
+        failed=1
+    fi
+    rm -f "$log"
 done
+exit $failed

@@ -16,8 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let gpa = (data[1] as u64 % 64) * 4096 + if data[2] & 1 == 1 { 8 } else { 0 };
     let body = &data[3..];
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
-    mem.write_slice(&body[..body.len().min((RAM - gpa) as usize)], GuestAddress(gpa))
-        .unwrap();
+    mem.write_slice(
+        &body[..body.len().min((RAM - gpa) as usize)],
+        GuestAddress(gpa),
+    )
+    .unwrap();
     let kernel = 0..0x10_000;
     let ram = [0..RAM];
     if let Ok(reg) = host_vmm::shared_region::validate(&mem, gpa, vm_vcpus, &kernel, &ram) {
