@@ -19,7 +19,9 @@ use crate::report;
 use crate::results::{self, RunSettings, VmRun};
 use crate::scenario::{Scenario, ScenarioError};
 use crate::sched::trace::Trace;
-use crate::sched::{Backend, CoreConfig, LinuxBackend, Placement, SlotBackend};
+use crate::sched::{
+    Backend, CoreConfig, LinuxBackend, Placement, SlotBackend, LINUX_LEDGER, SLOT_LEDGER,
+};
 use crate::signals::INTERRUPTED;
 use crate::vm::{self, Outcome, RunReport, VmConfig};
 
@@ -135,6 +137,7 @@ fn plan(a: &RunArgs, scenario: Option<(&Path, &Scenario)>) -> Result<Plan, Launc
         slice_us: slotted.then_some(slice_us),
         placement: Some(placement.name().to_string()),
         pin_slots: slotted.then(|| a.pin_slots.unwrap_or(true)),
+        ledger: if slotted { SLOT_LEDGER } else { LINUX_LEDGER },
         timeout_s,
         tracing: a.trace.is_some() || a.results.is_some(),
         vms,

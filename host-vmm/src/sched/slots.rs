@@ -572,6 +572,14 @@ impl Backend for SlotBackend {
             .map(|(m, v)| (m.clone(), v))
     }
 
+    fn progress(&self, vm: usize) -> Option<(u64, u64)> {
+        let g = self.lock()?;
+        let (_, vcpus) = g.core.vm_metrics(vm, self.now())?;
+        let run: u64 = vcpus.iter().map(|c| c.run_ns).sum();
+        let wait: u64 = vcpus.iter().map(|c| c.wait_ns).sum();
+        Some((run, run + wait))
+    }
+
     fn publishes_host_fields(&self) -> bool {
         true
     }

@@ -22,7 +22,7 @@ mod place;
 use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::ledger::BoostLedger;
+use super::ledger::{BoostLedger, LINUX_LEDGER};
 use super::metrics::{HostPriority, VcpuMetrics, VmMetrics};
 use super::placement::Placement;
 use super::rtboost::RtBooster;
@@ -30,10 +30,6 @@ use super::{Backend, GuestView, Kick, Nanos, VmHandle};
 use crate::policy::{BoostPolicy, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::Snapshot;
 
-/// Run time one boost lends (the ledger's budget), ns: about a host scheduler tick.
-const BOOST_BUDGET: Nanos = 4_000_000;
-/// Boost time a VM may owe at most before its boosts are refused.
-const MAX_DEBT: Nanos = 40_000_000;
 /// What the policies are told: a boost costs a priority change and a wake-up (about 50 us
 /// here), and a preempted vCPU waits about a tick.
 const COSTS: Costs = Costs {
@@ -81,6 +77,9 @@ struct Vcpu {
     lent_grant: u64,
     /// A grant of it is between the ledger and the raise.
     pending: bool,
+    /// Its boost (granted or live) is charged to its VM: another VM had a vCPU kept
+    /// waiting when it was granted. The budget left is repaid only then.
+    charged: bool,
     metrics: VcpuMetrics,
 }
 
@@ -117,7 +116,7 @@ impl Default for State {
         State {
             vcpus: Vec::new(),
             vms: Vec::new(),
-            ledger: BoostLedger::new(0, BOOST_BUDGET, MAX_DEBT),
+            ledger: BoostLedger::new(0, LINUX_LEDGER.budget, LINUX_LEDGER.max_debt),
             settled: 0,
             warned_privilege: false,
             warned_pin: false,
@@ -205,7 +204,9 @@ impl LinuxBackend {
             return;
         }
         if let Some(left) = self.booster.retire(tid) {
-            s.ledger.repaid(vm, left.as_nanos() as Nanos);
+            if s.vcpus[v].charged {
+                s.ledger.repaid(vm, left.as_nanos() as Nanos);
+            }
         }
         s.vcpus[v].metrics.host_priority.raised_at_exit = place::real_time(tid);
     }
