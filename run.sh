@@ -11,6 +11,11 @@
 #   ./run.sh study [ARGS]    the study (pbzip2, cpu-bound, ebizzy, postmark under each policy and
 #                            placement): results/study-*/report.md; ARGS go to `pvsync study`
 #                            (e.g. --quick, --reps 5, rcu)
+#   ./run.sh soak [MINUTES]  every torture suite at 2x and 4x overcommit with pv, on both
+#                            backends, plus hostile guests beside normal ones, for MINUTES (default
+#                            5) per backend and overcommit; summary in target/soak/summary.txt
+#   ./run.sh fuzz [SECONDS] [TARGET..]  the fuzz targets (nightly and cargo-fuzz, installed if
+#                            missing), SECONDS each (default 60)
 #   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests); exits
 #                            with pvsync's status for the guest's outcome (0, 1, 3, 125)
 #   ./run.sh help            this usage (also -h, --help)
@@ -104,6 +109,78 @@ need_kvm() {
     fi
 }
 
+# One soak run: `pvsync run` with ARGS on BACKEND; a failure keeps its log. Counts in
+# soak_runs / soak_failures.
+soak_run() {
+    local backend=$1 label=$2
+    shift 2
+    local log=target/soak/run.log
+    soak_runs=$((soak_runs + 1))
+    if "$VMM" run --kernel "$GUEST" --mem 128 --backend "$backend" --policy pv --timeout 300 \
+        "$@" >"$log" 2>&1; then
+        return
+    fi
+    soak_failures=$((soak_failures + 1))
+    local keep="target/soak/failure-$soak_failures.log"
+    { echo "# $backend $label: $VMM run $*"; cat "$log"; } >"$keep"
+    echo "*** soak: $backend $label FAILED (log: $keep)"
+}
+
+# `--vm` arguments for TEST on TOTAL vCPUs, in VMs of at most 32 vCPUs each, named NAME-i.
+soak_vms() {
+    local name=$1 total=$2 test=$3 i=0
+    while ((total > 0)); do
+        local n=$((total < 32 ? total : 32))
+        echo "--vm"
+        echo "name=$name-$i,vcpus=$n,cmdline=test=$test"
+        total=$((total - n))
+        i=$((i + 1))
+    done
+}
+
+soak() {
+    local minutes=${1:-5}
+    if ! [[ $minutes =~ ^[1-9][0-9]{0,4}$ ]]; then
+        echo "run.sh soak: MINUTES must be a whole number from 1 to 99999, not '$minutes'" >&2
+        exit 2
+    fi
+    mkdir -p target/soak
+    local summary=target/soak/summary.txt cpus suites
+    cpus=$(nproc)
+    suites=("locktorture lock=ticket duration=10000" "locktorture lock=mcs duration=10000"
+        "rcutorture duration=10000" "rcuflood" "tlbtorture duration=10000")
+    echo "# pvsync soak, $(date -u +%FT%TZ): $minutes min per backend and overcommit, $cpus host CPUs, policy pv" >"$summary"
+    local failed=0
+    for backend in slots linux; do
+        for factor in 2 4; do
+            local total=$((factor * cpus)) half=$((factor * cpus / 2))
+            local end=$((SECONDS + minutes * 60)) rounds=0 started=$SECONDS
+            soak_runs=0
+            soak_failures=0
+            echo "== soak: $backend, ${factor}x overcommit ($total vCPUs on $cpus CPUs), $minutes min"
+            while ((SECONDS < end)); do
+                for suite in "${suites[@]}"; do
+                    mapfile -t vms < <(soak_vms suite "$total" "$suite")
+                    soak_run "$backend" "${factor}x $suite" "${vms[@]}"
+                done
+                # Hostile guests beside normal ones, half the vCPUs each.
+                for pair in "hostile-claims duration=10000|locktorture duration=10000" \
+                    "hostile-page duration=10000|rcutorture duration=10000" \
+                    "hostile-hold duration=10000|tlbtorture duration=10000"; do
+                    mapfile -t vms < <(soak_vms hostile "$half" "${pair%%|*}"; soak_vms normal "$half" "${pair##*|}")
+                    soak_run "$backend" "${factor}x ${pair%%|*} beside ${pair##*|}" "${vms[@]}"
+                done
+                rounds=$((rounds + 1))
+            done
+            local line="$backend ${factor}x: $rounds rounds, $soak_runs runs, $soak_failures failures in $(((SECONDS - started) / 60)) min"
+            echo "$line" | tee -a "$summary"
+            ((soak_failures == 0)) || failed=1
+        done
+    done
+    echo "(summary: $summary)"
+    return $failed
+}
+
 cmd=${1:-main}
 case "$cmd" in
 main)
@@ -145,6 +222,11 @@ test)
 fuzz)
     shift
     fuzz/run.sh "$@"
+    ;;
+soak)
+    build
+    need_kvm
+    soak "${2:-5}"
     ;;
 bench)
     need_kvm

@@ -259,9 +259,10 @@ fn lie(at: u64, width: usize, value: u64) {
     use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
     // SAFETY: every caller passes an address inside the region this kernel allocated for
     // the host (identity-mapped, live for good), aligned for `width` (record and header
-    // fields at their ABI offsets); the store is atomic, so concurrent atomic updates by
-    // other CPUs are not data races; nothing in this guest trusts these fields while
-    // `hostile-claims` runs.
+    // fields at their ABI offsets). The store is atomic, and every other writer of these
+    // fields stores them atomically too (ipi_wait acknowledgements, the RCU header, `seq`)
+    // or is this CPU itself (its own record), so there is no data race; nothing in this
+    // guest trusts these fields while `hostile-claims` runs.
     unsafe {
         match width {
             1 => AtomicU8::from_ptr(at as *mut u8).store(value as u8, Relaxed),
@@ -283,15 +284,23 @@ fn every_vcpu(nr: u32) -> u64 {
 /// CPU `cpu`'s record (of `nr`) at `base`, rewritten to claim everything while staying
 /// valid: in the kernel, an RCU reader holding a lock, spinning on a lock its neighbour
 /// holds (so the holders point at each other in a ring), and waiting for an IPI
-/// acknowledgement from every vCPU. `seq` is the frame counter this CPU keeps; with `torn`
-/// the frame is left open: the record stays mid-update for good.
-fn claim_everything(base: u64, nr: u32, cpu: u32, seq: &mut u32, torn: bool) {
+/// acknowledgement from every vCPU. The frame moves the `seq` in memory (the kernel's own
+/// updates on this CPU move it too); with `torn` it is left open: the record stays
+/// mid-update for good (until the kernel publishes on this CPU and closes it, after which
+/// the next rewrite opens it again).
+fn claim_everything(base: u64, nr: u32, cpu: u32, torn: bool) {
     use core::mem::offset_of;
     use shared_abi::{record_offset, VcpuMode, VcpuRecord};
     let rec = base + record_offset(cpu as usize) as u64;
     let field = |off: usize| rec + off as u64;
-    *seq |= 1;
-    lie(field(offset_of!(VcpuRecord, seq)), 4, *seq as u64);
+    let seq_at = field(offset_of!(VcpuRecord, seq));
+    let seq = seq_now(seq_at);
+    let open = if seq % 2 == 1 {
+        seq
+    } else {
+        seq.wrapping_add(1)
+    };
+    lie(seq_at, 4, open as u64);
     lie(
         field(offset_of!(VcpuRecord, mode)),
         1,
@@ -312,8 +321,17 @@ fn claim_everything(base: u64, nr: u32, cpu: u32, seq: &mut u32, torn: bool) {
     );
     lie(field(offset_of!(VcpuRecord, ipi_wait)), 8, every_vcpu(nr));
     if !torn {
-        *seq = seq.wrapping_add(1);
-        lie(field(offset_of!(VcpuRecord, seq)), 4, *seq as u64);
+        lie(seq_at, 4, open.wrapping_add(1) as u64);
+    }
+}
+
+/// The `seq` word at `at` (this CPU's own record) as memory holds it now.
+fn seq_now(at: u64) -> u32 {
+    // SAFETY: `at` is this CPU's record's `seq`, 4-byte aligned inside the live region;
+    // every writer of it (this CPU, and the host never) stores it whole; an atomic load.
+    unsafe {
+        core::sync::atomic::AtomicU32::from_ptr(at as *mut u32)
+            .load(core::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -357,16 +375,17 @@ fn claim_one(cpu: u32, end: u64) -> Claimed {
     let (gap, margin, refresh, rcu_period) = (tsc(200), tsc(150), tsc(50), tsc(1000));
     let torn = nr > 1 && cpu == nr - 1;
     let mut done = Claimed::default();
-    let mut seq = 0;
     let mut turn_len = tsc(3000);
     let mut last = crate::arch::tsc::now();
     let (mut turn_start, mut sent, mut refreshed, mut waited) = (last, false, 0, 0);
     while last < end {
         let t = crate::arch::tsc::now();
         if t - last > gap {
-            // Descheduled since `last`: a turn ended there, a new one starts now.
+            // Descheduled since `last`: a turn ended there, a new one starts now. Only a
+            // turn the host ended (not one this CPU gave up with its YieldTo) teaches how
+            // long turns are.
             let len = last - turn_start;
-            if len > gap {
+            if len > gap && !sent {
                 turn_len = (3 * turn_len + len) / 4;
             }
             turn_start = t;
@@ -376,7 +395,7 @@ fn claim_one(cpu: u32, end: u64) -> Claimed {
         last = t;
         if t - refreshed > refresh {
             refreshed = t;
-            claim_everything(base, nr, cpu, &mut seq, torn);
+            claim_everything(base, nr, cpu, torn);
             if cpu == 0 {
                 freeze_grace_period(base, nr);
             }

@@ -96,6 +96,9 @@ struct Vcpu {
     boost_budget: Nanos,
     /// The boost is charged to its VM: another VM had a vCPU waiting when it was granted.
     boost_charged: bool,
+    /// This turn was given to it in place of a VM in debt: when it ends, its run time
+    /// repays that VM's debt.
+    stands_for: Option<usize>,
     /// It lent its turn in a directed yield: the turn's end, for when it runs again.
     resume_end: Option<Nanos>,
     /// Its boost runs on a turn this vCPU (a key) lent it; published to the guest, which
@@ -228,6 +231,7 @@ impl Core {
                 boost: None,
                 boost_budget: 0,
                 boost_charged: false,
+                stands_for: None,
                 resume_end: None,
                 lent_by: None,
                 metrics: VcpuMetrics::default(),
@@ -304,6 +308,10 @@ impl Core {
             RunState::Running { slot } => {
                 c.metrics.run_ns += spent;
                 c.lent_by = None;
+                if let Some(debtor) = c.stands_for.take() {
+                    // What the substitute really ran (it may halt at once), up to a slice.
+                    self.ledger.repaid(debtor, spent.min(self.cfg.slice));
+                }
                 let boost = c.boost.take();
                 if boost.is_some() && c.boost_charged {
                     // The budget was charged when the boost was granted; settle the rest.
@@ -392,7 +400,8 @@ impl Core {
         let head_vm = self.vcpus[head].vm;
         if self.ledger.owes(head_vm) {
             if let Some(&other) = q.iter().find(|&&o| !self.ledger.owes(self.vcpus[o].vm)) {
-                self.ledger.repaid(head_vm, self.cfg.slice);
+                // Repaid by what `other` runs, when its turn ends (`set_state`).
+                self.vcpus[other].stands_for = Some(head_vm);
                 return Some(other);
             }
         }

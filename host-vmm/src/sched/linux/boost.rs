@@ -28,13 +28,16 @@ impl LinuxBackend {
         s.vcpus[m.first..m.first + m.len].iter().any(|c| !c.gone)
     }
 
-    /// Whether a live VM other than `vm` has a vCPU the host keeps waiting for a CPU.
-    fn another_vm_waits(s: &State, vm: usize) -> bool {
+    /// Whether a VM other than `vm` has a vCPU that may want a CPU: started, not idle (in
+    /// `Idle`) and not gone. A real-time boost may take the CPU from any such thread, and
+    /// the monitor's view of who waits is a look old and thresholded, so this is what
+    /// makes a boost charged.
+    fn another_vm_active(s: &State, vm: usize) -> bool {
         (0..s.vms.len()).filter(|&o| o != vm).any(|o| {
             let m = &s.vms[o];
             s.vcpus[m.first..m.first + m.len]
                 .iter()
-                .any(|c| c.preempted && !c.gone && !c.idle)
+                .any(|c| c.tid != 0 && !c.gone && !c.idle)
         })
     }
 
@@ -42,7 +45,7 @@ impl LinuxBackend {
     /// relative debt counts, and a lone live VM repays at the rate of time. Beside another
     /// live VM there is no repayment with time: the host scheduler gives no turns back, and
     /// a debt repaid while the other VM merely idled would be run up again at its next
-    /// burst (charges only arise while it waits: see `grant`).
+    /// burst (charges only arise while it is active: see `grant`).
     fn settle(s: &mut State, now: Nanos) {
         let elapsed = now.saturating_sub(s.settled);
         s.settled = now;
@@ -88,9 +91,9 @@ impl LinuxBackend {
                 self.refused(s, key, why);
                 continue;
             }
-            // Charged only if it may take the CPU from another VM's vCPU (one the host
-            // keeps waiting): else it only reorders this VM's own threads.
-            let charged = Self::another_vm_waits(s, vm);
+            // Charged only if it may take the CPU from another VM's vCPU: else it only
+            // reorders this VM's own threads.
+            let charged = Self::another_vm_active(s, vm);
             let budget = if charged {
                 let Some(budget) = s.ledger.grant(vm) else {
                     s.vcpus[key].metrics.boosts_refused += 1;
@@ -113,7 +116,6 @@ impl LinuxBackend {
             c.lent = Some(lent);
             c.lent_grant = c.grants;
             c.pending = true;
-            c.charged = charged;
             let number = c.grants;
             s.vms[vm].publish_lent(b.vcpu as usize, Some(lent));
             out.push(Grant {
@@ -174,6 +176,8 @@ impl LinuxBackend {
                 continue;
             }
             if made {
+                // The live boost is this grant's: its leftover is repaid as it was booked.
+                s.vcpus[g.key].live_charged = g.charged;
                 s.vcpus[g.key].metrics.count_boost(g.reason);
                 continue;
             }
@@ -221,7 +225,7 @@ impl LinuxBackend {
             c.metrics.turns_given_back += 1;
         }
         s.vms[vm].publish_lent(me as usize, None);
-        if let Some(left) = left.filter(|_| s.vcpus[v].charged) {
+        if let Some(left) = left.filter(|_| s.vcpus[v].live_charged) {
             Self::settle(s, now);
             s.ledger.repaid(vm, left.as_nanos() as Nanos);
         }

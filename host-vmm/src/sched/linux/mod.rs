@@ -77,9 +77,9 @@ struct Vcpu {
     lent_grant: u64,
     /// A grant of it is between the ledger and the raise.
     pending: bool,
-    /// Its boost (granted or live) is charged to its VM: another VM had a vCPU kept
-    /// waiting when it was granted. The budget left is repaid only then.
-    charged: bool,
+    /// The live boost (the grant whose raise landed while current) is charged to its VM:
+    /// the budget it leaves is repaid only then.
+    live_charged: bool,
     metrics: VcpuMetrics,
 }
 
@@ -204,7 +204,7 @@ impl LinuxBackend {
             return;
         }
         if let Some(left) = self.booster.retire(tid) {
-            if s.vcpus[v].charged {
+            if s.vcpus[v].live_charged {
                 s.ledger.repaid(vm, left.as_nanos() as Nanos);
             }
         }
