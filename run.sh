@@ -116,13 +116,13 @@ soak_run() {
     shift 2
     local log=target/soak/run.log
     soak_runs=$((soak_runs + 1))
-    if "$VMM" run --kernel "$GUEST" --mem 128 --backend "$backend" --policy pv --timeout 300 \
+    if target/soak/pvsync run --kernel target/soak/guest-kernel --mem 128 --backend "$backend" --policy pv --timeout 300 \
         "$@" >"$log" 2>&1; then
         return
     fi
     soak_failures=$((soak_failures + 1))
     local keep="target/soak/failure-$soak_failures.log"
-    { echo "# $backend $label: $VMM run $*"; cat "$log"; } >"$keep"
+    { echo "# $backend $label: pvsync run $*"; cat "$log"; } >"$keep"
     echo "*** soak: $backend $label FAILED (log: $keep)"
 }
 
@@ -145,11 +145,14 @@ soak() {
         exit 2
     fi
     mkdir -p target/soak
+    # The soak runs its own copy of this build: a rebuild meanwhile does not change it.
+    cp "$VMM" target/soak/pvsync
+    cp "$GUEST" target/soak/guest-kernel
     local summary=target/soak/summary.txt cpus suites
     cpus=$(nproc)
     suites=("locktorture lock=ticket duration=10000" "locktorture lock=mcs duration=10000"
         "rcutorture duration=10000" "rcuflood" "tlbtorture duration=10000")
-    echo "# pvsync soak, $(date -u +%FT%TZ): $minutes min per backend and overcommit, $cpus host CPUs, policy pv" >"$summary"
+    echo "# pvsync soak, $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'): $minutes min per backend and overcommit, $cpus host CPUs, policy pv" >"$summary"
     local failed=0
     for backend in slots linux; do
         for factor in 2 4; do
