@@ -306,6 +306,9 @@ pub fn json(
         "interrupted": interrupted,
         "settings": settings_json(settings),
         "host": host_json(host),
+        "audit": {
+            "guest_reads_under_scheduler_lock": crate::sched::lock_audit::reads_under_lock(),
+        },
         "vms": vms.iter().zip(&fair).map(|(v, f)| vm_json(v, f)).collect::<Vec<_>>(),
     })
 }

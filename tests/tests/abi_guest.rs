@@ -134,6 +134,7 @@ fn an_independent_guest_is_decoded_and_boosted() {
         m["vms"][0]["invalid_page_events"], 0,
         "its records are valid"
     );
+    assert_eq!(m["audit"]["guest_reads_under_scheduler_lock"], 0);
 
     // The policies acted on it: the named holder, and the readers the grace period waits on
     // (from the records' rcu_nesting).

@@ -130,6 +130,11 @@ fn check_the_promise(backend: &str, m: &Value, problems: &[String]) {
         "{backend}: the hostile VM owed the limit: {}",
         hostile["boost_debt_max_ns"]
     );
+    // No guest region was read under a scheduler lock.
+    assert_eq!(
+        m["audit"]["guest_reads_under_scheduler_lock"], 0,
+        "{backend}"
+    );
     // The promise, over the worst interval of the run.
     let f = &normal["fair_share"];
     let short = f["shortfall_max_ns"].as_u64().unwrap();

@@ -13,6 +13,7 @@ mod core;
 pub mod fair_share;
 mod ledger;
 mod linux;
+pub mod lock_audit;
 pub mod metrics;
 pub mod placement;
 pub mod rtboost;

@@ -23,6 +23,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::ledger::{BoostLedger, LINUX_LEDGER};
+use super::lock_audit::Audited;
 use super::metrics::{HostPriority, VcpuMetrics, VmMetrics};
 use super::placement::Placement;
 use super::rtboost::RtBooster;
@@ -153,8 +154,8 @@ impl LinuxBackend {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> Audited<MutexGuard<'_, State>> {
+        Audited::new(self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn now(&self) -> Nanos {
@@ -337,11 +338,12 @@ impl Backend for LinuxBackend {
             if now >= deadline {
                 break;
             }
-            s = self
-                .wake
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = Audited::new(
+                self.wake
+                    .wait_timeout(s.into_inner(), deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0,
+            );
         }
         let c = &mut s.vcpus[v];
         c.idle = false;
