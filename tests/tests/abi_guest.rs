@@ -85,7 +85,7 @@ fn run(vcpus: u32) -> (pvsync_tests::Output, Value) {
     (out, m)
 }
 
-fn vcpu<'a>(m: &'a Value, i: usize) -> &'a Value {
+fn vcpu(m: &Value, i: usize) -> &Value {
     &m["vms"][0]["vcpus"][i]
 }
 
