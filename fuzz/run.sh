@@ -9,6 +9,10 @@ set -uo pipefail
 cd "$(dirname "$0")"
 [ -d corpus ] || tar xzf corpus.tar.gz
 secs=${1:-60}
+if ! [[ $secs =~ ^[1-9][0-9]{0,6}$ ]]; then
+    echo "fuzz/run.sh: SECONDS must be a whole number from 1, not '$secs' (usage: fuzz/run.sh [SECONDS] [TARGET...])" >&2
+    exit 2
+fi
 shift || true
 if ! rustup toolchain list | grep -q '^nightly'; then
     rustup toolchain install nightly --profile minimal ||
@@ -20,6 +24,10 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
+if [ ${#targets[@]} -eq 0 ]; then
+    echo "*** fuzz: no targets (cargo +nightly fuzz list failed or found none) ***"
+    exit 1
+fi
 failed=0
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
@@ -29,11 +37,11 @@ for t in "${targets[@]}"; do
     runs=$(grep -m1 '^stat::number_of_executed_units' "$log" | awk '{print $2}')
     if [ $status -eq 0 ]; then
         echo "fuzz $t: ${runs:-?} executions in ${secs} s, no crash"
+        rm -f "$log"
     else
-        echo "*** fuzz $t FAILED (status $status):"
-        grep -E '==[0-9]+== ERROR|^SUMMARY|panicked|artifact_prefix|Test unit written' "$log" | head -20
+        echo "*** fuzz $t FAILED (status $status; whole log: $log):"
+        grep -E '==[0-9]+== ERROR|^SUMMARY|panicked|artifact_prefix|Test unit written|^error' "$log" | head -20
         failed=1
     fi
-    rm -f "$log"
 done
 exit $failed

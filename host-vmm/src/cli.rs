@@ -9,6 +9,7 @@ use shared_abi::{ExitCode, GUEST_TESTS, MAX_VCPUS};
 
 use crate::launch;
 use crate::policy::PolicySpec;
+use crate::printable::say_error;
 use crate::vm::{Outcome, MAX_MEM_MIB};
 
 /// Every guest exited with code 0.
@@ -288,7 +289,7 @@ fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
     match std::fs::write(&a.out, svg) {
         Ok(()) => 0,
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: writing {}: {e}", a.out.display());
+            say_error(log, format_args!("writing {}: {e}", a.out.display()));
             EXIT_HOST_ERROR
         }
     }

@@ -2,8 +2,9 @@
 //! regular files only, and never more than a bound. A FIFO or a device (`/dev/zero`,
 //! `/dev/stdin`) would block or never end; a huge file would exhaust memory.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Why a file could not be read.
@@ -28,7 +29,13 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(read_err)?;
+    // Non-blocking: opening a FIFO (or a tty) for reading would otherwise wait for a writer
+    // before the check below could refuse it. A regular file ignores the flag.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_err)?;
     if !file.metadata().map_err(read_err)?.is_file() {
         return Err(FileError::NotAFile(path.to_owned()));
     }
@@ -82,5 +89,22 @@ mod tests {
         std::fs::write(&f, [0xff, 0xfe]).unwrap();
         assert!(matches!(read_text(&f, 10), Err(FileError::NotText(_))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A FIFO nobody writes is refused at once (opening it for reading would block).
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = std::env::temp_dir().join(format!("pvsync-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(read_bounded(&path, 16).is_err()).unwrap());
+        let refused = rx.recv_timeout(std::time::Duration::from_secs(10));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(refused, Ok(true), "refused, without blocking");
     }
 }

@@ -15,6 +15,7 @@ use crate::devices::prefixed::PrefixedConsole;
 use crate::hostinfo::HostInfo;
 use crate::outputs::{ConsoleLogs, OutputError, Outputs};
 use crate::plan::{self, Defaults, PlanError};
+use crate::printable::say_error;
 use crate::report;
 use crate::results::{self, RunSettings, VmRun};
 use crate::scenario::{Scenario, ScenarioError};
@@ -165,7 +166,7 @@ impl Chosen {
 }
 
 pub(crate) fn usage(log: &mut dyn Write, e: impl std::fmt::Display) -> i32 {
-    let _ = writeln!(log, "pvsync: error: {e}");
+    say_error(log, format_args!("{e}"));
     EXIT_USAGE
 }
 
@@ -213,7 +214,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         match SlotBackend::new(cfg) {
             Ok(b) => Chosen::Slots(b),
             Err(e) => {
-                let _ = writeln!(log, "pvsync: error: {e}");
+                say_error(log, format_args!("{e}"));
                 return EXIT_HOST_ERROR;
             }
         }
@@ -222,7 +223,13 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
     };
 
     // Guests write to a buffer a thread drains: a stdout that stops reading cannot stop them.
-    let console = Box::new(ConsoleWriter::new(console, console_writer::CAPACITY));
+    let console = match ConsoleWriter::new(console, console_writer::CAPACITY) {
+        Ok(w) => Box::new(w),
+        Err(e) => {
+            say_error(log, format_args!("starting the console writer thread: {e}"));
+            return EXIT_HOST_ERROR;
+        }
+    };
     let (vms, seen) = consoles(&p.settings.vms, console, logs);
     if INTERRUPTED.load(Ordering::SeqCst) {
         let _ = writeln!(log, "pvsync: interrupted before the guests started");
@@ -235,7 +242,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         Chosen::Slots(b) => match b.shutdown() {
             Ok(trace) => (trace, false),
             Err(e) => {
-                let _ = writeln!(log, "pvsync: error: {e}");
+                say_error(log, format_args!("{e}"));
                 (None, true)
             }
         },
@@ -244,7 +251,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
     let reports = match result {
         Ok(r) => r,
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: {e}");
+            say_error(log, format_args!("{e}"));
             return if signalled {
                 EXIT_INTERRUPTED
             } else {
@@ -351,7 +358,7 @@ impl End<'_> {
                 .map(|(r, c)| (r.name.as_str(), c)),
         ) {
             if let Some(e) = &c.log_error {
-                let _ = writeln!(log, "pvsync: error: writing the console log of {what}: {e}");
+                say_error(log, format_args!("writing the console log of {what}: {e}"));
                 vmm_failed = true;
             }
         }
@@ -361,7 +368,7 @@ impl End<'_> {
         }
         if self.outputs.wants_trace() {
             if self.settings.slots.is_some() && trace.is_none() {
-                let _ = writeln!(log, "pvsync: error: the scheduler kept no trace");
+                say_error(log, "the scheduler kept no trace");
                 vmm_failed = true;
             }
             let timeline = crate::trace::of_run(self.run_start, trace.as_ref(), reports);
@@ -384,7 +391,7 @@ impl End<'_> {
                     }
                 }
                 Err(e) => {
-                    let _ = writeln!(log, "pvsync: error: {e}");
+                    say_error(log, format_args!("{e}"));
                     vmm_failed = true;
                 }
             }
@@ -410,7 +417,7 @@ impl End<'_> {
         );
         let mut status = status;
         if let Err(e) = self.outputs.write_metrics(&json) {
-            let _ = writeln!(log, "pvsync: error: {e}");
+            say_error(log, format_args!("{e}"));
             status = cli::combined_status(&statuses, self.interrupted, true);
         }
         if let Some(dir) = self.outputs.results_dir() {

@@ -17,13 +17,18 @@
  *     backlog) and makes RcuWait (Ok);
  *  6. SendIpi to vCPU 1 and to all but itself (Ok), and a malformed one (vector 5):
  *     BadArgument (11);
- *  7. Idle for 1 ms, three times (Ok);
+ *  7. Idle for 1 ms, three times (Ok). This guest keeps interrupts masked throughout (it
+ *     has no IDT), so it makes Idle with IF=0: docs/abi.md asks for IF=1 so that a pending
+ *     interrupt is taken on return without an interrupt-window exit, which does not apply
+ *     to a guest that takes no interrupts;
  *  8. prints "RESULT abi-guest vcpus=N yields=Y host_boosts=B" (B: record 1's host_boosts,
  *     what the host wrote back) and exits with code 0 through the Exit port. A failed step
  *     prints "abi-guest: FAIL step S status X" and exits with code 1.
  */
 
-/* docs/abi.md, sections 2 and 4. */
+/* docs/abi.md, sections 2 and 4. REGION and TRAMPOLINE are RAM the pvsync VMM leaves free
+ * (its memory map and boot data are below 0x8000 and at 0x20000; the image is at 1 MiB):
+ * the ABI does not say where a guest puts its region, only that it is RAM. */
 .set REGION,            0x200000        /* where the region lives (RAM, not the image) */
 .set MAGIC_LO,          0x59535650      /* "PVSY" */
 .set MAGIC_HI,          0x0000434e      /* "NC\0\0" */
@@ -70,7 +75,7 @@
 .set ICR_SIPI,          0x4600
 .set TRAMPOLINE,        0x8000
 .set YIELDS,            500
-.set MAX_VCPUS,         63              /* one page of records */
+.set MAX_VCPUS,         31              /* one page of records; holdouts fit 32 bits */
 
 /* ---- ELF notes: Xen PVH entry (QEMU-style 8-byte descriptor) and the pvsync ABI note ---- */
 .section .note, "a"
@@ -162,8 +167,7 @@ _start:
     incl yields
     pop %ecx
     loop 4b
-5:  movl $0, REC_SPIN_LOCK(%esi)        /* stop spinning, in a frame */
-    incl REC_SEQ(%esi)
+5:  incl REC_SEQ(%esi)                  /* stop spinning, in a frame */
     movl $NO_VCPU, REC_SPIN_HOLDER(%esi)
     movl $0, REC_SPIN_LOCK(%esi)
     incl REC_SEQ(%esi)

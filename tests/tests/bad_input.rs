@@ -298,4 +298,28 @@ fn operator_text_reaches_the_terminal_escaped() {
         );
         out.check(out.stderr.lines().count() == 1, "one line");
     }
+    // The same for paths, quoted file contents and command lines, whatever the error.
+    let scenario = scratch("esc.toml", b"[[vm]]\nkernel = \"/tmp/a\x1b[2Jb\"\n");
+    let fifo = std::env::temp_dir().join(format!("pvsync-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let long = "a".repeat(5000);
+    for args in [
+        vec!["run", "--scenario", scenario.to_str().unwrap()],
+        vec!["run", "--kernel", "/tmp/\u{1b}[2J"],
+        vec!["run", "--kernel", &k, "--cmdline", "x\ny"],
+        vec!["run", "--kernel", &k, "--cmdline", &long],
+        // A FIFO nobody writes: refused at once, not waited on.
+        vec!["run", "--kernel", fifo.to_str().unwrap()],
+    ] {
+        let out = pvsync(&args);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+        out.check(!out.stderr.contains('\u{1b}'), "no raw escape");
+        out.check(out.stderr.lines().count() == 1, "one line");
+        out.check(out.stderr.len() < 400, "a short line");
+    }
+    let _ = std::fs::remove_file(&fifo);
 }

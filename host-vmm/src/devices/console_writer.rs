@@ -47,8 +47,9 @@ pub struct ConsoleWriter {
 }
 
 impl ConsoleWriter {
-    /// Writes to `out` from a thread of its own, holding at most `capacity` bytes.
-    pub fn new(out: Box<dyn Write + Send>, capacity: usize) -> Self {
+    /// Writes to `out` from a thread of its own, holding at most `capacity` bytes; an error
+    /// if the thread cannot be started (without it nothing would reach `out`).
+    pub fn new(out: Box<dyn Write + Send>, capacity: usize) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             buf: Mutex::default(),
             changed: Condvar::new(),
@@ -57,9 +58,11 @@ impl ConsoleWriter {
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("console-writer".into())
-            .spawn(move || drain(&s, out))
-            .ok();
-        ConsoleWriter { shared, thread }
+            .spawn(move || drain(&s, out))?;
+        Ok(ConsoleWriter {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// Bytes dropped so far because the output did not keep up.
@@ -175,7 +178,8 @@ mod tests {
     fn a_stalled_output_never_blocks_the_writer_and_drops_what_does_not_fit() {
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let got = Arc::new(Mutex::new(Vec::new()));
-        let mut w = ConsoleWriter::new(Box::new(Gate(Arc::clone(&gate), Arc::clone(&got))), 100);
+        let mut w =
+            ConsoleWriter::new(Box::new(Gate(Arc::clone(&gate), Arc::clone(&got))), 100).unwrap();
         // The output blocks, yet every write returns at once.
         for _ in 0..50 {
             assert_eq!(w.write(b"0123456789").unwrap(), 10);

@@ -20,6 +20,7 @@
 //! ```
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,12 +36,17 @@ static READS_UNDER_LOCK: AtomicU64 = AtomicU64::new(0);
 pub struct Audited<G> {
     /// Always `Some` but in `into_inner`, which takes it.
     guard: Option<G>,
+    /// Not `Send`: the mark is this thread's, and must be taken off on this thread.
+    _this_thread: PhantomData<*const ()>,
 }
 
 impl<G> Audited<G> {
     pub fn new(guard: G) -> Self {
         HELD.with(|h| h.set(h.get() + 1));
-        Audited { guard: Some(guard) }
+        Audited {
+            guard: Some(guard),
+            _this_thread: PhantomData,
+        }
     }
 
     /// The guard itself, the thread no longer marked (for a condition variable's wait,
@@ -52,7 +58,10 @@ impl<G> Audited<G> {
 
 impl<G> Drop for Audited<G> {
     fn drop(&mut self) {
-        HELD.with(|h| h.set(h.get().saturating_sub(1)));
+        HELD.with(|h| {
+            debug_assert!(h.get() > 0, "an audited lock released twice");
+            h.set(h.get().saturating_sub(1));
+        });
     }
 }
 
