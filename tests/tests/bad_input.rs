@@ -245,22 +245,19 @@ fn non_regular_or_huge_operator_files_are_refused() {
     // /dev/zero would never end, a directory cannot be read.
     let k = guest_kernel().to_str().unwrap().to_owned();
     for path in ["/dev/zero", "/tmp"] {
-        let out = pvsync(&["run", "--kernel", &k, "--scenario", path]);
-        no_host_panic(&out);
-        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
-        out.check(
-            out.stderr
-                .contains(&format!("{path} is not a regular file")),
-            "says why",
-        );
-        let out = pvsync(&["timeline", path, "--out", "/tmp/pvsync-never.svg"]);
-        no_host_panic(&out);
-        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
-        out.check(
-            out.stderr
-                .contains(&format!("{path} is not a regular file")),
-            "says why",
-        );
+        for args in [
+            vec!["run", "--kernel", &k, "--scenario", path],
+            vec!["timeline", path, "--out", "/tmp/pvsync-never.svg"],
+        ] {
+            let out = pvsync(&args);
+            no_host_panic(&out);
+            out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+            out.check(
+                out.stderr
+                    .contains(&format!("{path} is not a regular file")),
+                "says why",
+            );
+        }
     }
     // A scenario past its bound (1 MiB) is refused, not parsed.
     let big = scratch("big.toml", &vec![b'#'; (1 << 20) + 1]);

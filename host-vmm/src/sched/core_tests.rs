@@ -156,18 +156,23 @@ impl BoostPolicy for Greedy {
     }
 }
 
+/// One tick of `c` at `now`, its kicks honoured at once.
+fn tick_and_kick(c: &mut Core, now: Nanos) {
+    let mut fx = Effects::default();
+    c.tick(now, &mut no_snapshot, &mut fx);
+    for v in fx.kick {
+        let mut fx = Effects::default();
+        c.preempt(v, Cpl::Kernel, now, &mut fx);
+    }
+}
+
 /// Runs `c` for `until` with ticks every ms and kicks honoured at once; returns run time
 /// per VM.
 fn simulate(c: &mut Core, until: Nanos, vms: usize) -> Vec<Nanos> {
     let mut now = 0;
     while now < until {
         now += MS;
-        let mut fx = Effects::default();
-        c.tick(now, &mut no_snapshot, &mut fx);
-        for v in fx.kick {
-            let mut fx = Effects::default();
-            c.preempt(v, Cpl::Kernel, now, &mut fx);
-        }
+        tick_and_kick(c, now);
     }
     (0..vms)
         .map(|vm| {
@@ -241,12 +246,7 @@ fn the_ledger_keeps_its_promise_over_time_beside_a_bursty_vm() {
     let mut now = 0;
     while now < 10_000 * MS {
         now += MS;
-        let mut fx = Effects::default();
-        c.tick(now, &mut no_snapshot, &mut fx);
-        for v in fx.kick {
-            let mut fx = Effects::default();
-            c.preempt(v, Cpl::Kernel, now, &mut fx);
-        }
+        tick_and_kick(&mut c, now);
         // In its idle half, every running vCPU of the bursty VM idles until the next burst.
         let phase = now % (200 * MS);
         if phase >= 100 * MS {
