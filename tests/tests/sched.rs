@@ -305,7 +305,10 @@ fn bad_scheduler_flags_are_usage_errors() {
             vec!["--scenario", bad_toml.to_str().unwrap()],
             "unknown field `vcpu`",
         ),
-        (vec!["--scenario", "/nonexistent.toml"], "reading scenario"),
+        (
+            vec!["--scenario", "/nonexistent.toml"],
+            "reading /nonexistent.toml",
+        ),
     ] {
         let mut all = vec!["run", "--kernel", &k];
         all.extend_from_slice(&args);
