@@ -11,6 +11,11 @@
 #   ./run.sh study [ARGS]    the study (pbzip2, cpu-bound, ebizzy, postmark under each policy and
 #                            placement): results/study-*/report.md; ARGS go to `pvsync study`
 #                            (e.g. --quick, --reps 5, rcu)
+#   ./run.sh soak [MINUTES]  every torture suite at 2x and 4x overcommit with pv, on both
+#                            backends, plus hostile guests beside normal ones, for MINUTES (default
+#                            5) per backend and overcommit; summary in target/soak/summary.txt
+#   ./run.sh fuzz [SECONDS] [TARGET..]  the fuzz targets (nightly and cargo-fuzz, installed if
+#                            missing), SECONDS each (default 60)
 #   ./run.sh qemu [ARGS]     boot the guest under stock QEMU/KVM (4 vCPUs, self-tests); exits
 #                            with pvsync's status for the guest's outcome (0, 1, 3, 125)
 #   ./run.sh help            this usage (also -h, --help)
@@ -71,7 +76,9 @@ usage() {
 usage: ./run.sh [COMMAND]
   main (default)               build; boot 4 vCPUs (self-tests) and 64 vCPUs (boot) with the
                                shared region dumped; then two VMs on the slot scheduler
-  test                         fmt and clippy (host and guest), then every test
+  test                         fmt and clippy (host and guest), every test, then every fuzz
+                               target for 10 s
+  fuzz [SECONDS] [TARGET..]    the fuzz targets (fuzz/, nightly cargo-fuzz), 60 s each
   bench [boot|guest|sched|all] benchmarks (default boot)
   study [STUDY ARGS]           the study (docs/study.md): results/study-<time>/report.md;
                                e.g. --quick (a few minutes), --reps 5, or experiments: ipi rcu
@@ -100,6 +107,112 @@ need_kvm() {
         echo "error: /dev/kvm is missing: pvsync needs KVM" >&2
         exit 1
     fi
+}
+
+# One soak run: `pvsync run` with ARGS on BACKEND, under an outer timeout (a VMM that hangs
+# is a failure too); a failure keeps its log. Counts in soak_runs, soak_failures (this
+# configuration), soak_failed_in_a_row and soak_logs (the whole soak).
+soak_run() {
+    local backend=$1 label=$2 status=0
+    shift 2
+    local log=target/soak/run.log
+    soak_runs=$((soak_runs + 1))
+    timeout -k 30 360 target/soak/pvsync run --kernel target/soak/guest-kernel --mem 128 \
+        --backend "$backend" --policy pv --timeout 300 "$@" >"$log" 2>&1 || status=$?
+    if ((status == 0)); then
+        soak_failed_in_a_row=0
+        return
+    fi
+    # Ctrl-C reached pvsync (it stops its guests and exits 130): the soak stops too.
+    if ((status == 130)); then
+        echo "run.sh soak: interrupted" >&2
+        exit 130
+    fi
+    soak_failures=$((soak_failures + 1))
+    soak_failed_in_a_row=$((soak_failed_in_a_row + 1))
+    soak_logs=$((soak_logs + 1))
+    local keep="target/soak/failure-$soak_logs.log"
+    { echo "# $backend $label (status $status): pvsync run $*"; cat "$log"; } >"$keep"
+    echo "*** soak: $backend $label FAILED with status $status (log: $keep)"
+}
+
+# `--vm` arguments for TEST on TOTAL vCPUs, named NAME-i, in as few VMs as the VMM's limits
+# allow (VMs of 32 vCPUs, bigger ones past 8 VMs, at most 64 vCPUs each): a half of the
+# soak's VMs is at most 8 VMs.
+soak_vms() {
+    local name=$1 total=$2 test=$3 i=0 size=32
+    while ((size < 64 && total > 8 * size)); do
+        size=$((size * 2 > 64 ? 64 : size * 2))
+    done
+    while ((total > 0 && i < 8)); do
+        local n=$((total < size ? total : size))
+        echo "--vm"
+        echo "name=$name-$i,vcpus=$n,cmdline=test=$test"
+        total=$((total - n))
+        i=$((i + 1))
+    done
+}
+
+# MINUTES, checked before anything is built.
+soak_minutes() {
+    if ! [[ $1 =~ ^[1-9][0-9]{0,4}$ ]]; then
+        echo "run.sh soak: MINUTES must be a whole number from 1 to 99999, not '$1'" >&2
+        exit 2
+    fi
+}
+
+soak() {
+    local minutes=$1
+    mkdir -p target/soak
+    # One soak at a time: they share target/soak.
+    exec 9>target/soak/.lock
+    if ! flock -n 9; then
+        echo "run.sh soak: another soak is running (target/soak/.lock)" >&2
+        exit 2
+    fi
+    rm -f target/soak/failure-*.log
+    # The soak runs its own copy of this build: a rebuild meanwhile does not change it.
+    cp "$VMM" target/soak/pvsync
+    cp "$GUEST" target/soak/guest-kernel
+    local summary=target/soak/summary.txt cpus suites
+    cpus=$(nproc)
+    suites=("locktorture lock=ticket duration=10000" "locktorture lock=mcs duration=10000"
+        "rcutorture duration=10000" "rcuflood" "tlbtorture duration=10000")
+    echo "# pvsync soak, $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'): $minutes min per backend and overcommit, $cpus host CPUs, policy pv" >"$summary"
+    local failed=0
+    soak_logs=0
+    for backend in slots linux; do
+        for factor in 2 4; do
+            local total=$((factor * cpus)) half=$((factor * cpus / 2))
+            ((half > 0)) || half=1
+            local end=$((SECONDS + minutes * 60)) rounds=0 started=$SECONDS
+            soak_runs=0
+            soak_failures=0
+            soak_failed_in_a_row=0
+            echo "== soak: $backend, ${factor}x overcommit ($total vCPUs on $cpus CPUs), $minutes min"
+            # Rounds start until the time is up (the last one ends up to a round later).
+            while ((SECONDS < end && soak_failed_in_a_row < 3)); do
+                for suite in "${suites[@]}"; do
+                    mapfile -t vms < <(soak_vms suite "$((2 * half))" "$suite")
+                    soak_run "$backend" "${factor}x $suite" "${vms[@]}"
+                done
+                # Hostile guests beside normal ones, half the vCPUs each.
+                for pair in "hostile-claims duration=10000|locktorture duration=10000" \
+                    "hostile-page duration=10000|rcutorture duration=10000" \
+                    "hostile-hold duration=10000|tlbtorture duration=10000"; do
+                    mapfile -t vms < <(soak_vms hostile "$half" "${pair%%|*}"; soak_vms normal "$half" "${pair##*|}")
+                    soak_run "$backend" "${factor}x ${pair%%|*} beside ${pair##*|}" "${vms[@]}"
+                done
+                rounds=$((rounds + 1))
+            done
+            local line="$backend ${factor}x: $rounds rounds, $soak_runs runs, $soak_failures failures in $(((SECONDS - started) / 60)) min"
+            ((soak_failed_in_a_row < 3)) || line="$line (stopped: 3 failures in a row)"
+            echo "$line" | tee -a "$summary"
+            ((soak_failures == 0)) || failed=1
+        done
+    done
+    echo "(summary: $summary)"
+    return $failed
 }
 
 cmd=${1:-main}
@@ -134,6 +247,21 @@ test)
     fi
     check_style
     cargo test --workspace
+    # Every fuzz target for a few seconds (nightly and cargo-fuzz for these only; where they
+    # cannot be installed the script says so loudly and the rest stands).
+    fuzz_status=0
+    fuzz/run.sh 10 || fuzz_status=$?
+    [ "$fuzz_status" -eq 0 ] || [ "$fuzz_status" -eq 3 ] || exit 1
+    ;;
+fuzz)
+    shift
+    fuzz/run.sh "$@"
+    ;;
+soak)
+    soak_minutes "${2:-5}"
+    build
+    need_kvm
+    soak "${2:-5}"
     ;;
 bench)
     need_kvm

@@ -230,3 +230,216 @@ pub fn hold(cpus: &[u32], duration_ms: u64) -> bool {
     );
     calls > 0 && !holders.is_empty()
 }
+
+/// `test=console-flood`: prints lines as fast as the serial port takes them for
+/// `duration_ms`. The host must neither block on its own output nor let this VM's printing
+/// hold up another VM.
+pub fn console_flood(duration_ms: u64) -> bool {
+    let end = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(duration_ms * 1000);
+    let mut lines = 0u64;
+    while crate::arch::tsc::now() < end {
+        println!("console-flood {lines:>12} the quick brown fox jumps over the lazy dog");
+        lines += 1;
+    }
+    println!("RESULT console-flood lines={lines}");
+    lines > 0
+}
+
+/// The grace-period sequence `hostile-claims` publishes: odd (one in progress) and far
+/// ahead of any the kernel reaches, so the kernel's own updates (an atomic max) never move
+/// it: a grace period frozen for the whole run.
+const FROZEN_GP_SEQ: u64 = (1 << 40) | 1;
+
+/// A callback backlog no guest could have.
+const HUGE_BACKLOG: u64 = 1 << 40;
+
+/// Stores the low `width` bytes (1, 4 or 8) of `value` at guest-physical `at`, inside this
+/// kernel's shared region, atomically (other CPUs may clear `ipi_wait` bits concurrently).
+fn lie(at: u64, width: usize, value: u64) {
+    use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+    // SAFETY: every caller passes an address inside the region this kernel allocated for
+    // the host (identity-mapped, live for good), aligned for `width` (record and header
+    // fields at their ABI offsets). The store is atomic, and every other writer of these
+    // fields stores them atomically too (ipi_wait acknowledgements, the RCU header, `seq`)
+    // or is this CPU itself (its own record), so there is no data race; nothing in this
+    // guest trusts these fields while `hostile-claims` runs.
+    unsafe {
+        match width {
+            1 => AtomicU8::from_ptr(at as *mut u8).store(value as u8, Relaxed),
+            4 => AtomicU32::from_ptr(at as *mut u32).store(value as u32, Relaxed),
+            _ => AtomicU64::from_ptr(at as *mut u64).store(value, Relaxed),
+        }
+    }
+}
+
+/// Bit i set for each of `nr` vCPUs.
+fn every_vcpu(nr: u32) -> u64 {
+    if nr >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << nr) - 1
+    }
+}
+
+/// CPU `cpu`'s record (of `nr`) at `base`, rewritten to claim everything while staying
+/// valid: in the kernel, an RCU reader holding a lock, spinning on a lock its neighbour
+/// holds (so the holders point at each other in a ring), and waiting for an IPI
+/// acknowledgement from every vCPU. The frame moves the `seq` in memory (the kernel's own
+/// updates on this CPU move it too); with `torn` it is left open: the record stays
+/// mid-update for good (until the kernel publishes on this CPU and closes it, after which
+/// the next rewrite opens it again).
+fn claim_everything(base: u64, nr: u32, cpu: u32, torn: bool) {
+    use core::mem::offset_of;
+    use shared_abi::{record_offset, VcpuMode, VcpuRecord};
+    let rec = base + record_offset(cpu as usize) as u64;
+    let field = |off: usize| rec + off as u64;
+    let seq_at = field(offset_of!(VcpuRecord, seq));
+    let seq = seq_now(seq_at);
+    let open = if seq % 2 == 1 {
+        seq
+    } else {
+        seq.wrapping_add(1)
+    };
+    lie(seq_at, 4, open as u64);
+    lie(
+        field(offset_of!(VcpuRecord, mode)),
+        1,
+        VcpuMode::Kernel as u64,
+    );
+    lie(field(offset_of!(VcpuRecord, rcu_nesting)), 4, 1);
+    lie(field(offset_of!(VcpuRecord, preempt_count)), 4, 1);
+    lie(field(offset_of!(VcpuRecord, locks_held)), 4, 1);
+    lie(
+        field(offset_of!(VcpuRecord, spin_holder)),
+        4,
+        ((cpu + 1) % nr) as u64,
+    );
+    lie(
+        field(offset_of!(VcpuRecord, spin_lock)),
+        8,
+        base + 8 * (cpu as u64 + 1),
+    );
+    lie(field(offset_of!(VcpuRecord, ipi_wait)), 8, every_vcpu(nr));
+    if !torn {
+        lie(seq_at, 4, open.wrapping_add(1) as u64);
+    }
+}
+
+/// The `seq` word at `at` (this CPU's own record) as memory holds it now.
+fn seq_now(at: u64) -> u32 {
+    // SAFETY: `at` is this CPU's record's `seq`, 4-byte aligned inside the live region;
+    // every writer of it (this CPU, and the host never) stores it whole; an atomic load.
+    unsafe {
+        core::sync::atomic::AtomicU32::from_ptr(at as *mut u32)
+            .load(core::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The header's grace-period fields, frozen with a huge backlog and every vCPU a holdout.
+fn freeze_grace_period(base: u64, nr: u32) {
+    use core::mem::offset_of;
+    use shared_abi::PageHeader;
+    let at = |off: usize| base + off as u64;
+    lie(at(offset_of!(PageHeader, rcu_gp_seq)), 8, FROZEN_GP_SEQ);
+    lie(
+        at(offset_of!(PageHeader, rcu_callbacks_pending)),
+        8,
+        HUGE_BACKLOG,
+    );
+    lie(
+        at(offset_of!(PageHeader, rcu_gp_holdouts)),
+        8,
+        every_vcpu(nr),
+    );
+}
+
+/// What one CPU of `hostile-claims` did.
+#[derive(Default)]
+struct Claimed {
+    yields: u64,
+    rcu_waits: u64,
+    turns: u64,
+}
+
+/// One CPU's share of `hostile-claims` until `end` (TSC). It spins, keeps its record
+/// claiming everything, and sends `YieldTo` (naming its neighbour, the "holder") just before
+/// each of its turns on a host CPU would end: a turn is told by the TSC jumping while the
+/// vCPU was descheduled, and its length learned from the last ones. CPU 0 keeps the grace
+/// period frozen and names every vCPU in `RcuWait` once a millisecond. The last CPU leaves
+/// its record mid-update.
+fn claim_one(cpu: u32, end: u64) -> Claimed {
+    let Some((base, nr, _)) = shared::info() else {
+        return Claimed::default();
+    };
+    let tsc = crate::arch::tsc::us_to_cycles;
+    let (gap, margin, refresh, rcu_period) = (tsc(200), tsc(150), tsc(50), tsc(1000));
+    let torn = nr > 1 && cpu == nr - 1;
+    let mut done = Claimed::default();
+    let mut turn_len = tsc(3000);
+    let mut last = crate::arch::tsc::now();
+    let (mut turn_start, mut sent, mut refreshed, mut waited) = (last, false, 0, 0);
+    while last < end {
+        let t = crate::arch::tsc::now();
+        if t - last > gap {
+            // Descheduled since `last`: a turn ended there, a new one starts now. Only a
+            // turn the host ended (not one this CPU gave up with its YieldTo) teaches how
+            // long turns are.
+            let len = last - turn_start;
+            if len > gap && !sent {
+                turn_len = (3 * turn_len + len) / 4;
+            }
+            turn_start = t;
+            sent = false;
+            done.turns += 1;
+        }
+        last = t;
+        if t - refreshed > refresh {
+            refreshed = t;
+            claim_everything(base, nr, cpu, torn);
+            if cpu == 0 {
+                freeze_grace_period(base, nr);
+            }
+        }
+        if !sent && t - turn_start + margin >= turn_len {
+            sent = true;
+            shared::yield_to((cpu + 1) % nr);
+            done.yields += 1;
+        }
+        if cpu == 0 && t - waited > rcu_period {
+            waited = t;
+            pvsync_guest::hypercall::rcu_wait::<crate::platform::Kernel>(FROZEN_GP_SEQ as u32);
+            done.rcu_waits += 1;
+        }
+        core::hint::spin_loop();
+    }
+    done
+}
+
+/// `test=hostile-claims`: for `duration_ms`, every CPU publishes records that pass the
+/// host's validation but lie (see `claim_everything`, `freeze_grace_period`) and asks for
+/// boosts at the worst moments. A VM beside it must keep its fair share but for the
+/// ledger's limit; this guest passes if it ran and asked.
+pub fn claims(cpus: &[u32], duration_ms: u64) -> bool {
+    let end = crate::arch::tsc::now() + crate::arch::tsc::us_to_cycles(duration_ms * 1000);
+    let tasks: alloc::vec::Vec<_> = cpus
+        .iter()
+        .map(|&cpu| {
+            crate::sched::spawn_returning(cpu, "hostile-claims", move || {
+                let c = claim_one(cpu, end);
+                // Three counts in one word for `join` (each far below 2^21 in any run).
+                c.yields.min(0x1f_ffff)
+                    | c.rcu_waits.min(0x1f_ffff) << 21
+                    | c.turns.min(0x1f_ffff) << 42
+            })
+        })
+        .collect();
+    let (mut yields, mut rcu_waits, mut turns) = (0, 0, 0);
+    for t in &tasks {
+        let w = crate::sched::join(t);
+        yields += w & 0x1f_ffff;
+        rcu_waits += (w >> 21) & 0x1f_ffff;
+        turns += w >> 42;
+    }
+    println!("RESULT hostile-claims yields={yields} rcu_waits={rcu_waits} turns={turns}");
+    yields > 0 && rcu_waits > 0
+}

@@ -9,6 +9,7 @@ use shared_abi::{ExitCode, GUEST_TESTS, MAX_VCPUS};
 
 use crate::launch;
 use crate::policy::PolicySpec;
+use crate::printable::say_error;
 use crate::vm::{Outcome, MAX_MEM_MIB};
 
 /// Every guest exited with code 0.
@@ -247,9 +248,11 @@ where
 
 /// `pvsync timeline`: reads a trace, keeps the tracks asked for, draws the window.
 fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
-    let text = match std::fs::read_to_string(&a.trace) {
+    // A trace holds at most 2^21 guest events and the slots' turns: well under this.
+    const MAX_TRACE_BYTES: u64 = 1 << 30;
+    let text = match crate::files::read_text(&a.trace, MAX_TRACE_BYTES) {
         Ok(t) => t,
-        Err(e) => return launch::usage(log, format!("reading {}: {e}", a.trace.display())),
+        Err(e) => return launch::usage(log, e),
     };
     let mut t = match crate::trace::json::read(&text) {
         Ok(t) => t,
@@ -286,7 +289,7 @@ fn timeline(a: TimelineArgs, log: &mut dyn Write) -> i32 {
     match std::fs::write(&a.out, svg) {
         Ok(()) => 0,
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: writing {}: {e}", a.out.display());
+            say_error(log, format_args!("writing {}: {e}", a.out.display()));
             EXIT_HOST_ERROR
         }
     }

@@ -156,6 +156,7 @@ pub fn drain(
     log: &mut EventLog,
     sync: &mut dyn FnMut() -> Option<TscSync>,
 ) -> Result<(), vm_memory::GuestMemoryError> {
+    crate::sched::lock_audit::guest_read();
     let entries = reg.event_ring_entries;
     if entries == 0 || vcpu >= reg.nr_vcpus {
         return Ok(());
@@ -235,6 +236,7 @@ pub fn drain(
 /// vCPU `vcpu`'s RCU read-side nesting as its record says (one aligned field, written with
 /// one store: no frame needed); 0 if it cannot be read.
 pub fn rcu_nesting(mem: &GuestMemoryMmap, reg: &Registration, vcpu: u32) -> u32 {
+    crate::sched::lock_audit::guest_read();
     if vcpu >= reg.nr_vcpus {
         return 0;
     }

@@ -10,15 +10,19 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{self, RunArgs, EXIT_HOST_ERROR, EXIT_INTERRUPTED, EXIT_USAGE};
 use crate::devices::capture::{Capture, Captured};
+use crate::devices::console_writer::{self, ConsoleWriter};
 use crate::devices::prefixed::PrefixedConsole;
 use crate::hostinfo::HostInfo;
 use crate::outputs::{ConsoleLogs, OutputError, Outputs};
 use crate::plan::{self, Defaults, PlanError};
+use crate::printable::say_error;
 use crate::report;
 use crate::results::{self, RunSettings, VmRun};
 use crate::scenario::{Scenario, ScenarioError};
 use crate::sched::trace::Trace;
-use crate::sched::{Backend, CoreConfig, LinuxBackend, Placement, SlotBackend};
+use crate::sched::{
+    Backend, CoreConfig, LinuxBackend, Placement, SlotBackend, LINUX_LEDGER, SLOT_LEDGER,
+};
 use crate::signals::INTERRUPTED;
 use crate::vm::{self, Outcome, RunReport, VmConfig};
 
@@ -134,6 +138,7 @@ fn plan(a: &RunArgs, scenario: Option<(&Path, &Scenario)>) -> Result<Plan, Launc
         slice_us: slotted.then_some(slice_us),
         placement: Some(placement.name().to_string()),
         pin_slots: slotted.then(|| a.pin_slots.unwrap_or(true)),
+        ledger: if slotted { SLOT_LEDGER } else { LINUX_LEDGER },
         timeout_s,
         tracing: a.trace.is_some() || a.results.is_some(),
         vms,
@@ -161,7 +166,7 @@ impl Chosen {
 }
 
 pub(crate) fn usage(log: &mut dyn Write, e: impl std::fmt::Display) -> i32 {
-    let _ = writeln!(log, "pvsync: error: {e}");
+    say_error(log, format_args!("{e}"));
     EXIT_USAGE
 }
 
@@ -209,7 +214,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         match SlotBackend::new(cfg) {
             Ok(b) => Chosen::Slots(b),
             Err(e) => {
-                let _ = writeln!(log, "pvsync: error: {e}");
+                say_error(log, format_args!("{e}"));
                 return EXIT_HOST_ERROR;
             }
         }
@@ -217,6 +222,14 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         Chosen::Linux(Arc::new(LinuxBackend::new(p.placement)))
     };
 
+    // Guests write to a buffer a thread drains: a stdout that stops reading cannot stop them.
+    let console = match ConsoleWriter::new(console, console_writer::CAPACITY) {
+        Ok(w) => Box::new(w),
+        Err(e) => {
+            say_error(log, format_args!("starting the console writer thread: {e}"));
+            return EXIT_HOST_ERROR;
+        }
+    };
     let (vms, seen) = consoles(&p.settings.vms, console, logs);
     if INTERRUPTED.load(Ordering::SeqCst) {
         let _ = writeln!(log, "pvsync: interrupted before the guests started");
@@ -229,7 +242,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
         Chosen::Slots(b) => match b.shutdown() {
             Ok(trace) => (trace, false),
             Err(e) => {
-                let _ = writeln!(log, "pvsync: error: {e}");
+                say_error(log, format_args!("{e}"));
                 (None, true)
             }
         },
@@ -238,7 +251,7 @@ pub fn run(a: &RunArgs, console: Box<dyn Write + Send>, log: &mut dyn Write) -> 
     let reports = match result {
         Ok(r) => r,
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: {e}");
+            say_error(log, format_args!("{e}"));
             return if signalled {
                 EXIT_INTERRUPTED
             } else {
@@ -345,7 +358,7 @@ impl End<'_> {
                 .map(|(r, c)| (r.name.as_str(), c)),
         ) {
             if let Some(e) = &c.log_error {
-                let _ = writeln!(log, "pvsync: error: writing the console log of {what}: {e}");
+                say_error(log, format_args!("writing the console log of {what}: {e}"));
                 vmm_failed = true;
             }
         }
@@ -355,7 +368,7 @@ impl End<'_> {
         }
         if self.outputs.wants_trace() {
             if self.settings.slots.is_some() && trace.is_none() {
-                let _ = writeln!(log, "pvsync: error: the scheduler kept no trace");
+                say_error(log, "the scheduler kept no trace");
                 vmm_failed = true;
             }
             let timeline = crate::trace::of_run(self.run_start, trace.as_ref(), reports);
@@ -378,7 +391,7 @@ impl End<'_> {
                     }
                 }
                 Err(e) => {
-                    let _ = writeln!(log, "pvsync: error: {e}");
+                    say_error(log, format_args!("{e}"));
                     vmm_failed = true;
                 }
             }
@@ -404,7 +417,7 @@ impl End<'_> {
         );
         let mut status = status;
         if let Err(e) = self.outputs.write_metrics(&json) {
-            let _ = writeln!(log, "pvsync: error: {e}");
+            say_error(log, format_args!("{e}"));
             status = cli::combined_status(&statuses, self.interrupted, true);
         }
         if let Some(dir) = self.outputs.results_dir() {

@@ -13,6 +13,7 @@
 pub mod arch;
 pub mod cli;
 pub mod devices;
+pub mod files;
 pub mod guest_events;
 pub mod hostinfo;
 pub mod hoststat;
@@ -22,6 +23,7 @@ pub mod loader;
 pub mod outputs;
 pub mod plan;
 pub mod policy;
+pub mod printable;
 pub mod report;
 pub mod results;
 pub mod scenario;

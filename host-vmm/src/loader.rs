@@ -1,8 +1,7 @@
 //! Guest kernel images: inspect the ELF (PVH entry note, pvsync ABI note, load extent) before
 //! anything is written to guest memory, then load it with linux-loader.
 
-use std::fs::File;
-use std::io::{Cursor, Read};
+use std::io::Cursor;
 use std::ops::Range;
 use std::path::Path;
 
@@ -145,22 +144,17 @@ pub struct Kernel {
 
 /// Reads and inspects the image at `path`, refusing an ABI version other than ours.
 pub fn read_kernel(path: &Path) -> Result<Kernel, LoaderError> {
-    let read_err = |source| LoaderError::Read {
-        path: path.display().to_string(),
-        source,
-    };
-    let file = File::open(path).map_err(read_err)?;
-    // A FIFO or a device (/dev/zero) would block or never end: regular files only.
-    if !file.metadata().map_err(read_err)?.is_file() {
-        return Err(LoaderError::NotAFile(path.display().to_string()));
-    }
-    let mut data = Vec::new();
-    file.take(MAX_IMAGE_BYTES + 1)
-        .read_to_end(&mut data)
-        .map_err(read_err)?;
-    if data.len() as u64 > MAX_IMAGE_BYTES {
-        return Err(LoaderError::TooLarge(MAX_IMAGE_BYTES));
-    }
+    use crate::files::{read_bounded, FileError};
+    let data = read_bounded(path, MAX_IMAGE_BYTES).map_err(|e| match e {
+        FileError::Read { path, source } => LoaderError::Read {
+            path: path.display().to_string(),
+            source,
+        },
+        FileError::NotAFile(p) => LoaderError::NotAFile(p.display().to_string()),
+        FileError::TooLarge { max, .. } => LoaderError::TooLarge(max),
+        // Only text is checked for UTF-8.
+        FileError::NotText(p) => LoaderError::NotAFile(p.display().to_string()),
+    })?;
     let info = inspect(&data)?;
     match info.abi_version {
         Some(v) if v != shared_abi::ABI_VERSION => Err(LoaderError::AbiMismatch {

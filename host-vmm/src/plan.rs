@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use shared_abi::MAX_VCPUS;
 
+use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::loader::{self, KernelInfo, LoaderError};
 use crate::policy::PolicySpec;
+use crate::printable::{printable, printable_short};
 use crate::scenario::{Scenario, ScenarioError, VmSpec, MAX_VMS};
 use crate::vm::{self, VmConfig, MAX_MEM_MIB};
 
@@ -29,6 +31,12 @@ pub enum PlanError {
     TooManyVms,
     #[error("VM '{0}' has no kernel: give --kernel, or kernel= in every --vm or [[vm]]")]
     NoKernel(String),
+    #[error("VM '{vm}': {what}: {reason} (printable ASCII, at most {max} bytes)", max = CMDLINE_MAX_SIZE - 1)]
+    Cmdline {
+        vm: String,
+        what: String,
+        reason: linux_loader::cmdline::Error,
+    },
     #[error("VM '{vm}': {what}: {source}")]
     Kernel {
         vm: String,
@@ -70,8 +78,13 @@ impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::Flags => f.write_str("the flags"),
-            Origin::VmFlag(spec) => write!(f, "--vm '{spec}'"),
-            Origin::Scenario(path, n) => write!(f, "scenario {}, [[vm]] #{n}", path.display()),
+            // Escaped: operator text must not reach the terminal with control characters.
+            Origin::VmFlag(spec) => write!(f, "--vm '{}'", printable(spec)),
+            Origin::Scenario(path, n) => write!(
+                f,
+                "scenario {}, [[vm]] #{n}",
+                printable(&path.display().to_string())
+            ),
         }
     }
 }
@@ -160,7 +173,7 @@ fn check_name(origin: &Origin, name: &str) -> Result<String, PlanError> {
     } else {
         Err(PlanError::BadName {
             origin: origin.clone(),
-            name: name.to_string(),
+            name: printable(name),
         })
     }
 }
@@ -204,17 +217,43 @@ fn vm_config(
             needed_mib: needed.div_ceil(MIB),
         });
     }
+    let cmdline_in_spec = v.cmdline.is_some();
+    let cmdline = v.cmdline.unwrap_or_else(|| d.cmdline.to_string());
+    // The rule the boot path applies, checked here: a usage error, not a failed boot.
+    if let Err(reason) = check_cmdline(&cmdline) {
+        let shown = printable_short(&cmdline, 60);
+        let what = origin.what(
+            cmdline_in_spec,
+            "cmdline",
+            "--cmdline",
+            format!("'{shown}'"),
+        );
+        return Err(PlanError::Cmdline {
+            vm: name,
+            what,
+            reason,
+        });
+    }
     Ok(VmConfig {
         name,
         kernel,
         vcpus,
         mem_mib,
-        cmdline: v.cmdline.unwrap_or_else(|| d.cmdline.to_string()),
+        cmdline,
         timeout: d.timeout,
         policy: v.policy.unwrap_or_else(|| d.policy.clone()),
         // Set once the outputs are known (a trace asks the guests for their events).
         guest_events: false,
     })
+}
+
+/// Whether `cmdline` fits the guest's command-line area as the boot path writes it.
+fn check_cmdline(cmdline: &str) -> Result<(), linux_loader::cmdline::Error> {
+    let mut cl = linux_loader::cmdline::Cmdline::new(CMDLINE_MAX_SIZE)?;
+    if !cmdline.is_empty() {
+        cl.insert_str(cmdline)?;
+    }
+    Ok(())
 }
 
 /// Each kernel path read and inspected once, however many VMs boot it.

@@ -10,8 +10,9 @@ use serde_json::{json, Map, Value};
 use crate::hostinfo::HostInfo;
 use crate::hoststat::SchedStat;
 use crate::policy::BoostReason;
+use crate::sched::fair_share::{self, ProgressSeries, Shortfall};
 use crate::sched::metrics::LatencyHistogram;
-use crate::sched::VcpuMetrics;
+use crate::sched::{LedgerLimits, VcpuMetrics};
 use crate::vm::{Outcome, RunReport, VmConfig};
 
 /// Bumped when a field is renamed, removed or changes meaning (adding fields does not).
@@ -26,6 +27,8 @@ pub struct RunSettings {
     pub slice_us: Option<u64>,
     pub placement: Option<String>,
     pub pin_slots: Option<bool>,
+    /// The boost ledger's limits under the chosen backend.
+    pub ledger: LedgerLimits,
     pub timeout_s: u64,
     /// The run wrote a trace: the guests wrote events and the scheduler kept its own, which
     /// costs (a TSC read per guest event), so figures of traced runs are not comparable with
@@ -200,7 +203,18 @@ pub fn latencies(r: &RunReport) -> ((u64, LatencyHistogram), (u64, LatencyHistog
     ((ht, h), (kt, k))
 }
 
-fn vm_json(run: &VmRun) -> Value {
+/// A VM's fair share over time, beside the other VMs of the run (`sched::fair_share`).
+fn fair_share_json(s: &Shortfall) -> Value {
+    json!({
+        "shortfall_max_ns": s.max_ns,
+        "shortfall_from_ns": s.from_ns,
+        "shortfall_to_ns": s.to_ns,
+        "share_ns": s.share_ns,
+        "received_ns": s.received_ns,
+    })
+}
+
+fn vm_json(run: &VmRun, fair: &Shortfall) -> Value {
     let r = run.report;
     let vm = r.sched.as_ref().map(|(m, _)| m.clone()).unwrap_or_default();
     let ((ht, h), (kt, k)) = latencies(r);
@@ -222,6 +236,7 @@ fn vm_json(run: &VmRun) -> Value {
         "stacking_samples": vm.samples,
         "stacking_fraction": vm.stacking_fraction(),
         "boost_debt_max_ns": vm.max_debt_ns,
+        "fair_share": fair_share_json(fair),
         "rcu_words_ignored": vm.rcu_words_ignored,
         "dispatches": h.count(),
         "kicks": k.count(),
@@ -256,6 +271,8 @@ fn settings_json(s: &RunSettings) -> Value {
         "slice_us": s.slice_us,
         "placement": s.placement,
         "pin_slots": s.pin_slots,
+        "ledger_budget_ns": s.ledger.budget,
+        "ledger_max_debt_ns": s.ledger.max_debt,
         "tracing": s.tracing,
         "timeout_s": s.timeout_s,
         "vms": vms,
@@ -280,6 +297,8 @@ pub fn json(
     interrupted: bool,
     vms: &[VmRun],
 ) -> Value {
+    let series: Vec<&ProgressSeries> = vms.iter().map(|v| &v.report.progress).collect();
+    let fair = fair_share::shortfalls(&series, fair_share::GRID_NS);
     json!({
         "schema_version": SCHEMA_VERSION,
         "pvsync_version": env!("CARGO_PKG_VERSION"),
@@ -287,7 +306,10 @@ pub fn json(
         "interrupted": interrupted,
         "settings": settings_json(settings),
         "host": host_json(host),
-        "vms": vms.iter().map(vm_json).collect::<Vec<_>>(),
+        "audit": {
+            "guest_reads_under_scheduler_lock": crate::sched::lock_audit::reads_under_lock(),
+        },
+        "vms": vms.iter().zip(&fair).map(|(v, f)| vm_json(v, f)).collect::<Vec<_>>(),
     })
 }
 

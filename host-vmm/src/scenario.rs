@@ -31,11 +31,8 @@ use crate::policy::{PolicyError, PolicySpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("reading scenario {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("scenario: {0}")]
+    Read(#[from] crate::files::FileError),
     #[error("scenario {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -48,6 +45,9 @@ pub enum ScenarioError {
     #[error("a scenario may start at most {max} VMs, this one starts {got}")]
     TooManyVms { got: usize, max: usize },
 }
+
+/// Largest scenario file read (a scenario is a few hundred bytes).
+pub const MAX_SCENARIO_BYTES: u64 = 1 << 20;
 
 /// Most VMs one process runs.
 pub const MAX_VMS: usize = 16;
@@ -90,10 +90,7 @@ pub struct Scenario {
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = crate::files::read_text(path, MAX_SCENARIO_BYTES)?;
         let s: Scenario = toml::from_str(&text).map_err(|e| ScenarioError::Parse {
             path: path.to_owned(),
             source: Box::new(e),
@@ -133,9 +130,10 @@ impl VmSpec {
     /// Parses `key=value,...`; `cmdline=` must come last and takes the rest of the text
     /// (kernel command lines contain spaces and `=`).
     pub fn parse(spec: &str) -> Result<Self, ScenarioError> {
+        // Escaped: a control character in the spec must not reach the terminal as one.
         let bad = |why: String| ScenarioError::BadSpec {
-            spec: spec.to_string(),
-            why,
+            spec: crate::printable::printable(spec),
+            why: crate::printable::printable(&why),
         };
         let mut v = VmSpec::default();
         let mut rest = spec;

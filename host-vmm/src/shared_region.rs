@@ -38,6 +38,7 @@ pub fn validate(
     kernel: &Range<u64>,
     ram: &[Range<u64>],
 ) -> Result<Registration, HypercallStatus> {
+    crate::sched::lock_audit::guest_read();
     if gpa % PAGE_SIZE as u64 != 0 {
         return Err(HypercallStatus::BadAddress);
     }
@@ -158,6 +159,7 @@ pub fn read_record(
     reg: &Registration,
     vcpu: u32,
 ) -> Result<RecordView, vm_memory::GuestMemoryError> {
+    crate::sched::lock_audit::guest_read();
     let at = GuestAddress(reg.gpa + record_offset(vcpu as usize) as u64);
     let mut buf = [0u8; RECORD_SIZE];
     for _ in 0..MAX_READ_ATTEMPTS {
@@ -196,6 +198,7 @@ impl Snapshot {
         mem: &GuestMemoryMmap,
         reg: &Registration,
     ) -> Result<Self, vm_memory::GuestMemoryError> {
+        crate::sched::lock_audit::guest_read();
         let mut h = [0u8; HEADER_SIZE];
         mem.read_slice(&mut h, GuestAddress(reg.gpa))?;
         let records = (0..reg.nr_vcpus)

@@ -24,6 +24,14 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "odd CPUs spin with interrupts off, never exiting, for duration=MS while even CPUs name them in YieldTo",
     ),
     (
+        "hostile-claims",
+        "records that pass validation but lie (every vCPU a reader and a holder in a ring, a frozen grace period, full IPI-wait masks, one record mid-update) and YieldTo just before each turn ends, for duration=MS",
+    ),
+    (
+        "console-flood",
+        "prints lines as fast as the serial port takes them for duration=MS",
+    ),
+    (
         "locktorture",
         "spinlock torture (lock=ticket|mcs; controls lock=broken|mcs-nokick must fail)",
     ),

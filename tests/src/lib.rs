@@ -354,3 +354,30 @@ macro_rules! host_tests {
         }
     };
 }
+
+/// A command that runs what follows on at most `n` of the CPUs this process may use: four
+/// vCPUs are overcommitted (and get preempted) on any host.
+pub fn on_cpus(n: usize) -> Command {
+    let cpus = host_vmm::sched::affinity::allowed_cpus().expect("allowed CPUs");
+    let list: Vec<String> = cpus.iter().take(n).map(|c| c.to_string()).collect();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &list.join(",")]);
+    cmd
+}
+
+/// Whether this process may run a thread real-time at priority 2 (the boost timer's); if
+/// not, says loudly that `test` does not run.
+pub fn may_raise(test: &str) -> bool {
+    let ok = std::thread::spawn(|| {
+        let param = libc::sched_param { sched_priority: 2 };
+        // SAFETY: sched_setscheduler(0, ..) changes only this short-lived thread, and reads
+        // `param`, which outlives the call.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+    })
+    .join()
+    .unwrap_or(false);
+    if !ok {
+        eprintln!("*** {test}: this process may not run threads real-time: NOT RUN ***");
+    }
+    ok
+}

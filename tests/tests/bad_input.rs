@@ -238,3 +238,85 @@ fn non_regular_kernel_files_are_refused() {
         refused(&out, &format!("kernel image {path} is not a regular file"));
     }
 }
+
+#[test]
+fn non_regular_or_huge_operator_files_are_refused() {
+    // Every file the operator names is read only if it is a regular file of bounded size:
+    // /dev/zero would never end, a directory cannot be read.
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    for path in ["/dev/zero", "/tmp"] {
+        for args in [
+            vec!["run", "--kernel", &k, "--scenario", path],
+            vec!["timeline", path, "--out", "/tmp/pvsync-never.svg"],
+        ] {
+            let out = pvsync(&args);
+            no_host_panic(&out);
+            out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+            out.check(
+                out.stderr
+                    .contains(&format!("{path} is not a regular file")),
+                "says why",
+            );
+        }
+    }
+    // A scenario past its bound (1 MiB) is refused, not parsed.
+    let big = scratch("big.toml", &vec![b'#'; (1 << 20) + 1]);
+    let out = pvsync(&["run", "--scenario", big.to_str().unwrap()]);
+    no_host_panic(&out);
+    out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+    out.check(
+        out.stderr.contains("is larger than 1048576 bytes"),
+        "says why",
+    );
+    // A study directory whose data file is a device.
+    let dir = std::env::temp_dir().join(format!("pvsync-render-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::remove_file(dir.join("study.json"));
+    std::os::unix::fs::symlink("/dev/zero", dir.join("study.json")).unwrap();
+    let out = pvsync(&["study", "--render", dir.to_str().unwrap()]);
+    no_host_panic(&out);
+    out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+    out.check(out.stderr.contains("is not a regular file"), "says why");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn operator_text_reaches_the_terminal_escaped() {
+    // A control character in a name or a spec is refused, and the message shows it escaped:
+    // nothing an operator (or a script fed untrusted names) types can forge console output.
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    for spec in ["name=a\u{1b}[2Jb", "name=x\ny", "vcpus=\u{7}"] {
+        let out = pvsync(&["run", "--kernel", &k, "--vm", spec]);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+        out.check(
+            !out.stderr.contains('\u{1b}') && !out.stderr.contains('\u{7}'),
+            "no raw control character in the message",
+        );
+        out.check(out.stderr.lines().count() == 1, "one line");
+    }
+    // The same for paths, quoted file contents and command lines, whatever the error.
+    let scenario = scratch("esc.toml", b"[[vm]]\nkernel = \"/tmp/a\x1b[2Jb\"\n");
+    let fifo = std::env::temp_dir().join(format!("pvsync-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let long = "a".repeat(5000);
+    for args in [
+        vec!["run", "--scenario", scenario.to_str().unwrap()],
+        vec!["run", "--kernel", "/tmp/\u{1b}[2J"],
+        vec!["run", "--kernel", &k, "--cmdline", "x\ny"],
+        vec!["run", "--kernel", &k, "--cmdline", &long],
+        // A FIFO nobody writes: refused at once, not waited on.
+        vec!["run", "--kernel", fifo.to_str().unwrap()],
+    ] {
+        let out = pvsync(&args);
+        no_host_panic(&out);
+        out.check(out.status == Some(EXIT_USAGE), "usage error exit status");
+        out.check(!out.stderr.contains('\u{1b}'), "no raw escape");
+        out.check(out.stderr.lines().count() == 1, "one line");
+        out.check(out.stderr.len() < 400, "a short line");
+    }
+    let _ = std::fs::remove_file(&fifo);
+}

@@ -212,6 +212,10 @@ fn hostile_guest_beside_a_normal_one() {
         normal["invalid_page_events"].as_u64().unwrap() == 0,
         "the normal VM's page stays valid",
     );
+    out.check(
+        m["audit"]["guest_reads_under_scheduler_lock"] == 0,
+        "no region read under the scheduler's lock",
+    );
     let (h, n) = (sum(&m, 0, "run_total_ns"), sum(&m, 1, "run_total_ns"));
     out.check(
         3 * n >= h + n,
@@ -301,7 +305,10 @@ fn bad_scheduler_flags_are_usage_errors() {
             vec!["--scenario", bad_toml.to_str().unwrap()],
             "unknown field `vcpu`",
         ),
-        (vec!["--scenario", "/nonexistent.toml"], "reading scenario"),
+        (
+            vec!["--scenario", "/nonexistent.toml"],
+            "reading /nonexistent.toml",
+        ),
     ] {
         let mut all = vec!["run", "--kernel", &k];
         all.extend_from_slice(&args);

@@ -4,8 +4,9 @@
 //! - `mode` and the pair `spin_lock`/`spin_holder` are framed by `seq`: the owner makes
 //!   `seq` odd, stores, makes it even. Only the outermost update on a CPU moves `seq`; an
 //!   interrupt handler that publishes inside one (its `mode`, or a kernel lock it spins on,
-//!   restored as it found it) finds it odd and leaves it alone. Interrupts stay enabled: `cli`/`popf` are costly under
-//!   virtualization, and the nesting counter makes a handler's update safe.
+//!   restored as it found it) sees the CPU's depth counter above zero (never `seq`'s
+//!   parity: shared memory) and leaves `seq` alone. Interrupts stay enabled: `cli`/`popf`
+//!   are costly under virtualization, and the depth counter makes a handler's update safe.
 //! - `rcu_nesting`, `preempt_count` and `locks_held` are each one aligned volatile store by
 //!   the owner, outside the frame: they change on hot paths and each means something alone.
 //! - `ipi_wait` is stored (atomically) by the owner and cleared bit by bit, with an atomic

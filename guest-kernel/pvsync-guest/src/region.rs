@@ -165,17 +165,18 @@ pub(crate) fn event_ring(cpu: u32) -> Option<(*mut EventRingHeader, u32)> {
 /// Publishes the RCU grace-period sequence and callback backlog in the header. Any CPU may
 /// call this. The sequence only moves forward (an atomic max: a CPU preempted between
 /// computing it and storing it must not take it back, or the host would read the grace
-/// period in progress as over); the backlog is one aligned store, a hint.
+/// period in progress as over); the backlog is one atomic store, a hint.
 pub fn set_rcu_header(gp_seq: u64, pending: u64) {
     if let Some(r) = REGION.get() {
         let h = header(r);
         // SAFETY: the header lies in the live region for the kernel's lifetime; `rcu_gp_seq`
         // is 8-byte aligned (offset 32 of a 64-byte aligned header) and the guest only
-        // updates it atomically (the host only reads it); the backlog is a single aligned
-        // store.
+        // updates it atomically (the host only reads it); the backlog, 8-byte aligned at
+        // offset 40, is stored atomically too (any CPU may store it).
         unsafe {
             AtomicU64::from_ptr(addr_of_mut!((*h).rcu_gp_seq)).fetch_max(gp_seq, Ordering::SeqCst);
-            write_volatile(addr_of_mut!((*h).rcu_callbacks_pending), pending);
+            AtomicU64::from_ptr(addr_of_mut!((*h).rcu_callbacks_pending))
+                .store(pending, Ordering::Relaxed);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Port-I/O devices: the serial console, and a count of accesses nobody claims.
 
 pub mod capture;
+pub mod console_writer;
 pub mod prefixed;
 pub mod serial;
 

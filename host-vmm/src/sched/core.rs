@@ -47,8 +47,8 @@ impl Default for CoreConfig {
             slots: 2,
             slice: 3_000_000,
             placement: Placement::default(),
-            boost_budget: 500_000,
-            max_debt: 30_000_000,
+            boost_budget: super::ledger::SLOT_LEDGER.budget,
+            max_debt: super::ledger::SLOT_LEDGER.max_debt,
             trace: false,
             pin_slots: true,
         }
@@ -94,6 +94,11 @@ struct Vcpu {
     boost: Option<BoostReason>,
     /// Run time the ledger granted the boost.
     boost_budget: Nanos,
+    /// The boost is charged to its VM: another VM had a vCPU waiting when it was granted.
+    boost_charged: bool,
+    /// This turn was given to it in place of a VM in debt: when it ends, its run time
+    /// repays that VM's debt.
+    stands_for: Option<usize>,
     /// It lent its turn in a directed yield: the turn's end, for when it runs again.
     resume_end: Option<Nanos>,
     /// Its boost runs on a turn this vCPU (a key) lent it; published to the guest, which
@@ -225,6 +230,8 @@ impl Core {
                 in_spin_loop: false,
                 boost: None,
                 boost_budget: 0,
+                boost_charged: false,
+                stands_for: None,
                 resume_end: None,
                 lent_by: None,
                 metrics: VcpuMetrics::default(),
@@ -301,8 +308,12 @@ impl Core {
             RunState::Running { slot } => {
                 c.metrics.run_ns += spent;
                 c.lent_by = None;
+                if let Some(debtor) = c.stands_for.take() {
+                    // What the substitute really ran (it may halt at once), up to a slice.
+                    self.ledger.repaid(debtor, spent.min(self.cfg.slice));
+                }
                 let boost = c.boost.take();
-                if boost.is_some() {
+                if boost.is_some() && c.boost_charged {
                     // The budget was charged when the boost was granted; settle the rest.
                     if spent > c.boost_budget {
                         self.ledger.borrowed(c.vm, spent - c.boost_budget);
@@ -389,7 +400,8 @@ impl Core {
         let head_vm = self.vcpus[head].vm;
         if self.ledger.owes(head_vm) {
             if let Some(&other) = q.iter().find(|&&o| !self.ledger.owes(self.vcpus[o].vm)) {
-                self.ledger.repaid(head_vm, self.cfg.slice);
+                // Repaid by what `other` runs, when its turn ends (`set_state`).
+                self.vcpus[other].stands_for = Some(head_vm);
                 return Some(other);
             }
         }
@@ -702,14 +714,23 @@ impl Core {
             }
             false => self.ledger.budget(),
         };
-        let Some(budget) = self.ledger.grant_up_to(vm, want) else {
-            self.vcpus[v].metrics.boosts_refused += 1;
-            return false;
+        // A boost passes only its own VM's vCPUs unless another VM waits: then it takes
+        // from that VM and is charged, else it is free (and not capped).
+        let charged = self.another_vm_waits(vm);
+        let budget = if charged {
+            let Some(budget) = self.ledger.grant_up_to(vm, want) else {
+                self.vcpus[v].metrics.boosts_refused += 1;
+                return false;
+            };
+            // Charged now, so that boosts granted together cannot exceed the cap.
+            self.ledger.borrowed(vm, budget);
+            budget
+        } else {
+            want
         };
-        // Charged now, so that boosts granted together cannot exceed the cap.
-        self.ledger.borrowed(vm, budget);
         self.vcpus[v].boost = Some(reason);
         self.vcpus[v].boost_budget = budget;
+        self.vcpus[v].boost_charged = charged;
         // At the head, but behind earlier boosts and behind anyone who has waited too long:
         // boosts reorder turns, they may not starve a vCPU that is never named.
         self.set_state(v, RunState::Queued { slot }, now);
@@ -1124,18 +1145,15 @@ impl Core {
                 }
             }
         }
-        let waiting_vms: Vec<bool> = (0..self.vms.len())
-            .map(|vm| {
-                self.slots
-                    .iter()
-                    .any(|s| s.queue.iter().any(|&v| self.vcpus[v].vm == vm))
-            })
-            .collect();
         // Between VMs, only relative debt counts; a lone VM repays at the rate of time (below).
+        // While another VM is live, debt is repaid only by giving it turns (`pick`): repaid
+        // with time while it merely idled, a debt would be run up again at its next burst,
+        // and its share over a longer interval would lose the cap once per burst.
         let live: Vec<usize> = (0..self.vms.len()).filter(|&v| self.vms[v].live).collect();
         if live.len() > 1 {
             self.ledger.forgive_common(live.iter().copied());
         }
+        let alone = live.len() == 1;
         for (vm, m) in self.vms.iter_mut().enumerate() {
             if !m.live {
                 continue;
@@ -1145,11 +1163,17 @@ impl Core {
             if stacked[vm] {
                 m.metrics.stacked_ns += elapsed;
             }
-            let others_wait = waiting_vms.iter().enumerate().any(|(o, &w)| o != vm && w);
-            if !others_wait {
+            if alone {
                 self.ledger.repaid(vm, elapsed);
             }
         }
+    }
+
+    /// Whether a vCPU of a VM other than `vm` waits in a queue.
+    fn another_vm_waits(&self, vm: usize) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.queue.iter().any(|&v| self.vcpus[v].vm != vm))
     }
 
     /// Whether any vCPU waits in a queue.

@@ -156,18 +156,23 @@ impl BoostPolicy for Greedy {
     }
 }
 
+/// One tick of `c` at `now`, its kicks honoured at once.
+fn tick_and_kick(c: &mut Core, now: Nanos) {
+    let mut fx = Effects::default();
+    c.tick(now, &mut no_snapshot, &mut fx);
+    for v in fx.kick {
+        let mut fx = Effects::default();
+        c.preempt(v, Cpl::Kernel, now, &mut fx);
+    }
+}
+
 /// Runs `c` for `until` with ticks every ms and kicks honoured at once; returns run time
 /// per VM.
 fn simulate(c: &mut Core, until: Nanos, vms: usize) -> Vec<Nanos> {
     let mut now = 0;
     while now < until {
         now += MS;
-        let mut fx = Effects::default();
-        c.tick(now, &mut no_snapshot, &mut fx);
-        for v in fx.kick {
-            let mut fx = Effects::default();
-            c.preempt(v, Cpl::Kernel, now, &mut fx);
-        }
+        tick_and_kick(c, now);
     }
     (0..vms)
         .map(|vm| {
@@ -211,6 +216,70 @@ fn a_vm_that_claims_every_boost_keeps_no_more_than_its_share() {
         vm.max_debt_ns <= cap + 2 * MS,
         "debt stays under the cap: {}",
         vm.max_debt_ns
+    );
+}
+
+/// Alone, a VM's boosts pass only its own vCPUs: they are granted without debt.
+#[test]
+fn boosts_that_pass_only_siblings_are_free() {
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(Box::new(GREEDY), 4);
+    start_all(&mut c, 4);
+    simulate(&mut c, 1_000 * MS, 1);
+    let (vm, m) = c.vm_metrics(0, 0).unwrap();
+    assert!(m.iter().map(|m| m.boosts_total()).sum::<u64>() > 100);
+    assert_eq!(m.iter().map(|m| m.boosts_refused).sum::<u64>(), 0);
+    assert_eq!(vm.max_debt_ns, 0);
+}
+
+/// A greedy VM beside a VM that works in bursts (100 ms busy, 100 ms idle, for 10 s): over
+/// any interval, not only within one burst, the bursty VM falls short of its fair share by
+/// no more than the cap and a few slices.
+#[test]
+fn the_ledger_keeps_its_promise_over_time_beside_a_bursty_vm() {
+    use crate::sched::fair_share::{shortfalls, Progress, ProgressSeries};
+    let mut c = core(2, Placement::Spread);
+    c.add_vm(Box::new(GREEDY), 4);
+    c.add_vm(Box::new(NoBoost), 4);
+    start_all(&mut c, 8);
+    let mut series = [ProgressSeries::default(), ProgressSeries::default()];
+    let mut now = 0;
+    while now < 10_000 * MS {
+        now += MS;
+        tick_and_kick(&mut c, now);
+        // In its idle half, every running vCPU of the bursty VM idles until the next burst.
+        let phase = now % (200 * MS);
+        if phase >= 100 * MS {
+            for v in 4..8 {
+                if c.is_running(v) {
+                    let mut fx = Effects::default();
+                    c.idle(v, now - phase + 200 * MS, now, &mut fx);
+                }
+            }
+        }
+        for (vm, s) in series.iter_mut().enumerate() {
+            let (_, m) = c.vm_metrics(vm, now).unwrap();
+            let run: Nanos = m.iter().map(|m| m.run_ns).sum();
+            let wait: Nanos = m.iter().map(|m| m.wait_ns).sum();
+            s.push(Progress {
+                at_ns: now,
+                run_ns: run,
+                runnable_ns: run + wait,
+            });
+        }
+    }
+    let short = shortfalls(&[&series[0], &series[1]], MS);
+    let cap = c.config().max_debt;
+    let slice = c.config().slice;
+    let (vm, m) = c.vm_metrics(0, now).unwrap();
+    assert!(m.iter().map(|m| m.boosts_total()).sum::<u64>() > 0);
+    assert!(vm.max_debt_ns >= cap / 2, "the greedy VM ran up a debt");
+    assert!(
+        short[1].max_ns <= cap + 4 * slice,
+        "the bursty VM fell {} ns short over [{}, {}] (cap {cap})",
+        short[1].max_ns,
+        short[1].from_ns,
+        short[1].to_ns
     );
 }
 

@@ -1,10 +1,34 @@
-//! Boost accounting: a boost lends run time from the VM's own future share. Each VM has a
-//! debt (ns of boosted run time not yet repaid); a VM whose debt reaches `max_debt` gets no
-//! more boosts, and while it owes, the scheduler gives its turns to VMs that owe nothing
-//! (each skipped turn repays it). So a guest that claims every vCPU is a lock holder or a
-//! reader gets its vCPUs reordered, never more CPU than its fair share plus `max_debt`.
+//! Boost accounting: a boost that passes another VM's waiting vCPU lends run time from the
+//! VM's own future share. Each VM has a debt (ns of boosted run time not yet repaid); a VM
+//! whose debt reaches `max_debt` gets no more such boosts, and while it owes, the scheduler
+//! gives its turns to VMs that owe nothing (each skipped turn repays it). So a guest that
+//! claims every vCPU is a lock holder or a reader gets its vCPUs reordered, never less CPU
+//! for another VM than its fair share minus `max_debt`, over any interval (the backends
+//! decide what is charged and when time repays: docs/scheduling.md, "What the ledger
+//! promises"; `fair_share` measures it).
 
 use super::Nanos;
+
+/// A ledger's limits, as a backend sets them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerLimits {
+    /// Run time one boost lends.
+    pub budget: Nanos,
+    /// Most boosted time a VM may owe.
+    pub max_debt: Nanos,
+}
+
+/// The slot backend's: a boost is a fraction of a 3 ms slice.
+pub const SLOT_LEDGER: LedgerLimits = LedgerLimits {
+    budget: 500_000,
+    max_debt: 30_000_000,
+};
+
+/// The Linux backend's: a boost is about a host scheduler tick.
+pub const LINUX_LEDGER: LedgerLimits = LedgerLimits {
+    budget: 4_000_000,
+    max_debt: 40_000_000,
+};
 
 #[derive(Clone, Debug)]
 pub struct BoostLedger {

@@ -10,8 +10,10 @@
 
 pub mod affinity;
 mod core;
+pub mod fair_share;
 mod ledger;
 mod linux;
+pub mod lock_audit;
 pub mod metrics;
 pub mod placement;
 pub mod rtboost;
@@ -22,7 +24,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 pub use self::core::{Core, CoreConfig, Effects, RunState};
-pub use ledger::BoostLedger;
+pub use ledger::{BoostLedger, LedgerLimits, LINUX_LEDGER, SLOT_LEDGER};
 pub use linux::LinuxBackend;
 pub use metrics::{VcpuMetrics, VmMetrics};
 pub use placement::Placement;
@@ -113,6 +115,12 @@ pub trait Backend: Send + Sync {
     fn exit(&self, v: usize);
     /// The VM ended: its vCPUs leave, threads waiting in the backend return.
     fn end_vm(&self, vm: usize);
+    /// VM `vm`'s run time and runnable time (running, or waiting for a CPU) so far, summed
+    /// over its vCPUs, ns, where the backend schedules vCPUs itself; None where the host
+    /// scheduler does (the monitor then reads both from `/proc`).
+    fn progress(&self, _vm: usize) -> Option<(u64, u64)> {
+        None
+    }
     /// Counters of VM `vm` so far.
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)>;
     /// Whether the backend writes the host fields of the shared records itself.

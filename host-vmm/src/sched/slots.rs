@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::core::{Core, CoreConfig, Effects, RunState};
+use super::lock_audit::Audited;
 use super::metrics::{VcpuMetrics, VmMetrics};
 use super::trace::Trace;
 use super::{Backend, GuestView, Kick, Nanos, SchedError, VmHandle};
@@ -163,11 +164,16 @@ impl SlotBackend {
     }
 
     /// The scheduler's state; None once the backend has failed.
-    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
+    fn lock(&self) -> Option<Audited<MutexGuard<'_, Inner>>> {
         if self.has_failed() {
             return None;
         }
-        Some(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
+        Some(self.lock_even_failed())
+    }
+
+    /// The lock, also after a failure.
+    fn lock_even_failed(&self) -> Audited<MutexGuard<'_, Inner>> {
+        Audited::new(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn has_failed(&self) -> bool {
@@ -357,7 +363,7 @@ impl SlotBackend {
         // outside the lock: stopping a VM calls back into the backend, and its last
         // reference may go.
         let views: Vec<Arc<dyn GuestView>> = {
-            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let g = self.lock_even_failed();
             g.views.iter().filter_map(|(w, ..)| w.upgrade()).collect()
         };
         for view in views {
@@ -482,7 +488,7 @@ impl Backend for SlotBackend {
         view: Weak<dyn GuestView>,
     ) -> VmHandle {
         // Also after a failure (the ticker then stops the VM): registering only appends.
-        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock_even_failed();
         let (vm, first) = g.core.add_vm(policy, vcpus);
         g.views.push((view.clone(), first, vcpus));
         let mut threads = self.threads.write().unwrap_or_else(|e| e.into_inner());
@@ -570,6 +576,14 @@ impl Backend for SlotBackend {
         g.core
             .vm_metrics(vm, self.now())
             .map(|(m, v)| (m.clone(), v))
+    }
+
+    fn progress(&self, vm: usize) -> Option<(u64, u64)> {
+        let g = self.lock()?;
+        let (_, vcpus) = g.core.vm_metrics(vm, self.now())?;
+        let run: u64 = vcpus.iter().map(|c| c.run_ns).sum();
+        let wait: u64 = vcpus.iter().map(|c| c.wait_ns).sum();
+        Some((run, run + wait))
     }
 
     fn publishes_host_fields(&self) -> bool {

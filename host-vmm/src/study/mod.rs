@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 
 use crate::cli::{EXIT_GUEST_FAILURE, EXIT_HOST_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE};
 use crate::hostinfo::HostInfo;
+use crate::printable::say_error;
 use crate::signals::INTERRUPTED;
 use calibrate::Calibration;
 use experiments::{Experiment, Scale};
@@ -129,14 +130,13 @@ pub fn run(a: StudyArgs, log: &mut dyn Write) -> i32 {
         return render(dir, log);
     }
     let Some(kernel) = a.kernel.clone() else {
-        let _ = writeln!(log, "pvsync: error: study needs --kernel (or --render DIR)");
+        say_error(log, "study needs --kernel (or --render DIR)");
         return EXIT_USAGE;
     };
     if !kernel.is_file() {
-        let _ = writeln!(
+        say_error(
             log,
-            "pvsync: error: --kernel {}: not a file",
-            kernel.display()
+            format_args!("--kernel {}: not a file", kernel.display()),
         );
         return EXIT_USAGE;
     }
@@ -148,9 +148,9 @@ pub fn run(a: StudyArgs, log: &mut dyn Write) -> i32 {
     let exps = match experiments::select(scale, &a.experiments) {
         Ok(e) => e,
         Err(n) => {
-            let _ = writeln!(
+            say_error(
                 log,
-                "pvsync: error: unknown experiment '{n}' (known: ipi, stacking, rcu)"
+                format_args!("unknown experiment '{n}' (known: ipi, stacking, rcu)"),
             );
             return EXIT_USAGE;
         }
@@ -163,13 +163,13 @@ pub fn run(a: StudyArgs, log: &mut dyn Write) -> i32 {
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("results/study-{started}")));
     if let Err(e) = std::fs::create_dir_all(&dir) {
-        let _ = writeln!(log, "pvsync: error: --out {}: {e}", dir.display());
+        say_error(log, format_args!("--out {}: {e}", dir.display()));
         return EXIT_USAGE;
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: finding the pvsync binary: {e}");
+            say_error(log, format_args!("finding the pvsync binary: {e}"));
             return EXIT_HOST_ERROR;
         }
     };
@@ -207,7 +207,7 @@ pub fn run(a: StudyArgs, log: &mut dyn Write) -> i32 {
         samples,
     };
     if let Err(e) = write_all(&dir, &data) {
-        let _ = writeln!(log, "pvsync: error: writing {}: {e}", dir.display());
+        say_error(log, format_args!("writing {}: {e}", dir.display()));
         return EXIT_HOST_ERROR;
     }
     let _ = writeln!(
@@ -265,13 +265,15 @@ fn run_all(r: &Runner, exps: &[Experiment], reps: usize, log: &mut dyn Write) ->
 /// `--render DIR`: plots and report from `DIR/study.json`.
 fn render(dir: &Path, log: &mut dyn Write) -> i32 {
     let path = dir.join("study.json");
-    let data: StudyData = match std::fs::read_to_string(&path)
+    // A study's samples are a few thousand lines.
+    const MAX_STUDY_BYTES: u64 = 64 << 20;
+    let data: StudyData = match crate::files::read_text(&path, MAX_STUDY_BYTES)
         .map_err(|e| e.to_string())
         .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
     {
         Ok(d) => d,
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: --render {}: {e}", path.display());
+            say_error(log, format_args!("--render {}: {e}", path.display()));
             return EXIT_USAGE;
         }
     };
@@ -285,7 +287,7 @@ fn render(dir: &Path, log: &mut dyn Write) -> i32 {
             EXIT_OK
         }
         Err(e) => {
-            let _ = writeln!(log, "pvsync: error: rendering {}: {e}", dir.display());
+            say_error(log, format_args!("rendering {}: {e}", dir.display()));
             EXIT_HOST_ERROR
         }
     }

@@ -25,6 +25,7 @@ use crate::guest_events::EventLog;
 use crate::hoststat::{self, SchedStat, ThreadStat};
 use crate::loader::{self, KernelInfo};
 use crate::policy::PolicySpec;
+use crate::sched::fair_share::{self, Progress, ProgressSeries};
 use crate::sched::{Backend, GuestView, VcpuMetrics, VmMetrics};
 use crate::shared_region::Snapshot;
 use crate::taskstat::{self, TaskStatFile};
@@ -126,6 +127,8 @@ pub struct RunReport {
     pub yields_to: Vec<u64>,
     /// What the host scheduler gave each vCPU thread during the run (empty if unavailable).
     pub vcpu_stats: Vec<SchedStat>,
+    /// The VM's run time and runnable time over the run, as its backend scheduled it.
+    pub progress: ProgressSeries,
     /// What the backend counted for the VM and each vCPU.
     pub sched: Option<(VmMetrics, Vec<VcpuMetrics>)>,
     /// SendIpi hypercalls KVM could not deliver.
@@ -177,7 +180,7 @@ pub struct BuiltVm {
 pub struct RunningVm {
     shared: Arc<VmShared>,
     threads: Vec<JoinHandle<()>>,
-    monitor: JoinHandle<Vec<SchedStat>>,
+    monitor: JoinHandle<Monitored>,
     started: Instant,
     name: String,
     policy: String,
@@ -254,7 +257,8 @@ pub fn build(
             pio: PioBus::new(console),
             nr_vcpus: n,
             kernel_image: info.image.clone(),
-            shared_region: Mutex::new(None),
+            shared_region: OnceLock::new(),
+            registering: Mutex::new(()),
             outcome: Mutex::new(None),
             outcome_cv: Condvar::new(),
             ended: OnceLock::new(),
@@ -350,7 +354,10 @@ impl RunningVm {
         let shared = self.shared;
         shared.finish(outcome.clone());
         stop_vcpus(self.threads, &outcome)?;
-        let vcpu_stats = self.monitor.join().unwrap_or_default();
+        let Monitored {
+            vcpu_stats,
+            progress,
+        } = self.monitor.join().unwrap_or_default();
         shared.pio.flush();
         let elapsed = match shared.ended.get() {
             Some(end) => end.saturating_duration_since(self.started),
@@ -377,6 +384,7 @@ impl RunningVm {
             unclaimed_io,
             yields_to,
             vcpu_stats,
+            progress,
             sched: shared.backend.report(shared.handle.vm),
             failed_ipis: shared.failed_ipis.load(Ordering::Relaxed),
             guest_events,
@@ -426,9 +434,18 @@ pub fn run_all(
         .collect()
 }
 
+/// What a VM's monitor saw over the run.
+#[derive(Default)]
+struct Monitored {
+    /// Each vCPU thread's schedstat totals.
+    vcpu_stats: Vec<SchedStat>,
+    progress: ProgressSeries,
+}
+
 /// Samples each vCPU thread's schedstat until the VM stops, publishing the host fields of
-/// the shared records; returns each thread's totals over the run.
-fn monitor(vm: &VmShared) -> Vec<SchedStat> {
+/// the shared records, and the VM's progress for its fair share.
+fn monitor(vm: &VmShared) -> Monitored {
+    let mut progress = ProgressSeries::default();
     let n = vm.tids.len();
     let mut files: Vec<Option<ThreadStat>> = (0..n).map(|_| None).collect();
     let mut first: Vec<Option<SchedStat>> = vec![None; n];
@@ -485,8 +502,23 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
         let weight = interval.min(2 * hoststat::INTERVAL).as_nanos() as u64;
         vm.backend
             .sampled(vm.handle.vm, taskstat::stacked(&seen), weight);
+        let (run_ns, runnable_ns) = vm.backend.progress(vm.handle.vm).unwrap_or_else(|| {
+            first
+                .iter()
+                .zip(&last)
+                .filter_map(|(b, l)| Some((b.as_ref()?, l)))
+                .fold((0, 0), |(run, runnable), (b, l)| {
+                    let r = l.run_ns.saturating_sub(b.run_ns);
+                    (run + r, runnable + r + l.wait_ns.saturating_sub(b.wait_ns))
+                })
+        });
+        progress.push(Progress {
+            at_ns: at.saturating_duration_since(fair_share::epoch()).as_nanos() as u64,
+            run_ns,
+            runnable_ns,
+        });
     }
-    (0..n)
+    let vcpu_stats = (0..n)
         .map(|i| match first[i] {
             Some(b) => SchedStat {
                 run_ns: last[i].run_ns.saturating_sub(b.run_ns),
@@ -495,7 +527,11 @@ fn monitor(vm: &VmShared) -> Vec<SchedStat> {
             },
             None => SchedStat::default(),
         })
-        .collect()
+        .collect();
+    Monitored {
+        vcpu_stats,
+        progress,
+    }
 }
 
 fn wait_for_outcome(

@@ -35,7 +35,12 @@ pub struct VmShared {
     pub pio: PioBus,
     pub(super) nr_vcpus: u8,
     pub(super) kernel_image: Range<u64>,
-    pub(super) shared_region: Mutex<Option<Registration>>,
+    /// The accepted registration, set once for the VM's life: read without a lock, so that
+    /// a backend holding its own lock (to publish a host field) never waits on a
+    /// registration being validated.
+    pub(super) shared_region: OnceLock<Registration>,
+    /// Held while a registration is validated and accepted (one at a time).
+    pub(super) registering: Mutex<()>,
     pub(super) outcome: Mutex<Option<Outcome>>,
     pub(super) outcome_cv: Condvar,
     /// When the outcome was recorded: the VM's own end, for its elapsed time.
@@ -75,10 +80,7 @@ impl VmShared {
     }
 
     pub fn registration(&self) -> Option<Registration> {
-        self.shared_region
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared_region.get().cloned()
     }
 
     fn take_snapshot(&self) -> Option<Snapshot> {
@@ -168,8 +170,8 @@ impl VcpuContext for VmShared {
 impl HypercallHost for VmShared {
     /// The RegisterSharedRegion hypercall.
     fn register_shared_region(&self, gpa: u64) -> HypercallStatus {
-        let mut slot = self.shared_region.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() {
+        let _one_at_a_time = self.registering.lock().unwrap_or_else(|e| e.into_inner());
+        if self.shared_region.get().is_some() {
             return HypercallStatus::AlreadyRegistered;
         }
         match shared_region::validate(
@@ -186,7 +188,7 @@ impl HypercallHost for VmShared {
                 if self.events_wanted && reg.event_ring_entries > 0 {
                     let _ = self.event_region.set(reg.clone());
                 }
-                *slot = Some(reg);
+                let _ = self.shared_region.set(reg);
                 HypercallStatus::Ok
             }
             Err(status) => status,

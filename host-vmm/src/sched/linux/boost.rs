@@ -14,36 +14,48 @@ pub(super) struct Grant {
     key: usize,
     tid: libc::pid_t,
     budget: Nanos,
+    /// Booked in the ledger (another VM waited).
+    charged: bool,
     reason: BoostReason,
     /// Which grant of the vCPU this is (`Vcpu::grants`).
     number: u64,
 }
 
 impl LinuxBackend {
+    /// Whether VM `vm` has a vCPU that has not left.
+    fn live_vm(s: &State, vm: usize) -> bool {
+        let m = &s.vms[vm];
+        s.vcpus[m.first..m.first + m.len].iter().any(|c| !c.gone)
+    }
+
+    /// Whether a VM other than `vm` has a vCPU that may want a CPU: started, not idle (in
+    /// `Idle`) and not gone. A real-time boost may take the CPU from any such thread, and
+    /// the monitor's view of who waits is a look old and thresholded, so this is what
+    /// makes a boost charged.
+    fn another_vm_active(s: &State, vm: usize) -> bool {
+        (0..s.vms.len()).filter(|&o| o != vm).any(|o| {
+            let m = &s.vms[o];
+            s.vcpus[m.first..m.first + m.len]
+                .iter()
+                .any(|c| c.tid != 0 && !c.gone && !c.idle)
+        })
+    }
+
     /// Settles the ledger at `now`, as the slot scheduler does: between live VMs only
-    /// relative debt counts; a live VM repays at the rate of time while no other live VM has
-    /// a vCPU kept waiting by the host.
+    /// relative debt counts, and a lone live VM repays at the rate of time. Beside another
+    /// live VM there is no repayment with time: the host scheduler gives no turns back, and
+    /// a debt repaid while the other VM merely idled would be run up again at its next
+    /// burst (charges only arise while it is active: see `grant`).
     fn settle(s: &mut State, now: Nanos) {
         let elapsed = now.saturating_sub(s.settled);
         s.settled = now;
-        let live_vm = |s: &State, vm: usize| {
-            let m = &s.vms[vm];
-            s.vcpus[m.first..m.first + m.len].iter().any(|c| !c.gone)
-        };
-        let waits = |s: &State, vm: usize| {
-            let m = &s.vms[vm];
-            s.vcpus[m.first..m.first + m.len]
-                .iter()
-                .any(|c| c.preempted && !c.gone && !c.idle)
-        };
-        let live: Vec<usize> = (0..s.vms.len()).filter(|&vm| live_vm(s, vm)).collect();
-        if live.len() > 1 {
-            s.ledger.forgive_common(live.iter().copied());
-        }
-        for &vm in &live {
-            if !live.iter().any(|&o| o != vm && waits(s, o)) {
-                s.ledger.repaid(vm, elapsed);
-            }
+        let live: Vec<usize> = (0..s.vms.len())
+            .filter(|&vm| Self::live_vm(s, vm))
+            .collect();
+        match live[..] {
+            [vm] => s.ledger.repaid(vm, elapsed),
+            [] => {}
+            _ => s.ledger.forgive_common(live.iter().copied()),
         }
     }
 
@@ -79,13 +91,21 @@ impl LinuxBackend {
                 self.refused(s, key, why);
                 continue;
             }
-            let Some(budget) = s.ledger.grant(vm) else {
-                s.vcpus[key].metrics.boosts_refused += 1;
-                continue;
+            // Charged only if it may take the CPU from another VM's vCPU: else it only
+            // reorders this VM's own threads.
+            let charged = Self::another_vm_active(s, vm);
+            let budget = if charged {
+                let Some(budget) = s.ledger.grant(vm) else {
+                    s.vcpus[key].metrics.boosts_refused += 1;
+                    continue;
+                };
+                // Booked now, so that grants made together cannot pass the cap; repaid in
+                // `raise` if no boost is made.
+                s.ledger.borrowed(vm, budget);
+                budget
+            } else {
+                s.ledger.budget()
             };
-            // Booked now, so that grants made together cannot pass the cap; repaid in
-            // `raise` if no boost is made.
-            s.ledger.borrowed(vm, budget);
             let debt = s.ledger.debt(vm);
             let m = &mut s.vms[vm].metrics;
             m.max_debt_ns = m.max_debt_ns.max(debt);
@@ -103,6 +123,7 @@ impl LinuxBackend {
                 key,
                 tid,
                 budget,
+                charged,
                 reason: b.reason,
                 number,
             });
@@ -148,17 +169,21 @@ impl LinuxBackend {
             let made = o == Outcome::Boosted;
             if made && !current {
                 // Given back (or left) already: the boost ends at once.
-                if let Some(left) = self.booster.restore(g.tid) {
+                if let Some(left) = self.booster.restore(g.tid).filter(|_| g.charged) {
                     s.ledger.repaid(g.vm, left.as_nanos() as Nanos);
                 }
                 s.vcpus[g.key].metrics.count_boost(g.reason);
                 continue;
             }
             if made {
+                // The live boost is this grant's: its leftover is repaid as it was booked.
+                s.vcpus[g.key].live_charged = g.charged;
                 s.vcpus[g.key].metrics.count_boost(g.reason);
                 continue;
             }
-            s.ledger.repaid(g.vm, g.budget);
+            if g.charged {
+                s.ledger.repaid(g.vm, g.budget);
+            }
             if current {
                 s.vcpus[g.key].lent = None;
                 let index = g.key - s.vms[g.vm].first;
@@ -200,7 +225,7 @@ impl LinuxBackend {
             c.metrics.turns_given_back += 1;
         }
         s.vms[vm].publish_lent(me as usize, None);
-        if let Some(left) = left {
+        if let Some(left) = left.filter(|_| s.vcpus[v].live_charged) {
             Self::settle(s, now);
             s.ledger.repaid(vm, left.as_nanos() as Nanos);
         }

@@ -22,7 +22,8 @@ mod place;
 use std::sync::{Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::ledger::BoostLedger;
+use super::ledger::{BoostLedger, LINUX_LEDGER};
+use super::lock_audit::Audited;
 use super::metrics::{HostPriority, VcpuMetrics, VmMetrics};
 use super::placement::Placement;
 use super::rtboost::RtBooster;
@@ -30,10 +31,6 @@ use super::{Backend, GuestView, Kick, Nanos, VmHandle};
 use crate::policy::{BoostPolicy, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::Snapshot;
 
-/// Run time one boost lends (the ledger's budget), ns: about a host scheduler tick.
-const BOOST_BUDGET: Nanos = 4_000_000;
-/// Boost time a VM may owe at most before its boosts are refused.
-const MAX_DEBT: Nanos = 40_000_000;
 /// What the policies are told: a boost costs a priority change and a wake-up (about 50 us
 /// here), and a preempted vCPU waits about a tick.
 const COSTS: Costs = Costs {
@@ -81,6 +78,9 @@ struct Vcpu {
     lent_grant: u64,
     /// A grant of it is between the ledger and the raise.
     pending: bool,
+    /// The live boost (the grant whose raise landed while current) is charged to its VM:
+    /// the budget it leaves is repaid only then.
+    live_charged: bool,
     metrics: VcpuMetrics,
 }
 
@@ -117,7 +117,7 @@ impl Default for State {
         State {
             vcpus: Vec::new(),
             vms: Vec::new(),
-            ledger: BoostLedger::new(0, BOOST_BUDGET, MAX_DEBT),
+            ledger: BoostLedger::new(0, LINUX_LEDGER.budget, LINUX_LEDGER.max_debt),
             settled: 0,
             warned_privilege: false,
             warned_pin: false,
@@ -154,8 +154,8 @@ impl LinuxBackend {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> Audited<MutexGuard<'_, State>> {
+        Audited::new(self.state.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn now(&self) -> Nanos {
@@ -205,7 +205,9 @@ impl LinuxBackend {
             return;
         }
         if let Some(left) = self.booster.retire(tid) {
-            s.ledger.repaid(vm, left.as_nanos() as Nanos);
+            if s.vcpus[v].live_charged {
+                s.ledger.repaid(vm, left.as_nanos() as Nanos);
+            }
         }
         s.vcpus[v].metrics.host_priority.raised_at_exit = place::real_time(tid);
     }
@@ -336,11 +338,12 @@ impl Backend for LinuxBackend {
             if now >= deadline {
                 break;
             }
-            s = self
-                .wake
-                .wait_timeout(s, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = Audited::new(
+                self.wake
+                    .wait_timeout(s.into_inner(), deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0,
+            );
         }
         let c = &mut s.vcpus[v];
         c.idle = false;
