@@ -30,6 +30,7 @@ mod rcu;
 mod rcu_model;
 mod sched;
 mod selftest;
+mod kvm;
 mod shared;
 mod smp;
 mod tlb;
@@ -90,7 +91,14 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     mm::init(boot, boot_memory, cpus.ids().len());
-    tlb::init(nr_vcpus as usize, cmd.tlb_skip, cmd.tlb_noack);
+    tlb::init(
+        nr_vcpus as usize,
+        tlb::Faults {
+            skip_one_target: cmd.tlb_skip,
+            skip_ack_wait: cmd.tlb_noack,
+            defer_without_flag: cmd.tlb_defer_noflag,
+        },
+    );
     rcu::init(nr_vcpus as usize, cmd.rcu_broken, cmd.rcu_early);
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
@@ -111,7 +119,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     let hostile_ok = cmd.test != "hostile-hypercalls" || hostile::before_registration(nr_vcpus);
-    let status = shared::init(nr_vcpus);
+    let status = shared::init(nr_vcpus, !cmd.pvsync_off);
     if shared::pv_host() {
         // IPIs and idle go through the host's hypercalls (docs/scheduling.md); otherwise
         // the ICR and `sti; hlt`.
@@ -126,6 +134,10 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         HypercallStatus::NoHost => println!("shared: no pvsync host answered; running without it"),
         other => println!("shared: host refused the region ({})", other.name()),
     }
+    if cmd.pvsync_off {
+        println!("shared: pvsync=off: the region is not registered");
+    }
+    kvm::init(cmd.kvm, nr_vcpus, me, shared::pv_host());
     shared::set_mode(VcpuMode::Kernel);
     selftest::per_cpu_checks(me);
     smp::mark_online(me);
@@ -193,6 +205,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
             false
         }
     };
+    kvm::report(cpus.ids());
     println!("{}", if ok { "SUCCESS" } else { "FAILURE" });
     arch::exit(if ok {
         ExitCode::Success

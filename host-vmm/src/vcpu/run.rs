@@ -7,11 +7,13 @@ use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuExit;
 
 use super::kick::KickTarget;
+use super::steal_time::{self, StealTimeError};
 use super::Vcpu;
 use crate::devices::PioBus;
 use crate::guest_events::{EventLog, Traced, TracedEvent, TscSync};
 use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
 use crate::sched::Backend;
+use shared_abi::Hypercall;
 
 /// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
 /// outside KVM_RUN and outside the scheduler.
@@ -74,6 +76,11 @@ pub trait VcpuContext: HypercallHost {
     fn rcu_nesting(&self, index: u8) -> u32;
     /// vCPU `index`'s thread leaves: its events.
     fn events_done(&self, index: u8, log: EventLog);
+    /// Guest memory (where a vCPU's steal-time area lies).
+    fn memory(&self) -> &vm_memory::GuestMemoryMmap;
+    /// A vCPU that gave up its slot was marked preempted in its steal-time area
+    /// (`Ok(true)`), had no area (`Ok(false)`), or could not be marked.
+    fn steal_time_marked(&self, result: &Result<bool, StealTimeError>);
 }
 
 impl Vcpu {
@@ -106,6 +113,9 @@ impl Vcpu {
         let mut events = vm.new_event_log();
         let mut tsc = TscClock::default();
         let panic_at = injected_panic(index);
+        // Whether this vCPU's steal-time area gets the preempted flag when it gives up its
+        // slot (only under a backend that takes vCPUs off; not after KVM refused the MSR).
+        let mut marks_steal_time = backend.takes_vcpus_off();
         while !vm.stopping() {
             if panic_at.is_some_and(|at| Instant::now() >= at) {
                 panic!("vCPU {index}: failure injected by {INJECT_ENV}");
@@ -115,6 +125,9 @@ impl Vcpu {
                 // Traced runs only: a reader taken off its CPU inside its read section.
                 let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
                 let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
+                if marks_steal_time {
+                    marks_steal_time = mark_preempted(&self.fd, vm);
+                }
                 backend.preempted(key, self.cpl());
                 if let Some((nesting, at)) = off {
                     events.push(TracedEvent {
@@ -128,14 +141,16 @@ impl Vcpu {
                 continue;
             }
             let end = match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, data)) => match hypercalls.handle_out(vm, port, data) {
-                    Some(Action::Exit(code)) => Some(GuestEnd::Exit(code)),
-                    Some(Action::Continue) => None,
-                    None => {
-                        vm.pio().write(port, data);
-                        None
-                    }
-                },
+                Ok(VcpuExit::IoOut(port, data))
+                    if marks_steal_time && port == Hypercall::YieldTo.port() =>
+                {
+                    // A YieldTo gives the slot away too (the backend queues the yielder).
+                    // The word is copied out of the run area, which the MSR read needs.
+                    let data = data.to_vec();
+                    marks_steal_time = mark_preempted(&self.fd, vm);
+                    port_out(vm, &mut hypercalls, port, &data)
+                }
+                Ok(VcpuExit::IoOut(port, data)) => port_out(vm, &mut hypercalls, port, data),
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !hypercalls.handle_in(port, data) {
                         vm.pio().read(port, data);
@@ -184,6 +199,35 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
         backend.exit(key);
     }
+}
+
+/// A port write: a hypercall, else a device's.
+fn port_out(
+    vm: &impl VcpuContext,
+    hypercalls: &mut VcpuHypercalls,
+    port: u16,
+    data: &[u8],
+) -> Option<GuestEnd> {
+    match hypercalls.handle_out(vm, port, data) {
+        Some(Action::Exit(code)) => Some(GuestEnd::Exit(code)),
+        Some(Action::Continue) => None,
+        None => {
+            vm.pio().write(port, data);
+            None
+        }
+    }
+}
+
+/// Sets the preempted flag in the steal-time area of the vCPU of `fd` (its own thread, out
+/// of KVM_RUN, about to wait for CPU) and reports it; false once KVM cannot give the MSR
+/// (no point asking again).
+fn mark_preempted(fd: &kvm_ioctls::VcpuFd, vm: &impl VcpuContext) -> bool {
+    let r = steal_time::mark_preempted(fd, vm.memory());
+    vm.steal_time_marked(&r);
+    !matches!(
+        r,
+        Err(StealTimeError::ReadMsr(_) | StealTimeError::MsrList)
+    )
 }
 
 /// Reads the guest's time stamp counter (KVM_GET_MSRS) with the host clock, from the vCPU's

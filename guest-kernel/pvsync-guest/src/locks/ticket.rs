@@ -174,7 +174,7 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
             }
             crate::sync::spin_loop();
             if pacer.due() {
-                slow.offer(self.taker(owner));
+                slow.offer(self.taker(owner), &|| self.owner.load(Relaxed) == owner);
             }
         }
     }
@@ -191,7 +191,7 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
             crate::sync::spin_loop();
             if pacer.due() {
                 // Whoever took ticket `owner` is in our way, holding the lock or about to.
-                slow.offer(self.taker(owner));
+                slow.offer(self.taker(owner), &|| self.owner.load(Relaxed) == owner);
             }
         }
     }

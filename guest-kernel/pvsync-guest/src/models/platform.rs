@@ -191,7 +191,7 @@ unsafe impl Platform for Model {
         let w = world();
         w.ipis[cpu as usize].set(w.ipis[cpu as usize].get() + 1);
         match ipi {
-            Ipi::Reschedule => w.interrupts[cpu as usize].set(true),
+            Ipi::Reschedule | Ipi::Kick => w.interrupts[cpu as usize].set(true),
             // The TLB model's CPUs poll their requests (an interrupt handler would serve
             // them at some point; polling gives loom every such point).
             Ipi::TlbShootdown => {}
