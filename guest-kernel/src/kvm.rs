@@ -125,8 +125,31 @@ pub fn enable_this_cpu(id: u32) {
 
 /// Steal time CPU `cpu` accumulated since it enabled its area, ns.
 pub fn steal_since_start(cpu: u32) -> Option<u64> {
-    let start = STEAL_AT_START.get()?.get(cpu as usize)?.load(Ordering::Relaxed);
+    let start = STEAL_AT_START
+        .get()?
+        .get(cpu as usize)?
+        .load(Ordering::Relaxed);
     kvm::steal_ns(cpu).map(|now| now.saturating_sub(start))
+}
+
+/// `test=kvm-hypercall`: one `KVM_HC_SCHED_YIELD` naming CPU `me` (a no-op for KVM: a
+/// vCPU never yields to itself). Returns at all only where KVM's hypercalls work; prints
+/// what KVM answered. False without KVM.
+pub fn probe_hypercall(me: u32) -> bool {
+    if kvm::detect().is_none() {
+        println!("RESULT kvm-hypercall returned=no-kvm");
+        return false;
+    }
+    println!("kvm-hypercall: vmcall/vmmcall KVM_HC_SCHED_YIELD({me}) ...");
+    let ret = kvm::hypercall(
+        shared_abi::kvm_para::KvmHypercall::SchedYield,
+        me as u64,
+        0,
+        0,
+        0,
+    );
+    println!("RESULT kvm-hypercall returned=yes ret={ret}");
+    true
 }
 
 /// Prints `RESULT kvm-stats`: steal time since boot (sum and largest CPU), what the

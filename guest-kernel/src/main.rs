@@ -18,6 +18,7 @@ mod cmdline;
 mod console;
 mod hostile;
 mod irq;
+mod kvm;
 mod locks;
 mod mm;
 mod panic;
@@ -30,7 +31,6 @@ mod rcu;
 mod rcu_model;
 mod sched;
 mod selftest;
-mod kvm;
 mod shared;
 mod smp;
 mod tlb;
@@ -176,6 +176,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "rcuflood" => torture::rcu::flood(1000),
         "rcu-model" => selftest::rcu_model(),
         "pvwait" => pvwait::run(),
+        "kvm-hypercall" => kvm::probe_hypercall(me),
         "bench" => bench::run(),
         "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
         "ebizzy" => workloads::ebizzy::run(cmd.threads, cmd.work, cmd.seed),

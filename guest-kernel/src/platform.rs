@@ -125,7 +125,13 @@ unsafe impl Platform for Kernel {
         if !kvm::uses(KvmUse::YIELD) {
             return false;
         }
-        kvm::hypercall(shared_abi::kvm_para::KvmHypercall::SchedYield, cpu as u64, 0, 0, 0);
+        kvm::hypercall(
+            shared_abi::kvm_para::KvmHypercall::SchedYield,
+            cpu as u64,
+            0,
+            0,
+            0,
+        );
         true
     }
 

@@ -30,8 +30,12 @@ pub struct Faults {
 pub fn init(nr_cpus: usize, faults: Faults) {
     use core::sync::atomic::Ordering::Relaxed;
     let tlb = TLB.call_once(|| Shootdowns::new(nr_cpus));
-    tlb.faults.skip_one_target.store(faults.skip_one_target, Relaxed);
-    tlb.faults.skip_ack_wait.store(faults.skip_ack_wait, Relaxed);
+    tlb.faults
+        .skip_one_target
+        .store(faults.skip_one_target, Relaxed);
+    tlb.faults
+        .skip_ack_wait
+        .store(faults.skip_ack_wait, Relaxed);
     tlb.faults
         .defer_without_flag
         .store(faults.defer_without_flag, Relaxed);

@@ -50,6 +50,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "TLB shootdown torture (controls tlb=skip|noack must fail)",
     ),
     (
+        "kvm-hypercall",
+        "one KVM_HC_SCHED_YIELD naming this vCPU: whether KVM's hypercalls return on this host (on some nested hosts `vmcall` never does)",
+    ),
+    (
         "pvwait",
         "waiters name the CPU in their way; ipi_wait shrinks as acknowledgements arrive",
     ),

@@ -328,8 +328,17 @@ mod tests {
         assert!(c.pvsync_off && c.tlb_defer_noflag);
         assert_eq!(parse("kvm=none", 64).unwrap().kvm, KvmUse::NONE);
         assert_eq!(parse("", 64).unwrap().kvm, KvmUse::DEFAULT);
-        assert!(!KvmUse::DEFAULT.has(KvmUse::YIELD), "hypercalls only when named");
-        for bad in ["kvm=steal,,pvtlb", "kvm=turbo", "kvm=pvtlb", "kvm=pvlock,yield", "pvsync=on"] {
+        assert!(
+            !KvmUse::DEFAULT.has(KvmUse::YIELD),
+            "hypercalls only when named"
+        );
+        for bad in [
+            "kvm=steal,,pvtlb",
+            "kvm=turbo",
+            "kvm=pvtlb",
+            "kvm=pvlock,yield",
+            "pvsync=on",
+        ] {
             assert!(
                 matches!(parse(bad, 64), Err(CmdlineError::UnknownValue { .. })),
                 "{bad}"

@@ -264,14 +264,13 @@ pub fn request_flush(cpu: u32) -> bool {
     };
     let state = b.load(Ordering::Acquire);
     state & KVM_VCPU_PREEMPTED != 0
-        && b
-            .compare_exchange(
-                state,
-                state | KVM_VCPU_FLUSH_TLB,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
+        && b.compare_exchange(
+            state,
+            state | KVM_VCPU_FLUSH_TLB,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_ok()
 }
 
 /// One KVM hypercall: `vmcall` (Intel) or `vmmcall` (AMD), number in RAX, arguments in RBX,

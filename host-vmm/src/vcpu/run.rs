@@ -224,10 +224,7 @@ fn port_out(
 fn mark_preempted(fd: &kvm_ioctls::VcpuFd, vm: &impl VcpuContext) -> bool {
     let r = steal_time::mark_preempted(fd, vm.memory());
     vm.steal_time_marked(&r);
-    !matches!(
-        r,
-        Err(StealTimeError::ReadMsr(_) | StealTimeError::MsrList)
-    )
+    !matches!(r, Err(StealTimeError::ReadMsr(_) | StealTimeError::MsrList))
 }
 
 /// Reads the guest's time stamp counter (KVM_GET_MSRS) with the host clock, from the vCPU's

@@ -14,12 +14,12 @@ use vm_memory::GuestMemoryMmap;
 
 use super::Outcome;
 use crate::devices::PioBus;
-use crate::vcpu::steal_time::StealTimeError;
 use crate::guest_events::{self, EventLog, TscSync, MAX_EVENTS_PER_VM};
 use crate::hoststat;
 use crate::hypercall::HypercallHost;
 use crate::sched::{Backend, GuestView, VmHandle};
 use crate::shared_region::{self, Registration, Snapshot};
+use crate::vcpu::steal_time::StealTimeError;
 use crate::vcpu::{GuestEnd, VcpuContext};
 
 /// Where the local APICs receive MSIs (Intel SDM 11.11.1): destination id in bits 12..20.
