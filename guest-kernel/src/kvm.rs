@@ -159,7 +159,7 @@ pub fn report(cpus: &[u32]) {
     let o = kvm::observations();
     let locks = pvsync_guest::locks::pv_stats();
     println!(
-        "RESULT kvm-stats used={} steal_ns={} steal_max_ns={} steal_cpus={} preempted_samples={} preempted_seen={} flag_while_running={} flushes_deferred={} stock_yields={} preempted_halts={} kicks_hc={} send_ipi_hc={}",
+        "RESULT kvm-stats used={} steal_ns={} steal_max_ns={} steal_cpus={} preempted_samples={} preempted_seen={} flag_while_running={} flushes_deferred={} stock_yields={} preempted_halts={} kicks_hc={} send_ipi_hc={} send_ipi_fallbacks={}",
         names(kvm_used_bits()),
         steal.iter().sum::<u64>(),
         steal.iter().max().copied().unwrap_or(0),
@@ -172,6 +172,7 @@ pub fn report(cpus: &[u32]) {
         locks.preempted_halts,
         o.kicks,
         o.send_ipi_calls,
+        o.send_ipi_fallbacks,
     );
 }
 

@@ -106,7 +106,9 @@ unsafe impl Platform for Kernel {
         match ipi {
             // One hypercall per 128 CPUs (`kvm=sendipi`); the APIC id is the CPU id.
             Ipi::TlbShootdown if kvm::uses(KvmUse::SENDIPI) => {
-                kvm::send_ipi_many(cpus.iter(), vectors::TLB_SHOOTDOWN)
+                kvm::send_ipi_many(cpus.iter(), vectors::TLB_SHOOTDOWN, |c| {
+                    apic::send_ipi(c, vectors::TLB_SHOOTDOWN)
+                })
             }
             _ => cpus.iter().for_each(|c| Self::send_ipi(c, ipi)),
         }
@@ -121,6 +123,8 @@ unsafe impl Platform for Kernel {
         kvm::uses(KvmUse::PVTLB) && kvm::request_flush(cpu)
     }
 
+    /// KVM answers 0 whether or not it yielded (it does only to a target whose thread is
+    /// runnable: not to one parked by our slot scheduler), so true means "asked".
     fn yield_to_preempted(cpu: u32) -> bool {
         if !kvm::uses(KvmUse::YIELD) {
             return false;

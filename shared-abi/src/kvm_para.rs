@@ -147,6 +147,69 @@ pub enum KvmHypercall {
 /// Bits of the [`KvmHypercall::SendIpi`] bitmap in 64-bit mode (two registers).
 pub const SEND_IPI_BITMAP_BITS: u32 = 128;
 
+/// One [`KvmHypercall::SendIpi`]: APIC ids `min + i` for each bit `i` of `bitmap` (`a0` is
+/// `bitmap[0]`, `a1` `bitmap[1]`, `a2` `min`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SendIpiWindow {
+    pub min: u32,
+    pub bitmap: [u64; 2],
+}
+
+impl SendIpiWindow {
+    /// How many APIC ids it names (what KVM returns when it delivers them all).
+    pub const fn count(&self) -> u32 {
+        self.bitmap[0].count_ones() + self.bitmap[1].count_ones()
+    }
+
+    /// The APIC ids it names, ascending.
+    pub fn ids(self) -> impl Iterator<Item = u32> {
+        (0..SEND_IPI_BITMAP_BITS)
+            .filter(move |&i| self.bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0)
+            .map(move |i| self.min + i)
+    }
+}
+
+/// Groups APIC ids into [`SendIpiWindow`]s: a window starts at the first id that does not
+/// fit the previous one (`id < min` or `id >= min + 128`), so ascending ids take
+/// `ceil(span / 128)` calls at most; any order is correct, only slower.
+///
+/// ```
+/// use shared_abi::kvm_para::{send_ipi_windows, SendIpiWindow};
+/// let w: Vec<SendIpiWindow> = send_ipi_windows([1, 2, 100, 300].into_iter()).collect();
+/// // 1, 2 and 100 (bit 99: the high word's bit 35); 300 is past 1 + 127.
+/// assert_eq!(w[0], SendIpiWindow { min: 1, bitmap: [0b11, 1 << 35] });
+/// assert_eq!(w[1], SendIpiWindow { min: 300, bitmap: [1, 0] });
+/// ```
+pub fn send_ipi_windows<I: Iterator<Item = u32>>(ids: I) -> SendIpiWindows<I> {
+    SendIpiWindows {
+        ids: ids.peekable(),
+    }
+}
+
+/// The iterator of [`send_ipi_windows`].
+pub struct SendIpiWindows<I: Iterator<Item = u32>> {
+    ids: core::iter::Peekable<I>,
+}
+
+impl<I: Iterator<Item = u32>> Iterator for SendIpiWindows<I> {
+    type Item = SendIpiWindow;
+
+    fn next(&mut self) -> Option<SendIpiWindow> {
+        let min = self.ids.next()?;
+        let mut bitmap = [1, 0];
+        while let Some(off) = self
+            .ids
+            .peek()
+            .and_then(|&id| id.checked_sub(min))
+            .filter(|&off| off < SEND_IPI_BITMAP_BITS)
+        {
+            bitmap[(off / 64) as usize] |= 1 << (off % 64);
+            self.ids.next();
+        }
+        Some(SendIpiWindow { min, bitmap })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +220,55 @@ mod tests {
         let named: usize = KvmFeatures::NAMED.iter().filter(|(b, _)| f.has(*b)).count();
         assert_eq!(named, 2);
         assert!(!f.has(KvmFeatures::PV_TLB_FLUSH));
+    }
+
+    extern crate std;
+    use std::vec::Vec;
+
+    fn windows(ids: &[u32]) -> Vec<SendIpiWindow> {
+        send_ipi_windows(ids.iter().copied()).collect()
+    }
+
+    #[test]
+    fn send_ipi_windows_cover_every_id_once() {
+        assert!(windows(&[]).is_empty());
+        // 0..300 ascending: windows at 0, 128, 256.
+        let all: Vec<u32> = (0..300).collect();
+        let w = windows(&all);
+        assert_eq!(w.iter().map(|w| w.min).collect::<Vec<_>>(), [0, 128, 256]);
+        assert_eq!(w.iter().map(|w| w.count()).sum::<u32>(), 300);
+        let back: Vec<u32> = w.iter().flat_map(|w| w.ids()).collect();
+        assert_eq!(back, all);
+        // Gaps, an id from 64 up in the high word, ids past 64 and past u16.
+        let w = windows(&[5, 64, 132, 133, 70_000]);
+        assert_eq!(
+            w[0],
+            SendIpiWindow {
+                min: 5,
+                bitmap: [1 | 1 << 59, 1 << 63]
+            }
+        );
+        assert_eq!(w[1].min, 133, "132 - 5 = 127 fits, 133 - 5 = 128 does not");
+        assert_eq!(
+            w[2],
+            SendIpiWindow {
+                min: 70_000,
+                bitmap: [1, 0]
+            }
+        );
+        // Not ascending: an id below the window's first starts a new one.
+        let w = windows(&[10, 3, 4]);
+        assert_eq!(w.len(), 2);
+        assert_eq!(
+            w[1],
+            SendIpiWindow {
+                min: 3,
+                bitmap: [0b11, 0]
+            }
+        );
+        // Near u32::MAX nothing overflows.
+        let w = windows(&[u32::MAX - 1, u32::MAX]);
+        assert_eq!(w[0].count(), 2);
     }
 
     #[test]

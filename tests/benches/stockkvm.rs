@@ -9,7 +9,12 @@
 //! configuration does the same:
 //! - pbzip2 (user-mode workers, a TLB shootdown per block): shootdown latency p50/p99 and
 //!   blocks per second;
-//! - locktorture, ticket and MCS locks, 8 threads: lock acquisitions per second.
+//! - locktorture, the kernel's test-and-set ticket lock and the MCS lock, 8 threads: lock
+//!   acquisitions per second.
+//!
+//! Under each table, what took effect (medians from `RESULT kvm-stats`): flushes left to
+//! KVM, test-and-set waiters that halted on a preempted holder, ticks that found another
+//! vCPU's preempted flag set; and failed runs (left out of the medians).
 
 use std::process::Command;
 
@@ -63,8 +68,8 @@ const WORKLOADS: [Workload; 3] = [
         ],
     },
     Workload {
-        name: "locktorture ticket",
-        cmdline: "test=locktorture lock=ticket threads=8 duration=2000",
+        name: "locktorture kernel (test-and-set ticket)",
+        cmdline: "test=locktorture lock=kernel threads=8 duration=2000",
         metrics: &[("locks/s", "RESULT locktorture", "per_s", true)],
     },
     Workload {
@@ -74,7 +79,10 @@ const WORKLOADS: [Workload; 3] = [
     },
 ];
 
-/// One run's value of each metric of `w` (NaN where the run failed).
+/// What took effect in a run (`RESULT kvm-stats`).
+const EFFECTS: [&str; 3] = ["flushes_deferred", "preempted_halts", "preempted_seen"];
+
+/// One run: each metric of `w`, then each of [`EFFECTS`] (all NaN where the run failed).
 fn run(host: Host, vcpus: u32, w: &Workload, kvm: &str) -> Vec<f64> {
     let region = if host == Host::PvsyncOff {
         " pvsync=off"
@@ -96,8 +104,16 @@ fn run(host: Host, vcpus: u32, w: &Workload, kvm: &str) -> Vec<f64> {
             host.name(),
             out.status
         );
-        return vec![f64::NAN; w.metrics.len()];
+        return vec![f64::NAN; w.metrics.len() + EFFECTS.len()];
     }
+    let effects = out.line("RESULT kvm-stats").map(str::to_owned);
+    let effect = |k: &str| {
+        effects
+            .as_deref()
+            .and_then(|l| field(l, k))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     w.metrics
         .iter()
         .map(|&(_, prefix, key, _)| {
@@ -113,6 +129,7 @@ fn run(host: Host, vcpus: u32, w: &Workload, kvm: &str) -> Vec<f64> {
                 k => get(k).unwrap_or(f64::NAN),
             }
         })
+        .chain(EFFECTS.iter().map(|k| effect(k)))
         .collect()
 }
 
@@ -137,7 +154,7 @@ fn main() {
         .unwrap_or(3)
         .max(1);
     let hosts = [Host::Qemu, Host::PvsyncOff, Host::Pvsync];
-    // Configurations: (host, vCPUs, feature index); the 1:1 reference runs every feature.
+    // Configurations: (host, vCPUs, feature index); the 1:1 reference runs both features.
     let mut configs = Vec::new();
     for &h in &hosts {
         configs.push((h, cores, FEATURES.len() - 1));
@@ -199,6 +216,31 @@ fn main() {
                     ""
                 );
             }
+        }
+        println!();
+        println!("{} — what took effect (medians per run)", w.name);
+        println!(
+            "{:<20} {:<14} {:>10} {:>10} {:>10} {:>8}",
+            "host", "kvm=", "deferred", "halts", "seen", "failed"
+        );
+        for (ci, &(h, v, f)) in configs.iter().enumerate() {
+            let runs = &results[wi][ci];
+            let e = |k: usize| median(runs.iter().map(|r| r[w.metrics.len() + k]).collect());
+            let failed = runs.iter().filter(|r| r.iter().all(|x| x.is_nan())).count();
+            let label = if v == cores {
+                "1:1 (both)".to_string()
+            } else {
+                FEATURES[f].0.to_string()
+            };
+            println!(
+                "{:<20} {:<14} {:>10.0} {:>10.0} {:>10.0} {:>8}",
+                h.name(),
+                label,
+                e(0),
+                e(1),
+                e(2),
+                failed
+            );
         }
     }
 }

@@ -367,6 +367,15 @@ pub fn on_cpus(n: usize) -> Command {
 pub fn pinned(cmd: &Command, n: usize) -> Command {
     let mut c = on_cpus(n);
     c.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        c.current_dir(dir);
+    }
     c
 }
 

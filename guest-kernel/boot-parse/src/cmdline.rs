@@ -7,8 +7,9 @@
 //! - `work=N`: how much a workload does (blocks, records, transactions, rounds: each
 //!   workload says; 1..=10^9), so that runs under different schedules do the same work.
 //! - `seed=N`: a workload's random seed (default 1).
-//! - `lock=ticket|mcs|mcs-nokick|broken`: locktorture's lock (`broken` and `mcs-nokick`, whose
-//!   releasers never kick a halted waiter, are negative controls).
+//! - `lock=ticket|kernel|mcs|mcs-nokick|broken`: locktorture's lock (`kernel`: the ticket
+//!   lock taken test-and-set style, as the kernel's own locks are; `broken` and
+//!   `mcs-nokick`, whose releasers never kick a halted waiter, are negative controls).
 //! - Negative controls: `rcu=broken` (synchronize_rcu returns at once), `rcu=early` (grace
 //!   periods end slightly early), `tlb=skip` (shootdowns leave one target out), `tlb=noack`
 //!   (shootdowns do not wait for acknowledgements), `model=skip-delete` (postmark's model
@@ -38,7 +39,7 @@ pub const MAX_WORK: u64 = 1_000_000_000;
 /// Default `seed=`.
 pub const DEFAULT_SEED: u64 = 1;
 /// locktorture's locks.
-pub const LOCKS: [&str; 4] = ["ticket", "mcs", "mcs-nokick", "broken"];
+pub const LOCKS: [&str; 5] = ["ticket", "kernel", "mcs", "mcs-nokick", "broken"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cmdline<'a> {
@@ -251,7 +252,7 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
             "lock" => {
                 return Err(CmdlineError::UnknownValue {
                     word,
-                    expected: "ticket, mcs, mcs-nokick or broken",
+                    expected: "ticket, kernel, mcs, mcs-nokick or broken",
                 })
             }
             "rcu" if v == "broken" => c.rcu_broken = true,
@@ -277,6 +278,14 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
                 })
             }
         }
+    }
+    // The negative control reads KVM's flag through pvlock's hook and must skip a target
+    // only where pvtlb would have asked KVM to flush it.
+    if c.tlb_defer_noflag && !c.kvm.has(KvmUse::PVTLB | KvmUse::PVLOCK) {
+        return Err(CmdlineError::UnknownValue {
+            word: "tlb=defer-noflag",
+            expected: "tlb=defer-noflag with kvm= including pvtlb and pvlock",
+        });
     }
     Ok(c)
 }
@@ -322,10 +331,12 @@ mod tests {
 
     #[test]
     fn kvm_features_are_a_checked_list() {
-        let c = parse("kvm=steal,pvtlb,yield pvsync=off tlb=defer-noflag", 64).unwrap();
+        let c = parse("kvm=steal,pvtlb,yield pvsync=off", 64).unwrap();
         assert!(c.kvm.has(KvmUse::STEAL | KvmUse::PVTLB | KvmUse::YIELD));
         assert!(!c.kvm.has(KvmUse::PVLOCK) && !c.kvm.has(KvmUse::KICK));
-        assert!(c.pvsync_off && c.tlb_defer_noflag);
+        assert!(c.pvsync_off && !c.tlb_defer_noflag);
+        let c = parse("tlb=defer-noflag", 64).unwrap();
+        assert!(c.tlb_defer_noflag, "with the default kvm=");
         assert_eq!(parse("kvm=none", 64).unwrap().kvm, KvmUse::NONE);
         assert_eq!(parse("", 64).unwrap().kvm, KvmUse::DEFAULT);
         assert!(

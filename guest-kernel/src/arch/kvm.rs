@@ -14,9 +14,9 @@ use core::sync::atomic::{
 };
 
 use shared_abi::kvm_para::{
-    KvmFeatures, KvmHypercall, KvmStealTime, KVM_CPUID_FEATURES, KVM_CPUID_SIGNATURE,
-    KVM_MSR_ENABLED, KVM_SIGNATURE, KVM_VCPU_FLUSH_TLB, KVM_VCPU_PREEMPTED, MSR_KVM_STEAL_TIME,
-    SEND_IPI_BITMAP_BITS,
+    send_ipi_windows, KvmFeatures, KvmHypercall, KvmStealTime, KVM_CPUID_FEATURES,
+    KVM_CPUID_SIGNATURE, KVM_MSR_ENABLED, KVM_SIGNATURE, KVM_VCPU_FLUSH_TLB, KVM_VCPU_PREEMPTED,
+    MSR_KVM_STEAL_TIME,
 };
 use x86_64::registers::model_specific::Msr;
 
@@ -36,6 +36,7 @@ static SEEN_PREEMPTED: AtomicU64 = AtomicU64::new(0);
 static FLAG_WHILE_RUNNING: AtomicU64 = AtomicU64::new(0);
 static KICKS: AtomicU64 = AtomicU64::new(0);
 static SEND_IPI_CALLS: AtomicU64 = AtomicU64::new(0);
+static SEND_IPI_FALLBACKS: AtomicU64 = AtomicU64::new(0);
 
 /// What the ticks saw of the steal-time areas, and the hypercalls made.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,6 +52,8 @@ pub struct Observations {
     pub kicks: u64,
     /// `KVM_HC_SEND_IPI` hypercalls.
     pub send_ipi_calls: u64,
+    /// ... that KVM did not wholly deliver (their IPIs then went through the APIC).
+    pub send_ipi_fallbacks: u64,
 }
 
 /// The counters so far.
@@ -61,6 +64,7 @@ pub fn observations() -> Observations {
         flag_while_running: FLAG_WHILE_RUNNING.load(Ordering::Relaxed),
         kicks: KICKS.load(Ordering::Relaxed),
         send_ipi_calls: SEND_IPI_CALLS.load(Ordering::Relaxed),
+        send_ipi_fallbacks: SEND_IPI_FALLBACKS.load(Ordering::Relaxed),
     }
 }
 
@@ -93,38 +97,27 @@ pub fn kick(apic_id: u32) {
 /// ICR delivery mode "fixed" (its bits are 0) with `vector`: what `KVM_HC_SEND_IPI` takes.
 const ICR_FIXED: u64 = 0;
 
-/// `KVM_HC_SEND_IPI`: sends `vector` to every APIC id `ids` yields (ascending), one
-/// hypercall per window of 128 consecutive ids.
-pub fn send_ipi_many(ids: impl Iterator<Item = u32>, vector: u8) {
+/// `KVM_HC_SEND_IPI`: sends `vector` to every APIC id `ids` yields, one hypercall per
+/// window of 128 consecutive ids (`shared_abi::kvm_para::send_ipi_windows`). Returns the
+/// ids of each window KVM did not wholly deliver (an error, or fewer than asked) to
+/// `fallback`, which sends them another way: a lost shootdown IPI would hang its sender.
+pub fn send_ipi_many(ids: impl Iterator<Item = u32>, vector: u8, fallback: impl Fn(u32)) {
     // Stores before the IPI must be visible to its handler (as for an x2APIC ICR write).
     fence(Ordering::SeqCst);
-    let mut window: Option<(u32, [u64; 2])> = None;
-    let flush = |min: u32, bits: [u64; 2]| {
+    for w in send_ipi_windows(ids) {
         SEND_IPI_CALLS.fetch_add(1, Ordering::Relaxed);
-        hypercall(
+        let delivered = hypercall(
             KvmHypercall::SendIpi,
-            bits[0],
-            bits[1],
-            min as u64,
+            w.bitmap[0],
+            w.bitmap[1],
+            w.min as u64,
             ICR_FIXED | vector as u64,
         );
-    };
-    for id in ids {
-        match &mut window {
-            Some((min, bits)) if id >= *min && id - *min < SEND_IPI_BITMAP_BITS => {
-                let off = id - *min;
-                bits[(off / 64) as usize] |= 1 << (off % 64);
-            }
-            _ => {
-                if let Some((min, bits)) = window.take() {
-                    flush(min, bits);
-                }
-                window = Some((id, [1, 0]));
-            }
+        if delivered != w.count() as i64 {
+            SEND_IPI_FALLBACKS.fetch_add(1, Ordering::Relaxed);
+            // Some may have been delivered: a second shootdown IPI finds nothing to serve.
+            w.ids().for_each(&fallback);
         }
-    }
-    if let Some((min, bits)) = window {
-        flush(min, bits);
     }
 }
 

@@ -235,7 +235,7 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
 const LEFT_WAIT_MS: u64 = 100;
 /// How long a holder whose flush was left to KVM gets to run again (its steal-time version
 /// moves at its next entry; a preempted vCPU waits for its next turn).
-const HOST_FLUSH_WAIT_MS: u64 = 2000;
+const HOST_FLUSH_WAIT_MS: u64 = 5000;
 
 /// Whether KVM has dealt with CPU `c`'s steal-time area since the shootdown that left its
 /// flush to KVM returned (read after the sender's compare-and-exchange): KVM exchanges the

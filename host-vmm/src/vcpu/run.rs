@@ -7,13 +7,12 @@ use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuExit;
 
 use super::kick::KickTarget;
-use super::steal_time::{self, StealTimeError};
+use super::steal_time::{self, PreemptedMarker, StealTimeError};
 use super::Vcpu;
 use crate::devices::PioBus;
 use crate::guest_events::{EventLog, Traced, TracedEvent, TscSync};
 use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
 use crate::sched::Backend;
-use shared_abi::Hypercall;
 
 /// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
 /// outside KVM_RUN and outside the scheduler.
@@ -113,43 +112,55 @@ impl Vcpu {
         let mut events = vm.new_event_log();
         let mut tsc = TscClock::default();
         let panic_at = injected_panic(index);
-        // Whether this vCPU's steal-time area gets the preempted flag when it gives up its
-        // slot (only under a backend that takes vCPUs off; not after KVM refused the MSR).
-        let mut marks_steal_time = backend.takes_vcpus_off();
+        // Sets the preempted flag of the vCPU's steal-time area when the slot scheduler
+        // takes it off (steal_time.rs says when that is allowed).
+        let mut marker = PreemptedMarker::new(
+            backend.takes_vcpus_off() && steal_time::kvm_never_marks_preempted(),
+        );
+        // Whether the last KVM_RUN returned at an instruction boundary (-EINTR/-EAGAIN:
+        // no port or MMIO access left for KVM to complete at the next KVM_RUN).
+        let mut at_boundary = true;
+        // A kick held back until KVM has completed the pending instruction.
+        let mut kick_held = false;
         while !vm.stopping() {
             if panic_at.is_some_and(|at| Instant::now() >= at) {
                 panic!("vCPU {index}: failure injected by {INJECT_ENV}");
             }
-            if backend.take_kick(key) {
-                self.fd.set_kvm_immediate_exit(0);
-                // Traced runs only: a reader taken off its CPU inside its read section.
-                let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
-                let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
-                if marks_steal_time {
-                    marks_steal_time = mark_preempted(&self.fd, vm);
+            if std::mem::take(&mut kick_held) || backend.take_kick(key) {
+                if marker.wants_to_mark() && !at_boundary {
+                    // Finish the instruction first, running no guest code: KVM completes
+                    // it at KVM_RUN before it looks at immediate_exit (KVM's api.rst),
+                    // then returns -EINTR (or another exit to serve first).
+                    kick_held = true;
+                    self.fd.set_kvm_immediate_exit(1);
+                } else {
+                    self.fd.set_kvm_immediate_exit(0);
+                    // Traced runs only: a reader taken off its CPU inside its read section.
+                    let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
+                    let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
+                    // The CPL first: no vCPU ioctl between the marking and the next entry.
+                    let cpl = self.cpl();
+                    if let Some(r) = marker.mark(&self.fd, vm.memory()) {
+                        vm.steal_time_marked(&r);
+                    }
+                    backend.preempted(key, cpl);
+                    if let Some((nesting, at)) = off {
+                        events.push(TracedEvent {
+                            at,
+                            what: Traced::ReaderPreempted {
+                                nesting,
+                                dur: at.elapsed(),
+                            },
+                        });
+                    }
+                    continue;
                 }
-                backend.preempted(key, self.cpl());
-                if let Some((nesting, at)) = off {
-                    events.push(TracedEvent {
-                        at,
-                        what: Traced::ReaderPreempted {
-                            nesting,
-                            dur: at.elapsed(),
-                        },
-                    });
-                }
-                continue;
             }
-            let end = match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, data))
-                    if marks_steal_time && port == Hypercall::YieldTo.port() =>
-                {
-                    // A YieldTo gives the slot away too (the backend queues the yielder).
-                    // The word is copied out of the run area, which the MSR read needs.
-                    let data = data.to_vec();
-                    marks_steal_time = mark_preempted(&self.fd, vm);
-                    port_out(vm, &mut hypercalls, port, &data)
-                }
+            marker.entering();
+            let run = self.fd.run();
+            at_boundary =
+                matches!(&run, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
+            let end = match run {
                 Ok(VcpuExit::IoOut(port, data)) => port_out(vm, &mut hypercalls, port, data),
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !hypercalls.handle_in(port, data) {
@@ -216,15 +227,6 @@ fn port_out(
             None
         }
     }
-}
-
-/// Sets the preempted flag in the steal-time area of the vCPU of `fd` (its own thread, out
-/// of KVM_RUN, about to wait for CPU) and reports it; false once KVM cannot give the MSR
-/// (no point asking again).
-fn mark_preempted(fd: &kvm_ioctls::VcpuFd, vm: &impl VcpuContext) -> bool {
-    let r = steal_time::mark_preempted(fd, vm.memory());
-    vm.steal_time_marked(&r);
-    !matches!(r, Err(StealTimeError::ReadMsr(_) | StealTimeError::MsrList))
 }
 
 /// Reads the guest's time stamp counter (KVM_GET_MSRS) with the host clock, from the vCPU's

@@ -1,15 +1,20 @@
 //! What KVM leaves out of steal time on this host, supplied by the VMM: the
 //! `KVM_VCPU_PREEMPTED` flag of a vCPU's steal-time area (`shared_abi::kvm_para`).
 //!
-//! KVM sets the flag only when the host scheduler preempts a vCPU thread inside KVM_RUN;
-//! under the slot scheduler a descheduled vCPU waits outside KVM_RUN, where KVM never
-//! looks (and on this nested host KVM never sets it at all). So the vCPU's own thread sets
-//! it when it gives up its slot, after KVM_RUN has returned, and KVM clears it at the next
+//! KVM sets the flag (a plain store) only when the host scheduler preempts a vCPU thread
+//! inside KVM_RUN at an instruction boundary; under the slot scheduler a descheduled vCPU
+//! waits outside KVM_RUN, where KVM never looks, and on this nested host ("PVM") KVM never
+//! sets it at all. So when the slot scheduler takes a vCPU off its slot, the vCPU's own
+//! thread sets it, after KVM_RUN has returned at an instruction boundary (the caller's
+//! duty: no port or MMIO access left for KVM to complete), and KVM clears it at the next
 //! entry, exchanging the byte for 0 and flushing the TLB first if a guest sender asked
-//! (`KVM_VCPU_FLUSH_TLB`). Only that thread may set it, and only then: a flag set while
-//! the vCPU runs guest code would let a sender skip a shootdown the vCPU needs (the
-//! CVE-2019-3016 class). The bit is or-ed in atomically, so a flush request a sender made
-//! since an earlier marking (with no entry in between) survives.
+//! (`KVM_VCPU_FLUSH_TLB`). A flag set while the vCPU can still run guest code, or finish an
+//! instruction, would let a sender skip a flush the vCPU needs (CVE-2019-3016, and
+//! CVE-2022-39189 for the instruction boundary). The bit is or-ed in atomically.
+//!
+//! Only where KVM never writes the byte itself ([`kvm_never_marks_preempted`]): KVM's own
+//! store would overwrite a flush request our marking let a sender make (KVM, not knowing of
+//! our mark, believes the byte clear).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -30,6 +35,80 @@ pub enum StealTimeError {
     OutsideMemory { gpa: u64 },
 }
 
+/// After this many markings in a row found no steal-time area (a guest with `kvm=none`),
+/// only every [`MISS_STRIDE`]-th deschedule looks again: each look is a vCPU ioctl.
+const MISS_LIMIT: u32 = 16;
+const MISS_STRIDE: u32 = 16;
+
+/// Whether this host's KVM never sets `KVM_VCPU_PREEMPTED` itself, so that the VMM may:
+/// true on nested "PVM" KVM (module `kvm_pvm`), which never reports a preemption (measured
+/// here: its `preemption_reported` counter stays 0). Elsewhere KVM sets it with a plain
+/// store that could overwrite a sender's flush request made after our mark, so the VMM
+/// leaves the flag to KVM.
+pub fn kvm_never_marks_preempted() -> bool {
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
+}
+
+/// One vCPU thread's marking state.
+#[derive(Debug)]
+pub struct PreemptedMarker {
+    enabled: bool,
+    /// Marked since the vCPU last entered KVM_RUN: a second marking adds nothing.
+    marked: bool,
+    misses: u32,
+}
+
+impl PreemptedMarker {
+    /// A marker that marks only if `enabled` (a backend that takes vCPUs off, on a host
+    /// whose KVM leaves the flag to us).
+    pub fn new(enabled: bool) -> Self {
+        PreemptedMarker {
+            enabled,
+            marked: false,
+            misses: 0,
+        }
+    }
+
+    /// Whether it would mark (the caller then brings the vCPU to an instruction
+    /// boundary first).
+    pub fn wants_to_mark(&self) -> bool {
+        self.enabled && !self.marked
+    }
+
+    /// The vCPU is about to enter KVM_RUN (which clears the flag at entry).
+    pub fn entering(&mut self) {
+        self.marked = false;
+    }
+
+    /// The vCPU of `fd` has given up its slot, out of KVM_RUN at an instruction boundary:
+    /// marks its area. None if it did not look (disabled, already marked, or backing off
+    /// a guest without an area); a failed MSR read disables the marker.
+    pub fn mark(
+        &mut self,
+        fd: &VcpuFd,
+        mem: &GuestMemoryMmap,
+    ) -> Option<Result<bool, StealTimeError>> {
+        if !self.wants_to_mark() {
+            return None;
+        }
+        self.misses = self.misses.saturating_add(1);
+        if self.misses > MISS_LIMIT && self.misses % MISS_STRIDE != 0 {
+            return None;
+        }
+        let r = mark_preempted(fd, mem);
+        match &r {
+            Ok(true) => {
+                self.marked = true;
+                self.misses = 0;
+            }
+            Ok(false) | Err(StealTimeError::OutsideMemory { .. }) => {}
+            Err(StealTimeError::ReadMsr(_) | StealTimeError::MsrList) => self.enabled = false,
+        }
+        Some(r)
+    }
+}
+
 /// Reads the vCPU's `MSR_KVM_STEAL_TIME` (KVM_GET_MSRS, from the vCPU's thread, outside
 /// KVM_RUN): the area's address if the guest enabled steal time.
 fn area(fd: &VcpuFd) -> Result<Option<u64>, StealTimeError> {
@@ -45,9 +124,9 @@ fn area(fd: &VcpuFd) -> Result<Option<u64>, StealTimeError> {
 }
 
 /// Sets `KVM_VCPU_PREEMPTED` in the steal-time area of the vCPU of `fd`, which has left
-/// KVM_RUN and is about to wait for CPU; call it only from that vCPU's thread, between
-/// KVM_RUN calls. Ok(false) if the guest has no area enabled.
-pub fn mark_preempted(fd: &VcpuFd, mem: &GuestMemoryMmap) -> Result<bool, StealTimeError> {
+/// KVM_RUN at an instruction boundary and is about to wait for CPU; call it only from that
+/// vCPU's thread, between KVM_RUN calls. Ok(false) if the guest has no area enabled.
+fn mark_preempted(fd: &VcpuFd, mem: &GuestMemoryMmap) -> Result<bool, StealTimeError> {
     let Some(gpa) = area(fd)? else {
         return Ok(false);
     };

@@ -45,8 +45,9 @@ pub struct PvStats {
     /// Without a pvsync host: yields to a preempted holder through the platform's own
     /// means ([`Platform::yield_to_preempted`], KVM's PV sched yield).
     pub stock_yields: u64,
-    /// Without a pvsync host: ticket waiters that halted (until the next interrupt) because
-    /// the platform reported the holder preempted ([`Platform::vcpu_is_preempted`]).
+    /// Without a pvsync host: test-and-set ticket waiters that halted (until the next
+    /// interrupt) because the platform reported the holder preempted
+    /// ([`Platform::vcpu_is_preempted`]).
     pub preempted_halts: u64,
 }
 
@@ -129,14 +130,19 @@ fn pv_yield<P: Platform>(holder: u32) -> bool {
     }
 }
 
-/// Without a pvsync host, a spinner whose `holder` the platform reports preempted stops
-/// spinning: it yields to it ([`pv_yield`]) or, if the platform cannot, halts until the next
-/// interrupt (its tick at the latest) while `still_waiting` holds and the holder stays
-/// preempted, so that the host can give the physical CPU to the holder. With interrupts
-/// off it cannot halt, and spins on.
-fn stop_spinning<P: Platform>(holder: u32, still_waiting: &dyn Fn() -> bool) {
-    if pv_yield::<P>(holder)
-        || crate::region::pv_host()
+/// A spinner's slow round: offers its time to `holder` ([`pv_yield`]); then, without a
+/// pvsync host and given `halt_while` (test-and-set waiters only: a FIFO waiter that halts
+/// would hold up everyone queued behind it once its turn came), if the platform still
+/// reports the holder preempted, stops spinning: halts until the next interrupt (its tick
+/// at the latest) while `halt_while` holds and the holder stays preempted, so that the host
+/// can give the physical CPU to the holder. Nobody kicks such a halt: the tick bounds it.
+/// With interrupts off it cannot halt, and spins on.
+fn stop_spinning<P: Platform>(holder: u32, halt_while: Option<&dyn Fn() -> bool>) {
+    pv_yield::<P>(holder);
+    let Some(still_waiting) = halt_while else {
+        return;
+    };
+    if crate::region::pv_host()
         || holder == NO_VCPU
         || holder == P::cpu().id()
         || !P::irqs_enabled()

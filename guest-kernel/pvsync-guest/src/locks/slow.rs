@@ -35,13 +35,13 @@ impl<P: Platform> SlowPath<P> {
 
     /// One slow round of a ticket waiter: names `taker` (the CPU holding the ticket being
     /// served; not known yet when it took it a moment ago: keep the last name), offers it
-    /// this vCPU's time (or, without a pvsync host, stops spinning on it while it is
-    /// preempted and `still_waiting` holds), and serves what others wait on from this CPU
-    /// meanwhile.
-    pub(crate) fn offer(&mut self, taker: Option<u32>, still_waiting: &dyn Fn() -> bool) {
+    /// this vCPU's time (and, a test-and-set waiter without a pvsync host, given
+    /// `halt_while`, stops spinning on it while it is preempted: `stop_spinning`), and
+    /// serves what others wait on from this CPU meanwhile.
+    pub(crate) fn offer(&mut self, taker: Option<u32>, halt_while: Option<&dyn Fn() -> bool>) {
         let h = taker.or(self.named()).unwrap_or(NO_VCPU);
         self.name(h);
-        stop_spinning::<P>(h, still_waiting);
+        stop_spinning::<P>(h, halt_while);
         P::serve_waiters();
     }
 

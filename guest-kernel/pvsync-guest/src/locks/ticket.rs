@@ -174,7 +174,9 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
             }
             crate::sync::spin_loop();
             if pacer.due() {
-                slow.offer(self.taker(owner), &|| self.owner.load(Relaxed) == owner);
+                // Halt only while the lock is held, by whoever took ticket `owner`.
+                let held = || self.owner.load(Relaxed) == owner && self.next.load(Relaxed) != owner;
+                slow.offer(self.taker(owner), Some(&held));
             }
         }
     }
@@ -191,7 +193,7 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
             crate::sync::spin_loop();
             if pacer.due() {
                 // Whoever took ticket `owner` is in our way, holding the lock or about to.
-                slow.offer(self.taker(owner), &|| self.owner.load(Relaxed) == owner);
+                slow.offer(self.taker(owner), None);
             }
         }
     }
