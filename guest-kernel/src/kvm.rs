@@ -123,6 +123,11 @@ pub fn enable_this_cpu(id: u32) {
     }
 }
 
+/// Whether the kernel uses steal time (KVM offers it and `kvm=` asks for it).
+pub fn steal_time_enabled() -> bool {
+    kvm::uses(KvmUse::STEAL)
+}
+
 /// Steal time CPU `cpu` accumulated since it enabled its area, ns.
 pub fn steal_since_start(cpu: u32) -> Option<u64> {
     let start = STEAL_AT_START

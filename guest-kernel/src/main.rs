@@ -170,6 +170,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "hostile-page" => hostile::flood(cpus.ids(), cmd.duration_ms),
         "hostile-hold" => hostile::hold(cpus.ids(), cmd.duration_ms),
         "hostile-claims" => hostile::claims(cpus.ids(), cmd.duration_ms),
+        "hostile-steal-area" => hostile::steal_area(cpus.ids(), cmd.work),
         "console-flood" => hostile::console_flood(cmd.duration_ms),
         "locktorture" => torture::lock::run(cmd.lock, threads, cmd.duration_ms),
         "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),

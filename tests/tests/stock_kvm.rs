@@ -137,6 +137,25 @@ fn pvsync_locktorture_passes_with_the_steal_time_aware_slow_path() {
     }
 }
 
+#[test]
+fn pvsync_refuses_to_mark_a_steal_time_area_outside_guest_ram() {
+    if !require_kvm("pvsync_refuses_to_mark_a_steal_time_area_outside_guest_ram") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (out, m) = pvsync_run(4, "test=hostile-steal-area work=20000");
+    out.check(out.status == Some(0), "the guest finishes its work");
+    out.check(
+        out.line("RESULT hostile-steal-area").is_some(),
+        "the hostile guest ran",
+    );
+    let vm = &m["vms"][0];
+    assert!(
+        vm["steal_time_mark_failures"].as_u64().unwrap_or(0) > 0,
+        "descheduled vCPUs whose area lies past RAM are counted, not marked: {vm}"
+    );
+}
+
 /// The guest under QEMU/KVM with 4 vCPUs on one host CPU.
 fn qemu_overcommitted(cmdline: &str, limit: Duration) -> Output {
     let cmd = qemu_command(QemuMachine::Microvm, 4, 128, cmdline);

@@ -199,6 +199,14 @@ pub fn enable_steal_time(cpu: u32) -> bool {
     true
 }
 
+/// Writes `value` to the calling CPU's `MSR_KVM_STEAL_TIME` as it is (for hostile tests: an
+/// area anywhere, or none). Only where KVM offers steal time.
+pub fn set_steal_time_msr(value: u64) {
+    // SAFETY: KVM checks the value (reserved bits raise #GP); whatever address it names, the
+    // kernel never reads an area through it, and KVM and the host write only guest memory.
+    unsafe { Msr::new(MSR_KVM_STEAL_TIME).write(value) };
+}
+
 /// The `preempted` byte of CPU `cpu`'s area, as an atomic.
 fn preempted_byte(cpu: u32) -> Option<&'static AtomicU8> {
     let a = area(cpu)?;
