@@ -123,6 +123,11 @@ pub fn enable_this_cpu(id: u32) {
     }
 }
 
+/// Whether the kernel uses every feature of `features` (`KvmUse` bits).
+pub fn uses_all(features: u32) -> bool {
+    kvm::uses(features)
+}
+
 /// Whether the kernel uses steal time (KVM offers it and `kvm=` asks for it).
 pub fn steal_time_enabled() -> bool {
     kvm::uses(KvmUse::STEAL)

@@ -39,6 +39,7 @@ mod user;
 mod workloads;
 
 use arch::bootmem::BootMemory;
+use pvsync_boot_parse::cmdline::KvmUse;
 use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
 
 /// Installs the hooks through which the lower layers reach the higher ones (fn-pointer
@@ -138,6 +139,11 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         println!("shared: pvsync=off: the region is not registered");
     }
     kvm::init(cmd.kvm, nr_vcpus, me, shared::pv_host());
+    if cmd.tlb_defer_noflag && !kvm::uses_all(KvmUse::PVTLB | KvmUse::PVLOCK) {
+        panic::fail(format_args!(
+            "tlb=defer-noflag needs KVM's pvtlb and pvlock in use, and this host does not offer them"
+        ));
+    }
     shared::set_mode(VcpuMode::Kernel);
     selftest::per_cpu_checks(me);
     smp::mark_online(me);

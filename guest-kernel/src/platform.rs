@@ -96,7 +96,13 @@ unsafe impl Platform for Kernel {
             Ipi::Reschedule => vectors::RESCHEDULE,
             Ipi::TlbShootdown => vectors::TLB_SHOOTDOWN,
             // KVM's kick wakes a halted vCPU without an interrupt (`kvm=kick`).
-            Ipi::Kick if kvm::uses(KvmUse::KICK) => return kvm::kick(cpu),
+            Ipi::Kick if kvm::uses(KvmUse::KICK) => {
+                // A kick KVM refused is sent as an interrupt after all.
+                if kvm::kick(cpu) == 0 {
+                    return;
+                }
+                vectors::RESCHEDULE
+            }
             Ipi::Kick => vectors::RESCHEDULE,
         };
         apic::send_ipi(cpu, vector);

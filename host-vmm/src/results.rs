@@ -230,6 +230,7 @@ fn vm_json(run: &VmRun, fair: &Shortfall) -> Value {
         "elapsed_ns": r.elapsed.as_nanos() as u64,
         "unclaimed_io": r.unclaimed_io,
         "failed_ipis": r.failed_ipis,
+        "steal_time_marking": r.steal_time_marking,
         "steal_time_marks": r.steal_time_marks,
         "steal_time_mark_failures": r.steal_time_failures,
         "invalid_shared_records": r.shared.as_ref().map(|s| s.invalid_records()),

@@ -165,7 +165,7 @@ impl SendIpiWindow {
     pub fn ids(self) -> impl Iterator<Item = u32> {
         (0..SEND_IPI_BITMAP_BITS)
             .filter(move |&i| self.bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0)
-            .map(move |i| self.min + i)
+            .filter_map(move |i| self.min.checked_add(i))
     }
 }
 

@@ -58,6 +58,18 @@ fn pvsync_run(vcpus: u32, cmdline: &str) -> (Output, Value) {
     (out, m)
 }
 
+/// Whether the VMM marked descheduled vCPUs preempted in this run (only where KVM never sets
+/// the flag itself); says loudly what is not verified when it did not.
+fn vmm_marks(m: &Value, what: &str) -> bool {
+    let marks = m["vms"][0]["steal_time_marking"].as_bool().unwrap_or(false);
+    if !marks {
+        eprintln!(
+            "\n*** {what}: this host's KVM sets the preempted flag itself, so the VMM does not: NOT VERIFIED here ***\n"
+        );
+    }
+    marks
+}
+
 fn stats(out: &Output) -> String {
     out.line("RESULT kvm-stats")
         .unwrap_or_else(|| panic!("no kvm-stats line:\n{}", out.all()))
@@ -79,6 +91,10 @@ fn pvsync_sets_the_preempted_flag_and_tlbtorture_leaves_flushes_to_kvm() {
         assert_eq!(num(t, "stale"), 0, "{t}");
         let s = stats(&out);
         assert_eq!(field(&s, "used"), Some("steal,pvtlb,pvlock"), "{s}");
+        assert_eq!(num(&s, "flag_while_running"), 0, "{s}");
+        if !vmm_marks(&m, "the VMM's preempted flag") {
+            continue;
+        }
         assert!(
             num(&s, "preempted_seen") > 0,
             "flag seen set ({extra}): {s}"
@@ -87,7 +103,6 @@ fn pvsync_sets_the_preempted_flag_and_tlbtorture_leaves_flushes_to_kvm() {
             num(&s, "flushes_deferred") > 0,
             "flushes left to KVM ({extra}): {s}"
         );
-        assert_eq!(num(&s, "flag_while_running"), 0, "{s}");
         let vm = &m["vms"][0];
         assert!(vm["steal_time_marks"].as_u64().unwrap_or(0) > 0, "{vm}");
         assert_eq!(vm["steal_time_mark_failures"], 0, "{vm}");
@@ -100,7 +115,10 @@ fn pvsync_tlbtorture_fails_when_a_preempted_target_is_skipped_without_the_flag()
         return;
     }
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (out, _) = pvsync_run(4, "test=tlbtorture duration=2000 tlb=defer-noflag");
+    let (out, m) = pvsync_run(4, "test=tlbtorture duration=2000 tlb=defer-noflag");
+    if !vmm_marks(&m, "the negative control of the VMM's preempted flag") {
+        return;
+    }
     out.check(
         out.status == Some(ExitCode::Failure as i32),
         "the negative control must fail",
@@ -118,7 +136,7 @@ fn pvsync_locktorture_passes_with_the_steal_time_aware_slow_path() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // Without a pvsync host: the slow paths act on KVM's preempted flag alone.
     for lock in ["kernel", "ticket", "mcs"] {
-        let (out, _) = pvsync_run(
+        let (out, m) = pvsync_run(
             4,
             &format!("test=locktorture lock={lock} duration=2000 pvsync=off"),
         );
@@ -128,7 +146,9 @@ fn pvsync_locktorture_passes_with_the_steal_time_aware_slow_path() {
         assert_eq!(num(l, "lost_kicks"), 0, "{l}");
         match lock {
             // Test-and-set waiters stopped spinning on a holder KVM reported preempted.
-            "kernel" => assert!(num(l, "preempted_halts") > 0, "{l}"),
+            "kernel" if vmm_marks(&m, "test-and-set waiters halting") => {
+                assert!(num(l, "preempted_halts") > 0, "{l}")
+            }
             // A FIFO waiter never halts (its turn would wait for its tick).
             "ticket" => assert_eq!(num(l, "preempted_halts"), 0, "{l}"),
             _ => {}
@@ -149,6 +169,9 @@ fn pvsync_refuses_to_mark_a_steal_time_area_outside_guest_ram() {
         out.line("RESULT hostile-steal-area").is_some(),
         "the hostile guest ran",
     );
+    if !vmm_marks(&m, "an area outside RAM") {
+        return;
+    }
     let vm = &m["vms"][0];
     assert!(
         vm["steal_time_mark_failures"].as_u64().unwrap_or(0) > 0,

@@ -89,9 +89,10 @@ pub fn observe_tick(me: u32) {
 }
 
 /// `KVM_HC_KICK_CPU`: wakes CPU `apic_id` from a halt (or makes its next halt return).
-pub fn kick(apic_id: u32) {
+/// Returns KVM's answer: 0, or a negative error (the kick did not go out).
+pub fn kick(apic_id: u32) -> i64 {
     KICKS.fetch_add(1, Ordering::Relaxed);
-    hypercall(KvmHypercall::KickCpu, 0, apic_id as u64, 0, 0);
+    hypercall(KvmHypercall::KickCpu, 0, apic_id as u64, 0, 0)
 }
 
 /// ICR delivery mode "fixed" (its bits are 0) with `vector`: what `KVM_HC_SEND_IPI` takes.

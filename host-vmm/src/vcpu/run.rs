@@ -138,7 +138,9 @@ impl Vcpu {
                     // Traced runs only: a reader taken off its CPU inside its read section.
                     let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
                     let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
-                    // The CPL first: no vCPU ioctl between the marking and the next entry.
+                    // The CPL first: no vCPU ioctl between the marking and the next KVM_RUN
+                    // (a second kick while waiting reads it again after an earlier mark:
+                    // harmless where marking is allowed, since KVM never stores the flag).
                     let cpl = self.cpl();
                     if let Some(r) = marker.mark(&self.fd, vm.memory()) {
                         vm.steal_time_marked(&r);

@@ -47,21 +47,31 @@ const MISS_STRIDE: u32 = 16;
 /// leaves the flag to KVM.
 pub fn kvm_never_marks_preempted() -> bool {
     static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
+    *PVM.get_or_init(|| {
+        let loaded = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+        // PVM serves /dev/kvm only where no hardware KVM module is loaded beside it.
+        loaded("kvm_pvm") && !loaded("kvm_intel") && !loaded("kvm_amd")
+    })
 }
 
 /// One vCPU thread's marking state.
 #[derive(Debug)]
 pub struct PreemptedMarker {
     enabled: bool,
-    /// Marked since the vCPU last entered KVM_RUN: a second marking adds nothing.
+    /// Marked since the vCPU last called KVM_RUN: a second marking adds nothing.
     marked: bool,
+    /// Markings in a row that found no area (wrapping: after 2^32 it looks 16 times).
     misses: u32,
 }
 
 impl PreemptedMarker {
     /// A marker that marks only if `enabled` (a backend that takes vCPUs off, on a host
     /// whose KVM leaves the flag to us).
+    /// Whether it marks at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     pub fn new(enabled: bool) -> Self {
         PreemptedMarker {
             enabled,
@@ -70,13 +80,18 @@ impl PreemptedMarker {
         }
     }
 
-    /// Whether it would mark (the caller then brings the vCPU to an instruction
-    /// boundary first).
+    /// Whether it would mark now (the caller then brings the vCPU to an instruction
+    /// boundary first): enabled, not marked since the last entry, and not skipping this
+    /// deschedule while backing off a guest without an area.
     pub fn wants_to_mark(&self) -> bool {
-        self.enabled && !self.marked
+        self.enabled && !self.marked && !self.backing_off(self.misses.wrapping_add(1))
     }
 
-    /// The vCPU is about to enter KVM_RUN (which clears the flag at entry).
+    fn backing_off(&self, misses: u32) -> bool {
+        misses > MISS_LIMIT && misses % MISS_STRIDE != 0
+    }
+
+    /// The vCPU is about to call KVM_RUN (whose next entry clears the flag).
     pub fn entering(&mut self) {
         self.marked = false;
     }
@@ -89,11 +104,11 @@ impl PreemptedMarker {
         fd: &VcpuFd,
         mem: &GuestMemoryMmap,
     ) -> Option<Result<bool, StealTimeError>> {
-        if !self.wants_to_mark() {
+        if !self.enabled || self.marked {
             return None;
         }
-        self.misses = self.misses.saturating_add(1);
-        if self.misses > MISS_LIMIT && self.misses % MISS_STRIDE != 0 {
+        self.misses = self.misses.wrapping_add(1);
+        if self.backing_off(self.misses) {
             return None;
         }
         let r = mark_preempted(fd, mem);

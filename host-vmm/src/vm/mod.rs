@@ -137,6 +137,9 @@ pub struct RunReport {
     /// markings that failed.
     pub steal_time_marks: u64,
     pub steal_time_failures: u64,
+    /// Whether the VMM marked descheduled vCPUs preempted at all (a backend that takes
+    /// vCPUs off, on a host whose KVM never sets the flag itself: `vcpu::steal_time`).
+    pub steal_time_marking: bool,
     /// Each vCPU's guest events (empty logs unless `VmConfig::guest_events`).
     pub guest_events: Vec<EventLog>,
 }
@@ -395,6 +398,8 @@ impl RunningVm {
             failed_ipis: shared.failed_ipis.load(Ordering::Relaxed),
             steal_time_marks: shared.steal_time_marks.load(Ordering::Relaxed),
             steal_time_failures: shared.steal_time_failures.load(Ordering::Relaxed),
+            steal_time_marking: shared.backend.takes_vcpus_off()
+                && crate::vcpu::steal_time::kvm_never_marks_preempted(),
             guest_events,
         })
     }
