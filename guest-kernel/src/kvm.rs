@@ -128,6 +128,16 @@ pub fn uses_all(features: u32) -> bool {
     kvm::uses(features)
 }
 
+/// Runs `f` with the features `off` (`KvmUse` bits) not used, then uses them again: for
+/// tests of paths a feature would bypass (a shootdown's IPIs, without PV TLB flush).
+pub fn without<T>(off: u32, f: impl FnOnce() -> T) -> T {
+    let before = kvm::used();
+    kvm::set_used(before & !off);
+    let r = f();
+    kvm::set_used(before);
+    r
+}
+
 /// Whether the kernel uses steal time (KVM offers it and `kvm=` asks for it).
 pub fn steal_time_enabled() -> bool {
     kvm::uses(KvmUse::STEAL)

@@ -161,6 +161,11 @@ pub fn set_used(bits: u32) {
     USED.store(bits, Ordering::Release);
 }
 
+/// What the kernel uses now (its `set_used` bits).
+pub fn used() -> u32 {
+    USED.load(Ordering::Acquire)
+}
+
 /// Whether the kernel uses every bit of `feature`.
 #[inline]
 pub fn uses(feature: u32) -> bool {
