@@ -52,9 +52,11 @@ fn serve_until_stopped(m: &Machine) {
     }
 }
 
-/// CPU 0 changes the entry and shoots it down, with CPU 1 running in the address space all
-/// along (`joiner` false) or joining it meanwhile (`joiner` true).
-fn shootdown_model(joiner: bool, faults: impl Fn(&Shootdowns<Model>)) {
+/// Two CPUs; `loaded` have the address space loaded and the old entry cached.
+fn machine(
+    loaded: &[usize],
+    faults: impl Fn(&Shootdowns<Model>),
+) -> (std::rc::Rc<super::platform::World>, Arc<Machine>) {
     let w = boot(2);
     let m = Arc::new(Machine {
         tlb: Shootdowns::new(2),
@@ -63,12 +65,17 @@ fn shootdown_model(joiner: bool, faults: impl Fn(&Shootdowns<Model>)) {
         stop: AtomicBool::new(false),
     });
     faults(&m.tlb);
-    m.cpus.insert(0);
-    w.tlb[0].store(OLD, SeqCst);
-    if !joiner {
-        m.cpus.insert(1);
-        w.tlb[1].store(OLD, SeqCst);
+    for &c in loaded {
+        m.cpus.insert(c as u32);
+        w.tlb[c].store(OLD, SeqCst);
     }
+    (w, m)
+}
+
+/// CPU 0 changes the entry and shoots it down, with CPU 1 running in the address space all
+/// along (`joiner` false) or joining it meanwhile (`joiner` true).
+fn shootdown_model(joiner: bool, faults: impl Fn(&Shootdowns<Model>)) {
+    let (w, m) = machine(if joiner { &[0] } else { &[0, 1] }, faults);
     let m1 = m.clone();
     let cpu1 = spawn_cpu(1, move || {
         if joiner {
@@ -130,18 +137,7 @@ fn shootdown_without_the_fence_misses_a_joining_cpu() {
 /// changes the entry and shoots it down, possibly leaving CPU 1's flush to KVM. A use after
 /// the shootdown returned must not find the old entry.
 fn pv_flush_model(faults: impl Fn(&Shootdowns<Model>)) {
-    let w = boot(2);
-    let m = Arc::new(Machine {
-        tlb: Shootdowns::new(2),
-        cpus: AtomicCpuSet::new(),
-        pte: AtomicU64::new(OLD),
-        stop: AtomicBool::new(false),
-    });
-    faults(&m.tlb);
-    m.cpus.insert(0);
-    m.cpus.insert(1);
-    w.tlb[0].store(OLD, SeqCst);
-    w.tlb[1].store(OLD, SeqCst);
+    let (_world, m) = machine(&[0, 1], faults);
     let done = Arc::new(AtomicBool::new(false));
     let (m1, done1) = (m.clone(), done.clone());
     let cpu1 = spawn_cpu(1, move || {
