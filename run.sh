@@ -6,8 +6,9 @@
 #                            dumped; then two 4-vCPU VMs on the host's cores, metrics table + trace
 #   ./run.sh test            install what a fresh machine lacks; fmt and clippy (host and guest),
 #                            then every test
-#   ./run.sh bench [boot|guest|sched|all]  boot: pvsync vs QEMU/KVM; guest: latencies 1:1 vs 2x
-#                            overcommit; sched: policies and placements side by side
+#   ./run.sh bench [boot|guest|sched|stockkvm|all]  boot: pvsync vs QEMU/KVM; guest: latencies
+#                            1:1 vs 2x overcommit; sched: policies and placements side by side;
+#                            stockkvm: KVM's own pv features on and off, QEMU/KVM and pvsync
 #   ./run.sh study [ARGS]    the study (pbzip2, cpu-bound, ebizzy, postmark under each policy and
 #                            placement): results/study-*/report.md; ARGS go to `pvsync study`
 #                            (e.g. --quick, --reps 5, rcu)
@@ -24,6 +25,9 @@ cd "$(dirname "$0")"
 
 GUEST=target/guest/x86_64-unknown-none/release/guest-kernel
 VMM=target/release/pvsync
+# QEMU's CPU model for the guest: qemu64 (nested KVM here rejects -cpu host's MSRs) with the
+# x2APIC and KVM's paravirtual features the guest uses (QEMU leaves these four off by default).
+QEMU_CPU=qemu64,+x2apic,kvm-pv-tlb-flush=on,kvm-pv-ipi=on,kvm-pv-sched-yield=on,kvm-pv-unhalt=on
 
 # The guest's target; rustup does not add it to an already-installed toolchain by itself.
 ensure_target() {
@@ -79,7 +83,8 @@ usage: ./run.sh [COMMAND]
   test                         fmt and clippy (host and guest), every test, then every fuzz
                                target for 10 s
   fuzz [SECONDS] [TARGET..]    the fuzz targets (fuzz/, nightly cargo-fuzz), 60 s each
-  bench [boot|guest|sched|all] benchmarks (default boot)
+  bench [boot|guest|sched|stockkvm|all]
+                               benchmarks (default boot)
   study [STUDY ARGS]           the study (docs/study.md): results/study-<time>/report.md;
                                e.g. --quick (a few minutes), --reps 5, or experiments: ipi rcu
   qemu [QEMU ARGS]             boot the guest under stock QEMU/KVM; exits with pvsync's status
@@ -272,8 +277,9 @@ bench)
     boot) cargo bench -p pvsync-tests --bench boot ;;
     guest) cargo bench -p pvsync-tests --bench guest ;;
     sched) cargo bench -p pvsync-tests --bench sched ;;
-    all) for b in boot guest sched; do cargo bench -p pvsync-tests --bench "$b" || exit; done ;;
-    *) echo "unknown benchmark '$what' (known: boot, guest, sched, all)" >&2; exit 2 ;;
+    stockkvm) cargo bench -p pvsync-tests --bench stockkvm ;;
+    all) for b in boot guest sched stockkvm; do cargo bench -p pvsync-tests --bench "$b" || exit; done ;;
+    *) echo "unknown benchmark '$what' (known: boot, guest, sched, stockkvm, all)" >&2; exit 2 ;;
     esac
     ;;
 study)
@@ -288,7 +294,7 @@ qemu)
     ensure_qemu
     shift
     status=0
-    qemu-system-x86_64 -accel kvm -cpu qemu64,+x2apic -machine microvm -nographic -nodefaults \
+    qemu-system-x86_64 -accel kvm -cpu "$QEMU_CPU" -machine microvm -nographic -nodefaults \
         -no-reboot -serial stdio -device isa-debug-exit,iobase=0xf4,iosize=0x04 \
         -smp 4 -m 128 -kernel "$GUEST" -append "test=selftest" "$@" || status=$?
     mapped=$(qemu_status "$status")

@@ -2,6 +2,7 @@
 //! before the good one and checks that the host refuses each with the right status, then
 //! that a second registration is refused. Prints `HOSTILE <case> ...` lines.
 
+use shared_abi::kvm_para::KVM_MSR_ENABLED;
 use shared_abi::{HypercallStatus as S, PageHeader, ABI_VERSION, PAGE_SIZE};
 
 use crate::mm::frame::StaticFrame;
@@ -442,4 +443,38 @@ pub fn claims(cpus: &[u32], duration_ms: u64) -> bool {
     }
     println!("RESULT hostile-claims yields={yields} rcu_waits={rcu_waits} turns={turns}");
     yields > 0 && rcu_waits > 0
+}
+
+/// Guest-physical address past any RAM a test VM has (1 TiB): a steal-time area there.
+const AREA_OUTSIDE_RAM: u64 = 1 << 40;
+
+/// `test=hostile-steal-area`: every CPU points its steal-time area past the end of RAM
+/// (`MSR_KVM_STEAL_TIME`, which KVM accepts) and keeps busy in user mode (`cpu-bound`
+/// with `work`), so that a host that marks descheduled vCPUs preempted in their areas meets
+/// an address it must refuse; then each CPU's real area is restored. Where KVM offers no
+/// steal time there is nothing to test: false.
+pub fn steal_area(cpus: &[u32], work: Option<u64>) -> bool {
+    if !crate::kvm::steal_time_enabled() {
+        println!("hostile-steal-area: no steal time in use here");
+        return false;
+    }
+    on_each_cpu(cpus, |_| {
+        crate::arch::kvm::set_steal_time_msr(AREA_OUTSIDE_RAM | KVM_MSR_ENABLED)
+    });
+    println!("hostile-steal-area: every steal-time area at {AREA_OUTSIDE_RAM:#x}");
+    let ok = crate::workloads::cpu_bound::run(None, work);
+    on_each_cpu(cpus, crate::kvm::enable_this_cpu);
+    println!("RESULT hostile-steal-area area={AREA_OUTSIDE_RAM:#x} workload_ok={ok}");
+    ok
+}
+
+/// Runs `f(cpu)` on each CPU of `cpus` (a task on each, joined).
+fn on_each_cpu(cpus: &[u32], f: fn(u32)) {
+    let tasks: alloc::vec::Vec<_> = cpus
+        .iter()
+        .map(|&cpu| crate::sched::spawn(cpu, "hostile-steal", move || f(cpu)))
+        .collect();
+    tasks.iter().for_each(|t| {
+        crate::sched::join(t);
+    });
 }

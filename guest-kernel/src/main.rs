@@ -18,6 +18,7 @@ mod cmdline;
 mod console;
 mod hostile;
 mod irq;
+mod kvm;
 mod locks;
 mod mm;
 mod panic;
@@ -38,6 +39,7 @@ mod user;
 mod workloads;
 
 use arch::bootmem::BootMemory;
+use pvsync_boot_parse::cmdline::KvmUse;
 use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
 
 /// Installs the hooks through which the lower layers reach the higher ones (fn-pointer
@@ -90,7 +92,14 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     mm::init(boot, boot_memory, cpus.ids().len());
-    tlb::init(nr_vcpus as usize, cmd.tlb_skip, cmd.tlb_noack);
+    tlb::init(
+        nr_vcpus as usize,
+        tlb::Faults {
+            skip_one_target: cmd.tlb_skip,
+            skip_ack_wait: cmd.tlb_noack,
+            defer_without_flag: cmd.tlb_defer_noflag,
+        },
+    );
     rcu::init(nr_vcpus as usize, cmd.rcu_broken, cmd.rcu_early);
     percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
@@ -111,7 +120,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     );
 
     let hostile_ok = cmd.test != "hostile-hypercalls" || hostile::before_registration(nr_vcpus);
-    let status = shared::init(nr_vcpus);
+    let status = shared::init(nr_vcpus, !cmd.pvsync_off);
     if shared::pv_host() {
         // IPIs and idle go through the host's hypercalls (docs/scheduling.md); otherwise
         // the ICR and `sti; hlt`.
@@ -125,6 +134,15 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         }
         HypercallStatus::NoHost => println!("shared: no pvsync host answered; running without it"),
         other => println!("shared: host refused the region ({})", other.name()),
+    }
+    if cmd.pvsync_off {
+        println!("shared: pvsync=off: the region is not registered");
+    }
+    kvm::init(cmd.kvm, nr_vcpus, me, shared::pv_host());
+    if cmd.tlb_defer_noflag && !kvm::uses_all(KvmUse::PVTLB | KvmUse::PVLOCK) {
+        panic::fail(format_args!(
+            "tlb=defer-noflag needs KVM's pvtlb and pvlock in use, and this host does not offer them"
+        ));
     }
     shared::set_mode(VcpuMode::Kernel);
     selftest::per_cpu_checks(me);
@@ -158,12 +176,14 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
         "hostile-page" => hostile::flood(cpus.ids(), cmd.duration_ms),
         "hostile-hold" => hostile::hold(cpus.ids(), cmd.duration_ms),
         "hostile-claims" => hostile::claims(cpus.ids(), cmd.duration_ms),
+        "hostile-steal-area" => hostile::steal_area(cpus.ids(), cmd.work),
         "console-flood" => hostile::console_flood(cmd.duration_ms),
         "locktorture" => torture::lock::run(cmd.lock, threads, cmd.duration_ms),
         "rcutorture" => torture::rcu::run(threads, cmd.duration_ms),
         "rcuflood" => torture::rcu::flood(1000),
         "rcu-model" => selftest::rcu_model(),
         "pvwait" => pvwait::run(),
+        "kvm-hypercall" => kvm::probe_hypercall(me),
         "bench" => bench::run(),
         "tlbtorture" => torture::tlb::run(threads.div_ceil(2), 2, cmd.duration_ms),
         "ebizzy" => workloads::ebizzy::run(cmd.threads, cmd.work, cmd.seed),
@@ -193,6 +213,7 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
             false
         }
     };
+    kvm::report(cpus.ids());
     println!("{}", if ok { "SUCCESS" } else { "FAILURE" });
     arch::exit(if ok {
         ExitCode::Success

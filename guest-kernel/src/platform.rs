@@ -3,11 +3,12 @@
 //! must reach higher up (waking RCU's threads, serving TLB requests in a busy wait) are
 //! hooks that the `rcu` and `tlb` modules install.
 
-use pvsync_guest::{CpuSync, FlushRange, Ipi, Platform, Wake};
+use pvsync_boot_parse::cmdline::KvmUse;
+use pvsync_guest::{CpuSet, CpuSync, FlushRange, Ipi, Platform, Wake};
 use spin::Once;
 use x86_64::instructions::interrupts;
 
-use crate::arch::{self, apic, tsc, vectors};
+use crate::arch::{self, apic, kvm, tsc, vectors};
 use crate::percpu;
 
 /// Ranges longer than this are flushed whole (CR3 reload) rather than page by page.
@@ -94,8 +95,54 @@ unsafe impl Platform for Kernel {
         let vector = match ipi {
             Ipi::Reschedule => vectors::RESCHEDULE,
             Ipi::TlbShootdown => vectors::TLB_SHOOTDOWN,
+            // KVM's kick wakes a halted vCPU without an interrupt (`kvm=kick`).
+            Ipi::Kick if kvm::uses(KvmUse::KICK) => {
+                // A kick KVM refused is sent as an interrupt after all.
+                if kvm::kick(cpu) == 0 {
+                    return;
+                }
+                vectors::RESCHEDULE
+            }
+            Ipi::Kick => vectors::RESCHEDULE,
         };
         apic::send_ipi(cpu, vector);
+    }
+
+    fn send_ipi_many(cpus: &CpuSet, ipi: Ipi) {
+        match ipi {
+            // One hypercall per 128 CPUs (`kvm=sendipi`); the APIC id is the CPU id.
+            Ipi::TlbShootdown if kvm::uses(KvmUse::SENDIPI) => {
+                kvm::send_ipi_many(cpus.iter(), vectors::TLB_SHOOTDOWN, |c| {
+                    apic::send_ipi(c, vectors::TLB_SHOOTDOWN)
+                })
+            }
+            _ => cpus.iter().for_each(|c| Self::send_ipi(c, ipi)),
+        }
+    }
+
+    #[inline]
+    fn vcpu_is_preempted(cpu: u32) -> bool {
+        kvm::uses(KvmUse::PVLOCK) && kvm::preempted(cpu)
+    }
+
+    fn flush_tlb_on_resume(cpu: u32) -> bool {
+        kvm::uses(KvmUse::PVTLB) && kvm::request_flush(cpu)
+    }
+
+    /// KVM answers 0 whether or not it yielded (it does only to a target whose thread is
+    /// runnable: not to one parked by our slot scheduler), so true means "asked".
+    fn yield_to_preempted(cpu: u32) -> bool {
+        if !kvm::uses(KvmUse::YIELD) {
+            return false;
+        }
+        kvm::hypercall(
+            shared_abi::kvm_para::KvmHypercall::SchedYield,
+            cpu as u64,
+            0,
+            0,
+            0,
+        );
+        true
     }
 
     #[inline]

@@ -11,16 +11,23 @@ use crate::platform::Kernel;
 
 pub use pvsync_guest::region::{host_accepted, info, pv_host, rcu_header};
 
-/// Allocates and fills the region for `nr_vcpus` CPUs and registers it with the host.
-/// Without a pvsync host the status says so and the region is still used (unread).
-/// The calling CPU publishes into its record from now on.
-pub fn init(nr_vcpus: u32) -> HypercallStatus {
+/// Allocates and fills the region for `nr_vcpus` CPUs and registers it with the host
+/// (unless `tell_host` is false: `pvsync=off`, a run as on a stock host). Without a pvsync
+/// host the status says so and the region is still used (unread). The calling CPU
+/// publishes into its record from now on.
+pub fn init(nr_vcpus: u32, tell_host: bool) -> HypercallStatus {
     let size = region::size(nr_vcpus);
     let base =
         crate::mm::frame::alloc_contiguous_or_panic((size / PAGE_SIZE) as u64, "the shared region");
     // SAFETY: freshly allocated, identity-mapped frames (so the guest-physical address is
     // the pointer) that nothing else uses, for good.
-    unsafe { region::init::<Kernel>(base as *mut u8, base, nr_vcpus) }
+    unsafe {
+        if tell_host {
+            region::init::<Kernel>(base as *mut u8, base, nr_vcpus)
+        } else {
+            region::init_unregistered::<Kernel>(base as *mut u8, base, nr_vcpus)
+        }
+    }
 }
 
 /// Makes the calling CPU publish into its record of the region (a no-op before the region

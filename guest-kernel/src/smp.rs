@@ -86,6 +86,7 @@ fn ap_main(cpuid_apic_id: u32) -> ! {
     // Per-CPU data first (every lock uses it), publishing into the region at once.
     crate::percpu::init_this_cpu(cpuid_apic_id);
     crate::shared::attach_this_cpu();
+    crate::kvm::enable_this_cpu(cpuid_apic_id);
     crate::percpu::set_tss(arch::gdt::init_this_cpu().tss_ptr);
     arch::idt::load();
     apic::enable_x2apic();

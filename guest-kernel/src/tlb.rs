@@ -13,14 +13,32 @@ use crate::platform::{self, Kernel};
 
 static TLB: Once<Shootdowns<Kernel>> = Once::new();
 
-/// Sets the protocol up for CPUs `0..nr_cpus` and installs its IPI handler. Negative
-/// controls: `skip_one_target` leaves one target out of every shootdown, `skip_ack_wait`
-/// returns without waiting for the acknowledgements.
-pub fn init(nr_cpus: usize, skip_one_target: bool, skip_ack_wait: bool) {
+/// The negative controls a run may switch on.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Leave one target out of every shootdown (`tlb=skip`).
+    pub skip_one_target: bool,
+    /// Return without waiting for the acknowledgements (`tlb=noack`).
+    pub skip_ack_wait: bool,
+    /// Skip a target KVM reports preempted without asking KVM to flush it
+    /// (`tlb=defer-noflag`).
+    pub defer_without_flag: bool,
+}
+
+/// Sets the protocol up for CPUs `0..nr_cpus` with the negative controls `faults`, and
+/// installs its IPI handler.
+pub fn init(nr_cpus: usize, faults: Faults) {
     use core::sync::atomic::Ordering::Relaxed;
     let tlb = TLB.call_once(|| Shootdowns::new(nr_cpus));
-    tlb.faults.skip_one_target.store(skip_one_target, Relaxed);
-    tlb.faults.skip_ack_wait.store(skip_ack_wait, Relaxed);
+    tlb.faults
+        .skip_one_target
+        .store(faults.skip_one_target, Relaxed);
+    tlb.faults
+        .skip_ack_wait
+        .store(faults.skip_ack_wait, Relaxed);
+    tlb.faults
+        .defer_without_flag
+        .store(faults.defer_without_flag, Relaxed);
     idt::register(vectors::TLB_SHOOTDOWN, ipi);
     platform::set_serve_waiters(serve_requests);
 }
@@ -38,6 +56,17 @@ pub fn stats() -> (u64, u64) {
 /// `target` counted them; `target == sender`: the sender's local flushes).
 pub fn served(target: u32, sender: u32) -> u64 {
     TLB.get().map_or(0, |t| t.served(target, sender))
+}
+
+/// Requests of CPU `sender` whose flush on CPU `target` was left to the host (KVM's PV TLB
+/// flush: `target` was preempted, and KVM flushes it before it runs again).
+pub fn deferred(target: u32, sender: u32) -> u64 {
+    TLB.get().map_or(0, |t| t.deferred(target, sender))
+}
+
+/// Flushes left to the host so far (all senders and targets).
+pub fn deferred_total() -> u64 {
+    TLB.get().map_or(0, |t| t.deferred_total())
 }
 
 /// CR3 loads CPU `cpu` has made so far (each drops every non-global translation).

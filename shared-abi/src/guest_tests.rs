@@ -28,12 +28,16 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
         "records that pass validation but lie (every vCPU a reader and a holder in a ring, a frozen grace period, full IPI-wait masks, one record mid-update) and YieldTo just before each turn ends, for duration=MS",
     ),
     (
+        "hostile-steal-area",
+        "every CPU's KVM steal-time area pointed past the end of RAM while it runs cpu-bound work=N (the host must refuse to mark it)",
+    ),
+    (
         "console-flood",
         "prints lines as fast as the serial port takes them for duration=MS",
     ),
     (
         "locktorture",
-        "spinlock torture (lock=ticket|mcs; controls lock=broken|mcs-nokick must fail)",
+        "spinlock torture (lock=ticket|kernel|mcs; controls lock=broken|mcs-nokick must fail)",
     ),
     (
         "rcutorture",
@@ -48,6 +52,10 @@ pub const GUEST_TESTS: &[(&str, &str)] = &[
     (
         "tlbtorture",
         "TLB shootdown torture (controls tlb=skip|noack must fail)",
+    ),
+    (
+        "kvm-hypercall",
+        "one KVM_HC_SCHED_YIELD naming this vCPU: whether KVM's hypercalls return on this host (on some nested hosts `vmcall` never does)",
     ),
     (
         "pvwait",

@@ -22,6 +22,7 @@
 mod events;
 mod guest_tests;
 mod hypercall;
+pub mod kvm_para;
 mod page;
 
 pub use events::*;

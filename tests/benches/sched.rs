@@ -15,6 +15,9 @@
 //! 3. Boost decision latency: each policy's `on_spin` and `on_tick` on a 64-vCPU VM, in
 //!    process.
 //!
+//! The guests run with `kvm=none`: this benchmark measures pvsync's own mechanisms and
+//! policies; what KVM's own paravirtual features add is `./run.sh bench stockkvm`'s.
+//!
 //! BENCH_REPS (default 3) runs each configuration; tables show medians. BENCH_PARTS (a comma
 //! list of floors, decisions, costs, problems, stacking) runs only some parts. Configurations are
 //! interleaved so that drift on a shared machine hits all alike.
@@ -122,7 +125,7 @@ fn costs(reps: usize, fl: &floors::Floors) {
     let mut cells = vec![vec![Vec::new(); GUEST.len() + HOST.len()]; configs.len()];
     for _ in 0..reps {
         for (c, (_, args)) in configs.iter().enumerate() {
-            let mut a = vec!["--vcpus", "4", "--cmdline", "test=bench"];
+            let mut a = vec!["--vcpus", "4", "--cmdline", "test=bench kvm=none"];
             a.extend_from_slice(args);
             let (out, m) = run(&a);
             let khz = num(&out, "RESULT bench", "tsc_khz");
@@ -219,13 +222,13 @@ impl Problems {
     /// One run of each problem with `base` arguments, into set-up `s`, policy `i`.
     fn measure(&mut self, s: usize, i: usize, base: &[&str]) {
         let mut a = base.to_vec();
-        a.extend(["--cmdline", "test=tlbtorture duration=2000"]);
+        a.extend(["--cmdline", "test=tlbtorture duration=2000 kvm=none"]);
         let (out, _) = run(&a);
         let r = "RESULT tlbtorture";
         self.remaps[s][i].push(num(&out, r, "remaps") / 2.0);
         self.yields[s][i].push(num(&out, r, "yields") / num(&out, r, "shootdowns").max(1.0));
         let mut a = base.to_vec();
-        a.extend(["--cmdline", "test=rcutorture duration=2000"]);
+        a.extend(["--cmdline", "test=rcutorture duration=2000 kvm=none"]);
         let (out, _) = run(&a);
         self.gp_avg[s][i].push(num(&out, "RESULT rcutorture", "gp_avg_us") / 1000.0);
         self.gp_max[s][i].push(num(&out, "RESULT rcutorture", "gp_max_us") / 1000.0);
@@ -320,17 +323,17 @@ fn stacking(reps: usize) {
         (
             "2 VMs x 4 vCPUs, 4 slots",
             "4",
-            "vcpus=4,cmdline=test=locktorture lock=mcs duration=2000",
+            "vcpus=4,cmdline=test=locktorture lock=mcs duration=2000 kvm=none",
         ),
         (
             "2 VMs x 2 vCPUs, 2 slots",
             "2",
-            "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000",
+            "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000 kvm=none",
         ),
         (
             "2 VMs x 2 vCPUs, Linux backend",
             "linux",
-            "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000",
+            "vcpus=2,cmdline=test=locktorture lock=mcs duration=2000 kvm=none",
         ),
     ];
     let mut stack = vec![vec![Vec::new(); 2]; setups.len()];

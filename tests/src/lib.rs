@@ -276,34 +276,32 @@ pub enum QemuMachine {
     Pc,
 }
 
-/// A stock QEMU/KVM command for the test guest. The CPU model is `qemu64,+x2apic`: nested
-/// KVM here rejects `-cpu host`'s MSR set.
+/// The CPU model the guest runs on under QEMU: `qemu64` (nested KVM here rejects `-cpu
+/// host`'s MSR set) with the x2APIC and every KVM paravirtual feature the guest can use
+/// (QEMU leaves PV TLB flush, PV send-IPI, PV sched-yield and PV unhalt off by default).
+pub const QEMU_CPU: &str =
+    "qemu64,+x2apic,kvm-pv-tlb-flush=on,kvm-pv-ipi=on,kvm-pv-sched-yield=on,kvm-pv-unhalt=on";
+
+/// A stock QEMU/KVM command for the test guest, on [`QEMU_CPU`].
 pub fn qemu_command(machine: QemuMachine, smp: u32, mem_mib: u32, cmdline: &str) -> Command {
     let machine = match machine {
         QemuMachine::Microvm => "microvm",
         QemuMachine::Pc => "pc",
     };
     let mut c = Command::new(qemu_bin());
-    c.args([
-        "-accel",
-        "kvm",
-        "-cpu",
-        "qemu64,+x2apic",
-        "-machine",
-        machine,
-    ])
-    .args([
-        "-nographic",
-        "-nodefaults",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-    .args(["-smp", &smp.to_string(), "-m", &mem_mib.to_string()])
-    .arg("-kernel")
-    .arg(guest_kernel())
-    .args(["-append", cmdline]);
+    c.args(["-accel", "kvm", "-cpu", QEMU_CPU, "-machine", machine])
+        .args([
+            "-nographic",
+            "-nodefaults",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+        ])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(["-smp", &smp.to_string(), "-m", &mem_mib.to_string()])
+        .arg("-kernel")
+        .arg(guest_kernel())
+        .args(["-append", cmdline]);
     c
 }
 
@@ -363,6 +361,22 @@ pub fn on_cpus(n: usize) -> Command {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", &list.join(",")]);
     cmd
+}
+
+/// `cmd` run on at most `n` of this process's CPUs ([`on_cpus`]).
+pub fn pinned(cmd: &Command, n: usize) -> Command {
+    let mut c = on_cpus(n);
+    c.arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        c.current_dir(dir);
+    }
+    c
 }
 
 /// Whether this process may run a thread real-time at priority 2 (the boost timer's); if

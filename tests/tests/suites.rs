@@ -204,6 +204,7 @@ pvsync_tests::host_tests! {
     both {
         locktorture_ticket => |h| locktorture(h, "ticket");
         locktorture_mcs => |h| locktorture(h, "mcs");
+        locktorture_kernel_flavour => |h| locktorture(h, "kernel");
         locktorture_broken_lock_is_caught => locktorture_broken;
         rcutorture_passes => rcutorture;
         rcutorture_early_synchronize_is_caught => rcutorture_broken;

@@ -7,12 +7,20 @@
 //! - `work=N`: how much a workload does (blocks, records, transactions, rounds: each
 //!   workload says; 1..=10^9), so that runs under different schedules do the same work.
 //! - `seed=N`: a workload's random seed (default 1).
-//! - `lock=ticket|mcs|mcs-nokick|broken`: locktorture's lock (`broken` and `mcs-nokick`, whose
-//!   releasers never kick a halted waiter, are negative controls).
+//! - `lock=ticket|kernel|mcs|mcs-nokick|broken`: locktorture's lock (`kernel`: the ticket
+//!   lock taken test-and-set style, as the kernel's own locks are; `broken` and
+//!   `mcs-nokick`, whose releasers never kick a halted waiter, are negative controls).
 //! - Negative controls: `rcu=broken` (synchronize_rcu returns at once), `rcu=early` (grace
 //!   periods end slightly early), `tlb=skip` (shootdowns leave one target out), `tlb=noack`
 //!   (shootdowns do not wait for acknowledgements), `model=skip-delete` (postmark's model
-//!   misses one delete, so its self-check must fail).
+//!   misses one delete, so its self-check must fail), `tlb=defer-noflag` (a shootdown skips
+//!   a target KVM reports preempted without asking KVM to flush it).
+//! - `kvm=LIST`: which of KVM's own paravirtual features the kernel uses where the host
+//!   offers them: a comma-separated list of [`KvmUse::NAMES`], or `none`. Default
+//!   `steal,pvtlb,pvlock`; the hypercall features (`yield`, `kick`, `sendipi`) only when
+//!   named (a `vmcall` does not return on some nested hosts). `pvtlb` and `pvlock` read the
+//!   steal-time area, so they need `steal`.
+//! - `pvsync=off`: do not register the shared region (run as on a stock host).
 //!
 //! Every word must be understood: an unknown key, an unknown value, a number that does not
 //! parse or is out of range is an error, never ignored.
@@ -31,7 +39,7 @@ pub const MAX_WORK: u64 = 1_000_000_000;
 /// Default `seed=`.
 pub const DEFAULT_SEED: u64 = 1;
 /// locktorture's locks.
-pub const LOCKS: [&str; 4] = ["ticket", "mcs", "mcs-nokick", "broken"];
+pub const LOCKS: [&str; 5] = ["ticket", "kernel", "mcs", "mcs-nokick", "broken"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cmdline<'a> {
@@ -55,6 +63,82 @@ pub struct Cmdline<'a> {
     pub seed: u64,
     /// `model=skip-delete`: postmark's model misses one delete (negative control).
     pub model_skip_delete: bool,
+    /// `tlb=defer-noflag`: skip a preempted target without the flush flag (negative
+    /// control).
+    pub tlb_defer_noflag: bool,
+    /// `kvm=`: KVM features to use where offered.
+    pub kvm: KvmUse,
+    /// `pvsync=off`: leave the shared region unregistered.
+    pub pvsync_off: bool,
+}
+
+/// KVM paravirtual features the kernel may use (`kvm=`), as bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmUse(u32);
+
+impl KvmUse {
+    /// Register a steal-time area per CPU and report steal time.
+    pub const STEAL: u32 = 1 << 0;
+    /// Shootdowns skip a preempted target and have KVM flush it at its next entry.
+    pub const PVTLB: u32 = 1 << 1;
+    /// Lock slow paths stop spinning on a holder KVM reports preempted.
+    pub const PVLOCK: u32 = 1 << 2;
+    /// `KVM_HC_SCHED_YIELD` to a preempted vCPU a waiter depends on.
+    pub const YIELD: u32 = 1 << 3;
+    /// `KVM_HC_KICK_CPU` wakes a halted lock waiter.
+    pub const KICK: u32 = 1 << 4;
+    /// `KVM_HC_SEND_IPI` sends a shootdown's IPIs in one hypercall.
+    pub const SENDIPI: u32 = 1 << 5;
+    /// What `kvm=` is without the word.
+    pub const DEFAULT: KvmUse = KvmUse(Self::STEAL | Self::PVTLB | Self::PVLOCK);
+    /// Nothing.
+    pub const NONE: KvmUse = KvmUse(0);
+    /// The names `kvm=` takes, with their bits.
+    pub const NAMES: [(&'static str, u32); 6] = [
+        ("steal", Self::STEAL),
+        ("pvtlb", Self::PVTLB),
+        ("pvlock", Self::PVLOCK),
+        ("yield", Self::YIELD),
+        ("kick", Self::KICK),
+        ("sendipi", Self::SENDIPI),
+    ];
+
+    /// Whether every bit of `feature` is asked for.
+    pub const fn has(self, feature: u32) -> bool {
+        self.0 & feature == feature
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Only the features in `keep`.
+    pub const fn intersect(self, keep: u32) -> KvmUse {
+        KvmUse(self.0 & keep)
+    }
+
+    /// The features of `kvm=v`, or what was expected instead.
+    fn parse(v: &str) -> Result<KvmUse, &'static str> {
+        if v == "none" {
+            return Ok(KvmUse::NONE);
+        }
+        let mut bits = 0;
+        for name in v.split(',') {
+            match Self::NAMES.iter().find(|(n, _)| *n == name) {
+                Some((_, b)) => bits |= b,
+                None => {
+                    return Err(
+                        "kvm=none or a comma-separated list of steal, pvtlb, pvlock, yield, kick, sendipi",
+                    )
+                }
+            }
+        }
+        if bits & (Self::PVTLB | Self::PVLOCK) != 0 && bits & Self::STEAL == 0 {
+            return Err("pvtlb and pvlock with steal (they read the steal-time area)");
+        }
+        Ok(KvmUse(bits))
+    }
 }
 
 impl Default for Cmdline<'_> {
@@ -72,6 +156,9 @@ impl Default for Cmdline<'_> {
             work: None,
             seed: DEFAULT_SEED,
             model_skip_delete: false,
+            tlb_defer_noflag: false,
+            kvm: KvmUse::DEFAULT,
+            pvsync_off: false,
         }
     }
 }
@@ -145,6 +232,8 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
                 | "work"
                 | "seed"
                 | "model"
+                | "kvm"
+                | "pvsync"
         );
         if !known {
             return Err(CmdlineError::UnknownWord(word));
@@ -163,25 +252,40 @@ pub fn parse(s: &str, max_cpus: usize) -> Result<Cmdline<'_>, CmdlineError<'_>> 
             "lock" => {
                 return Err(CmdlineError::UnknownValue {
                     word,
-                    expected: "ticket, mcs, mcs-nokick or broken",
+                    expected: "ticket, kernel, mcs, mcs-nokick or broken",
                 })
             }
             "rcu" if v == "broken" => c.rcu_broken = true,
             "rcu" if v == "early" => c.rcu_early = true,
             "tlb" if v == "skip" => c.tlb_skip = true,
             "tlb" if v == "noack" => c.tlb_noack = true,
+            "tlb" if v == "defer-noflag" => c.tlb_defer_noflag = true,
             "model" if v == "skip-delete" => c.model_skip_delete = true,
+            "kvm" => {
+                c.kvm = KvmUse::parse(v)
+                    .map_err(|expected| CmdlineError::UnknownValue { word, expected })?
+            }
+            "pvsync" if v == "off" => c.pvsync_off = true,
             _ => {
                 return Err(CmdlineError::UnknownValue {
                     word,
                     expected: match key {
                         "rcu" => "rcu=broken or rcu=early",
-                        "tlb" => "tlb=skip or tlb=noack",
+                        "tlb" => "tlb=skip, tlb=noack or tlb=defer-noflag",
+                        "pvsync" => "pvsync=off",
                         _ => "model=skip-delete",
                     },
                 })
             }
         }
+    }
+    // The negative control reads KVM's flag through pvlock's hook and must skip a target
+    // only where pvtlb would have asked KVM to flush it.
+    if c.tlb_defer_noflag && !c.kvm.has(KvmUse::PVTLB | KvmUse::PVLOCK) {
+        return Err(CmdlineError::UnknownValue {
+            word: "tlb=defer-noflag",
+            expected: "tlb=defer-noflag with kvm= including pvtlb and pvlock",
+        });
     }
     Ok(c)
 }
@@ -218,8 +322,39 @@ mod tests {
                 work: None,
                 seed: DEFAULT_SEED,
                 model_skip_delete: false,
+                tlb_defer_noflag: false,
+                kvm: KvmUse::DEFAULT,
+                pvsync_off: false,
             }
         );
+    }
+
+    #[test]
+    fn kvm_features_are_a_checked_list() {
+        let c = parse("kvm=steal,pvtlb,yield pvsync=off", 64).unwrap();
+        assert!(c.kvm.has(KvmUse::STEAL | KvmUse::PVTLB | KvmUse::YIELD));
+        assert!(!c.kvm.has(KvmUse::PVLOCK) && !c.kvm.has(KvmUse::KICK));
+        assert!(c.pvsync_off && !c.tlb_defer_noflag);
+        let c = parse("tlb=defer-noflag", 64).unwrap();
+        assert!(c.tlb_defer_noflag, "with the default kvm=");
+        assert_eq!(parse("kvm=none", 64).unwrap().kvm, KvmUse::NONE);
+        assert_eq!(parse("", 64).unwrap().kvm, KvmUse::DEFAULT);
+        assert!(
+            !KvmUse::DEFAULT.has(KvmUse::YIELD),
+            "hypercalls only when named"
+        );
+        for bad in [
+            "kvm=steal,,pvtlb",
+            "kvm=turbo",
+            "kvm=pvtlb",
+            "kvm=pvlock,yield",
+            "pvsync=on",
+        ] {
+            assert!(
+                matches!(parse(bad, 64), Err(CmdlineError::UnknownValue { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

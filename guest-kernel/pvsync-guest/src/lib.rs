@@ -16,7 +16,11 @@
 //!
 //! The crate reaches the machine only through [`Platform`], which the kernel implements.
 //! Without a pvsync host every primitive still works: the region is not read, and no
-//! hypercall is made.
+//! pvsync hypercall is made. What a stock KVM host offers comes in through optional
+//! [`Platform`] functions (their defaults do nothing): whether a CPU is preempted
+//! (`vcpu_is_preempted`, KVM's steal-time flag), a flush left to the host for a preempted
+//! shootdown target (`flush_tlb_on_resume`, KVM's PV TLB flush), a yield to a preempted CPU
+//! and multi-target IPIs.
 //!
 //! # Example
 //!

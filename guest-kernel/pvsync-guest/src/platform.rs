@@ -6,6 +6,7 @@
 //! keeps a lock's fast path free of indirect calls.
 
 use crate::cpu::CpuSync;
+use crate::cpuset::CpuSet;
 
 /// Interrupts the crate sends between CPUs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -15,6 +16,9 @@ pub enum Ipi {
     Reschedule,
     /// Asks the target to call [`Shootdowns::serve`](crate::tlb::Shootdowns::serve).
     TlbShootdown,
+    /// Wakes a CPU halted in a queued lock's slow path; no handler has to run, so a
+    /// platform may use a cheaper wake-up than an interrupt (KVM's kick).
+    Kick,
 }
 
 /// Sleepers the RCU core wakes (kernel threads and waiters the kernel schedules).
@@ -81,6 +85,34 @@ pub unsafe trait Platform: 'static {
 
     /// Sends `ipi` to CPU `cpu`.
     fn send_ipi(cpu: u32, ipi: Ipi);
+
+    /// Sends `ipi` to every CPU of `cpus` (in one hypercall where the host has one).
+    fn send_ipi_many(cpus: &CpuSet, ipi: Ipi) {
+        cpus.iter().for_each(|c| Self::send_ipi(c, ipi));
+    }
+
+    /// Whether the host reports CPU `cpu` preempted (off its physical CPU while runnable)
+    /// through a channel of the platform's own, such as KVM's steal-time area; false when
+    /// it cannot tell. Advisory: the crate only uses it to stop spinning on, or to yield
+    /// to, a CPU that will not make progress soon.
+    fn vcpu_is_preempted(_cpu: u32) -> bool {
+        false
+    }
+
+    /// Asks the host to flush CPU `cpu`'s TLB before `cpu` next runs, if `cpu` is preempted
+    /// now (KVM's PV TLB flush). True only if the request is certain to be honoured before
+    /// `cpu` runs guest code again: the shootdown then sends it no IPI and does not wait for
+    /// it. Never true for a CPU that may be running.
+    fn flush_tlb_on_resume(_cpu: u32) -> bool {
+        false
+    }
+
+    /// Where no pvsync host answers: offers this CPU's time to CPU `cpu`, which the host
+    /// reports preempted, by the platform's own means (KVM's PV sched yield). False if the
+    /// platform has none.
+    fn yield_to_preempted(_cpu: u32) -> bool {
+        false
+    }
 
     /// A monotonic clock, in ticks of the platform's choice.
     fn now() -> u64;

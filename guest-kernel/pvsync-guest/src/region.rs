@@ -69,6 +69,32 @@ pub const fn size(nr_vcpus: u32) -> usize {
 /// `base` must point at [`size`]`(nr_vcpus)` bytes, 4 KiB aligned, used by nothing else
 /// for the rest of the kernel's life, at guest-physical address `guest_phys` (below 4 GiB).
 pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -> HypercallStatus {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { set_up::<P>(base, guest_phys, nr_vcpus, true) }
+}
+
+/// As [`init`], but the host is never told: the kernel runs as on a stock host (status
+/// `NoHost`), for comparisons.
+///
+/// # Safety
+/// As for [`init`].
+pub unsafe fn init_unregistered<P: Platform>(
+    base: *mut u8,
+    guest_phys: u64,
+    nr_vcpus: u32,
+) -> HypercallStatus {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { set_up::<P>(base, guest_phys, nr_vcpus, false) }
+}
+
+/// # Safety
+/// As for [`init`].
+unsafe fn set_up<P: Platform>(
+    base: *mut u8,
+    guest_phys: u64,
+    nr_vcpus: u32,
+    tell_host: bool,
+) -> HypercallStatus {
     if let Some(r) = REGION.get() {
         return r.status;
     }
@@ -85,7 +111,11 @@ pub unsafe fn init<P: Platform>(base: *mut u8, guest_phys: u64, nr_vcpus: u32) -
             write_volatile(addr_of_mut!((*rec).spin_holder), NO_VCPU);
         }
     }
-    let status = register::<P>(guest_phys);
+    let status = if tell_host {
+        register::<P>(guest_phys)
+    } else {
+        HypercallStatus::NoHost
+    };
     PV_HOST.store(status == HypercallStatus::Ok, Ordering::Release);
     // SAFETY: the header lies in the region the caller handed over; volatile because the
     // host writes host_flags (before the status `in` returned).

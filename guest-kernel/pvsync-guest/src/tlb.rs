@@ -8,6 +8,11 @@
 //! other down at once cannot deadlock), and past a spin threshold makes a yield hypercall
 //! naming a CPU that still owes an acknowledgement.
 //!
+//! A target the platform can have flushed by the host before it runs again (KVM's PV TLB
+//! flush: [`Platform::flush_tlb_on_resume`], which succeeds only for a preempted target)
+//! gets no IPI and is not waited for: its flush is deferred to the host, and counted
+//! ([`Shootdowns::deferred`]) as evidence in place of its own.
+//!
 //! A CPU joining the address space adds itself to the set (a sequentially consistent
 //! read-modify-write) before its first page walk; the sender changes the page table, then a
 //! full fence, then reads the set: either the sender sees the newcomer, or the newcomer's
@@ -56,6 +61,9 @@ pub struct TlbFaults {
     pub skip_one_target: AtomicBool,
     /// Return without waiting for the targets' acknowledgements.
     pub skip_ack_wait: AtomicBool,
+    /// Skip a target the platform reports preempted without asking the host to flush it
+    /// (the CVE-2019-3016 class: that target may keep a stale translation).
+    pub defer_without_flag: AtomicBool,
     /// Read the CPU set without the full fence after the page-table change (models only).
     #[cfg(test)]
     pub(crate) skip_fence: AtomicBool,
@@ -76,6 +84,10 @@ pub struct Shootdowns<P> {
     served: Box<[StatU64]>,
     /// Whole-TLB flushes each CPU reported ([`Shootdowns::note_full_flush`]: CR3 loads).
     full_flushes: Box<[StatU64]>,
+    /// `deferred[t * nr_cpus + s]`: requests of sender `s` whose flush on `t` the host
+    /// took on ([`Platform::flush_tlb_on_resume`] returned true), counted by `s`.
+    deferred: Box<[StatU64]>,
+    deferred_total: StatU64,
     shootdowns: StatU64,
     yields: StatU64,
     /// Negative controls.
@@ -98,6 +110,8 @@ impl<P: Platform> Shootdowns<P> {
             flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
             served: (0..nr_cpus * nr_cpus).map(|_| StatU64::new(0)).collect(),
             full_flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
+            deferred: (0..nr_cpus * nr_cpus).map(|_| StatU64::new(0)).collect(),
+            deferred_total: StatU64::new(0),
             shootdowns: StatU64::new(0),
             yields: StatU64::new(0),
             faults: TlbFaults::default(),
@@ -129,6 +143,21 @@ impl<P: Platform> Shootdowns<P> {
             (t, s) if t < n && s < n => self.served[t * n + s].load(SeqCst),
             _ => 0,
         }
+    }
+
+    /// Requests of CPU `sender` whose flush on CPU `target` was deferred to the host
+    /// (`target` was preempted and the host took the request).
+    pub fn deferred(&self, target: u32, sender: u32) -> u64 {
+        let n = self.flushes.len();
+        match (target as usize, sender as usize) {
+            (t, s) if t < n && s < n => self.deferred[t * n + s].load(SeqCst),
+            _ => 0,
+        }
+    }
+
+    /// Target flushes deferred to the host so far (all senders).
+    pub fn deferred_total(&self) -> u64 {
+        self.deferred_total.load(Relaxed)
     }
 
     /// Whole-TLB flushes CPU `cpu` reported with [`Shootdowns::note_full_flush`].
@@ -249,7 +278,39 @@ impl<P: Platform> Shootdowns<P> {
         reached.union(&targets)
     }
 
+    /// Leaves out of `targets` those whose flush the host takes on (preempted now; KVM
+    /// flushes them before they run again), and counts them.
+    fn defer_to_host(&self, me: u32, targets: &mut CpuSet) {
+        let n = self.flushes.len();
+        let without_flag = self.faults.defer_without_flag.load(Relaxed);
+        let asked = *targets;
+        for t in asked.iter() {
+            let deferred = if without_flag {
+                // The negative control: skipped, nothing asked of the host, nothing counted.
+                P::vcpu_is_preempted(t)
+            } else if P::flush_tlb_on_resume(t) {
+                // Counted before anything else can see the new page table's effect.
+                if let Some(d) = self.deferred.get(t as usize * n + me as usize) {
+                    d.fetch_add(1, SeqCst);
+                }
+                self.deferred_total.fetch_add(1, Relaxed);
+                true
+            } else {
+                false
+            };
+            if deferred {
+                targets.remove(t);
+            }
+        }
+    }
+
     fn send_and_wait(&self, me: u32, targets: &CpuSet, range: FlushRange) {
+        let mut targets = *targets;
+        self.defer_to_host(me, &mut targets);
+        if targets.is_empty() {
+            return;
+        }
+        let targets = &targets;
         let r = &self.requests[me as usize];
         let cpu = P::cpu();
         // Published before any target can see the request, so each acknowledgement shrinks
@@ -268,8 +329,8 @@ impl<P: Platform> Shootdowns<P> {
         self.shootdowns.fetch_add(1, Relaxed);
         for t in targets.iter() {
             self.inbox[t as usize].insert(me);
-            P::send_ipi(t, Ipi::TlbShootdown);
         }
+        P::send_ipi_many(targets, Ipi::TlbShootdown);
         if self.faults.skip_ack_wait.load(Relaxed) {
             events::emit::<P>(EventKind::IpiWaitEnd, 0, 0);
             return;
@@ -281,9 +342,16 @@ impl<P: Platform> Shootdowns<P> {
                 break;
             };
             self.serve();
-            if pacer.due() && crate::region::pv_host() {
-                self.yields.fetch_add(1, Relaxed);
-                crate::hypercall::yield_to::<P>(laggard);
+            if pacer.due() {
+                // Offer the CPU to the laggard: through the pvsync host, or else through the
+                // platform's own yield if it reports the laggard preempted (as Linux's
+                // kvm_smp_send_call_func_ipi does with KVM's PV sched yield).
+                if crate::region::pv_host() {
+                    self.yields.fetch_add(1, Relaxed);
+                    crate::hypercall::yield_to::<P>(laggard);
+                } else if P::vcpu_is_preempted(laggard) && P::yield_to_preempted(laggard) {
+                    self.yields.fetch_add(1, Relaxed);
+                }
             }
             crate::sync::spin_loop();
         }

@@ -1,5 +1,6 @@
 //! x86_64 specifics: boot and trap assembly, descriptor tables, the local APIC, the TSC,
-//! the serial port and the exit port, user-mode entry and the context switch.
+//! the serial port and the exit port, user-mode entry and the context switch, KVM's own
+//! paravirtual interface.
 //!
 //! The floor of the kernel: nothing here imports another kernel module (checked by
 //! `tests/tests/layers.rs`). Where arch must reach the layers above (traps, IPIs through
@@ -12,6 +13,7 @@ pub mod context;
 pub mod gdt;
 pub mod hook;
 pub mod idt;
+pub mod kvm;
 pub mod pic;
 pub mod serial;
 pub mod tsc;

@@ -125,4 +125,10 @@ pub trait Backend: Send + Sync {
     fn report(&self, vm: usize) -> Option<(VmMetrics, Vec<VcpuMetrics>)>;
     /// Whether the backend writes the host fields of the shared records itself.
     fn publishes_host_fields(&self) -> bool;
+    /// Whether the backend takes runnable vCPUs off their CPU itself (a kick, or a
+    /// YieldTo that queues the yielder): then each vCPU thread marks its steal-time area
+    /// preempted as it gives up its CPU (`vcpu::steal_time`), which KVM does not here.
+    fn takes_vcpus_off(&self) -> bool {
+        false
+    }
 }

@@ -589,6 +589,10 @@ impl Backend for SlotBackend {
     fn publishes_host_fields(&self) -> bool {
         true
     }
+
+    fn takes_vcpus_off(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

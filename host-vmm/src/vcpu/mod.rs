@@ -5,6 +5,7 @@
 
 mod kick;
 mod run;
+pub mod steal_time;
 
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuFd, VmFd};

@@ -7,6 +7,7 @@ use kvm_bindings::{kvm_msr_entry, Msrs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuExit;
 
 use super::kick::KickTarget;
+use super::steal_time::{self, PreemptedMarker, StealTimeError};
 use super::Vcpu;
 use crate::devices::PioBus;
 use crate::guest_events::{EventLog, Traced, TracedEvent, TscSync};
@@ -74,6 +75,11 @@ pub trait VcpuContext: HypercallHost {
     fn rcu_nesting(&self, index: u8) -> u32;
     /// vCPU `index`'s thread leaves: its events.
     fn events_done(&self, index: u8, log: EventLog);
+    /// Guest memory (where a vCPU's steal-time area lies).
+    fn memory(&self) -> &vm_memory::GuestMemoryMmap;
+    /// A vCPU that gave up its slot was marked preempted in its steal-time area
+    /// (`Ok(true)`), had no area (`Ok(false)`), or could not be marked.
+    fn steal_time_marked(&self, result: &Result<bool, StealTimeError>);
 }
 
 impl Vcpu {
@@ -106,36 +112,58 @@ impl Vcpu {
         let mut events = vm.new_event_log();
         let mut tsc = TscClock::default();
         let panic_at = injected_panic(index);
+        // Sets the preempted flag of the vCPU's steal-time area when the slot scheduler
+        // takes it off (steal_time.rs says when that is allowed).
+        let mut marker = PreemptedMarker::new(
+            backend.takes_vcpus_off() && steal_time::kvm_never_marks_preempted(),
+        );
+        // Whether the last KVM_RUN returned at an instruction boundary (-EINTR/-EAGAIN:
+        // no port or MMIO access left for KVM to complete at the next KVM_RUN).
+        let mut at_boundary = true;
+        // A kick held back until KVM has completed the pending instruction.
+        let mut kick_held = false;
         while !vm.stopping() {
             if panic_at.is_some_and(|at| Instant::now() >= at) {
                 panic!("vCPU {index}: failure injected by {INJECT_ENV}");
             }
-            if backend.take_kick(key) {
-                self.fd.set_kvm_immediate_exit(0);
-                // Traced runs only: a reader taken off its CPU inside its read section.
-                let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
-                let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
-                backend.preempted(key, self.cpl());
-                if let Some((nesting, at)) = off {
-                    events.push(TracedEvent {
-                        at,
-                        what: Traced::ReaderPreempted {
-                            nesting,
-                            dur: at.elapsed(),
-                        },
-                    });
-                }
-                continue;
-            }
-            let end = match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, data)) => match hypercalls.handle_out(vm, port, data) {
-                    Some(Action::Exit(code)) => Some(GuestEnd::Exit(code)),
-                    Some(Action::Continue) => None,
-                    None => {
-                        vm.pio().write(port, data);
-                        None
+            if std::mem::take(&mut kick_held) || backend.take_kick(key) {
+                if marker.wants_to_mark() && !at_boundary {
+                    // Finish the instruction first, running no guest code: KVM completes
+                    // it at KVM_RUN before it looks at immediate_exit (KVM's api.rst),
+                    // then returns -EINTR (or another exit to serve first).
+                    kick_held = true;
+                    self.fd.set_kvm_immediate_exit(1);
+                } else {
+                    self.fd.set_kvm_immediate_exit(0);
+                    // Traced runs only: a reader taken off its CPU inside its read section.
+                    let reader = vm.traces_events().then(|| vm.rcu_nesting(index));
+                    let off = reader.filter(|&n| n > 0).map(|n| (n, Instant::now()));
+                    // The CPL first: no vCPU ioctl between the marking and the next KVM_RUN
+                    // (a second kick while waiting reads it again after an earlier mark:
+                    // harmless where marking is allowed, since KVM never stores the flag).
+                    let cpl = self.cpl();
+                    if let Some(r) = marker.mark(&self.fd, vm.memory()) {
+                        vm.steal_time_marked(&r);
                     }
-                },
+                    backend.preempted(key, cpl);
+                    if let Some((nesting, at)) = off {
+                        events.push(TracedEvent {
+                            at,
+                            what: Traced::ReaderPreempted {
+                                nesting,
+                                dur: at.elapsed(),
+                            },
+                        });
+                    }
+                    continue;
+                }
+            }
+            marker.entering();
+            let run = self.fd.run();
+            at_boundary =
+                matches!(&run, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
+            let end = match run {
+                Ok(VcpuExit::IoOut(port, data)) => port_out(vm, &mut hypercalls, port, data),
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !hypercalls.handle_in(port, data) {
                         vm.pio().read(port, data);
@@ -183,6 +211,23 @@ impl Vcpu {
         drop(kick_target);
         self.fd.set_kvm_immediate_exit(0);
         backend.exit(key);
+    }
+}
+
+/// A port write: a hypercall, else a device's.
+fn port_out(
+    vm: &impl VcpuContext,
+    hypercalls: &mut VcpuHypercalls,
+    port: u16,
+    data: &[u8],
+) -> Option<GuestEnd> {
+    match hypercalls.handle_out(vm, port, data) {
+        Some(Action::Exit(code)) => Some(GuestEnd::Exit(code)),
+        Some(Action::Continue) => None,
+        None => {
+            vm.pio().write(port, data);
+            None
+        }
     }
 }
 

@@ -133,6 +133,13 @@ pub struct RunReport {
     pub sched: Option<(VmMetrics, Vec<VcpuMetrics>)>,
     /// SendIpi hypercalls KVM could not deliver.
     pub failed_ipis: u64,
+    /// Times a vCPU's steal-time area was marked preempted as it gave up its slot, and
+    /// markings that failed.
+    pub steal_time_marks: u64,
+    pub steal_time_failures: u64,
+    /// Whether the VMM marked descheduled vCPUs preempted at all (a backend that takes
+    /// vCPUs off, on a host whose KVM never sets the flag itself: `vcpu::steal_time`).
+    pub steal_time_marking: bool,
     /// Each vCPU's guest events (empty logs unless `VmConfig::guest_events`).
     pub guest_events: Vec<EventLog>,
 }
@@ -267,6 +274,8 @@ pub fn build(
             yields_to: (0..n).map(|_| AtomicU64::new(0)).collect(),
             tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
             failed_ipis: AtomicU64::new(0),
+            steal_time_marks: AtomicU64::new(0),
+            steal_time_failures: AtomicU64::new(0),
             events_wanted: config.guest_events,
             event_region: OnceLock::new(),
             event_logs: Mutex::new(vec![EventLog::default(); n as usize]),
@@ -387,6 +396,10 @@ impl RunningVm {
             progress,
             sched: shared.backend.report(shared.handle.vm),
             failed_ipis: shared.failed_ipis.load(Ordering::Relaxed),
+            steal_time_marks: shared.steal_time_marks.load(Ordering::Relaxed),
+            steal_time_failures: shared.steal_time_failures.load(Ordering::Relaxed),
+            steal_time_marking: shared.backend.takes_vcpus_off()
+                && crate::vcpu::steal_time::kvm_never_marks_preempted(),
             guest_events,
         })
     }

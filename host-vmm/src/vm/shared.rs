@@ -19,6 +19,7 @@ use crate::hoststat;
 use crate::hypercall::HypercallHost;
 use crate::sched::{Backend, GuestView, VmHandle};
 use crate::shared_region::{self, Registration, Snapshot};
+use crate::vcpu::steal_time::StealTimeError;
 use crate::vcpu::{GuestEnd, VcpuContext};
 
 /// Where the local APICs receive MSIs (Intel SDM 11.11.1): destination id in bits 12..20.
@@ -53,6 +54,10 @@ pub struct VmShared {
     pub(super) tids: Vec<AtomicI32>,
     /// KVM_SIGNAL_MSI failures (SendIpi hypercalls that could not be delivered).
     pub(super) failed_ipis: AtomicU64,
+    /// Steal-time areas marked preempted as their vCPU gave up its slot.
+    pub(super) steal_time_marks: AtomicU64,
+    /// Markings that could not be made (no MSR, or an area outside guest memory).
+    pub(super) steal_time_failures: AtomicU64,
     /// The host asks for guest events (it traces).
     pub(super) events_wanted: bool,
     /// The region, once the guest registered one with event rings and events were asked
@@ -146,6 +151,18 @@ impl VcpuContext for VmShared {
         self.event_region.get().map_or(0, |reg| {
             guest_events::rcu_nesting(&self.mem, reg, index as u32)
         })
+    }
+
+    fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    fn steal_time_marked(&self, result: &Result<bool, StealTimeError>) {
+        match result {
+            Ok(true) => self.steal_time_marks.fetch_add(1, Ordering::Relaxed),
+            Ok(false) => 0,
+            Err(_) => self.steal_time_failures.fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     fn events_done(&self, index: u8, mut log: EventLog) {

@@ -23,9 +23,8 @@ use shared_abi::NO_VCPU;
 
 use super::pacer::Pacer;
 use super::slow::SlowPath;
-use super::{give_back_turn, pv_yield, RawLock, PV_HALTS, PV_KICKS};
+use super::{give_back_turn, preempted, pv_yield, RawLock, PV_HALTS, PV_KICKS};
 use crate::platform::{Ipi, Platform};
-use crate::record::host_preempted;
 use crate::sync::{fence, AtomicBool, AtomicPtr, AtomicU32, Ordering::*};
 
 /// Queued locks one CPU may hold or wait for at once.
@@ -158,8 +157,8 @@ impl<P: Platform> McsLock<P> {
                 h => h,
             };
             slow.name(holder);
-            let holder_preempted = host_preempted(holder);
-            let pred_preempted = pred != holder && host_preempted(pred);
+            let holder_preempted = preempted::<P>(holder);
+            let pred_preempted = pred != holder && preempted::<P>(pred);
             #[allow(clippy::absurd_extreme_comparisons)] // RUNNING_ROUNDS is 0 in the models
             let keep_spinning = running_rounds < RUNNING_ROUNDS;
             if !holder_preempted && !pred_preempted && keep_spinning {
@@ -296,7 +295,7 @@ impl<P: Platform> RawLock for McsLock<P> {
         self.handshake_fence();
         if succ.halted.load(Relaxed) && !self.drops_kicks {
             PV_KICKS.fetch_add(1, StatRelaxed);
-            P::send_ipi(succ_cpu, Ipi::Reschedule);
+            P::send_ipi(succ_cpu, Ipi::Kick);
         }
         me.mcs.depth.set(top);
         give_back_turn::<P>(self as *const Self as u64);

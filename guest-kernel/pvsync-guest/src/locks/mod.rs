@@ -30,6 +30,8 @@ pub const PV_SPIN_US: u64 = 20;
 static PV_YIELDS: AtomicU64 = AtomicU64::new(0);
 static PV_HALTS: AtomicU64 = AtomicU64::new(0);
 static PV_KICKS: AtomicU64 = AtomicU64::new(0);
+static STOCK_YIELDS: AtomicU64 = AtomicU64::new(0);
+static PREEMPTED_HALTS: AtomicU64 = AtomicU64::new(0);
 
 /// What the locks' slow paths have done so far (all locks, all CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,6 +42,13 @@ pub struct PvStats {
     pub halts: u64,
     /// Kicks (IPIs) of halted queued-lock waiters.
     pub kicks: u64,
+    /// Without a pvsync host: yields to a preempted holder through the platform's own
+    /// means ([`Platform::yield_to_preempted`], KVM's PV sched yield).
+    pub stock_yields: u64,
+    /// Without a pvsync host: test-and-set ticket waiters that halted (until the next
+    /// interrupt) because the platform reported the holder preempted
+    /// ([`Platform::vcpu_is_preempted`]).
+    pub preempted_halts: u64,
 }
 
 /// The slow paths' counters.
@@ -48,6 +57,8 @@ pub fn pv_stats() -> PvStats {
         yields: PV_YIELDS.load(Relaxed),
         halts: PV_HALTS.load(Relaxed),
         kicks: PV_KICKS.load(Relaxed),
+        stock_yields: STOCK_YIELDS.load(Relaxed),
+        preempted_halts: PREEMPTED_HALTS.load(Relaxed),
     }
 }
 
@@ -94,13 +105,53 @@ fn give_back_turn<P: Platform>(lock: u64) {
     }
 }
 
-/// Offers this vCPU's time to `holder` (not to itself, nor to nobody). Counted only when
-/// the hypercall is made (a pvsync host accepted the region).
-fn pv_yield<P: Platform>(holder: u32) {
-    if holder != NO_VCPU && holder != P::cpu().id() && crate::region::pv_host() {
+/// Whether CPU `cpu` is kept off its physical CPU while runnable, as the pvsync host
+/// (`host_preempted`) or the platform's own channel (KVM's steal time) reports it.
+pub(crate) fn preempted<P: Platform>(cpu: u32) -> bool {
+    crate::record::host_preempted(cpu) || P::vcpu_is_preempted(cpu)
+}
+
+/// Offers this vCPU's time to `holder` (not to itself, nor to nobody): with a pvsync host,
+/// a YieldTo hypercall; without one, the platform's own yield to a holder it reports
+/// preempted. Returns whether a call was made (each kind counted).
+fn pv_yield<P: Platform>(holder: u32) -> bool {
+    if holder == NO_VCPU || holder == P::cpu().id() {
+        return false;
+    }
+    if crate::region::pv_host() {
         PV_YIELDS.fetch_add(1, Relaxed);
         crate::hypercall::yield_to::<P>(holder);
+        true
+    } else if P::vcpu_is_preempted(holder) && P::yield_to_preempted(holder) {
+        STOCK_YIELDS.fetch_add(1, Relaxed);
+        true
+    } else {
+        false
     }
+}
+
+/// A spinner's slow round: offers its time to `holder` ([`pv_yield`]); then, without a
+/// pvsync host and given `halt_while` (test-and-set waiters only: a FIFO waiter that halts
+/// would hold up everyone queued behind it once its turn came), if the platform still
+/// reports the holder preempted, stops spinning: halts until the next interrupt (its tick
+/// at the latest) while `halt_while` holds and the holder stays preempted, so that the host
+/// can give the physical CPU to the holder. Nobody kicks such a halt: the tick bounds it.
+/// With interrupts off it cannot halt, and spins on.
+fn stop_spinning<P: Platform>(holder: u32, halt_while: Option<&dyn Fn() -> bool>) {
+    pv_yield::<P>(holder);
+    let Some(still_waiting) = halt_while else {
+        return;
+    };
+    if crate::region::pv_host()
+        || holder == NO_VCPU
+        || holder == P::cpu().id()
+        || !P::irqs_enabled()
+        || !P::vcpu_is_preempted(holder)
+    {
+        return;
+    }
+    PREEMPTED_HALTS.fetch_add(1, Relaxed);
+    P::halt_while(&|| still_waiting() && P::vcpu_is_preempted(holder));
 }
 
 /// A deliberately broken lock for negative controls: it excludes nothing.

@@ -3,7 +3,7 @@
 
 use shared_abi::{EventKind, NO_VCPU};
 
-use super::pv_yield;
+use super::stop_spinning;
 use crate::events;
 use crate::platform::Platform;
 use crate::record;
@@ -35,11 +35,13 @@ impl<P: Platform> SlowPath<P> {
 
     /// One slow round of a ticket waiter: names `taker` (the CPU holding the ticket being
     /// served; not known yet when it took it a moment ago: keep the last name), offers it
-    /// this vCPU's time, and serves what others wait on from this CPU meanwhile.
-    pub(crate) fn offer(&mut self, taker: Option<u32>) {
+    /// this vCPU's time (and, a test-and-set waiter without a pvsync host, given
+    /// `halt_while`, stops spinning on it while it is preempted: `stop_spinning`), and
+    /// serves what others wait on from this CPU meanwhile.
+    pub(crate) fn offer(&mut self, taker: Option<u32>, halt_while: Option<&dyn Fn() -> bool>) {
         let h = taker.or(self.named()).unwrap_or(NO_VCPU);
         self.name(h);
-        pv_yield::<P>(h);
+        stop_spinning::<P>(h, halt_while);
         P::serve_waiters();
     }
 

@@ -174,7 +174,14 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
             }
             crate::sync::spin_loop();
             if pacer.due() {
-                slow.offer(self.taker(owner));
+                // Halt only while the lock is held by whoever took ticket `owner`: `next`
+                // first, then `owner`, which only grow, so the lock was held all along
+                // between the two reads (`next` is `owner` or `owner + 1`).
+                let held = || {
+                    let next = self.next.load(Relaxed);
+                    self.owner.load(Relaxed) == owner && next == owner.wrapping_add(1)
+                };
+                slow.offer(self.taker(owner), Some(&held));
             }
         }
     }
@@ -191,7 +198,7 @@ impl<P: Platform, const SLOTS: usize> TicketLock<P, SLOTS> {
             crate::sync::spin_loop();
             if pacer.due() {
                 // Whoever took ticket `owner` is in our way, holding the lock or about to.
-                slow.offer(self.taker(owner));
+                slow.offer(self.taker(owner), None);
             }
         }
     }

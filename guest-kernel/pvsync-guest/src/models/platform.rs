@@ -9,7 +9,8 @@ use std::cell::{Cell, RefCell};
 use std::prelude::rust_2021::*;
 use std::rc::Rc;
 
-use loom::sync::atomic::AtomicU64;
+use loom::sync::atomic::{AtomicU64, AtomicU8};
+use shared_abi::kvm_para::{KVM_VCPU_FLUSH_TLB, KVM_VCPU_PREEMPTED};
 
 use crate::cpu::CpuSync;
 use crate::platform::{FlushRange, Ipi, Platform, Wake};
@@ -35,6 +36,10 @@ pub(crate) struct World {
     pub(crate) tlb: Vec<AtomicU64>,
     /// Interrupts sent to each CPU (kicks), for the assertions.
     pub(crate) ipis: Vec<Cell<u32>>,
+    /// Each CPU's KVM steal-time `preempted` byte: the host sets `KVM_VCPU_PREEMPTED` when
+    /// it takes the CPU off, KVM exchanges it for 0 at the next entry (see
+    /// [`host_deschedules`] and [`kvm_enters`]).
+    pub(crate) steal_preempted: Vec<AtomicU8>,
 }
 
 std::thread_local! {
@@ -78,6 +83,7 @@ pub(crate) fn boot(n: usize) -> Rc<World> {
         clock: Cell::new(0),
         tlb: (0..n).map(|_| AtomicU64::new(0)).collect(),
         ipis: (0..n).map(|_| Cell::new(0)).collect(),
+        steal_preempted: (0..n).map(|_| AtomicU8::new(0)).collect(),
     });
     WORLD.with(|cell| *cell.borrow_mut() = Some(w.clone()));
     become_cpu(0);
@@ -102,6 +108,21 @@ pub(crate) fn spawn_cpu<T: 'static>(
 pub(crate) fn retire_boot_cpu() {
     let w = world();
     w.awake.set(w.awake.get() - 1);
+}
+
+/// The host takes the calling CPU off its physical CPU (it runs no guest code until
+/// [`kvm_enters`]): our VMM or-s `KVM_VCPU_PREEMPTED` into its steal-time byte.
+pub(crate) fn host_deschedules() {
+    world().steal_preempted[me()].fetch_or(KVM_VCPU_PREEMPTED, SeqCst);
+}
+
+/// KVM enters the calling CPU again: exchanges its steal-time byte for 0 and flushes its
+/// TLB first if a sender asked.
+pub(crate) fn kvm_enters() {
+    let w = world();
+    if w.steal_preempted[me()].swap(0, SeqCst) & KVM_VCPU_FLUSH_TLB != 0 {
+        w.tlb[me()].store(0, SeqCst);
+    }
 }
 
 /// Makes the calling loom thread play CPU `i`.
@@ -191,7 +212,7 @@ unsafe impl Platform for Model {
         let w = world();
         w.ipis[cpu as usize].set(w.ipis[cpu as usize].get() + 1);
         match ipi {
-            Ipi::Reschedule => w.interrupts[cpu as usize].set(true),
+            Ipi::Reschedule | Ipi::Kick => w.interrupts[cpu as usize].set(true),
             // The TLB model's CPUs poll their requests (an interrupt handler would serve
             // them at some point; polling gives loom every such point).
             Ipi::TlbShootdown => {}
@@ -225,4 +246,18 @@ unsafe impl Platform for Model {
     }
 
     fn wake(_who: Wake) {}
+
+    fn vcpu_is_preempted(cpu: u32) -> bool {
+        world().steal_preempted[cpu as usize].load(SeqCst) & KVM_VCPU_PREEMPTED != 0
+    }
+
+    /// The kernel's `arch::kvm::request_flush`: a compare-and-exchange from a value with
+    /// `KVM_VCPU_PREEMPTED`.
+    fn flush_tlb_on_resume(cpu: u32) -> bool {
+        let b = &world().steal_preempted[cpu as usize];
+        let state = b.load(SeqCst);
+        state & KVM_VCPU_PREEMPTED != 0
+            && b.compare_exchange(state, state | KVM_VCPU_FLUSH_TLB, SeqCst, SeqCst)
+                .is_ok()
+    }
 }
