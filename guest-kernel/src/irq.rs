@@ -48,8 +48,8 @@ fn preemptible(frame: &TrapFrame) -> bool {
 
 fn timer(frame: &mut TrapFrame) {
     apic::rearm_tick();
-    TICKS[percpu::id() as usize].fetch_add(1, Ordering::Relaxed);
-    crate::arch::kvm::observe_tick(percpu::id());
+    let tick = TICKS[percpu::id() as usize].fetch_add(1, Ordering::Relaxed);
+    crate::arch::kvm::observe_tick(percpu::id(), tick);
     if let Some(tick) = ON_TICK.get() {
         tick(preemptible(frame));
     }

@@ -180,7 +180,7 @@ pub fn report(cpus: &[u32]) {
     let locks = pvsync_guest::locks::pv_stats();
     println!(
         "RESULT kvm-stats used={} steal_ns={} steal_max_ns={} steal_cpus={} preempted_samples={} preempted_seen={} flag_while_running={} flushes_deferred={} stock_yields={} preempted_halts={} kicks_hc={} send_ipi_hc={} send_ipi_fallbacks={}",
-        names(kvm_used_bits()),
+        names(kvm::used()),
         steal.iter().sum::<u64>(),
         steal.iter().max().copied().unwrap_or(0),
         steal.len(),
@@ -194,11 +194,4 @@ pub fn report(cpus: &[u32]) {
         o.send_ipi_calls,
         o.send_ipi_fallbacks,
     );
-}
-
-fn kvm_used_bits() -> u32 {
-    KvmUse::NAMES
-        .iter()
-        .filter(|(_, b)| kvm::uses(*b))
-        .fold(0, |acc, (_, b)| acc | b)
 }

@@ -214,9 +214,10 @@ fn qemu_tlbtorture_and_locktorture_pass_when_kvm_never_sets_the_flag() {
     }
 }
 
-/// Whether this host's KVM is nested "PVM", which never sets the preempted flag itself.
+/// Whether this host's KVM never sets the preempted flag itself (nested "PVM"), as the VMM
+/// decides it.
 fn pvm_host() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
+    host_vmm::vcpu::steal_time::kvm_never_marks_preempted()
 }
 
 /// Whether one KVM hypercall returns under `host` (its probe run is cut short if not).

@@ -30,7 +30,6 @@ static AREAS: AtomicPtr<KvmStealTime> = AtomicPtr::new(core::ptr::null_mut());
 static AREAS_LEN: AtomicU32 = AtomicU32::new(0);
 static USED: AtomicU32 = AtomicU32::new(0);
 
-static SAMPLE_CURSOR: AtomicU32 = AtomicU32::new(0);
 static SAMPLES: AtomicU64 = AtomicU64::new(0);
 static SEEN_PREEMPTED: AtomicU64 = AtomicU64::new(0);
 static FLAG_WHILE_RUNNING: AtomicU64 = AtomicU64::new(0);
@@ -68,10 +67,11 @@ pub fn observations() -> Observations {
     }
 }
 
-/// At CPU `me`'s tick (guest code running, so its own byte must be 0: KVM cleared it at
-/// entry, and a sender sets the flush flag only beside `KVM_VCPU_PREEMPTED`): checks its
-/// own byte, and samples one other CPU's, round robin. Nothing without areas.
-pub fn observe_tick(me: u32) {
+/// At CPU `me`'s tick number `tick` (guest code running, so its own byte must be 0: KVM
+/// cleared it at entry, and a sender sets the flush flag only beside `KVM_VCPU_PREEMPTED`):
+/// checks its own byte, and samples another CPU's, each CPU walking the others from its own
+/// tick count (no cursor shared by every CPU's tick). Nothing without areas.
+pub fn observe_tick(me: u32, tick: u64) {
     let len = AREAS_LEN.load(Ordering::Relaxed);
     if len == 0 || AREAS.load(Ordering::Relaxed).is_null() {
         return;
@@ -79,7 +79,7 @@ pub fn observe_tick(me: u32) {
     if preempted_flags(me) != 0 {
         FLAG_WHILE_RUNNING.fetch_add(1, Ordering::Relaxed);
     }
-    let other = SAMPLE_CURSOR.fetch_add(1, Ordering::Relaxed) % len;
+    let other = ((me as u64 + tick) % len as u64) as u32;
     if other != me {
         SAMPLES.fetch_add(1, Ordering::Relaxed);
         if preempted(other) {
