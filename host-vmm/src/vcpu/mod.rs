@@ -33,7 +33,7 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 
 /// One vCPU of a VM, not yet running.
 pub struct Vcpu {
-    index: u8,
+    index: u32,
     fd: VcpuFd,
 }
 
@@ -41,7 +41,7 @@ impl Vcpu {
     /// Creates vCPU `index` of `vm`, with KVM's `supported` CPUID patched for it (its APIC
     /// ID is its index). The kick signal's handler is installed first (once per process), so
     /// no vCPU thread can be sent a kick it does not handle.
-    pub fn create(vm: &VmFd, index: u8, supported: &CpuId) -> Result<Self, VcpuError> {
+    pub fn create(vm: &VmFd, index: u32, supported: &CpuId) -> Result<Self, VcpuError> {
         kick::install_kick_handler()?;
         let fd = vm
             .create_vcpu(index as u64)

@@ -14,16 +14,19 @@ use crate::guest_events::{EventLog, Traced, TracedEvent, TscSync};
 use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
 use crate::sched::Backend;
 
-/// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
-/// outside KVM_RUN and outside the scheduler.
+/// How often an application processor that waits for INIT-SIPI-SIPI is looked at (it waits
+/// outside KVM_RUN and outside the scheduler): every ms at first, backing off to
+/// `AP_WAIT_POLL_MAX`, so a thousand waiting vCPUs cost a few thousand ioctls a second while
+/// the BSP boots, and an AP starts at most that much after its SIPI.
 const AP_WAIT_POLL: Duration = Duration::from_millis(1);
+const AP_WAIT_POLL_MAX: Duration = Duration::from_millis(8);
 
 /// Failure injection for the tests of the VMM's error paths: `PVSYNC_INJECT=vcpu-panic:MS`
 /// makes vCPU 0's thread panic MS ms after it starts (the VM ends with a VMM fault).
 pub const INJECT_ENV: &str = "PVSYNC_INJECT";
 
 /// When vCPU `index`'s thread is to panic, if `INJECT_ENV` asks for it.
-fn injected_panic(index: u8) -> Option<Instant> {
+fn injected_panic(index: u32) -> Option<Instant> {
     let v = std::env::var(INJECT_ENV).ok()?;
     let ms: u64 = v.strip_prefix("vcpu-panic:")?.parse().ok()?;
     (index == 0)
@@ -57,7 +60,7 @@ pub trait VcpuContext: HypercallHost {
     /// An MMIO access hit no device.
     fn count_unclaimed_mmio(&self);
     /// The guest ended (as vCPU `index` saw it): the VM stops.
-    fn guest_ended(&self, index: u8, end: GuestEnd);
+    fn guest_ended(&self, index: u32, end: GuestEnd);
     /// Whether the guest writes events for the host to drain (the host asked for them and
     /// the guest's region has rings).
     fn traces_events(&self) -> bool;
@@ -67,14 +70,14 @@ pub trait VcpuContext: HypercallHost {
     /// them in time (called only when there are events).
     fn drain_events(
         &self,
-        index: u8,
+        index: u32,
         log: &mut EventLog,
         sync: &mut dyn FnMut() -> Option<TscSync>,
     );
     /// vCPU `index`'s RCU read-side nesting, as its record says (0 when not tracing).
-    fn rcu_nesting(&self, index: u8) -> u32;
+    fn rcu_nesting(&self, index: u32) -> u32;
     /// vCPU `index`'s thread leaves: its events.
-    fn events_done(&self, index: u8, log: EventLog);
+    fn events_done(&self, index: u32, log: EventLog);
     /// Guest memory (where a vCPU's steal-time area lies).
     fn memory(&self) -> &vm_memory::GuestMemoryMmap;
     /// A vCPU that gave up its slot was marked preempted in its steal-time area
@@ -90,9 +93,13 @@ impl Vcpu {
         if self.index == 0 {
             return;
         }
+        let mut poll = AP_WAIT_POLL;
         while !vm.stopping() {
             match self.fd.get_mp_state() {
-                Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => std::thread::sleep(AP_WAIT_POLL),
+                Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => {
+                    std::thread::sleep(poll);
+                    poll = (poll * 2).min(AP_WAIT_POLL_MAX);
+                }
                 _ => return,
             }
         }

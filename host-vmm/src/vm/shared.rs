@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use shared_abi::{HypercallStatus, IpiDest, IpiRequest, IDLE_MAX_US};
 use vm_memory::GuestMemoryMmap;
@@ -17,14 +16,11 @@ use crate::devices::PioBus;
 use crate::guest_events::{self, EventLog, TscSync, MAX_EVENTS_PER_VM};
 use crate::hoststat;
 use crate::hypercall::HypercallHost;
+use crate::arch::x86_64::x2apic;
 use crate::sched::{Backend, GuestView, VmHandle};
 use crate::shared_region::{self, Registration, Snapshot};
 use crate::vcpu::steal_time::StealTimeError;
 use crate::vcpu::{GuestEnd, VcpuContext};
-
-/// Where the local APICs receive MSIs (Intel SDM 11.11.1): destination id in bits 12..20.
-const MSI_ADDRESS_BASE: u32 = 0xfee0_0000;
-const MSI_DEST_ID_SHIFT: u32 = 12;
 
 /// State the vCPU threads share.
 pub struct VmShared {
@@ -34,7 +30,7 @@ pub struct VmShared {
     /// Guest RAM as the memory map describes it (the legacy hole is not RAM).
     pub(super) ram: Vec<Range<u64>>,
     pub pio: PioBus,
-    pub(super) nr_vcpus: u8,
+    pub(super) nr_vcpus: u32,
     pub(super) kernel_image: Range<u64>,
     /// The accepted registration, set once for the VM's life: read without a lock, so that
     /// a backend holding its own lock (to publish a host field) never waits on a
@@ -95,13 +91,7 @@ impl VmShared {
 
     /// Injects fixed interrupt `vector` into vCPU `index` (APIC id = vCPU index).
     fn inject(&self, index: u32, vector: u8) -> bool {
-        let msi = kvm_msi {
-            address_lo: MSI_ADDRESS_BASE | (index << MSI_DEST_ID_SHIFT),
-            address_hi: 0,
-            data: vector as u32,
-            ..Default::default()
-        };
-        self.vm.signal_msi(msi).is_ok()
+        self.vm.signal_msi(x2apic::fixed_msi(index, vector)).is_ok()
     }
 }
 
@@ -136,7 +126,7 @@ impl VcpuContext for VmShared {
 
     fn drain_events(
         &self,
-        index: u8,
+        index: u32,
         log: &mut EventLog,
         sync: &mut dyn FnMut() -> Option<TscSync>,
     ) {
@@ -147,7 +137,7 @@ impl VcpuContext for VmShared {
         }
     }
 
-    fn rcu_nesting(&self, index: u8) -> u32 {
+    fn rcu_nesting(&self, index: u32) -> u32 {
         self.event_region.get().map_or(0, |reg| {
             guest_events::rcu_nesting(&self.mem, reg, index as u32)
         })
@@ -165,7 +155,7 @@ impl VcpuContext for VmShared {
         };
     }
 
-    fn events_done(&self, index: u8, mut log: EventLog) {
+    fn events_done(&self, index: u32, mut log: EventLog) {
         log.sort();
         let mut logs = self.event_logs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = logs.get_mut(index as usize) {
@@ -173,7 +163,7 @@ impl VcpuContext for VmShared {
         }
     }
 
-    fn guest_ended(&self, index: u8, end: GuestEnd) {
+    fn guest_ended(&self, index: u32, end: GuestEnd) {
         self.finish(match end {
             GuestEnd::Exit(code) => Outcome::GuestExit(code),
             GuestEnd::Crash(reason) => Outcome::GuestCrash {

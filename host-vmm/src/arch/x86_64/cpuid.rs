@@ -15,7 +15,8 @@ pub fn patch_for_vcpu(cpuid: &mut CpuId, apic_id: u32) {
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
-                e.ebx = (e.ebx & 0x00ff_ffff) | (apic_id << EBX_APIC_ID_SHIFT);
+                // Only 8 bits here; leaves 0xb/0x1f carry the whole x2APIC ID.
+                e.ebx = (e.ebx & 0x00ff_ffff) | ((apic_id & 0xff) << EBX_APIC_ID_SHIFT);
                 e.ecx |= ECX_X2APIC | ECX_HYPERVISOR;
             }
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => e.edx = apic_id,
@@ -55,5 +56,9 @@ mod tests {
         assert_ne!(s[0].ecx & ECX_X2APIC, 0);
         assert_eq!(s[1].edx, 5);
         assert_eq!(s[2].ebx, 42, "unrelated leaves untouched");
+        patch_for_vcpu(&mut cpuid, 1000);
+        let s = cpuid.as_slice();
+        assert_eq!(s[0].ebx, (1000 & 0xff) << 24 | 0x12_3456, "8 bits in leaf 1");
+        assert_eq!(s[1].edx, 1000, "the whole ID in leaf 0xb");
     }
 }
