@@ -10,11 +10,11 @@ use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 
 use shared_abi::{
-    bitmap_contains, bitmap_count, bitmap_iter, bitmap_within, bitmap_word_bit, bitmap_words, holdouts_offset,
-    ipi_wait_offset, record_offset, HostFlags, HypercallStatus, PageHeader, VcpuMode, VcpuRecord,
-    ABI_VERSION, HEADER_SIZE, NO_VCPU, PAGE_MAGIC, PAGE_SIZE, RECORD_SIZE,
+    bitmap_contains, bitmap_count, bitmap_iter, bitmap_within, bitmap_word_bit, bitmap_words,
+    holdouts_offset, ipi_wait_offset, record_offset, HostFlags, HypercallStatus, PageHeader,
+    VcpuMode, VcpuRecord, ABI_VERSION, HEADER_SIZE, NO_VCPU, PAGE_MAGIC, PAGE_SIZE, RECORD_SIZE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// How often a torn record is re-read before it is reported as torn.
 pub const MAX_READ_ATTEMPTS: usize = 8;
@@ -187,62 +187,88 @@ fn bitmap_of(nr_vcpus: u32, vcpus: &[u32]) -> Vec<u64> {
     words
 }
 
-/// Copies a bitmap of `reg`'s vCPU count at `offset` in the region, one atomic load per
-/// word (each word is written whole, by atomic stores and ANDs).
-fn read_bitmap(
-    mem: &GuestMemoryMmap,
-    reg: &Registration,
-    offset: usize,
-) -> Result<Vec<u64>, vm_memory::GuestMemoryError> {
-    let at = reg.gpa + offset as u64;
-    (0..bitmap_words(reg.nr_vcpus as usize))
-        .map(|w| mem.load(GuestAddress(at + 8 * w as u64), Ordering::Acquire))
-        .collect()
+/// The registered region's bytes, for copying out of. One volatile slice over the whole
+/// region (it lies inside one RAM range: [`validate`]), so a copy costs no guest-address
+/// lookup per field: a periodic look at a 1024-vCPU region copies 64 KiB of records.
+struct RegionReader<'a> {
+    slice: VolatileSlice<'a, ()>,
+    reg: &'a Registration,
 }
 
-/// Reads record `vcpu` consistently: sequence counter even and unchanged around the copy.
+impl<'a> RegionReader<'a> {
+    fn new(
+        mem: &'a GuestMemoryMmap,
+        reg: &'a Registration,
+    ) -> Result<Self, vm_memory::GuestMemoryError> {
+        crate::sched::lock_audit::guest_read();
+        let slice = mem.get_slice(GuestAddress(reg.gpa), reg.size as usize)?;
+        Ok(RegionReader { slice, reg })
+    }
+
+    fn header(&self) -> Result<PageHeader, vm_memory::GuestMemoryError> {
+        let mut h = [0u8; HEADER_SIZE];
+        self.slice.read_slice(&mut h, 0)?;
+        Ok(PageHeader::from_bytes(&h))
+    }
+
+    /// Copies the bitmap at `offset`, one atomic load per word (each word is written whole,
+    /// by atomic stores and ANDs).
+    fn bitmap(&self, offset: usize) -> Result<Vec<u64>, vm_memory::GuestMemoryError> {
+        (0..bitmap_words(self.reg.nr_vcpus as usize))
+            .map(|w| Ok(self.slice.load(offset + 8 * w, Ordering::Acquire)?))
+            .collect()
+    }
+
+    /// Reads record `vcpu` consistently: sequence counter even and unchanged around the
+    /// copy; then its `ipi_wait` bitmap if it waits.
+    fn record(&self, vcpu: u32) -> Result<RecordView, vm_memory::GuestMemoryError> {
+        let nr = self.reg.nr_vcpus;
+        let at = record_offset(vcpu as usize);
+        let mut buf = [0u8; RECORD_SIZE];
+        for _ in 0..MAX_READ_ATTEMPTS {
+            let before: u32 = self.slice.load(at, Ordering::Acquire)?;
+            self.slice.read_slice(&mut buf, at)?;
+            fence(Ordering::Acquire);
+            let after: u32 = self.slice.load(at, Ordering::Acquire)?;
+            if VcpuRecord::seq_consistent(before, after) {
+                return self.with_ipi_wait(RecordView::new(vcpu, VcpuRecord::from_bytes(&buf), nr));
+            }
+            std::hint::spin_loop();
+        }
+        let mut view = RecordView::new(vcpu, VcpuRecord::from_bytes(&buf), nr);
+        view.problems |= Problems::TORN;
+        self.with_ipi_wait(view)
+    }
+
+    /// Adds the owner's `ipi_wait` bitmap to `view` if it says it waits (the count was copied
+    /// with the record; the owner set the bitmap before it). A bitmap naming vCPUs past the
+    /// VM, or more vCPUs than the count, is a problem; an acknowledged bit is already clear,
+    /// so a sender that all targets have acknowledged may show an empty bitmap.
+    fn with_ipi_wait(
+        &self,
+        mut view: RecordView,
+    ) -> Result<RecordView, vm_memory::GuestMemoryError> {
+        let count = view.record.ipi_wait_count;
+        if count == 0 || view.problems.contains(Problems::BAD_IPI_WAIT) {
+            return Ok(view);
+        }
+        let nr = self.reg.nr_vcpus as usize;
+        let words = self.bitmap(ipi_wait_offset(nr, view.vcpu as usize))?;
+        if !bitmap_within(&words, nr) || bitmap_count(&words) > count as usize {
+            view.problems |= Problems::BAD_IPI_WAIT;
+        }
+        view.ipi_wait = words;
+        Ok(view)
+    }
+}
+
+/// Reads record `vcpu` consistently (see [`Snapshot`] for many at once).
 pub fn read_record(
     mem: &GuestMemoryMmap,
     reg: &Registration,
     vcpu: u32,
 ) -> Result<RecordView, vm_memory::GuestMemoryError> {
-    crate::sched::lock_audit::guest_read();
-    let at = GuestAddress(reg.gpa + record_offset(vcpu as usize) as u64);
-    let mut buf = [0u8; RECORD_SIZE];
-    for _ in 0..MAX_READ_ATTEMPTS {
-        let before: u32 = mem.load(at, Ordering::Acquire)?;
-        mem.read_slice(&mut buf, at)?;
-        fence(Ordering::Acquire);
-        let after: u32 = mem.load(at, Ordering::Acquire)?;
-        if VcpuRecord::seq_consistent(before, after) {
-            return with_ipi_wait(mem, reg, RecordView::new(vcpu, VcpuRecord::from_bytes(&buf), reg.nr_vcpus));
-        }
-        std::hint::spin_loop();
-    }
-    let mut view = RecordView::new(vcpu, VcpuRecord::from_bytes(&buf), reg.nr_vcpus);
-    view.problems |= Problems::TORN;
-    with_ipi_wait(mem, reg, view)
-}
-
-/// Adds the owner's `ipi_wait` bitmap to `view` if it says it waits (the count was copied
-/// with the record; the owner set the bitmap before it). A bitmap naming vCPUs past the VM,
-/// or naming none while the count says some, is a problem; an acknowledged bit is already
-/// clear, so a sender that all targets have acknowledged may show an empty bitmap.
-fn with_ipi_wait(
-    mem: &GuestMemoryMmap,
-    reg: &Registration,
-    mut view: RecordView,
-) -> Result<RecordView, vm_memory::GuestMemoryError> {
-    let count = view.record.ipi_wait_count;
-    if count == 0 || view.problems.contains(Problems::BAD_IPI_WAIT) {
-        return Ok(view);
-    }
-    let words = read_bitmap(mem, reg, ipi_wait_offset(reg.nr_vcpus as usize, view.vcpu as usize))?;
-    if !bitmap_within(&words, reg.nr_vcpus as usize) || bitmap_count(&words) > count as usize {
-        view.problems |= Problems::BAD_IPI_WAIT;
-    }
-    view.ipi_wait = words;
-    Ok(view)
+    RegionReader::new(mem, reg)?.record(vcpu)
 }
 
 /// A snapshot of the region: the header, the holdouts, and every record ([`Snapshot::take`])
@@ -264,40 +290,57 @@ impl Snapshot {
         mem: &GuestMemoryMmap,
         reg: &Registration,
     ) -> Result<Self, vm_memory::GuestMemoryError> {
-        Self::take_records(mem, reg, 0..reg.nr_vcpus)
+        Self::take_with(mem, reg, |_| (0..reg.nr_vcpus).collect())
     }
 
     /// Copies the header, the holdouts and the records of `vcpus` (ids past the VM are
-    /// skipped): what a decision about a few vCPUs needs, at a cost that does not grow with
-    /// the VM.
+    /// skipped): what a decision about a few vCPUs needs (a spinner's `YieldTo` reads the
+    /// spinner's record), at a cost that does not grow with the VM.
     pub fn take_some(
         mem: &GuestMemoryMmap,
         reg: &Registration,
         vcpus: &[u32],
     ) -> Result<Self, vm_memory::GuestMemoryError> {
-        let mut ids: Vec<u32> = vcpus.iter().copied().filter(|&v| v < reg.nr_vcpus).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        Self::take_records(mem, reg, ids)
+        Self::take_with(mem, reg, |_| vcpus.to_vec())
     }
 
-    fn take_records(
+    /// Copies the header, the holdouts and the holdouts' records (every record when the
+    /// guest publishes none): what an `RcuWait` decision reads.
+    pub fn take_holdouts(
         mem: &GuestMemoryMmap,
         reg: &Registration,
-        vcpus: impl IntoIterator<Item = u32>,
     ) -> Result<Self, vm_memory::GuestMemoryError> {
-        crate::sched::lock_audit::guest_read();
-        let mut h = [0u8; HEADER_SIZE];
-        mem.read_slice(&mut h, GuestAddress(reg.gpa))?;
-        let header = PageHeader::from_bytes(&h);
+        Self::take_with(mem, reg, |holdouts| {
+            let named: Vec<u32> = bitmap_iter(holdouts).collect();
+            if named.iter().any(|&v| v < reg.nr_vcpus) {
+                named
+            } else {
+                (0..reg.nr_vcpus).collect()
+            }
+        })
+    }
+
+    /// Copies the header and the holdouts, then the records `pick` names given the
+    /// holdouts (sorted and deduplicated here; ids past the VM are skipped).
+    fn take_with(
+        mem: &GuestMemoryMmap,
+        reg: &Registration,
+        pick: impl FnOnce(&[u64]) -> Vec<u32>,
+    ) -> Result<Self, vm_memory::GuestMemoryError> {
+        let region = RegionReader::new(mem, reg)?;
+        let header = region.header()?;
         let holdouts = if header.rcu_gp_seq % 2 == 1 {
-            read_bitmap(mem, reg, holdouts_offset(reg.nr_vcpus as usize))?
+            region.bitmap(holdouts_offset(reg.nr_vcpus as usize))?
         } else {
             Vec::new()
         };
-        let records = vcpus
+        let mut ids = pick(&holdouts);
+        ids.retain(|&v| v < reg.nr_vcpus);
+        ids.sort_unstable();
+        ids.dedup();
+        let records = ids
             .into_iter()
-            .map(|v| read_record(mem, reg, v))
+            .map(|v| region.record(v))
             .collect::<Result<_, _>>()?;
         Ok(Snapshot {
             registration: reg.clone(),
@@ -406,7 +449,13 @@ pub fn cpu_list(cpus: impl IntoIterator<Item = u32>) -> String {
     }
     ranges
         .iter()
-        .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -568,10 +617,14 @@ mod tests {
         for nr in [4u32, 65, 96] {
             let good = PageHeader::new(nr, 8);
             let moves: [(&str, fn(&mut PageHeader)); 6] = [
-                ("holdouts past the end", |h| h.holdouts_offset = h.region_size),
+                ("holdouts past the end", |h| {
+                    h.holdouts_offset = h.region_size
+                }),
                 ("holdouts far away", |h| h.holdouts_offset = u32::MAX - 7),
                 ("holdouts over the records", |h| h.holdouts_offset = 64),
-                ("ipi_wait past the end", |h| h.ipi_wait_offset = h.region_size - 8),
+                ("ipi_wait past the end", |h| {
+                    h.ipi_wait_offset = h.region_size - 8
+                }),
                 ("ipi_wait shifted", |h| h.ipi_wait_offset += 8),
                 ("rings elsewhere", |h| h.event_rings_offset = 0),
             ];
@@ -611,7 +664,11 @@ mod tests {
             assert!(v.ipi_wait.is_empty() && v.problems.is_empty());
             m.write_obj(3u32, GuestAddress(rec + 32)).unwrap();
             let v = read_record(&m, &reg, sender).unwrap();
-            assert_eq!(v.ipi_targets().collect::<Vec<_>>(), [0, nr / 2, nr - 1], "{nr}");
+            assert_eq!(
+                v.ipi_targets().collect::<Vec<_>>(),
+                [0, nr / 2, nr - 1],
+                "{nr}"
+            );
             assert!(v.problems.is_empty(), "{nr}");
             assert!(v.waits_on(nr - 1) && !v.waits_on(1));
             // A bit for vCPU `nr` (past the VM) in the last word.
@@ -621,7 +678,8 @@ mod tests {
                     .unwrap();
                 let v = read_record(&m, &reg, sender).unwrap();
                 assert_eq!(v.problems, Problems::BAD_IPI_WAIT, "{nr}: bit {nr}");
-                m.write_obj(words[w], GuestAddress(bm + 8 * w as u64)).unwrap();
+                m.write_obj(words[w], GuestAddress(bm + 8 * w as u64))
+                    .unwrap();
             }
             // More targets than the count announced, or a count past the VM.
             m.write_obj(2u32, GuestAddress(rec + 32)).unwrap();
@@ -651,17 +709,28 @@ mod tests {
             m.write_obj(*w, GuestAddress(h + 8 * i as u64)).unwrap();
         }
         let snap = Snapshot::take(&m, &reg).unwrap();
-        assert!(snap.holdouts.is_empty() && !snap.has_holdouts(), "no grace period");
+        assert!(
+            snap.holdouts.is_empty() && !snap.has_holdouts(),
+            "no grace period"
+        );
         m.write_obj(5u64, GuestAddress(gpa + 32)).unwrap();
         let snap = Snapshot::take(&m, &reg).unwrap();
         assert!(snap.holdout(200) && snap.holdout(299) && !snap.holdout(4));
         assert!(snap.render().contains("rcu_gp_holdouts=3,200,299"));
         assert_eq!(snap.records.len(), 300);
         let some = Snapshot::take_some(&m, &reg, &[250, 7, 250, 400]).unwrap();
-        assert_eq!(some.records.iter().map(|r| r.vcpu).collect::<Vec<_>>(), [7, 250]);
+        assert_eq!(
+            some.records.iter().map(|r| r.vcpu).collect::<Vec<_>>(),
+            [7, 250]
+        );
         assert_eq!(some.record(250).map(|r| r.vcpu), Some(250));
         assert!(some.record(8).is_none());
         assert!(some.holdout(3));
+        let rcu = Snapshot::take_holdouts(&m, &reg).unwrap();
+        assert_eq!(
+            rcu.records.iter().map(|r| r.vcpu).collect::<Vec<_>>(),
+            [3, 200, 299]
+        );
     }
 
     #[test]

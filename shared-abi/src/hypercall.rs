@@ -266,9 +266,17 @@ mod tests {
                 assert_eq!(IpiRequest::decode(r.encode()), Some(r));
             }
         }
-        assert_eq!(IpiRequest::decode(1 << 16 | 1 << 8 | 0xf1), None, "both forms");
+        assert_eq!(
+            IpiRequest::decode(1 << 16 | 1 << 8 | 0xf1),
+            None,
+            "both forms"
+        );
         for reserved in 9..16 {
-            assert_eq!(IpiRequest::decode(1 << reserved | 0xf1), None, "bit {reserved}");
+            assert_eq!(
+                IpiRequest::decode(1 << reserved | 0xf1),
+                None,
+                "bit {reserved}"
+            );
         }
         assert_eq!(IpiRequest::decode(u32::MAX), None);
     }

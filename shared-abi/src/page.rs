@@ -312,7 +312,10 @@ mod tests {
             assert_eq!(h.holdouts_offset as usize, 64 + nr * 64);
             assert_eq!(h.ipi_wait_offset as usize, 64 + nr * 64 + stride);
             assert_eq!(ipi_wait_offset(nr, nr - 1), 64 + nr * 64 + nr * stride);
-            assert_eq!(h.event_rings_offset as usize, 64 + nr * 64 + (nr + 1) * stride);
+            assert_eq!(
+                h.event_rings_offset as usize,
+                64 + nr * 64 + (nr + 1) * stride
+            );
             assert!(h.geometry_ok());
             assert!(region_size(nr, 128) >= crate::event_ring_offset(nr, 128, nr));
         }

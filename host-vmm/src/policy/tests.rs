@@ -428,7 +428,9 @@ fn garbage_pages_and_states_never_panic_and_decisions_stay_sane() {
         if round % 2 == 0 {
             // Waiters and holdouts anywhere in the VM, past 64 too.
             let some = |next: &mut dyn FnMut() -> u64| -> Vec<u32> {
-                (0..next() % 8).map(|_| (next() % n as u64) as u32).collect()
+                (0..next() % 8)
+                    .map(|_| (next() % n as u64) as u32)
+                    .collect()
             };
             for i in 0..n {
                 let targets = some(&mut next);

@@ -12,11 +12,11 @@ use shared_abi::{HypercallStatus, IpiDest, IpiRequest, IDLE_MAX_US};
 use vm_memory::GuestMemoryMmap;
 
 use super::Outcome;
+use crate::arch::x86_64::x2apic;
 use crate::devices::PioBus;
 use crate::guest_events::{self, EventLog, TscSync, MAX_EVENTS_PER_VM};
 use crate::hoststat;
 use crate::hypercall::HypercallHost;
-use crate::arch::x86_64::x2apic;
 use crate::sched::{Backend, GuestView, VmHandle};
 use crate::shared_region::{self, Registration, Snapshot};
 use crate::vcpu::steal_time::StealTimeError;
@@ -82,11 +82,6 @@ impl VmShared {
 
     pub fn registration(&self) -> Option<Registration> {
         self.shared_region.get().cloned()
-    }
-
-    fn take_snapshot(&self) -> Option<Snapshot> {
-        let reg = self.registration()?;
-        Snapshot::take(&self.mem, &reg).ok()
     }
 
     /// Injects fixed interrupt `vector` into vCPU `index` (APIC id = vCPU index).
@@ -207,7 +202,10 @@ impl HypercallHost for VmShared {
             return HypercallStatus::BadVcpu;
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let snapshot = self.take_snapshot();
+        // The policy reads the spinner's record (what it spins on, whom it waits for).
+        let snapshot = self
+            .registration()
+            .and_then(|reg| Snapshot::take_some(&self.mem, &reg, &[caller]).ok());
         self.backend
             .spin_yield(self.key(caller), Some(target), snapshot.as_ref());
         HypercallStatus::Ok
@@ -241,7 +239,9 @@ impl HypercallHost for VmShared {
     }
 
     fn rcu_wait(&self, caller: u32, seq: u32) -> HypercallStatus {
-        let snapshot = self.take_snapshot();
+        let snapshot = self
+            .registration()
+            .and_then(|reg| Snapshot::take_holdouts(&self.mem, &reg).ok());
         self.backend
             .rcu_wait(self.key(caller), seq, snapshot.as_ref());
         HypercallStatus::Ok

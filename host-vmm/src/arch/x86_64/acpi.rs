@@ -135,7 +135,11 @@ mod tests {
             let e = &m[x + 16 * i..x + 16 * (i + 1)];
             assert_eq!((e[0], e[1]), (MADT_LOCAL_X2APIC, 16));
             assert_eq!(u32::from_le_bytes(e[4..8].try_into().unwrap()), id);
-            assert_eq!(u32::from_le_bytes(e[8..12].try_into().unwrap()), 1, "enabled");
+            assert_eq!(
+                u32::from_le_bytes(e[8..12].try_into().unwrap()),
+                1,
+                "enabled"
+            );
             assert_eq!(u32::from_le_bytes(e[12..16].try_into().unwrap()), id, "UID");
         }
     }

@@ -58,7 +58,11 @@ mod tests {
         assert_eq!(s[2].ebx, 42, "unrelated leaves untouched");
         patch_for_vcpu(&mut cpuid, 1000);
         let s = cpuid.as_slice();
-        assert_eq!(s[0].ebx, (1000 & 0xff) << 24 | 0x12_3456, "8 bits in leaf 1");
+        assert_eq!(
+            s[0].ebx,
+            (1000 & 0xff) << 24 | 0x12_3456,
+            "8 bits in leaf 1"
+        );
         assert_eq!(s[1].edx, 1000, "the whole ID in leaf 0xb");
     }
 }

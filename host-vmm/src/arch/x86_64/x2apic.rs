@@ -49,7 +49,10 @@ mod tests {
         let m = fixed_msi(5, 0xf2);
         assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_5000, 0, 0xf2));
         let m = fixed_msi(1023, 0x40);
-        assert_eq!((m.address_lo, m.address_hi), (0xfee0_0000 | 0xff << 12, 0x300));
+        assert_eq!(
+            (m.address_lo, m.address_hi),
+            (0xfee0_0000 | 0xff << 12, 0x300)
+        );
         let m = fixed_msi(255, 0x40);
         assert_eq!((m.address_lo, m.address_hi), (0xfee0_0000 | 0xff << 12, 0));
     }
