@@ -14,8 +14,8 @@ extern "C" {
     static ap_trampoline_end: u8;
 }
 
-/// Stack tops by APIC ID, read by boot.S (`ap_stack_tops`, which halts an AP whose ID is
-/// past the table or whose entry is 0).
+/// Stack tops by APIC ID, taken by boot.S (`ap_stack_tops`: an AP swaps its entry for 0,
+/// and halts where its ID is past the table or it finds 0).
 #[export_name = "ap_stack_tops"]
 static AP_STACK_TOPS: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 /// CR3 the trampoline loads, read by trampoline.S (`ap_boot_cr3`, 32-bit).

@@ -139,7 +139,9 @@ long_mode_64:
  * An AP finds its stack by its initial APIC ID: the x2APIC ID (CPUID.0xB:EDX) where the
  * CPU has leaf 0xB (maximum basic leaf >= 0xB and CPUID.0xB:EBX[15:0] non-zero), else
  * CPUID.1:EBX[31:24], which holds only 8 bits (apic::initial_apic_id does the same).
- * An ID past ap_stack_tops ({nr_cpus} entries), or without a stack, halts.
+ * It takes its entry of ap_stack_tops ({nr_cpus} of them), leaving 0: an ID past the
+ * table, an entry without a stack, or one already taken (two CPUs past 255 read the same
+ * 8-bit ID where leaf 0xB is missing) halts the AP rather than share a stack.
  */
 ap_long_mode:
     xor %eax, %eax
@@ -160,7 +162,9 @@ ap_long_mode:
     jae 4f
     mov %ebx, %edi                  /* first argument: APIC ID */
     lea ap_stack_tops(%rip), %rax
-    mov (%rax,%rbx,8), %rsp
+    xor %ecx, %ecx
+    xchg %rcx, (%rax,%rbx,8)        /* atomic: one AP takes each stack */
+    mov %rcx, %rsp
     test %rsp, %rsp
     jz 4f
     xor %ebp, %ebp

@@ -144,7 +144,22 @@ pub fn init_this_cpu(name: &'static str, is_idle: bool) {
         t.set_state(State::Ready);
         t
     };
-    let mut rq = RQ[cpu as usize].lock_irqsave();
+    set_first_task(me, idle);
+}
+
+/// An AP's start: `idle` (this CPU's task from [`Task::adopt_current`] with `is_idle`,
+/// made beforehand by the boot CPU, so that APs coming up together take no heap lock)
+/// becomes the calling context, which will run `idle_loop`.
+pub fn init_this_cpu_idle(idle: Arc<Task>) {
+    assert!(
+        idle.is_idle && idle.cpu == percpu::id(),
+        "another CPU's idle task"
+    );
+    set_first_task(idle.clone(), idle);
+}
+
+fn set_first_task(me: Arc<Task>, idle: Arc<Task>) {
+    let mut rq = RQ[me.cpu as usize].lock_irqsave();
     rq.current = Some(me);
     rq.idle = Some(idle);
 }
