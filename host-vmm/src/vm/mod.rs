@@ -254,7 +254,7 @@ pub fn build(
         .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        let v = Vcpu::create(&vm, id, &supported)?;
+        let v = Vcpu::create(&vm, id, config.vcpus, &supported)?;
         if id == 0 {
             v.set_pvh_entry(entry.0, start_info.0)?;
         }
