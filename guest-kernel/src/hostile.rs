@@ -287,10 +287,10 @@ fn lie_bitmap(base: u64, nr: u32, offset: usize, words: &[u64]) {
 /// valid: in the kernel, an RCU reader holding a lock, spinning on a lock its neighbour
 /// holds (so the holders point at each other in a ring), and waiting for an IPI
 /// acknowledgement from every vCPU (its `ipi_wait` bitmap naming each vCPU of the VM and
-/// no other, then `ipi_wait_count`: a bitmap with bits past the VM would fail validation). The frame moves the `seq` in memory (the kernel's own
-/// updates on this CPU move it too); with `torn` it is left open: the record stays
-/// mid-update for good (until the kernel publishes on this CPU and closes it, after which
-/// the next rewrite opens it again).
+/// no other, then `ipi_wait_count`: bits past the VM would fail validation). The frame
+/// moves the `seq` in memory (the kernel's own updates on this CPU move it too); with
+/// `torn` it is left open: the record stays mid-update for good (until the kernel
+/// publishes on this CPU and closes it, after which the next rewrite opens it again).
 fn claim_everything(base: u64, nr: u32, cpu: u32, torn: bool) {
     use core::mem::offset_of;
     use shared_abi::{record_offset, VcpuMode, VcpuRecord};
