@@ -22,8 +22,9 @@ pub enum Hypercall {
     /// `host_lent_by == t + 1` gives the turn back with `YieldTo(t)` once it no longer holds
     /// `t` up: `t` runs at once (ABI v4). Status: `Ok` or `BadVcpu`.
     YieldTo = 0x0501,
-    /// `out` a 32-bit timeout in microseconds, until the vCPU's next timer deadline (0: none;
-    /// the host caps it at [`IDLE_MAX_US`]): the vCPU has nothing to run. Used instead of
+    /// `out` a 32-bit timeout in microseconds, until the vCPU's next timer deadline (capped at
+    /// [`IDLE_MAX_US`]; 0: no timer is armed, and the vCPU sleeps until a `SendIpi` targets
+    /// it, ABI v6): the vCPU has nothing to run. Used instead of
     /// `hlt`, which with KVM's in-kernel irqchip would block inside `KVM_RUN` and keep the
     /// host CPU the vCPU was given. Made with interrupts enabled (an interrupt pending at the
     /// `out` is then taken on return without an interrupt-window exit). Returns at once if an

@@ -535,13 +535,16 @@ impl Backend for SlotBackend {
         self.wait_turn(v);
     }
 
-    fn idle(&self, v: usize, timeout: Duration) {
-        let mut until = 0;
+    fn idle(&self, v: usize, timeout: Option<Duration>) {
+        let mut until = Nanos::MAX;
         self.with_core(Some(v), |c, now, fx| {
-            until = now + timeout.as_nanos() as Nanos;
+            if let Some(t) = timeout {
+                until = now.saturating_add(t.as_nanos() as Nanos);
+            }
             c.idle(v, until, now, fx);
         });
-        self.wait_turn_until(v, Some(until));
+        // No deadline: only an IPI (or the VM's end) makes it runnable, as after any wait.
+        self.wait_turn_until(v, timeout.map(|_| until));
     }
 
     fn ipi(&self, v: usize, to: u32) {

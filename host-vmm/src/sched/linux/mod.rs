@@ -33,6 +33,9 @@ use crate::shared_region::Snapshot;
 
 /// What the policies are told: a boost costs a priority change and a wake-up (about 50 us
 /// here), and a preempted vCPU waits about a tick.
+/// How often an idle vCPU without a deadline looks whether its VM has ended.
+const IDLE_RECHECK: Duration = Duration::from_millis(100);
+
 const COSTS: Costs = Costs {
     boost_ns: 50_000,
     slice_ns: 4_000_000,
@@ -317,8 +320,8 @@ impl Backend for LinuxBackend {
         std::thread::yield_now();
     }
 
-    fn idle(&self, v: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+    fn idle(&self, v: usize, timeout: Option<Duration>) {
+        let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.lock();
         let Some(c) = s.vcpus.get_mut(v) else {
             return;
@@ -335,12 +338,14 @@ impl Backend for LinuxBackend {
                 break;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 break;
             }
+            // Without a deadline the wait still wakes now and then to look at `gone`.
+            let wait = deadline.map_or(IDLE_RECHECK, |d| (d - now).min(IDLE_RECHECK));
             s = Audited::new(
                 self.wake
-                    .wait_timeout(s.into_inner(), deadline - now)
+                    .wait_timeout(s.into_inner(), wait)
                     .unwrap_or_else(|e| e.into_inner())
                     .0,
             );
