@@ -213,8 +213,8 @@ impl HypercallHost for VmShared {
 
     fn idle(&self, caller: u32, timeout_us: u32) -> HypercallStatus {
         // 0: no timer armed (a tickless idle CPU): it sleeps until an IPI, as `hlt` would.
-        let timeout = (timeout_us != 0)
-            .then(|| Duration::from_micros(timeout_us.min(IDLE_MAX_US) as u64));
+        let timeout =
+            (timeout_us != 0).then(|| Duration::from_micros(timeout_us.min(IDLE_MAX_US) as u64));
         self.backend.idle(self.key(caller), timeout);
         HypercallStatus::Ok
     }

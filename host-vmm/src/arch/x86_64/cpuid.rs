@@ -20,7 +20,11 @@ const LEVEL_TYPE_CORE: u32 = 2;
 /// topology leaf 0xB (all 32 bits), which it rewrites as one package of `nr_vcpus` cores
 /// of one thread each. KVM's supported list may carry leaf 0xB empty (an AMD host does):
 /// a guest then finds no valid level and, past APIC ID 255, no way to learn its own ID.
-pub fn patch_for_vcpu(cpuid: &mut CpuId, apic_id: u32, nr_vcpus: u32) -> Result<(), vmm_sys_util::fam::Error> {
+pub fn patch_for_vcpu(
+    cpuid: &mut CpuId,
+    apic_id: u32,
+    nr_vcpus: u32,
+) -> Result<(), vmm_sys_util::fam::Error> {
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
@@ -92,12 +96,22 @@ mod tests {
         // Leaf 0xB: SMT level of one thread, core level of 8 cores in 3 ID bits, then an
         // invalid level; each names the whole ID.
         let smt = leaf(&cpuid, 0xb, 0);
-        assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8 & 0xff, smt.edx), (0, 1, 1, 5));
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.ecx >> 8 & 0xff, smt.edx),
+            (0, 1, 1, 5)
+        );
         let core = leaf(&cpuid, 0xb, 1);
-        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (3, 8, 2 << 8 | 1, 5));
+        assert_eq!(
+            (core.eax, core.ebx, core.ecx, core.edx),
+            (3, 8, 2 << 8 | 1, 5)
+        );
         assert_eq!(leaf(&cpuid, 0xb, 2).ecx, 2, "level 2 is invalid (type 0)");
         assert_eq!(
-            cpuid.as_slice().iter().filter(|e| e.function == 0xb).count(),
+            cpuid
+                .as_slice()
+                .iter()
+                .filter(|e| e.function == 0xb)
+                .count(),
             3,
             "KVM's empty leaf 0xB replaced"
         );
