@@ -36,6 +36,8 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 /// One vCPU of a VM, not yet running.
 pub struct Vcpu {
     index: u32,
+    /// vCPUs of its VM.
+    nr_vcpus: u32,
     fd: VcpuFd,
 }
 
@@ -56,7 +58,11 @@ impl Vcpu {
         let mut c = supported.clone();
         cpuid::patch_for_vcpu(&mut c, index, nr_vcpus).map_err(VcpuError::Cpuid)?;
         fd.set_cpuid2(&c).map_err(kvm_op("KVM_SET_CPUID2"))?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            nr_vcpus,
+            fd,
+        })
     }
 
     /// Sets the PVH entry state: 32-bit protected mode at `entry`, %ebx = `start_info`.

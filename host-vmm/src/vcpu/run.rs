@@ -15,11 +15,20 @@ use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
 use crate::sched::Backend;
 
 /// How often an application processor that waits for INIT-SIPI-SIPI is looked at (it waits
-/// outside KVM_RUN and outside the scheduler): every ms at first, backing off to
-/// `AP_WAIT_POLL_MAX`, so a thousand waiting vCPUs cost a few thousand ioctls a second while
-/// the BSP boots, and an AP starts at most that much after its SIPI.
+/// outside KVM_RUN and outside the scheduler): every ms at first, backing off to a period
+/// that grows with the VM ([`ap_poll_max`]), so the VM's waiting vCPUs together make at
+/// most about `AP_POLLS_PER_SEC` `KVM_GET_MP_STATE` calls a second. A call costs several
+/// us on a nested host: 1023 APs polled every 8 ms took both host CPUs, and the BSP, which
+/// needed them to boot, took 36 s to reach its first timer.
 const AP_WAIT_POLL: Duration = Duration::from_millis(1);
-const AP_WAIT_POLL_MAX: Duration = Duration::from_millis(8);
+const AP_POLLS_PER_SEC: u64 = 20_000;
+
+/// Longest poll period for an AP of a VM of `nr_vcpus`: 8 ms up to 160 vCPUs, then growing
+/// with them (51 ms at 1024), which is also the most an AP's start can lag its SIPI.
+fn ap_poll_max(nr_vcpus: u32) -> Duration {
+    let per_vcpu_us = 1_000_000 / AP_POLLS_PER_SEC;
+    Duration::from_micros(per_vcpu_us * nr_vcpus as u64).max(Duration::from_millis(8))
+}
 
 /// Failure injection for the tests of the VMM's error paths: `PVSYNC_INJECT=vcpu-panic:MS`
 /// makes vCPU 0's thread panic MS ms after it starts (the VM ends with a VMM fault).
@@ -94,11 +103,12 @@ impl Vcpu {
             return;
         }
         let mut poll = AP_WAIT_POLL;
+        let max = ap_poll_max(self.nr_vcpus);
         while !vm.stopping() {
             match self.fd.get_mp_state() {
                 Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => {
                     std::thread::sleep(poll);
-                    poll = (poll * 2).min(AP_WAIT_POLL_MAX);
+                    poll = (poll * 2).min(max);
                 }
                 _ => return,
             }
