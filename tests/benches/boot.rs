@@ -97,7 +97,10 @@ fn boot_once(runner: Runner, vcpus: u32) -> Result<Sample, String> {
     let exit = start.elapsed();
     let first_error = errors.join().ok().flatten().unwrap_or_default();
     let online = online.ok_or_else(|| {
-        format!("{} {vcpus} vCPUs: not all online ({status}): {first_error}", runner.name())
+        format!(
+            "{} {vcpus} vCPUs: not all online ({status}): {first_error}",
+            runner.name()
+        )
     })?;
     Ok(Sample {
         online,
@@ -231,7 +234,10 @@ fn main() {
         println!("\npvsync: ms to all-online per added vCPU");
         for w in pvsync_online.windows(2) {
             let ((a, ta), (b, tb)) = (w[0], w[1]);
-            println!("  {a:>5} -> {b:>5}: {:.2} ms/vCPU", (tb - ta) / (b - a) as f64);
+            println!(
+                "  {a:>5} -> {b:>5}: {:.2} ms/vCPU",
+                (tb - ta) / (b - a) as f64
+            );
         }
     }
 }
