@@ -2,6 +2,7 @@
 //! its descriptor busy), with an interrupt stack for double faults.
 
 use alloc::boxed::Box;
+use core::mem::MaybeUninit;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
 use x86_64::instructions::tables::load_tss;
 use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
@@ -46,8 +47,10 @@ pub fn init_this_cpu() -> Selectors {
 impl CpuTables {
     /// Allocates and fills a GDT and TSS for one CPU.
     pub fn build() -> Self {
-        let ist_stack: &'static mut [u8] =
-            Box::leak(alloc::vec![0u8; IST_STACK_SIZE].into_boxed_slice());
+        // Not zeroed: a stack needs no initial contents, and the boot CPU, building these
+        // for every AP, would otherwise touch four fresh pages per AP.
+        let ist_stack: &'static mut [MaybeUninit<u8>] =
+            Box::leak(Box::new_uninit_slice(IST_STACK_SIZE));
         let ist_top = VirtAddr::from_ptr(ist_stack.as_ptr_range().end).align_down(16u64);
 
         // The TSS stays reachable only through this raw pointer: the scheduler rewrites RSP0
