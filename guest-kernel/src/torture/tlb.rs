@@ -31,12 +31,14 @@ use crate::{println, sched, tlb};
 
 const POISON: u64 = 1 << 63;
 const WATCH_VA: u64 = USER_DATA_VA;
+/// Tasks (readers and churners) the counter pages have room for: the default (a reader
+/// per CPU and two churners) at NR_CPUS, twice over.
+const MAX_TASKS: usize = 2 * pvsync_guest::NR_CPUS;
 const COUNTERS_VA: u64 = USER_DATA_VA + 0x10_0000;
-const SCRATCH_VA: u64 = USER_DATA_VA + 0x20_0000;
+const SCRATCH_VA: u64 = COUNTERS_VA + MAX_TASKS as u64 * 4096;
 /// Frames the watched page rotates through.
 const POOL: usize = 16;
-/// Tasks (readers and churners) the counter pages have room for.
-const MAX_TASKS: usize = ((SCRATCH_VA - COUNTERS_VA) / 4096) as usize;
+const _: () = assert!(SCRATCH_VA + MAX_TASKS as u64 * 4096 <= crate::user::USER_WORKLOAD_VA);
 
 /// Writes `v` into the first word of a frame of the pool (user tasks only read it).
 fn frame_write(f: StaticFrame, v: u64) {
