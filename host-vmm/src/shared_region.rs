@@ -396,7 +396,7 @@ impl Snapshot {
             self.header.host_flags,
             self.header.rcu_gp_seq,
             self.header.rcu_callbacks_pending,
-            cpu_list(bitmap_iter(&self.holdouts)),
+            cpu_list(bitmap_iter(&self.holdouts).filter(|&v| v < r.nr_vcpus)),
             self.invalid_records()
         );
         for v in &self.records {
