@@ -609,6 +609,9 @@ mod tests {
         );
     }
 
+    /// A named change to a header.
+    type Move = (&'static str, fn(&mut PageHeader));
+
     /// Hostile headers whose offsets point the bitmaps or rings elsewhere, inside the region
     /// or out of it: refused before the host follows any of them.
     #[test]
@@ -616,7 +619,7 @@ mod tests {
         let m = mem();
         for nr in [4u32, 65, 96] {
             let good = PageHeader::new(nr, 8);
-            let moves: [(&str, fn(&mut PageHeader)); 6] = [
+            let moves: [Move; 6] = [
                 ("holdouts past the end", |h| {
                     h.holdouts_offset = h.region_size
                 }),

@@ -480,8 +480,9 @@ fn synthetic_region(n: u32) -> (GuestMemoryMmap, Registration) {
     (0..n)
         .step_by(7)
         .for_each(|v| set(holdouts_offset(n as usize), v));
-    let ram = [0..GPA + size as u64];
-    let reg = validate(&mem, GPA, n, &(0..0x1000), &ram).expect("a valid region");
+    let ram = 0..GPA + size as u64;
+    let reg =
+        validate(&mem, GPA, n, &(0..0x1000), std::slice::from_ref(&ram)).expect("a valid region");
     (mem, reg)
 }
 

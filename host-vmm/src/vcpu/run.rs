@@ -119,13 +119,13 @@ impl Vcpu {
     /// `vm.guest_ended`.
     pub fn run(mut self, vm: &impl VcpuContext) {
         let index = self.index;
-        let key = vm.key(index as u32);
+        let key = vm.key(index);
         let backend = vm.backend();
         let kick_target = KickTarget::publish(&mut self.fd);
         self.wait_for_sipi(vm);
         backend.start(key, Box::new(kick_target.kicker()));
         backend.wait_turn(key);
-        let mut hypercalls = VcpuHypercalls::new(index as u32);
+        let mut hypercalls = VcpuHypercalls::new(index);
         let mut events = vm.new_event_log();
         let mut tsc = TscClock::default();
         let panic_at = injected_panic(index);

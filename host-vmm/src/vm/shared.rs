@@ -128,14 +128,14 @@ impl VcpuContext for VmShared {
         if let Some(reg) = self.event_region.get() {
             // Guest memory the VM owns for its whole life: a failed copy is a bug of ours,
             // not the guest's; the events are lost, the run goes on.
-            let _ = guest_events::drain(&self.mem, reg, index as u32, log, sync);
+            let _ = guest_events::drain(&self.mem, reg, index, log, sync);
         }
     }
 
     fn rcu_nesting(&self, index: u32) -> u32 {
-        self.event_region.get().map_or(0, |reg| {
-            guest_events::rcu_nesting(&self.mem, reg, index as u32)
-        })
+        self.event_region
+            .get()
+            .map_or(0, |reg| guest_events::rcu_nesting(&self.mem, reg, index))
     }
 
     fn memory(&self) -> &GuestMemoryMmap {
@@ -176,13 +176,8 @@ impl HypercallHost for VmShared {
         if self.shared_region.get().is_some() {
             return HypercallStatus::AlreadyRegistered;
         }
-        match shared_region::validate(
-            &self.mem,
-            gpa,
-            self.nr_vcpus as u32,
-            &self.kernel_image,
-            &self.ram,
-        ) {
+        match shared_region::validate(&self.mem, gpa, self.nr_vcpus, &self.kernel_image, &self.ram)
+        {
             Ok(reg) => {
                 if shared_region::mark_accepted(&self.mem, &reg, self.events_wanted).is_err() {
                     return HypercallStatus::BadAddress;
@@ -220,7 +215,7 @@ impl HypercallHost for VmShared {
     }
 
     fn send_ipi(&self, caller: u32, request: IpiRequest) -> HypercallStatus {
-        let n = self.nr_vcpus as u32;
+        let n = self.nr_vcpus;
         let targets = match request.dest {
             IpiDest::Vcpu(v) if (v as u32) < n => v as u32..v as u32 + 1,
             IpiDest::Vcpu(_) => return HypercallStatus::BadVcpu,
