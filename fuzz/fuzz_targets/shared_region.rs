@@ -1,8 +1,11 @@
 //! A guest's shared region, any bytes at all: registration validation, then a snapshot and
-//! the per-record checks, never panic.
+//! the per-record checks, never panic. Half the inputs get a valid ABI 6 header over their
+//! bytes, so the records, the bitmaps (with any count and any bits) and the partial
+//! snapshots are fuzzed too, not only the header checks.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use shared_abi::PageHeader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM the region may lie in (1 MiB, from 0).
@@ -21,12 +24,40 @@ fuzz_target!(|data: &[u8]| {
         GuestAddress(gpa),
     )
     .unwrap();
+    if data[2] & 2 == 2 {
+        let h = PageHeader::new(vm_vcpus, 0);
+        // The header's bytes (docs/abi.md, 2.1); rcu_gp_seq stays the fuzzer's.
+        let mut b = Vec::with_capacity(64);
+        b.extend_from_slice(&h.magic.to_le_bytes());
+        for w in [
+            h.abi_version,
+            h.nr_vcpus,
+            h.region_size,
+            h.record_size,
+            h.records_offset,
+            0,
+        ] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        let _ = mem.write_slice(&b, GuestAddress(gpa));
+        for (off, w) in [
+            (48, h.holdouts_offset),
+            (52, h.ipi_wait_offset),
+            (56, 0),
+            (60, h.event_rings_offset),
+        ] {
+            let _ = mem.write_obj(w, GuestAddress(gpa + off));
+        }
+    }
     let kernel = 0..0x10_000;
     let ram = [0..RAM];
     if let Ok(reg) = host_vmm::shared_region::validate(&mem, gpa, vm_vcpus, &kernel, &ram) {
-        if let Ok(snap) = host_vmm::shared_region::Snapshot::take(&mem, &reg) {
+        use host_vmm::shared_region::Snapshot;
+        if let Ok(snap) = Snapshot::take(&mem, &reg) {
             let _ = snap.invalid_records();
             let _ = snap.render();
         }
+        let _ = Snapshot::take_some(&mem, &reg, &[data[0] as u32 % 9, u32::MAX]);
+        let _ = Snapshot::take_holdouts(&mem, &reg);
     }
 });

@@ -106,10 +106,14 @@ impl PageHeader {
     /// `event_ring_entries`, and `host_flags` is still zero. A host refuses any other
     /// header (`BadGeometry`), so offsets it follows never point outside the region.
     pub const fn geometry_ok(&self) -> bool {
+        // The bounds first: the layout of a larger region would not fit the arithmetic.
+        if self.nr_vcpus as usize > crate::MAX_VCPUS
+            || !crate::valid_event_ring_entries(self.event_ring_entries)
+        {
+            return false;
+        }
         let canonical = PageHeader::new(self.nr_vcpus, self.event_ring_entries);
-        self.nr_vcpus as usize <= crate::MAX_VCPUS
-            && crate::valid_event_ring_entries(self.event_ring_entries)
-            && self.region_size == canonical.region_size
+        self.region_size == canonical.region_size
             && self.record_size == canonical.record_size
             && self.records_offset == canonical.records_offset
             && self.host_flags == 0
@@ -339,6 +343,11 @@ mod tests {
             |h| h.region_size -= PAGE_SIZE as u32,
             |h| h.nr_vcpus = crate::MAX_VCPUS as u32 + 1,
         ];
+        // Past every bound at once: refused without computing a layout that overflows.
+        let mut huge = good;
+        huge.nr_vcpus = u32::MAX;
+        huge.event_ring_entries = u32::MAX;
+        assert!(!huge.geometry_ok());
         for m in moved {
             let mut h = good;
             m(&mut h);

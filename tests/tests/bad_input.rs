@@ -158,7 +158,7 @@ fn more_vcpus_than_kvm_allows_are_refused_naming_the_limit() {
     }
     let k = guest_kernel().to_str().unwrap().to_owned();
     let asked = (kvm_max + 1).to_string();
-    let out = pvsync(&["run", "--kernel", &k, "--vcpus", &asked]);
+    let out = pvsync(&["run", "--kernel", &k, "--vcpus", &asked, "--mem", "1024"]);
     no_host_panic(&out);
     out.check(out.status.is_some_and(|s| s != 0), "a failure exit");
     out.check(

@@ -26,17 +26,23 @@ pub fn patch_for_vcpu(
     nr_vcpus: u32,
 ) -> Result<(), vmm_sys_util::fam::Error> {
     for e in cpuid.as_mut_slice() {
-        match e.function {
-            LEAF_FEATURES => {
-                // Only 8 bits here; leaf 0xB carries the whole x2APIC ID.
-                e.ebx = (e.ebx & 0x00ff_ffff) | ((apic_id & 0xff) << EBX_APIC_ID_SHIFT);
-                e.ecx |= ECX_X2APIC | ECX_HYPERVISOR;
-            }
-            LEAF_V2_EXT_TOPOLOGY => e.edx = apic_id,
-            _ => {}
+        if e.function == LEAF_FEATURES {
+            // Only 8 bits here; leaf 0xB carries the whole x2APIC ID.
+            e.ebx = (e.ebx & 0x00ff_ffff) | ((apic_id & 0xff) << EBX_APIC_ID_SHIFT);
+            e.ecx |= ECX_X2APIC | ECX_HYPERVISOR;
         }
     }
-    cpuid.retain(|e| e.function != LEAF_EXT_TOPOLOGY);
+    // Leaf 0x1F, which software prefers where it exists, says the same as 0xB.
+    let leaves: &[u32] = if cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == LEAF_V2_EXT_TOPOLOGY)
+    {
+        &[LEAF_EXT_TOPOLOGY, LEAF_V2_EXT_TOPOLOGY]
+    } else {
+        &[LEAF_EXT_TOPOLOGY]
+    };
+    cpuid.retain(|e| !leaves.contains(&e.function));
     // Bits of the APIC ID that number cores: enough for the highest ID.
     let core_bits = u32::BITS - nr_vcpus.saturating_sub(1).leading_zeros();
     let levels = [
@@ -44,9 +50,12 @@ pub fn patch_for_vcpu(
         (core_bits, nr_vcpus, LEVEL_TYPE_CORE),
         (0, 0, LEVEL_TYPE_INVALID),
     ];
-    for (index, (shift, count, kind)) in levels.into_iter().enumerate() {
+    for (&function, (index, (shift, count, kind))) in leaves
+        .iter()
+        .flat_map(|f| levels.into_iter().enumerate().map(move |l| (f, l)))
+    {
         cpuid.push(kvm_cpuid_entry2 {
-            function: LEAF_EXT_TOPOLOGY,
+            function,
             index: index as u32,
             flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
             eax: shift,
@@ -125,5 +134,22 @@ mod tests {
         );
         assert_eq!(leaf(&cpuid, 0xb, 0).edx, 1000, "the whole ID in leaf 0xb");
         assert_eq!(leaf(&cpuid, 0xb, 1).eax, 10, "1024 IDs need 10 bits");
+        assert!(
+            !cpuid.as_slice().iter().any(|e| e.function == 0x1f),
+            "no leaf 0x1F where KVM lists none"
+        );
+
+        // Where KVM lists leaf 0x1F, it mirrors 0xB.
+        let mut with_1f = entries.to_vec();
+        with_1f.push(kvm_cpuid_entry2 {
+            function: 0x1f,
+            ..Default::default()
+        });
+        let mut cpuid = CpuId::from_entries(&with_1f).unwrap();
+        patch_for_vcpu(&mut cpuid, 300, 512).unwrap();
+        for i in 0..3 {
+            let (a, b) = (leaf(&cpuid, 0x1f, i), leaf(&cpuid, 0xb, i));
+            assert_eq!((a.eax, a.ebx, a.ecx, a.edx), (b.eax, b.ebx, b.ecx, b.edx));
+        }
     }
 }

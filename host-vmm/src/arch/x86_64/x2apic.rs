@@ -3,7 +3,9 @@
 //! An MSI's destination is 8 bits (address bits 12..20), and KVM by default reads 0xff as
 //! broadcast. With `KVM_CAP_X2APIC_API` (`USE_32BIT_IDS`) KVM takes the destination's upper
 //! 24 bits from the MSI's high address word, so every APIC ID up to 2^32 - 1 can be named;
-//! `DISABLE_BROADCAST_QUIRK` makes 0xff an ordinary ID (vCPU 255).
+//! `DISABLE_BROADCAST_QUIRK` makes 0xff an ordinary ID (vCPU 255) once every enabled local
+//! APIC is in x2APIC mode (while one is still in xAPIC mode, KVM still reads 0xff as
+//! broadcast; the pvsync guest turns x2APIC on in each CPU's bring-up).
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_msi, KVM_CAP_X2APIC_API, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK,

@@ -31,11 +31,12 @@ use super::{Backend, GuestView, Kick, Nanos, VmHandle};
 use crate::policy::{BoostPolicy, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::Snapshot;
 
+/// How often an idle vCPU without a deadline looks whether its VM has ended (a safety net:
+/// `end_vm` notifies it).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
 /// What the policies are told: a boost costs a priority change and a wake-up (about 50 us
 /// here), and a preempted vCPU waits about a tick.
-/// How often an idle vCPU without a deadline looks whether its VM has ended.
-const IDLE_RECHECK: Duration = Duration::from_millis(100);
-
 const COSTS: Costs = Costs {
     boost_ns: 50_000,
     slice_ns: 4_000_000,
