@@ -24,7 +24,8 @@ const AP_STACK_FRAMES: u64 = 8; // 32 KiB
 const INIT_DELAY_CYCLES: u64 = 50_000_000;
 /// Give a CPU this long after the first SIPI before sending the second.
 const FIRST_SIPI_WAIT_CYCLES: u64 = 200_000_000;
-/// And this long in all before declaring it dead (generous: nested virtualization is slow).
+/// And this long without any CPU coming online before declaring the rest dead (generous:
+/// nested virtualization is slow).
 const ONLINE_TIMEOUT_CYCLES: u64 = 60_000_000_000;
 /// Up to this many CPUs the boot CPU prints a `cpu N online` line for each AP (as before,
 /// and what tests look for); beyond, only the summary line, which it prints always.
@@ -110,8 +111,16 @@ pub fn start_aps(ids: &[u32], whole: bool) -> CpuSet {
     let sipi_at = tsc::now();
     let mut second_sipi_sent = false;
     let missing = || want.difference(&online());
+    // The timeout counts from the last CPU to come online: a large VM on a slow host keeps
+    // making progress long after a fixed deadline would have given up on it.
+    let (mut last_count, mut progress_at) = (0, sipi_at);
     while !missing().is_empty() {
-        let waited = tsc::now() - sipi_at;
+        let now = tsc::now();
+        let count = online().len();
+        if count != last_count {
+            (last_count, progress_at) = (count, now);
+        }
+        let waited = now - sipi_at;
         if !second_sipi_sent && waited > FIRST_SIPI_WAIT_CYCLES {
             // A CPU still in wait-for-SIPI missed the first one; running CPUs ignore this.
             missing()
@@ -119,7 +128,7 @@ pub fn start_aps(ids: &[u32], whole: bool) -> CpuSet {
                 .for_each(|id| apic::send_startup(Dest::Cpu(id), page));
             second_sipi_sent = true;
         }
-        if waited > ONLINE_TIMEOUT_CYCLES {
+        if now - progress_at > ONLINE_TIMEOUT_CYCLES {
             return missing();
         }
         core::hint::spin_loop();

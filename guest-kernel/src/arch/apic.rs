@@ -145,11 +145,14 @@ impl Dest {
 
 /// Sends INIT (level assert) to `dest`.
 pub fn send_init(dest: Dest) {
+    // The APs' stacks and boot data are stored before this: order them before the IPI.
+    ipi_fence();
     wrmsr(X2APIC_ICR, dest.icr() | ICR_INIT | ICR_LEVEL_ASSERT);
 }
 
 /// Sends a STARTUP IPI: `dest` starts in real mode at `page << 12`.
 pub fn send_startup(dest: Dest, page: u8) {
+    ipi_fence();
     wrmsr(
         X2APIC_ICR,
         dest.icr() | ICR_STARTUP | ICR_LEVEL_ASSERT | page as u64,
@@ -301,7 +304,8 @@ pub fn wait_for_interrupt() {
 }
 
 /// `wait_for_interrupt` for a CPU whose tick is stopped (`stop_tick`): the idle hook (the
-/// Idle hypercall) then names no deadline (0; the host still bounds the wait).
+/// Idle hypercall) then names no deadline (0: only a `SendIpi` ends it, ABI 6, and every
+/// remote wake-up is sent that way while the host accepts the region).
 pub fn wait_for_interrupt_tickless() {
     wait(|| 0);
 }
