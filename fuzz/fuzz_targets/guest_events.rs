@@ -38,31 +38,8 @@ fuzz_target!(|data: &[u8]| {
         let shift = (data[0] >> 3) & 0xf;
         let entries = (MIN_EVENT_RING_ENTRIES << shift).min(MAX_EVENT_RING_ENTRIES);
         let header = PageHeader::new(vm_vcpus, entries);
-        // The header's bytes from its public fields, little-endian (docs/abi.md, 2.1).
-        let mut bytes = Vec::with_capacity(64);
-        bytes.extend_from_slice(&header.magic.to_le_bytes());
-        for w in [
-            header.abi_version,
-            header.nr_vcpus,
-            header.region_size,
-            header.record_size,
-            header.records_offset,
-            header.host_flags,
-        ] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        for w in [header.rcu_gp_seq, header.rcu_callbacks_pending] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        for w in [
-            header.holdouts_offset,
-            header.ipi_wait_offset,
-            header.event_ring_entries,
-            header.event_rings_offset,
-        ] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        mem.write_slice(&bytes, GuestAddress(gpa)).unwrap();
+        mem.write_slice(&header.to_bytes(), GuestAddress(gpa))
+            .unwrap();
     }
     let kernel = 0..0x10_000;
     let ram = [0..RAM];

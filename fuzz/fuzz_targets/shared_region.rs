@@ -25,29 +25,14 @@ fuzz_target!(|data: &[u8]| {
     )
     .unwrap();
     if data[2] & 2 == 2 {
-        let h = PageHeader::new(vm_vcpus, 0);
-        // The header's bytes (docs/abi.md, 2.1); rcu_gp_seq stays the fuzzer's.
-        let mut b = Vec::with_capacity(64);
-        b.extend_from_slice(&h.magic.to_le_bytes());
-        for w in [
-            h.abi_version,
-            h.nr_vcpus,
-            h.region_size,
-            h.record_size,
-            h.records_offset,
-            0,
-        ] {
-            b.extend_from_slice(&w.to_le_bytes());
-        }
-        let _ = mem.write_slice(&b, GuestAddress(gpa));
-        for (off, w) in [
-            (48, h.holdouts_offset),
-            (52, h.ipi_wait_offset),
-            (56, 0),
-            (60, h.event_rings_offset),
-        ] {
-            let _ = mem.write_obj(w, GuestAddress(gpa + off));
-        }
+        // A valid header over the fuzzer's bytes; its RCU fields stay the fuzzer's.
+        let mut h = PageHeader::new(vm_vcpus, 0);
+        let mut old = [0u8; 64];
+        let _ = mem.read_slice(&mut old, GuestAddress(gpa));
+        let old = PageHeader::from_bytes(&old);
+        h.rcu_gp_seq = old.rcu_gp_seq;
+        h.rcu_callbacks_pending = old.rcu_callbacks_pending;
+        let _ = mem.write_slice(&h.to_bytes(), GuestAddress(gpa));
     }
     let kernel = 0..0x10_000;
     let ram = [0..RAM];

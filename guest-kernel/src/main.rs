@@ -154,12 +154,17 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
 
     let missing = smp::start_aps(cpus.ids(), whole);
     assert!(missing.is_empty(), "CPUs {missing} did not come online");
+    let online_cycles = arch::tsc::now() - boot_tsc;
+    // Memory in use once every CPU is up: frames handed out, less the heap's free part (the
+    // heap is one run of frames).
+    let (_, frames_in_use) = mm::frame::stats();
+    let (_, heap_free) = mm::heap::stats();
+    let mem_used_kib = (frames_in_use * mm::frame::FRAME_SIZE).saturating_sub(heap_free) / 1024;
     println!(
-        "RESULT boot cpus={} online={} shared={} online_cycles={}",
+        "RESULT boot cpus={} online={} shared={} online_cycles={online_cycles} mem_used_kib={mem_used_kib}",
         cpus.ids().len(),
         smp::online().len(),
         status.name(),
-        arch::tsc::now() - boot_tsc
     );
     x86_64::instructions::interrupts::enable();
     rcu::start(cpus.ids());

@@ -487,10 +487,7 @@ mod tests {
     }
 
     fn write_header(mem: &GuestMemoryMmap, gpa: u64, h: PageHeader) {
-        // SAFETY: PageHeader is plain integers, HEADER_SIZE bytes, so viewing it as bytes
-        // is sound while `h` lives.
-        let bytes: &[u8; HEADER_SIZE] = unsafe { &*(&h as *const PageHeader).cast() };
-        mem.write_slice(bytes, GuestAddress(gpa)).unwrap();
+        mem.write_slice(&h.to_bytes(), GuestAddress(gpa)).unwrap();
     }
 
     const KERNEL: Range<u64> = 0x10_0000..0x20_0000;

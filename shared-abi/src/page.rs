@@ -122,6 +122,63 @@ impl PageHeader {
             && self.event_rings_offset == canonical.event_rings_offset
     }
 
+    /// The header's bytes in the ABI's (little-endian) order, as a guest writes them: for
+    /// tools and tests that build a region.
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut b = [0u8; HEADER_SIZE];
+        let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+        put(offset_of!(PageHeader, magic), &self.magic.to_le_bytes());
+        put(
+            offset_of!(PageHeader, abi_version),
+            &self.abi_version.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, nr_vcpus),
+            &self.nr_vcpus.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, region_size),
+            &self.region_size.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, record_size),
+            &self.record_size.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, records_offset),
+            &self.records_offset.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, host_flags),
+            &self.host_flags.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, rcu_gp_seq),
+            &self.rcu_gp_seq.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, rcu_callbacks_pending),
+            &self.rcu_callbacks_pending.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, holdouts_offset),
+            &self.holdouts_offset.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, ipi_wait_offset),
+            &self.ipi_wait_offset.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, event_ring_entries),
+            &self.event_ring_entries.to_le_bytes(),
+        );
+        put(
+            offset_of!(PageHeader, event_rings_offset),
+            &self.event_rings_offset.to_le_bytes(),
+        );
+        b
+    }
+
     /// Decodes a header from its bytes (any bit pattern is a valid `PageHeader`).
     pub fn from_bytes(bytes: &[u8; HEADER_SIZE]) -> Self {
         // SAFETY: PageHeader is repr(C), exactly HEADER_SIZE bytes (asserted below) and made
@@ -357,6 +414,11 @@ mod tests {
 
     #[test]
     fn header_round_trips_through_bytes() {
+        let mut h = PageHeader::new(300, 128);
+        h.rcu_gp_seq = 7;
+        h.rcu_callbacks_pending = 9;
+        h.host_flags = 3;
+        assert_eq!(PageHeader::from_bytes(&h.to_bytes()), h);
         let h = PageHeader::new(8, 0);
         // SAFETY: PageHeader is plain integers of HEADER_SIZE bytes, so viewing it as bytes is
         // sound for the lifetime of `h`.

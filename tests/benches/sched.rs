@@ -33,7 +33,7 @@ use pvsync_tests::{field, guest_kernel, pvsync, Output};
 use serde_json::Value;
 use shared_abi::{
     bitmap_word_bit, holdouts_offset, ipi_wait_offset, record_offset, PageHeader, VcpuMode,
-    VcpuRecord, HEADER_SIZE, NO_VCPU, RECORD_SIZE,
+    VcpuRecord, NO_VCPU, RECORD_SIZE,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -453,9 +453,8 @@ fn synthetic_region(n: u32) -> (GuestMemoryMmap, Registration) {
     let mut header = PageHeader::new(n, 0);
     header.rcu_gp_seq = 7;
     header.rcu_callbacks_pending = 5000;
-    // SAFETY: PageHeader is plain integers, HEADER_SIZE bytes.
-    let h: &[u8; HEADER_SIZE] = unsafe { &*(&header as *const PageHeader).cast() };
-    mem.write_slice(h, GuestAddress(GPA)).unwrap();
+    mem.write_slice(&header.to_bytes(), GuestAddress(GPA))
+        .unwrap();
     for i in 0..n {
         let r = VcpuRecord {
             seq: 2,
