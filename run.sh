@@ -2,7 +2,7 @@
 # pvsync main job. Builds the VMM and the guest, boots the guest, then runs two VMs side by
 # side on the VMM's slot scheduler with the paravirtual boost policy.
 #
-#   ./run.sh                 build; 4 vCPUs (self-tests) and 64 vCPUs (boot) with the shared region
+#   ./run.sh                 build; 4 vCPUs (self-tests) and 256 vCPUs (boot) with the shared region
 #                            dumped; then two 4-vCPU VMs on the host's cores, metrics table + trace
 #   ./run.sh test            install what a fresh machine lacks; fmt and clippy (host and guest),
 #                            then every test
@@ -78,7 +78,7 @@ style_failed() {
 usage() {
     cat <<'USAGE'
 usage: ./run.sh [COMMAND]
-  main (default)               build; boot 4 vCPUs (self-tests) and 64 vCPUs (boot) with the
+  main (default)               build; boot 4 vCPUs (self-tests) and 256 vCPUs (boot) with the
                                shared region dumped; then two VMs on the slot scheduler
   test                         fmt and clippy (host and guest), every test, then every fuzz
                                target for 10 s
@@ -229,9 +229,9 @@ main)
     echo "== pvsync: 4 vCPUs, self-tests, shared region dumped at exit"
     "$VMM" run --kernel "$GUEST" --vcpus 4 --mem 128 --cmdline "test=selftest" --dump-shared
     echo
-    echo "== pvsync: 64 vCPUs on $(nproc) host cores (overcommitted), boot test"
-    "$VMM" run --kernel "$GUEST" --vcpus 64 --mem 256 --cmdline "test=boot" --dump-shared 2>&1 |
-        grep -E '^(RESULT|SUCCESS|FAILURE|shared region|pvsync:)|^shared vcpu=(0|1|63) '
+    echo "== pvsync: 256 vCPUs on $(nproc) host cores (overcommitted), boot test"
+    "$VMM" run --kernel "$GUEST" --vcpus 256 --mem 768 --cmdline "test=boot" --dump-shared 2>&1 |
+        grep -E '^(RESULT|SUCCESS|FAILURE|shared region|smp:|pvsync:)|^shared vcpu=(0|1|255) '
     echo
     echo "== pvsync: two 4-vCPU VMs on $(nproc) slots (policy pv, placement spread)"
     "$VMM" run --kernel "$GUEST" --policy pv --placement spread \

@@ -8,6 +8,10 @@ use pvsync_boot_parse::{acpi, pvh, SliceMem};
 
 /// Where the input lies: the start of the area the RSDP scan covers.
 const BASE: u64 = 0xe_0000;
+/// A small CPU limit, which short inputs reach, and the guest kernel's own
+/// (`pvsync_guest::NR_CPUS`), which takes x2APIC IDs past 255.
+const SMALL: usize = 64;
+const KERNEL: usize = 1024;
 
 fuzz_target!(|data: &[u8]| {
     let mem = SliceMem::new(BASE, data);
@@ -21,8 +25,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(n <= regions.len());
         }
     }
-    if let Ok(cpus) = acpi::madt_cpus::<64, _>(&mem, 0) {
-        assert!(cpus.ids().len() <= 64 && cpus.ids().iter().all(|&id| id < 64));
+    if let Ok(cpus) = acpi::madt_cpus::<SMALL, _>(&mem, 0) {
+        assert!(cpus.ids().len() <= SMALL && cpus.ids().iter().all(|&id| (id as usize) < SMALL));
     }
-    let _ = acpi::madt_cpus::<64, _>(&mem, BASE);
+    if let Ok(cpus) = acpi::madt_cpus::<KERNEL, _>(&mem, 0) {
+        assert!(cpus.ids().len() <= KERNEL && cpus.ids().iter().all(|&id| (id as usize) < KERNEL));
+    }
+    let _ = acpi::madt_cpus::<SMALL, _>(&mem, BASE);
 });

@@ -38,36 +38,17 @@ fuzz_target!(|data: &[u8]| {
         let shift = (data[0] >> 3) & 0xf;
         let entries = (MIN_EVENT_RING_ENTRIES << shift).min(MAX_EVENT_RING_ENTRIES);
         let header = PageHeader::new(vm_vcpus, entries);
-        // The header's bytes from its public fields, little-endian (docs/abi.md, 2.1).
-        let mut bytes = Vec::with_capacity(64);
-        bytes.extend_from_slice(&header.magic.to_le_bytes());
-        for w in [
-            header.abi_version,
-            header.nr_vcpus,
-            header.region_size,
-            header.record_size,
-            header.records_offset,
-            header.host_flags,
-        ] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        for w in [
-            header.rcu_gp_seq,
-            header.rcu_callbacks_pending,
-            header.rcu_gp_holdouts,
-        ] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        bytes.extend_from_slice(&header.event_ring_entries.to_le_bytes());
-        bytes.extend_from_slice(&header.reserved.to_le_bytes());
-        mem.write_slice(&bytes, GuestAddress(gpa)).unwrap();
+        mem.write_slice(&header.to_bytes(), GuestAddress(gpa))
+            .unwrap();
     }
     let kernel = 0..0x10_000;
     let ram = [0..RAM];
     let Ok(reg) = host_vmm::shared_region::validate(&mem, gpa, vm_vcpus, &kernel, &ram) else {
         return;
     };
-    let mut logs: Vec<EventLog> = (0..reg.nr_vcpus + 1).map(|_| EventLog::with_cap(LOG_CAP)).collect();
+    let mut logs: Vec<EventLog> = (0..reg.nr_vcpus + 1)
+        .map(|_| EventLog::with_cap(LOG_CAP))
+        .collect();
     let epoch = Instant::now();
     for _ in 0..drains {
         for (v, log) in logs.iter_mut().enumerate() {
@@ -86,10 +67,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(copied <= reg.event_ring_entries as usize);
         }
         if rewrites.len() >= 4 {
-            let at = u32::from_le_bytes([rewrites[0], rewrites[1], rewrites[2], 0]) as u64 % reg.size;
+            let at =
+                u32::from_le_bytes([rewrites[0], rewrites[1], rewrites[2], 0]) as u64 % reg.size;
             let n = (rewrites[3] as usize).min(rewrites.len() - 4);
             let n = n.min((reg.size - at) as usize);
-            mem.write_slice(&rewrites[4..4 + n], GuestAddress(reg.gpa + at)).unwrap();
+            mem.write_slice(&rewrites[4..4 + n], GuestAddress(reg.gpa + at))
+                .unwrap();
             rewrites = &rewrites[4 + n..];
         }
     }

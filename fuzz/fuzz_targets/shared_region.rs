@@ -1,8 +1,11 @@
 //! A guest's shared region, any bytes at all: registration validation, then a snapshot and
-//! the per-record checks, never panic.
+//! the per-record checks, never panic. Half the inputs get a valid ABI 6 header over their
+//! bytes, so the records, the bitmaps (with any count and any bits) and the partial
+//! snapshots are fuzzed too, not only the header checks.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use shared_abi::PageHeader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest RAM the region may lie in (1 MiB, from 0).
@@ -21,12 +24,25 @@ fuzz_target!(|data: &[u8]| {
         GuestAddress(gpa),
     )
     .unwrap();
+    if data[2] & 2 == 2 {
+        // A valid header over the fuzzer's bytes; its RCU fields stay the fuzzer's.
+        let mut h = PageHeader::new(vm_vcpus, 0);
+        let mut old = [0u8; 64];
+        let _ = mem.read_slice(&mut old, GuestAddress(gpa));
+        let old = PageHeader::from_bytes(&old);
+        h.rcu_gp_seq = old.rcu_gp_seq;
+        h.rcu_callbacks_pending = old.rcu_callbacks_pending;
+        let _ = mem.write_slice(&h.to_bytes(), GuestAddress(gpa));
+    }
     let kernel = 0..0x10_000;
     let ram = [0..RAM];
     if let Ok(reg) = host_vmm::shared_region::validate(&mem, gpa, vm_vcpus, &kernel, &ram) {
-        if let Ok(snap) = host_vmm::shared_region::Snapshot::take(&mem, &reg) {
+        use host_vmm::shared_region::Snapshot;
+        if let Ok(snap) = Snapshot::take(&mem, &reg) {
             let _ = snap.invalid_records();
             let _ = snap.render();
         }
+        let _ = Snapshot::take_some(&mem, &reg, &[data[0] as u32 % 9, u32::MAX]);
+        let _ = Snapshot::take_holdouts(&mem, &reg);
     }
 });

@@ -2,21 +2,22 @@
 //! through the boot identity map (`arch::bootmem`; every table bounded and checksummed there).
 
 use pvsync_boot_parse::acpi::{self, AcpiError};
-use shared_abi::MAX_VCPUS;
+use pvsync_guest::NR_CPUS;
 
 use crate::arch::bootmem::BootMemory;
 use crate::println;
 
-/// Enabled APIC IDs, at most MAX_VCPUS of them, each below MAX_VCPUS (they index per-CPU
+/// Enabled APIC IDs, at most NR_CPUS of them, each below NR_CPUS (they index per-CPU
 /// arrays and the shared region).
-pub type CpuList = acpi::CpuList<MAX_VCPUS>;
+pub type CpuList = acpi::CpuList<NR_CPUS>;
 
-/// CPUs 0..smp when given, else the MADT's. Without usable ACPI tables the kernel runs on
+/// CPUs 0..smp when given, else the MADT's, and whether they are every CPU the machine has
+/// (the MADT's, none of its entries disabled). Without usable ACPI tables the kernel runs on
 /// the boot CPU alone and says why; with more CPUs than it supports it stops.
-pub fn cpus(mem: &BootMemory, smp: Option<usize>, rsdp_hint: u64) -> CpuList {
+pub fn cpus(mem: &BootMemory, smp: Option<usize>, rsdp_hint: u64) -> (CpuList, bool) {
     let result = match smp {
         Some(n) => CpuList::from_count(n),
-        None => acpi::madt_cpus::<MAX_VCPUS, _>(mem, rsdp_hint),
+        None => acpi::madt_cpus::<NR_CPUS, _>(mem, rsdp_hint),
     };
     match result {
         Ok(l) => {
@@ -26,16 +27,19 @@ pub fn cpus(mem: &BootMemory, smp: Option<usize>, rsdp_hint: u64) -> CpuList {
                     l.duplicates()
                 );
             }
-            l
+            let whole = smp.is_none() && l.disabled() == 0;
+            (l, whole)
         }
         Err(e @ (AcpiError::TooManyCpus { .. } | AcpiError::ApicIdTooLarge { .. })) => {
             crate::panic::fail(format_args!(
-                "{e}: pvsync supports at most {MAX_VCPUS} vCPUs, APIC IDs 0..{MAX_VCPUS} (smp=N uses fewer)"
+                "{e}: this kernel supports at most {NR_CPUS} vCPUs, APIC IDs 0..{NR_CPUS} (smp=N uses fewer)"
             ))
         }
         Err(e) => {
             println!("ACPI: {e}; assuming 1 CPU (pass smp=N to override)");
-            CpuList::from_count(1).unwrap_or_else(|e| crate::panic::fail(format_args!("{e}")))
+            let one =
+                CpuList::from_count(1).unwrap_or_else(|e| crate::panic::fail(format_args!("{e}")));
+            (one, false)
         }
     }
 }

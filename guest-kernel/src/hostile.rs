@@ -37,7 +37,8 @@ fn page_with(header: PageHeader) -> u64 {
 
 /// Bad registrations, made before the real one. True if the host refused each correctly.
 pub fn before_registration(nr_vcpus: u32) -> bool {
-    // Without event rings: the region is one page (or two), like the pages below.
+    // Without event rings. Each page below holds only a header, which the host refuses
+    // before it reads further (or for where the region would lie).
     let good = PageHeader::new(nr_vcpus, 0);
     let mut ok = true;
     let zero = page_with(PageHeader::default());
@@ -157,7 +158,7 @@ fn flood_one(seed: u64, end: u64) -> u64 {
                 Hypercall::SendIpi,
                 IpiRequest {
                     vector: crate::arch::vectors::PING,
-                    dest: IpiDest::Vcpu(((r >> 16) % nr as u64) as u8),
+                    dest: IpiDest::Vcpu(((r >> 16) % nr as u64) as u16),
                 }
                 .encode(),
             ),
@@ -255,15 +256,15 @@ const FROZEN_GP_SEQ: u64 = (1 << 40) | 1;
 const HUGE_BACKLOG: u64 = 1 << 40;
 
 /// Stores the low `width` bytes (1, 4 or 8) of `value` at guest-physical `at`, inside this
-/// kernel's shared region, atomically (other CPUs may clear `ipi_wait` bits concurrently).
+/// kernel's shared region, atomically (other CPUs may clear bitmap bits concurrently).
 fn lie(at: u64, width: usize, value: u64) {
     use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
     // SAFETY: every caller passes an address inside the region this kernel allocated for
     // the host (identity-mapped, live for good), aligned for `width` (record and header
-    // fields at their ABI offsets). The store is atomic, and every other writer of these
-    // fields stores them atomically too (ipi_wait acknowledgements, the RCU header, `seq`)
-    // or is this CPU itself (its own record), so there is no data race; nothing in this
-    // guest trusts these fields while `hostile-claims` runs.
+    // fields and bitmap words at their ABI offsets). The store is atomic, and every other
+    // writer of these fields stores them atomically too (the bitmaps, the RCU header,
+    // `seq`, `ipi_wait_count`) or is this CPU itself (its own record), so there is no data
+    // race; nothing in this guest trusts these fields while `hostile-claims` runs.
     unsafe {
         match width {
             1 => AtomicU8::from_ptr(at as *mut u8).store(value as u8, Relaxed),
@@ -273,22 +274,23 @@ fn lie(at: u64, width: usize, value: u64) {
     }
 }
 
-/// Bit i set for each of `nr` vCPUs.
-fn every_vcpu(nr: u32) -> u64 {
-    if nr >= 64 {
-        u64::MAX
-    } else {
-        (1u64 << nr) - 1
-    }
+/// Stores `words` into the vCPU bitmap at region offset `offset` of a region at `base` for
+/// `nr` vCPUs, word by word.
+fn lie_bitmap(base: u64, nr: u32, offset: usize, words: &[u64]) {
+    let at = base + offset as u64;
+    (0..shared_abi::bitmap_words(nr as usize))
+        .zip(words)
+        .for_each(|(i, &w)| lie(at + 8 * i as u64, 8, w));
 }
 
 /// CPU `cpu`'s record (of `nr`) at `base`, rewritten to claim everything while staying
 /// valid: in the kernel, an RCU reader holding a lock, spinning on a lock its neighbour
 /// holds (so the holders point at each other in a ring), and waiting for an IPI
-/// acknowledgement from every vCPU. The frame moves the `seq` in memory (the kernel's own
-/// updates on this CPU move it too); with `torn` it is left open: the record stays
-/// mid-update for good (until the kernel publishes on this CPU and closes it, after which
-/// the next rewrite opens it again).
+/// acknowledgement from every vCPU (its `ipi_wait` bitmap naming each vCPU of the VM and
+/// no other, then `ipi_wait_count`: bits past the VM would fail validation). The frame
+/// moves the `seq` in memory (the kernel's own updates on this CPU move it too); with
+/// `torn` it is left open: the record stays mid-update for good (until the kernel
+/// publishes on this CPU and closes it, after which the next rewrite opens it again).
 fn claim_everything(base: u64, nr: u32, cpu: u32, torn: bool) {
     use core::mem::offset_of;
     use shared_abi::{record_offset, VcpuMode, VcpuRecord};
@@ -320,7 +322,10 @@ fn claim_everything(base: u64, nr: u32, cpu: u32, torn: bool) {
         8,
         base + 8 * (cpu as u64 + 1),
     );
-    lie(field(offset_of!(VcpuRecord, ipi_wait)), 8, every_vcpu(nr));
+    let every_vcpu = pvsync_guest::CpuSet::first(nr as usize);
+    let ipi_wait = shared_abi::ipi_wait_offset(nr as usize, cpu as usize);
+    lie_bitmap(base, nr, ipi_wait, every_vcpu.words());
+    lie(field(offset_of!(VcpuRecord, ipi_wait_count)), 4, nr as u64);
     if !torn {
         lie(seq_at, 4, open.wrapping_add(1) as u64);
     }
@@ -336,7 +341,9 @@ fn seq_now(at: u64) -> u32 {
     }
 }
 
-/// The header's grace-period fields, frozen with a huge backlog and every vCPU a holdout.
+/// The header's grace-period fields, frozen with a huge backlog and every vCPU a holdout:
+/// every bit of the holdout bitmap set, those past the VM's vCPUs in its last word too
+/// (which name nobody: a host must not act on them).
 fn freeze_grace_period(base: u64, nr: u32) {
     use core::mem::offset_of;
     use shared_abi::PageHeader;
@@ -347,10 +354,12 @@ fn freeze_grace_period(base: u64, nr: u32) {
         8,
         HUGE_BACKLOG,
     );
-    lie(
-        at(offset_of!(PageHeader, rcu_gp_holdouts)),
-        8,
-        every_vcpu(nr),
+    let all_bits = [u64::MAX; pvsync_guest::cpuset::CPU_SET_WORDS];
+    lie_bitmap(
+        base,
+        nr,
+        shared_abi::holdouts_offset(nr as usize),
+        &all_bits,
     );
 }
 

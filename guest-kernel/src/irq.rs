@@ -11,7 +11,7 @@
 //! reschedule happens).
 
 use core::sync::atomic::{AtomicU64, Ordering};
-use shared_abi::MAX_VCPUS;
+use pvsync_guest::NR_CPUS;
 
 use crate::arch::hook::Hook;
 use crate::arch::idt::{self, TrapFrame};
@@ -21,8 +21,8 @@ use crate::percpu;
 /// Tick period.
 pub const TICK_US: u64 = 4000;
 
-static TICKS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
-static PINGS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+static TICKS: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
+static PINGS: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 
 /// What the tick does after re-arming and counting.
 static ON_TICK: Hook<fn(bool)> = Hook::new();

@@ -2,7 +2,8 @@
 //! platform.
 //!
 //! The kernel's own data structures use [`KernelLock`] (a ticket lock taken test-and-set
-//! style): a tick cannot preempt a holder, and the host sees holders and waiters.
+//! style, with the one taker slot such a lock needs): a tick cannot preempt a holder, and
+//! the host sees holders and waiters.
 
 pub use pvsync_guest::locks::RawLock;
 
@@ -15,4 +16,4 @@ pub type McsLock = pvsync_guest::locks::McsLock<Kernel>;
 /// Data behind a lock of algorithm `L`.
 pub type SpinLock<T, L> = pvsync_guest::locks::SpinLock<T, L>;
 /// The lock kernel data structures use (run queues, wait queues, allocators, console).
-pub type KernelLock<T> = SpinLock<T, TicketLock>;
+pub type KernelLock<T> = SpinLock<T, pvsync_guest::locks::KernelTicketLock<Kernel>>;

@@ -40,7 +40,8 @@ mod workloads;
 
 use arch::bootmem::BootMemory;
 use pvsync_boot_parse::cmdline::KvmUse;
-use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION, MAX_VCPUS};
+use pvsync_guest::NR_CPUS;
+use shared_abi::{ExitCode, HypercallStatus, VcpuMode, ABI_VERSION};
 
 /// Installs the hooks through which the lower layers reach the higher ones (fn-pointer
 /// stores only; before the IDT is loaded and before any other CPU runs). The shared
@@ -83,13 +84,16 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     let cmd = cmdline::parse(boot.cmdline());
 
     // ACPI is read while the boot tables still map all of the first 4 GiB.
-    let cpus = acpi::cpus(&boot_memory, cmd.smp, boot.rsdp);
+    // `whole`: these are every CPU the machine has, so INIT and SIPI may be broadcast.
+    let (cpus, whole) = acpi::cpus(&boot_memory, cmd.smp, boot.rsdp);
     let nr_vcpus = cpus.ids().iter().max().map_or(1, |&m| m + 1);
     assert!(
-        nr_vcpus as usize <= MAX_VCPUS,
-        "APIC ID {} is beyond the ABI's {MAX_VCPUS} vCPUs",
+        nr_vcpus as usize <= NR_CPUS,
+        "APIC ID {} is beyond this kernel's NR_CPUS ({NR_CPUS})",
         nr_vcpus - 1
     );
+    // CPU ids stay below nr_vcpus: CPU sets touch only the words those need.
+    pvsync_guest::set_nr_cpu_ids(nr_vcpus as usize);
 
     mm::init(boot, boot_memory, cpus.ids().len());
     tlb::init(
@@ -148,15 +152,19 @@ extern "C" fn kernel_main_bsp(start_info: u64) -> ! {
     selftest::per_cpu_checks(me);
     smp::mark_online(me);
 
-    if let Err(missing) = smp::start_aps(cpus.ids()) {
-        panic!("CPUs (mask {missing:#x}) did not come online");
-    }
+    let missing = smp::start_aps(cpus.ids(), whole);
+    assert!(missing.is_empty(), "CPUs {missing} did not come online");
+    let online_cycles = arch::tsc::now() - boot_tsc;
+    // Memory in use once every CPU is up: frames handed out, less the heap's free part (the
+    // heap is one run of frames).
+    let (_, frames_in_use) = mm::frame::stats();
+    let (_, heap_free) = mm::heap::stats();
+    let mem_used_kib = (frames_in_use * mm::frame::FRAME_SIZE).saturating_sub(heap_free) / 1024;
     println!(
-        "RESULT boot cpus={} online={} shared={} online_cycles={}",
+        "RESULT boot cpus={} online={} shared={} online_cycles={online_cycles} mem_used_kib={mem_used_kib}",
         cpus.ids().len(),
-        smp::online_mask().count_ones(),
+        smp::online().len(),
         status.name(),
-        arch::tsc::now() - boot_tsc
     );
     x86_64::instructions::interrupts::enable();
     rcu::start(cpus.ids());

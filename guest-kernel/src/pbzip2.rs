@@ -38,8 +38,9 @@ pub const BLOCK_BYTES: usize = 32 * 1024;
 /// Blocks when `work=` is not given: about 1-3 s with 4 vCPUs at 1:1 on the nested hosts
 /// this runs on.
 pub const DEFAULT_WORK: u64 = 40;
-/// Most workers the layout has room for (4 MiB of user space each).
-const MAX_WORKERS: usize = 64;
+/// Most workers: one per CPU the kernel can have (4 MiB of user space each, 4 GiB at 1024).
+const MAX_WORKERS: usize = pvsync_guest::NR_CPUS;
+const _: () = assert!(program::worker_base(MAX_WORKERS as u64) <= crate::mm::aspace::USER_END);
 
 /// What the kernel keeps per worker.
 struct Worker {

@@ -11,8 +11,7 @@ use core::cell::Cell;
 use core::fmt;
 use core::ptr::{addr_of_mut, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
-use pvsync_guest::CpuSync;
-use shared_abi::MAX_VCPUS;
+use pvsync_guest::{AtomicCpuSet, CpuSet, CpuSync, NR_CPUS};
 use x86_64::registers::model_specific::GsBase;
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
@@ -47,18 +46,42 @@ impl PerCpu {
     }
 }
 
-static BLOCKS: [PerCpu; MAX_VCPUS] = [const { PerCpu::new() }; MAX_VCPUS];
+static BLOCKS: [PerCpu; NR_CPUS] = [const { PerCpu::new() }; NR_CPUS];
+
+/// CPUs that have finished bring-up (`smp` marks them); the platform reads it to send one
+/// all-but-self IPI where a broadcast names every other online CPU.
+static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 
 /// Points GS at CPU `id`'s block (`id`: CPUID's initial APIC ID, readable before the
 /// x2APIC is on). First Rust code on every CPU: nothing before it may take a lock.
 pub fn init_this_cpu(id: u32) {
     let Some(block) = BLOCKS.get(id as usize) else {
-        panic!("APIC ID {id} is beyond the ABI's {MAX_VCPUS} vCPUs");
+        panic!("APIC ID {id} is beyond this kernel's NR_CPUS ({NR_CPUS})");
     };
     block.self_ptr.set(block);
     block.id.set(id);
     block.sync.init(id);
     GsBase::write(VirtAddr::from_ptr(block));
+}
+
+/// Counts CPU `id` online (it has finished bring-up).
+pub fn mark_online(id: u32) {
+    ONLINE.insert(id);
+}
+
+/// The CPUs online now.
+pub fn online() -> CpuSet {
+    ONLINE.load()
+}
+
+/// Whether `cpus` is exactly every online CPU but the caller: an all-but-self IPI then
+/// reaches exactly them (CPUs of the VM never started, `smp=N`, have their local APIC
+/// software-disabled, which drops fixed interrupts).
+pub fn is_every_other_online(cpus: &CpuSet) -> bool {
+    let me = id();
+    let mut with_me = *cpus;
+    with_me.insert(me);
+    !cpus.contains(me) && ONLINE.load() == with_me
 }
 
 /// Records this CPU's TSS (set up after the block, since building it allocates).

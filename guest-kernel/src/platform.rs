@@ -109,6 +109,20 @@ unsafe impl Platform for Kernel {
     }
 
     fn send_ipi_many(cpus: &CpuSet, ipi: Ipi) {
+        // Every online CPU but this one (a shootdown of an address space all CPUs run in, a
+        // grace period's nudge): one "all excluding self" IPI, one exit where one per CPU
+        // would be hundreds. Not kicks, which KVM's kick delivers without an interrupt.
+        let vector = match ipi {
+            Ipi::Reschedule => Some(vectors::RESCHEDULE),
+            Ipi::TlbShootdown => Some(vectors::TLB_SHOOTDOWN),
+            Ipi::Kick => None,
+        };
+        if let Some(vector) = vector.filter(|_| cpus.len() > 1) {
+            if percpu::is_every_other_online(cpus) {
+                apic::send_ipi_all_but_self(vector);
+                return;
+            }
+        }
         match ipi {
             // One hypercall per 128 CPUs (`kvm=sendipi`); the APIC id is the CPU id.
             Ipi::TlbShootdown if kvm::uses(KvmUse::SENDIPI) => {

@@ -9,12 +9,12 @@
 //! scheduler ever sets the flag.
 
 use core::sync::atomic::{AtomicBool, Ordering};
-use shared_abi::MAX_VCPUS;
+use pvsync_guest::NR_CPUS;
 use x86_64::instructions::interrupts;
 
 use crate::arch::hook::Hook;
 
-static NEED_RESCHED: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
+static NEED_RESCHED: [AtomicBool; NR_CPUS] = [const { AtomicBool::new(false) }; NR_CPUS];
 static SWITCH: Hook<fn()> = Hook::new();
 
 /// Installs what a preemption point runs when a reschedule is due and interrupts are on.

@@ -8,16 +8,18 @@
 //!   that took the next ticket, before that CPU has taken the lock.
 //! - `spin-holder-mcs`: an MCS waiter names the holder, and after a hand-off to the waiter
 //!   ahead of it, the new holder.
-//! - `ipi-wait-shrinks`: a shootdown sender's `ipi_wait` loses the bit of a target that
-//!   acknowledged while another target is held off (KVM's PV TLB flush off for it, so that
-//!   no target is left to KVM).
-//! - `ipi-wait-ack`: `shared::ack_ipi_wait` clears exactly the acknowledger's bit.
+//! - `ipi-wait-shrinks`: a shootdown sender's `ipi_wait` bitmap loses the bit of a target
+//!   that acknowledged while another target is held off (KVM's PV TLB flush off for it, so
+//!   that no target is left to KVM).
+//! - `ipi-wait-ack`: `shared::ack_ipi_wait` clears exactly the acknowledger's bit, with the
+//!   two targets as far apart as the CPUs allow (different bitmap words past 64 CPUs), and
+//!   the count and the bitmap read as the ABI says around the wait.
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use pvsync_boot_parse::cmdline::KvmUse;
+use pvsync_guest::CpuSet;
 use shared_abi::VcpuRecord;
 
 use crate::arch::tsc;
@@ -74,12 +76,19 @@ fn names(cpu: u32, lock: u64, holder: u32) -> bool {
     record(cpu).is_some_and(|r| r.spin_lock == lock && r.spin_holder == holder)
 }
 
-/// The calling CPU and two others, if there are.
+/// The calling CPU and two others, if there are: the lowest and the highest of the others
+/// (in different bitmap words past 64 CPUs).
 fn three_cpus() -> Option<(u32, u32, u32)> {
     let me = percpu::id();
-    let online = smp::online_mask();
-    let mut others = (0..64u32).filter(|&c| c != me && online & (1 << c) != 0);
-    Some((me, others.next()?, others.next()?))
+    let mut others = smp::online();
+    others.remove(me);
+    let (first, last) = (others.first_cpu()?, others.last_cpu()?);
+    (first != last).then_some((me, first, last))
+}
+
+/// The CPUs `cpu` publishes it waits on (its `ipi_wait` bitmap) and its `ipi_wait_count`.
+fn ipi_wait(cpu: u32) -> Option<(u32, CpuSet)> {
+    shared::ipi_wait(cpu)
 }
 
 /// Flags the test threads and the main thread hand each other.
@@ -216,7 +225,7 @@ fn ipi_wait_shrinks() -> Verdict {
         // has watched the sender's ipi_wait lose A's bit.
         x86_64::instructions::interrupts::disable();
         fb.b.store(true, SeqCst);
-        let only_b = eventually(|| record(me).is_some_and(|r| r.ipi_wait == 1 << b));
+        let only_b = eventually(|| ipi_wait(me).is_some_and(|(n, s)| n == 2 && s.iter().eq([b])));
         sb.store(if only_b { 1 } else { 2 }, SeqCst);
         x86_64::instructions::interrupts::enable();
         eventually(|| fb.done.load(SeqCst));
@@ -235,7 +244,7 @@ fn ipi_wait_shrinks() -> Verdict {
             verdict = Verdict::Fail("the shootdown did not target both CPUs");
         } else if seen.load(SeqCst) != 1 {
             verdict = Verdict::Fail("ipi_wait kept the bit of a CPU that acknowledged");
-        } else if record(me).map(|r| r.ipi_wait) != Some(0) {
+        } else if ipi_wait(me) != Some((0, CpuSet::new())) {
             verdict = Verdict::Fail("ipi_wait not empty after the shootdown");
         }
     }
@@ -246,29 +255,27 @@ fn ipi_wait_shrinks() -> Verdict {
 }
 
 fn ipi_wait_ack() -> Verdict {
-    let me = percpu::id();
-    let online = smp::online_mask();
-    let others: Vec<u32> = (0..64u32)
-        .filter(|&c| c != me && online & (1 << c) != 0)
-        .collect();
-    let [x, y, ..] = others[..] else {
+    let Some((me, x, y)) = three_cpus() else {
         return Verdict::Skip("needs 3 CPUs");
     };
-    let mask = (1u64 << x) | (1 << y);
-    let wait = || record(me).map(|r| r.ipi_wait);
-    shared::set_ipi_wait(mask);
-    let before = wait();
+    let targets: CpuSet = [x, y].into_iter().collect();
+    let only_y: CpuSet = [y].into_iter().collect();
+    shared::set_ipi_wait(&targets);
+    let before = ipi_wait(me);
     shared::ack_ipi_wait(me, x);
-    let after_x = wait();
+    let after_x = ipi_wait(me);
     shared::ack_ipi_wait(me, y);
-    let after_y = wait();
-    shared::set_ipi_wait(0);
-    if before != Some(mask) {
+    let after_y = ipi_wait(me);
+    shared::end_ipi_wait(&targets);
+    let ended = ipi_wait(me);
+    if before != Some((2, targets)) {
         Verdict::Fail("set_ipi_wait not published")
-    } else if after_x != Some(1 << y) {
+    } else if after_x != Some((2, only_y)) {
         Verdict::Fail("an acknowledgement cleared the wrong bits")
-    } else if after_y != Some(0) {
+    } else if after_y != Some((2, CpuSet::new())) {
         Verdict::Fail("the last acknowledgement left bits set")
+    } else if ended != Some((0, CpuSet::new())) {
+        Verdict::Fail("the end of the wait left its count or bits")
     } else {
         Verdict::Pass
     }

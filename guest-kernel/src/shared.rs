@@ -3,7 +3,7 @@
 //! publication (`pvsync_guest::record`) and hypercall transport
 //! (`pvsync_guest::hypercall`). The layout is `shared_abi`'s, the contract docs/abi.md.
 
-use pvsync_guest::{hypercall, record, region};
+use pvsync_guest::{hypercall, record, region, CpuSet};
 use shared_abi::{Hypercall, HypercallStatus, IpiDest, VcpuMode, VcpuRecord, PAGE_SIZE};
 use x86_64::instructions::port::Port;
 
@@ -62,14 +62,26 @@ pub fn set_mode(mode: VcpuMode) {
     record::publish_mode::<Kernel>(mode);
 }
 
-/// Publishes the set of CPUs the caller waits on for IPI acknowledgements.
-pub fn set_ipi_wait(mask: u64) {
-    record::publish_ipi_wait::<Kernel>(mask);
+/// Publishes the set of CPUs the caller waits on for IPI acknowledgements (its `ipi_wait`
+/// bitmap, then its `ipi_wait_count`).
+pub fn set_ipi_wait(targets: &CpuSet) {
+    record::publish_ipi_wait::<Kernel>(targets);
 }
 
-/// CPU `me` acknowledges an IPI of CPU `sender` in the sender's record.
+/// Ends the caller's wait on `targets` (`ipi_wait_count` 0, then the bitmap's words).
+pub fn end_ipi_wait(targets: &CpuSet) {
+    record::end_ipi_wait::<Kernel>(targets);
+}
+
+/// CPU `me` acknowledges an IPI of CPU `sender` in the sender's `ipi_wait` bitmap.
 pub fn ack_ipi_wait(sender: u32, me: u32) {
     record::ack_ipi_wait(sender, me);
+}
+
+/// What CPU `cpu` publishes it waits on: its `ipi_wait_count` and the CPUs of its
+/// `ipi_wait` bitmap (None without a region or for no such CPU).
+pub fn ipi_wait(cpu: u32) -> Option<(u32, CpuSet)> {
+    record::ipi_wait(cpu)
 }
 
 /// A consistent copy of CPU `cpu`'s record (self-tests).

@@ -52,16 +52,24 @@ pub fn stats() -> (u64, u64) {
     TLB.get().map_or((0, 0), |t| (t.shootdowns(), t.yields()))
 }
 
-/// Requests of CPU `sender` that CPU `target` has flushed and acknowledged so far (as
-/// `target` counted them; `target == sender`: the sender's local flushes).
-pub fn served(target: u32, sender: u32) -> u64 {
-    TLB.get().map_or(0, |t| t.served(target, sender))
+/// Makes `served` and `deferred` count the requests of CPU `sender` from now on (one
+/// sender at a time: the counts are per target).
+pub fn watch_sender(sender: u32) {
+    if let Some(t) = TLB.get() {
+        t.watch_sender(sender);
+    }
 }
 
-/// Requests of CPU `sender` whose flush on CPU `target` was left to the host (KVM's PV TLB
-/// flush: `target` was preempted, and KVM flushes it before it runs again).
-pub fn deferred(target: u32, sender: u32) -> u64 {
-    TLB.get().map_or(0, |t| t.deferred(target, sender))
+/// Requests of the watched sender that CPU `target` has flushed and acknowledged so far
+/// (as `target` counted them; `target` the sender: its local flushes).
+pub fn served(target: u32) -> u64 {
+    TLB.get().map_or(0, |t| t.served(target))
+}
+
+/// Requests of the watched sender whose flush on CPU `target` was left to the host (KVM's
+/// PV TLB flush: `target` was preempted, and KVM flushes it before it runs again).
+pub fn deferred(target: u32) -> u64 {
+    TLB.get().map_or(0, |t| t.deferred(target))
 }
 
 /// Flushes left to the host so far (all senders and targets).

@@ -160,8 +160,8 @@ pub struct RunArgs {
     pub kernel: Option<PathBuf>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1,
-          value_parser = clap::value_parser!(u8).range(1..=MAX_VCPUS as i64))]
-    pub vcpus: u8,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_VCPUS as i64))]
+    pub vcpus: u32,
     /// Guest RAM in MiB (at least what the kernel needs for its vCPUs).
     #[arg(long, default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(1..=MAX_MEM_MIB))]

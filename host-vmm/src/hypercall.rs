@@ -286,14 +286,14 @@ mod tests {
             assert!(h.handle_in(ipi, &mut b));
             HypercallStatus::from_raw(u32::from_le_bytes(b))
         };
-        h.handle_out(&host, ipi, &0x03f2u32.to_le_bytes());
+        h.handle_out(&host, ipi, &(3u32 << 16 | 0xf2).to_le_bytes());
         assert_eq!(status(&mut h), HypercallStatus::Ok);
-        h.handle_out(&host, ipi, &0x07f2u32.to_le_bytes());
+        h.handle_out(&host, ipi, &(7u32 << 16 | 0xf2).to_le_bytes());
         assert_eq!(status(&mut h), HypercallStatus::BadVcpu);
-        for garbage in [0x0300u32, u32::MAX, 1 << 16 | 0x0100 | 0xf2] {
+        for garbage in [0x0300u32, u32::MAX, 1 << 16 | 0x0100 | 0xf2, 0x02f2] {
             h.handle_out(&host, ipi, &garbage.to_le_bytes());
             assert_eq!(status(&mut h), HypercallStatus::BadArgument, "{garbage:#x}");
         }
-        assert_eq!(host.refusals.borrow().len(), 4);
+        assert_eq!(host.refusals.borrow().len(), 5);
     }
 }

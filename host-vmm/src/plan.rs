@@ -52,7 +52,7 @@ pub enum PlanError {
         vm: String,
         what: String,
         kernel: PathBuf,
-        vcpus: u8,
+        vcpus: u32,
         needed_mib: u64,
     },
     #[error("{origin}: VM name '{name}' must be 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - (not starting with '.')")]
@@ -103,7 +103,7 @@ impl Origin {
 /// The flags' values, the defaults of every VM.
 pub struct Defaults<'a> {
     pub kernel: Option<&'a Path>,
-    pub vcpus: u8,
+    pub vcpus: u32,
     pub mem_mib: u64,
     pub cmdline: &'a str,
     pub policy: &'a PolicySpec,
@@ -302,9 +302,9 @@ mod tests {
         assert!(err(&["name=../x"]).contains("VM name '../x'"));
         assert!(err(&["vcpus=2,vcpus=3"]).contains("given twice"));
         assert!(err(&["name=a"]).contains("VM 'a' has no kernel"));
-        let e = err(&["vcpus=99"]);
+        let e = err(&["vcpus=5000"]);
         assert!(
-            e.contains("--vm 'vcpus=99': vcpus=99 is outside 1..=64"),
+            e.contains("--vm 'vcpus=5000': vcpus=5000 is outside 1..=4096"),
             "{e}"
         );
         let e = err(&["mem=4000"]);

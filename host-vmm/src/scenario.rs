@@ -71,7 +71,7 @@ pub struct SchedSection {
 pub struct VmSpec {
     pub name: Option<String>,
     pub kernel: Option<PathBuf>,
-    pub vcpus: Option<u8>,
+    pub vcpus: Option<u32>,
     pub mem: Option<u64>,
     pub cmdline: Option<String>,
     pub policy: Option<PolicySpec>,
@@ -163,7 +163,7 @@ impl VmSpec {
                 "kernel" => v.kernel = Some(PathBuf::from(value)),
                 "vcpus" => {
                     v.vcpus = Some(
-                        u8::try_from(num("vcpus")?)
+                        u32::try_from(num("vcpus")?)
                             .map_err(|_| bad(format!("vcpus={value} is out of range")))?,
                     )
                 }
@@ -190,7 +190,7 @@ mod tests {
         for (spec, why) in [
             ("vcpus", "not key=value"),
             ("vcpus=four", "not a number"),
-            ("vcpus=300", "out of range"),
+            ("vcpus=5000000000", "out of range"),
             ("color=red", "unknown key"),
             ("vcpus=2,mem=64,vcpus=4", "key 'vcpus' is given twice"),
         ] {

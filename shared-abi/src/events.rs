@@ -15,11 +15,12 @@
 //!
 //! ```
 //! use shared_abi::{event_ring_offset, event_rings_offset, region_size, EventKind};
-//! // The rings follow the records; four vCPUs with 128-entry rings fit in two pages.
-//! assert_eq!(event_rings_offset(4), 64 + 4 * 64);
-//! assert_eq!(event_ring_offset(4, 128, 1), 320 + (64 + 128 * 24));
+//! // The rings follow the records and the five bitmaps (holdouts, four ipi_wait); four
+//! // vCPUs with 128-entry rings fit in four pages.
+//! assert_eq!(event_rings_offset(4), 64 + 4 * 64 + 5 * 64);
+//! assert_eq!(event_ring_offset(4, 128, 1), 640 + (64 + 128 * 24));
 //! assert_eq!(region_size(4, 128), 16384);
-//! assert_eq!(region_size(4, 0), 4096, "no rings: as ABI v4");
+//! assert_eq!(region_size(4, 0), 4096, "no rings: one page");
 //! assert_eq!(EventKind::from_raw(1), Some(EventKind::LockSpin));
 //! assert_eq!(EventKind::from_raw(0), None);
 //! ```
@@ -36,9 +37,10 @@ pub const MAX_EVENT_RING_ENTRIES: u32 = 4096;
 /// a multiple of 64 bytes, so every ring header is 64-byte aligned.
 pub const MIN_EVENT_RING_ENTRIES: u32 = 8;
 
-/// Offset, from the region's start, of vCPU 0's event ring: right after the records.
+/// Offset, from the region's start, of vCPU 0's event ring: right after the records and
+/// the vCPU bitmaps (ABI v6).
 pub const fn event_rings_offset(nr_vcpus: usize) -> usize {
-    crate::HEADER_SIZE + nr_vcpus * crate::RECORD_SIZE
+    crate::ipi_wait_offset(nr_vcpus, nr_vcpus)
 }
 
 /// Bytes of one vCPU's ring of `entries` entries (none when `entries` is 0: no rings).
@@ -105,12 +107,12 @@ pub enum EventKind {
     /// lock to, or [`crate::NO_VCPU`] when the lock does not know.
     LockRelease = 3,
     /// It waits for IPI acknowledgements (a TLB shootdown) from `a` vCPUs; `b` is the set
-    /// of those below 64.
+    /// of those below 64 (the first word of its bitmap).
     IpiWait = 4,
     /// Every acknowledgement arrived.
     IpiWaitEnd = 5,
     /// It started RCU grace period `a` (low 32 bits of the header's `rcu_gp_seq`); `b` the
-    /// holdouts below 64 it must wait for.
+    /// holdouts below 64 it must wait for (the first word of the bitmap).
     GpStart = 6,
     /// Grace period `a` now waits on holdouts `b` (it tells the host: RcuWait).
     GpWait = 7,

@@ -22,8 +22,9 @@ pub enum Hypercall {
     /// `host_lent_by == t + 1` gives the turn back with `YieldTo(t)` once it no longer holds
     /// `t` up: `t` runs at once (ABI v4). Status: `Ok` or `BadVcpu`.
     YieldTo = 0x0501,
-    /// `out` a 32-bit timeout in microseconds, until the vCPU's next timer deadline (0: none;
-    /// the host caps it at [`IDLE_MAX_US`]): the vCPU has nothing to run. Used instead of
+    /// `out` a 32-bit timeout in microseconds, until the vCPU's next timer deadline (capped at
+    /// [`IDLE_MAX_US`]; 0: no timer is armed, and the vCPU sleeps until a `SendIpi` targets
+    /// it, ABI v6): the vCPU has nothing to run. Used instead of
     /// `hlt`, which with KVM's in-kernel irqchip would block inside `KVM_RUN` and keep the
     /// host CPU the vCPU was given. Made with interrupts enabled (an interrupt pending at the
     /// `out` is then taken on return without an interrupt-window exit). Returns at once if an
@@ -50,23 +51,24 @@ pub const IDLE_MAX_US: u32 = 100_000;
 /// Where a [`Hypercall::SendIpi`] goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IpiDest {
-    /// One vCPU, by id.
-    Vcpu(u8),
+    /// One vCPU, by id (below [`crate::MAX_VCPUS`]).
+    Vcpu(u16),
     /// Every vCPU but the caller.
     AllButSelf,
 }
 
-/// The argument of [`Hypercall::SendIpi`]: bits 0..8 the vector (32..=255), bits 8..16 the
-/// destination vCPU id, bit 16 set for "all but self" (then bits 8..16 are zero); every other
-/// bit zero.
+/// The argument of [`Hypercall::SendIpi`] (ABI v6): bits 0..8 the vector (32..=255), bit 8
+/// set for "all but self" (then bits 16..32 are zero), bits 9..16 zero, bits 16..32 the
+/// destination vCPU id.
 ///
 /// ```
 /// use shared_abi::{IpiDest, IpiRequest};
-/// let r = IpiRequest { vector: 0xf2, dest: IpiDest::Vcpu(3) };
-/// assert_eq!(r.encode(), 0x03f2);
-/// assert_eq!(IpiRequest::decode(0x03f2), Some(r));
+/// let r = IpiRequest { vector: 0xf2, dest: IpiDest::Vcpu(1000) };
+/// assert_eq!(r.encode(), 1000 << 16 | 0xf2);
+/// assert_eq!(IpiRequest::decode(1000 << 16 | 0xf2), Some(r));
+/// assert_eq!(IpiRequest::decode(0x01f2).map(|r| r.dest), Some(IpiDest::AllButSelf));
 /// assert_eq!(IpiRequest::decode(0x0310), None, "exception vectors are refused");
-/// assert_eq!(IpiRequest::decode(1 << 20 | 0xf2), None, "reserved bits must be zero");
+/// assert_eq!(IpiRequest::decode(1 << 9 | 0xf2), None, "reserved bits must be zero");
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpiRequest {
@@ -75,25 +77,28 @@ pub struct IpiRequest {
 }
 
 impl IpiRequest {
-    const ALL_BUT_SELF: u32 = 1 << 16;
+    const ALL_BUT_SELF: u32 = 1 << 8;
+    /// Bits 9..16: always zero.
+    const RESERVED: u32 = 0xfe00;
     /// Lowest vector an IPI may use: 0..32 are exceptions.
     pub const MIN_VECTOR: u8 = 32;
 
     pub const fn encode(self) -> u32 {
         let dest = match self.dest {
-            IpiDest::Vcpu(v) => (v as u32) << 8,
+            IpiDest::Vcpu(v) => (v as u32) << 16,
             IpiDest::AllButSelf => Self::ALL_BUT_SELF,
         };
         dest | self.vector as u32
     }
 
     /// None for a reserved bit set, an exception vector, or both destination forms at once.
+    /// (Whether a destination id names a vCPU of the VM is the host's check.)
     pub const fn decode(raw: u32) -> Option<Self> {
         let vector = raw as u8;
-        if raw >> 17 != 0 || vector < Self::MIN_VECTOR {
+        if raw & Self::RESERVED != 0 || vector < Self::MIN_VECTOR {
             return None;
         }
-        let id = (raw >> 8) as u8;
+        let id = (raw >> 16) as u16;
         let dest = if raw & Self::ALL_BUT_SELF != 0 {
             if id != 0 {
                 return None;
@@ -251,12 +256,29 @@ mod tests {
     #[test]
     fn ipi_requests_round_trip() {
         for vector in [32u8, 0xf1, 0xff] {
-            for dest in [IpiDest::Vcpu(0), IpiDest::Vcpu(63), IpiDest::AllButSelf] {
+            for dest in [
+                IpiDest::Vcpu(0),
+                IpiDest::Vcpu(63),
+                IpiDest::Vcpu(1023),
+                IpiDest::Vcpu(u16::MAX),
+                IpiDest::AllButSelf,
+            ] {
                 let r = IpiRequest { vector, dest };
                 assert_eq!(IpiRequest::decode(r.encode()), Some(r));
             }
         }
-        assert_eq!(IpiRequest::decode(1 << 16 | 1 << 8 | 0xf1), None);
+        assert_eq!(
+            IpiRequest::decode(1 << 16 | 1 << 8 | 0xf1),
+            None,
+            "both forms"
+        );
+        for reserved in 9..16 {
+            assert_eq!(
+                IpiRequest::decode(1 << reserved | 0xf1),
+                None,
+                "bit {reserved}"
+            );
+        }
         assert_eq!(IpiRequest::decode(u32::MAX), None);
     }
 

@@ -12,8 +12,8 @@
 //!    (tlbtorture remaps), sibling stacking (wake-affine vs spread), and RCU grace periods
 //!    with preempted readers (rcutorture); each under the slot backend and under the Linux
 //!    backend (the host scheduler runs the vCPU threads; boosts are bounded `SCHED_FIFO`).
-//! 3. Boost decision latency: each policy's `on_spin` and `on_tick` on a 64-vCPU VM, in
-//!    process.
+//! 3. Boost decision latency by VM size (64, 256 and 1024 vCPUs): each policy's `on_spin`
+//!    and `on_tick`, and the snapshots they read, copied from guest memory, in process.
 //!
 //! The guests run with `kvm=none`: this benchmark measures pvsync's own mechanisms and
 //! policies; what KVM's own paravirtual features add is `./run.sh bench stockkvm`'s.
@@ -28,10 +28,14 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use host_vmm::policy::{by_name, Costs, Cpl, Input, VcpuState, POLICY_NAMES};
-use host_vmm::shared_region::{check, RecordView, Registration, Snapshot};
+use host_vmm::shared_region::{validate, Registration, Snapshot};
 use pvsync_tests::{field, guest_kernel, pvsync, Output};
 use serde_json::Value;
-use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
+use shared_abi::{
+    bitmap_word_bit, holdouts_offset, ipi_wait_offset, record_offset, PageHeader, VcpuMode,
+    VcpuRecord, NO_VCPU, RECORD_SIZE,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 fn reps() -> usize {
     std::env::var("BENCH_REPS")
@@ -54,14 +58,15 @@ fn run(args: &[&str]) -> (Output, Value) {
         "run",
         "--kernel",
         &k,
-        "--mem",
-        "256",
         "--timeout",
         "180",
         "--metrics",
         path.to_str().unwrap(),
     ];
     all.extend_from_slice(args);
+    if !args.contains(&"--mem") {
+        all.extend(["--mem", "256"]);
+    }
     let out = pvsync(&all);
     if out.status != Some(0) {
         panic!("pvsync {args:?} failed:\n{}", out.all());
@@ -185,17 +190,32 @@ fn print_floors(fl: &floors::Floors) {
 /// overcommit, the baseline), and the slice.
 /// 3 ms is the VMM's default; 20 ms is what a busy CFS host gives a vCPU thread
 /// (sched_latency 24 ms), where a preempted vCPU stays off the CPU for tens of ms.
-const SETUPS: [(&str, &str, &str); 4] = [
+/// 96 vCPUs is the published user-mode-IPI setting (48:1 on these 2 slots, 3 ms slices: a
+/// vCPU waits ~140 ms for its turn).
+const SETUPS: [(&str, &str, &str); 5] = [
     ("2 vCPUs (1:1), 3 ms slices", "2", "3000"),
     ("4 vCPUs, 3 ms slices", "4", "3000"),
     ("4 vCPUs, 20 ms slices", "4", "20000"),
     ("8 vCPUs, 20 ms slices", "8", "20000"),
+    ("96 vCPUs, 3 ms slices", "96", "3000"),
 ];
 
 /// The same vCPU counts under the Linux backend (no slots, no slice: the host's own
 /// scheduler time-slices the threads; boosts raise a thread to `SCHED_FIFO`).
-const LINUX_SETUPS: [(&str, &str); 3] =
-    [("2 vCPUs (1:1)", "2"), ("4 vCPUs", "4"), ("8 vCPUs", "8")];
+const LINUX_SETUPS: [(&str, &str); 4] = [
+    ("2 vCPUs (1:1)", "2"),
+    ("4 vCPUs", "4"),
+    ("8 vCPUs", "8"),
+    ("96 vCPUs", "96"),
+];
+
+/// Guest RAM for a set-up: what the small ones always had, more for 96 vCPUs' threads.
+fn mem_for(vcpus: &str) -> &'static str {
+    match vcpus.parse::<u32>() {
+        Ok(n) if n > 64 => "512",
+        _ => "256",
+    }
+}
 
 /// Per set-up, per policy, the samples of one measure.
 type Table = Vec<Vec<Vec<f64>>>;
@@ -271,7 +291,16 @@ fn problems(reps: usize) {
                 slots.measure(
                     s,
                     i,
-                    &["--vcpus", vcpus, "--slice-us", slice, "--policy", p],
+                    &[
+                        "--vcpus",
+                        vcpus,
+                        "--mem",
+                        mem_for(vcpus),
+                        "--slice-us",
+                        slice,
+                        "--policy",
+                        p,
+                    ],
                 );
             }
         }
@@ -280,7 +309,16 @@ fn problems(reps: usize) {
                 linux.measure(
                     s,
                     i,
-                    &["--vcpus", vcpus, "--backend", "linux", "--policy", p],
+                    &[
+                        "--vcpus",
+                        vcpus,
+                        "--mem",
+                        mem_for(vcpus),
+                        "--backend",
+                        "linux",
+                        "--policy",
+                        p,
+                    ],
                 );
             }
         }
@@ -387,8 +425,10 @@ fn stacking(reps: usize) {
     }
 }
 
-fn synthetic(n: u32) -> (Vec<VcpuState>, Snapshot) {
-    let vcpus: Vec<VcpuState> = (0..n)
+/// What the backend knows about a VM of `n` vCPUs under overcommit: vCPU 0 runs, the rest
+/// are preempted, in user and kernel mode alike, a third with an interrupt pending.
+fn synthetic_states(n: u32) -> Vec<VcpuState> {
+    (0..n)
         .map(|id| VcpuState {
             id,
             cpl: if id % 2 == 0 { Cpl::User } else { Cpl::Kernel },
@@ -399,83 +439,147 @@ fn synthetic(n: u32) -> (Vec<VcpuState>, Snapshot) {
                 VcpuState::preempted()
             }
         })
-        .collect();
+        .collect()
+}
+
+/// A registered region of `n` vCPUs in guest memory, as a guest would publish it: every
+/// vCPU in the kernel, every fifth one in an RCU reader, vCPU 0 waiting for acknowledgements
+/// from the last vCPU, and a grace period waiting on every seventh vCPU.
+fn synthetic_region(n: u32) -> (GuestMemoryMmap, Registration) {
+    const GPA: u64 = 0x10_0000;
+    let size = shared_abi::region_size(n as usize, 0);
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GPA as usize + size)])
+        .expect("guest memory");
     let mut header = PageHeader::new(n, 0);
     header.rcu_gp_seq = 7;
     header.rcu_callbacks_pending = 5000;
-    let records = (0..n)
-        .map(|i| {
-            let r = VcpuRecord {
-                seq: 2,
-                mode: VcpuMode::Kernel as u8,
-                spin_holder: NO_VCPU,
-                rcu_nesting: (i % 5 == 0) as u32,
-                ipi_wait: if i == 0 { 1 << (n - 1) } else { 0 },
-                ..Default::default()
-            };
-            RecordView {
-                vcpu: i,
-                problems: check(&r, n),
-                record: r,
-            }
-        })
-        .collect();
-    let snap = Snapshot {
-        registration: Registration {
-            gpa: 0x10_0000,
-            nr_vcpus: n,
-            size: 8192,
-            event_ring_entries: 0,
-        },
-        header,
-        records,
+    mem.write_slice(&header.to_bytes(), GuestAddress(GPA))
+        .unwrap();
+    for i in 0..n {
+        let r = VcpuRecord {
+            seq: 2,
+            mode: VcpuMode::Kernel as u8,
+            spin_holder: NO_VCPU,
+            rcu_nesting: (i % 5 == 0) as u32,
+            ipi_wait_count: (i == 0) as u32,
+            ..Default::default()
+        };
+        // SAFETY: VcpuRecord is plain integers, RECORD_SIZE bytes.
+        let b: &[u8; RECORD_SIZE] = unsafe { &*(&r as *const VcpuRecord).cast() };
+        mem.write_slice(b, GuestAddress(GPA + record_offset(i as usize) as u64))
+            .unwrap();
+    }
+    let set = |at: usize, v: u32| {
+        let (w, b) = bitmap_word_bit(v);
+        let a = GuestAddress(GPA + (at + 8 * w) as u64);
+        let old: u64 = mem.read_obj(a).unwrap();
+        mem.write_obj(old | b, a).unwrap();
     };
-    (vcpus, snap)
+    set(ipi_wait_offset(n as usize, 0), n - 1);
+    (0..n)
+        .step_by(7)
+        .for_each(|v| set(holdouts_offset(n as usize), v));
+    let ram = 0..GPA + size as u64;
+    let reg =
+        validate(&mem, GPA, n, &(0..0x1000), std::slice::from_ref(&ram)).expect("a valid region");
+    (mem, reg)
 }
 
-/// Part 3: decision latency per policy.
-fn decisions() {
-    const N: u32 = 64;
-    const ITERS: u32 = 200_000;
-    let (vcpus, snap) = synthetic(N);
-    let names: Vec<String> = POLICY_NAMES.iter().map(|s| s.to_string()).collect();
-    let mut spin = Vec::new();
-    let mut tick = Vec::new();
-    for name in &names {
-        let mut p = by_name(name).unwrap();
-        let t = Instant::now();
-        for i in 0..ITERS {
-            let input = Input {
-                now: i as u64 * 1000,
-                vcpus: &vcpus,
-                shared: Some(&snap),
-                costs: Costs {
-                    boost_ns: 50_000,
-                    slice_ns: 3_000_000,
-                },
-            };
-            black_box(p.on_spin(&input, 0, Some(N - 1)));
-        }
-        spin.push(t.elapsed().as_nanos() as f64 / ITERS as f64);
-        let t = Instant::now();
-        for i in 0..ITERS / 10 {
-            let input = Input {
-                now: i as u64 * 1_000_000,
-                vcpus: &vcpus,
-                shared: Some(&snap),
-                costs: Costs {
-                    boost_ns: 50_000,
-                    slice_ns: 3_000_000,
-                },
-            };
-            black_box(p.on_tick(&input));
-        }
-        tick.push(t.elapsed().as_nanos() as f64 / (ITERS / 10) as f64);
+/// Mean ns per call of `f` over `iters` calls.
+fn ns_per_call(iters: u32, mut f: impl FnMut(u32)) -> f64 {
+    let t = Instant::now();
+    for i in 0..iters {
+        f(i);
     }
-    println!("\n3. Boost decision latency, 64-vCPU VM, in process, ns per call");
-    header("", &names);
-    row("on_spin (a YieldTo arrives)", &spin, "");
-    row("on_tick (periodic look)", &tick, "");
+    t.elapsed().as_nanos() as f64 / iters as f64
+}
+
+/// Part 3: decision latency per policy, and what the snapshots they read cost, by VM size.
+fn decisions() {
+    const COSTS: Costs = Costs {
+        boost_ns: 50_000,
+        slice_ns: 3_000_000,
+    };
+    let names: Vec<String> = POLICY_NAMES.iter().map(|s| s.to_string()).collect();
+    println!("\n3. Boost decisions by VM size, in process (guest memory as a VM's), ns per call");
+    println!(
+        "   a YieldTo copies the spinner's record (before: the whole region); a periodic look\n   copies every record; an RcuWait the holdouts' records. Goal: a decision < 10 000 ns at 1024."
+    );
+    header("vCPUs", &["64", "256", "1024"].map(String::from));
+    let sizes = [64u32, 256, 1024];
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut push = |label: String, ns: f64| match rows.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, v)) => v.push(ns.round()),
+        None => rows.push((label, vec![ns.round()])),
+    };
+    for &n in &sizes {
+        let (mem, reg) = synthetic_region(n);
+        let vcpus = synthetic_states(n);
+        let iters = (2_000_000 / n).max(200);
+        let full = ns_per_call(iters / 4, |_| {
+            black_box(Snapshot::take(&mem, &reg).unwrap());
+        });
+        let some = ns_per_call(iters, |_| {
+            black_box(Snapshot::take_some(&mem, &reg, &[0]).unwrap());
+        });
+        let rcu = ns_per_call(iters / 4, |_| {
+            black_box(Snapshot::take_holdouts(&mem, &reg).unwrap());
+        });
+        push("snapshot: whole region".into(), full);
+        push("snapshot: spinner's record (YieldTo)".into(), some);
+        push("snapshot: holdouts' records (RcuWait)".into(), rcu);
+        let full_snap = Snapshot::take(&mem, &reg).unwrap();
+        let spin_snap = Snapshot::take_some(&mem, &reg, &[0]).unwrap();
+        for name in &names {
+            let mut p = by_name(name).unwrap();
+            let spin = ns_per_call(iters, |k| {
+                let input = Input {
+                    now: k as u64 * 1000,
+                    vcpus: &vcpus,
+                    shared: Some(&spin_snap),
+                    costs: COSTS,
+                };
+                black_box(p.on_spin(&input, 0, Some(n - 1)));
+            });
+            let tick = ns_per_call(iters / 4, |k| {
+                let input = Input {
+                    now: k as u64 * 1_000_000,
+                    vcpus: &vcpus,
+                    shared: Some(&full_snap),
+                    costs: COSTS,
+                };
+                black_box(p.on_tick(&input));
+            });
+            push(format!("{name}: on_spin"), spin);
+            push(format!("{name}: on_tick"), tick);
+        }
+        let mut pv = by_name("pv").unwrap();
+        let yield_to = ns_per_call(iters, |k| {
+            let snap = Snapshot::take_some(&mem, &reg, &[0]).unwrap();
+            let input = Input {
+                now: k as u64 * 1000,
+                vcpus: &vcpus,
+                shared: Some(&snap),
+                costs: COSTS,
+            };
+            black_box(pv.on_spin(&input, 0, None));
+        });
+        let before = ns_per_call(iters / 4, |k| {
+            let snap = Snapshot::take(&mem, &reg).unwrap();
+            let input = Input {
+                now: k as u64 * 1000,
+                vcpus: &vcpus,
+                shared: Some(&snap),
+                costs: COSTS,
+            };
+            black_box(pv.on_spin(&input, 0, None));
+        });
+        push("pv YieldTo decision: snapshot + on_spin".into(), yield_to);
+        push("  same with the whole region (before)".into(), before);
+    }
+    for (label, v) in &rows {
+        row(label, v, "");
+    }
 }
 
 fn main() {

@@ -1,8 +1,10 @@
 //! A second, independent guest (`tests/abi-guest/guest.S`: 32-bit assembly written from
-//! docs/abi.md alone, sharing no code with the guest kernel or the ABI crate) registers,
-//! publishes records and makes every hypercall, checking each status the document promises
+//! docs/abi.md alone, sharing no code with the guest kernel or the ABI crate) registers
+//! (ABI 6, after a hostile header the host must refuse with BadGeometry), publishes records
+//! and vCPU bitmaps and makes every hypercall, checking each status the document promises
 //! (it exits 1 on the first that differs). Here the host's side is checked: that it decoded
-//! what the guest wrote and that the policies acted on it.
+//! what the guest wrote (the bitmaps at the offsets its header names) and that the policies
+//! acted on it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -121,8 +123,9 @@ fn an_independent_guest_is_decoded_and_boosted() {
         3,
         "SendIpi to 1, then to all but itself"
     );
-    // Refused: version, count 1 and 2, the second registration, YieldTo(3), vector 5.
-    assert_eq!(count(v0, "bad_hypercalls"), 6);
+    // Refused: version, count 1 and 2, the hostile geometry (BadGeometry at count 3), the
+    // second registration, YieldTo(3), SendIpi to vCPU 256, vector 5.
+    assert_eq!(count(v0, "bad_hypercalls"), 8);
     assert_eq!(
         (
             count(vcpu(&m, 1), "ipis_received"),
@@ -148,26 +151,40 @@ fn an_independent_guest_is_decoded_and_boosted() {
         .lines()
         .find(|l| l.starts_with("shared region "))
         .expect("region dumped");
+    assert_eq!(field(header, "abi"), Some("6"));
     assert_eq!(field(header, "vcpus"), Some("3"));
+    assert_eq!(field(header, "size"), Some("4096"));
     assert_eq!(field(header, "rcu_gp_seq"), Some("1"));
     assert_eq!(field(header, "rcu_callbacks_pending"), Some("5000"));
+    // The holdout bitmap, at the offset the header names.
+    assert_eq!(field(header, "rcu_gp_holdouts"), Some("1-2"), "{header}");
     assert_eq!(field(header, "invalid_records"), Some("0"));
+    // vCPU 0 waits on the others' acknowledgements, each of them on vCPU 0's: every
+    // ipi_wait bitmap decoded at P + B * i.
+    let rec0 = record(&all, 0);
+    assert_eq!(field(rec0, "ipi_wait"), Some("1-2"), "{rec0}");
+    assert_eq!(field(rec0, "problems"), Some("none"), "{rec0}");
     for i in 1..3 {
-        let rec = all
-            .lines()
-            .find(|l| l.starts_with(&format!("shared vcpu={i} ")))
-            .expect("record dumped");
+        let rec = record(&all, i);
         for (k, want) in [
             ("mode", "kernel"),
             ("rcu_nesting", "1"),
             ("preempt_count", "1"),
             ("locks_held", "1"),
             ("spin_holder", "none"),
+            ("ipi_wait", "0"),
             ("problems", "none"),
         ] {
             assert_eq!(field(rec, k), Some(want), "{rec}");
         }
     }
+}
+
+/// Record `i`'s line in the dump of the region.
+fn record(all: &str, i: usize) -> &str {
+    all.lines()
+        .find(|l| l.starts_with(&format!("shared vcpu={i} ")))
+        .expect("record dumped")
 }
 
 #[test]
@@ -181,6 +198,16 @@ fn an_independent_guest_alone_on_one_vcpu() {
         .expect("the guest's result line");
     assert_eq!(num(result, "vcpus"), 1);
     assert_eq!(num(result, "yields"), 0, "nobody to name");
-    // Refused: the version, the second registration, YieldTo(1), vector 5.
-    assert_eq!(count(vcpu(&m, 0), "bad_hypercalls"), 4);
+    // Refused: the version, the hostile geometry (BadGeometry at once), the second
+    // registration, YieldTo(1), SendIpi to vCPU 256, vector 5.
+    assert_eq!(count(vcpu(&m, 0), "bad_hypercalls"), 6);
+    // Nobody else: no holdouts, no IPI wait.
+    let all = out.all();
+    let header = all
+        .lines()
+        .find(|l| l.starts_with("shared region "))
+        .expect("region dumped");
+    assert_eq!(field(header, "rcu_gp_holdouts"), Some("-"), "{header}");
+    assert_eq!(field(header, "invalid_records"), Some("0"));
+    assert_eq!(field(record(&all, 0), "ipi_wait"), Some("-"));
 }

@@ -127,7 +127,7 @@ fn bad_cli_flags_are_usage_errors() {
     let k = guest_kernel().to_str().unwrap().to_owned();
     for args in [
         vec!["run", "--kernel", &k, "--vcpus", "0"],
-        vec!["run", "--kernel", &k, "--vcpus", "65"],
+        vec!["run", "--kernel", &k, "--vcpus", "4097"],
         vec!["run", "--kernel", &k, "--mem", "4000"],
         vec!["run", "--kernel", &k, "--bogus"],
         vec!["run"],
@@ -141,6 +141,32 @@ fn bad_cli_flags_are_usage_errors() {
         );
         out.check(out.stderr.contains("error:"), "clap explains the error");
     }
+}
+
+/// More vCPUs than this host's KVM allows per VM (but within the ABI's 4096): refused before
+/// any vCPU is created, naming KVM's limit.
+#[test]
+fn more_vcpus_than_kvm_allows_are_refused_naming_the_limit() {
+    if !require_kvm("more_vcpus_than_kvm_allows_are_refused_naming_the_limit") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+    let kvm_max = kvm.get_max_vcpus().min(kvm.get_max_vcpu_id());
+    if kvm_max >= shared_abi::MAX_VCPUS {
+        eprintln!("*** KVM allows {kvm_max} vCPUs, as many as the ABI: nothing to refuse ***");
+        return;
+    }
+    let k = guest_kernel().to_str().unwrap().to_owned();
+    let asked = (kvm_max + 1).to_string();
+    let out = pvsync(&["run", "--kernel", &k, "--vcpus", &asked, "--mem", "1024"]);
+    no_host_panic(&out);
+    out.check(out.status.is_some_and(|s| s != 0), "a failure exit");
+    out.check(
+        out.stderr.contains(&format!(
+            "--vcpus {asked} is more than this host's KVM allows per VM ({kvm_max}"
+        )),
+        "the error names KVM's limit",
+    );
 }
 
 #[test]

@@ -166,8 +166,8 @@ fn vm_mistakes_are_refused_before_any_guest_starts() {
             "two VMs are named 'w-2'",
         ),
         (
-            vec!["--vm", "name=big,vcpus=99"],
-            "VM 'big': --vm 'name=big,vcpus=99': vcpus=99 is outside 1..=64",
+            vec!["--vm", "name=big,vcpus=4097"],
+            "VM 'big': --vm 'name=big,vcpus=4097': vcpus=4097 is outside 1..=4096",
         ),
         (vec!["--mem", "1"], "VM 'vm': --mem 1 MiB is too small for kernel"),
         (

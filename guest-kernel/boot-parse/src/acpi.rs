@@ -154,6 +154,7 @@ pub struct CpuList<const N: usize> {
     ids: [u32; N],
     len: usize,
     duplicates: usize,
+    disabled: usize,
 }
 
 impl<const N: usize> Default for CpuList<N> {
@@ -168,6 +169,7 @@ impl<const N: usize> CpuList<N> {
             ids: [0; N],
             len: 0,
             duplicates: 0,
+            disabled: 0,
         }
     }
 
@@ -210,6 +212,12 @@ impl<const N: usize> CpuList<N> {
     /// Entries that repeated an ID already listed.
     pub fn duplicates(&self) -> usize {
         self.duplicates
+    }
+
+    /// Processor entries the MADT marks not enabled (CPUs the machine may have but that
+    /// are not to be started).
+    pub fn disabled(&self) -> usize {
+        self.disabled
     }
 }
 
@@ -375,6 +383,7 @@ pub fn madt_cpus<const N: usize, R: PhysRead + ?Sized>(
         match kind {
             MADT_LOCAL_APIC if le_u32(e, 4) & 1 != 0 => cpus.push(e[3] as u32)?,
             MADT_LOCAL_X2APIC if le_u32(e, 8) & 1 != 0 => cpus.push(le_u32(e, 4))?,
+            MADT_LOCAL_APIC | MADT_LOCAL_X2APIC => cpus.disabled += 1,
             _ => {}
         }
         off += len as u32;
@@ -535,6 +544,38 @@ pub(crate) mod tests {
             madt_cpus::<255, _>(&m, 0).unwrap_err(),
             AcpiError::TooManyCpus { limit: 255 }
         );
+    }
+
+    /// x2APIC entries (type 9) carry 32-bit IDs: a machine of 300 CPUs, IDs past 255 and
+    /// past 1000 included, fits a 1024-CPU list; disabled entries are counted, not listed.
+    #[test]
+    fn x2apic_entries_list_ids_past_255() {
+        let mut entries: Vec<_> = (0..300).map(|i| x2apic(i, true)).collect();
+        entries.push(x2apic(1023, true));
+        entries.push(x2apic(700, false));
+        entries.push(lapic(9, false));
+        let m = machine(madt(&entries));
+        let l = madt_cpus::<1024, _>(&m, 0).unwrap();
+        let mut want: Vec<u32> = (0..300).collect();
+        want.push(1023);
+        assert_eq!(l.ids(), &want[..]);
+        assert_eq!((l.duplicates(), l.disabled()), (0, 2));
+        assert_eq!(
+            madt_cpus::<1023, _>(&m, 0).unwrap_err(),
+            AcpiError::ApicIdTooLarge {
+                id: 1023,
+                limit: 1023
+            }
+        );
+        assert_eq!(
+            madt_cpus::<256, _>(&m, 0).unwrap_err(),
+            AcpiError::TooManyCpus { limit: 256 }
+        );
+        let all = machine(madt(
+            &(0..1024).map(|i| x2apic(i, true)).collect::<Vec<_>>(),
+        ));
+        let l = madt_cpus::<1024, _>(&all, 0).unwrap();
+        assert_eq!((l.ids().len(), l.disabled()), (1024, 0));
     }
 
     #[test]

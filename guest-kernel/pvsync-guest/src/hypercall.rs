@@ -17,7 +17,7 @@ pub fn yield_to<P: Platform>(target: u32) {
 }
 
 /// Tells the host that the grace period whose `rcu_gp_seq` has low 32 bits `gp_seq_low`
-/// now waits on the vCPUs in the header's `rcu_gp_holdouts` (RcuWait, ABI v4); nothing
+/// now waits on the vCPUs in the region's holdout bitmap (RcuWait, ABI v6); nothing
 /// without a pvsync host.
 pub fn rcu_wait<P: Platform>(gp_seq_low: u32) {
     if pv_host() {

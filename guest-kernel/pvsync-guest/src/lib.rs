@@ -91,5 +91,13 @@ pub mod tlb;
 mod models;
 
 pub use cpu::CpuSync;
-pub use cpuset::{AtomicCpuSet, CpuSet};
+pub use cpuset::{set_nr_cpu_ids, AtomicCpuSet, CpuSet};
+
+/// The most CPUs a kernel built on this crate runs (ids `0..NR_CPUS`), like Linux's
+/// `CONFIG_NR_CPUS`: it sizes every [`CpuSet`] (`NR_CPUS / 8` bytes, copied by value) and a
+/// kernel's static per-CPU tables. The ABI describes up to `shared_abi::MAX_VCPUS` (4096)
+/// vCPUs, but a kernel pays for its limit in memory whatever the VM, so it builds for the
+/// VMs it runs; the shared region itself is sized by the VM's own count.
+pub const NR_CPUS: usize = 1024;
+const _: () = assert!(NR_CPUS <= shared_abi::MAX_VCPUS);
 pub use platform::{FlushRange, Ipi, Platform, Wake};

@@ -9,18 +9,21 @@
 //!   are costly under virtualization, and the depth counter makes a handler's update safe.
 //! - `rcu_nesting`, `preempt_count` and `locks_held` are each one aligned volatile store by
 //!   the owner, outside the frame: they change on hot paths and each means something alone.
-//! - `ipi_wait` is stored (atomically) by the owner and cleared bit by bit, with an atomic
-//!   AND, by each CPU that acknowledges.
+//! - The owner's `ipi_wait` bitmap (ABI v6: outside the record) is stored word by word
+//!   (atomically) by the owner before its `ipi_wait_count`, and cleared bit by bit, with an
+//!   atomic AND, by each CPU that acknowledges; the owner ends a wait by storing
+//!   `ipi_wait_count = 0`, then zeroing the words it set.
 //!
 //! x86 is TSO: stores become visible in program order, so compiler fences suffice.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use core::sync::atomic::{compiler_fence, AtomicU64, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicU32, Ordering};
 use shared_abi::{VcpuMode, VcpuRecord, NO_VCPU};
 
 use crate::cpu::CpuSync;
+use crate::cpuset::CpuSet;
 use crate::platform::Platform;
-use crate::region::{pv_host, record_ptr};
+use crate::region::{ipi_wait_bitmap, pv_host, record_ptr};
 
 /// Starts publishing into `rec` (the CPU's record in the region), carrying over the
 /// counters published so far into its sink.
@@ -147,43 +150,65 @@ single_store_setter!(
     set_locks_held, locks_held
 );
 
-/// The `ipi_wait` word of `rec`, which the owner stores and acknowledgers clear bit by bit.
+/// The `ipi_wait_count` field of `rec`, which only its owner stores (atomically: the host
+/// reads it alone).
 ///
 /// # Safety
 /// `rec` must be a live record (in the region, or a CPU's sink).
-unsafe fn ipi_wait_word(rec: *mut VcpuRecord) -> &'static AtomicU64 {
-    // SAFETY: per the contract the record lives forever; the field is 8-byte aligned (the
+unsafe fn ipi_wait_count(rec: *mut VcpuRecord) -> &'static AtomicU32 {
+    // SAFETY: per the contract the record lives forever; the field is 4-byte aligned (the
     // record is 64-byte aligned, the field at offset 32) and the guest only accesses it
     // atomically (the host only reads it).
-    unsafe { AtomicU64::from_ptr(addr_of_mut!((*rec).ipi_wait)) }
+    unsafe { AtomicU32::from_ptr(addr_of_mut!((*rec).ipi_wait_count)) }
 }
 
-/// Publishes, for the calling CPU, the set of CPUs it waits on for IPI acknowledgements
-/// (`ipi_wait`; see [`Shootdowns`](crate::tlb::Shootdowns), which does this itself).
-pub fn publish_ipi_wait<P: Platform>(mask: u64) {
-    set_ipi_wait(P::cpu(), mask);
+/// Publishes, for the calling CPU, that it waits on `targets` for IPI acknowledgements
+/// (see [`Shootdowns`](crate::tlb::Shootdowns), which does this itself); end the wait with
+/// [`end_ipi_wait`].
+pub fn publish_ipi_wait<P: Platform>(targets: &CpuSet) {
+    set_ipi_wait(P::cpu(), targets);
 }
 
-/// Publishes the set of CPUs the caller waits on for IPI acknowledgements (one atomic
-/// store; ABI v4's word names CPUs 0..64). Set it before the targets can see the request:
-/// an acknowledgement that came first would have its bit set again here.
+/// Ends the wait [`publish_ipi_wait`] published for `targets` on the calling CPU.
+pub fn end_ipi_wait<P: Platform>(targets: &CpuSet) {
+    clear_ipi_wait(P::cpu(), targets);
+}
+
+/// Publishes the set of CPUs the caller waits on for IPI acknowledgements: every word of
+/// its `ipi_wait` bitmap, then `ipi_wait_count` (release: a host that reads the count finds
+/// the bitmap set). Call it before the targets can see the request: an acknowledgement
+/// that came first would have its bit set again here.
 #[inline]
-pub(crate) fn set_ipi_wait(cpu: &CpuSync, mask: u64) {
+pub(crate) fn set_ipi_wait(cpu: &CpuSync, targets: &CpuSet) {
+    ipi_wait_bitmap(cpu.id()).store(targets);
     // SAFETY: `record()` is this CPU's record or sink, live forever.
-    unsafe { ipi_wait_word(cpu.record()) }.store(mask, Ordering::Release);
+    unsafe { ipi_wait_count(cpu.record()) }.store(targets.len() as u32, Ordering::Release);
+}
+
+/// Ends the caller's wait on `targets`: `ipi_wait_count` 0 first (the host stops reading
+/// the bitmap), then the words `targets` set are zeroed (every target cleared its bit
+/// already; this only drops what a hostile scribble left).
+#[inline]
+pub(crate) fn clear_ipi_wait(cpu: &CpuSync, targets: &CpuSet) {
+    // SAFETY: as in `set_ipi_wait`.
+    unsafe { ipi_wait_count(cpu.record()) }.store(0, Ordering::Release);
+    ipi_wait_bitmap(cpu.id()).clear_words_of(targets);
 }
 
 /// CPU `me` acknowledges an IPI of CPU `sender`: clears bit `me` of the sender's
-/// `ipi_wait` (atomic AND: several CPUs acknowledge at once).
+/// `ipi_wait` bitmap (atomic AND on its word: several CPUs acknowledge at once).
 #[inline]
 pub fn ack_ipi_wait(sender: u32, me: u32) {
-    if me >= 64 {
-        return;
-    }
-    if let Some(rec) = record_ptr(sender) {
-        // SAFETY: a record of the live region.
-        unsafe { ipi_wait_word(rec) }.fetch_and(!(1u64 << me), Ordering::SeqCst);
-    }
+    ipi_wait_bitmap(sender).remove(me);
+}
+
+/// What CPU `cpu` publishes it waits on: its `ipi_wait_count` and its `ipi_wait` bitmap
+/// (None without a region or for no such CPU).
+pub fn ipi_wait(cpu: u32) -> Option<(u32, CpuSet)> {
+    let rec = record_ptr(cpu)?;
+    // SAFETY: a record of the live region.
+    let count = unsafe { ipi_wait_count(rec) }.load(Ordering::Acquire);
+    Some((count, ipi_wait_bitmap(cpu).load()))
 }
 
 /// The vCPU that lent the calling vCPU the turn it runs on (`host_lent_by` minus one), if
@@ -242,9 +267,9 @@ pub fn snapshot(cpu: u32) -> Option<VcpuRecord> {
             compiler_fence(Ordering::SeqCst);
             let after = read_volatile(addr_of!((*rec).seq));
             if VcpuRecord::seq_consistent(before, after) {
-                // `ipi_wait` is only ever accessed atomically (acknowledgers clear bits of it).
+                // `ipi_wait_count` is only ever accessed atomically.
                 let mut copy = copy;
-                copy.ipi_wait = ipi_wait_word(rec).load(Ordering::SeqCst);
+                copy.ipi_wait_count = ipi_wait_count(rec).load(Ordering::Acquire);
                 return Some(copy);
             }
         }

@@ -8,12 +8,14 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_abi::{
-    event_ring_offset, record_offset, region_size, EventRingHeader, HostFlags, Hypercall,
-    HypercallStatus, PageHeader, VcpuRecord, NO_VCPU,
+    bitmap_word_bit, bitmap_words, event_ring_offset, holdouts_offset, ipi_wait_offset,
+    record_offset, region_size, EventRingHeader, HostFlags, Hypercall, HypercallStatus, PageHeader,
+    VcpuRecord, NO_VCPU,
 };
 use spin::Once;
 
 use crate::cpu::CpuSync;
+use crate::cpuset::CpuSet;
 use crate::platform::Platform;
 
 struct Region {
@@ -54,8 +56,8 @@ pub fn events_on() -> bool {
     EVENTS_ON.load(Ordering::Relaxed)
 }
 
-/// Bytes of the region for `nr_vcpus` CPUs (records and event rings), whole pages: what
-/// [`init`] needs at `base`.
+/// Bytes of the region for `nr_vcpus` CPUs (records, bitmaps and event rings), whole
+/// pages: what [`init`] needs at `base`.
 pub const fn size(nr_vcpus: u32) -> usize {
     region_size(nr_vcpus as usize, EVENT_RING_ENTRIES)
 }
@@ -211,16 +213,113 @@ pub fn set_rcu_header(gp_seq: u64, pending: u64) {
     }
 }
 
-/// The header's `rcu_gp_holdouts` word (ABI v4 names CPUs 0..64 in it), which CPUs update
-/// concurrently; a private word when there is no region, so callers need not care.
-pub fn rcu_holdouts() -> &'static AtomicU64 {
-    static UNSHARED: AtomicU64 = AtomicU64::new(0);
+/// The grace period's holdout bitmap in the region (ABI v6), which CPUs update concurrently;
+/// an empty one when there is no region, so callers need not care.
+pub fn rcu_holdouts() -> SharedBitmap {
+    REGION.get().map_or(SharedBitmap::NONE, |r| {
+        // SAFETY: the holdouts lie inside the region, before the `ipi_wait` bitmaps.
+        unsafe { r.bitmap(holdouts_offset(r.nr_vcpus as usize)) }
+    })
+}
+
+/// CPU `cpu`'s `ipi_wait` bitmap in the region (ABI v6); an empty one when there is no
+/// region or no such CPU.
+pub(crate) fn ipi_wait_bitmap(cpu: u32) -> SharedBitmap {
     match REGION.get() {
-        // SAFETY: the header lives as long as the kernel, the field is 8-byte aligned (the
-        // header is 64-byte aligned, the field at offset 48), and the guest only ever
-        // accesses it atomically; the host only reads it.
-        Some(r) => unsafe { AtomicU64::from_ptr(addr_of_mut!((*header(r)).rcu_gp_holdouts)) },
-        None => &UNSHARED,
+        // SAFETY: `cpu < nr_vcpus`: its bitmap lies inside the region, before the rings.
+        Some(r) if cpu < r.nr_vcpus => unsafe {
+            r.bitmap(ipi_wait_offset(r.nr_vcpus as usize, cpu as usize))
+        },
+        _ => SharedBitmap::NONE,
+    }
+}
+
+impl Region {
+    /// The vCPU bitmap at `offset`.
+    ///
+    /// # Safety
+    /// `offset` must be one of the ABI's bitmap offsets for this region's vCPU count.
+    unsafe fn bitmap(&self, offset: usize) -> SharedBitmap {
+        let words = bitmap_words(self.nr_vcpus as usize);
+        // SAFETY: per the contract the bitmap's words lie inside the region, which lives as
+        // long as the kernel; the ABI's bitmaps are 64-byte aligned; the guest only ever
+        // accesses them atomically (the host only reads them).
+        SharedBitmap(unsafe {
+            core::slice::from_raw_parts(self.base.add(offset).cast::<AtomicU64>(), words)
+        })
+    }
+}
+
+/// A vCPU bitmap of the shared region (ABI v6: bit `i % 64` of word `i / 64` for vCPU `i`,
+/// as many words as the VM's vCPUs need), updated with one atomic operation per word. CPUs
+/// past the VM's count have no bit: operations on them do nothing.
+#[derive(Clone, Copy)]
+pub struct SharedBitmap(&'static [AtomicU64]);
+
+impl SharedBitmap {
+    /// No bitmap (no region): every update does nothing, every read finds nobody.
+    const NONE: SharedBitmap = SharedBitmap(&[]);
+
+    /// Stores every word: the bitmap becomes `set` (its CPUs past the VM dropped).
+    pub fn store(&self, set: &CpuSet) {
+        self.0
+            .iter()
+            .zip(set.words())
+            .for_each(|(w, &v)| w.store(v, Ordering::Release));
+    }
+
+    /// Zeroes the words in which `set` has a CPU (the words a [`SharedBitmap::store`] of it
+    /// set).
+    pub fn clear_words_of(&self, set: &CpuSet) {
+        self.0
+            .iter()
+            .zip(set.words())
+            .filter(|(_, &v)| v != 0)
+            .for_each(|(w, _)| w.store(0, Ordering::Release));
+    }
+
+    /// Zeroes every word.
+    pub fn clear(&self) {
+        self.0.iter().for_each(|w| w.store(0, Ordering::Release));
+    }
+
+    /// Clears the bits of the CPUs not in `keep` (one atomic AND per word).
+    pub fn retain(&self, keep: &CpuSet) {
+        self.0
+            .iter()
+            .zip(keep.words())
+            .for_each(|(w, &k)| _ = w.fetch_and(k, Ordering::SeqCst));
+    }
+
+    /// Clears `cpu`'s bit (one atomic AND: others clear theirs at once).
+    pub fn remove(&self, cpu: u32) {
+        let (i, b) = bitmap_word_bit(cpu);
+        if let Some(w) = self.0.get(i) {
+            w.fetch_and(!b, Ordering::SeqCst);
+        }
+    }
+
+    /// Sets `cpu`'s bit (one atomic OR).
+    pub fn insert(&self, cpu: u32) {
+        let (i, b) = bitmap_word_bit(cpu);
+        if let Some(w) = self.0.get(i) {
+            w.fetch_or(b, Ordering::SeqCst);
+        }
+    }
+
+    /// The CPUs set now (word by word).
+    pub fn load(&self) -> CpuSet {
+        let mut words = [0; crate::cpuset::CPU_SET_WORDS];
+        words
+            .iter_mut()
+            .zip(self.0)
+            .for_each(|(d, w)| *d = w.load(Ordering::SeqCst));
+        CpuSet::from_words(&words)
+    }
+
+    /// The first word (vCPUs below 64), what an event's payload carries; 0 without a region.
+    pub fn first_word(&self) -> u64 {
+        self.0.first().map_or(0, |w| w.load(Ordering::Relaxed))
     }
 }
 
@@ -242,4 +341,62 @@ pub fn rcu_header() -> Option<(u64, u64)> {
 /// Whether `cpu` publishes into the region (rather than its private sink).
 pub fn attached(cpu: &CpuSync) -> bool {
     record_ptr(cpu.id()) == Some(cpu.record())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec::Vec;
+
+    /// A bitmap of the ABI's size for `nr` vCPUs, on its own memory.
+    fn bitmap(nr: usize) -> SharedBitmap {
+        let words: Vec<AtomicU64> = (0..bitmap_words(nr)).map(|_| AtomicU64::new(0)).collect();
+        SharedBitmap(Vec::leak(words))
+    }
+
+    /// At vCPU counts that are not multiples of 64: the operations the shootdown and the
+    /// grace period make on the region's bitmaps, word by word, and nothing past the VM.
+    #[test]
+    fn shared_bitmaps_at_counts_that_are_not_word_multiples() {
+        for nr in [65usize, 96, 1000] {
+            let b = bitmap(nr);
+            let last = nr as u32 - 1;
+            let all = CpuSet::first(nr);
+            b.store(&all);
+            assert_eq!(b.load(), all, "{nr}");
+            let raw: Vec<u64> = b.0.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+            assert!(
+                shared_abi::bitmap_within(&raw, nr) && !shared_abi::bitmap_within(&raw, nr - 1)
+            );
+            // Acknowledgements and reports clear one bit each, in the right word.
+            b.remove(last);
+            b.remove(1);
+            assert_eq!(b.load().len(), nr - 2);
+            assert!(!b.load().contains(last) && b.load().contains(last - 1));
+            b.insert(last);
+            assert!(b.load().contains(last));
+            // A CPU past the bitmap has no bit: nothing happens.
+            b.insert(bitmap_words(nr) as u32 * 64);
+            b.remove(bitmap_words(nr) as u32 * 64);
+            let keep: CpuSet = [0, 63, last].into_iter().collect();
+            b.retain(&keep);
+            assert_eq!(b.load(), keep);
+            assert_eq!(b.first_word(), 1 | 1 << 63);
+            // The end of a wait zeroes the words its targets set, and only those.
+            let targets: CpuSet = [last].into_iter().collect();
+            b.clear_words_of(&targets);
+            assert_eq!(b.load().iter().collect::<Vec<_>>(), [0, 63]);
+            b.clear();
+            assert_eq!(b.load(), CpuSet::new());
+        }
+    }
+
+    #[test]
+    fn without_a_region_bitmaps_are_empty_and_updates_do_nothing() {
+        let b = SharedBitmap::NONE;
+        b.store(&CpuSet::first(100));
+        b.insert(3);
+        assert_eq!(b.load(), CpuSet::new());
+        assert_eq!(b.first_word(), 0);
+    }
 }

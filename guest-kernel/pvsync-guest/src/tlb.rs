@@ -13,6 +13,9 @@
 //! gets no IPI and is not waited for: its flush is deferred to the host, and counted
 //! ([`Shootdowns::deferred`]) as evidence in place of its own.
 //!
+//! Evidence per (target, sender) pair would take `NR_CPUS²` counters; a test watches one
+//! sender at a time ([`Shootdowns::watch_sender`]), and the counts are per target.
+//!
 //! A CPU joining the address space adds itself to the set (a sequentially consistent
 //! read-modify-write) before its first page walk; the sender changes the page table, then a
 //! full fence, then reads the set: either the sender sees the newcomer, or the newcomer's
@@ -20,9 +23,11 @@
 
 use alloc::boxed::Box;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, AtomicU64 as StatU64, Ordering::Relaxed};
+use core::sync::atomic::{
+    AtomicBool, AtomicU32 as StatU32, AtomicU64 as StatU64, Ordering::Relaxed,
+};
 
-use shared_abi::EventKind;
+use shared_abi::{EventKind, NO_VCPU};
 
 use crate::cpuset::{AtomicCpuSet, CpuSet};
 use crate::events;
@@ -79,13 +84,15 @@ pub struct Shootdowns<P> {
     /// Flushes each CPU made (served requests, its own shootdowns, whole-TLB flushes the
     /// kernel reports): evidence a test can check that does not come from any sender.
     flushes: Box<[StatU64]>,
-    /// `served[t * nr_cpus + s]`: requests of sender `s` that CPU `t` flushed and
-    /// acknowledged (`s == t`: the sender's own local flushes), counted by `t` itself.
+    /// The sender whose requests `served` and `deferred` count ([`NO_VCPU`]: none).
+    watched: StatU32,
+    /// `served[t]`: requests of the watched sender that CPU `t` flushed and acknowledged
+    /// (`t` the sender: its own local flushes), counted by `t` itself.
     served: Box<[StatU64]>,
     /// Whole-TLB flushes each CPU reported ([`Shootdowns::note_full_flush`]: CR3 loads).
     full_flushes: Box<[StatU64]>,
-    /// `deferred[t * nr_cpus + s]`: requests of sender `s` whose flush on `t` the host
-    /// took on ([`Platform::flush_tlb_on_resume`] returned true), counted by `s`.
+    /// `deferred[t]`: requests of the watched sender whose flush on `t` the host took on
+    /// ([`Platform::flush_tlb_on_resume`] returned true), counted by the sender.
     deferred: Box<[StatU64]>,
     deferred_total: StatU64,
     shootdowns: StatU64,
@@ -108,9 +115,10 @@ impl<P: Platform> Shootdowns<P> {
                 .collect(),
             inbox: (0..nr_cpus).map(|_| AtomicCpuSet::new()).collect(),
             flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
-            served: (0..nr_cpus * nr_cpus).map(|_| StatU64::new(0)).collect(),
+            watched: StatU32::new(NO_VCPU),
+            served: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
             full_flushes: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
-            deferred: (0..nr_cpus * nr_cpus).map(|_| StatU64::new(0)).collect(),
+            deferred: (0..nr_cpus).map(|_| StatU64::new(0)).collect(),
             deferred_total: StatU64::new(0),
             shootdowns: StatU64::new(0),
             yields: StatU64::new(0),
@@ -134,25 +142,27 @@ impl<P: Platform> Shootdowns<P> {
         self.flushes.get(cpu as usize).map_or(0, |f| f.load(SeqCst))
     }
 
-    /// Requests of CPU `sender` that CPU `target` has flushed and acknowledged so far
-    /// (`target == sender`: the sender's own local flushes), as `target` counted them: which
-    /// CPU flushed for which sender, whatever range the other senders asked for.
-    pub fn served(&self, target: u32, sender: u32) -> u64 {
-        let n = self.flushes.len();
-        match (target as usize, sender as usize) {
-            (t, s) if t < n && s < n => self.served[t * n + s].load(SeqCst),
-            _ => 0,
-        }
+    /// Makes [`Shootdowns::served`] and [`Shootdowns::deferred`] count the requests of CPU
+    /// `sender` from now on (in place of the sender watched so far; the counts go on).
+    pub fn watch_sender(&self, sender: u32) {
+        self.watched.store(sender, SeqCst);
     }
 
-    /// Requests of CPU `sender` whose flush on CPU `target` was deferred to the host
+    /// Requests of the watched sender that CPU `target` has flushed and acknowledged so far
+    /// (`target` the sender: its own local flushes), as `target` counted them: which CPU
+    /// flushed for the sender, whatever range the other senders asked for.
+    pub fn served(&self, target: u32) -> u64 {
+        self.served
+            .get(target as usize)
+            .map_or(0, |c| c.load(SeqCst))
+    }
+
+    /// Requests of the watched sender whose flush on CPU `target` was deferred to the host
     /// (`target` was preempted and the host took the request).
-    pub fn deferred(&self, target: u32, sender: u32) -> u64 {
-        let n = self.flushes.len();
-        match (target as usize, sender as usize) {
-            (t, s) if t < n && s < n => self.deferred[t * n + s].load(SeqCst),
-            _ => 0,
-        }
+    pub fn deferred(&self, target: u32) -> u64 {
+        self.deferred
+            .get(target as usize)
+            .map_or(0, |c| c.load(SeqCst))
     }
 
     /// Target flushes deferred to the host so far (all senders).
@@ -184,10 +194,9 @@ impl<P: Platform> Shootdowns<P> {
 
     /// `target` flushed a request of `sender` (counted before it acknowledges).
     fn count_served(&self, target: u32, sender: u32) {
-        let n = self.flushes.len();
         self.count_flush(target);
-        if (sender as usize) < n {
-            if let Some(f) = self.served.get(target as usize * n + sender as usize) {
+        if sender == self.watched.load(SeqCst) {
+            if let Some(f) = self.served.get(target as usize) {
                 f.fetch_add(1, SeqCst);
             }
         }
@@ -281,7 +290,7 @@ impl<P: Platform> Shootdowns<P> {
     /// Leaves out of `targets` those whose flush the host takes on (preempted now; KVM
     /// flushes them before they run again), and counts them.
     fn defer_to_host(&self, me: u32, targets: &mut CpuSet) {
-        let n = self.flushes.len();
+        let watched = me == self.watched.load(SeqCst);
         let without_flag = self.faults.defer_without_flag.load(Relaxed);
         let asked = *targets;
         for t in asked.iter() {
@@ -290,7 +299,7 @@ impl<P: Platform> Shootdowns<P> {
                 P::vcpu_is_preempted(t)
             } else if P::flush_tlb_on_resume(t) {
                 // Counted before anything else can see the new page table's effect.
-                if let Some(d) = self.deferred.get(t as usize * n + me as usize) {
+                if let Some(d) = self.deferred.get(t as usize).filter(|_| watched) {
                     d.fetch_add(1, SeqCst);
                 }
                 self.deferred_total.fetch_add(1, Relaxed);
@@ -315,9 +324,13 @@ impl<P: Platform> Shootdowns<P> {
         let cpu = P::cpu();
         // Published before any target can see the request, so each acknowledgement shrinks
         // it.
-        record::set_ipi_wait(cpu, targets.low_word());
+        record::set_ipi_wait(cpu, targets);
         if events::on() {
-            events::emit::<P>(EventKind::IpiWait, targets.len() as u32, targets.low_word());
+            events::emit::<P>(
+                EventKind::IpiWait,
+                targets.len() as u32,
+                targets.first_word(),
+            );
         }
         let (start, pages) = match range {
             FlushRange::All => (0, 0),
@@ -355,8 +368,7 @@ impl<P: Platform> Shootdowns<P> {
             }
             crate::sync::spin_loop();
         }
-        // Every target cleared its bit already; this only drops what a hostile scribble left.
-        record::set_ipi_wait(cpu, 0);
+        record::clear_ipi_wait(cpu, targets);
         events::emit::<P>(EventKind::IpiWaitEnd, 0, 0);
     }
 }

@@ -4,7 +4,7 @@
 //! AP's first Rust code, which calls the entry the layer above installs.
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use shared_abi::MAX_VCPUS;
+use pvsync_guest::NR_CPUS;
 
 use super::hook::Hook;
 use super::AP_TRAMPOLINE_ADDR;
@@ -14,9 +14,10 @@ extern "C" {
     static ap_trampoline_end: u8;
 }
 
-/// Stack tops by APIC ID, read by boot.S (`ap_stack_tops`).
+/// Stack tops by APIC ID, taken by boot.S (`ap_stack_tops`: an AP swaps its entry for 0,
+/// and halts where its ID is past the table or it finds 0).
 #[export_name = "ap_stack_tops"]
-static AP_STACK_TOPS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+static AP_STACK_TOPS: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 /// CR3 the trampoline loads, read by trampoline.S (`ap_boot_cr3`, 32-bit).
 #[export_name = "ap_boot_cr3"]
 static AP_BOOT_CR3: AtomicU32 = AtomicU32::new(0);
@@ -60,7 +61,7 @@ pub fn set_stack_top(apic_id: u32, top: u64) {
     AP_STACK_TOPS[apic_id as usize].store(top, Ordering::Release);
 }
 
-/// Installs what every AP runs first, with its initial APIC ID (CPUID.1).
+/// Installs what every AP runs first, with its initial APIC ID (`apic::initial_apic_id`).
 pub fn set_entry(f: fn(u32) -> !) {
     AP_ENTRY.set(f);
 }

@@ -70,9 +70,19 @@ pub fn has_tsc_deadline() -> bool {
     core::arch::x86_64::__cpuid(1).ecx & (1 << 24) != 0
 }
 
-/// The initial APIC ID from CPUID.1:EBX[31:24] (what the AP trampoline also uses).
+/// The initial APIC ID, as the AP path in boot.S finds it too: the x2APIC ID
+/// (CPUID.0xB:EDX) where the CPU has leaf 0xB (its maximum basic leaf is at least 0xB and
+/// the leaf's EBX[15:0] is non-zero, as the SDM says to check), else CPUID.1:EBX[31:24],
+/// which holds only 8 bits.
 pub fn initial_apic_id() -> u32 {
-    core::arch::x86_64::__cpuid(1).ebx >> 24
+    use core::arch::x86_64::{__cpuid, __cpuid_count};
+    if __cpuid(0).eax >= 0xb {
+        let topology = __cpuid_count(0xb, 0);
+        if topology.ebx & 0xffff != 0 {
+            return topology.edx;
+        }
+    }
+    __cpuid(1).ebx >> 24
 }
 
 fn wrmsr(msr: u32, value: u64) {
@@ -115,19 +125,37 @@ pub fn eoi() {
     wrmsr(X2APIC_EOI, 0);
 }
 
+/// Where an IPI of the bring-up goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dest {
+    /// One CPU, by x2APIC ID.
+    Cpu(u32),
+    /// Every CPU but the caller (the ICR's "all excluding self" shorthand: one write).
+    AllButSelf,
+}
+
+impl Dest {
+    fn icr(self) -> u64 {
+        match self {
+            Dest::Cpu(id) => (id as u64) << 32,
+            Dest::AllButSelf => ICR_ALL_BUT_SELF,
+        }
+    }
+}
+
 /// Sends INIT (level assert) to `dest`.
-pub fn send_init(dest: u32) {
-    wrmsr(
-        X2APIC_ICR,
-        ((dest as u64) << 32) | ICR_INIT | ICR_LEVEL_ASSERT,
-    );
+pub fn send_init(dest: Dest) {
+    // The APs' stacks and boot data are stored before this: order them before the IPI.
+    ipi_fence();
+    wrmsr(X2APIC_ICR, dest.icr() | ICR_INIT | ICR_LEVEL_ASSERT);
 }
 
 /// Sends a STARTUP IPI: `dest` starts in real mode at `page << 12`.
-pub fn send_startup(dest: u32, page: u8) {
+pub fn send_startup(dest: Dest, page: u8) {
+    ipi_fence();
     wrmsr(
         X2APIC_ICR,
-        ((dest as u64) << 32) | ICR_STARTUP | ICR_LEVEL_ASSERT | page as u64,
+        dest.icr() | ICR_STARTUP | ICR_LEVEL_ASSERT | page as u64,
     );
 }
 
@@ -140,7 +168,7 @@ fn ipi_fence() {
 
 /// Sends a fixed interrupt `vector` to CPU `dest`.
 pub fn send_ipi(dest: u32, vector: u8) {
-    if let (Some(send), Ok(id)) = (IPI_SENDER.get(), u8::try_from(dest)) {
+    if let (Some(send), Ok(id)) = (IPI_SENDER.get(), u16::try_from(dest)) {
         if send(IpiDest::Vcpu(id), vector) {
             return;
         }
@@ -276,7 +304,8 @@ pub fn wait_for_interrupt() {
 }
 
 /// `wait_for_interrupt` for a CPU whose tick is stopped (`stop_tick`): the idle hook (the
-/// Idle hypercall) then names no deadline (0; the host still bounds the wait).
+/// Idle hypercall) then names no deadline (0: only a `SendIpi` ends it, ABI 6, and every
+/// remote wake-up is sent that way while the host accepts the region).
 pub fn wait_for_interrupt_tickless() {
     wait(|| 0);
 }

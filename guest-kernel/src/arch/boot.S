@@ -135,14 +135,36 @@ long_mode_64:
     hlt
     jmp 3b
 
-/* An AP finds its stack by its initial APIC ID (CPUID.1:EBX[31:24]). */
+/*
+ * An AP finds its stack by its initial APIC ID: the x2APIC ID (CPUID.0xB:EDX) where the
+ * CPU has leaf 0xB (maximum basic leaf >= 0xB and CPUID.0xB:EBX[15:0] non-zero), else
+ * CPUID.1:EBX[31:24], which holds only 8 bits (apic::initial_apic_id does the same).
+ * It takes its entry of ap_stack_tops ({nr_cpus} of them), leaving 0: an ID past the
+ * table, an entry without a stack, or one already taken (two CPUs past 255 read the same
+ * 8-bit ID where leaf 0xB is missing) halts the AP rather than share a stack.
+ */
 ap_long_mode:
-    mov $1, %eax
+    xor %eax, %eax
+    cpuid
+    cmp $0xb, %eax
+    jb 5f
+    mov $0xb, %eax
+    xor %ecx, %ecx
+    cpuid
+    test $0xffff, %ebx
+    jz 5f
+    mov %edx, %ebx                  /* zero-extends into %rbx */
+    jmp 6f
+5:  mov $1, %eax
     cpuid
     shr $24, %ebx
+6:  cmp ${nr_cpus}, %ebx
+    jae 4f
     mov %ebx, %edi                  /* first argument: APIC ID */
     lea ap_stack_tops(%rip), %rax
-    mov (%rax,%rbx,8), %rsp
+    xor %ecx, %ecx
+    xchg %rcx, (%rax,%rbx,8)        /* atomic: one AP takes each stack */
+    mov %rcx, %rsp
     test %rsp, %rsp
     jz 4f
     xor %ebp, %ebp

@@ -34,6 +34,7 @@ global_asm!(
     note_type_abi = const shared_abi::ELF_NOTE_TYPE_ABI_VERSION,
     abi_version = const shared_abi::ABI_VERSION,
     boot_stack_size = const BOOT_STACK_SIZE,
+    nr_cpus = const pvsync_guest::NR_CPUS,
     options(att_syntax)
 );
 global_asm!(

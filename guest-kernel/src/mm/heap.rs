@@ -40,8 +40,8 @@ const FRAMES_KEPT_PER_CPU: u64 = 64 * KIB;
 /// The heap for `ncpus` CPUs out of `total` free frames, `contiguous` of them in one run:
 /// a quarter of RAM, but at least what the kernel and the default-size suites need for
 /// `ncpus` CPUs (`BASE + ncpus * (boot + suites)`: 17 MiB for 64 CPUs), and at most what
-/// leaves the frames the rest of the kernel takes. Err(the least the kernel needs to boot)
-/// when even that does not fit.
+/// leaves the frames the rest of the kernel takes. Err(the bytes of free RAM the kernel
+/// needs to boot that many: its heap and the frames it keeps) when even that does not fit.
 pub fn size(total: u64, contiguous: u64, ncpus: u64) -> Result<u64, u64> {
     let boot_need = BASE_BYTES + ncpus * BOOT_BYTES_PER_CPU;
     let floor = boot_need + ncpus * SUITE_BYTES_PER_CPU;
@@ -51,7 +51,7 @@ pub fn size(total: u64, contiguous: u64, ncpus: u64) -> Result<u64, u64> {
         .min(contiguous * FRAME_SIZE);
     let bytes = ((total * FRAME_SIZE) / 4).max(floor).min(room);
     if bytes < boot_need {
-        return Err(boot_need.div_ceil(FRAME_SIZE));
+        return Err(boot_need + kept);
     }
     Ok(bytes / FRAME_SIZE)
 }
@@ -82,15 +82,20 @@ unsafe impl GlobalAlloc for LockedHeap {
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap(SpinLock::kernel(Heap::empty()));
 
-/// Sets the heap up for `ncpus` CPUs (see [`size`]); a VM too small to boot that many
-/// ends with the reason.
-pub fn init(ncpus: usize) {
+/// Sets the heap up for `ncpus` CPUs (see [`size`]) out of a VM with `ram_bytes` of RAM; a
+/// VM too small to boot that many ends with how much memory it needs, before anything
+/// could fail to allocate.
+pub fn init(ncpus: usize, ram_bytes: u64) {
     let (total, _) = frame::stats();
+    let free = total * FRAME_SIZE;
     let frames = size(total, frame::largest_run(), ncpus as u64).unwrap_or_else(|need| {
+        // RAM the frame allocator never gets (low memory, the kernel image) comes on top.
+        let least = ram_bytes.saturating_sub(free) + need;
         crate::panic::fail(format_args!(
-            "{ncpus} CPUs need at least {} KiB of kernel heap, but only {} KiB of RAM are free; give the VM more memory (--mem)",
-            need * FRAME_SIZE / KIB,
-            total * FRAME_SIZE / KIB
+            "VM too small for {ncpus} CPUs: give at least {} MiB (--mem); the kernel needs {} KiB of free RAM for them, {} KiB are free",
+            least.div_ceil(MIB),
+            need / KIB,
+            free / KIB
         ))
     });
     let start = frame::alloc_contiguous_or_panic(frames, "the kernel heap");

@@ -14,6 +14,6 @@ use crate::bootinfo::BootInfo;
 /// frames get reused.
 pub fn init(boot: &BootInfo, boot_memory: BootMemory, ncpus: usize) {
     frame::init(boot.regions(), crate::arch::kernel_image_range());
-    heap::init(ncpus);
+    heap::init(ncpus, boot.ram_bytes());
     paging::init(boot.regions(), boot_memory);
 }

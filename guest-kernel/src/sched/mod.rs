@@ -17,7 +17,8 @@ mod wait;
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use shared_abi::{VcpuMode, MAX_VCPUS};
+use pvsync_guest::NR_CPUS;
+use shared_abi::VcpuMode;
 use x86_64::instructions::interrupts;
 
 pub use task::{State, Task};
@@ -53,11 +54,10 @@ impl RunQueue {
 
 /// Taken with interrupts off everywhere: the tick and wake-ups from interrupt handlers use
 /// it.
-static RQ: [KernelLock<RunQueue>; MAX_VCPUS] =
-    [const { SpinLock::kernel(RunQueue::new()) }; MAX_VCPUS];
+static RQ: [KernelLock<RunQueue>; NR_CPUS] = [const { SpinLock::kernel(RunQueue::new()) }; NR_CPUS];
 /// A task was woken on this CPU from this CPU: the next tick switches to it.
-static WOKEN_LOCALLY: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
-static SWITCHES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+static WOKEN_LOCALLY: [AtomicBool; NR_CPUS] = [const { AtomicBool::new(false) }; NR_CPUS];
+static SWITCHES: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 
 /// Hooks the scheduler into the layers below (once, on the BSP, before any CPU enables
 /// interrupts): preemption points and the interrupt return path switch tasks when a
@@ -120,7 +120,7 @@ fn on_tick(preemptible: bool) {
 static TIMEKEEPER: AtomicU32 = AtomicU32::new(u32::MAX);
 /// This CPU's idle task stopped its tick; the switch to a task restarts it (`switch_in`:
 /// from the idle loop, or from the return of the interrupt that woke the CPU).
-static TICK_STOPPED: [AtomicBool; MAX_VCPUS] = [const { AtomicBool::new(false) }; MAX_VCPUS];
+static TICK_STOPPED: [AtomicBool; NR_CPUS] = [const { AtomicBool::new(false) }; NR_CPUS];
 
 /// Makes the calling context this CPU's first task. `is_idle`: the context will run
 /// `idle_loop` (APs); otherwise (the boot CPU, which becomes the timekeeper) an idle task is
@@ -144,7 +144,22 @@ pub fn init_this_cpu(name: &'static str, is_idle: bool) {
         t.set_state(State::Ready);
         t
     };
-    let mut rq = RQ[cpu as usize].lock_irqsave();
+    set_first_task(me, idle);
+}
+
+/// An AP's start: `idle` (this CPU's task from [`Task::adopt_current`] with `is_idle`,
+/// made beforehand by the boot CPU, so that APs coming up together take no heap lock)
+/// becomes the calling context, which will run `idle_loop`.
+pub fn init_this_cpu_idle(idle: Arc<Task>) {
+    assert!(
+        idle.is_idle && idle.cpu == percpu::id(),
+        "another CPU's idle task"
+    );
+    set_first_task(idle.clone(), idle);
+}
+
+fn set_first_task(me: Arc<Task>, idle: Arc<Task>) {
+    let mut rq = RQ[me.cpu as usize].lock_irqsave();
     rq.current = Some(me);
     rq.idle = Some(idle);
 }

@@ -59,8 +59,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use pvsync_boot_parse::cmdline::KvmUse;
 use pvsync_guest::locks::{RawLock, SpinLock};
+use pvsync_guest::NR_CPUS;
 use pvsync_guest::{CpuSync, FlushRange, Ipi, Platform, Wake};
-use shared_abi::{Hypercall, MAX_VCPUS};
+use shared_abi::Hypercall;
 
 use super::StartGate;
 use crate::arch::idt::{self, TrapFrame};
@@ -96,12 +97,13 @@ const STARVATION_GRACE_MIN_MS: u64 = 60_000;
 pub const KICK_VECTOR: u8 = 0xe0;
 
 type TicketLock = pvsync_guest::locks::TicketLock<Torture>;
+type KernelTicketLock = pvsync_guest::locks::KernelTicketLock<Torture>;
 type McsLock = pvsync_guest::locks::McsLock<Torture>;
 type BrokenLock = pvsync_guest::locks::BrokenLock<Torture>;
 
 static TICKET: SpinLock<u64, TicketLock> = SpinLock::new(TicketLock::new(), 0);
 /// The kernel's own flavour: test-and-set on the ticket counters.
-static KERNEL: SpinLock<u64, TicketLock> = SpinLock::kernel(0);
+static KERNEL: SpinLock<u64, KernelTicketLock> = SpinLock::kernel(0);
 static MCS: SpinLock<u64, McsLock> = SpinLock::new(McsLock::new(), 0);
 static MCS_NOKICK: SpinLock<u64, McsLock> = SpinLock::new(McsLock::dropping_kicks(), 0);
 static BROKEN: SpinLock<u64, BrokenLock> = SpinLock::new(BrokenLock::new(), 0);
@@ -116,16 +118,16 @@ static HALTS: AtomicU64 = AtomicU64::new(0);
 static HALTS_OWE_KICKS: AtomicBool = AtomicBool::new(true);
 static PREEMPTED_HALTS: AtomicU64 = AtomicU64::new(0);
 /// Kicks the lock asked the platform to send, per target CPU.
-static KICKS_SENT: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
-static KICKS_RECEIVED: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+static KICKS_SENT: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
+static KICKS_RECEIVED: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 static LOST_KICKS: AtomicU64 = AtomicU64::new(0);
 /// Longest wait of a granted waiter for its kick, in TSC cycles.
 static KICK_WAIT_MAX: AtomicU64 = AtomicU64::new(0);
 /// TSC when each CPU's current halt began; 0 while it is not halted.
-static HALTED_SINCE: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+static HALTED_SINCE: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 /// Lock releases each CPU has returned from (counted when the guard re-enables preemption,
 /// after the release and its kick).
-static RELEASES: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+static RELEASES: [AtomicU64; NR_CPUS] = [const { AtomicU64::new(0) }; NR_CPUS];
 /// Written by each holder inside its critical section: its CPU and its `RELEASES` count
 /// then, so that the CPU granted the lock next knows whose release to wait for.
 static HANDOFF: AtomicU64 = AtomicU64::new(NO_HANDOFF);
@@ -169,12 +171,12 @@ unsafe impl Platform for Torture {
         match ipi {
             // A lock kicks a halted waiter (the suite counts kicks sent and received).
             Ipi::Kick => {
-                KICKS_SENT[cpu as usize % MAX_VCPUS].fetch_add(1, SeqCst);
+                KICKS_SENT[cpu as usize % NR_CPUS].fetch_add(1, SeqCst);
                 if crate::arch::kvm::uses(KvmUse::KICK) {
                     // KVM's kick (`kvm=kick`) raises no interrupt for a handler to count:
                     // counted received before it goes out, so the woken waiter sees it; one
                     // KVM refuses is a lost kick (the tick would hide it).
-                    KICKS_RECEIVED[cpu as usize % MAX_VCPUS].fetch_add(1, SeqCst);
+                    KICKS_RECEIVED[cpu as usize % NR_CPUS].fetch_add(1, SeqCst);
                     if crate::arch::kvm::kick(cpu) != 0 {
                         LOST_KICKS.fetch_add(1, Relaxed);
                     }
@@ -284,7 +286,7 @@ fn halt_watched(still_waiting: &dyn Fn() -> bool) {
         let released = match h {
             NO_HANDOFF => true,
             h => {
-                let count = RELEASES[(h >> 32) as usize % MAX_VCPUS].load(SeqCst);
+                let count = RELEASES[(h >> 32) as usize % NR_CPUS].load(SeqCst);
                 count & 0xffff_ffff != h & 0xffff_ffff
             }
         };
@@ -425,7 +427,8 @@ fn torture<L: RawLock<Platform = Torture> + 'static>(
     gate.open();
     let wake_after = tsc::us_to_cycles(WAKE_HALTED_AFTER_US);
     let mut ran = 0;
-    let mut pinged = [0u64; MAX_VCPUS];
+    // When each worker CPU's halt that the monitor last pinged began.
+    let mut pinged = alloc::vec![0u64; NR_CPUS];
     let mut pings = 0u64;
     let start = tsc::now();
     let end = start + tsc::us_to_cycles(duration_ms * 1000);

@@ -18,8 +18,7 @@ const KIB: u64 = 1024;
 
 /// Online CPUs, in order.
 pub fn cpus() -> Vec<u32> {
-    let online = crate::smp::online_mask();
-    (0..64u32).filter(|c| online & (1 << c) != 0).collect()
+    crate::smp::online().iter().collect()
 }
 
 /// The CPU for the i-th worker: round-robin over the online CPUs.

@@ -31,12 +31,14 @@ use crate::{println, sched, tlb};
 
 const POISON: u64 = 1 << 63;
 const WATCH_VA: u64 = USER_DATA_VA;
+/// Tasks (readers and churners) the counter pages have room for: the default (a reader
+/// per CPU and two churners) at NR_CPUS, twice over.
+const MAX_TASKS: usize = 2 * pvsync_guest::NR_CPUS;
 const COUNTERS_VA: u64 = USER_DATA_VA + 0x10_0000;
-const SCRATCH_VA: u64 = USER_DATA_VA + 0x20_0000;
+const SCRATCH_VA: u64 = COUNTERS_VA + MAX_TASKS as u64 * 4096;
 /// Frames the watched page rotates through.
 const POOL: usize = 16;
-/// Tasks (readers and churners) the counter pages have room for.
-const MAX_TASKS: usize = ((SCRATCH_VA - COUNTERS_VA) / 4096) as usize;
+const _: () = assert!(SCRATCH_VA + MAX_TASKS as u64 * 4096 <= crate::user::USER_WORKLOAD_VA);
 
 /// Writes `v` into the first word of a frame of the pool (user tasks only read it).
 fn frame_write(f: StaticFrame, v: u64) {
@@ -154,6 +156,8 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
 
     gate.open();
     let me = crate::percpu::id();
+    // The evidence counts this task's requests (the churners' do not count).
+    tlb::watch_sender(me);
     let (shootdowns_before, yields_before) = tlb::stats();
     let end = tsc::now() + tsc::us_to_cycles(duration_ms * 1000);
     let mut gen = 0u64;
@@ -181,14 +185,7 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         // this read. A flush before the change proves nothing, so none is counted.
         let evidence: Vec<(u32, u64, u64, u64)> = cpus
             .iter()
-            .map(|&c| {
-                (
-                    c,
-                    tlb::served(c, me),
-                    tlb::full_flushes(c),
-                    tlb::deferred(c, me),
-                )
-            })
+            .map(|&c| (c, tlb::served(c), tlb::full_flushes(c), tlb::deferred(c)))
             .collect();
         let holders = aspace.cpus();
         tlb::shootdown(&aspace, WATCH_VA, 1);
@@ -199,9 +196,9 @@ pub fn run(readers: usize, churners: usize, duration_ms: u64) -> bool {
         // its CR3 load only after leaving: its count is bound to move, so wait for it (a
         // vCPU preempted in between would otherwise look like a missed flush).
         let flushed = |c: u32, served: u64, reloads: u64, deferred: u64| {
-            tlb::served(c, me) != served
+            tlb::served(c) != served
                 || tlb::full_flushes(c) != reloads
-                || (tlb::deferred(c, me) != deferred && host_flushed(c))
+                || (tlb::deferred(c) != deferred && host_flushed(c))
                 || (!aspace.cpus().contains(c)
                     && eventually_within_ms(LEFT_WAIT_MS, || tlb::full_flushes(c) != reloads))
         };

@@ -15,7 +15,7 @@
 
 use super::{Boost, BoostPolicy, BoostReason, Input, KvmPolicy, Nanos};
 use crate::shared_region::{RecordView, Snapshot};
-use shared_abi::NO_VCPU;
+use shared_abi::{bitmap_iter, NO_VCPU};
 
 /// What the guest's word alone cannot tell: when a callback backlog is worth boosting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +73,7 @@ impl PvPolicy {
 
 /// A record the policy may act on: validated, and of a vCPU the VM has.
 fn trusted(snap: &Snapshot, vcpu: u32, nr: usize) -> Option<&RecordView> {
-    let r = snap.records.get(vcpu as usize)?;
+    let r = snap.record(vcpu)?;
     (r.problems.is_empty() && (vcpu as usize) < nr).then_some(r)
 }
 
@@ -99,8 +99,7 @@ impl BoostPolicy for PvPolicy {
                     reason: BoostReason::LockHolder,
                 });
             }
-            let owed = rec.record.ipi_wait;
-            if let Some(v) = (0..n as u32).find(|&v| has_bit(owed, v) && preempted(v)) {
+            if let Some(v) = rec.ipi_targets().find(|&v| preempted(v)) {
                 return Some(Boost {
                     vcpu: v,
                     reason: BoostReason::IpiAckOwed,
@@ -137,7 +136,7 @@ impl BoostPolicy for PvPolicy {
             if w.record.spin_lock != 0 && w.record.spin_holder != NO_VCPU {
                 want(w.record.spin_holder, BoostReason::LockHolder);
             }
-            for v in (0..n as u32).filter(|&v| has_bit(w.record.ipi_wait, v)) {
+            for v in w.ipi_targets() {
                 want(v, BoostReason::IpiAckOwed);
             }
         }
@@ -189,26 +188,25 @@ fn worth(input: &Input, v: u32) -> bool {
 /// so), then holdouts outside any reader (the grace-period kthread's own vCPU among them).
 /// A reader that began after the grace period did, or a vCPU that already reported, holds
 /// nothing up. A guest that publishes no holdouts gets its readers boosted.
+/// Walks the published holdouts only (one bit scan each), or every vCPU when none are
+/// published.
 fn rcu_holdouts(snap: &Snapshot, n: usize, want: &mut impl FnMut(u32, BoostReason)) {
-    let holdouts = match snap.header.rcu_gp_holdouts {
-        0 => u64::MAX,
-        h => h,
-    };
-    for r in (0..n as u32).filter_map(|v| trusted(snap, v, n)) {
-        if !has_bit(holdouts, r.vcpu) {
-            continue;
-        }
+    let published = snap.has_holdouts();
+    let mut consider = |v: u32| {
+        let Some(r) = trusted(snap, v, n) else {
+            return;
+        };
         if r.record.rcu_nesting > 0 {
-            want(r.vcpu, BoostReason::RcuReader);
-        } else if holdouts != u64::MAX {
-            want(r.vcpu, BoostReason::RcuHoldout);
+            want(v, BoostReason::RcuReader);
+        } else if published {
+            want(v, BoostReason::RcuHoldout);
         }
+    };
+    if published {
+        bitmap_iter(&snap.holdouts).for_each(&mut consider);
+    } else {
+        (0..n as u32).for_each(consider);
     }
-}
-
-/// Bit `v` of a published vCPU mask (a vCPU past the mask's width is never in it).
-fn has_bit(mask: u64, v: u32) -> bool {
-    mask.checked_shr(v).is_some_and(|m| m & 1 != 0)
 }
 
 fn collect(reasons: &[Option<BoostReason>]) -> Vec<Boost> {

@@ -1,7 +1,7 @@
 //! Policy decisions with a fake clock and synthetic shared regions, garbage included.
 
 use super::*;
-use crate::shared_region::{check, Problems, RecordView, Registration, Snapshot};
+use crate::shared_region::{Problems, RecordView, Registration, Snapshot};
 use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
 
 const MS: Nanos = 1_000_000;
@@ -33,14 +33,11 @@ fn snapshot(records: Vec<VcpuRecord>, gp_seq: u64, pending: u64) -> Snapshot {
             event_ring_entries: 0,
         },
         header,
+        holdouts: Vec::new(),
         records: records
             .into_iter()
             .enumerate()
-            .map(|(i, r)| RecordView {
-                vcpu: i as u32,
-                problems: check(&r, n),
-                record: r,
-            })
+            .map(|(i, r)| RecordView::new(i as u32, r, n))
             .collect(),
     }
 }
@@ -156,8 +153,7 @@ fn pv_prefers_the_named_vcpu_then_the_lock_holder_then_an_ipi_debtor() {
     let mut spinner = record(VcpuMode::Kernel);
     spinner.spin_lock = 0xffff_8000;
     spinner.spin_holder = 2;
-    spinner.ipi_wait = 1 << 3;
-    let snap = snapshot(
+    let mut snap = snapshot(
         vec![
             spinner,
             record(VcpuMode::Kernel),
@@ -167,6 +163,7 @@ fn pv_prefers_the_named_vcpu_then_the_lock_holder_then_an_ipi_debtor() {
         0,
         0,
     );
+    snap.records[0] = snap.records[0].clone().waiting_on(4, &[3]);
     let input = Input {
         now: 0,
         vcpus: &vcpus,
@@ -208,9 +205,9 @@ fn pv_prefers_the_named_vcpu_then_the_lock_holder_then_an_ipi_debtor() {
 fn pv_boosts_a_user_mode_ipi_debtor_without_any_pending_interrupt() {
     // The paravirt answer to the user-mode IPI receiver: the sender's record names it.
     let vcpus = [running(0), preempted(1, Cpl::User)];
-    let mut sender = record(VcpuMode::Kernel);
-    sender.ipi_wait = 1 << 1;
-    let snap = snapshot(vec![sender, record(VcpuMode::User)], 0, 0);
+    let sender = record(VcpuMode::Kernel);
+    let mut snap = snapshot(vec![sender, record(VcpuMode::User)], 0, 0);
+    snap.records[0] = snap.records[0].clone().waiting_on(2, &[1]);
     let input = Input {
         now: 0,
         vcpus: &vcpus,
@@ -395,7 +392,7 @@ fn garbage_pages_and_states_never_panic_and_decisions_stay_sane() {
         x
     };
     for round in 0..2000 {
-        let n = (next() % 64 + 1) as usize;
+        let n = (next() % 300 + 1) as usize;
         let vcpus: Vec<VcpuState> = (0..n as u32)
             .map(|id| {
                 let r = next();
@@ -421,15 +418,27 @@ fn garbage_pages_and_states_never_panic_and_decisions_stay_sane() {
                     b[4] %= 4;
                     b[5..8].fill(0);
                     b[20..24].copy_from_slice(&((next() % (n as u64 + 1)) as u32).to_le_bytes());
-                    b[32..40].copy_from_slice(
-                        &(next() & if n == 64 { u64::MAX } else { (1 << n) - 1 }).to_le_bytes(),
-                    );
-                    b[40..48].fill(0);
+                    b[32..36].fill(0);
+                    b[36..44].fill(0);
                 }
                 VcpuRecord::from_bytes(&b)
             })
             .collect();
-        let snap = snapshot(records, next(), next() % 3000);
+        let mut snap = snapshot(records, next(), next() % 3000);
+        if round % 2 == 0 {
+            // Waiters and holdouts anywhere in the VM, past 64 too.
+            let some = |next: &mut dyn FnMut() -> u64| -> Vec<u32> {
+                (0..next() % 8)
+                    .map(|_| (next() % n as u64) as u32)
+                    .collect()
+            };
+            for i in 0..n {
+                let targets = some(&mut next);
+                snap.records[i] = snap.records[i].clone().waiting_on(n as u32, &targets);
+            }
+            let holdouts = some(&mut next);
+            snap.set_holdouts(&holdouts);
+        }
         let input = Input {
             now: next() % (100 * MS),
             vcpus: &vcpus,
@@ -494,7 +503,7 @@ fn pv_boosts_only_when_the_wait_exceeds_the_cost() {
     let mut reader = record(VcpuMode::Kernel);
     reader.rcu_nesting = 1;
     let mut snap = snapshot(vec![record(VcpuMode::Kernel), reader, reader], 9, 0);
-    snap.header.rcu_gp_holdouts = 0b110;
+    snap.set_holdouts(&[1, 2]);
     let input = Input {
         now: 0,
         vcpus: &vcpus,

@@ -629,8 +629,10 @@ impl Core {
     /// Input for VM `vm`'s policy.
     fn policy_states(&self, vm: usize, now: Nanos) -> Vec<VcpuState> {
         let m = &self.vms[vm];
+        let waits = self.expected_waits(m.first..m.first + m.len, now);
         (m.first..m.first + m.len)
-            .map(|v| {
+            .zip(waits)
+            .map(|(v, expected_wait)| {
                 let c = &self.vcpus[v];
                 VcpuState {
                     id: c.index,
@@ -639,36 +641,41 @@ impl Core {
                     cpl: c.cpl,
                     interrupt_pending: c.interrupt_pending,
                     in_spin_loop: c.in_spin_loop,
-                    expected_wait: self.expected_wait(v, now),
+                    expected_wait,
                 }
             })
             .collect()
     }
 
-    /// How long queued vCPU `v` should wait for its turn without a boost: the rest of the
-    /// turn on its slot, plus a turn for each vCPU queued ahead of it (a boost its budget).
-    /// 0 when it runs; `Nanos::MAX` when it is not runnable.
-    fn expected_wait(&self, v: usize, now: Nanos) -> Nanos {
-        match self.vcpus[v].state {
-            RunState::Running { .. } => 0,
-            RunState::Queued { slot } => {
-                let s = &self.slots[slot];
-                let current = s
-                    .running
-                    .map_or(0, |r| self.vcpus[r].slice_end.saturating_sub(now));
-                let ahead: Nanos = s
-                    .queue
-                    .iter()
-                    .take_while(|&&q| q != v)
-                    .map(|&q| match self.vcpus[q].boost {
-                        Some(_) => self.vcpus[q].boost_budget,
-                        None => self.cfg.slice,
-                    })
-                    .sum();
-                current.saturating_add(ahead)
+    /// How long each vCPU of `range` should wait for its turn without a boost: 0 while it
+    /// runs; queued, the rest of the turn on its slot plus a turn for each vCPU queued ahead
+    /// of it (a boost its budget); `Nanos::MAX` when it is not runnable. One pass over each
+    /// slot's queue, so a decision about a VM of n vCPUs costs O(n), not O(n^2).
+    fn expected_waits(&self, range: std::ops::Range<usize>, now: Nanos) -> Vec<Nanos> {
+        let mut waits: Vec<Nanos> = range
+            .clone()
+            .map(|v| match self.vcpus[v].state {
+                RunState::Running { .. } => 0,
+                _ => Nanos::MAX,
+            })
+            .collect();
+        for (slot, s) in self.slots.iter().enumerate() {
+            let mut ahead = s
+                .running
+                .map_or(0, |r| self.vcpus[r].slice_end.saturating_sub(now));
+            for &q in &s.queue {
+                let c = &self.vcpus[q];
+                if range.contains(&q) && c.state == (RunState::Queued { slot }) {
+                    waits[q - range.start] = ahead;
+                }
+                let turn = match c.boost {
+                    Some(_) => c.boost_budget,
+                    None => self.cfg.slice,
+                };
+                ahead = ahead.saturating_add(turn);
             }
-            _ => Nanos::MAX,
         }
+        waits
     }
 
     fn input<'a>(

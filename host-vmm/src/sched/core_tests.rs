@@ -444,8 +444,8 @@ fn naming_a_running_vcpu_boosts_a_queued_laggard_only_under_pv() {
         let mut fx = start_all(&mut c, 4);
         assert_eq!(running(&c), vec![Some(0), Some(1)]);
         // 0 waits for acknowledgements from 1 (running) and 3 (queued behind 1).
-        let mut snap = rcu_snapshot(4, 0, 0);
-        snap.records[0].record.ipi_wait = 0b1010;
+        let mut snap = rcu_snapshot(4, 0, &[]);
+        snap.records[0] = snap.records[0].clone().waiting_on(4, &[1, 3]);
         c.spin_yield(0, Some(1), Some(&snap), MS, &mut fx);
         let (_, m) = c.vm_metrics(0, MS).unwrap();
         assert_eq!(m[0].yields_target_running, 1, "{name}");
@@ -466,8 +466,8 @@ fn naming_itself_does_nothing() {
     let mut c = core(2, Placement::Spread);
     c.add_vm(policy::by_name("pv").unwrap(), 4);
     let mut fx = start_all(&mut c, 4);
-    let mut snap = rcu_snapshot(4, 0, 0);
-    snap.records[0].record.ipi_wait = 0b1000;
+    let mut snap = rcu_snapshot(4, 0, &[]);
+    snap.records[0] = snap.records[0].clone().waiting_on(4, &[3]);
     c.spin_yield(0, Some(0), Some(&snap), MS, &mut fx);
     assert_eq!(running(&c), vec![Some(0), Some(1)]);
 }
@@ -590,12 +590,11 @@ fn a_lender_keeps_its_place_and_gets_its_turn_back_first() {
 
 /// A snapshot of a VM of `n` vCPUs, all in the kernel outside readers, with a grace period
 /// `seq` waiting on `holdouts`.
-fn rcu_snapshot(n: u32, seq: u64, holdouts: u64) -> Snapshot {
-    use crate::shared_region::{check, RecordView, Registration};
+fn rcu_snapshot(n: u32, seq: u64, holdouts: &[u32]) -> Snapshot {
+    use crate::shared_region::{RecordView, Registration};
     use shared_abi::{PageHeader, VcpuMode, VcpuRecord, NO_VCPU};
     let mut header = PageHeader::new(n, 0);
     header.rcu_gp_seq = seq;
-    header.rcu_gp_holdouts = holdouts;
     let records = (0..n)
         .map(|vcpu| {
             let record = VcpuRecord {
@@ -603,14 +602,10 @@ fn rcu_snapshot(n: u32, seq: u64, holdouts: u64) -> Snapshot {
                 spin_holder: NO_VCPU,
                 ..Default::default()
             };
-            RecordView {
-                vcpu,
-                problems: check(&record, n),
-                record,
-            }
+            RecordView::new(vcpu, record, n)
         })
         .collect();
-    Snapshot {
+    let mut snap = Snapshot {
         registration: Registration {
             gpa: 0x10_0000,
             nr_vcpus: n,
@@ -618,8 +613,11 @@ fn rcu_snapshot(n: u32, seq: u64, holdouts: u64) -> Snapshot {
             event_ring_entries: 0,
         },
         header,
+        holdouts: Vec::new(),
         records,
-    }
+    };
+    snap.set_holdouts(holdouts);
+    snap
 }
 
 #[test]
@@ -631,7 +629,7 @@ fn rcu_wait_boosts_the_preempted_holdouts_at_once() {
     // Slot 0: 0 runs, 2 queued; slot 1: 1 runs, 3 queued. vCPU 3 is queued behind 1.
     assert_eq!(c.layout()[1].1, vec![3]);
     // A stale hint (not the grace period in progress) boosts nobody.
-    let snap = rcu_snapshot(4, 7, 0b1001);
+    let snap = rcu_snapshot(4, 7, &[0, 3]);
     c.rcu_wait(0, 5, Some(&snap), MS, &mut fx);
     assert!(fx.kick.is_empty());
     // The kthread on vCPU 0 names holdouts {0, 3}: 3 is boosted and the sibling's turn on
@@ -726,7 +724,7 @@ fn rcu_words_are_rate_limited() {
     // A guest that forges a new grace period for every word, naming every vCPU.
     for i in 0..200u64 {
         let seq = 2 * i + 1;
-        let snap = rcu_snapshot(4, seq, 0b1111);
+        let snap = rcu_snapshot(4, seq, &[0, 1, 2, 3]);
         c.rcu_wait(0, seq as u32, Some(&snap), MS + i, &mut fx);
     }
     let (vm, m) = c.vm_metrics(0, MS + 200).unwrap();
@@ -739,9 +737,9 @@ fn rcu_words_are_rate_limited() {
     // A period later: a word for an earlier grace period is ignored, a later one is not,
     // and a fourth word for the same grace period is ignored.
     let now = 3 * MS;
-    let old = rcu_snapshot(4, 1, 0b1111);
+    let old = rcu_snapshot(4, 1, &[0, 1, 2, 3]);
     c.rcu_wait(0, 1, Some(&old), now, &mut fx);
-    let snap = rcu_snapshot(4, 1001, 0b1111);
+    let snap = rcu_snapshot(4, 1001, &[0, 1, 2, 3]);
     for _ in 0..4 {
         c.rcu_wait(0, 1001, Some(&snap), now, &mut fx);
     }

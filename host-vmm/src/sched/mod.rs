@@ -93,8 +93,9 @@ pub trait Backend: Send + Sync {
     /// `v` spins waiting for VM-local vCPU `named` (a YieldTo hypercall); returns when `v`
     /// may run again.
     fn spin_yield(&self, v: usize, named: Option<u32>, shared: Option<&Snapshot>);
-    /// `v` idles (the Idle hypercall) for at most `timeout`; returns when it may run again.
-    fn idle(&self, v: usize, timeout: Duration);
+    /// `v` idles (the Idle hypercall) for at most `timeout` (None: until an IPI wakes it or
+    /// its VM ends); returns when it may run again.
+    fn idle(&self, v: usize, timeout: Option<Duration>);
     /// `v` sent an interrupt (already injected) to VM-local vCPU `to`.
     fn ipi(&self, v: usize, to: u32);
     /// `v` says (RcuWait) that the grace period `seq` now waits on the holdouts named in

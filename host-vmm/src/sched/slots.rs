@@ -29,6 +29,10 @@ const MIN_TICK: Duration = Duration::from_micros(50);
 /// A thread waiting in the backend re-checks at least this often (so a lost wake-up costs
 /// at most this, never a hang).
 const WAIT_RECHECK: Duration = Duration::from_millis(20);
+/// The same safety net for an idle vCPU with no deadline (`Idle(0)`): an IPI, the VM's end
+/// or a backend failure unparks it; a thousand of them looking every 20 ms would take the
+/// scheduler's lock 50 000 times a second for nothing.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// A VM's guest view while a tick uses it: the view, its vCPU 0's key, its vCPU count.
 type LiveView = (Arc<dyn GuestView>, usize, usize);
@@ -307,10 +311,15 @@ impl SlotBackend {
             self.publish_lent(&t);
             return;
         }
+        let recheck = if idle_until == Some(Nanos::MAX) {
+            IDLE_RECHECK
+        } else {
+            WAIT_RECHECK
+        };
         loop {
             let now = self.now();
-            let mut wait = WAIT_RECHECK;
-            if let Some(until) = idle_until {
+            let mut wait = recheck;
+            if let Some(until) = idle_until.filter(|&u| u != Nanos::MAX) {
                 if now >= until {
                     idle_until = None;
                     self.with_core(Some(v), |c, now, fx| c.idle_expired(v, now, fx));
@@ -324,7 +333,7 @@ impl SlotBackend {
             if self.may_go(&t) {
                 break;
             }
-            if idle_until.is_none() {
+            if idle_until.is_none_or(|u| u == Nanos::MAX) {
                 // A long wait: look at the core itself (a safety net; `go` is kept in step
                 // with it under the lock).
                 if let Some(g) = self.lock() {
@@ -535,12 +544,15 @@ impl Backend for SlotBackend {
         self.wait_turn(v);
     }
 
-    fn idle(&self, v: usize, timeout: Duration) {
-        let mut until = 0;
+    fn idle(&self, v: usize, timeout: Option<Duration>) {
+        let mut until = Nanos::MAX;
         self.with_core(Some(v), |c, now, fx| {
-            until = now + timeout.as_nanos() as Nanos;
+            if let Some(t) = timeout {
+                until = now.saturating_add(t.as_nanos() as Nanos);
+            }
             c.idle(v, until, now, fx);
         });
+        // No deadline (`Nanos::MAX`): only an IPI (or the VM's end) makes it runnable.
         self.wait_turn_until(v, Some(until));
     }
 

@@ -114,10 +114,16 @@ pub(super) fn add_vcpu(p: &mut Process, v: usize, log: &EventLog, epoch: Instant
             EventKind::IpiWait => {
                 b.close(&mut ipi, at);
                 let who = cpus(x);
+                // The event names the targets below 64 (the first word of the bitmap).
+                let name = if a as usize > who.len() {
+                    format!("waits for shootdown acks from {a} vcpus, below 64: {who:?}")
+                } else {
+                    format!("waits for shootdown acks from {who:?}")
+                };
                 ipi = Some(Open {
                     track: SHOOTDOWN,
                     start: at,
-                    name: format!("waits for shootdown acks from {who:?}"),
+                    name,
                     cat: "ipi-wait",
                     args: args([("targets", a.into()), ("waiting_for", who.into())]),
                 });

@@ -25,6 +25,8 @@ pub enum VcpuError {
     },
     #[error("installing the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error("building the vCPU's CPUID: {0:?}")]
+    Cpuid(vmm_sys_util::fam::Error),
 }
 
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -33,23 +35,34 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
 
 /// One vCPU of a VM, not yet running.
 pub struct Vcpu {
-    index: u8,
+    index: u32,
+    /// vCPUs of its VM.
+    nr_vcpus: u32,
     fd: VcpuFd,
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` of `vm`, with KVM's `supported` CPUID patched for it (its APIC
-    /// ID is its index). The kick signal's handler is installed first (once per process), so
+    /// Creates vCPU `index` of `vm` (of `nr_vcpus`), with KVM's `supported` CPUID patched for
+    /// it (its APIC ID is its index). The kick signal's handler is installed first (once per process), so
     /// no vCPU thread can be sent a kick it does not handle.
-    pub fn create(vm: &VmFd, index: u8, supported: &CpuId) -> Result<Self, VcpuError> {
+    pub fn create(
+        vm: &VmFd,
+        index: u32,
+        nr_vcpus: u32,
+        supported: &CpuId,
+    ) -> Result<Self, VcpuError> {
         kick::install_kick_handler()?;
         let fd = vm
             .create_vcpu(index as u64)
             .map_err(kvm_op("KVM_CREATE_VCPU"))?;
         let mut c = supported.clone();
-        cpuid::patch_for_vcpu(&mut c, index as u32);
+        cpuid::patch_for_vcpu(&mut c, index, nr_vcpus).map_err(VcpuError::Cpuid)?;
         fd.set_cpuid2(&c).map_err(kvm_op("KVM_SET_CPUID2"))?;
-        Ok(Vcpu { index, fd })
+        Ok(Vcpu {
+            index,
+            nr_vcpus,
+            fd,
+        })
     }
 
     /// Sets the PVH entry state: 32-bit protected mode at `entry`, %ebx = `start_info`.

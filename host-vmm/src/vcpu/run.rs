@@ -14,16 +14,28 @@ use crate::guest_events::{EventLog, Traced, TracedEvent, TscSync};
 use crate::hypercall::{Action, HypercallHost, VcpuHypercalls};
 use crate::sched::Backend;
 
-/// How often an application processor that waits for INIT-SIPI-SIPI is looked at: it waits
-/// outside KVM_RUN and outside the scheduler.
+/// How often an application processor that waits for INIT-SIPI-SIPI is looked at (it waits
+/// outside KVM_RUN and outside the scheduler): every ms at first, backing off to a period
+/// that grows with the VM ([`ap_poll_max`]), so the VM's waiting vCPUs together make at
+/// most about `AP_POLLS_PER_SEC` `KVM_GET_MP_STATE` calls a second. A call costs several
+/// us on a nested host: 1023 APs polled every 8 ms took both host CPUs, and the BSP, which
+/// needed them to boot, took 36 s to reach its first timer.
 const AP_WAIT_POLL: Duration = Duration::from_millis(1);
+const AP_POLLS_PER_SEC: u64 = 20_000;
+
+/// Longest poll period for an AP of a VM of `nr_vcpus`: 8 ms up to 160 vCPUs, then growing
+/// with them (51 ms at 1024), which is also the most an AP's start can lag its SIPI.
+fn ap_poll_max(nr_vcpus: u32) -> Duration {
+    let per_vcpu_us = 1_000_000 / AP_POLLS_PER_SEC;
+    Duration::from_micros(per_vcpu_us * nr_vcpus as u64).max(Duration::from_millis(8))
+}
 
 /// Failure injection for the tests of the VMM's error paths: `PVSYNC_INJECT=vcpu-panic:MS`
 /// makes vCPU 0's thread panic MS ms after it starts (the VM ends with a VMM fault).
 pub const INJECT_ENV: &str = "PVSYNC_INJECT";
 
 /// When vCPU `index`'s thread is to panic, if `INJECT_ENV` asks for it.
-fn injected_panic(index: u8) -> Option<Instant> {
+fn injected_panic(index: u32) -> Option<Instant> {
     let v = std::env::var(INJECT_ENV).ok()?;
     let ms: u64 = v.strip_prefix("vcpu-panic:")?.parse().ok()?;
     (index == 0)
@@ -57,7 +69,7 @@ pub trait VcpuContext: HypercallHost {
     /// An MMIO access hit no device.
     fn count_unclaimed_mmio(&self);
     /// The guest ended (as vCPU `index` saw it): the VM stops.
-    fn guest_ended(&self, index: u8, end: GuestEnd);
+    fn guest_ended(&self, index: u32, end: GuestEnd);
     /// Whether the guest writes events for the host to drain (the host asked for them and
     /// the guest's region has rings).
     fn traces_events(&self) -> bool;
@@ -67,14 +79,14 @@ pub trait VcpuContext: HypercallHost {
     /// them in time (called only when there are events).
     fn drain_events(
         &self,
-        index: u8,
+        index: u32,
         log: &mut EventLog,
         sync: &mut dyn FnMut() -> Option<TscSync>,
     );
     /// vCPU `index`'s RCU read-side nesting, as its record says (0 when not tracing).
-    fn rcu_nesting(&self, index: u8) -> u32;
+    fn rcu_nesting(&self, index: u32) -> u32;
     /// vCPU `index`'s thread leaves: its events.
-    fn events_done(&self, index: u8, log: EventLog);
+    fn events_done(&self, index: u32, log: EventLog);
     /// Guest memory (where a vCPU's steal-time area lies).
     fn memory(&self) -> &vm_memory::GuestMemoryMmap;
     /// A vCPU that gave up its slot was marked preempted in its steal-time area
@@ -90,9 +102,14 @@ impl Vcpu {
         if self.index == 0 {
             return;
         }
+        let mut poll = AP_WAIT_POLL;
+        let max = ap_poll_max(self.nr_vcpus);
         while !vm.stopping() {
             match self.fd.get_mp_state() {
-                Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => std::thread::sleep(AP_WAIT_POLL),
+                Ok(s) if s.mp_state != KVM_MP_STATE_RUNNABLE => {
+                    std::thread::sleep(poll);
+                    poll = (poll * 2).min(max);
+                }
                 _ => return,
             }
         }
@@ -102,13 +119,13 @@ impl Vcpu {
     /// `vm.guest_ended`.
     pub fn run(mut self, vm: &impl VcpuContext) {
         let index = self.index;
-        let key = vm.key(index as u32);
+        let key = vm.key(index);
         let backend = vm.backend();
         let kick_target = KickTarget::publish(&mut self.fd);
         self.wait_for_sipi(vm);
         backend.start(key, Box::new(kick_target.kicker()));
         backend.wait_turn(key);
-        let mut hypercalls = VcpuHypercalls::new(index as u32);
+        let mut hypercalls = VcpuHypercalls::new(index);
         let mut events = vm.new_event_log();
         let mut tsc = TscClock::default();
         let panic_at = injected_panic(index);

@@ -19,7 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 pub use shared::VmShared;
 
-use crate::arch::x86_64::{acpi, boot, layout};
+use crate::arch::x86_64::{acpi, boot, layout, x2apic};
 use crate::devices::PioBus;
 use crate::guest_events::EventLog;
 use crate::hoststat::{self, SchedStat, ThreadStat};
@@ -44,7 +44,11 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("--vcpus {0} is outside 1..={MAX_VCPUS}")]
-    BadVcpuCount(u8),
+    BadVcpuCount(u32),
+    #[error(
+        "--vcpus {asked} is more than this host's KVM allows per VM ({kvm_max}: KVM_CAP_MAX_VCPUS and KVM_CAP_MAX_VCPU_ID)"
+    )]
+    TooManyVcpus { asked: u32, kvm_max: usize },
     #[error(
         "--mem {mem_mib} MiB is too small for this kernel: it needs at least {needed_mib} MiB"
     )]
@@ -84,7 +88,7 @@ pub struct VmConfig {
     /// Label for the console prefix, the metrics and the trace.
     pub name: String,
     pub kernel: PathBuf,
-    pub vcpus: u8,
+    pub vcpus: u32,
     pub mem_mib: u64,
     pub cmdline: String,
     pub timeout: Duration,
@@ -102,9 +106,9 @@ pub enum Outcome {
     /// The guest was stopped after the timeout.
     Timeout(Duration),
     /// The guest could not go on (triple fault, failed entry, ...).
-    GuestCrash { vcpu: u8, reason: String },
+    GuestCrash { vcpu: u32, reason: String },
     /// The VMM failed while running the guest (a vCPU thread died).
-    VmmFault { vcpu: u8, reason: String },
+    VmmFault { vcpu: u32, reason: String },
     /// The scheduler backend failed and stopped the VM.
     SchedulerFault(String),
     /// The VMM was asked to stop (SIGINT or SIGTERM) before the guest ended.
@@ -145,7 +149,7 @@ pub struct RunReport {
 }
 
 /// Memory the kernel needs: its image, then room for heap, page tables and vCPU stacks.
-pub fn min_mem_bytes(info: &KernelInfo, vcpus: u8) -> u64 {
+pub fn min_mem_bytes(info: &KernelInfo, vcpus: u32) -> u64 {
     let per_vcpu = 128 * 1024;
     // The loader caps image.end at 4 GiB; saturate anyway rather than trust that here.
     info.image
@@ -221,11 +225,20 @@ pub fn build(
     // KVM's use of the mapping) goes first.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])?;
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    // vCPU i has id and APIC ID i: both limits bind.
+    let kvm_max = kvm.get_max_vcpus().min(kvm.get_max_vcpu_id());
+    if config.vcpus as usize > kvm_max {
+        return Err(VmError::TooManyVcpus {
+            asked: config.vcpus,
+            kvm_max,
+        });
+    }
     let vm = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
     register_memory(&vm, &mem)?;
     vm.set_tss_address(layout::KVM_TSS_ADDRESS)
         .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
+    x2apic::enable_32bit_ids(&vm).map_err(kvm_op("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -241,7 +254,7 @@ pub fn build(
         .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for id in 0..config.vcpus {
-        let v = Vcpu::create(&vm, id, &supported)?;
+        let v = Vcpu::create(&vm, id, config.vcpus, &supported)?;
         if id == 0 {
             v.set_pvh_entry(entry.0, start_info.0)?;
         }
@@ -302,7 +315,7 @@ impl BuiltVm {
                     let run = std::panic::catch_unwind(AssertUnwindSafe(|| v.run(&*vm_shared)));
                     if run.is_err() {
                         vm_shared.finish(Outcome::VmmFault {
-                            vcpu: i as u8,
+                            vcpu: i as u32,
                             reason: "vCPU thread panicked".into(),
                         });
                         vm_shared.backend.exit(vm_shared.key(i as u32));
@@ -313,7 +326,7 @@ impl BuiltVm {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     let outcome = Outcome::VmmFault {
-                        vcpu: i as u8,
+                        vcpu: i as u32,
                         reason: "vCPU thread not started".into(),
                     };
                     shared.finish(outcome.clone());

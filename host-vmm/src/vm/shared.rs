@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use shared_abi::{HypercallStatus, IpiDest, IpiRequest, IDLE_MAX_US};
 use vm_memory::GuestMemoryMmap;
 
 use super::Outcome;
+use crate::arch::x86_64::x2apic;
 use crate::devices::PioBus;
 use crate::guest_events::{self, EventLog, TscSync, MAX_EVENTS_PER_VM};
 use crate::hoststat;
@@ -22,10 +22,6 @@ use crate::shared_region::{self, Registration, Snapshot};
 use crate::vcpu::steal_time::StealTimeError;
 use crate::vcpu::{GuestEnd, VcpuContext};
 
-/// Where the local APICs receive MSIs (Intel SDM 11.11.1): destination id in bits 12..20.
-const MSI_ADDRESS_BASE: u32 = 0xfee0_0000;
-const MSI_DEST_ID_SHIFT: u32 = 12;
-
 /// State the vCPU threads share.
 pub struct VmShared {
     /// Declared before `mem`: fields drop in order, and KVM must let go of the memory first.
@@ -34,7 +30,7 @@ pub struct VmShared {
     /// Guest RAM as the memory map describes it (the legacy hole is not RAM).
     pub(super) ram: Vec<Range<u64>>,
     pub pio: PioBus,
-    pub(super) nr_vcpus: u8,
+    pub(super) nr_vcpus: u32,
     pub(super) kernel_image: Range<u64>,
     /// The accepted registration, set once for the VM's life: read without a lock, so that
     /// a backend holding its own lock (to publish a host field) never waits on a
@@ -88,20 +84,9 @@ impl VmShared {
         self.shared_region.get().cloned()
     }
 
-    fn take_snapshot(&self) -> Option<Snapshot> {
-        let reg = self.registration()?;
-        Snapshot::take(&self.mem, &reg).ok()
-    }
-
     /// Injects fixed interrupt `vector` into vCPU `index` (APIC id = vCPU index).
     fn inject(&self, index: u32, vector: u8) -> bool {
-        let msi = kvm_msi {
-            address_lo: MSI_ADDRESS_BASE | (index << MSI_DEST_ID_SHIFT),
-            address_hi: 0,
-            data: vector as u32,
-            ..Default::default()
-        };
-        self.vm.signal_msi(msi).is_ok()
+        self.vm.signal_msi(x2apic::fixed_msi(index, vector)).is_ok()
     }
 }
 
@@ -136,21 +121,21 @@ impl VcpuContext for VmShared {
 
     fn drain_events(
         &self,
-        index: u8,
+        index: u32,
         log: &mut EventLog,
         sync: &mut dyn FnMut() -> Option<TscSync>,
     ) {
         if let Some(reg) = self.event_region.get() {
             // Guest memory the VM owns for its whole life: a failed copy is a bug of ours,
             // not the guest's; the events are lost, the run goes on.
-            let _ = guest_events::drain(&self.mem, reg, index as u32, log, sync);
+            let _ = guest_events::drain(&self.mem, reg, index, log, sync);
         }
     }
 
-    fn rcu_nesting(&self, index: u8) -> u32 {
-        self.event_region.get().map_or(0, |reg| {
-            guest_events::rcu_nesting(&self.mem, reg, index as u32)
-        })
+    fn rcu_nesting(&self, index: u32) -> u32 {
+        self.event_region
+            .get()
+            .map_or(0, |reg| guest_events::rcu_nesting(&self.mem, reg, index))
     }
 
     fn memory(&self) -> &GuestMemoryMmap {
@@ -165,7 +150,7 @@ impl VcpuContext for VmShared {
         };
     }
 
-    fn events_done(&self, index: u8, mut log: EventLog) {
+    fn events_done(&self, index: u32, mut log: EventLog) {
         log.sort();
         let mut logs = self.event_logs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = logs.get_mut(index as usize) {
@@ -173,7 +158,7 @@ impl VcpuContext for VmShared {
         }
     }
 
-    fn guest_ended(&self, index: u8, end: GuestEnd) {
+    fn guest_ended(&self, index: u32, end: GuestEnd) {
         self.finish(match end {
             GuestEnd::Exit(code) => Outcome::GuestExit(code),
             GuestEnd::Crash(reason) => Outcome::GuestCrash {
@@ -191,13 +176,8 @@ impl HypercallHost for VmShared {
         if self.shared_region.get().is_some() {
             return HypercallStatus::AlreadyRegistered;
         }
-        match shared_region::validate(
-            &self.mem,
-            gpa,
-            self.nr_vcpus as u32,
-            &self.kernel_image,
-            &self.ram,
-        ) {
+        match shared_region::validate(&self.mem, gpa, self.nr_vcpus, &self.kernel_image, &self.ram)
+        {
             Ok(reg) => {
                 if shared_region::mark_accepted(&self.mem, &reg, self.events_wanted).is_err() {
                     return HypercallStatus::BadAddress;
@@ -217,24 +197,25 @@ impl HypercallHost for VmShared {
             return HypercallStatus::BadVcpu;
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let snapshot = self.take_snapshot();
+        // The policy reads the spinner's record (what it spins on, whom it waits for).
+        let snapshot = self
+            .registration()
+            .and_then(|reg| Snapshot::take_some(&self.mem, &reg, &[caller]).ok());
         self.backend
             .spin_yield(self.key(caller), Some(target), snapshot.as_ref());
         HypercallStatus::Ok
     }
 
     fn idle(&self, caller: u32, timeout_us: u32) -> HypercallStatus {
-        let us = match timeout_us {
-            0 => IDLE_MAX_US,
-            t => t.min(IDLE_MAX_US),
-        };
-        self.backend
-            .idle(self.key(caller), Duration::from_micros(us as u64));
+        // 0: no timer armed (a tickless idle CPU): it sleeps until an IPI, as `hlt` would.
+        let timeout =
+            (timeout_us != 0).then(|| Duration::from_micros(timeout_us.min(IDLE_MAX_US) as u64));
+        self.backend.idle(self.key(caller), timeout);
         HypercallStatus::Ok
     }
 
     fn send_ipi(&self, caller: u32, request: IpiRequest) -> HypercallStatus {
-        let n = self.nr_vcpus as u32;
+        let n = self.nr_vcpus;
         let targets = match request.dest {
             IpiDest::Vcpu(v) if (v as u32) < n => v as u32..v as u32 + 1,
             IpiDest::Vcpu(_) => return HypercallStatus::BadVcpu,
@@ -251,7 +232,9 @@ impl HypercallHost for VmShared {
     }
 
     fn rcu_wait(&self, caller: u32, seq: u32) -> HypercallStatus {
-        let snapshot = self.take_snapshot();
+        let snapshot = self
+            .registration()
+            .and_then(|reg| Snapshot::take_holdouts(&self.mem, &reg).ok());
         self.backend
             .rcu_wait(self.key(caller), seq, snapshot.as_ref());
         HypercallStatus::Ok

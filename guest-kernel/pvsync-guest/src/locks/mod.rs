@@ -16,7 +16,7 @@ mod ticket;
 
 pub use mcs::McsLock;
 pub use spinlock::{Guard, SpinLock};
-pub use ticket::TicketLock;
+pub use ticket::{KernelTicketLock, TicketLock};
 
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -14,7 +14,7 @@
 //! preempted holder; only the waiters' order is given up.
 
 use core::marker::PhantomData;
-use shared_abi::{EventKind, MAX_VCPUS, NO_VCPU};
+use shared_abi::{EventKind, NO_VCPU};
 
 use super::pacer::Pacer;
 use super::slow::SlowPath;
@@ -22,9 +22,11 @@ use super::spinlock::{Guard, SpinLock};
 use super::{give_back_turn, RawLock};
 use crate::platform::Platform;
 use crate::sync::{AtomicU32, Ordering::*};
+use crate::NR_CPUS;
 
-/// A ticket lock for CPUs `0..SLOTS` (by default every CPU the ABI allows).
-pub struct TicketLock<P, const SLOTS: usize = MAX_VCPUS> {
+/// A ticket lock whose waiters' CPUs fit in `SLOTS` taker slots (by default every CPU a
+/// kernel may have, [`NR_CPUS`]: 4 bytes each).
+pub struct TicketLock<P, const SLOTS: usize = NR_CPUS> {
     next: AtomicU32,
     owner: AtomicU32,
     /// Slot `t % SLOTS` holds `tag(t) | cpu` once `cpu` took ticket `t` (written right after
@@ -46,7 +48,14 @@ pub struct TicketLock<P, const SLOTS: usize = MAX_VCPUS> {
 /// Bits of a taker slot that hold the CPU; the ticket's tag lies above them.
 const CPU_BITS: u32 = 12;
 const CPU_MASK: u32 = (1 << CPU_BITS) - 1;
-const _: () = assert!(MAX_VCPUS <= CPU_MASK as usize + 1);
+const _: () = assert!(NR_CPUS <= CPU_MASK as usize + 1);
+
+/// A kernel lock's type ([`TicketLock::kernel`]): taken test-and-set style, it has at most
+/// one ticket outstanding (a CPU takes one only while nobody holds the lock), so one taker
+/// slot names its holder, where a FIFO lock needs one per CPU that may wait (4 KiB at 1024
+/// CPUs, for every run queue, wait queue and task). Never take a ticket of one with
+/// `take_ticket`.
+pub type KernelTicketLock<P> = TicketLock<P, 1>;
 
 /// Ticket `t`'s tag: its low bits, plus one so that a zeroed slot names nobody.
 fn tag(t: u32) -> u32 {

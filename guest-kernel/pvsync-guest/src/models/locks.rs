@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use super::platform::{boot, retire_boot_cpu, spawn_cpu, world, Model};
 use super::{check, rejects};
-use crate::locks::{pv_stats, McsLock, RawLock, TicketLock};
+use crate::locks::{pv_stats, KernelTicketLock, McsLock, RawLock, TicketLock};
 
 /// CPUs 1..=n each take `lock` once and increment the protected counter; CPU 0 joins them
 /// and checks the count. loom reports a data race on the counter if the lock hands it over
@@ -50,9 +50,10 @@ fn ticket_lock_excludes() {
     check(3, || contend(2, TicketLock::<Model, 4>::new));
 }
 
+/// The kernel's flavour with its single taker slot (`KernelTicketLock`).
 #[test]
 fn kernel_ticket_lock_excludes() {
-    check(3, || contend(2, TicketLock::<Model, 4>::kernel));
+    check(3, || contend(2, KernelTicketLock::<Model>::kernel));
 }
 
 #[test]

@@ -63,6 +63,9 @@ impl World {
 
 /// Builds the machine for one execution with `n` CPUs; the calling thread is CPU 0.
 pub(crate) fn boot(n: usize) -> Rc<World> {
+    // As a kernel does at boot: an atomic CPU set's whole-set operations then touch one
+    // word, not every word of NR_CPUS (each is a step loom explores).
+    crate::cpuset::set_nr_cpu_ids(n);
     let cpus = (0..n)
         .map(|i| {
             // Leaked: a CPU's block lives as long as the kernel. A few hundred bytes per

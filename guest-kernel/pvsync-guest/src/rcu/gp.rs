@@ -13,11 +13,11 @@ use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
 use shared_abi::EventKind;
 
-use super::{header_holdouts, Rcu};
+use super::Rcu;
 use crate::cpuset::CpuSet;
-use crate::events;
 use crate::platform::{Ipi, Platform, Wake};
 use crate::sync::Ordering::SeqCst;
+use crate::{events, region};
 
 /// A grace period in progress.
 pub struct GracePeriod {
@@ -56,10 +56,9 @@ impl<P: Platform> Rcu<P> {
         let mut all = self.online.load();
         all.insert(me);
         self.holdouts.store(&all);
-        header_holdouts(|w| {
-            w.store(all.low_word(), SeqCst);
-            0
-        });
+        // Every word of the region's bitmap before the odd sequence: a host that reads the
+        // sequence odd finds this grace period's holdouts.
+        region::rcu_holdouts().store(&all);
         self.publish_state();
         let snap = self.eqs.iter().map(|e| e.load(SeqCst)).collect();
         let gp = GracePeriod {
@@ -74,7 +73,7 @@ impl<P: Platform> Rcu<P> {
         let first = self.holdouts_of(&gp);
         self.keep_holdouts(&first, me);
         let seq = self.gp_seq() as u32;
-        events::emit::<P>(EventKind::GpStart, seq, first.low_word());
+        events::emit::<P>(EventKind::GpStart, seq, first.first_word());
         if !first.is_empty() {
             // One exit per grace period that has to wait: the host can run the preempted
             // holdouts (named in the header, with the sequence published above) at once.
@@ -91,7 +90,7 @@ impl<P: Platform> Rcu<P> {
         self.keep_holdouts(&h, P::cpu().id());
         if !h.is_empty() && !gp.nudged && P::now() > gp.nudge_at {
             gp.nudged = true;
-            h.iter().for_each(|c| P::send_ipi(c, Ipi::Reschedule));
+            P::send_ipi_many(&h, Ipi::Reschedule);
         }
         h.is_empty()
     }
@@ -107,10 +106,7 @@ impl<P: Platform> Rcu<P> {
         self.publish_state();
         // Cleared only once the even sequence is out.
         self.holdouts.store(&CpuSet::new());
-        header_holdouts(|w| {
-            w.store(0, SeqCst);
-            0
-        });
+        region::rcu_holdouts().clear();
         P::wake(Wake::GracePeriodWaiters);
         for c in self.online.load().iter() {
             if self.queued[c as usize].load(SeqCst) != 0 {
@@ -124,7 +120,7 @@ impl<P: Platform> Rcu<P> {
         let mut keep = *holdouts;
         keep.insert(me);
         self.holdouts.retain(&keep);
-        header_holdouts(|w| w.fetch_and(keep.low_word(), SeqCst));
+        region::rcu_holdouts().retain(&keep);
     }
 
     /// CPUs grace period `gp` still waits for.

@@ -30,7 +30,7 @@ use core::sync::atomic::{AtomicBool as FaultBool, AtomicU64 as StatU64, Ordering
 use shared_abi::EventKind;
 
 use crate::cpuset::{AtomicCpuSet, CpuSet};
-use crate::locks::{SpinLock, TicketLock};
+use crate::locks::{KernelTicketLock, SpinLock};
 use crate::platform::{Platform, Wake};
 use crate::sync::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use crate::{events, hypercall, record, region};
@@ -39,7 +39,7 @@ use crate::{events, hypercall, record, region};
 pub type Callback = Box<dyn FnOnce() + Send>;
 
 /// A CPU's callback list: each callback with the grace period it waits for.
-type CallbackList<P> = SpinLock<VecDeque<(u64, Callback)>, TicketLock<P>>;
+type CallbackList<P> = SpinLock<VecDeque<(u64, Callback)>, KernelTicketLock<P>>;
 
 /// Faults a negative control can switch on.
 #[derive(Default)]
@@ -84,7 +84,7 @@ pub struct Rcu<P: Platform> {
     gp_completed: AtomicU64,
     gp_requested: AtomicU64,
     /// CPUs the grace period in progress still waits for, the thread's own included until
-    /// it ends (mirrored into the shared header's `rcu_gp_holdouts`).
+    /// it ends (mirrored into the shared region's holdout bitmap).
     holdouts: AtomicCpuSet,
     /// CPUs whose context switch made them the last holdout (see `after_switch`).
     last_holdout_at_switch: Box<[AtomicBool]>,
@@ -133,9 +133,7 @@ impl<P: Platform> Rcu<P> {
             gave_back: per_cpu(nr_cpus, || AtomicU64::new(0)),
             online: AtomicCpuSet::new(),
             started: AtomicBool::new(false),
-            cbs: per_cpu(nr_cpus, || {
-                SpinLock::new(TicketLock::kernel(), VecDeque::new())
-            }),
+            cbs: per_cpu(nr_cpus, || SpinLock::kernel(VecDeque::new())),
             queued: per_cpu(nr_cpus, || AtomicU64::new(0)),
             pending: StatU64::new(0),
             peak_pending: StatU64::new(0),
@@ -245,12 +243,12 @@ impl<P: Platform> Rcu<P> {
             return false;
         }
         let left = self.holdouts.remove_then_load(c as u32);
-        header_holdouts(|w| w.fetch_and(!low_bit(c), SeqCst));
+        region::rcu_holdouts().remove(c as u32);
         if self.gp_started.load(SeqCst) != started {
             // A new grace period began between the load above and the clear: this CPU has
             // not reported for it, so its bit goes back.
             self.holdouts.insert(c as u32);
-            header_holdouts(|w| w.fetch_or(low_bit(c), SeqCst));
+            region::rcu_holdouts().insert(c as u32);
             return false;
         }
         let mut only_gp = CpuSet::new();
@@ -339,7 +337,7 @@ impl<P: Platform> Rcu<P> {
     fn tell_host_waiting(&self) {
         let seq = self.gp_seq() as u32;
         if events::on() {
-            let holdouts = region::rcu_holdouts().load(Relaxed);
+            let holdouts = region::rcu_holdouts().first_word();
             events::emit::<P>(EventKind::GpWait, seq, holdouts);
         }
         hypercall::rcu_wait::<P>(seq);
@@ -421,18 +419,6 @@ impl<P: Platform> Rcu<P> {
             invoked: self.invoked.load(Relaxed),
         }
     }
-}
-
-/// Applies `op` to the shared header's holdout word, which mirrors [`Rcu`]'s holdout set
-/// for CPUs 0..64 (ABI v4) with the same operations: a hint for the host, which never
-/// relies on it for correctness.
-fn header_holdouts(op: impl FnOnce(&core::sync::atomic::AtomicU64) -> u64) {
-    op(region::rcu_holdouts());
-}
-
-/// CPU `c`'s bit in the header's holdout word (none beyond 64 CPUs).
-fn low_bit(c: usize) -> u64 {
-    1u64.checked_shl(c as u32).unwrap_or(0)
 }
 
 /// A read-side critical section, left when dropped.

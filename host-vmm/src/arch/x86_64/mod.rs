@@ -5,3 +5,4 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod regs;
+pub mod x2apic;

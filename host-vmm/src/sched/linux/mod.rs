@@ -31,6 +31,10 @@ use super::{Backend, GuestView, Kick, Nanos, VmHandle};
 use crate::policy::{BoostPolicy, Costs, Cpl, Input, VcpuState};
 use crate::shared_region::Snapshot;
 
+/// How often an idle vCPU without a deadline looks whether its VM has ended (a safety net:
+/// `end_vm` notifies it).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
 /// What the policies are told: a boost costs a priority change and a wake-up (about 50 us
 /// here), and a preempted vCPU waits about a tick.
 const COSTS: Costs = Costs {
@@ -317,8 +321,8 @@ impl Backend for LinuxBackend {
         std::thread::yield_now();
     }
 
-    fn idle(&self, v: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+    fn idle(&self, v: usize, timeout: Option<Duration>) {
+        let deadline = timeout.map(|t| Instant::now() + t);
         let mut s = self.lock();
         let Some(c) = s.vcpus.get_mut(v) else {
             return;
@@ -335,12 +339,14 @@ impl Backend for LinuxBackend {
                 break;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 break;
             }
+            // Without a deadline the wait still wakes now and then to look at `gone`.
+            let wait = deadline.map_or(IDLE_RECHECK, |d| (d - now).min(IDLE_RECHECK));
             s = Audited::new(
                 self.wake
-                    .wait_timeout(s.into_inner(), deadline - now)
+                    .wait_timeout(s.into_inner(), wait)
                     .unwrap_or_else(|e| e.into_inner())
                     .0,
             );
