@@ -373,27 +373,39 @@ struct Claimed {
 
 /// One CPU's share of `hostile-claims` until `end` (TSC). It spins, keeps its record
 /// claiming everything, and sends `YieldTo` (naming its neighbour, the "holder") just before
-/// each of its turns on a host CPU would end: a turn is told by the TSC jumping while the
-/// vCPU was descheduled, and its length learned from the last ones. CPU 0 keeps the grace
-/// period frozen and names every vCPU in `RcuWait` once a millisecond. The last CPU leaves
-/// its record mid-update.
+/// each of its turns on a host CPU would end: a turn ends where the vCPU was descheduled,
+/// told by its steal time growing (or, without steal time, by the TSC jumping between two
+/// rounds), and its length is learned from the last ones. CPU 0 keeps the grace period
+/// frozen and names every vCPU in `RcuWait` once a millisecond. The last CPU leaves its
+/// record mid-update.
 fn claim_one(cpu: u32, end: u64) -> Claimed {
     let Some((base, nr, _)) = shared::info() else {
         return Claimed::default();
     };
     let tsc = crate::arch::tsc::us_to_cycles;
     let (gap, margin, refresh, rcu_period) = (tsc(200), tsc(150), tsc(50), tsc(1000));
+    // Steal time, where KVM keeps it, says whether the vCPU was descheduled; a TSC jump
+    // alone cannot tell a turn's end from a round that took long (rewriting the record is
+    // kernel code, which these hosts emulate: a round can take longer than `gap`).
+    let steal = || crate::arch::kvm::steal_ns(cpu);
+    const GAP_NS: u64 = 200_000;
     let torn = nr > 1 && cpu == nr - 1;
     let mut done = Claimed::default();
     let mut turn_len = tsc(3000);
     let mut last = crate::arch::tsc::now();
+    let mut last_steal = steal();
     let (mut turn_start, mut sent, mut refreshed, mut waited) = (last, false, 0, 0);
     while last < end {
         let t = crate::arch::tsc::now();
-        if t - last > gap {
-            // Descheduled since `last`: a turn ended there, a new one starts now. Only a
-            // turn the host ended (not one this CPU gave up with its YieldTo) teaches how
-            // long turns are.
+        let now_steal = steal();
+        let descheduled = match (last_steal, now_steal) {
+            (Some(before), Some(after)) => after.saturating_sub(before) > GAP_NS,
+            _ => t - last > gap,
+        };
+        last_steal = now_steal;
+        if descheduled {
+            // A turn ended after `last`, a new one starts now. Only a turn the host ended
+            // (not one this CPU gave up with its YieldTo) teaches how long turns are.
             let len = last - turn_start;
             if len > gap && !sent {
                 turn_len = (3 * turn_len + len) / 4;

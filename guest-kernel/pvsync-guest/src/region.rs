@@ -138,8 +138,8 @@ unsafe fn set_up<P: Platform>(
             guest_phys,
             nr_vcpus,
             status,
-            ipi_wait_at: ipi_wait_offset(nr_vcpus as usize, 0),
-            ipi_wait_stride: bitmap_stride(nr_vcpus as usize),
+            ipi_wait_at: ipi_wait_layout(nr_vcpus).0,
+            ipi_wait_stride: ipi_wait_layout(nr_vcpus).1,
             // SAFETY: `holdouts_offset` is one of the ABI's bitmap offsets for `nr_vcpus`.
             holdouts: unsafe { bitmap_at(base, holdouts_offset(nr_vcpus as usize), nr_vcpus) },
         })
@@ -153,8 +153,10 @@ unsafe fn set_up<P: Platform>(
 pub fn attach_this_cpu<P: Platform>() {
     let cpu = P::cpu();
     if let Some(rec) = record_ptr(cpu.id()) {
-        crate::record::attach(cpu, rec);
+        // The bitmap first: a shootdown from an interrupt in between publishes its count
+        // with its set.
         cpu.set_ipi_wait(ipi_wait_bitmap(cpu.id()));
+        crate::record::attach(cpu, rec);
     }
 }
 
@@ -248,6 +250,16 @@ pub(crate) fn ipi_wait_bitmap(cpu: u32) -> SharedBitmap {
         },
         _ => SharedBitmap::NONE,
     }
+}
+
+/// Where vCPU 0's `ipi_wait` bitmap lies in a region for `nr_vcpus` vCPUs, and the bytes
+/// from one vCPU's to the next: vCPU `i`'s is at `at + i * stride`, the ABI's
+/// `ipi_wait_offset(nr_vcpus, i)`.
+fn ipi_wait_layout(nr_vcpus: u32) -> (usize, usize) {
+    (
+        ipi_wait_offset(nr_vcpus as usize, 0),
+        bitmap_stride(nr_vcpus as usize),
+    )
 }
 
 /// The vCPU bitmap at `offset` of the region at `base` for `nr_vcpus` vCPUs.
@@ -378,6 +390,37 @@ mod tests {
     fn bitmap(nr: usize) -> SharedBitmap {
         let words: Vec<AtomicU64> = (0..bitmap_words(nr)).map(|_| AtomicU64::new(0)).collect();
         SharedBitmap(Vec::leak(words))
+    }
+
+    /// The `ipi_wait` bitmaps found from the layout computed once are the ABI's, at every
+    /// vCPU count: the last one ends before the event rings.
+    #[test]
+    fn ipi_wait_bitmaps_from_the_cached_layout_are_the_abis() {
+        for nr in [
+            1u32,
+            2,
+            63,
+            64,
+            65,
+            96,
+            1000,
+            1024,
+            shared_abi::MAX_VCPUS as u32,
+        ] {
+            let (at, stride) = ipi_wait_layout(nr);
+            for cpu in [0, nr / 2, nr - 1] {
+                assert_eq!(
+                    at + cpu as usize * stride,
+                    ipi_wait_offset(nr as usize, cpu as usize),
+                    "{nr} vCPUs, vCPU {cpu}"
+                );
+            }
+            let last_end = at + (nr as usize - 1) * stride + bitmap_words(nr as usize) * 8;
+            assert!(
+                last_end <= shared_abi::event_rings_offset(nr as usize),
+                "{nr}"
+            );
+        }
     }
 
     /// At vCPU counts that are not multiples of 64: the operations the shootdown and the

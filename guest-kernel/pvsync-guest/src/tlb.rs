@@ -264,7 +264,7 @@ impl<P: Platform> Shootdowns<P> {
         reached
     }
 
-    /// The shootdown, which leaves in `reached` (empty) the CPUs it flushed on. The set is
+    /// The shootdown, which leaves in `reached` (whatever it held) the CPUs it flushed on. The set is
     /// read once into `reached` and worked on there, never copied: a set has room for
     /// `NR_CPUS` CPUs, and every word moved shows on this path.
     fn shootdown_into(&self, cpus: &AtomicCpuSet, range: FlushRange, reached: &mut CpuSet) {
@@ -326,9 +326,20 @@ impl<P: Platform> Shootdowns<P> {
     fn send_and_wait(&self, me: u32, targets: &CpuSet, range: FlushRange) {
         let r = &self.requests[me as usize];
         let watched = me == self.watched.load(SeqCst);
-        // The request's set: the targets whose flush the host does not take on. Built in
-        // the request itself (no copy of the set); no target can see it before its inbox
-        // bit below.
+        // The range before the set: a target that found this request early (through an
+        // inbox bit left over, which the protocol never leaves but a fault could) flushes
+        // this range, not the last one.
+        let (start, pages) = match range {
+            FlushRange::All => (0, 0),
+            FlushRange::Pages { start, pages } => (start, pages),
+        };
+        r.start.store(start, SeqCst);
+        r.pages.store(pages, SeqCst);
+        // The request's set: the targets whose flush the host does not take on, built in
+        // the request itself (no copy of the set). A target looks at it only once it finds
+        // this sender in its inbox (below), and none is left there from the last request:
+        // each target takes the bit before it leaves `pending`, which the sender waited
+        // to see empty.
         r.pending.store(targets);
         // Counted here, where each target is visited anyway: the count the host reads.
         let mut count = 0u32;
@@ -358,12 +369,6 @@ impl<P: Platform> Shootdowns<P> {
         if events::on() {
             events::emit::<P>(EventKind::IpiWait, count, targets.first_word());
         }
-        let (start, pages) = match range {
-            FlushRange::All => (0, 0),
-            FlushRange::Pages { start, pages } => (start, pages),
-        };
-        r.start.store(start, SeqCst);
-        r.pages.store(pages, SeqCst);
         self.shootdowns.fetch_add(1, Relaxed);
         for t in targets.iter() {
             self.inbox[t as usize].insert(me);
