@@ -461,14 +461,21 @@ impl AtomicCpuSet {
 
     /// Keeps only the CPUs also in `keep` (one atomic AND per word).
     pub fn retain(&self, keep: &CpuSet) {
+        self.with_words(keep, |a, k| _ = a.fetch_and(k, Ordering::SeqCst));
+    }
+
+    /// Calls `f` on each word in use with the same word of `set` (one word without a
+    /// loop).
+    #[inline]
+    fn with_words(&self, set: &CpuSet, f: impl Fn(&AtomicU64, u64)) {
         let n = words_in_use();
-        let (a, k) = (&self.0[..n], &keep.0[..n]);
-        if let ([a], [k]) = (a, k) {
-            a.fetch_and(*k, Ordering::SeqCst);
-            return;
-        }
-        for i in 0..n {
-            a[i].fetch_and(k[i], Ordering::SeqCst);
+        match (&self.0[..n], &set.0[..n]) {
+            ([a], [v]) => f(a, *v),
+            (a, v) => {
+                for i in 0..n {
+                    f(&a[i], v[i]);
+                }
+            }
         }
     }
 
@@ -536,15 +543,7 @@ impl AtomicCpuSet {
     /// Replaces the set (word by word).
     #[inline]
     pub fn store(&self, set: &CpuSet) {
-        let n = words_in_use();
-        let (a, v) = (&self.0[..n], &set.0[..n]);
-        if let ([a], [v]) = (a, v) {
-            a.store(*v, Ordering::SeqCst);
-            return;
-        }
-        for i in 0..n {
-            a[i].store(v[i], Ordering::SeqCst);
-        }
+        self.with_words(set, |a, v| a.store(v, Ordering::SeqCst));
     }
 
     /// Empties the set, calling `f` on each CPU it held in ascending order (one atomic swap
