@@ -59,8 +59,12 @@ pub fn set_nr_cpu_ids(n: usize) {
     #[cfg(not(test))]
     {
         // Once: a smaller count later would hide the CPUs sets already hold past it.
-        let was = WORDS_IN_USE.swap(bitmap_words(n), core::sync::atomic::Ordering::Relaxed);
-        assert_eq!(was, CPU_SET_WORDS, "set_nr_cpu_ids called twice");
+        static SET: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+        assert!(
+            !SET.swap(true, core::sync::atomic::Ordering::Relaxed),
+            "set_nr_cpu_ids({n}): the CPU ids in use were set already"
+        );
+        WORDS_IN_USE.store(bitmap_words(n), core::sync::atomic::Ordering::Relaxed);
     }
     #[cfg(test)]
     WORDS_IN_USE.with(|w| w.set(bitmap_words(n)));
@@ -440,10 +444,15 @@ impl AtomicCpuSet {
         })
     }
 
-    /// Whether the set is now exactly `set` with `cpu` added (word by word, no copy).
+    /// Whether the set is now exactly `set` with `cpu` added (word by word, no copy;
+    /// false for a `cpu` past the CPU ids in use, which no set holds).
+    #[inline]
     pub fn equals_with(&self, set: &CpuSet, cpu: u32) -> bool {
         let (cw, cb) = word_bit(cpu);
         let n = words_in_use();
+        if cw >= n {
+            return false;
+        }
         self.0[..n]
             .iter()
             .zip(&set.0[..n])
@@ -714,6 +723,22 @@ mod tests {
                 into.insert(mid);
                 a.load_into(&mut into, Ordering::SeqCst);
                 assert_eq!(into, two, "{nr}");
+                // `two` is `one` with 0 added, and `{0}` with `last` added (at one CPU, both
+                // are `{0}` with 0 added again); `{0}` is the empty set with 0 added; then
+                // differences in the added CPU's word and in another.
+                let zero: CpuSet = [0].into_iter().collect();
+                assert!(a.equals_with(&one, 0) && a.equals_with(&zero, last));
+                assert_eq!(a.equals_with(&CpuSet::new(), 0), nr == 1, "{nr}");
+                a.store(&[0].into_iter().collect());
+                assert!(a.equals_with(&CpuSet::new(), 0));
+                assert!(a.equals_with(&zero, 0));
+                assert_eq!(a.equals_with(&one, 0), nr == 1, "{nr}");
+                assert_eq!(a.equals_with(&CpuSet::new(), last), nr == 1, "{nr}");
+                let past_ids_in_use = bitmap_words(nr) * 64;
+                if past_ids_in_use < NR_CPUS {
+                    assert!(!a.equals_with(&CpuSet::new(), past_ids_in_use as u32));
+                }
+                a.store(&two);
                 a.retain(&one);
                 assert_eq!(a.load(), one);
                 a.store(&two);

@@ -25,8 +25,7 @@ struct Region {
     status: HypercallStatus,
     /// Where vCPU 0's `ipi_wait` bitmap starts and the bytes between two of them, computed
     /// once: each acknowledger reaches its sender's.
-    ipi_wait_at: usize,
-    ipi_wait_stride: usize,
+    ipi_wait: (usize, usize),
     /// The grace period's holdout bitmap, found once (every quiescent-state report clears
     /// a bit of it).
     holdouts: SharedBitmap,
@@ -138,8 +137,7 @@ unsafe fn set_up<P: Platform>(
             guest_phys,
             nr_vcpus,
             status,
-            ipi_wait_at: ipi_wait_layout(nr_vcpus).0,
-            ipi_wait_stride: ipi_wait_layout(nr_vcpus).1,
+            ipi_wait: ipi_wait_layout(nr_vcpus),
             // SAFETY: `holdouts_offset` is one of the ABI's bitmap offsets for `nr_vcpus`.
             holdouts: unsafe { bitmap_at(base, holdouts_offset(nr_vcpus as usize), nr_vcpus) },
         })
@@ -153,8 +151,7 @@ unsafe fn set_up<P: Platform>(
 pub fn attach_this_cpu<P: Platform>() {
     let cpu = P::cpu();
     if let Some(rec) = record_ptr(cpu.id()) {
-        // The bitmap first: a shootdown from an interrupt in between publishes its count
-        // with its set.
+        // The bitmap with the record (interrupts are off here: nothing publishes between).
         cpu.set_ipi_wait(ipi_wait_bitmap(cpu.id()));
         crate::record::attach(cpu, rec);
     }
@@ -239,14 +236,10 @@ pub fn rcu_holdouts() -> SharedBitmap {
 #[inline]
 pub(crate) fn ipi_wait_bitmap(cpu: u32) -> SharedBitmap {
     match REGION.get() {
-        // SAFETY: `cpu < nr_vcpus`: the ABI's `ipi_wait_offset(nr_vcpus, cpu)`, which
-        // `ipi_wait_at` and the stride make (computed once, at set-up).
+        // SAFETY: `cpu < nr_vcpus`: the ABI's `ipi_wait_offset(nr_vcpus, cpu)`, which the
+        // layout computed at set-up gives.
         Some(r) if cpu < r.nr_vcpus => unsafe {
-            bitmap_at(
-                r.base,
-                r.ipi_wait_at + cpu as usize * r.ipi_wait_stride,
-                r.nr_vcpus,
-            )
+            bitmap_at(r.base, ipi_wait_at(r.ipi_wait, cpu), r.nr_vcpus)
         },
         _ => SharedBitmap::NONE,
     }
@@ -260,6 +253,12 @@ fn ipi_wait_layout(nr_vcpus: u32) -> (usize, usize) {
         ipi_wait_offset(nr_vcpus as usize, 0),
         bitmap_stride(nr_vcpus as usize),
     )
+}
+
+/// vCPU `cpu`'s `ipi_wait` bitmap's offset, from a layout of [`ipi_wait_layout`].
+#[inline]
+fn ipi_wait_at((at, stride): (usize, usize), cpu: u32) -> usize {
+    at + cpu as usize * stride
 }
 
 /// The vCPU bitmap at `offset` of the region at `base` for `nr_vcpus` vCPUs.
@@ -407,15 +406,15 @@ mod tests {
             1024,
             shared_abi::MAX_VCPUS as u32,
         ] {
-            let (at, stride) = ipi_wait_layout(nr);
+            let layout = ipi_wait_layout(nr);
             for cpu in [0, nr / 2, nr - 1] {
                 assert_eq!(
-                    at + cpu as usize * stride,
+                    ipi_wait_at(layout, cpu),
                     ipi_wait_offset(nr as usize, cpu as usize),
                     "{nr} vCPUs, vCPU {cpu}"
                 );
             }
-            let last_end = at + (nr as usize - 1) * stride + bitmap_words(nr as usize) * 8;
+            let last_end = ipi_wait_at(layout, nr - 1) + bitmap_words(nr as usize) * 8;
             assert!(
                 last_end <= shared_abi::event_rings_offset(nr as usize),
                 "{nr}"

@@ -264,7 +264,8 @@ impl<P: Platform> Shootdowns<P> {
         reached
     }
 
-    /// The shootdown, which leaves in `reached` (whatever it held) the CPUs it flushed on. The set is
+    /// The shootdown, which leaves in `reached` (replacing what it held) the CPUs it
+    /// flushed on. The set is
     /// read once into `reached` and worked on there, never copied: a set has room for
     /// `NR_CPUS` CPUs, and every word moved shows on this path.
     fn shootdown_into(&self, cpus: &AtomicCpuSet, range: FlushRange, reached: &mut CpuSet) {
