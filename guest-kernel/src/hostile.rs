@@ -373,35 +373,43 @@ struct Claimed {
 
 /// One CPU's share of `hostile-claims` until `end` (TSC). It spins, keeps its record
 /// claiming everything, and sends `YieldTo` (naming its neighbour, the "holder") just before
-/// each of its turns on a host CPU would end: a turn is told by the TSC jumping while the
-/// vCPU was descheduled, and its length learned from the last ones. CPU 0 keeps the grace
-/// period frozen and names every vCPU in `RcuWait` once a millisecond. The last CPU leaves
-/// its record mid-update.
+/// each of its turns on a host CPU would end, learning turn lengths from the last ones. CPU
+/// 0 keeps the grace period frozen and names every vCPU in `RcuWait` once a millisecond. The
+/// last CPU leaves its record mid-update.
+///
+/// A turn ended where the TSC jumped by more than `gap` across a round in which the vCPU
+/// re-entered KVM (its steal-time `version` moved, which KVM does at each entry after the
+/// thread was away) other than after its own hypercalls: a jump alone also comes from a
+/// round of its own kernel code, which these hosts emulate slowly enough to pass `gap`.
+/// Without steal time, the jump alone (as then nothing better tells).
 fn claim_one(cpu: u32, end: u64) -> Claimed {
     let Some((base, nr, _)) = shared::info() else {
         return Claimed::default();
     };
     let tsc = crate::arch::tsc::us_to_cycles;
+    let now = crate::arch::tsc::now;
+    let entries = || crate::arch::kvm::steal_version(cpu);
     let (gap, margin, refresh, rcu_period) = (tsc(200), tsc(150), tsc(50), tsc(1000));
     let torn = nr > 1 && cpu == nr - 1;
     let mut done = Claimed::default();
-    let mut turn_len = tsc(3000);
-    let mut last = crate::arch::tsc::now();
-    let (mut turn_start, mut sent, mut refreshed, mut waited) = (last, false, 0, 0);
+    let mut last = now();
+    let mut turn = Turn {
+        start: last,
+        len: tsc(3000),
+        yielded: false,
+        gap,
+    };
+    // The `version` after this CPU's own exits: a move past it is someone else's doing.
+    let mut own = entries();
+    let (mut refreshed, mut waited) = (0, 0);
     while last < end {
-        let t = crate::arch::tsc::now();
-        if t - last > gap {
-            // Descheduled since `last`: a turn ended there, a new one starts now. Only a
-            // turn the host ended (not one this CPU gave up with its YieldTo) teaches how
-            // long turns are.
-            let len = last - turn_start;
-            if len > gap && !sent {
-                turn_len = (3 * turn_len + len) / 4;
-            }
-            turn_start = t;
-            sent = false;
+        let t = now();
+        let seen = entries();
+        if t - last > gap && (own.is_none() || seen != own) {
+            turn.ended(t, last);
             done.turns += 1;
         }
+        own = seen;
         last = t;
         if t - refreshed > refresh {
             refreshed = t;
@@ -410,19 +418,53 @@ fn claim_one(cpu: u32, end: u64) -> Claimed {
                 freeze_grace_period(base, nr);
             }
         }
-        if !sent && t - turn_start + margin >= turn_len {
-            sent = true;
+        if !turn.yielded && t - turn.start + margin >= turn.len {
+            turn.yielded = true;
             shared::yield_to((cpu + 1) % nr);
             done.yields += 1;
+            // The hypercall's own exit moved `version`; a yield that took long gave the
+            // turn away (the next one starts now).
+            own = entries();
+            let after = now();
+            if after - t > gap {
+                turn.ended(after, t);
+                done.turns += 1;
+            }
+            last = after;
         }
         if cpu == 0 && t - waited > rcu_period {
             waited = t;
             pvsync_guest::hypercall::rcu_wait::<crate::platform::Kernel>(FROZEN_GP_SEQ as u32);
             done.rcu_waits += 1;
+            own = entries();
         }
         core::hint::spin_loop();
     }
     done
+}
+
+/// One CPU's current turn on a host CPU, as `claim_one` tells it (TSC cycles).
+struct Turn {
+    start: u64,
+    /// Turn length learned so far.
+    len: u64,
+    /// This CPU sent its YieldTo in this turn.
+    yielded: bool,
+    gap: u64,
+}
+
+impl Turn {
+    /// The turn ended after `last` (the last moment this CPU saw itself running); the next
+    /// starts at `at`. Only a turn the host ended (not one this CPU gave up with its
+    /// YieldTo) teaches how long turns are.
+    fn ended(&mut self, at: u64, last: u64) {
+        let len = last.saturating_sub(self.start);
+        if len > self.gap && !self.yielded {
+            self.len = (3 * self.len + len) / 4;
+        }
+        self.start = at;
+        self.yielded = false;
+    }
 }
 
 /// `test=hostile-claims`: for `duration_ms`, every CPU publishes records that pass the

@@ -79,9 +79,7 @@ pub fn online() -> CpuSet {
 /// software-disabled, which drops fixed interrupts).
 pub fn is_every_other_online(cpus: &CpuSet) -> bool {
     let me = id();
-    let mut with_me = *cpus;
-    with_me.insert(me);
-    !cpus.contains(me) && ONLINE.load() == with_me
+    !cpus.contains(me) && ONLINE.equals_with(cpus, me)
 }
 
 /// Records this CPU's TSS (set up after the block, since building it allocates).

@@ -108,30 +108,29 @@ unsafe impl Platform for Kernel {
         apic::send_ipi(cpu, vector);
     }
 
+    /// Inlined: a shootdown's hot path (every instruction shows where guest kernel code is
+    /// emulated).
+    #[inline]
     fn send_ipi_many(cpus: &CpuSet, ipi: Ipi) {
+        let vector = match ipi {
+            Ipi::Reschedule => vectors::RESCHEDULE,
+            Ipi::TlbShootdown => vectors::TLB_SHOOTDOWN,
+            // Not broadcast: KVM's kick delivers without an interrupt.
+            Ipi::Kick => return cpus.iter().for_each(|c| Self::send_ipi(c, ipi)),
+        };
         // Every online CPU but this one (a shootdown of an address space all CPUs run in, a
         // grace period's nudge): one "all excluding self" IPI, one exit where one per CPU
-        // would be hundreds. Not kicks, which KVM's kick delivers without an interrupt.
-        let vector = match ipi {
-            Ipi::Reschedule => Some(vectors::RESCHEDULE),
-            Ipi::TlbShootdown => Some(vectors::TLB_SHOOTDOWN),
-            Ipi::Kick => None,
-        };
-        if let Some(vector) = vector.filter(|_| cpus.len() > 1) {
-            if percpu::is_every_other_online(cpus) {
-                apic::send_ipi_all_but_self(vector);
-                return;
-            }
+        // would be hundreds.
+        if cpus.has_several() && percpu::is_every_other_online(cpus) {
+            apic::send_ipi_all_but_self(vector);
+            return;
         }
-        match ipi {
+        if ipi == Ipi::TlbShootdown && kvm::uses(KvmUse::SENDIPI) {
             // One hypercall per 128 CPUs (`kvm=sendipi`); the APIC id is the CPU id.
-            Ipi::TlbShootdown if kvm::uses(KvmUse::SENDIPI) => {
-                kvm::send_ipi_many(cpus.iter(), vectors::TLB_SHOOTDOWN, |c| {
-                    apic::send_ipi(c, vectors::TLB_SHOOTDOWN)
-                })
-            }
-            _ => cpus.iter().for_each(|c| Self::send_ipi(c, ipi)),
+            kvm::send_ipi_many(cpus.iter(), vector, |c| apic::send_ipi(c, vector));
+            return;
         }
+        cpus.iter().for_each(|c| apic::send_ipi(c, vector));
     }
 
     #[inline]

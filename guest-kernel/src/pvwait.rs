@@ -238,7 +238,7 @@ fn ipi_wait_shrinks() -> Verdict {
         // Every target must get its IPI: a preempted one left to KVM (PV TLB flush) would
         // never appear in ipi_wait.
         let reached = crate::kvm::without(KvmUse::PVTLB, || {
-            crate::tlb::shootdown(&aspace, crate::user::USER_DATA_VA, 1)
+            crate::tlb::shootdown_reaching(&aspace, crate::user::USER_DATA_VA, 1)
         });
         if !both(reached) {
             verdict = Verdict::Fail("the shootdown did not target both CPUs");

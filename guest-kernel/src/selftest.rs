@@ -97,8 +97,9 @@ fn shared_records() -> TestResult {
 }
 
 fn other_cpus() -> impl Iterator<Item = u32> {
-    let me = percpu::id();
-    smp::online().iter().filter(move |&c| c != me)
+    let mut others = smp::online();
+    others.remove(percpu::id());
+    others.into_iter()
 }
 
 /// Bound for events that must happen eventually: generous, because a vCPU of an

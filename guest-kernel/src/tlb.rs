@@ -101,13 +101,21 @@ fn ipi(_: &mut TrapFrame) {
 }
 
 /// Flushes `pages` pages from `start` (0 pages: everything) of `aspace` on every CPU that
-/// may cache them, and returns once all have done so. Returns the CPUs that flushed.
-pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) -> CpuSet {
-    let range = match pages {
+/// may cache them, and returns once all have done so.
+pub fn shootdown(aspace: &AddressSpace, start: u64, pages: u64) {
+    tlb().shootdown(aspace.cpu_set(), flush_range(start, pages));
+}
+
+/// [`shootdown`], which also returns the CPUs that flushed (for tests).
+pub fn shootdown_reaching(aspace: &AddressSpace, start: u64, pages: u64) -> CpuSet {
+    tlb().shootdown_reaching(aspace.cpu_set(), flush_range(start, pages))
+}
+
+fn flush_range(start: u64, pages: u64) -> FlushRange {
+    match pages {
         0 => FlushRange::All,
         pages => FlushRange::Pages { start, pages },
-    };
-    tlb().shootdown(aspace.cpu_set(), range)
+    }
 }
 
 /// Round trip of one ping IPI to `target`, in TSC cycles (for benchmarks and tests).

@@ -6,6 +6,7 @@ use core::mem::MaybeUninit;
 use shared_abi::VcpuRecord;
 
 use crate::locks::mcs::McsNodes;
+use crate::region::SharedBitmap;
 
 /// One CPU's state. A kernel embeds one per CPU (in its per-CPU block) and hands the
 /// calling CPU's out through [`Platform::cpu`](crate::Platform::cpu). Only its own CPU
@@ -16,6 +17,9 @@ pub struct CpuSync {
     /// before (publishing then never checks whether there is a region).
     record: Cell<*mut VcpuRecord>,
     sink: UnsafeCell<MaybeUninit<VcpuRecord>>,
+    /// The CPU's `ipi_wait` bitmap in the region (none before the region exists), found
+    /// once: every shootdown publishes into it.
+    ipi_wait: Cell<SharedBitmap>,
     /// Nesting of framed record updates (an interrupt handler's inside the code's).
     publish_depth: Cell<u32>,
     locks_held: Cell<u32>,
@@ -38,6 +42,7 @@ impl CpuSync {
                 record: Cell::new(core::ptr::null_mut()),
                 // All-zero is a valid record (plain integers).
                 sink: UnsafeCell::new(MaybeUninit::zeroed()),
+                ipi_wait: Cell::new(SharedBitmap::NONE),
                 publish_depth: Cell::new(0),
                 locks_held: Cell::new(0),
                 mcs: McsNodes::new(),
@@ -71,6 +76,16 @@ impl CpuSync {
 
     pub(crate) fn set_record(&self, rec: *mut VcpuRecord) {
         self.record.set(rec);
+    }
+
+    /// The CPU's `ipi_wait` bitmap (an empty one without a region).
+    #[inline]
+    pub(crate) fn ipi_wait(&self) -> SharedBitmap {
+        self.ipi_wait.get()
+    }
+
+    pub(crate) fn set_ipi_wait(&self, bitmap: SharedBitmap) {
+        self.ipi_wait.set(bitmap);
     }
 
     /// Whether the CPU is in the middle of a framed record update (its `seq` is odd): it

@@ -1,5 +1,12 @@
 //! Sets of CPUs as bitmaps of [`NR_CPUS`] bits, laid out as the ABI's vCPU bitmaps (bit
 //! `i % 64` of word `i / 64` for CPU `i`), so raising the limit changes no algorithm.
+//!
+//! Whole-set operations touch only the words of the CPU ids in use ([`set_nr_cpu_ids`]),
+//! and the hot ones take one word (up to 64 CPUs, most machines) without a loop: a
+//! shootdown or a grace period makes a dozen of them, and a loop's set-up costs several
+//! times the word's own work. Hot paths pass sets by reference: a copy moves all
+//! [`NR_CPUS`] bits. (Where guest kernel code is emulated, as on this project's nested
+//! hosts, each instruction costs about 2,000 TSC cycles: docs/design.md, "Scale".)
 
 use core::fmt;
 use shared_abi::{bitmap_word_bit, bitmap_words};
@@ -10,10 +17,16 @@ use crate::NR_CPUS;
 /// Words of a CPU bitmap.
 pub const CPU_SET_WORDS: usize = bitmap_words(NR_CPUS);
 
-/// A set of CPU ids below [`NR_CPUS`], by value.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// A set of CPU ids below the CPU ids in use ([`set_nr_cpu_ids`]), by value.
+///
+/// Room for [`NR_CPUS`], but every whole-set operation touches only the words of the CPU ids
+/// in use (as Linux's cpumask operations stop at `nr_cpumask_bits`): the words past them
+/// are always zero. Hot paths (a shootdown, a grace period) pay for the CPUs the machine
+/// has, not for the kernel's limit; pass sets by reference there, a copy moves every word.
+#[derive(Clone, Copy, Eq)]
 pub struct CpuSet([u64; CPU_SET_WORDS]);
 
+#[inline]
 fn word_bit(cpu: u32) -> (usize, u64) {
     assert!(
         (cpu as usize) < NR_CPUS,
@@ -22,7 +35,7 @@ fn word_bit(cpu: u32) -> (usize, u64) {
     bitmap_word_bit(cpu)
 }
 
-/// How many words of an [`AtomicCpuSet`] its whole-set operations touch (see
+/// How many words of a [`CpuSet`] or an [`AtomicCpuSet`] whole-set operations touch (see
 /// [`set_nr_cpu_ids`]). Per thread in the crate's tests: parallel tests each set their own
 /// (loom runs a model's threads on the test's thread).
 #[cfg(not(test))]
@@ -34,16 +47,25 @@ std::thread_local! {
 }
 
 /// Tells the crate that CPU ids stay below `n` (Linux's `nr_cpu_ids`): whole-set operations
-/// of an [`AtomicCpuSet`] (load, store, take, retain) then touch only the words such CPUs
-/// need, one up to 64 CPUs, instead of every word of [`NR_CPUS`]. Call it at boot, before
-/// any CPU set holds a CPU; a CPU at or above `n` can no longer join an [`AtomicCpuSet`].
+/// of a [`CpuSet`] or an [`AtomicCpuSet`] (load, store, iteration, counting, union...) then
+/// touch only the words such CPUs need, one up to 64 CPUs, instead of every word of
+/// [`NR_CPUS`]. Call it at boot, before any CPU set holds a CPU; a CPU at or above `n`
+/// (rounded up to a word) can no longer join a set.
 pub fn set_nr_cpu_ids(n: usize) {
     assert!(
         (1..=NR_CPUS).contains(&n),
         "{n} CPU ids: must be 1..={NR_CPUS}"
     );
     #[cfg(not(test))]
-    WORDS_IN_USE.store(bitmap_words(n), core::sync::atomic::Ordering::Relaxed);
+    {
+        // Once: a smaller count later would hide the CPUs sets already hold past it.
+        static SET: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+        assert!(
+            !SET.swap(true, core::sync::atomic::Ordering::Relaxed),
+            "set_nr_cpu_ids({n}): the CPU ids in use were set already"
+        );
+        WORDS_IN_USE.store(bitmap_words(n), core::sync::atomic::Ordering::Relaxed);
+    }
     #[cfg(test)]
     WORDS_IN_USE.with(|w| w.set(bitmap_words(n)));
 }
@@ -56,9 +78,34 @@ fn words_in_use() -> usize {
     WORDS_IN_USE.with(|w| w.get())
 }
 
+/// Word and bit of `cpu`, which must be among the words in use (a CPU beyond them would be
+/// invisible to whole-set operations).
+#[inline]
+fn word_bit_in_use(cpu: u32) -> (usize, u64) {
+    let (w, b) = word_bit(cpu);
+    assert!(
+        w < words_in_use(),
+        "CPU {cpu} is beyond the CPU ids in use (set_nr_cpu_ids)"
+    );
+    (w, b)
+}
+
 impl Default for CpuSet {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl PartialEq for CpuSet {
+    /// Compares the words in use (the others are zero in both).
+    fn eq(&self, other: &Self) -> bool {
+        self.in_use() == other.in_use()
+    }
+}
+
+impl fmt::Debug for CpuSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CpuSet({self})")
     }
 }
 
@@ -68,31 +115,43 @@ impl CpuSet {
         CpuSet([0; CPU_SET_WORDS])
     }
 
-    /// CPUs `0..n` (at most [`NR_CPUS`]).
+    /// CPUs `0..n` (at most [`NR_CPUS`]; each must be among the CPU ids in use).
     pub fn first(n: usize) -> Self {
         let mut s = Self::new();
         (0..n.min(NR_CPUS) as u32).for_each(|c| s.insert(c));
         s
     }
 
-    /// The set a bitmap of the ABI's layout names (`words` past the set's own are
+    /// The set a bitmap of the ABI's layout names (`words` past the CPU ids in use are
     /// ignored).
     pub fn from_words(words: &[u64]) -> Self {
         let mut s = Self::new();
-        s.0.iter_mut().zip(words).for_each(|(d, &w)| *d = w);
+        let n = words_in_use().min(words.len());
+        s.0[..n].copy_from_slice(&words[..n]);
         s
     }
 
-    /// The set as a bitmap of the ABI's layout ([`CPU_SET_WORDS`] words).
+    /// The set as a bitmap of the ABI's layout: the words of the CPU ids in use (the rest
+    /// are zero).
     #[inline]
-    pub fn words(&self) -> &[u64; CPU_SET_WORDS] {
-        &self.0
+    pub fn words(&self) -> &[u64] {
+        self.in_use()
     }
 
-    /// Adds `cpu`.
+    #[inline]
+    fn in_use(&self) -> &[u64] {
+        &self.0[..words_in_use()]
+    }
+
+    #[inline]
+    fn in_use_mut(&mut self) -> &mut [u64] {
+        &mut self.0[..words_in_use()]
+    }
+
+    /// Adds `cpu` (which must be below the CPU ids in use, rounded up to a word).
     #[inline]
     pub fn insert(&mut self, cpu: u32) {
-        let (w, b) = word_bit(cpu);
+        let (w, b) = word_bit_in_use(cpu);
         self.0[w] |= b;
     }
 
@@ -115,54 +174,119 @@ impl CpuSet {
     /// Whether the set is empty.
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|&w| w == 0)
+        match self.in_use() {
+            [w] => *w == 0,
+            words => words.iter().all(|&w| w == 0),
+        }
     }
 
     /// Number of CPUs in the set.
     #[inline]
     pub fn len(&self) -> usize {
-        self.0.iter().map(|w| w.count_ones() as usize).sum()
+        self.in_use().iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the set holds more than one CPU (cheaper than counting them).
+    #[inline]
+    pub fn has_several(&self) -> bool {
+        let words = self.in_use();
+        if let [w] = words {
+            return w & w.wrapping_sub(1) != 0;
+        }
+        let mut seen = false;
+        for &w in words.iter().filter(|&&w| w != 0) {
+            if seen || w & (w - 1) != 0 {
+                return true;
+            }
+            seen = true;
+        }
+        false
     }
 
     /// The lowest CPU in the set (one bit scan per word up to the first non-empty one).
     #[inline]
     pub fn first_cpu(&self) -> Option<u32> {
-        let (i, w) = self.0.iter().enumerate().find(|(_, &w)| w != 0)?;
+        let words = self.in_use();
+        if let [w] = words {
+            return (*w != 0).then(|| w.trailing_zeros());
+        }
+        let (i, w) = words.iter().enumerate().find(|(_, &w)| w != 0)?;
         Some((i * 64) as u32 + w.trailing_zeros())
     }
 
     /// The highest CPU in the set.
     pub fn last_cpu(&self) -> Option<u32> {
-        let (i, w) = self.0.iter().enumerate().rev().find(|(_, &w)| w != 0)?;
+        let (i, w) = self
+            .in_use()
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, &w)| w != 0)?;
         Some((i * 64) as u32 + 63 - w.leading_zeros())
+    }
+
+    /// Keeps only the CPUs for which `keep` is true (in ascending order, in place).
+    #[inline]
+    pub fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
+        for (i, w) in self.in_use_mut().iter_mut().enumerate() {
+            let mut left = *w;
+            let mut bits = *w;
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                if !keep((i * 64) as u32 + bit) {
+                    left &= !(1 << bit);
+                }
+            }
+            *w = left;
+        }
     }
 
     /// `self` without the CPUs of `other`.
     pub fn difference(&self, other: &CpuSet) -> CpuSet {
         let mut s = *self;
-        s.0.iter_mut().zip(other.0).for_each(|(a, b)| *a &= !b);
+        s.combine(other, |a, b| a & !b);
         s
     }
 
     /// CPUs in both.
     pub fn intersection(&self, other: &CpuSet) -> CpuSet {
         let mut s = *self;
-        s.0.iter_mut().zip(other.0).for_each(|(a, b)| *a &= b);
+        s.combine(other, |a, b| a & b);
         s
     }
 
     /// CPUs in either.
     pub fn union(&self, other: &CpuSet) -> CpuSet {
         let mut s = *self;
-        s.0.iter_mut().zip(other.0).for_each(|(a, b)| *a |= b);
+        s.combine(other, |a, b| a | b);
         s
+    }
+
+    /// Each word in use becomes `op(its value, other's)`.
+    #[inline]
+    fn combine(&mut self, other: &CpuSet, op: impl Fn(u64, u64) -> u64) {
+        // One read of the count: both slices have its length, so the loop has no bounds
+        // checks (every instruction shows on the hot paths).
+        let n = words_in_use();
+        match (&mut self.0[..n], &other.0[..n]) {
+            ([a], [b]) => *a = op(*a, *b),
+            (a, b) => {
+                for i in 0..n {
+                    a[i] = op(a[i], b[i]);
+                }
+            }
+        }
     }
 
     /// The CPUs in ascending order. One bit scan per CPU in the set, not a test per bit:
     /// shootdowns and grace periods walk these sets on their hot paths.
-    pub fn iter(&self) -> CpuSetIter {
+    #[inline]
+    pub fn iter(&self) -> CpuSetIter<'_> {
+        let words = self.in_use();
         CpuSetIter {
-            words: self.0,
+            cur: words.first().copied().unwrap_or(0),
+            words,
             word: 0,
         }
     }
@@ -201,18 +325,42 @@ impl fmt::Display for CpuSet {
 }
 
 /// The CPUs of a [`CpuSet`] in ascending order (see [`CpuSet::iter`]).
-pub struct CpuSetIter {
-    /// What is left to visit.
-    words: [u64; CPU_SET_WORDS],
+pub struct CpuSetIter<'a> {
+    /// The set's words in use.
+    words: &'a [u64],
+    /// The index of the word being visited, and what is left of it.
     word: usize,
+    cur: u64,
 }
 
-impl Iterator for CpuSetIter {
+impl Iterator for CpuSetIter<'_> {
     type Item = u32;
 
     #[inline]
     fn next(&mut self) -> Option<u32> {
-        while let Some(w) = self.words.get_mut(self.word) {
+        while self.cur == 0 {
+            self.word += 1;
+            self.cur = *self.words.get(self.word)?;
+        }
+        let bit = self.cur.trailing_zeros();
+        self.cur &= self.cur - 1;
+        Some((self.word * 64) as u32 + bit)
+    }
+}
+
+/// The CPUs of a set taken by value, in ascending order (for an iterator that outlives the
+/// set it came from; [`CpuSet::iter`] copies nothing).
+pub struct CpuSetIntoIter {
+    set: CpuSet,
+    word: usize,
+}
+
+impl Iterator for CpuSetIntoIter {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        let words = self.set.in_use_mut();
+        while let Some(w) = words.get_mut(self.word) {
             if *w != 0 {
                 let bit = w.trailing_zeros();
                 *w &= *w - 1;
@@ -221,6 +369,24 @@ impl Iterator for CpuSetIter {
             self.word += 1;
         }
         None
+    }
+}
+
+impl IntoIterator for CpuSet {
+    type Item = u32;
+    type IntoIter = CpuSetIntoIter;
+
+    fn into_iter(self) -> CpuSetIntoIter {
+        CpuSetIntoIter { set: self, word: 0 }
+    }
+}
+
+impl<'a> IntoIterator for &'a CpuSet {
+    type Item = u32;
+    type IntoIter = CpuSetIter<'a>;
+
+    fn into_iter(self) -> CpuSetIter<'a> {
+        self.iter()
     }
 }
 
@@ -237,17 +403,6 @@ impl FromIterator<u32> for CpuSet {
 /// ids in use only ([`set_nr_cpu_ids`]).
 pub struct AtomicCpuSet([AtomicU64; CPU_SET_WORDS]);
 
-/// Word and bit of `cpu` in an [`AtomicCpuSet`], which must be among the words in use (a
-/// CPU beyond them would be invisible to whole-set reads).
-fn atomic_word_bit(cpu: u32) -> (usize, u64) {
-    let (w, b) = word_bit(cpu);
-    assert!(
-        w < words_in_use(),
-        "CPU {cpu} is beyond the CPU ids in use (set_nr_cpu_ids)"
-    );
-    (w, b)
-}
-
 impl AtomicCpuSet {
     crate::sync::const_fn! {
         /// The empty set.
@@ -260,7 +415,7 @@ impl AtomicCpuSet {
     /// before its first page-table walk).
     #[inline]
     pub fn insert(&self, cpu: u32) {
-        let (w, b) = atomic_word_bit(cpu);
+        let (w, b) = word_bit_in_use(cpu);
         self.0[w].fetch_or(b, Ordering::SeqCst);
     }
 
@@ -271,23 +426,66 @@ impl AtomicCpuSet {
         self.0[w].fetch_and(!b, Ordering::SeqCst) & b != 0
     }
 
-    /// Removes `cpu`, then reads the whole set: at least one of several CPUs that remove
-    /// the last members at once sees the set without all of them (sequentially consistent).
+    /// Removes `cpu`, then reads the whole set: whether exactly `{only}` is left (without a
+    /// copy of the set). Sequentially consistent: of several CPUs that remove the last
+    /// members but `only` at once, at least one sees them all gone.
     #[inline]
-    pub fn remove_then_load(&self, cpu: u32) -> CpuSet {
+    pub fn remove_leaving_only(&self, cpu: u32, only: u32) -> bool {
         let (w, b) = word_bit(cpu);
         let left = self.0[w].fetch_and(!b, Ordering::SeqCst) & !b;
-        let mut s = self.load();
-        s.0[w] = left;
-        s
+        let (ow, ob) = word_bit(only);
+        self.in_use().iter().enumerate().all(|(i, x)| {
+            let x = if i == w {
+                left
+            } else {
+                x.load(Ordering::SeqCst)
+            };
+            x == if i == ow { ob } else { 0 }
+        })
+    }
+
+    /// Whether the set is now exactly `set` with `cpu` added (word by word, no copy;
+    /// false for a `cpu` past the CPU ids in use, which no set holds).
+    #[inline]
+    pub fn equals_with(&self, set: &CpuSet, cpu: u32) -> bool {
+        let (cw, cb) = word_bit(cpu);
+        let n = words_in_use();
+        if cw >= n {
+            return false;
+        }
+        self.0[..n]
+            .iter()
+            .zip(&set.0[..n])
+            .enumerate()
+            .all(|(i, (a, &s))| a.load(Ordering::SeqCst) == if i == cw { s | cb } else { s })
+    }
+
+    /// Empties the set (word by word).
+    #[inline]
+    pub fn clear(&self) {
+        self.in_use()
+            .iter()
+            .for_each(|w| w.store(0, Ordering::SeqCst));
     }
 
     /// Keeps only the CPUs also in `keep` (one atomic AND per word).
     pub fn retain(&self, keep: &CpuSet) {
-        self.in_use()
-            .iter()
-            .zip(keep.0)
-            .for_each(|(w, k)| _ = w.fetch_and(k, Ordering::SeqCst));
+        self.with_words(keep, |a, k| _ = a.fetch_and(k, Ordering::SeqCst));
+    }
+
+    /// Calls `f` on each word in use with the same word of `set` (one word without a
+    /// loop).
+    #[inline]
+    fn with_words(&self, set: &CpuSet, f: impl Fn(&AtomicU64, u64)) {
+        let n = words_in_use();
+        match (&self.0[..n], &set.0[..n]) {
+            ([a], [v]) => f(a, *v),
+            (a, v) => {
+                for i in 0..n {
+                    f(&a[i], v[i]);
+                }
+            }
+        }
     }
 
     /// Whether `cpu` is in the set now.
@@ -300,7 +498,25 @@ impl AtomicCpuSet {
     /// Whether the set is empty now (one load per word; the usual test of a mailbox).
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.in_use().iter().all(|w| w.load(Ordering::SeqCst) == 0)
+        match self.in_use() {
+            [w] => w.load(Ordering::SeqCst) == 0,
+            words => words.iter().all(|w| w.load(Ordering::SeqCst) == 0),
+        }
+    }
+
+    /// The lowest CPU in the set now (loads up to the first non-empty word; no copy of the
+    /// set: a waiter polls this).
+    #[inline]
+    pub fn first_cpu(&self) -> Option<u32> {
+        let words = self.in_use();
+        if let [w] = words {
+            let w = w.load(Ordering::SeqCst);
+            return (w != 0).then(|| w.trailing_zeros());
+        }
+        words.iter().enumerate().find_map(|(i, w)| {
+            let w = w.load(Ordering::SeqCst);
+            (w != 0).then(|| (i * 64) as u32 + w.trailing_zeros())
+        })
     }
 
     /// A copy of the set (word by word).
@@ -314,33 +530,42 @@ impl AtomicCpuSet {
     #[inline]
     pub fn load_ordered(&self, order: Ordering) -> CpuSet {
         let mut s = CpuSet::new();
-        s.0.iter_mut()
-            .zip(self.in_use())
-            .for_each(|(d, w)| *d = w.load(order));
+        self.load_into(&mut s, order);
         s
+    }
+
+    /// Copies the set into `into` (which it replaces), each word loaded with `order`: no
+    /// set moves on the caller's stack.
+    #[inline]
+    pub fn load_into(&self, into: &mut CpuSet, order: Ordering) {
+        let n = words_in_use();
+        match (&mut into.0[..n], &self.0[..n]) {
+            ([d], [a]) => *d = a.load(order),
+            (d, a) => {
+                for i in 0..n {
+                    d[i] = a[i].load(order);
+                }
+            }
+        }
     }
 
     /// Replaces the set (word by word).
     #[inline]
     pub fn store(&self, set: &CpuSet) {
-        assert!(
-            set.0[words_in_use()..].iter().all(|&w| w == 0),
-            "a CPU beyond the CPU ids in use (set_nr_cpu_ids)"
-        );
-        self.in_use()
-            .iter()
-            .zip(set.0)
-            .for_each(|(w, v)| w.store(v, Ordering::SeqCst));
+        self.with_words(set, |a, v| a.store(v, Ordering::SeqCst));
     }
 
-    /// Empties the set and returns what it held (word by word).
+    /// Empties the set, calling `f` on each CPU it held in ascending order (one atomic swap
+    /// per word in use, no copy of the set: a mailbox's reader).
     #[inline]
-    pub fn take(&self) -> CpuSet {
-        let mut s = CpuSet::new();
-        s.0.iter_mut()
-            .zip(self.in_use())
-            .for_each(|(d, w)| *d = w.swap(0, Ordering::SeqCst));
-        s
+    pub fn take_each(&self, mut f: impl FnMut(u32)) {
+        for (i, w) in self.in_use().iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::SeqCst);
+            while bits != 0 {
+                f((i * 64) as u32 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
+        }
     }
 
     /// The words of the CPU ids in use: the others are always zero.
@@ -432,11 +657,23 @@ mod tests {
                 s.store(&all);
                 assert_eq!(s.load(), all, "{nr}");
                 let last = nr as u32 - 1;
-                let left = s.remove_then_load(last);
-                assert!(!left.contains(last) && left.len() == nr - 1 && !s.contains(last));
+                assert_eq!(s.first_cpu(), Some(0));
+                // CPUs besides 0 are left (`{0}` alone is tested below and with two CPUs).
+                assert!(!s.remove_leaving_only(last, 0));
+                assert!(!s.contains(last) && s.load().len() == nr - 1);
                 s.retain(&[0, last / 2].into_iter().collect());
                 assert_eq!(s.load().iter().collect::<Vec<_>>(), [0, last / 2]);
-                assert_eq!(s.take().len(), 2);
+                let mut taken = Vec::new();
+                s.take_each(|c| taken.push(c));
+                assert_eq!(taken, [0, last / 2]);
+                assert!(s.is_empty() && s.first_cpu().is_none());
+                // The last word alone: found past the empty words before it.
+                s.insert(last);
+                assert_eq!(s.first_cpu(), Some(last));
+                assert!(s.remove_leaving_only(0, last), "{nr}");
+                assert!(!s.remove_leaving_only(last, 0) && s.is_empty());
+                s.store(&all);
+                s.clear();
                 assert!(s.is_empty());
                 let edges: CpuSet = [0, 63, 64, last]
                     .into_iter()
@@ -448,6 +685,75 @@ mod tests {
                 assert!(s.is_empty());
             });
         }
+    }
+
+    /// Every whole-set operation gives what it should at CPU counts of one word (its
+    /// one-word path) and of several (its loop), and leaves the words past those in use
+    /// zero.
+    #[test]
+    fn whole_set_operations_at_one_word_and_at_several() {
+        for nr in [1usize, 2, 63, 64, 65, 96, 1000, NR_CPUS] {
+            // A model: the atomic sets are loom's.
+            loom::model(move || {
+                set_nr_cpu_ids(nr);
+                let last = nr as u32 - 1;
+                let mid = last / 2;
+                let empty = CpuSet::new();
+                let one: CpuSet = [last].into_iter().collect();
+                let two: CpuSet = [0, last].into_iter().collect();
+                assert!(empty.is_empty() && !one.is_empty(), "{nr}");
+                assert!(!empty.has_several() && !one.has_several(), "{nr}");
+                assert_eq!(two.has_several(), nr > 1, "{nr}");
+                assert_eq!(empty.first_cpu(), None);
+                assert_eq!(one.first_cpu(), Some(last));
+                assert_eq!(two.first_cpu(), Some(0));
+                assert_eq!(one.len() + two.len(), if nr > 1 { 3 } else { 2 });
+                let all = CpuSet::first(nr);
+                assert_eq!(all.difference(&two).len(), nr - two.len(), "{nr}");
+                assert_eq!(all.intersection(&one), one);
+                assert_eq!(one.union(&two), two);
+                let mut odd = all;
+                odd.retain(|c| c % 2 == 1);
+                assert_eq!(odd.len(), nr / 2, "{nr}");
+                assert!(odd.iter().all(|c| c % 2 == 1));
+                assert_eq!(CpuSet::from_words(all.words()), all);
+                let a = AtomicCpuSet::new();
+                a.store(&two);
+                let mut into = CpuSet::new();
+                into.insert(mid);
+                a.load_into(&mut into, Ordering::SeqCst);
+                assert_eq!(into, two, "{nr}");
+                // `two` is `one` with 0 added, and `{0}` with `last` added (at one CPU, both
+                // are `{0}` with 0 added again); `{0}` is the empty set with 0 added; then
+                // differences in the added CPU's word and in another.
+                let zero: CpuSet = [0].into_iter().collect();
+                assert!(a.equals_with(&one, 0) && a.equals_with(&zero, last));
+                assert_eq!(a.equals_with(&CpuSet::new(), 0), nr == 1, "{nr}");
+                a.store(&[0].into_iter().collect());
+                assert!(a.equals_with(&CpuSet::new(), 0));
+                assert!(a.equals_with(&zero, 0));
+                assert_eq!(a.equals_with(&one, 0), nr == 1, "{nr}");
+                assert_eq!(a.equals_with(&CpuSet::new(), last), nr == 1, "{nr}");
+                let past_ids_in_use = bitmap_words(nr) * 64;
+                if past_ids_in_use < NR_CPUS {
+                    assert!(!a.equals_with(&CpuSet::new(), past_ids_in_use as u32));
+                }
+                a.store(&two);
+                a.retain(&one);
+                assert_eq!(a.load(), one);
+                a.store(&two);
+                assert_eq!(a.remove_leaving_only(last, 0), nr > 1, "{nr}");
+            });
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond the CPU ids in use")]
+    fn a_cpu_beyond_the_ids_in_use_cannot_join_a_set() {
+        set_nr_cpu_ids(64);
+        let mut s = CpuSet::new();
+        s.insert(63);
+        s.insert(64);
     }
 
     #[test]

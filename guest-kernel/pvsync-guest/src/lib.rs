@@ -64,7 +64,7 @@
 //! let tlb = pvsync_guest::tlb::Shootdowns::<Fake>::new(1);
 //! let cpus = pvsync_guest::AtomicCpuSet::new();
 //! cpus.insert(0);
-//! let reached = tlb.shootdown(&cpus, FlushRange::All);
+//! let reached = tlb.shootdown_reaching(&cpus, FlushRange::All);
 //! assert!(reached.contains(0) && tlb.flushes(0) == 1);
 //! ```
 //!

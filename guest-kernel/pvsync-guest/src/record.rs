@@ -166,7 +166,7 @@ unsafe fn ipi_wait_count(rec: *mut VcpuRecord) -> &'static AtomicU32 {
 /// (see [`Shootdowns`](crate::tlb::Shootdowns), which does this itself); end the wait with
 /// [`end_ipi_wait`].
 pub fn publish_ipi_wait<P: Platform>(targets: &CpuSet) {
-    set_ipi_wait(P::cpu(), targets);
+    set_ipi_wait(P::cpu(), targets, targets.len() as u32);
 }
 
 /// Ends the wait [`publish_ipi_wait`] published for `targets` on the calling CPU.
@@ -176,13 +176,15 @@ pub fn end_ipi_wait<P: Platform>(targets: &CpuSet) {
 
 /// Publishes the set of CPUs the caller waits on for IPI acknowledgements: every word of
 /// its `ipi_wait` bitmap, then `ipi_wait_count` (release: a host that reads the count finds
-/// the bitmap set). Call it before the targets can see the request: an acknowledgement
-/// that came first would have its bit set again here.
+/// the bitmap set), `count` being `targets.len()` (which the caller counted as it built
+/// the set). Call it before the targets can see the request: an acknowledgement that came
+/// first would have its bit set again here.
 #[inline]
-pub(crate) fn set_ipi_wait(cpu: &CpuSync, targets: &CpuSet) {
-    ipi_wait_bitmap(cpu.id()).store(targets);
+pub(crate) fn set_ipi_wait(cpu: &CpuSync, targets: &CpuSet, count: u32) {
+    debug_assert_eq!(targets.len(), count as usize);
+    cpu.ipi_wait().store(targets);
     // SAFETY: `record()` is this CPU's record or sink, live forever.
-    unsafe { ipi_wait_count(cpu.record()) }.store(targets.len() as u32, Ordering::Release);
+    unsafe { ipi_wait_count(cpu.record()) }.store(count, Ordering::Release);
 }
 
 /// Ends the caller's wait on `targets`: `ipi_wait_count` 0 first (the host stops reading
@@ -192,7 +194,7 @@ pub(crate) fn set_ipi_wait(cpu: &CpuSync, targets: &CpuSet) {
 pub(crate) fn clear_ipi_wait(cpu: &CpuSync, targets: &CpuSet) {
     // SAFETY: as in `set_ipi_wait`.
     unsafe { ipi_wait_count(cpu.record()) }.store(0, Ordering::Release);
-    ipi_wait_bitmap(cpu.id()).clear_words_of(targets);
+    cpu.ipi_wait().clear_words_of(targets);
 }
 
 /// CPU `me` acknowledges an IPI of CPU `sender`: clears bit `me` of the sender's

@@ -8,9 +8,9 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use shared_abi::{
-    bitmap_word_bit, bitmap_words, event_ring_offset, holdouts_offset, ipi_wait_offset,
-    record_offset, region_size, EventRingHeader, HostFlags, Hypercall, HypercallStatus, PageHeader,
-    VcpuRecord, NO_VCPU,
+    bitmap_stride, bitmap_word_bit, bitmap_words, event_ring_offset, holdouts_offset,
+    ipi_wait_offset, record_offset, region_size, EventRingHeader, HostFlags, Hypercall,
+    HypercallStatus, PageHeader, VcpuRecord, NO_VCPU,
 };
 use spin::Once;
 
@@ -23,6 +23,12 @@ struct Region {
     guest_phys: u64,
     nr_vcpus: u32,
     status: HypercallStatus,
+    /// Where vCPU 0's `ipi_wait` bitmap starts and the bytes between two of them, computed
+    /// once: each acknowledger reaches its sender's.
+    ipi_wait: (usize, usize),
+    /// The grace period's holdout bitmap, found once (every quiescent-state report clears
+    /// a bit of it).
+    holdouts: SharedBitmap,
 }
 
 // SAFETY: `base` points at memory that lives as long as the kernel and that the crate only
@@ -131,6 +137,9 @@ unsafe fn set_up<P: Platform>(
             guest_phys,
             nr_vcpus,
             status,
+            ipi_wait: ipi_wait_layout(nr_vcpus),
+            // SAFETY: `holdouts_offset` is one of the ABI's bitmap offsets for `nr_vcpus`.
+            holdouts: unsafe { bitmap_at(base, holdouts_offset(nr_vcpus as usize), nr_vcpus) },
         })
         .status;
     attach_this_cpu::<P>();
@@ -142,6 +151,8 @@ unsafe fn set_up<P: Platform>(
 pub fn attach_this_cpu<P: Platform>() {
     let cpu = P::cpu();
     if let Some(rec) = record_ptr(cpu.id()) {
+        // The bitmap with the record (interrupts are off here: nothing publishes between).
+        cpu.set_ipi_wait(ipi_wait_bitmap(cpu.id()));
         crate::record::attach(cpu, rec);
     }
 }
@@ -215,39 +226,54 @@ pub fn set_rcu_header(gp_seq: u64, pending: u64) {
 
 /// The grace period's holdout bitmap in the region (ABI v6), which CPUs update concurrently;
 /// an empty one when there is no region, so callers need not care.
+#[inline]
 pub fn rcu_holdouts() -> SharedBitmap {
-    REGION.get().map_or(SharedBitmap::NONE, |r| {
-        // SAFETY: the holdouts lie inside the region, before the `ipi_wait` bitmaps.
-        unsafe { r.bitmap(holdouts_offset(r.nr_vcpus as usize)) }
-    })
+    REGION.get().map_or(SharedBitmap::NONE, |r| r.holdouts)
 }
 
 /// CPU `cpu`'s `ipi_wait` bitmap in the region (ABI v6); an empty one when there is no
 /// region or no such CPU.
+#[inline]
 pub(crate) fn ipi_wait_bitmap(cpu: u32) -> SharedBitmap {
     match REGION.get() {
-        // SAFETY: `cpu < nr_vcpus`: its bitmap lies inside the region, before the rings.
+        // SAFETY: `cpu < nr_vcpus`: the ABI's `ipi_wait_offset(nr_vcpus, cpu)`, which the
+        // layout computed at set-up gives.
         Some(r) if cpu < r.nr_vcpus => unsafe {
-            r.bitmap(ipi_wait_offset(r.nr_vcpus as usize, cpu as usize))
+            bitmap_at(r.base, ipi_wait_at(r.ipi_wait, cpu), r.nr_vcpus)
         },
         _ => SharedBitmap::NONE,
     }
 }
 
-impl Region {
-    /// The vCPU bitmap at `offset`.
-    ///
-    /// # Safety
-    /// `offset` must be one of the ABI's bitmap offsets for this region's vCPU count.
-    unsafe fn bitmap(&self, offset: usize) -> SharedBitmap {
-        let words = bitmap_words(self.nr_vcpus as usize);
-        // SAFETY: per the contract the bitmap's words lie inside the region, which lives as
-        // long as the kernel; the ABI's bitmaps are 64-byte aligned; the guest only ever
-        // accesses them atomically (the host only reads them).
-        SharedBitmap(unsafe {
-            core::slice::from_raw_parts(self.base.add(offset).cast::<AtomicU64>(), words)
-        })
-    }
+/// Where vCPU 0's `ipi_wait` bitmap lies in a region for `nr_vcpus` vCPUs, and the bytes
+/// from one vCPU's to the next: vCPU `i`'s is at `at + i * stride`, the ABI's
+/// `ipi_wait_offset(nr_vcpus, i)`.
+fn ipi_wait_layout(nr_vcpus: u32) -> (usize, usize) {
+    (
+        ipi_wait_offset(nr_vcpus as usize, 0),
+        bitmap_stride(nr_vcpus as usize),
+    )
+}
+
+/// vCPU `cpu`'s `ipi_wait` bitmap's offset, from a layout of [`ipi_wait_layout`].
+#[inline]
+fn ipi_wait_at((at, stride): (usize, usize), cpu: u32) -> usize {
+    at + cpu as usize * stride
+}
+
+/// The vCPU bitmap at `offset` of the region at `base` for `nr_vcpus` vCPUs.
+///
+/// # Safety
+/// `base` must be the region's and `offset` one of the ABI's bitmap offsets for
+/// `nr_vcpus`.
+unsafe fn bitmap_at(base: *mut u8, offset: usize, nr_vcpus: u32) -> SharedBitmap {
+    let words = bitmap_words(nr_vcpus as usize);
+    // SAFETY: per the contract the bitmap's words lie inside the region, which lives as long
+    // as the kernel; the ABI's bitmaps are 64-byte aligned; the guest only ever accesses
+    // them atomically (the host only reads them).
+    SharedBitmap(unsafe {
+        core::slice::from_raw_parts(base.add(offset).cast::<AtomicU64>(), words)
+    })
 }
 
 /// A vCPU bitmap of the shared region (ABI v6: bit `i % 64` of word `i / 64` for vCPU `i`,
@@ -258,37 +284,48 @@ pub struct SharedBitmap(&'static [AtomicU64]);
 
 impl SharedBitmap {
     /// No bitmap (no region): every update does nothing, every read finds nobody.
-    const NONE: SharedBitmap = SharedBitmap(&[]);
+    pub(crate) const NONE: SharedBitmap = SharedBitmap(&[]);
+
+    /// Calls `f` on each word of the bitmap with the same word of `set` (words past either
+    /// are left alone). One word (up to 64 vCPUs) takes no loop: see the `cpuset` module.
+    #[inline]
+    fn with_words(&self, set: &CpuSet, f: impl Fn(&AtomicU64, u64)) {
+        match (self.0, set.words()) {
+            ([w], [v, ..]) => f(w, *v),
+            (w, v) => w.iter().zip(v).for_each(|(w, &v)| f(w, v)),
+        }
+    }
 
     /// Stores every word: the bitmap becomes `set` (its CPUs past the VM dropped).
+    #[inline]
     pub fn store(&self, set: &CpuSet) {
-        self.0
-            .iter()
-            .zip(set.words())
-            .for_each(|(w, &v)| w.store(v, Ordering::Release));
+        self.with_words(set, |w, v| w.store(v, Ordering::Release));
     }
 
     /// Zeroes the words in which `set` has a CPU (the words a [`SharedBitmap::store`] of it
     /// set).
+    #[inline]
     pub fn clear_words_of(&self, set: &CpuSet) {
-        self.0
-            .iter()
-            .zip(set.words())
-            .filter(|(_, &v)| v != 0)
-            .for_each(|(w, _)| w.store(0, Ordering::Release));
+        self.with_words(set, |w, v| {
+            if v != 0 {
+                w.store(0, Ordering::Release);
+            }
+        });
     }
 
     /// Zeroes every word.
+    #[inline]
     pub fn clear(&self) {
-        self.0.iter().for_each(|w| w.store(0, Ordering::Release));
+        match self.0 {
+            [w] => w.store(0, Ordering::Release),
+            words => words.iter().for_each(|w| w.store(0, Ordering::Release)),
+        }
     }
 
     /// Clears the bits of the CPUs not in `keep` (one atomic AND per word).
+    #[inline]
     pub fn retain(&self, keep: &CpuSet) {
-        self.0
-            .iter()
-            .zip(keep.words())
-            .for_each(|(w, &k)| _ = w.fetch_and(k, Ordering::SeqCst));
+        self.with_words(keep, |w, k| _ = w.fetch_and(k, Ordering::SeqCst));
     }
 
     /// Clears `cpu`'s bit (one atomic AND: others clear theirs at once).
@@ -352,6 +389,37 @@ mod tests {
     fn bitmap(nr: usize) -> SharedBitmap {
         let words: Vec<AtomicU64> = (0..bitmap_words(nr)).map(|_| AtomicU64::new(0)).collect();
         SharedBitmap(Vec::leak(words))
+    }
+
+    /// The `ipi_wait` bitmaps found from the layout computed once are the ABI's, at every
+    /// vCPU count: the last one ends before the event rings.
+    #[test]
+    fn ipi_wait_bitmaps_from_the_cached_layout_are_the_abis() {
+        for nr in [
+            1u32,
+            2,
+            63,
+            64,
+            65,
+            96,
+            1000,
+            1024,
+            shared_abi::MAX_VCPUS as u32,
+        ] {
+            let layout = ipi_wait_layout(nr);
+            for cpu in [0, nr / 2, nr - 1] {
+                assert_eq!(
+                    ipi_wait_at(layout, cpu),
+                    ipi_wait_offset(nr as usize, cpu as usize),
+                    "{nr} vCPUs, vCPU {cpu}"
+                );
+            }
+            let last_end = ipi_wait_at(layout, nr - 1) + bitmap_words(nr as usize) * 8;
+            assert!(
+                last_end <= shared_abi::event_rings_offset(nr as usize),
+                "{nr}"
+            );
+        }
     }
 
     /// At vCPU counts that are not multiples of 64: the operations the shootdown and the

@@ -223,7 +223,7 @@ impl<P: Platform> Shootdowns<P> {
         let mut give_back = None;
         // A sender announces after publishing `pending`, so a bit taken here finds its
         // request; one announced after the take is found next time (or by its IPI).
-        for sender in inbox.take().iter() {
+        inbox.take_each(|sender| {
             let r = &self.requests[sender as usize];
             if r.pending.contains(id) {
                 P::flush_tlb(r.range());
@@ -238,7 +238,7 @@ impl<P: Platform> Shootdowns<P> {
                     give_back = Some(sender);
                 }
             }
-        }
+        });
         P::irqs_restore(were);
         // A turn the sender lent us (it yielded to us while waiting for this
         // acknowledgement) goes back to it once every request found here is served (ABI
@@ -250,9 +250,25 @@ impl<P: Platform> Shootdowns<P> {
     }
 
     /// Flushes `range` on every CPU in `cpus` (an address space's set, which CPUs join
-    /// concurrently) that may cache it, and returns once all have done so. Returns the
-    /// CPUs it flushed on. Call it after changing the page table.
-    pub fn shootdown(&self, cpus: &AtomicCpuSet, range: FlushRange) -> CpuSet {
+    /// concurrently) that may cache it, and returns once all have done so. Call it after
+    /// changing the page table.
+    pub fn shootdown(&self, cpus: &AtomicCpuSet, range: FlushRange) {
+        let mut reached = CpuSet::new();
+        self.shootdown_into(cpus, range, &mut reached);
+    }
+
+    /// [`Shootdowns::shootdown`], which also returns the CPUs it flushed on (for tests).
+    pub fn shootdown_reaching(&self, cpus: &AtomicCpuSet, range: FlushRange) -> CpuSet {
+        let mut reached = CpuSet::new();
+        self.shootdown_into(cpus, range, &mut reached);
+        reached
+    }
+
+    /// The shootdown, which leaves in `reached` (replacing what it held) the CPUs it
+    /// flushed on. The set is
+    /// read once into `reached` and worked on there, never copied: a set has room for
+    /// `NR_CPUS` CPUs, and every word moved shows on this path.
+    fn shootdown_into(&self, cpus: &AtomicCpuSet, range: FlushRange, reached: &mut CpuSet) {
         P::preempt_disable();
         let me = P::cpu().id();
         // The page-table change (a plain store) must be visible before the CPU set is read:
@@ -266,79 +282,94 @@ impl<P: Platform> Shootdowns<P> {
             fence(SeqCst);
         }
         // The fence orders this read; the read itself is a plain load on x86.
-        let cpus = cpus.load_ordered(Acquire);
-        let mut reached = CpuSet::new();
-        if cpus.contains(me) {
+        cpus.load_into(reached, Acquire);
+        let targets = reached;
+        let local = targets.contains(me);
+        if local {
             P::flush_tlb(range);
             self.count_served(me, me);
-            reached.insert(me);
+            targets.remove(me);
         }
-        let mut targets = cpus;
-        targets.remove(me);
         if self.faults.skip_one_target.load(Relaxed) {
             if let Some(last) = targets.last_cpu() {
                 targets.remove(last);
             }
         }
         if !targets.is_empty() {
-            self.send_and_wait(me, &targets, range);
+            self.send_and_wait(me, targets, range);
         }
         P::preempt_enable();
-        reached.union(&targets)
-    }
-
-    /// Leaves out of `targets` those whose flush the host takes on (preempted now; KVM
-    /// flushes them before they run again), and counts them.
-    fn defer_to_host(&self, me: u32, targets: &mut CpuSet) {
-        let watched = me == self.watched.load(SeqCst);
-        let without_flag = self.faults.defer_without_flag.load(Relaxed);
-        let asked = *targets;
-        for t in asked.iter() {
-            let deferred = if without_flag {
-                // The negative control: skipped, nothing asked of the host, nothing counted.
-                P::vcpu_is_preempted(t)
-            } else if P::flush_tlb_on_resume(t) {
-                // Counted before anything else can see the new page table's effect.
-                if let Some(d) = self.deferred.get(t as usize).filter(|_| watched) {
-                    d.fetch_add(1, SeqCst);
-                }
-                self.deferred_total.fetch_add(1, Relaxed);
-                true
-            } else {
-                false
-            };
-            if deferred {
-                targets.remove(t);
-            }
+        if local {
+            targets.insert(me);
         }
     }
 
+    /// Whether the host takes on `t`'s flush (`t` preempted now: KVM flushes it before it
+    /// runs again); counts it if so.
+    fn deferred_to_host(&self, t: u32, watched: bool) -> bool {
+        if self.faults.defer_without_flag.load(Relaxed) {
+            // The negative control: skipped, nothing asked of the host, nothing counted.
+            return P::vcpu_is_preempted(t);
+        }
+        if !P::flush_tlb_on_resume(t) {
+            return false;
+        }
+        // Counted before anything else can see the new page table's effect.
+        if let Some(d) = self.deferred.get(t as usize).filter(|_| watched) {
+            d.fetch_add(1, SeqCst);
+        }
+        self.deferred_total.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Asks every CPU of `targets` (not empty) to flush `range` and waits for each but those
+    /// whose flush the host takes on.
     fn send_and_wait(&self, me: u32, targets: &CpuSet, range: FlushRange) {
-        let mut targets = *targets;
-        self.defer_to_host(me, &mut targets);
-        if targets.is_empty() {
-            return;
-        }
-        let targets = &targets;
         let r = &self.requests[me as usize];
-        let cpu = P::cpu();
-        // Published before any target can see the request, so each acknowledgement shrinks
-        // it.
-        record::set_ipi_wait(cpu, targets);
-        if events::on() {
-            events::emit::<P>(
-                EventKind::IpiWait,
-                targets.len() as u32,
-                targets.first_word(),
-            );
-        }
+        let watched = me == self.watched.load(SeqCst);
+        // The range before the set: a target that found this request early (through an
+        // inbox bit left over, which the protocol never leaves but a fault could) flushes
+        // this range, not the last one.
         let (start, pages) = match range {
             FlushRange::All => (0, 0),
             FlushRange::Pages { start, pages } => (start, pages),
         };
         r.start.store(start, SeqCst);
         r.pages.store(pages, SeqCst);
+        // The request's set: the targets whose flush the host does not take on, built in
+        // the request itself (no copy of the set). A target looks at it only once it finds
+        // this sender in its inbox (below), and none is left there from the last request:
+        // each target takes the bit before it leaves `pending`, which the sender waited
+        // to see empty.
         r.pending.store(targets);
+        // Counted here, where each target is visited anyway: the count the host reads.
+        let mut count = 0u32;
+        let mut deferred = false;
+        for t in targets.iter() {
+            if self.deferred_to_host(t, watched) {
+                r.pending.remove(t);
+                deferred = true;
+            } else {
+                count += 1;
+            }
+        }
+        if count == 0 {
+            return;
+        }
+        let rest;
+        let targets = if deferred {
+            rest = r.pending.load();
+            &rest
+        } else {
+            targets
+        };
+        let cpu = P::cpu();
+        // Published before any target can see the request, so each acknowledgement shrinks
+        // it.
+        record::set_ipi_wait(cpu, targets, count);
+        if events::on() {
+            events::emit::<P>(EventKind::IpiWait, count, targets.first_word());
+        }
         self.shootdowns.fetch_add(1, Relaxed);
         for t in targets.iter() {
             self.inbox[t as usize].insert(me);
@@ -349,11 +380,8 @@ impl<P: Platform> Shootdowns<P> {
             return;
         }
         let mut pacer = Pacer::<P>::every_us(SPIN_THRESHOLD_US);
-        loop {
-            let pending = r.pending.load();
-            let Some(laggard) = pending.first_cpu() else {
-                break;
-            };
+        // Polls the request's set in place: the first word still pending, no copy.
+        while let Some(laggard) = r.pending.first_cpu() {
             self.serve();
             if pacer.due() {
                 // Offer the CPU to the laggard: through the pvsync host, or else through the

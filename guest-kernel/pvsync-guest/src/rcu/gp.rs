@@ -53,7 +53,8 @@ impl<P: Platform> Rcu<P> {
         // puts its bit back (`report_qs`), and a bit set here for a CPU that has already
         // reported for this one is dropped by the first `keep_holdouts` below.
         self.gp_started.store(n, SeqCst);
-        let mut all = self.online.load();
+        let mut all = CpuSet::new();
+        self.online.load_into(&mut all, SeqCst);
         all.insert(me);
         self.holdouts.store(&all);
         // Every word of the region's bitmap before the odd sequence: a host that reads the
@@ -70,8 +71,9 @@ impl<P: Platform> Rcu<P> {
         };
         // This thread is itself preemptible here: a quiescent state for its own CPU.
         self.report_qs(me as usize);
-        let first = self.holdouts_of(&gp);
-        self.keep_holdouts(&first, me);
+        let mut first = CpuSet::new();
+        self.holdouts_of(&gp, &mut first);
+        self.keep_holdouts(&mut first, me);
         let seq = self.gp_seq() as u32;
         events::emit::<P>(EventKind::GpStart, seq, first.first_word());
         if !first.is_empty() {
@@ -86,8 +88,9 @@ impl<P: Platform> Rcu<P> {
     /// Once the grace period is overdue it asks its holdouts for a quiescent state with an
     /// IPI (Linux's RCU does the same with resched_cpu), instead of waiting for their ticks.
     pub fn gp_poll(&self, gp: &mut GracePeriod) -> bool {
-        let h = self.holdouts_of(gp);
-        self.keep_holdouts(&h, P::cpu().id());
+        let mut h = CpuSet::new();
+        self.holdouts_of(gp, &mut h);
+        self.keep_holdouts(&mut h, P::cpu().id());
         if !h.is_empty() && !gp.nudged && P::now() > gp.nudge_at {
             gp.nudged = true;
             P::send_ipi_many(&h, Ipi::Reschedule);
@@ -105,37 +108,40 @@ impl<P: Platform> Rcu<P> {
         self.gp_total.fetch_add(took, Relaxed);
         self.publish_state();
         // Cleared only once the even sequence is out.
-        self.holdouts.store(&CpuSet::new());
+        self.holdouts.clear();
         region::rcu_holdouts().clear();
         P::wake(Wake::GracePeriodWaiters);
-        for c in self.online.load().iter() {
+        let mut online = CpuSet::new();
+        self.online.load_into(&mut online, SeqCst);
+        for c in online.iter() {
             if self.queued[c as usize].load(SeqCst) != 0 {
                 P::wake(Wake::Callbacks(c));
             }
         }
     }
 
-    /// Published: the holdouts, and the thread's own CPU until the grace period ends.
-    fn keep_holdouts(&self, holdouts: &CpuSet, me: u32) {
-        let mut keep = *holdouts;
-        keep.insert(me);
-        self.holdouts.retain(&keep);
-        region::rcu_holdouts().retain(&keep);
+    /// Published: the holdouts, and the thread's own CPU until the grace period ends
+    /// (`holdouts` comes back as it was; it holds `me` for a moment, not to be copied).
+    fn keep_holdouts(&self, holdouts: &mut CpuSet, me: u32) {
+        let had_me = holdouts.contains(me);
+        holdouts.insert(me);
+        self.holdouts.retain(holdouts);
+        region::rcu_holdouts().retain(holdouts);
+        if !had_me {
+            holdouts.remove(me);
+        }
     }
 
-    /// CPUs grace period `gp` still waits for.
-    fn holdouts_of(&self, gp: &GracePeriod) -> CpuSet {
+    /// Leaves in `into` the CPUs grace period `gp` still waits for.
+    fn holdouts_of(&self, gp: &GracePeriod, into: &mut CpuSet) {
         // The negative control counts a report for the previous grace period too.
         let early = self.faults.early_end.load(Relaxed) as u64;
-        self.online
-            .load()
-            .iter()
-            .filter(|&c| {
-                let c = c as usize;
-                !(gp.snap[c].is_multiple_of(2)
-                    || self.eqs[c].load(SeqCst) != gp.snap[c]
-                    || self.qs_gp[c].load(SeqCst) + early >= gp.n)
-            })
-            .collect()
+        self.online.load_into(into, SeqCst);
+        into.retain(|c| {
+            let c = c as usize;
+            !(gp.snap[c].is_multiple_of(2)
+                || self.eqs[c].load(SeqCst) != gp.snap[c]
+                || self.qs_gp[c].load(SeqCst) + early >= gp.n)
+        });
     }
 }

@@ -242,7 +242,7 @@ impl<P: Platform> Rcu<P> {
         if started == self.gp_completed.load(SeqCst) {
             return false;
         }
-        let left = self.holdouts.remove_then_load(c as u32);
+        let only_gp_left = self.holdouts.remove_leaving_only(c as u32, gp_cpu);
         region::rcu_holdouts().remove(c as u32);
         if self.gp_started.load(SeqCst) != started {
             // A new grace period began between the load above and the clear: this CPU has
@@ -251,9 +251,7 @@ impl<P: Platform> Rcu<P> {
             region::rcu_holdouts().insert(c as u32);
             return false;
         }
-        let mut only_gp = CpuSet::new();
-        only_gp.insert(gp_cpu);
-        left == only_gp && self.gp_started.load(SeqCst) > self.gp_completed.load(SeqCst)
+        only_gp_left && self.gp_started.load(SeqCst) > self.gp_completed.load(SeqCst)
     }
 
     /// The last holdout reported: only the thread's own CPU is left, whose thread must run
