@@ -381,15 +381,6 @@ impl IntoIterator for CpuSet {
     }
 }
 
-impl<'a> IntoIterator for &'a CpuSet {
-    type Item = u32;
-    type IntoIter = CpuSetIter<'a>;
-
-    fn into_iter(self) -> CpuSetIter<'a> {
-        self.iter()
-    }
-}
-
 impl FromIterator<u32> for CpuSet {
     fn from_iter<I: IntoIterator<Item = u32>>(it: I) -> Self {
         let mut s = CpuSet::new();
@@ -522,15 +513,8 @@ impl AtomicCpuSet {
     /// A copy of the set (word by word).
     #[inline]
     pub fn load(&self) -> CpuSet {
-        self.load_ordered(Ordering::SeqCst)
-    }
-
-    /// A copy of the set, each word loaded with `order` (a caller that has just made a full
-    /// fence needs no more than acquire).
-    #[inline]
-    pub fn load_ordered(&self, order: Ordering) -> CpuSet {
         let mut s = CpuSet::new();
-        self.load_into(&mut s, order);
+        self.load_into(&mut s, Ordering::SeqCst);
         s
     }
 
